@@ -1,0 +1,27 @@
+"""gpucnr: the contrast-to-noise ratio of every image and ROI of a medical-imaging dataset.
+
+Public API only; importing gpucnr never imports CuPy.
+"""
+
+from gpucnr._version import __version__
+from gpucnr.arrays import measure
+from gpucnr.backend import BackendUnavailableError
+from gpucnr.errors import GpucnrError, InputError, RoiTableError, ShapeMismatchError
+from gpucnr.kernels import BACKGROUNDS, DEFINITIONS, FOOTPRINTS, STATUS, Params
+from gpucnr.roitable import sample_rois
+
+__all__ = [
+    "BACKGROUNDS",
+    "DEFINITIONS",
+    "FOOTPRINTS",
+    "STATUS",
+    "BackendUnavailableError",
+    "GpucnrError",
+    "InputError",
+    "Params",
+    "RoiTableError",
+    "ShapeMismatchError",
+    "__version__",
+    "measure",
+    "sample_rois",
+]

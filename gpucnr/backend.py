@@ -1,0 +1,118 @@
+"""The one place that knows NumPy from CuPy: backend resolution, namespaces and device moves."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from gpucnr.errors import GpucnrError
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "cupy_available",
+    "is_cupy",
+    "namespace",
+    "resolve_backend",
+    "to_backend",
+    "to_host",
+]
+
+#: Values accepted by every ``backend=`` option.
+BACKENDS = ("auto", "numpy", "cupy")
+
+
+class BackendUnavailableError(GpucnrError, RuntimeError):
+    """``backend="cupy"`` was asked for but no CUDA device is usable. gpucnr never falls back silently."""
+
+    code = "backend-unavailable"
+
+
+def cupy_available() -> bool:
+    """True when CuPy imports *and* sees a CUDA device (an importable CuPy without a GPU is not enough)."""
+    try:
+        cupy = importlib.import_module("cupy")
+    except Exception:
+        return False
+    try:
+        return bool(cupy.cuda.is_available())
+    except Exception:
+        return False
+
+
+def is_cupy(x: Any) -> bool:
+    """True if `x` is a CuPy array (checked without importing CuPy)."""
+    return array_api_compat.is_cupy_array(x)
+
+
+def namespace(*arrays: Any):
+    """The array-API namespace of `arrays` (array_api_compat's wrapper for NumPy and CuPy)."""
+    return array_api_compat.array_namespace(*arrays)
+
+
+def resolve_backend(backend: str, data: Any = None) -> str:
+    """Decide where a computation runs.
+
+    Parameters
+    ----------
+    backend : {"auto", "numpy", "cupy"}
+        ``auto`` keeps CuPy input on the GPU, keeps other array-API arrays in their own namespace,
+        and sends NumPy input to the GPU when one is usable, else runs on NumPy.
+    data : array, optional
+        The input whose type informs ``auto``.
+
+    Returns
+    -------
+    str
+        ``"numpy"``, ``"cupy"`` or ``"native"`` (run in the input's own array-API namespace).
+
+    Raises
+    ------
+    BackendUnavailableError
+        ``backend="cupy"`` without a usable CUDA device.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "cupy":
+        if not (is_cupy(data) or cupy_available()):
+            raise BackendUnavailableError("backend='cupy' was requested but no CUDA device is available")
+        return "cupy"
+    if backend == "numpy":
+        return "numpy"
+    if data is not None and is_cupy(data):
+        return "cupy"
+    if data is not None and not _is_host_numpy(data):
+        return "native"
+    return "cupy" if cupy_available() else "numpy"
+
+
+def to_backend(x: Any, backend: str):
+    """Move `x` to `backend` explicitly ("numpy", "cupy" or "native" = leave it where it is)."""
+    if backend == "native":
+        return x
+    if backend == "cupy":
+        import cupy
+
+        return cupy.asarray(x)
+    return to_host(x)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """Copy `x` to a NumPy array: ``.get()`` for CuPy, DLPack or the buffer protocol otherwise."""
+    if isinstance(x, np.ndarray):
+        return x
+    if is_cupy(x):
+        return x.get()
+    if np.isscalar(x):
+        return np.asarray(x)
+    try:
+        return np.from_dlpack(x)
+    except (TypeError, AttributeError, RuntimeError, BufferError):
+        return np.asarray(x)
+
+
+def _is_host_numpy(x: Any) -> bool:
+    return isinstance(x, np.ndarray | np.generic | list | tuple) or np.isscalar(x)

@@ -1,0 +1,33 @@
+"""Coded errors: every failure a user can cause has a stable code and names the image, file or row."""
+
+from __future__ import annotations
+
+__all__ = ["GpucnrError", "InputError", "RoiTableError", "ShapeMismatchError"]
+
+
+class GpucnrError(Exception):
+    """Base of gpucnr's errors; ``code`` is stable across releases, the message is for people."""
+
+    code = "error"
+
+    def __init__(self, message: str):
+        super().__init__(f"[{self.code}] {message}")
+        self.reason = message
+
+
+class InputError(GpucnrError, ValueError):
+    """An input array or option that cannot be measured."""
+
+    code = "bad-input"
+
+
+class ShapeMismatchError(InputError):
+    """Images and a label array of different shapes."""
+
+    code = "shape-mismatch"
+
+
+class RoiTableError(InputError):
+    """An ROI table with a missing column, a non-integer coordinate, an unknown kind or a duplicate."""
+
+    code = "roi-table"

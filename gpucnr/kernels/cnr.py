@@ -1,0 +1,145 @@
+"""The CNR definitions, cell status, the multi-ROI median and the generalised CNR (gCNR)."""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "DEFINITIONS",
+    "STATUS",
+    "cell_status",
+    "contrast_to_noise",
+    "gcnr_bins",
+    "gcnr_from_counts",
+    "median_of_valid",
+]
+
+#: Names accepted by ``definition=`` (DESIGN §4).
+DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr")
+
+#: Status codes of an (image, roi) cell, in order of precedence after "not computed" (DESIGN §4).
+STATUS = {
+    "not-computed": -1,
+    "ok": 0,
+    "absent": 1,
+    "roi-outside": 2,
+    "roi-too-small": 3,
+    "background-too-small": 4,
+    "zero-noise": 5,
+    "failed": 6,
+}
+
+
+def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *, signed: bool, polarity):
+    """CNR of every cell under a moment definition.
+
+    Parameters
+    ----------
+    mean_roi, var_roi, mean_bg, var_bg : float64 arrays, one shape
+        Region moments in modality units.
+    definition : {"pooled", "background", "roi", "pooled-mean"}
+        ``|mr - mb| / sqrt(vr + vb)`` (the article's), ``/ sqrt(vb)``, ``/ sqrt(vr)``,
+        ``/ sqrt((vr + vb) / 2)``.
+    signed : bool
+        Keep sign(mr - mb) times `polarity` instead of the absolute value.
+    polarity : float64 array broadcastable to the moments
+        +1, or -1 for images displayed inverted (MONOCHROME1).
+
+    Returns
+    -------
+    cnr : float64 array
+        inf (signed: +-inf) where the noise term is zero and the means differ, NaN where both are zero.
+    zero_noise : bool array
+        The definition's noise term is exactly zero.
+    """
+    if definition == "pooled":
+        noise2 = var_roi + var_bg
+    elif definition == "pooled-mean":
+        noise2 = (var_roi + var_bg) / 2
+    elif definition == "background":
+        noise2 = var_bg
+    elif definition == "roi":
+        noise2 = var_roi
+    else:
+        raise ValueError(f"not a moment definition: {definition!r}")
+    diff = mean_roi - mean_bg
+    zero_noise = noise2 == 0
+    one = xp.ones_like(noise2)
+    value = xp.abs(diff) / xp.sqrt(xp.where(zero_noise, one, noise2))
+    inf = xp.full_like(value, math.inf)
+    nan = xp.full_like(value, math.nan)
+    value = xp.where(zero_noise, xp.where(diff != 0, inf, nan), value)
+    if signed:
+        value = xp.where(diff < 0, -value, value) * polarity
+    return value, zero_noise
+
+
+def cell_status(xp, *, present, n_roi_inside, n_roi, n_bg, zero_noise, ddof: int, min_bg: int):
+    """Status code per cell, the first that applies (DESIGN §4): absent, roi-outside, roi-too-small,
+    background-too-small, zero-noise, else ok. Returns an int8 array."""
+    code = xp.zeros(n_roi.shape, dtype=xp.int8)
+    checks = (
+        (~present, STATUS["absent"]),
+        (n_roi_inside == 0, STATUS["roi-outside"]),
+        (n_roi <= ddof, STATUS["roi-too-small"]),
+        ((n_bg <= ddof) | (n_bg < min_bg), STATUS["background-too-small"]),
+        (zero_noise, STATUS["zero-noise"]),
+    )
+    # NB: applied from the lowest precedence up, so that the first check that holds has the last word.
+    for cond, value in reversed(checks):
+        code = xp.where(cond, xp.asarray(value, dtype=xp.int8), code)
+    return code
+
+
+def median_of_valid(xp, cnr, status, *, signed: bool):
+    """Per image, numpy.median of the valid (status ok) cells' CNR (|cnr| unless signed).
+
+    Parameters
+    ----------
+    cnr : float64 array, shape (n, L)
+    status : int8 array, shape (n, L)
+
+    Returns
+    -------
+    median : float64 array, shape (n,)
+        NaN where no cell is valid (no warning).
+    n_valid : int64 array, shape (n,)
+    """
+    valid = status == STATUS["ok"]
+    n_valid = xp.sum(xp.astype(valid, xp.int64), axis=1)
+    value = cnr if signed else xp.abs(cnr)
+    # NB: invalid cells sort to the end as +inf, so the k valid values are the first k of each row.
+    ordered = xp.sort(xp.where(valid, value, xp.full_like(value, math.inf)), axis=1)
+    if ordered.shape[1] == 0:
+        return xp.full(n_valid.shape, math.nan, dtype=xp.float64), n_valid
+    lo = xp.clip((n_valid - 1) // 2, 0, ordered.shape[1] - 1)
+    hi = xp.clip(n_valid // 2, 0, ordered.shape[1] - 1)
+    a = xp.take_along_axis(ordered, lo[:, None], axis=1)[:, 0]
+    b = xp.take_along_axis(ordered, hi[:, None], axis=1)[:, 0]
+    # NB: (a + b) / 2 is what numpy.median computes (the mean of the two middle values), bit for bit.
+    median = xp.where(n_valid > 0, (a + b) / 2, xp.full_like(a, math.nan))
+    return median, n_valid
+
+
+def gcnr_bins(n_smaller, gcnr_bins_option):
+    """Number of bins for gCNR: ``ceil(2 n**0.4)`` for "auto" (n = the smaller region), else the integer."""
+    if gcnr_bins_option == "auto":
+        return max(1, math.ceil(2 * n_smaller**0.4))
+    return int(gcnr_bins_option)
+
+
+def gcnr_from_counts(xp, roi_counts, bg_counts, n_roi, n_bg):
+    """gCNR = 1 - sum_b min(p_roi(b), p_bg(b)) from histogram counts over a common binning.
+
+    Parameters
+    ----------
+    roi_counts, bg_counts : int64 arrays, shape (m, B)
+        Counts per bin (padding bins hold 0).
+    n_roi, n_bg : int64 arrays, shape (m,)
+    """
+    one = xp.ones(n_roi.shape, dtype=xp.float64)
+    nr = xp.where(n_roi > 0, xp.astype(n_roi, xp.float64), one)
+    nb = xp.where(n_bg > 0, xp.astype(n_bg, xp.float64), one)
+    p_roi = xp.astype(roi_counts, xp.float64) / nr[:, None]
+    p_bg = xp.astype(bg_counts, xp.float64) / nb[:, None]
+    return 1.0 - xp.sum(xp.minimum(p_roi, p_bg), axis=1)

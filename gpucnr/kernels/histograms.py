@@ -1,0 +1,213 @@
+"""Per-region value counts below thresholds, for the generalised CNR (gCNR) of every cell of a batch.
+
+A background is "image region minus a window part" (or a window part alone), so its histogram is formed
+the same way as its moments: counts over the image-level region minus counts over the window part. Counts
+below a threshold come from segments of one sorted key array (segment id, rank of the value among all the
+batch's values), so every query is a 1-D searchsorted and nothing is done per ROI over a whole image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+
+from gpucnr.backend import to_host
+from gpucnr.kernels.cnr import gcnr_bins, gcnr_from_counts
+from gpucnr.kernels.masks import (
+    excluded_mask,
+    iter_windows,
+    union_boxes,
+    union_masks,
+)
+
+__all__ = ["Segments", "gcnr"]
+
+
+class Segments:
+    """Values grouped into segments 0..S-1, answering order queries per segment.
+
+    Parameters
+    ----------
+    universe : float64 array, shape (N,)
+        Sorted values containing every value of every segment (the batch's usable pixels).
+    values : float64 array, shape (P,)
+    segment : int64 array, shape (P,)
+    n_segments : int
+    """
+
+    def __init__(self, xp, universe, values, segment, n_segments: int):
+        self.xp = xp
+        self.universe = universe
+        self.stride = universe.shape[0] + 1
+        rank = xp.searchsorted(universe, values, side="left")
+        self.keys = xp.sort(segment * self.stride + rank)
+        bounds = xp.arange(n_segments + 1, dtype=xp.int64) * self.stride
+        edges = xp.searchsorted(self.keys, bounds, side="left")
+        self.start = edges[:-1]
+        self.count = edges[1:] - edges[:-1]
+
+    def below(self, segment, thresholds, *, inclusive=False):
+        """How many values of `segment` (shape (m,)) are < (or <=) each of `thresholds` (shape (m, B))."""
+        xp = self.xp
+        side = "right" if inclusive else "left"
+        rank = xp.reshape(xp.searchsorted(self.universe, xp.reshape(thresholds, (-1,)), side=side),
+                          thresholds.shape)
+        # NB: a value v of the universe is < t iff rank_left(v) < rank(t), so the count is a searchsorted.
+        query = segment[:, None] * self.stride + rank
+        found = xp.reshape(xp.searchsorted(self.keys, xp.reshape(query, (-1,)), side="left"), query.shape)
+        return found - xp.take(self.start, segment)[:, None]
+
+    def kth(self, segment, k):
+        """The k-th smallest value (0-based) of each `segment`, shape (m, K) for `k` of shape (m, K);
+        NaN where k is out of range."""
+        xp = self.xp
+        count = xp.take(self.count, segment)[:, None]
+        ok = (k >= 0) & (k < count)
+        pos = xp.take(self.start, segment)[:, None] + xp.clip(k, 0, None)
+        pos = xp.clip(pos, 0, max(self.keys.shape[0] - 1, 0))
+        if self.keys.shape[0] == 0:
+            return xp.full(k.shape, math.nan, dtype=xp.float64)
+        key = xp.reshape(xp.take(self.keys, xp.reshape(pos, (-1,))), k.shape)
+        rank = key - segment[:, None] * self.stride
+        rank = xp.clip(rank, 0, max(self.universe.shape[0] - 1, 0))
+        value = xp.reshape(xp.take(self.universe, xp.reshape(rank, (-1,))), k.shape)
+        return xp.where(ok, value, xp.full_like(value, math.nan))
+
+
+def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, roi_ids, n_roi, n_bg):
+    """gCNR of every present cell (shape (m,)): ``1 - sum min(p_roi, p_bg)`` over ``B`` equal bins spanning
+    the pair's joint range, ``B = ceil(2 n**0.4)`` with n the smaller region ("auto"), binned exactly as
+    numpy.histogram does (edges from linspace, last bin closed)."""
+    n, height, width = images.shape
+    m = cells.image.shape[0]
+    dev = array_api_compat.device(images)
+    f64 = xp.float64
+    if m == 0:
+        return xp.zeros((0,), dtype=f64, device=dev)
+
+    ys = xp.arange(height, dtype=xp.int64)[None, :, None]
+    xs = xp.arange(width, dtype=xp.int64)[None, None, :]
+    vh, vw = valid_h[:, None, None], valid_w[:, None, None]
+    bad = excluded_mask(xp, images, padding[:, None, None])
+    usable = (ys < vh) & (xs < vw) & ~bad
+    as_float = xp.astype(images, f64)
+    universe = xp.sort(as_float[usable])
+    image_of = xp.broadcast_to(xp.arange(n, dtype=xp.int64)[:, None, None], images.shape)
+
+    def segments(mask, seg, n_segments):
+        return Segments(xp, universe, as_float[mask], seg[mask], n_segments)
+
+    # Cell-level segments: ROI pixels and the background's window part, from the same windows as moments.
+    roi_vals, roi_seg, part_vals, part_seg = [], [], [], []
+    for wm in iter_windows(xp, images, labels, cells, params, valid_h, valid_w, padding):
+        seg = xp.broadcast_to(wm.idx[:, None, None], wm.pixels.shape)
+        vals = xp.astype(wm.window.values, f64)
+        roi_vals.append(vals[wm.pixels])
+        roi_seg.append(seg[wm.pixels])
+        if wm.part is not None:
+            part_vals.append(vals[wm.part])
+            part_seg.append(seg[wm.part])
+    roi = Segments(xp, universe, xp.concat(roi_vals), xp.concat(roi_seg), m)
+    cell_ids = xp.arange(m, dtype=xp.int64, device=dev)
+
+    background = params.background
+    whole = sub = add = None
+    if background in ("complement", "complement-all", "label"):
+        interior = (ys >= params.border) & (ys < vh - params.border) & (xs >= params.border) & (
+            xs < vw - params.border)
+        region = interior & ~bad
+        if background == "label":
+            region = region & (xp.astype(lesions, xp.int64) == params.background_label)
+        whole = (segments(region, image_of, n), cells.image)
+    if background == "complement":
+        sub = (Segments(xp, universe, xp.concat(part_vals), xp.concat(part_seg), m), cell_ids)
+    elif background == "ring":
+        add = (Segments(xp, universe, xp.concat(part_vals), xp.concat(part_seg), m), cell_ids)
+    elif background == "complement-all":
+        boxes = union_boxes(xp, cells, grid, lesions, n, int(roi_ids.shape[0]), valid_h, valid_w)
+        everything = xp.arange(n, dtype=xp.int64, device=dev)
+        win, dilated, base = union_masks(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w,
+                                         padding, everything, boxes, roi_ids)
+        keep = dilated & base
+        seg = xp.broadcast_to(everything[:, None, None], keep.shape)
+        sub = (Segments(xp, universe, xp.astype(win.values, f64)[keep], seg[keep], n), cells.image)
+
+    def bg_below(thresholds, inclusive=False):
+        total = xp.zeros(thresholds.shape, dtype=xp.int64, device=dev)
+        if whole is not None:
+            total = total + whole[0].below(whole[1], thresholds, inclusive=inclusive)
+        if sub is not None:
+            total = total - sub[0].below(sub[1], thresholds, inclusive=inclusive)
+        if add is not None:
+            total = total + add[0].below(add[1], thresholds, inclusive=inclusive)
+        return total
+
+    lo_roi = roi.kth(cell_ids, xp.zeros((m, 1), dtype=xp.int64))[:, 0]
+    hi_roi = roi.kth(cell_ids, (n_roi - 1)[:, None])[:, 0]
+    lo_bg, hi_bg = _background_extremes(xp, whole, sub, add, n_bg, bg_below)
+    lo = xp.minimum(lo_roi, lo_bg)
+    hi = xp.maximum(hi_roi, hi_bg)
+    # NB: numpy.histogram widens an empty range by 0.5 on each side.
+    same = lo == hi
+    lo = xp.where(same, lo - 0.5, lo)
+    hi = xp.where(same, hi + 0.5, hi)
+    smaller = xp.minimum(n_roi, n_bg)
+    bins = [gcnr_bins(int(v), params.gcnr_bins) if int(v) > 0 else 1 for v in to_host(smaller).tolist()]
+    n_bins = xp.asarray(bins, dtype=xp.int64, device=dev)
+    widest = max(bins)
+    k = xp.arange(1, widest, dtype=xp.int64, device=dev)[None, :]
+    step = (hi - lo) / xp.astype(n_bins, f64)
+    # NB: numpy.linspace's inner edges: k * step + start, in that order of operations.
+    inner = xp.astype(k, f64) * step[:, None] + lo[:, None]
+    inner = xp.where(k < n_bins[:, None], inner, xp.full_like(inner, math.inf))
+    roi_c = _bin_counts(xp, roi.below(cell_ids, inner), n_roi)
+    bg_c = _bin_counts(xp, bg_below(inner), n_bg)
+    value = gcnr_from_counts(xp, roi_c, bg_c, n_roi, n_bg)
+    usable_cell = (n_roi > 0) & (n_bg > 0)
+    return xp.where(usable_cell, value, xp.full_like(value, math.nan))
+
+
+def _bin_counts(xp, below, total):
+    """Counts per bin from counts below the inner edges (shape (m, B-1)) and the region size."""
+    m = below.shape[0]
+    zero = xp.zeros((m, 1), dtype=xp.int64)
+    cum = xp.concat([zero, below, total[:, None]], axis=1)
+    return cum[:, 1:] - cum[:, :-1]
+
+
+def _background_extremes(xp, whole, sub, add, n_bg, bg_below):
+    """Min and max of each cell's background multiset (whole region - sub part, or add part alone)."""
+    m = n_bg.shape[0]
+    if add is not None and whole is None:
+        seg, ids = add
+        first = seg.kth(ids, xp.zeros((m, 1), dtype=xp.int64))[:, 0]
+        last = seg.kth(ids, (xp.take(seg.count, ids) - 1)[:, None])[:, 0]
+        return first, last
+    seg, ids = whole
+    if sub is None:
+        first = seg.kth(ids, xp.zeros((m, 1), dtype=xp.int64))[:, 0]
+        last = seg.kth(ids, (xp.take(seg.count, ids) - 1)[:, None])[:, 0]
+        return first, last
+    # NB: removing q values leaves the minimum among the q + 1 smallest of the region: the first candidate
+    # s_j with more region values <= s_j than removed values <= s_j. Symmetrically for the maximum.
+    removed = xp.take(sub[0].count, sub[1])
+    q = int(xp.max(removed)) if m else 0
+    j = xp.arange(q + 1, dtype=xp.int64)[None, :]
+    size = xp.take(seg.count, ids)[:, None]
+    lows = seg.kth(ids, xp.broadcast_to(j, (m, q + 1)))
+    highs = seg.kth(ids, size - 1 - j)
+    lows_safe = xp.where(xp.isnan(lows), xp.full_like(lows, math.inf), lows)
+    highs_safe = xp.where(xp.isnan(highs), xp.full_like(highs, -math.inf), highs)
+    alive_low = bg_below(lows_safe, inclusive=True) >= 1
+    alive_high = (n_bg[:, None] - bg_below(highs_safe)) >= 1
+    first = _first_true(xp, lows, alive_low & ~xp.isnan(lows))
+    last = _first_true(xp, highs, alive_high & ~xp.isnan(highs))
+    return first, last
+
+
+def _first_true(xp, values, ok):
+    """values[i, j] at the first j where ok[i, j]; NaN where none."""
+    j = xp.argmax(xp.astype(ok, xp.int8), axis=1)
+    picked = xp.take_along_axis(values, j[:, None], axis=1)[:, 0]
+    return xp.where(xp.any(ok, axis=1), picked, xp.full_like(picked, math.nan))

@@ -1,0 +1,177 @@
+"""Per (image, region) counts and shifted sums: exact for integer images, mergeable, and their moments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import array_api_compat
+
+from gpucnr.kernels.masks import excluded_mask, is_exact_integer
+
+__all__ = [
+    "Sums",
+    "accumulator_dtype",
+    "image_shift",
+    "image_totals",
+    "is_exact_integer",
+    "masked_sums",
+    "moments",
+    "shifted",
+]
+
+
+@dataclass
+class Sums:
+    """Counts and sums of d = x - c over one region per entry (arrays of one shape).
+
+    For exact-integer images ``s1`` and ``s2`` are int64 and exact; otherwise float64. Sums of two
+    disjoint regions add, and a sub-region subtracts, which is how background = image totals minus
+    window sums is formed.
+    """
+
+    n: Any
+    s1: Any
+    s2: Any
+
+    def __add__(self, other: Sums) -> Sums:
+        return Sums(self.n + other.n, self.s1 + other.s1, self.s2 + other.s2)
+
+    def __sub__(self, other: Sums) -> Sums:
+        return Sums(self.n - other.n, self.s1 - other.s1, self.s2 - other.s2)
+
+
+def accumulator_dtype(xp, dtype):
+    """int64 for exact-integer images, float64 for float and >= 32-bit integer images."""
+    return xp.int64 if is_exact_integer(xp, dtype) else xp.float64
+
+
+def shifted(xp, values, shift):
+    """``values - shift`` in the accumulator dtype (`shift` broadcasts against `values`)."""
+    acc = accumulator_dtype(xp, values.dtype)
+    return xp.astype(values, acc) - shift
+
+
+def image_shift(xp, images, valid_h, valid_w, padding):
+    """The shift c of each image: its first usable pixel in row-major order within the valid region.
+
+    With a border frame of at least one pixel that pixel lies in the frame (row 0), i.e. in background,
+    never in a lesion. Integer images get an integer shift, so shifted sums stay exact.
+
+    Returns
+    -------
+    array, shape (n,)
+        int64 for exact-integer images, float64 otherwise; 0 for an image with no usable pixel.
+    """
+    n, height, width = images.shape
+    acc = accumulator_dtype(xp, images.dtype)
+    row = images[:, 0, :]
+    cols = xp.arange(width, dtype=xp.int64)[None, :]
+    good = (cols < valid_w[:, None]) & (valid_h[:, None] > 0) & ~excluded_mask(xp, row, padding[:, None])
+    first = xp.argmax(xp.astype(good, xp.int8), axis=1)
+    shift = xp.astype(xp.take_along_axis(row, first[:, None], axis=1)[:, 0], acc)
+    found = xp.any(good, axis=1)
+    if not bool(xp.all(found)):
+        # NB: rare (row 0 all NaN or padding): search the whole valid region of every image once.
+        ys = xp.arange(height, dtype=xp.int64)[None, :, None]
+        inside = (ys < valid_h[:, None, None]) & (cols[:, None, :] < valid_w[:, None, None])
+        good = inside & ~excluded_mask(xp, images, padding[:, None, None])
+        flat_good = xp.reshape(good, (n, -1))
+        first = xp.argmax(xp.astype(flat_good, xp.int8), axis=1)
+        full = xp.astype(xp.take_along_axis(xp.reshape(images, (n, -1)), first[:, None], axis=1)[:, 0], acc)
+        zero = xp.zeros_like(full)
+        shift = xp.where(found, shift, xp.where(xp.any(flat_good, axis=1), full, zero))
+    return shift
+
+
+def masked_sums(xp, d, mask, axes=(-2, -1)) -> Sums:
+    """Counts and sums of `d` and `d`**2 over `mask` (exact in int64 for integer `d`)."""
+    zero = xp.zeros((), dtype=d.dtype)
+    dm = xp.where(mask, d, zero)
+    return Sums(
+        n=xp.sum(xp.astype(mask, xp.int64), axis=axes),
+        s1=xp.sum(dm, axis=axes),
+        s2=xp.sum(dm * dm, axis=axes),
+    )
+
+
+def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, region=None, *, fast=True):
+    """One pass over every image: sums over the interior (valid region minus the border frame).
+
+    Parameters
+    ----------
+    images : array, shape (n, H, W)
+    shift : array, shape (n,)
+        From `image_shift`.
+    valid_h, valid_w : int64 arrays, shape (n,)
+    border : int
+        Width of the frame removed from the background (DESIGN §4); 0 removes nothing.
+    padding : float64 array, shape (n,)
+        Padding value per image, NaN for none.
+    region : bool array, shape (n, H, W), optional
+        Further restrict the sums to these pixels (background="label").
+    fast : bool
+        Allow the NumPy fast path (`gpucnr.kernels._numpy_fast`) for NumPy arrays; tests turn it off to
+        check the portable path on the same data.
+
+    Returns
+    -------
+    totals : Sums, shape (n,)
+        Over the interior pixels that are not excluded (and lie in `region`).
+    n_excluded : int64 array, shape (n,)
+        Excluded pixels (not finite, or padding) in the whole valid region.
+    """
+    if fast and region is None and array_api_compat.is_numpy_namespace(xp):
+        from gpucnr.kernels import _numpy_fast
+
+        return _numpy_fast.image_totals(images, shift, valid_h, valid_w, border, padding)
+    _, height, width = images.shape
+    ys = xp.arange(height, dtype=xp.int64)[None, :, None]
+    xs = xp.arange(width, dtype=xp.int64)[None, None, :]
+    vh = valid_h[:, None, None]
+    vw = valid_w[:, None, None]
+    inside = (ys < vh) & (xs < vw)
+    interior = (ys >= border) & (ys < vh - border) & (xs >= border) & (xs < vw - border)
+    bad = excluded_mask(xp, images, padding[:, None, None])
+    n_excluded = xp.sum(xp.astype(bad & inside, xp.int64), axis=(1, 2))
+    keep = interior & ~bad
+    if region is not None:
+        keep = keep & region
+    d = shifted(xp, images, shift[:, None, None])
+    return masked_sums(xp, d, keep, axes=(1, 2)), n_excluded
+
+
+def moments(xp, sums: Sums, shift, ddof: int, *, exact: bool):
+    """Mean and variance (float64) of each region from its shifted sums.
+
+    For exact (int64) sums the data are re-centred on the integer q nearest the mean first, exactly,
+    so the final float64 expression has no cancellation: relative error of a few ulp whatever the
+    offset of the data. For float sums the caller guarantees the sums are well conditioned (two-pass
+    ROI moments; ill-conditioned background cells are recomputed directly).
+
+    Returns
+    -------
+    n, mean, var : arrays
+        ``mean`` is NaN where n = 0 and ``var`` NaN where n <= ddof.
+    """
+    n = sums.n
+    nf = xp.astype(n, xp.float64)
+    one = xp.ones_like(nf)
+    safe_n = xp.where(n > 0, nf, one)
+    if exact:
+        q = xp.astype(xp.round(xp.astype(sums.s1, xp.float64) / safe_n), xp.int64)
+        s1 = sums.s1 - n * q
+        s2 = sums.s2 - 2 * q * sums.s1 + n * q * q
+        s1f = xp.astype(s1, xp.float64)
+        mean_d = xp.astype(q, xp.float64) + s1f / safe_n
+        m2 = xp.astype(s2, xp.float64) - s1f * (s1f / safe_n)
+    else:
+        mean_d = sums.s1 / safe_n
+        m2 = sums.s2 - sums.s1 * mean_d
+    nan = xp.full_like(nf, float("nan"))
+    # NB: m2 can round a hair below zero for (near-)constant float data; a variance is never negative.
+    m2 = xp.where(m2 < 0, xp.zeros_like(m2), m2)
+    dof = nf - ddof
+    var = xp.where(n > ddof, m2 / xp.where(dof > 0, dof, one), nan)
+    mean = xp.where(n > 0, xp.astype(shift, xp.float64) + mean_d, nan)
+    return n, mean, var

@@ -1,0 +1,185 @@
+"""ROI tables: validation of user tables, and the article's multi-ROI sampling inside lesions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from gpucnr.backend import to_host
+from gpucnr.errors import RoiTableError
+from gpucnr.kernels.footprints import ball_offsets
+from gpucnr.kernels.masks import KIND_DISK, KIND_SQUARE
+
+__all__ = ["KINDS", "normalize_table", "sample_rois"]
+
+#: ROI kinds a table may name, and their kernel codes.
+KINDS = {"square": KIND_SQUARE, "disk": KIND_DISK}
+_COLUMNS = ("image", "roi", "kind", "cx", "cy", "r")
+
+
+def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
+    """Check an ROI table and return it as a DataFrame with typed columns.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame or mapping of column -> 1-D array
+        Columns image, roi, kind (square | disk), cx, cy, r (integer pixels) and optionally name.
+    n_images : int
+        Number of images the table refers to; ``image`` must lie in [0, n_images).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns image, roi, cx, cy, r (int64), kind (str), kind_code (int64), name (str, "" if absent).
+
+    Raises
+    ------
+    RoiTableError
+        Naming the column and the first offending row.
+    """
+    if isinstance(table, pd.DataFrame):
+        df = table.reset_index(drop=True)
+    elif isinstance(table, Mapping):
+        try:
+            df = pd.DataFrame({k: to_host(np.asarray(v) if isinstance(v, list | tuple) else v) for k, v in
+                               table.items()})
+        except ValueError as e:
+            raise RoiTableError(f"ROI table columns have different lengths: {e}") from None
+    else:
+        raise RoiTableError(f"an ROI table must be a pandas DataFrame or a dict of arrays, got {type(table).__name__}")
+    missing = [c for c in _COLUMNS if c not in df.columns]
+    if missing:
+        raise RoiTableError(f"ROI table lacks column(s) {missing}; it needs {list(_COLUMNS)} [+ name]")
+    out = pd.DataFrame({c: _integer_column(df, c) for c in ("image", "roi", "cx", "cy", "r")})
+    kind = df["kind"].astype(str).str.strip().str.lower()
+    bad = ~kind.isin(list(KINDS))
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise RoiTableError(f"ROI table row {row}: kind {df['kind'].iloc[row]!r} is not one of {list(KINDS)}")
+    out["kind"] = kind.to_numpy()
+    out["kind_code"] = kind.map(KINDS).to_numpy(np.int64)
+    name = df["name"] if "name" in df.columns else pd.Series([""] * len(df))
+    out["name"] = name.fillna("").astype(str).to_numpy()
+    _check_range(out, "image", 0, n_images - 1, f"an image index in [0, {n_images})")
+    _check_range(out, "roi", 1, None, "an ROI id >= 1 (0 means 'no ROI')")
+    _check_range(out, "r", 0, None, "a radius >= 0")
+    dup = out.duplicated(["image", "roi"])
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0])
+        raise RoiTableError(
+            f"ROI table row {row}: image {out['image'].iloc[row]} already has an ROI with id {out['roi'].iloc[row]}"
+        )
+    return out
+
+
+def _integer_column(df: pd.DataFrame, col: str) -> np.ndarray:
+    values = df[col].to_numpy()
+    if values.dtype.kind in "iu":
+        return values.astype(np.int64)
+    try:
+        as_float = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError):
+        as_float = None
+    if as_float is not None:
+        ok = np.isfinite(as_float) & (as_float == np.round(as_float))
+        if ok.all():
+            return as_float.astype(np.int64)
+        row = int(np.flatnonzero(~ok)[0])
+    else:
+        row = next(i for i, v in enumerate(values) if not _is_integral(v))
+    raise RoiTableError(f"ROI table row {row}: {col} = {values[row]!r} is not an integer pixel value")
+
+
+def _is_integral(v) -> bool:
+    try:
+        return float(v) == int(float(v))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _check_range(df, col, lo, hi, what):
+    v = df[col].to_numpy()
+    bad = (v < lo) | ((v > hi) if hi is not None else False)
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        raise RoiTableError(f"ROI table row {row}: {col} = {v[row]} is not {what}")
+
+
+def sample_rois(lesion_masks, k: int = 5, r: int = 5, kind: str = "square", seed: int = 0, *,
+                start: int = 0) -> pd.DataFrame:
+    """Draw up to `k` ROIs per image inside its lesion: the article's multi-ROI sampling (section 4.1).
+
+    Parameters
+    ----------
+    lesion_masks : array, shape (H, W) or (n, H, W)
+        Lesion masks (bool) or label arrays: an ROI must lie wholly inside one lesion label.
+    k : int
+        ROIs per image (fewer where fewer centres are admissible; none where the lesion is too small).
+    r : int
+        ROI radius in pixels (square: [c - r, c + r), 2r wide; disk: Euclidean radius r).
+    kind : {"square", "disk"}
+    seed : int
+        Centres of image i are drawn by ``numpy.random.default_rng((seed, start + i))``, uniformly
+        without replacement from its admissible pixels in row-major order, so neither batching nor backend
+        changes them.
+    start : int
+        Global index of the first image (its ``image`` value in the table).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns image (global index), roi (1..k, in draw order), kind, cx, cy, r, name (``"sample"``).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if k < 0 or r < 0 or (kind == "square" and r < 1):
+        raise ValueError(f"need k >= 0 and r >= 1 (square) or r >= 0 (disk), got k={k}, r={r}")
+    masks = to_host(lesion_masks)
+    if masks.ndim == 2:
+        masks = masks[None]
+    if masks.ndim != 3:
+        raise ValueError(f"lesion_masks must be (H, W) or (n, H, W), got shape {masks.shape}")
+    admissible = _admissible_centres(masks, r, kind)
+    rows = []
+    for i in range(masks.shape[0]):
+        flat = np.flatnonzero(admissible[i])
+        rng = np.random.default_rng((seed, start + i))
+        take = min(k, flat.size)
+        chosen = flat[rng.choice(flat.size, size=take, replace=False)] if take else flat[:0]
+        cy, cx = np.divmod(chosen, masks.shape[2])
+        for j in range(take):
+            rows.append((start + i, j + 1, kind, int(cx[j]), int(cy[j]), r, "sample"))
+    return pd.DataFrame(rows, columns=["image", "roi", "kind", "cx", "cy", "r", "name"]).astype(
+        {"image": np.int64, "roi": np.int64, "cx": np.int64, "cy": np.int64, "r": np.int64}
+    )
+
+
+def _admissible_centres(masks: np.ndarray, r: int, kind: str) -> np.ndarray:
+    """Centres whose whole ROI lies inside the image and inside one (non-zero) lesion label."""
+    n, height, width = masks.shape
+    out = np.zeros(masks.shape, bool)
+    for value in np.unique(masks[masks != 0]):
+        inside = masks == value
+        if kind == "disk":
+            offs = ball_offsets("l2", r)
+            fp = np.zeros((1, 2 * r + 1, 2 * r + 1), bool)
+            for dy, dx in offs:
+                fp[0, dy + r, dx + r] = True
+            out |= ndimage.binary_erosion(inside, structure=fp, border_value=0)
+            continue
+        # Square [c - r, c + r): a 2r x 2r box; integral images give every box sum at once.
+        integral = np.zeros((n, height + 1, width + 1), np.int64)
+        integral[:, 1:, 1:] = inside.cumsum(1).cumsum(2)
+        side = 2 * r
+        if side > height or side > width:
+            continue
+        box = (integral[:, side:, side:] - integral[:, :-side, side:] - integral[:, side:, :-side]
+               + integral[:, :-side, :-side])
+        # box[y0, x0] covers rows y0..y0+2r-1, so its centre is (y0 + r, x0 + r).
+        full = box == side * side
+        out[:, r : r + full.shape[1], r : r + full.shape[2]] |= full
+    return out
