@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,13 +107,15 @@ def measure(
         if roi_labels is None:
             raise InputError("background='label' with an ROI table needs labels= (the background label array)")
         lesions = roi_labels
-    roi_ids = _roi_ids(roi_labels, table, params)
-    names = _roi_names(table, roi_ids, stack.shape[0])
+    # NB: a table fixes the ROI ids up front; a label array's ids are found batch by batch (no extra pass
+    # over the labels) and the batches' columns are aligned on their union afterwards.
+    roi_ids = None if table is None else np.unique(table["roi"].to_numpy()).astype(np.int64)
     parts = _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where)
-    values = {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_CELL + OUTPUT_IMAGE}
+    roi_ids, values = _merge_batches(parts)
+    names = _roi_names(table, roi_ids, stack.shape[0])
     return results_dataset(values, np.arange(stack.shape[0]), roi_ids, names, params,
-                           backend=_backend_name(where, stack), extra_attrs={"labels": "none" if labels is None
-                                                                              else "given"})
+                           backend=_backend_name(where, stack),
+                           extra_attrs={"labels": "none" if labels is None else "given"})
 
 
 def results_dataset(values: dict, image_index, roi_ids, names, params: Params, *, backend: str,
@@ -179,18 +183,24 @@ def _as_rois(rois, stack: _Stack):
     return None, normalize_table(rois, stack.shape[0])
 
 
-def _roi_ids(roi_labels, table, params: Params) -> np.ndarray:
-    if table is not None:
-        return np.unique(table["roi"].to_numpy()).astype(np.int64)
-    data = roi_labels.data
-    ids = da.unique(data).compute() if roi_labels.lazy else np.unique(to_host(data))
-    ids = ids[ids != 0]
-    if params.background == "label":
-        # NB: the background label is never an ROI (DESIGN §4).
-        ids = ids[ids != params.background_label]
-    if ids.size and ids.min() < 0:
-        raise InputError(f"ROI labels must be >= 0 (0 = none), found {ids.min()}")
-    return ids.astype(np.int64)
+def _merge_batches(parts: list[dict]):
+    """Concatenate batch outputs along images, aligning their ROI columns on the union of their ids."""
+    roi_ids = np.unique(np.concatenate([p["roi_ids"] for p in parts])).astype(np.int64)
+    fills = {"n_roi": 0, "n_bg": 0, "status": STATUS["absent"]}
+    values = {}
+    for k in OUTPUT_CELL:
+        cols = []
+        for p in parts:
+            v = p[k]
+            if not np.array_equal(p["roi_ids"], roi_ids):
+                full = np.full((v.shape[0], roi_ids.size), fills.get(k, np.nan), dtype=v.dtype)
+                full[:, np.searchsorted(roi_ids, p["roi_ids"])] = v
+                v = full
+            cols.append(v)
+        values[k] = np.concatenate(cols)
+    for k in OUTPUT_IMAGE:
+        values[k] = np.concatenate([p[k] for p in parts])
+    return roi_ids, values
 
 
 def _roi_names(table, roi_ids, n: int) -> np.ndarray:
@@ -223,12 +233,18 @@ def _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where):
         roi_labels = _rechunk_like(roi_labels, chunks)
         lesions = _rechunk_like(lesions, chunks)
     spans = list(_blocks(stack, size))
+    if table is not None:
+        table = table.sort_values("image", kind="stable")
     if not stack.lazy:
-        return [_one_batch(stack.data[a:b], _slice(roi_labels, a, b), _slice(lesions, a, b), table, a, b,
-                           roi_ids, params, where) for a, b in spans]
+        # NB: the kernels release the GIL in their heavy parts, so batches overlap on threads.
+        workers = min(len(spans), os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda ab: _one_batch(stack.data[ab[0]:ab[1], ...], _slice(roi_labels, *ab),
+                                                       _slice(lesions, *ab), table, *ab, roi_ids, params, where),
+                                 spans))
     # Dask input: a few blocks at a time through the scheduler, so memory stays bounded by that window.
     tasks = [
-        dask.delayed(_one_batch)(stack.data[a:b], _slice(roi_labels, a, b), _slice(lesions, a, b), table, a, b,
+        dask.delayed(_one_batch)(stack.data[a:b, ...], _slice(roi_labels, a, b), _slice(lesions, a, b), table, a, b,
                                  roi_ids, params, where)
         for a, b in spans
     ]
@@ -247,7 +263,7 @@ def _rechunk_like(other: _Stack | None, chunks):
 
 
 def _slice(s: _Stack | None, a: int, b: int):
-    return None if s is None else s.data[a:b]
+    return None if s is None else s.data[a:b, ...]
 
 
 def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, where) -> dict:
@@ -258,7 +274,8 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
     lesions = None if lesions is None else to_backend(lesions, where)
     batch_table = None
     if table is not None:
-        rows = table[(table["image"] >= start) & (table["image"] < stop)]
+        lo, hi = np.searchsorted(table["image"].to_numpy(), [start, stop])
+        rows = table.iloc[lo:hi]
         cols = np.searchsorted(roi_ids, rows["roi"].to_numpy())
         batch_table = {
             "image": rows["image"].to_numpy() - start,
@@ -270,8 +287,9 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
         }
         batch_table = {k: xp.asarray(np.asarray(v, np.int64), device=array_api_compat.device(images))
                        for k, v in batch_table.items()}
-    ids = xp.asarray(roi_ids, device=array_api_compat.device(images))
-    out = measure_batch(xp, images, roi_ids=ids, params=params, labels=labels, table=batch_table, lesions=lesions)
+    ids = None if roi_ids is None else xp.asarray(roi_ids, device=array_api_compat.device(images))
+    out = measure_batch(xp, images, roi_ids=ids, params=params, labels=labels, table=batch_table,
+                        lesions=lesions)
     return {k: to_host(v) for k, v in out.items()}
 
 

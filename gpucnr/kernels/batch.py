@@ -74,8 +74,9 @@ def measure_batch(
         The array namespace of `images` (array_api_compat's).
     images : array, shape (n, H, W)
         Stored values in their native dtype.
-    roi_ids : int64 array, shape (L,)
-        Sorted ROI ids: the ``roi`` dimension.
+    roi_ids : int64 array, shape (L,), or None
+        Sorted ROI ids: the ``roi`` dimension. None with a label array: the non-zero labels present in
+        this batch (less the background label), returned as ``out["roi_ids"]``.
     params : Params
     labels : int array, shape (n, H, W), optional
         ROIs as a label array (exclusive with `table`).
@@ -99,10 +100,9 @@ def measure_batch(
     Returns
     -------
     dict of arrays
-        `OUTPUT_CELL` variables of shape (n, L) and `OUTPUT_IMAGE` variables of shape (n,).
+        `OUTPUT_CELL` variables of shape (n, L), `OUTPUT_IMAGE` variables of shape (n,), and ``roi_ids``.
     """
     n, height, width = images.shape
-    n_ids = int(roi_ids.shape[0])
     dev = array_api_compat.device(images)
     f64 = xp.float64
 
@@ -120,7 +120,8 @@ def measure_batch(
     exact = is_exact_integer(xp, images.dtype)
     shift = image_shift(xp, images, valid_h, valid_w, padding)
 
-    cells, grid = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w)
+    cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params)
+    n_ids = int(roi_ids.shape[0])
     n_cells = n * n_ids
 
     region = None
@@ -210,17 +211,18 @@ def measure_batch(
         status == STATUS["zero-noise"], out["cnr"], xp.full_like(out["cnr"], math.nan)))
     out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], status, signed=params.signed)
     out["n_excluded"] = n_excluded
+    out["roi_ids"] = roi_ids
     return out
 
 
-def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w):
-    """The present cells and the dense (n * L,) map from grid position to cell index (-1: absent)."""
+def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params):
+    """The present cells, the dense (n * L,) map from grid position to cell index (-1: absent), the ids."""
     n = images.shape[0]
-    n_ids = int(roi_ids.shape[0])
     dev = array_api_compat.device(images)
-    grid_pos = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
     if labels is not None:
-        y0, y1, x0, x1 = label_boxes(xp, labels, roi_ids, valid_h, valid_w)
+        exclude = params.background_label if params.background == "label" else None
+        roi_ids, y0, y1, x0, x1 = label_boxes(xp, labels, roi_ids, valid_h, valid_w, exclude=exclude)
+        n_ids = int(roi_ids.shape[0])
         present = y1 > y0
         idx = xp.nonzero(present)[0]
         image = idx // max(n_ids, 1)
@@ -231,7 +233,9 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w):
                       x0=xp.take(x0, idx), x1=xp.take(x1, idx))
         rank = xp.cumulative_sum(xp.astype(present, xp.int64)) - 1
         grid = xp.where(present, rank, xp.full_like(rank, -1))
-        return cells, grid
+        return cells, grid, roi_ids
+    n_ids = int(roi_ids.shape[0])
+    grid_pos = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
     image, col, kind = table["image"], table["col"], table["kind"]
     cx, cy, r = table["cx"], table["cy"], table["r"]
     order = xp.argsort(image * max(n_ids, 1) + col)
@@ -249,10 +253,10 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w):
     cells = Cells(image=image, col=col, kind=kind, cx=cx, cy=cy, r=r, y0=y0, y1=y1, x0=x0, x1=x1)
     key = image * n_ids + col
     if key.shape[0] == 0:
-        return cells, xp.full_like(grid_pos, -1)
+        return cells, xp.full_like(grid_pos, -1), roi_ids
     pos = xp.clip(xp.searchsorted(key, grid_pos), 0, key.shape[0] - 1)
     grid = xp.where(xp.take(key, pos) == grid_pos, pos, xp.full_like(pos, -1))
-    return cells, grid
+    return cells, grid, roi_ids
 
 
 def _gather_sums(xp, sums: Sums, idx) -> Sums:

@@ -91,28 +91,36 @@ class Window:
     labels: Any = None
 
 
-def label_boxes(xp, labels, roi_ids, valid_h, valid_w):
+def label_boxes(xp, labels, roi_ids, valid_h, valid_w, *, exclude=None):
     """Bounding boxes of every ROI id in every image of a label batch, in one vectorised pass.
 
     Parameters
     ----------
     labels : int array, shape (n, H, W)
         0 = no ROI; values not in `roi_ids` are ignored.
-    roi_ids : int64 array, shape (L,)
-        Sorted ROI ids (the ``roi`` dimension).
+    roi_ids : int64 array, shape (L,), or None
+        Sorted ROI ids (the ``roi`` dimension); None: the non-zero labels present in this batch.
     valid_h, valid_w : int64 arrays, shape (n,)
         Valid extent of each image; label pixels outside it are ignored.
+    exclude : int, optional
+        A label that is never an ROI (the background label), when `roi_ids` is None.
 
     Returns
     -------
+    roi_ids : int64 array, shape (L,)
     y0, y1, x0, x1 : int64 arrays, shape (n * L,)
         Box of cell ``image * L + col``, ``[y0, y1) x [x0, x1)``; y0 = y1 = 0 where the id is absent.
     """
     n, height, width = labels.shape
-    n_ids = roi_ids.shape[0]
     flat = xp.reshape(labels, (-1,))
+    # NB: one pass over the labels (a bool compare, then nonzero); everything after is O(labelled pixels).
     pos = xp.nonzero(flat != 0)[0]
     val = xp.astype(xp.take(flat, pos), xp.int64)
+    if roi_ids is None:
+        roi_ids = xp.unique_values(val)
+        if exclude is not None:
+            roi_ids = roi_ids[roi_ids != exclude]
+    n_ids = roi_ids.shape[0]
     col = xp.searchsorted(roi_ids, val)
     col = xp.clip(col, 0, max(n_ids - 1, 0))
     img = pos // (height * width)
@@ -139,7 +147,7 @@ def label_boxes(xp, labels, roi_ids, valid_h, valid_w):
             hi = xp.take(packed, last) - keys * extent + 1
         zero = xp.zeros_like(keys)
         out += [xp.where(present, lo, zero), xp.where(present, hi, zero)]
-    return tuple(out)
+    return (roi_ids, *out)
 
 
 def size_groups(xp, heights, widths):
