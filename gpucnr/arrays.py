@@ -94,7 +94,8 @@ def measure(
                     ring_gap=ring_gap, ring_width=ring_width, background_label=background_label,
                     min_bg=min_bg, ddof=ddof, definition=definition, gcnr_bins=gcnr_bins, signed=signed)
     stack = _as_stack(images, "images")
-    where = resolve_backend(backend, stack)
+    # NB: a Dask array runs where its chunks live (its _meta tells NumPy from CuPy).
+    where = resolve_backend(backend, stack.data._meta if stack.lazy else stack.data)
     roi_labels, table = _as_rois(rois, stack)
     lesions = None if labels is None else _as_stack(labels, "labels")
     if lesions is not None:

@@ -131,9 +131,16 @@ def measure_batch(
         xp, images, shift, valid_h, valid_w, params.border, padding, region, fast=fast
     )
 
-    roi_sums, roi_shift, n_inside, bg_window = _window_pass(
-        xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact
-    )
+    if fast and array_api_compat.is_numpy_namespace(xp) and cells.image.shape[0]:
+        from gpucnr.kernels import _numpy_fast
+
+        roi_sums, roi_shift, n_inside, bg_window = _numpy_fast.window_sums(
+            images, labels, cells, params, shift, valid_h, valid_w, padding
+        )
+    else:
+        roi_sums, roi_shift, n_inside, bg_window = _window_pass(
+            xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact
+        )
 
     # Background sums per cell: image-level region (+/-) the cell's window part (DESIGN §4, §7).
     removed = None

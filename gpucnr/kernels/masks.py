@@ -20,6 +20,7 @@ __all__ = [
     "WindowMasks",
     "base_mask",
     "dilate",
+    "dilate_boxes",
     "excluded_mask",
     "gather_window",
     "is_exact_integer",
@@ -29,6 +30,7 @@ __all__ = [
     "size_groups",
     "union_boxes",
     "union_masks",
+    "window_footprints",
 ]
 
 #: ROI kinds as stored in `Cells.kind`.
@@ -175,19 +177,14 @@ def gather_window(xp, images, labels, cells: Cells, reach: int, h: int, w: int, 
     Reads are clipped to the array and flagged by ``inside``, so windows may stick out of the image.
     """
     _, height, width = images.shape
-    ys = xp.arange(h, dtype=xp.int64)
-    xs = xp.arange(w, dtype=xp.int64)
-    yy = (cells.y0 - reach)[:, None, None] + ys[None, :, None]
-    xx = (cells.x0 - reach)[:, None, None] + xs[None, None, :]
+    yy = (cells.y0 - reach)[:, None, None] + xp.arange(h, dtype=xp.int64)[None, :, None]
+    xx = (cells.x0 - reach)[:, None, None] + xp.arange(w, dtype=xp.int64)[None, None, :]
     vh = xp.take(valid_h, cells.image)[:, None, None]
     vw = xp.take(valid_w, cells.image)[:, None, None]
-    inside = (yy >= 0) & (yy < vh) & (xx >= 0) & (xx < vw)
-    lin = (
-        (cells.image * (height * width))[:, None, None]
-        + xp.clip(yy, 0, height - 1) * width
-        + xp.clip(xx, 0, width - 1)
-    )
-    lin = xp.reshape(lin, (-1,))
+    # NB: row and column tests on (m, h, 1) and (m, 1, w), one broadcast op for the whole window.
+    inside = ((yy >= 0) & (yy < vh)) & ((xx >= 0) & (xx < vw))
+    rows = (cells.image * (height * width))[:, None, None] + xp.clip(yy, 0, height - 1) * width
+    lin = xp.reshape(rows + xp.clip(xx, 0, width - 1), (-1,))
     shape = (cells.image.shape[0], h, w)
     values = xp.reshape(xp.take(xp.reshape(images, (-1,)), lin), shape)
     lab = None
@@ -206,14 +203,43 @@ def roi_mask(xp, cells: Cells, win: Window):
     cy = cells.cy[:, None, None]
     r = cells.r[:, None, None]
     kind = cells.kind[:, None, None]
-    square = (win.xx >= cx - r) & (win.xx < cx + r) & (win.yy >= cy - r) & (win.yy < cy + r)
-    dx = win.xx - cx
-    dy = win.yy - cy
-    disk = dx * dx + dy * dy <= r * r
-    mask = xp.where(kind == KIND_DISK, disk, square)
-    if win.labels is not None:
-        mask = xp.where(kind == KIND_LABEL, xp.astype(win.labels, xp.int64) == r, mask)
+    present = {k for k in (KIND_SQUARE, KIND_DISK, KIND_LABEL) if bool(xp.any(cells.kind == k))}
+    mask = None
+    # NB: only the kinds present are evaluated; each is one broadcast of row and column terms.
+    if KIND_SQUARE in present:
+        mask = ((win.yy >= cy - r) & (win.yy < cy + r)) & ((win.xx >= cx - r) & (win.xx < cx + r))
+    if KIND_DISK in present:
+        dx = win.xx - cx
+        dy = win.yy - cy
+        disk = (dy * dy) + (dx * dx) <= r * r
+        mask = disk if mask is None else xp.where(kind == KIND_DISK, disk, mask)
+    if KIND_LABEL in present:
+        lab = win.labels == xp.astype(r, win.labels.dtype)
+        mask = lab if mask is None else xp.where(kind == KIND_LABEL, lab, mask)
+    if mask is None:
+        return xp.zeros(win.inside.shape, dtype=xp.bool)
     return mask & win.inside
+
+
+def dilate_boxes(xp, cells: Cells, win: Window, rows: tuple[int, ...]):
+    """Dilation of each cell's (clipped) ROI box by a footprint of row half-widths, without a mask.
+
+    The dilation of a box by a footprint made of one centred run per row is, on each window row y, one
+    run: x in [x0 - reach(y), x1 + reach(y)) with reach(y) the widest footprint row dy whose shifted box
+    row y - dy lies in [y0, y1). Exact, and a few row-sized operations instead of a 2-D dilation.
+    """
+    radius = len(rows) // 2
+    y0 = cells.y0[:, None, None]
+    y1 = cells.y1[:, None, None]
+    reach = xp.full(win.yy.shape, -1, dtype=xp.int64)
+    for dy, width in zip(range(-radius, radius + 1), rows, strict=True):
+        src = win.yy - dy
+        hit = (src >= y0) & (src < y1)
+        reach = xp.where(hit & (reach < width), xp.asarray(width, dtype=xp.int64), reach)
+    empty = (cells.x1 <= cells.x0)[:, None, None]
+    lo = cells.x0[:, None, None] - reach
+    hi = cells.x1[:, None, None] + reach
+    return ((win.xx >= lo) & (win.xx < hi)) & ((reach >= 0) & ~empty)
 
 
 def dilate(xp, mask, rows: tuple[int, ...]):
@@ -314,35 +340,58 @@ class WindowMasks:
     part: Any
 
 
+def window_footprints(params):
+    """The footprints (row half-widths) that shape a cell's background window part.
+
+    Returns ``(grow, keep_out)``: complement removes the ROI dilated by ``grow``; ring keeps the ROI
+    dilated by ``grow`` (gap + width) minus the ROI dilated by ``keep_out`` (gap); other modes: (None, None).
+    """
+    if params.background == "complement":
+        return footprint_rows(footprint_offsets(params.footprint, params.dilation)), None
+    if params.background == "ring":
+        metric = ring_metric(params.footprint)
+        return (footprint_rows(ball_offsets(metric, params.ring_gap + params.ring_width)),
+                footprint_rows(ball_offsets(metric, params.ring_gap)))
+    return None, None
+
+
 def iter_windows(xp, images, labels, cells: Cells, params, valid_h, valid_w, padding):
-    """Yield a `WindowMasks` per size class of `cells` (see `size_groups`): the only place that builds
+    """Yield a `WindowMasks` per size class of `cells` (see `size_groups`): the portable place that builds
     per-ROI masks, so moments and gCNR see the very same pixels."""
     reach = params.reach
-    if params.background == "complement":
-        rows = footprint_rows(footprint_offsets(params.footprint, params.dilation))
-    elif params.background == "ring":
-        metric = ring_metric(params.footprint)
-        outer = footprint_rows(ball_offsets(metric, params.ring_gap + params.ring_width))
-        inner = footprint_rows(ball_offsets(metric, params.ring_gap))
+    outer, inner = window_footprints(params)
     for idx, h, w in size_groups(xp, cells.y1 - cells.y0, cells.x1 - cells.x0):
         sub = cells.take(xp, idx)
         win = gather_window(xp, images, labels, sub, reach, h + 2 * reach, w + 2 * reach, valid_h, valid_w)
         roi = roi_mask(xp, sub, win)
         base, bad = base_mask(xp, win, sub, valid_h, valid_w, params.border, padding)
+        # NB: square ROIs are boxes, whose dilation is analytic (dilate_boxes); other shapes dilate masks.
+        boxes = bool(xp.all(sub.kind == KIND_SQUARE))
+
+        def grow(rows_, sub=sub, win=win, roi=roi, boxes=boxes):
+            return dilate_boxes(xp, sub, win, rows_) if boxes else dilate(xp, roi, rows_)
+
         part = None
         if params.background == "complement":
-            part = dilate(xp, roi, rows) & base
+            part = grow(outer) & base
         elif params.background == "ring":
-            part = dilate(xp, roi, outer) & ~dilate(xp, roi, inner) & base
-        yield WindowMasks(idx=idx, window=win, roi=roi, pixels=roi & ~bad, part=part)
+            part = grow(outer) & ~grow(inner) & base
+        yield WindowMasks(idx=idx, window=win, roi=roi, pixels=roi if bad is None else roi & ~bad, part=part)
 
 
 def base_mask(xp, win, cells, valid_h, valid_w, border, padding):
-    """Window pixels that may be background: inside the interior (valid region minus frame), not excluded."""
+    """Window pixels that may be background: inside the interior (valid region minus frame), not excluded.
+
+    Returns ``(base, bad)``; ``bad`` (excluded pixels) is None when nothing can be excluded (integer
+    images without a padding value), which spares two whole-window operations.
+    """
     vh = xp.take(valid_h, cells.image)[:, None, None]
     vw = xp.take(valid_w, cells.image)[:, None, None]
-    interior = (win.yy >= border) & (win.yy < vh - border) & (win.xx >= border) & (win.xx < vw - border)
-    bad = excluded_mask(xp, win.values, xp.take(padding, cells.image)[:, None, None])
+    interior = ((win.yy >= border) & (win.yy < vh - border)) & ((win.xx >= border) & (win.xx < vw - border))
+    pad = xp.take(padding, cells.image)
+    if is_exact_integer(xp, win.values.dtype) and not bool(xp.any(xp.isfinite(pad))):
+        return interior, None
+    bad = excluded_mask(xp, win.values, pad[:, None, None])
     return interior & ~bad, bad
 
 

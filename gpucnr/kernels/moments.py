@@ -49,7 +49,11 @@ def accumulator_dtype(xp, dtype):
 def shifted(xp, values, shift):
     """``values - shift`` in the accumulator dtype (`shift` broadcasts against `values`)."""
     acc = accumulator_dtype(xp, values.dtype)
-    return xp.astype(values, acc) - shift
+    if acc == xp.float64 and not xp.isdtype(values.dtype, "real floating"):
+        # NB: >= 32-bit integers go through float64; the array API does not mix int and float operands.
+        values = xp.astype(values, acc)
+    # NB: otherwise one op: type promotion widens the values to the shift's accumulator dtype.
+    return values - xp.astype(shift, acc)
 
 
 def image_shift(xp, images, valid_h, valid_w, padding):
@@ -86,10 +90,9 @@ def image_shift(xp, images, valid_h, valid_w, padding):
 
 def masked_sums(xp, d, mask, axes=(-2, -1)) -> Sums:
     """Counts and sums of `d` and `d`**2 over `mask` (exact in int64 for integer `d`)."""
-    zero = xp.zeros((), dtype=d.dtype)
-    dm = xp.where(mask, d, zero)
+    dm = xp.where(mask, d, xp.zeros((), dtype=d.dtype))
     return Sums(
-        n=xp.sum(xp.astype(mask, xp.int64), axis=axes),
+        n=xp.astype(xp.count_nonzero(mask, axis=axes), xp.int64),
         s1=xp.sum(dm, axis=axes),
         s2=xp.sum(dm * dm, axis=axes),
     )

@@ -1,0 +1,146 @@
+"""Benchmarks of gpucnr.measure, as ratios measured side by side in one run.
+
+    .venv/bin/python scripts/bench.py            # 256 images of 512x512 uint16, 3 ROIs per image
+    .venv/bin/python scripts/bench.py --quick    # 64 images
+
+Printed: time per image of gpucnr.measure (threads = CPU count, 2 here) against
+  - the article's per-image loop (its Python functions, the transposed background fixed), and
+  - the memory ceiling ``stack.sum(dtype=uint64)`` on one thread over the same in-memory stack,
+for geometric ROIs (square, r = 5 and r = 20) and label masks, plus the cost of 5 ROIs/image over 1.
+Absolute times on a shared machine mean little; the ratios are what to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+import pandas as pd
+from scipy.ndimage import binary_dilation
+
+import gpucnr
+from gpucnr.phantom import make_phantom
+
+
+# --- the article's Python, verbatim but for the fixed (rows, cols) order of np.where ---------------------
+def select_roi(image, center_x, center_y, radius=10):
+    x_min = max(0, center_x - radius)
+    x_max = min(image.shape[1], center_x + radius)
+    y_min = max(0, center_y - radius)
+    y_max = min(image.shape[0], center_y + radius)
+    xx, yy = np.meshgrid(np.arange(x_min, x_max), np.arange(y_min, y_max))
+    return xx.flatten(), yy.flatten()
+
+
+def create_mask(shape, coords):
+    mask = np.zeros(shape, bool)
+    mask[coords[1], coords[0]] = True
+    return mask
+
+
+def get_background(image, roi_mask, border_width=5):
+    expanded_roi = binary_dilation(roi_mask, iterations=border_width)
+    background_mask = ~expanded_roi
+    background_mask[:5] = background_mask[-5:] = False
+    background_mask[:, :5] = background_mask[:, -5:] = False
+    return np.where(background_mask)
+
+
+def calculate_cnr(image, roi_coords, bg_coords):
+    roi_values = image[roi_coords[1], roi_coords[0]].astype(float)
+    bg_values = image[bg_coords[0], bg_coords[1]].astype(float)  # fixed: np.where returns (rows, cols)
+    mu_roi, mu_bg = np.mean(roi_values), np.mean(bg_values)
+    var_roi, var_bg = np.var(roi_values, ddof=1), np.var(bg_values, ddof=1)
+    return abs(mu_roi - mu_bg) / np.sqrt(var_roi + var_bg)
+
+
+def article_multi_roi(image, centers, radius):
+    """The article's multi_roi_cnr loop (square ROIs around each centre)."""
+    cnrs = []
+    for cx, cy in centers:
+        roi_coords = select_roi(image, cx, cy, radius)
+        bg_coords = get_background(image, create_mask(image.shape, roi_coords))
+        cnrs.append(calculate_cnr(image, roi_coords, bg_coords))
+    return np.median(cnrs)
+
+
+def article_labels(image, labels):
+    """The article's method with label masks as ROIs (one mask per label value)."""
+    cnrs = []
+    for value in np.unique(labels[labels != 0]):
+        roi = labels == value
+        ys, xs = np.nonzero(roi)
+        bg_coords = get_background(image, roi)
+        cnrs.append(calculate_cnr(image, (xs, ys), bg_coords))
+    return np.median(cnrs)
+
+
+# --- timing ----------------------------------------------------------------------------------------------
+def best(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256, help="images in the stack (default 256)")
+    parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
+    parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="64 images, 3 repeats")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.n, args.repeat = 64, 3
+
+    ph = make_phantom(args.n, (args.size, args.size), lesions=3, radius=25, margin=20, seed=0)
+    images, labels = ph.images, ph.labels
+    n_ref = min(args.reference_images, args.n)
+    centres = [ph.rois[ph.rois.image == i][["cx", "cy"]].to_numpy() for i in range(n_ref)]
+
+    def table(r, per_image=3):
+        t = ph.rois[ph.rois.roi <= per_image].copy()
+        t["kind"], t["r"] = "square", r
+        return t
+
+    def five_rois():
+        # Two more square ROIs per image, inside lesion 1 (offsets keep them inside the r = 25 disk).
+        base = ph.rois[ph.rois.roi == 1]
+        shifts = [(8, 0), (0, 8)]
+        extra = [base.assign(roi=k + 4, cx=base.cx + dx, cy=base.cy + dy) for k, (dx, dy) in enumerate(shifts)]
+        t = pd.concat([ph.rois, *extra], ignore_index=True)
+        t["kind"], t["r"] = "square", 5
+        return t
+
+    ceiling = best(lambda: images.sum(dtype=np.uint64), args.repeat * 3) / args.n
+    rows = []
+    for name, rois, ref in [
+        ("square r=5", table(5), lambda: [article_multi_roi(images[i], centres[i], 5) for i in range(n_ref)]),
+        ("square r=20", table(20), lambda: [article_multi_roi(images[i], centres[i], 20) for i in range(n_ref)]),
+        ("label masks", labels, lambda: [article_labels(images[i], labels[i]) for i in range(n_ref)]),
+    ]:
+        ours = best(lambda rois=rois: gpucnr.measure(images, rois, backend="numpy"), args.repeat) / args.n
+        theirs = best(ref, 1) / n_ref
+        rows.append((name, ours, theirs))
+    one = best(lambda: gpucnr.measure(images, table(5, per_image=1), backend="numpy"), args.repeat)
+    five = best(lambda: gpucnr.measure(images, five_rois(), backend="numpy"), args.repeat)
+
+    print(f"gpucnr {gpucnr.__version__}; {args.n} images {args.size}x{args.size} uint16, 3 ROIs/image; "
+          f"threads={os.cpu_count()}; article loop timed on {n_ref} images")
+    print()
+    print("| ROIs | gpucnr ms/image | article loop ms/image | speed-up | vs ceiling sum(uint64), 1 thread |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ours, theirs in rows:
+        print(f"| {name} | {ours * 1e3:.3f} | {theirs * 1e3:.2f} | {theirs / ours:.0f}x | {ceiling / ours:.2f}x |")
+    print()
+    print(f"ceiling `stack.sum(dtype=uint64)`: {ceiling * 1e3:.3f} ms/image")
+    print(f"cost of 5 ROIs/image / 1 ROI/image (square r=5): {five / one:.2f}")
+
+
+if __name__ == "__main__":
+    main()

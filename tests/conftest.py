@@ -1,0 +1,46 @@
+"""Shared fixtures: the array namespaces every kernel test runs on."""
+
+from __future__ import annotations
+
+import os
+
+import array_api_compat
+import numpy as np
+import pytest
+
+from gpucnr.backend import cupy_available, to_host
+
+NAMESPACES = ("numpy", "array_api_strict", "cupy")
+
+
+def _namespace(name: str):
+    if name == "numpy":
+        return array_api_compat.array_namespace(np.empty(0))
+    if name == "array_api_strict":
+        import array_api_strict
+
+        return array_api_strict
+    if not cupy_available():
+        if os.environ.get("GPUCNR_REQUIRE_GPU") == "1":
+            pytest.fail("GPUCNR_REQUIRE_GPU=1 but CuPy sees no CUDA device")
+        pytest.skip("no CUDA device (set GPUCNR_REQUIRE_GPU=1 to make this a failure)")
+    import array_api_compat.cupy
+
+    return array_api_compat.cupy
+
+
+@pytest.fixture(params=NAMESPACES)
+def xp(request):
+    """An array-API namespace: numpy (array_api_compat's), array_api_strict, cupy when a GPU is usable."""
+    return _namespace(request.param)
+
+
+@pytest.fixture
+def gpu_xp():
+    """CuPy's namespace; skipped without a GPU unless GPUCNR_REQUIRE_GPU=1."""
+    return _namespace("cupy")
+
+
+def host(a) -> np.ndarray:
+    """Any backend's array as a NumPy array (explicit copy from the device)."""
+    return to_host(a)
