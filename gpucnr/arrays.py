@@ -271,8 +271,8 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
     """Measure images [start, stop): move to the backend, run the kernels, return host arrays."""
     images = to_backend(images, where)
     xp = namespace(images)
-    labels = None if labels is None else to_backend(labels, where)
-    lesions = None if lesions is None else to_backend(lesions, where)
+    labels = _alongside(labels, images, xp, where)
+    lesions = _alongside(lesions, images, xp, where)
     batch_table = None
     if table is not None:
         lo, hi = np.searchsorted(table["image"].to_numpy(), [start, stop])
@@ -292,6 +292,16 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
     out = measure_batch(xp, images, roi_ids=ids, params=params, labels=labels, table=batch_table,
                         lesions=lesions)
     return {k: to_host(v) for k, v in out.items()}
+
+
+def _alongside(a, images, xp, where):
+    """`a` moved where `images` are, explicitly (a NumPy label array beside array-API images, say)."""
+    if a is None:
+        return None
+    a = to_backend(a, where)
+    if where == "native" and namespace(a) is not xp:
+        a = xp.asarray(to_host(a), device=array_api_compat.device(images))
+    return a
 
 
 def _backend_name(where: str, stack: _Stack) -> str:

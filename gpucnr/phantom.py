@@ -128,12 +128,17 @@ def _place(rng, n, lesions, radius, margin, height, width) -> np.ndarray:
     spacing = 2 * radius + margin
     for i in range(n):
         placed: list[tuple[int, int]] = []
-        for _ in range(1000 * lesions):
+        # NB: greedy placement can paint itself into a corner; start the image afresh a few times.
+        for _ in range(100 * lesions):
+            placed = []
+            for _ in range(200):
+                if len(placed) == lesions:
+                    break
+                y, x = int(rng.integers(lo, height - lo)), int(rng.integers(lo, width - lo))
+                if all((y - py) ** 2 + (x - px) ** 2 >= spacing**2 for py, px in placed):
+                    placed.append((y, x))
             if len(placed) == lesions:
                 break
-            y, x = int(rng.integers(lo, height - lo)), int(rng.integers(lo, width - lo))
-            if all((y - py) ** 2 + (x - px) ** 2 >= spacing**2 for py, px in placed):
-                placed.append((y, x))
         if len(placed) < lesions:
             raise ValueError(f"could not place {lesions} lesions of radius {radius} in a {height}x{width} image")
         out[i] = placed

@@ -24,9 +24,9 @@ def _namespace(name: str):
         if os.environ.get("GPUCNR_REQUIRE_GPU") == "1":
             pytest.fail("GPUCNR_REQUIRE_GPU=1 but CuPy sees no CUDA device")
         pytest.skip("no CUDA device (set GPUCNR_REQUIRE_GPU=1 to make this a failure)")
-    import array_api_compat.cupy
+    import array_api_compat.cupy as cupy_namespace
 
-    return array_api_compat.cupy
+    return cupy_namespace
 
 
 @pytest.fixture(params=NAMESPACES)

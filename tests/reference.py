@@ -27,7 +27,8 @@ def roi_mask(shape, kind, cx, cy, r):
     mask = np.zeros(shape, bool)
     if kind == "square":
         xs, ys = select_roi(shape, cx, cy, r)
-        mask[ys, xs] = True  # NB: [rows, cols] = [y, x]; the article indexed image[c[1], c[0]] of np.where's (rows, cols)
+        # NB: [rows, cols] = [y, x]; the article indexed image[c[1], c[0]] with np.where's (rows, cols)
+        mask[ys, xs] = True
     else:
         yy, xx = np.mgrid[: shape[0], : shape[1]]
         mask = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
@@ -97,7 +98,7 @@ def measure_reference(images, *, rois=None, table=None, lesions=None, background
     `rois` is a label array (n, H, W) or `table` a list of dicts (image, roi, kind, cx, cy, r).
     """
     images = np.asarray(images)
-    n, height, width = images.shape
+    n = images.shape[0]
     if rois is not None:
         ids = sorted(int(v) for v in np.unique(rois) if v != 0 and v != background_label)
     else:

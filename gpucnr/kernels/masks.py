@@ -404,11 +404,16 @@ def union_boxes(xp, cells, grid, lesions, n, n_ids, valid_h, valid_w):
     def dense(v, fill):
         return xp.reshape(xp.where(grid >= 0, xp.take(v, where), xp.full_like(where, fill)), (n, n_ids))
 
-    nonempty = present & (dense(cells.y1, 0) > dense(cells.y0, 0)) & (dense(cells.x1, 0) > dense(cells.x0, 0))
-    y0 = xp.min(xp.where(nonempty, dense(cells.y0, big), big), axis=1)
-    x0 = xp.min(xp.where(nonempty, dense(cells.x0, big), big), axis=1)
-    y1 = xp.max(xp.where(nonempty, dense(cells.y1, -big), -big), axis=1)
-    x1 = xp.max(xp.where(nonempty, dense(cells.x1, -big), -big), axis=1)
+    if n_ids == 0 or cells.image.shape[0] == 0:
+        # NB: no ROI in the batch: every box starts empty (a reduction over zero ids has no identity).
+        y0 = x0 = xp.full((n,), big, dtype=xp.int64)
+        y1 = x1 = xp.full((n,), -big, dtype=xp.int64)
+    else:
+        nonempty = present & (dense(cells.y1, 0) > dense(cells.y0, 0)) & (dense(cells.x1, 0) > dense(cells.x0, 0))
+        y0 = xp.min(xp.where(nonempty, dense(cells.y0, big), big), axis=1)
+        x0 = xp.min(xp.where(nonempty, dense(cells.x0, big), big), axis=1)
+        y1 = xp.max(xp.where(nonempty, dense(cells.y1, -big), -big), axis=1)
+        x1 = xp.max(xp.where(nonempty, dense(cells.x1, -big), -big), axis=1)
     if lesions is not None:
         ys = xp.arange(lesions.shape[1], dtype=xp.int64)[None, :, None]
         xs = xp.arange(lesions.shape[2], dtype=xp.int64)[None, None, :]

@@ -1,0 +1,168 @@
+"""GPU check: the kernels on NumPy and CuPy over the same phantoms must agree, and stay on the device.
+
+Run on a machine with a CUDA GPU (prints a report, exits 1 on any disagreement):
+
+    python scripts/gpu_check.py [--n 256] [--size 512]
+
+1. Equality: `measure_batch` on CuPy arrays vs NumPy (fast and portable paths), for label arrays and ROI
+   tables, uint16 and float32, every background mode, footprint and definition: counts and status
+   identical, moments and CNR within 1e-12 relative.
+2. Residency: every array the kernel returns for CuPy input is a CuPy array (nothing went to the host).
+3. gpucnr.measure(backend="cupy") equals backend="numpy".
+4. Timing (CUDA events): the kernel over an (n, size, size) uint16 device stack with 3 ROIs per image
+   against ``cupy.sum(stack, dtype=cupy.uint64)`` over the same device array.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import array_api_compat
+import numpy as np
+
+from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
+from gpucnr.kernels.params import Params
+from gpucnr.phantom import make_phantom
+
+EXACT = ("n_roi", "n_bg", "status", "n_valid", "n_excluded")
+
+
+def compare(ref: dict, got: dict, label: str) -> list[str]:
+    """Differences between two kernel outputs (host arrays), as messages."""
+    bad = []
+    for k in OUTPUT_CELL + OUTPUT_IMAGE:
+        a, b = np.asarray(ref[k]), np.asarray(got[k])
+        if k in EXACT:
+            if not np.array_equal(a, b):
+                bad.append(f"{label}: {k} differs in {int(np.sum(a != b))} cells")
+        elif not np.allclose(a, b, rtol=1e-12, atol=0, equal_nan=True):
+            worst = np.nanmax(np.abs(a - b) / np.maximum(np.abs(a), 1e-300))
+            bad.append(f"{label}: {k} max relative difference {worst:.2e}")
+    return bad
+
+
+def cases(seed: int):
+    """(name, dtype, rois kind, Params) combinations covering every mode, footprint and definition."""
+    for dtype in ("uint16", "float32"):
+        for source in ("labels", "table"):
+            for background in ("complement", "ring", "complement-all", "label"):
+                if background == "label" and source == "table":
+                    continue
+                for footprint, definition in (("cross", "pooled"), ("matlab-disk", "background"),
+                                              ("disk", "gcnr"), ("square", "pooled-mean")):
+                    kw = {"background_label": 9} if background == "label" else {}
+                    yield (f"{dtype} {source} {background} {footprint} {definition}", dtype, source,
+                           Params(background=background, footprint=footprint, definition=definition, **kw))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256, help="images in the timing stack")
+    parser.add_argument("--size", type=int, default=512, help="image side of the timing stack")
+    args = parser.parse_args(argv)
+
+    import cupy
+
+    if not cupy.cuda.is_available():
+        print("no CUDA device: nothing to check")
+        return 1
+    xnp = array_api_compat.array_namespace(np.empty(0))
+    xcp = array_api_compat.array_namespace(cupy.empty(0))
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    print(f"device: {props['name'].decode()}, CuPy {cupy.__version__}, NumPy {np.__version__}")
+
+    problems: list[str] = []
+    n_checked = 0
+    phantoms = {d: make_phantom(12, (96, 96), lesions=3, radius=7, margin=8, dtype=d, seed=1) for d in
+                ("uint16", "float32")}
+    for name, dtype, source, params in cases(0):
+        ph = phantoms[dtype]
+        labels = ph.labels.copy()
+        if params.background == "label":
+            labels[(labels == 0) & (np.indices(labels.shape)[2] % 3 == 0)] = 9
+        ids = np.array([1, 2, 3])
+        tables = {
+            "image": ph.rois.image.to_numpy(), "col": ph.rois.roi.to_numpy() - 1,
+            "kind": np.where(ph.rois.roi.to_numpy() == 2, 1, 0), "cx": ph.rois.cx.to_numpy(),
+            "cy": ph.rois.cy.to_numpy(), "r": ph.rois.r.to_numpy() - 2,
+        }
+
+        def run(xp, fast, ph=ph, labels=labels, ids=ids, tables=tables, source=source, params=params):
+            images = xp.asarray(ph.images)
+            kw = {"roi_ids": xp.asarray(ids), "params": params, "fast": fast}
+            if source == "labels":
+                kw.update(labels=xp.asarray(labels), roi_ids=None)
+                if params.background == "label":
+                    kw["lesions"] = xp.asarray(labels)
+            else:
+                kw["table"] = {k: xp.asarray(v.astype(np.int64)) for k, v in tables.items()}
+                if params.background == "complement-all":
+                    kw["lesions"] = xp.asarray(ph.labels)
+            return measure_batch(xp, images, **kw)
+
+        ref = {k: np.asarray(v) for k, v in run(xnp, True).items()}
+        portable = {k: np.asarray(v) for k, v in run(xnp, False).items()}
+        on_gpu = run(xcp, False)
+        stray = [k for k, v in on_gpu.items() if not isinstance(v, cupy.ndarray)]
+        if stray:
+            problems.append(f"{name}: outputs left the device: {stray}")
+        got = {k: cupy.asnumpy(v) for k, v in on_gpu.items()}
+        problems += compare(ref, portable, f"{name} (numpy portable vs fast)")
+        problems += compare(ref, got, f"{name} (cupy vs numpy)")
+        n_checked += 1
+    print(f"equality: {n_checked} configurations, {len(problems)} problems")
+
+    import gpucnr
+
+    ph = phantoms["uint16"]
+    a = gpucnr.measure(ph.images, ph.rois, backend="numpy")
+    b = gpucnr.measure(ph.images, ph.rois, backend="cupy")
+    problems += compare({k: a[k].values for k in OUTPUT_CELL + OUTPUT_IMAGE},
+                        {k: b[k].values for k in OUTPUT_CELL + OUTPUT_IMAGE}, "measure cupy vs numpy")
+    print(f"measure(backend='cupy') attrs backend = {b.attrs['backend']}")
+
+    # Timing on the device, with CUDA events around each call (after a warm-up).
+    big = make_phantom(args.n, (args.size, args.size), lesions=3, radius=25, margin=20, seed=0)
+    stack = cupy.asarray(big.images)
+    table = {
+        "image": cupy.asarray(big.rois.image.to_numpy()), "col": cupy.asarray(big.rois.roi.to_numpy() - 1),
+        "kind": cupy.zeros(len(big.rois), dtype=cupy.int64), "cx": cupy.asarray(big.rois.cx.to_numpy()),
+        "cy": cupy.asarray(big.rois.cy.to_numpy()), "r": cupy.full(len(big.rois), 5, dtype=cupy.int64),
+    }
+
+    def timed(fn, repeat=5):
+        fn()
+        cupy.cuda.Device().synchronize()
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        best = np.inf
+        for _ in range(repeat):
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, cupy.cuda.get_elapsed_time(start, end) / 1e3)
+        return best
+
+    t_sum = timed(lambda: cupy.sum(stack, dtype=cupy.uint64))
+    t_kernel = timed(lambda: measure_batch(xcp, stack, roi_ids=cupy.asarray([1, 2, 3]), params=Params(), table=table))
+    t0 = time.perf_counter()
+    host = np.asarray(big.images)
+    cupy.asarray(host)
+    cupy.cuda.Device().synchronize()
+    t_h2d = time.perf_counter() - t0
+    gbytes = big.images.nbytes / 1e9
+    print(f"timing over {args.n} x {args.size}x{args.size} uint16 ({gbytes:.2f} GB) on the device:")
+    print(f"  cupy.sum(dtype=uint64): {t_sum * 1e3:.2f} ms ({gbytes / t_sum:.0f} GB/s)")
+    print(f"  measure_batch (3 square ROIs r=5 per image): {t_kernel * 1e3:.2f} ms "
+          f"({t_sum / t_kernel:.2f}x the speed of cupy.sum)")
+    print(f"  host->device copy of the stack: {t_h2d * 1e3:.1f} ms")
+    for p in problems:
+        print("PROBLEM", p)
+    print("gpu_check:", "OK" if not problems else f"{len(problems)} problems")
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
