@@ -120,7 +120,7 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
     loop over its window, the ROI sums (two-pass for float images), the ROI pixels inside the valid region
     and the background window part (see `gpucnr.kernels.masks.WindowMasks`).
 
-    Returns ``(roi_sums, roi_shift, n_inside, part_sums)`` like the portable path.
+    Returns ``(roi_sums, roi_shift, n_inside, part_sums, part_shift)`` like the portable path.
     """
     from gpucnr.kernels.masks import window_footprints
 
@@ -143,13 +143,12 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
     )
     if exact:
         out = _exact_windows(*args, np.ascontiguousarray(shift, np.int64))
-        roi = Sums(out[0], out[1], out[2])
-        roi_shift = np.ascontiguousarray(shift, np.int64)[cells.image]
+        roi_shift = part_shift = np.ascontiguousarray(shift, np.int64)[cells.image]
     else:
         out = _float_windows(*args, np.ascontiguousarray(shift, np.float64))
-        roi = Sums(out[0], out[1], out[2])
-        roi_shift = np.ascontiguousarray(shift, np.float64)[cells.image] + out[7]
-    return roi, roi_shift, out[3], Sums(out[4], out[5], out[6])
+        base = np.ascontiguousarray(shift, np.float64)[cells.image]
+        roi_shift, part_shift = base + out[7], base + out[8]
+    return Sums(out[0], out[1], out[2]), roi_shift, out[3], Sums(out[4], out[5], out[6]), part_shift
 
 
 @numba.njit(nogil=True, cache=True)
@@ -259,6 +258,7 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
     out_s1 = np.zeros(m, np.float64)
     out_s2 = np.zeros(m, np.float64)
     centre = np.zeros(m, np.float64)
+    part_centre = np.zeros(m, np.float64)
     inside_n = np.zeros(m, np.int64)
     part_n = np.zeros(m, np.int64)
     part_s1 = np.zeros(m, np.float64)
@@ -295,13 +295,32 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                     part_s2[j] += d * d
         mean = s1 / out_n[j] if out_n[j] > 0 else 0.0
         centre[j] = mean
+        # A ring is the whole background: sum it about its own mean too. A complement part stays about c,
+        # since it is subtracted from the image totals.
+        ring_mean = part_s1[j] / part_n[j] if mode == 2 and part_n[j] > 0 else 0.0
+        if mode == 2:
+            part_centre[j] = ring_mean
+            part_s1[j] = 0.0
+            part_s2[j] = 0.0
         for yy in range(h):
             y = wy0 + yy
+            interior_row = border <= y < vh - border
             for xx in range(w):
-                if roi[yy, xx]:
-                    v = np.float64(images[i, y, wx0 + xx])
-                    if not _is_bad(v, pad, has_pad):
-                        d = v - c - mean
-                        out_s1[j] += d
-                        out_s2[j] += d * d
-    return out_n, out_s1, out_s2, inside_n, part_n, part_s1, part_s2, centre
+                x = wx0 + xx
+                in_roi = roi[yy, xx]
+                in_ring = (mode == 2 and interior_row and border <= x < vw - border
+                           and _in_part(roi, prefix, mode, grow_rows, keep_rows, yy, xx))
+                if not (in_roi or in_ring):
+                    continue
+                v = np.float64(images[i, y, x])
+                if _is_bad(v, pad, has_pad):
+                    continue
+                if in_roi:
+                    d = v - c - mean
+                    out_s1[j] += d
+                    out_s2[j] += d * d
+                if in_ring:
+                    d = v - c - ring_mean
+                    part_s1[j] += d
+                    part_s2[j] += d * d
+    return out_n, out_s1, out_s2, inside_n, part_n, part_s1, part_s2, centre, part_centre

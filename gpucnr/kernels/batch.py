@@ -35,6 +35,7 @@ from gpucnr.kernels.moments import (
     masked_sums,
     moments,
     shifted,
+    two_pass,
 )
 from gpucnr.kernels.params import Params
 
@@ -127,37 +128,40 @@ def measure_batch(
     region = None
     if params.background == "label":
         region = xp.astype(lesions, xp.int64) == params.background_label
-    totals, n_excluded = image_totals(
+    totals, region_centre, n_excluded = image_totals(
         xp, images, shift, valid_h, valid_w, params.border, padding, region, fast=fast
     )
 
     if fast and array_api_compat.is_numpy_namespace(xp) and cells.image.shape[0]:
         from gpucnr.kernels import _numpy_fast
 
-        roi_sums, roi_shift, n_inside, bg_window = _numpy_fast.window_sums(
+        roi_sums, roi_shift, n_inside, bg_window, window_shift = _numpy_fast.window_sums(
             images, labels, cells, params, shift, valid_h, valid_w, padding
         )
     else:
-        roi_sums, roi_shift, n_inside, bg_window = _window_pass(
+        roi_sums, roi_shift, n_inside, bg_window, window_shift = _window_pass(
             xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact
         )
 
     # Background sums per cell: image-level region (+/-) the cell's window part (DESIGN §4, §7).
+    bg_shift = xp.take(shift, cells.image) if exact else xp.take(xp.astype(shift, f64), cells.image)
     removed = None
     if params.background == "complement":
         bg = _gather_sums(xp, totals, cells.image) - bg_window
         removed = bg_window.s2
     elif params.background == "ring":
-        bg = bg_window
+        # NB: the ring is all in the window; its float sums are two-pass there (window_shift).
+        bg, bg_shift = bg_window, window_shift
     elif params.background == "label":
         bg = _gather_sums(xp, totals, cells.image)
+        if region_centre is not None:
+            bg_shift = bg_shift + xp.take(region_centre, cells.image)
     else:
         union = _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
                             shift, roi_ids)
         bg = _gather_sums(xp, totals - union, cells.image)
         removed = xp.take(union.s2, cells.image)
 
-    bg_shift = xp.take(shift, cells.image) if exact else xp.take(xp.astype(shift, f64), cells.image)
     n_roi, mean_roi, var_roi = moments(xp, roi_sums, roi_shift, params.ddof, exact=exact)
     n_bg, mean_bg, var_bg = moments(xp, bg, bg_shift, params.ddof, exact=exact)
     if removed is not None and not exact:
@@ -285,9 +289,10 @@ def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, pad
     dev = array_api_compat.device(images)
     m = cells.image.shape[0]
     roi_shift = xp.take(shift, cells.image) if exact else xp.take(xp.astype(shift, xp.float64), cells.image)
+    roi_shift_base = roi_shift
     if m == 0:
         zero = _zeros_sums(xp, 0, exact, dev)
-        return zero, roi_shift, xp.zeros((0,), dtype=xp.int64, device=dev), zero
+        return zero, roi_shift, xp.zeros((0,), dtype=xp.int64, device=dev), zero, roi_shift
     parts = []
     for wm in iter_windows(xp, images, labels, cells, params, valid_h, valid_w, padding):
         c = xp.take(shift, xp.take(cells.image, wm.idx))[:, None, None]
@@ -296,23 +301,25 @@ def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, pad
         sub_shift = xp.take(roi_shift, wm.idx)
         if not exact:
             # NB: two-pass ROI moments for float data: re-centre on the ROI's own mean, then sum again.
-            centre = s.s1 / xp.where(s.n > 0, xp.astype(s.n, xp.float64), xp.ones_like(s.s1))
-            s = masked_sums(xp, d - centre[:, None, None], wm.pixels)
+            s, centre = two_pass(xp, d, wm.pixels, s)
             sub_shift = sub_shift + centre
         inside = xp.sum(xp.astype(wm.roi, xp.int64), axis=(1, 2))
+        part_shift = xp.take(roi_shift_base, wm.idx)
         if wm.part is None:
             part = _zeros_sums(xp, wm.idx.shape[0], exact, dev)
         else:
             part = masked_sums(xp, d, wm.part)
-        parts.append((wm.idx, s, sub_shift, inside, part))
+            if not exact and params.background == "ring":
+                part, centre = two_pass(xp, d, wm.part, part)
+                part_shift = part_shift + centre
+        parts.append((wm.idx, s, sub_shift, inside, part, part_shift))
     return _scatter_parts(xp, parts)
 
 
 def _scatter_parts(xp, parts):
     """Put per-group results back in cell order (groups partition the cells)."""
     if len(parts) == 1:
-        _, s, sh, inside, part = parts[0]
-        return s, sh, inside, part
+        return parts[0][1:]
     idx = xp.concat([p[0] for p in parts])
     inverse = xp.argsort(idx)
 
@@ -322,7 +329,7 @@ def _scatter_parts(xp, parts):
 
     s = Sums(cat(1, "n"), cat(1, "s1"), cat(1, "s2"))
     part = Sums(cat(4, "n"), cat(4, "s1"), cat(4, "s2"))
-    return s, cat(2), cat(3), part
+    return s, cat(2), cat(3), part, cat(5)
 
 
 def _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, shift, roi_ids):
@@ -367,9 +374,7 @@ def _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h
                                           padding, sub.image, boxes, roi_ids)
         keep = base & ~dilated
     d = shifted(xp, win.values, xp.astype(xp.take(shift, sub.image), xp.float64)[:, None, None])
-    first = masked_sums(xp, d, keep)
-    centre = first.s1 / xp.where(first.n > 0, xp.astype(first.n, xp.float64), xp.ones_like(first.s1))
-    return masked_sums(xp, d - centre[:, None, None], keep), centre
+    return two_pass(xp, d, keep, masked_sums(xp, d, keep))
 
 
 def _replace(xp, values, idx, new):

@@ -19,6 +19,7 @@ __all__ = [
     "masked_sums",
     "moments",
     "shifted",
+    "two_pass",
 ]
 
 
@@ -136,14 +137,18 @@ def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, regi
     Returns
     -------
     totals : Sums, shape (n,)
-        Over the interior pixels that are not excluded (and lie in `region`).
+        Over the interior pixels that are not excluded (and lie in `region`), of x - `shift` — except for
+        float images with a `region` (the whole label background): two-pass, of x - (shift + centre).
+    centre : float64 array, shape (n,), or None
+        That centre, for float images with a `region`; else None.
     n_excluded : int64 array, shape (n,)
         Excluded pixels (not finite, or padding) in the whole valid region.
     """
     if fast and region is None and array_api_compat.is_numpy_namespace(xp):
         from gpucnr.kernels import _numpy_fast
 
-        return _numpy_fast.image_totals(images, shift, valid_h, valid_w, border, padding)
+        totals, n_excluded = _numpy_fast.image_totals(images, shift, valid_h, valid_w, border, padding)
+        return totals, None, n_excluded
     _, height, width = images.shape
     ys = xp.arange(height, dtype=xp.int64)[None, :, None]
     xs = xp.arange(width, dtype=xp.int64)[None, None, :]
@@ -157,7 +162,24 @@ def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, regi
     if region is not None:
         keep = keep & region
     d = shifted(xp, images, shift[:, None, None])
-    return masked_sums(xp, d, keep, axes=(1, 2)), n_excluded
+    totals = masked_sums(xp, d, keep, axes=(1, 2))
+    if region is None or is_exact_integer(xp, images.dtype):
+        return totals, None, n_excluded
+    totals, centre = two_pass(xp, d, keep, totals, axes=(1, 2))
+    return totals, centre, n_excluded
+
+
+def two_pass(xp, d, mask, sums: Sums, axes=(-2, -1)):
+    """Float data: sums about the region's own mean, given first-pass `sums` of `d` over `mask`.
+
+    A region summed around a shift far from its own values (a background sharing its image with a bright
+    lesion) loses float accuracy to cancellation in ``s2 - s1**2 / n``; summing again around its mean does
+    not. Returns ``(sums, centre)``: sums of ``d - centre`` over `mask`, and ``centre`` (shape of sums.n).
+    """
+    nf = xp.astype(sums.n, xp.float64)
+    centre = sums.s1 / xp.where(sums.n > 0, nf, xp.ones_like(nf))
+    shape = centre.shape + (1,) * len(axes)
+    return masked_sums(xp, d - xp.reshape(centre, shape), mask, axes=axes), centre
 
 
 def moments(xp, sums: Sums, shift, ddof: int, *, exact: bool):
