@@ -9,6 +9,9 @@ formulation (a cache-sized float64 buffer and two BLAS dots). It releases the GI
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numba
 import numpy as np
 
@@ -18,21 +21,44 @@ __all__ = ["image_totals"]
 
 
 def image_totals(images, shift, valid_h, valid_w, border, padding):
-    """Same contract as `gpucnr.kernels.moments.image_totals` with region=None, for NumPy arrays."""
+    """Same contract as `gpucnr.kernels.moments.image_totals` with region=None, for NumPy arrays.
+
+    The images are split over `threads()` threads: the compiled loop releases the GIL.
+    """
     images = np.ascontiguousarray(images)
     if images.dtype == np.bool_:
         images = images.view(np.uint8)
     exact = is_exact_integer(np, images.dtype)
+    kernel = _exact_totals if exact else _float_totals
+    shift = np.ascontiguousarray(shift, np.int64 if exact else np.float64)
     vh = np.ascontiguousarray(valid_h, np.int64)
     vw = np.ascontiguousarray(valid_w, np.int64)
     pad = np.ascontiguousarray(padding, np.float64)
-    if exact:
-        count, s1, s2, n_excluded = _exact_totals(images, np.ascontiguousarray(shift, np.int64), vh, vw,
-                                                  int(border), pad)
-    else:
-        count, s1, s2, n_excluded = _float_totals(images, np.ascontiguousarray(shift, np.float64), vh, vw,
-                                                  int(border), pad)
+    parts = _split(images.shape[0], lambda a, b: kernel(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border),
+                                                         pad[a:b]))
+    count, s1, s2, n_excluded = (np.concatenate([p[k] for p in parts]) for k in range(4))
     return Sums(n=count, s1=s1, s2=s2), n_excluded
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def threads() -> int:
+    """Threads used by the compiled loops: ``GPUCNR_THREADS``, else the CPU count."""
+    return max(1, int(os.environ.get("GPUCNR_THREADS", 0)) or os.cpu_count() or 1)
+
+
+def _split(n: int, fn):
+    """Run ``fn(start, stop)`` over `threads()` contiguous slices of range(n) in a shared pool."""
+    global _POOL, _POOL_SIZE
+    k = min(threads(), n)
+    if k <= 1:
+        return [fn(0, n)]
+    if _POOL_SIZE < k:
+        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=k, thread_name_prefix="gpucnr"), k
+    bounds = [n * j // k for j in range(k + 1)]
+    return list(_POOL.map(lambda j: fn(bounds[j], bounds[j + 1]), range(k)))
 
 
 @numba.njit(nogil=True, cache=True)
@@ -116,9 +142,9 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
 
 
 def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding):
-    """Same contract as `gpucnr.kernels.batch._window_pass`, for NumPy arrays: per cell, in one compiled
-    loop over its window, the ROI sums (two-pass for float images), the ROI pixels inside the valid region
-    and the background window part (see `gpucnr.kernels.masks.WindowMasks`).
+    """Same contract as `gpucnr.kernels.batch._window_pass`, for NumPy arrays: per cell, in compiled loops
+    over its window, the ROI sums (two-pass for float images), the ROI pixels inside the valid region and
+    the background window part (see `gpucnr.kernels.masks.WindowMasks`; ring sums two-pass for floats).
 
     Returns ``(roi_sums, roi_shift, n_inside, part_sums, part_shift)`` like the portable path.
     """
@@ -126,8 +152,6 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
 
     grow, keep_out = window_footprints(params)
     mode = {"complement": 1, "ring": 2}.get(params.background, 0)
-    grow_rows = np.asarray(grow if grow is not None else (0,), np.int64)
-    keep_rows = np.asarray(keep_out if keep_out is not None else (0,), np.int64)
     images = np.ascontiguousarray(images)
     if images.dtype == np.bool_:
         images = images.view(np.uint8)
@@ -139,7 +163,8 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
         *(np.ascontiguousarray(getattr(cells, k), np.int64) for k in ("image", "kind", "cx", "cy", "r",
                                                                      "y0", "y1", "x0", "x1")),
         np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
-        np.ascontiguousarray(padding, np.float64), int(params.border), mode, grow_rows, keep_rows,
+        np.ascontiguousarray(padding, np.float64), int(params.border), mode,
+        *_row_arrays(grow), *_row_arrays(keep_out),
     )
     if exact:
         out = _exact_windows(*args, np.ascontiguousarray(shift, np.int64))
@@ -151,64 +176,92 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
     return Sums(out[0], out[1], out[2]), roi_shift, out[3], Sums(out[4], out[5], out[6]), part_shift
 
 
-@numba.njit(nogil=True, cache=True)
-def _in_roi(labels, has_labels, i, kind, cx, cy, r, y, x):  # pragma: no cover - compiled
-    if kind == 0:
-        return cx - r <= x < cx + r and cy - r <= y < cy + r
-    if kind == 1:
-        return (x - cx) * (x - cx) + (y - cy) * (y - cy) <= r * r
-    return has_labels and np.int64(labels[i, y, x]) == r
+def _row_arrays(rows):
+    """Footprint rows (half-widths for dy = -R..R) as (dy, half-width) arrays."""
+    if rows is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    radius = len(rows) // 2
+    return np.arange(-radius, radius + 1, dtype=np.int64), np.asarray(rows, np.int64)
 
 
 @numba.njit(nogil=True, cache=True)
-def _dilated(roi, prefix, rows, y, x):  # pragma: no cover - compiled
-    """Is window pixel (y, x) within the footprint `rows` of an ROI pixel? (prefix: per-row ROI counts)"""
-    h, w = roi.shape
-    radius = rows.shape[0] // 2
-    for k in range(rows.shape[0]):
-        sy = y - (k - radius)
-        if 0 <= sy < h:
-            half = rows[k]
-            lo = max(x - half, 0)
-            hi = min(x + half + 1, w)
-            if lo < hi and prefix[sy, hi] - prefix[sy, lo] > 0:
-                return True
-    return False
-
-
-@numba.njit(nogil=True, cache=True)
-def _cell_window(images, labels, has_labels, i, kind, cx, cy, r, y0, y1, x0, x1, vh, vw, reach):  # pragma: no cover
-    """The cell's window clipped to the valid region, its ROI mask and per-row ROI prefix counts."""
+def _cell_masks(labels, has_labels, i, kind, cx, cy, r, y0, y1, x0, x1, vh, vw, reach, border, mode,
+                grow_dy, grow_w, keep_dy, keep_w, roi, part, hole, dist):  # pragma: no cover - compiled
+    """Fill `roi` and `part` (window-sized views of reused buffers) for one cell; return its window corner
+    and size. The window is the ROI box widened by `reach` and clipped to the valid region (pixels beyond
+    it belong to no region). `part`: the dilated ROI (mode 1), or the ring (mode 2), within the interior."""
     wy0, wy1 = max(y0 - reach, 0), min(y1 + reach, vh)
     wx0, wx1 = max(x0 - reach, 0), min(x1 + reach, vw)
     if y1 <= y0 or x1 <= x0:
-        wy1, wx1 = wy0, wx0
-    h, w = max(wy1 - wy0, 0), max(wx1 - wx0, 0)
-    roi = np.zeros((h, w), np.bool_)
-    prefix = np.zeros((h, w + 1), np.int64)
+        return wy0, wx0, 0, 0
+    h, w = wy1 - wy0, wx1 - wx0
+    far = 1 << 30
+    for yy in range(h):
+        y = wy0 + yy
+        last = -far
+        for xx in range(w):
+            x = wx0 + xx
+            if kind == 0:
+                inside = cx - r <= x < cx + r and cy - r <= y < cy + r
+            elif kind == 1:
+                inside = (x - cx) * (x - cx) + (y - cy) * (y - cy) <= r * r
+            else:
+                inside = has_labels and np.int64(labels[i, y, x]) == r
+            roi[yy, xx] = inside
+            if inside:
+                last = xx
+            dist[yy, xx] = xx - last
+        # Distance along the row to the nearest ROI pixel: left scan above, right scan here.
+        nxt = far
+        for xx in range(w - 1, -1, -1):
+            if roi[yy, xx]:
+                nxt = xx
+            if nxt - xx < dist[yy, xx]:
+                dist[yy, xx] = nxt - xx
+    if mode == 0:
+        return wy0, wx0, h, w
+    _dilate_rows(dist, grow_dy, grow_w, part, h, w)
+    if mode == 2:
+        _dilate_rows(dist, keep_dy, keep_w, hole, h, w)
+    for yy in range(h):
+        y = wy0 + yy
+        row_in = border <= y < vh - border
+        for xx in range(w):
+            x = wx0 + xx
+            keep = row_in and border <= x < vw - border and part[yy, xx]
+            part[yy, xx] = keep and not (mode == 2 and hole[yy, xx])
+    return wy0, wx0, h, w
+
+
+@numba.njit(nogil=True, cache=True)
+def _dilate_rows(dist, dys, widths, out, h, w):  # pragma: no cover - compiled
+    """out = the ROI dilated by the footprint (rows dys, half-widths): pixel (y, x) is in it when row
+    y - dy holds an ROI pixel within half-width of x. One simple pass per footprint row (vectorises)."""
     for yy in range(h):
         for xx in range(w):
-            inside = _in_roi(labels, has_labels, i, kind, cx, cy, r, wy0 + yy, wx0 + xx)
-            roi[yy, xx] = inside
-            prefix[yy, xx + 1] = prefix[yy, xx] + (1 if inside else 0)
-    return wy0, wx0, roi, prefix
+            out[yy, xx] = False
+    for k in range(dys.shape[0]):
+        dy, half = dys[k], widths[k]
+        for yy in range(max(0, dy), min(h, h + dy)):
+            src = dist[yy - dy]
+            dst = out[yy]
+            for xx in range(w):
+                dst[xx] = dst[xx] or src[xx] <= half
 
 
 @numba.njit(nogil=True, cache=True)
-def _is_bad(v, pad, has_pad):  # pragma: no cover - compiled
-    return (not np.isfinite(v)) or (has_pad and v == pad)
-
-
-@numba.njit(nogil=True, cache=True)
-def _in_part(roi, prefix, mode, grow_rows, keep_rows, yy, xx):  # pragma: no cover - compiled
-    if mode == 1:
-        return _dilated(roi, prefix, grow_rows, yy, xx)
-    return _dilated(roi, prefix, grow_rows, yy, xx) and not _dilated(roi, prefix, keep_rows, yy, xx)
+def _buffers(y0, y1, x0, x1, reach):  # pragma: no cover - compiled
+    hmax, wmax = 1, 1
+    for j in range(y0.shape[0]):
+        hmax = max(hmax, y1[j] - y0[j] + 2 * reach)
+        wmax = max(wmax, x1[j] - x0[j] + 2 * reach)
+    return (np.zeros((hmax, wmax), np.bool_), np.zeros((hmax, wmax), np.bool_),
+            np.zeros((hmax, wmax), np.bool_), np.zeros((hmax, wmax), np.int64))
 
 
 @numba.njit(nogil=True, cache=True)
 def _exact_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w,
-                   padding, border, mode, grow_rows, keep_rows, shift):  # pragma: no cover - compiled
+                   padding, border, mode, grow_dy, grow_w, keep_dy, keep_w, shift):  # pragma: no cover
     m = image.shape[0]
     out_n = np.zeros(m, np.int64)
     out_s1 = np.zeros(m, np.int64)
@@ -217,33 +270,35 @@ def _exact_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
     part_n = np.zeros(m, np.int64)
     part_s1 = np.zeros(m, np.int64)
     part_s2 = np.zeros(m, np.int64)
-    reach = grow_rows.shape[0] // 2 if mode != 0 else 0
+    reach = grow_dy.shape[0] // 2 if mode != 0 else 0
+    roi, part, hole, dist = _buffers(y0, y1, x0, x1, reach)
     for j in range(m):
         i = image[j]
         vh, vw = valid_h[i], valid_w[i]
         pad = padding[i]
         has_pad = np.isfinite(pad)
         c = shift[i]
-        wy0, wx0, roi, prefix = _cell_window(images, labels, has_labels, i, kind[j], cx[j], cy[j], r[j],
-                                             y0[j], y1[j], x0[j], x1[j], vh, vw, reach)
-        h, w = roi.shape
+        wy0, wx0, h, w = _cell_masks(labels, has_labels, i, kind[j], cx[j], cy[j], r[j], y0[j], y1[j], x0[j],
+                                     x1[j], vh, vw, reach, border, mode, grow_dy, grow_w, keep_dy, keep_w,
+                                     roi, part, hole, dist)
         for yy in range(h):
-            y = wy0 + yy
-            interior_row = border <= y < vh - border
             for xx in range(w):
-                x = wx0 + xx
-                v = np.int64(images[i, y, x])
+                in_roi = roi[yy, xx]
+                in_part = mode != 0 and part[yy, xx]
+                if not (in_roi or in_part):
+                    continue
+                v = np.int64(images[i, wy0 + yy, wx0 + xx])
                 bad = has_pad and v == pad
-                if roi[yy, xx]:
+                if in_roi:
                     inside_n[j] += 1
-                    if not bad:
-                        d = v - c
-                        out_n[j] += 1
-                        out_s1[j] += d
-                        out_s2[j] += d * d
-                if (mode != 0 and interior_row and border <= x < vw - border and not bad
-                        and _in_part(roi, prefix, mode, grow_rows, keep_rows, yy, xx)):
-                    d = v - c
+                if bad:
+                    continue
+                d = v - c
+                if in_roi:
+                    out_n[j] += 1
+                    out_s1[j] += d
+                    out_s2[j] += d * d
+                if in_part:
                     part_n[j] += 1
                     part_s1[j] += d
                     part_s2[j] += d * d
@@ -251,8 +306,13 @@ def _exact_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
 
 
 @numba.njit(nogil=True, cache=True)
+def _is_bad(v, pad, has_pad):  # pragma: no cover - compiled
+    return (not np.isfinite(v)) or (has_pad and v == pad)
+
+
+@numba.njit(nogil=True, cache=True)
 def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w,
-                   padding, border, mode, grow_rows, keep_rows, shift):  # pragma: no cover - compiled
+                   padding, border, mode, grow_dy, grow_w, keep_dy, keep_w, shift):  # pragma: no cover
     m = image.shape[0]
     out_n = np.zeros(m, np.int64)
     out_s1 = np.zeros(m, np.float64)
@@ -263,56 +323,54 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
     part_n = np.zeros(m, np.int64)
     part_s1 = np.zeros(m, np.float64)
     part_s2 = np.zeros(m, np.float64)
-    reach = grow_rows.shape[0] // 2 if mode != 0 else 0
+    reach = grow_dy.shape[0] // 2 if mode != 0 else 0
+    roi, part, hole, dist = _buffers(y0, y1, x0, x1, reach)
     for j in range(m):
         i = image[j]
         vh, vw = valid_h[i], valid_w[i]
         pad = padding[i]
         has_pad = np.isfinite(pad)
         c = shift[i]
-        wy0, wx0, roi, prefix = _cell_window(images, labels, has_labels, i, kind[j], cx[j], cy[j], r[j],
-                                             y0[j], y1[j], x0[j], x1[j], vh, vw, reach)
-        h, w = roi.shape
-        # Pass 1: ROI count, sum and window part; pass 2 (ROI only): sums about the ROI's own mean.
-        s1 = 0.0
+        wy0, wx0, h, w = _cell_masks(labels, has_labels, i, kind[j], cx[j], cy[j], r[j], y0[j], y1[j], x0[j],
+                                     x1[j], vh, vw, reach, border, mode, grow_dy, grow_w, keep_dy, keep_w,
+                                     roi, part, hole, dist)
+        # Pass 1: counts and sums about c. Pass 2: the ROI (and a ring, which is a whole background) about
+        # its own mean; a complement part stays about c, since it is subtracted from the image totals.
+        roi_s1 = 0.0
         for yy in range(h):
-            y = wy0 + yy
-            interior_row = border <= y < vh - border
             for xx in range(w):
-                x = wx0 + xx
-                v = np.float64(images[i, y, x])
-                bad = _is_bad(v, pad, has_pad)
-                if roi[yy, xx]:
+                in_roi = roi[yy, xx]
+                in_part = mode != 0 and part[yy, xx]
+                if not (in_roi or in_part):
+                    continue
+                v = np.float64(images[i, wy0 + yy, wx0 + xx])
+                if in_roi:
                     inside_n[j] += 1
-                    if not bad:
-                        out_n[j] += 1
-                        s1 += v - c
-                if (mode != 0 and interior_row and border <= x < vw - border and not bad
-                        and _in_part(roi, prefix, mode, grow_rows, keep_rows, yy, xx)):
-                    d = v - c
+                if _is_bad(v, pad, has_pad):
+                    continue
+                d = v - c
+                if in_roi:
+                    out_n[j] += 1
+                    roi_s1 += d
+                if in_part:
                     part_n[j] += 1
                     part_s1[j] += d
                     part_s2[j] += d * d
-        mean = s1 / out_n[j] if out_n[j] > 0 else 0.0
+        mean = roi_s1 / out_n[j] if out_n[j] > 0 else 0.0
         centre[j] = mean
-        # A ring is the whole background: sum it about its own mean too. A complement part stays about c,
-        # since it is subtracted from the image totals.
-        ring_mean = part_s1[j] / part_n[j] if mode == 2 and part_n[j] > 0 else 0.0
+        ring_mean = 0.0
         if mode == 2:
+            ring_mean = part_s1[j] / part_n[j] if part_n[j] > 0 else 0.0
             part_centre[j] = ring_mean
             part_s1[j] = 0.0
             part_s2[j] = 0.0
         for yy in range(h):
-            y = wy0 + yy
-            interior_row = border <= y < vh - border
             for xx in range(w):
-                x = wx0 + xx
                 in_roi = roi[yy, xx]
-                in_ring = (mode == 2 and interior_row and border <= x < vw - border
-                           and _in_part(roi, prefix, mode, grow_rows, keep_rows, yy, xx))
+                in_ring = mode == 2 and part[yy, xx]
                 if not (in_roi or in_ring):
                     continue
-                v = np.float64(images[i, y, x])
+                v = np.float64(images[i, wy0 + yy, wx0 + xx])
                 if _is_bad(v, pad, has_pad):
                     continue
                 if in_roi:
@@ -324,3 +382,74 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                     part_s1[j] += d
                     part_s2[j] += d * d
     return out_n, out_s1, out_s2, inside_n, part_n, part_s1, part_s2, centre, part_centre
+
+
+# Label values up to this bound get a direct (image, label) table in `label_boxes`; larger ones take the
+# portable sort-based path.
+_MAX_DIRECT_LABEL = 1 << 16
+
+
+def label_boxes(labels, roi_ids, valid_h, valid_w, *, exclude=None):
+    """Same contract as `gpucnr.kernels.masks.label_boxes`, for NumPy arrays: one compiled pass over the
+    labels into an (image, label value) table of boxes. Returns None when the labels are negative or too
+    large for a direct table, and the caller takes the portable path."""
+    labels = np.ascontiguousarray(labels)
+    if labels.dtype == np.bool_:
+        labels = labels.view(np.uint8)
+    if labels.size == 0:
+        return None
+    top = int(labels.max())
+    if top >= _MAX_DIRECT_LABEL:
+        return None
+    boxes, negative = _label_table(labels, np.ascontiguousarray(valid_h, np.int64),
+                                   np.ascontiguousarray(valid_w, np.int64), max(top, 0) + 1)
+    if negative:
+        return None
+    present = boxes[:, :, 1] > boxes[:, :, 0]
+    if roi_ids is None:
+        roi_ids = np.flatnonzero(present.any(axis=0)).astype(np.int64)
+        roi_ids = roi_ids[(roi_ids != 0) & (roi_ids != (exclude if exclude is not None else 0))]
+    roi_ids = np.asarray(roi_ids, np.int64)
+    n = labels.shape[0]
+    inside = (roi_ids > 0) & (roi_ids <= top)
+    table = np.zeros((n, roi_ids.size, 4), np.int64)
+    table[:, inside] = boxes[:, roi_ids[inside]]
+    y0, y1, x0, x1 = (np.ascontiguousarray(table[:, :, k]).reshape(-1) for k in range(4))
+    return roi_ids, y0, y1, x0, x1
+
+
+@numba.njit(nogil=True, cache=True)
+def _label_table(labels, valid_h, valid_w, n_values):  # pragma: no cover - compiled
+    """Boxes [y0, y1) x [x0, x1) per (image, label value) over each image's valid region; y0 = y1 = 0
+    where the value is absent."""
+    n = labels.shape[0]
+    out = np.zeros((n, n_values, 4), np.int64)
+    negative = False
+    for i in range(n):
+        for v in range(n_values):
+            out[i, v, 0] = 1 << 40
+            out[i, v, 2] = 1 << 40
+        for y in range(valid_h[i]):
+            row = labels[i, y]
+            # NB: most rows hold no label; an OR-reduction (which vectorises) skips them.
+            any_label = False
+            for x in range(valid_w[i]):
+                any_label |= row[x] != 0
+            if not any_label:
+                continue
+            for x in range(valid_w[i]):
+                v = np.int64(row[x])
+                if v > 0:
+                    if y < out[i, v, 0]:
+                        out[i, v, 0] = y
+                    out[i, v, 1] = y + 1
+                    if x < out[i, v, 2]:
+                        out[i, v, 2] = x
+                    if x + 1 > out[i, v, 3]:
+                        out[i, v, 3] = x + 1
+                elif v < 0:
+                    negative = True
+        for v in range(n_values):
+            if out[i, v, 1] == 0:
+                out[i, v, 0] = out[i, v, 1] = out[i, v, 2] = out[i, v, 3] = 0
+    return out, negative

@@ -121,7 +121,7 @@ def measure_batch(
     exact = is_exact_integer(xp, images.dtype)
     shift = image_shift(xp, images, valid_h, valid_w, padding)
 
-    cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params)
+    cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast)
     n_ids = int(roi_ids.shape[0])
     n_cells = n * n_ids
 
@@ -226,13 +226,20 @@ def measure_batch(
     return out
 
 
-def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params):
+def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast=True):
     """The present cells, the dense (n * L,) map from grid position to cell index (-1: absent), the ids."""
     n = images.shape[0]
     dev = array_api_compat.device(images)
     if labels is not None:
         exclude = params.background_label if params.background == "label" else None
-        roi_ids, y0, y1, x0, x1 = label_boxes(xp, labels, roi_ids, valid_h, valid_w, exclude=exclude)
+        boxes = None
+        if fast and array_api_compat.is_numpy_namespace(xp):
+            from gpucnr.kernels import _numpy_fast
+
+            boxes = _numpy_fast.label_boxes(labels, roi_ids, valid_h, valid_w, exclude=exclude)
+        if boxes is None:
+            boxes = label_boxes(xp, labels, roi_ids, valid_h, valid_w, exclude=exclude)
+        roi_ids, y0, y1, x0, x1 = boxes
         n_ids = int(roi_ids.shape[0])
         present = y1 > y0
         idx = xp.nonzero(present)[0]
