@@ -433,3 +433,13 @@ def test_median_of_valid_rois_only():
     ds2 = gpucnr.measure(img, np.where(labels == 3, 0, labels), background="complement-all", backend="numpy")
     assert ds2.n_valid.values[0] == 2
     np.testing.assert_allclose(ds2.cnr_median.values[0], ds2.cnr.values[0, :2].mean(), rtol=1e-15)
+
+
+def test_negative_labels_are_a_coded_error():
+    images = np.ones((3, 20, 20))
+    labels = np.zeros((3, 20, 20), np.int32)
+    labels[2, 3:5, 3:5] = -2
+    with pytest.raises(gpucnr.InputError, match="negative") as err:
+        gpucnr.measure(images, labels, backend="numpy")
+    assert err.value.code == "bad-input"
+    assert "0..2" in str(err.value)

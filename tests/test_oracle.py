@@ -450,3 +450,27 @@ def test_article_matlab_port(dtype):
     for i, (cx, cy) in enumerate(centres):
         mask = create_mask(images[i].shape, select_roi(images[i], cx, cy, 8))
         np.testing.assert_allclose(ds.cnr.values[i, 0], calculate_cnr_matlab(images[i], mask), rtol=1e-9)
+
+
+@pytest.mark.parametrize("ids", [(1, 2, 3), (70_000, 1_000_003, 5), (255, 7, 128)], ids=["small", "large", "uint8"])
+def test_label_values_of_every_range(ids):
+    """Label ids of every range: the NumPy path tables small ids directly and sorts ids >= 2**16 (portable
+    path); both must find the same boxes, ids and moments as the reference."""
+    rng = np.random.default_rng(sum(ids))
+    dtype = np.uint8 if max(ids) < 256 else np.int64
+    images = random_images(rng, np.uint16, 3, 40, 44)
+    labels = np.zeros(images.shape, dtype)
+    for i in range(3):
+        for k, rid in enumerate(ids):
+            if i == 1 and k == 2:
+                continue  # absent from image 1
+            y, x = 4 + 11 * k, 5 + 3 * i + 9 * k
+            labels[i, y : y + 6, x : x + 7] = rid
+    expected = measure_reference(images, rois=labels)
+    ds = gpucnr.measure(images, labels, backend="numpy")
+    got = ([int(v) for v in ds.roi.values], {k: ds[k].values for k in (*COUNTS, *FLOATS)})
+    assert_matches(got, expected, f"labels {ids}", data_scale(images))
+    case = {"images": images, "labels": labels, "table": None, "lesions": None, "padding": None,
+            "options": dict(background="complement", footprint="cross", dilation=5, border=5, ddof=1, min_bg=30,
+                            definition="pooled", signed=False)}
+    assert_matches(run_portable(case), expected, f"portable labels {ids}", data_scale(images))
