@@ -54,26 +54,29 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
     missing = [c for c in _COLUMNS if c not in df.columns]
     if missing:
         raise RoiTableError(f"ROI table lacks column(s) {missing}; it needs {list(_COLUMNS)} [+ name]")
-    out = pd.DataFrame({c: _integer_column(df, c) for c in ("image", "roi", "cx", "cy", "r")})
-    kind = df["kind"].astype(str).str.strip().str.lower()
-    bad = ~kind.isin(list(KINDS))
-    if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise RoiTableError(f"ROI table row {row}: kind {df['kind'].iloc[row]!r} is not one of {list(KINDS)}")
-    out["kind"] = kind.to_numpy()
-    out["kind_code"] = kind.map(KINDS).to_numpy(np.int64)
-    name = df["name"] if "name" in df.columns else pd.Series([""] * len(df))
-    out["name"] = name.fillna("").astype(str).to_numpy()
-    _check_range(out, "image", 0, n_images - 1, f"an image index in [0, {n_images})")
-    _check_range(out, "roi", 1, None, "an ROI id >= 1 (0 means 'no ROI')")
-    _check_range(out, "r", 0, None, "a radius >= 0")
-    dup = out.duplicated(["image", "roi"])
-    if dup.any():
-        row = int(np.flatnonzero(dup.to_numpy())[0])
+    cols = {c: _integer_column(df, c) for c in ("image", "roi", "cx", "cy", "r")}
+    # NB: validated on plain NumPy columns, then one DataFrame: pandas' per-operation overhead showed up
+    # in measure() on small stacks.
+    raw_kind = df["kind"].to_numpy()
+    kind = np.char.lower(np.char.strip(raw_kind.astype(str))) if len(raw_kind) else raw_kind.astype(str)
+    code = np.full(kind.shape, -1, np.int64)
+    for name, value in KINDS.items():
+        code[kind == name] = value
+    if (code < 0).any():
+        row = int(np.flatnonzero(code < 0)[0])
+        raise RoiTableError(f"ROI table row {row}: kind {raw_kind[row]!r} is not one of {list(KINDS)}")
+    name = df["name"].fillna("").astype(str).to_numpy() if "name" in df.columns else np.full(len(df), "")
+    _check_range(cols, "image", 0, n_images - 1, f"an image index in [0, {n_images})")
+    _check_range(cols, "roi", 1, None, "an ROI id >= 1 (0 means 'no ROI')")
+    _check_range(cols, "r", 0, None, "a radius >= 0")
+    pairs = np.stack([cols["image"], cols["roi"]], axis=1)
+    _, first = np.unique(pairs, axis=0, return_index=True)
+    if first.size < len(pairs):
+        row = int(np.setdiff1d(np.arange(len(pairs)), first)[0])
         raise RoiTableError(
-            f"ROI table row {row}: image {out['image'].iloc[row]} already has an ROI with id {out['roi'].iloc[row]}"
+            f"ROI table row {row}: image {cols['image'][row]} already has an ROI with id {cols['roi'][row]}"
         )
-    return out
+    return pd.DataFrame({**cols, "kind": kind, "kind_code": code, "name": name})
 
 
 def _integer_column(df: pd.DataFrame, col: str) -> np.ndarray:
@@ -101,8 +104,8 @@ def _is_integral(v) -> bool:
         return False
 
 
-def _check_range(df, col, lo, hi, what):
-    v = df[col].to_numpy()
+def _check_range(cols, col, lo, hi, what):
+    v = cols[col]
     bad = (v < lo) | ((v > hi) if hi is not None else False)
     if np.any(bad):
         row = int(np.flatnonzero(bad)[0])

@@ -195,15 +195,27 @@ def _cell_masks(labels, has_labels, i, kind, cx, cy, r, y0, y1, x0, x1, vh, vw, 
     if y1 <= y0 or x1 <= x0:
         return wy0, wx0, 0, 0
     h, w = wy1 - wy0, wx1 - wx0
+    if kind == 0:
+        # NB: a square ROI is its (clipped) box, and its dilation is one run per row (masks.dilate_boxes).
+        for yy in range(h):
+            y = wy0 + yy
+            row_in = border <= y < vh - border
+            grow = _box_reach(y, y0, y1, grow_dy, grow_w)
+            keep = _box_reach(y, y0, y1, keep_dy, keep_w) if mode == 2 else -1
+            for xx in range(w):
+                x = wx0 + xx
+                roi[yy, xx] = y0 <= y < y1 and x0 <= x < x1
+                if mode != 0:
+                    hit = row_in and border <= x < vw - border and grow >= 0 and x0 - grow <= x < x1 + grow
+                    part[yy, xx] = hit and not (keep >= 0 and x0 - keep <= x < x1 + keep)
+        return wy0, wx0, h, w
     far = 1 << 30
     for yy in range(h):
         y = wy0 + yy
         last = -far
         for xx in range(w):
             x = wx0 + xx
-            if kind == 0:
-                inside = cx - r <= x < cx + r and cy - r <= y < cy + r
-            elif kind == 1:
+            if kind == 1:
                 inside = (x - cx) * (x - cx) + (y - cy) * (y - cy) <= r * r
             else:
                 inside = has_labels and np.int64(labels[i, y, x]) == r
@@ -231,6 +243,16 @@ def _cell_masks(labels, has_labels, i, kind, cx, cy, r, y0, y1, x0, x1, vh, vw, 
             keep = row_in and border <= x < vw - border and part[yy, xx]
             part[yy, xx] = keep and not (mode == 2 and hole[yy, xx])
     return wy0, wx0, h, w
+
+
+@numba.njit(nogil=True, cache=True)
+def _box_reach(y, y0, y1, dys, widths):  # pragma: no cover - compiled
+    """Half-width of the dilated box [y0, y1) on row y: the widest footprint row dy with y - dy in the box."""
+    reach = -1
+    for k in range(dys.shape[0]):
+        if y0 <= y - dys[k] < y1 and widths[k] > reach:
+            reach = widths[k]
+    return reach
 
 
 @numba.njit(nogil=True, cache=True)
