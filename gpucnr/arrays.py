@@ -272,7 +272,7 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
     lesions = _alongside(lesions, images, xp, where)
     for name, lab in (("ROI labels", labels), ("labels", lesions)):
         # NB: unsigned labels cannot be negative; signed ones cost one comparison pass to check.
-        if lab is not None and xp.isdtype(lab.dtype, "signed integer") and bool(xp.any(lab < 0)):
+        if lab is not None and xp.isdtype(lab.dtype, "signed integer") and lab.size and int(xp.min(lab)) < 0:
             raise InputError(f"{name} of images {start}..{stop - 1} hold negative values; labels are >= 0 "
                              "(0 = no ROI)")
     batch_table = None

@@ -158,21 +158,18 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
     has_labels = labels is not None
     labels = np.ascontiguousarray(labels) if has_labels else np.zeros((1, 1, 1), np.int64)
     exact = is_exact_integer(np, images.dtype)
-    args = (
-        images, labels, has_labels,
-        *(np.ascontiguousarray(getattr(cells, k), np.int64) for k in ("image", "kind", "cx", "cy", "r",
-                                                                     "y0", "y1", "x0", "x1")),
-        np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
-        np.ascontiguousarray(padding, np.float64), int(params.border), mode,
-        *_row_arrays(grow), *_row_arrays(keep_out),
-    )
-    if exact:
-        out = _exact_windows(*args, np.ascontiguousarray(shift, np.int64))
-        roi_shift = part_shift = np.ascontiguousarray(shift, np.int64)[cells.image]
-    else:
-        out = _float_windows(*args, np.ascontiguousarray(shift, np.float64))
-        base = np.ascontiguousarray(shift, np.float64)[cells.image]
-        roi_shift, part_shift = base + out[7], base + out[8]
+    geometry = [np.ascontiguousarray(getattr(cells, k), np.int64) for k in ("image", "kind", "cx", "cy", "r",
+                                                                          "y0", "y1", "x0", "x1")]
+    rest = (np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
+            np.ascontiguousarray(padding, np.float64), int(params.border), mode, *_row_arrays(grow),
+            *_row_arrays(keep_out), np.ascontiguousarray(shift, np.int64 if exact else np.float64))
+    kernel = _exact_windows if exact else _float_windows
+    # NB: cells are independent, so they are split over threads like the image pass.
+    parts = _split(geometry[0].shape[0], lambda a, b: kernel(images, labels, has_labels,
+                                                             *(g[a:b] for g in geometry), *rest))
+    out = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
+    base = rest[-1][cells.image]
+    roi_shift, part_shift = (base, base) if exact else (base + out[7], base + out[8])
     return Sums(out[0], out[1], out[2]), roi_shift, out[3], Sums(out[4], out[5], out[6]), part_shift
 
 
