@@ -14,56 +14,19 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.ndimage import binary_dilation
 
 import gpucnr
 from gpucnr.phantom import make_phantom
 
-
-# --- the article's Python, verbatim but for the fixed (rows, cols) order of np.where ---------------------
-def select_roi(image, center_x, center_y, radius=10):
-    x_min = max(0, center_x - radius)
-    x_max = min(image.shape[1], center_x + radius)
-    y_min = max(0, center_y - radius)
-    y_max = min(image.shape[0], center_y + radius)
-    xx, yy = np.meshgrid(np.arange(x_min, x_max), np.arange(y_min, y_max))
-    return xx.flatten(), yy.flatten()
-
-
-def create_mask(shape, coords):
-    mask = np.zeros(shape, bool)
-    mask[coords[1], coords[0]] = True
-    return mask
-
-
-def get_background(image, roi_mask, border_width=5):
-    expanded_roi = binary_dilation(roi_mask, iterations=border_width)
-    background_mask = ~expanded_roi
-    background_mask[:5] = background_mask[-5:] = False
-    background_mask[:, :5] = background_mask[:, -5:] = False
-    return np.where(background_mask)
-
-
-def calculate_cnr(image, roi_coords, bg_coords):
-    roi_values = image[roi_coords[1], roi_coords[0]].astype(float)
-    bg_values = image[bg_coords[0], bg_coords[1]].astype(float)  # fixed: np.where returns (rows, cols)
-    mu_roi, mu_bg = np.mean(roi_values), np.mean(bg_values)
-    var_roi, var_bg = np.var(roi_values, ddof=1), np.var(bg_values, ddof=1)
-    return abs(mu_roi - mu_bg) / np.sqrt(var_roi + var_bg)
-
-
-def article_multi_roi(image, centers, radius):
-    """The article's multi_roi_cnr loop (square ROIs around each centre)."""
-    cnrs = []
-    for cx, cy in centers:
-        roi_coords = select_roi(image, cx, cy, radius)
-        bg_coords = get_background(image, create_mask(image.shape, roi_coords))
-        cnrs.append(calculate_cnr(image, roi_coords, bg_coords))
-    return np.median(cnrs)
+# NB: the article's code lives once, in tests/article.py, for the oracle tests and this baseline alike.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from article import calculate_cnr, get_background, multi_roi_cnr
 
 
 def article_labels(image, labels):
@@ -118,8 +81,8 @@ def main(argv=None):
         return t
 
     cases = [
-        ("square r=5", table(5), lambda: [article_multi_roi(images[i], centres[i], 5) for i in range(n_ref)]),
-        ("square r=20", table(20), lambda: [article_multi_roi(images[i], centres[i], 20) for i in range(n_ref)]),
+        ("square r=5", table(5), lambda: [multi_roi_cnr(images[i], centres[i], 5) for i in range(n_ref)]),
+        ("square r=20", table(20), lambda: [multi_roi_cnr(images[i], centres[i], 20) for i in range(n_ref)]),
         ("label masks", labels, lambda: [article_labels(images[i], labels[i]) for i in range(n_ref)]),
     ]
     one_roi, five = table(5, per_image=1), five_rois()

@@ -10,23 +10,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from article import select_roi
 from scipy import ndimage
 
 from gpucnr.kernels.footprints import footprint_offsets
 
 
-def select_roi(shape, cx, cy, radius):
-    """The article's select_roi: x in [cx - r, cx + r), y in [cy - r, cy + r), clipped; returns (xs, ys)."""
-    x_min, x_max = max(0, cx - radius), min(shape[1], cx + radius)
-    y_min, y_max = max(0, cy - radius), min(shape[0], cy + radius)
-    xx, yy = np.meshgrid(np.arange(x_min, x_max), np.arange(y_min, y_max))
-    return xx.flatten(), yy.flatten()
-
-
 def roi_mask(shape, kind, cx, cy, r):
     mask = np.zeros(shape, bool)
     if kind == "square":
-        xs, ys = select_roi(shape, cx, cy, r)
+        xs, ys = select_roi(np.empty(shape, bool), cx, cy, r)
         # NB: [rows, cols] = [y, x]; the article indexed image[c[1], c[0]] with np.where's (rows, cols)
         mask[ys, xs] = True
     else:

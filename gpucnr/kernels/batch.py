@@ -296,7 +296,6 @@ def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, pad
     dev = array_api_compat.device(images)
     m = cells.image.shape[0]
     roi_shift = xp.take(shift, cells.image) if exact else xp.take(xp.astype(shift, xp.float64), cells.image)
-    roi_shift_base = roi_shift
     if m == 0:
         zero = _zeros_sums(xp, 0, exact, dev)
         return zero, roi_shift, xp.zeros((0,), dtype=xp.int64, device=dev), zero, roi_shift
@@ -305,13 +304,12 @@ def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, pad
         c = xp.take(shift, xp.take(cells.image, wm.idx))[:, None, None]
         d = shifted(xp, wm.window.values, c)
         s = masked_sums(xp, d, wm.pixels)
-        sub_shift = xp.take(roi_shift, wm.idx)
+        sub_shift = part_shift = xp.take(roi_shift, wm.idx)
         if not exact:
             # NB: two-pass ROI moments for float data: re-centre on the ROI's own mean, then sum again.
             s, centre = two_pass(xp, d, wm.pixels, s)
             sub_shift = sub_shift + centre
         inside = xp.sum(xp.astype(wm.roi, xp.int64), axis=(1, 2))
-        part_shift = xp.take(roi_shift_base, wm.idx)
         if wm.part is None:
             part = _zeros_sums(xp, wm.idx.shape[0], exact, dev)
         else:

@@ -72,6 +72,12 @@ class Params:
                 raise ValueError(f"gcnr_bins must be 'auto' or an integer >= 1, got {self.gcnr_bins!r}")
         if not isinstance(self.signed, bool):
             raise TypeError(f"signed must be True or False, got {self.signed!r}")
+        # NB: NumPy integers become plain ints, so the parameters serialise as JSON attributes anywhere.
+        for name in ("dilation", "border", "ring_gap", "ring_width", "min_bg", "ddof", "background_label",
+                     "gcnr_bins"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                object.__setattr__(self, name, int(value))
 
     @property
     def reach(self) -> int:
