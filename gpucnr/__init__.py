@@ -8,7 +8,10 @@ from gpucnr.arrays import measure
 from gpucnr.backend import BackendUnavailableError
 from gpucnr.errors import GpucnrError, InputError, RoiTableError, ShapeMismatchError
 from gpucnr.kernels import BACKGROUNDS, DEFINITIONS, FOOTPRINTS, STATUS, Params
+from gpucnr.pipeline import run
+from gpucnr.results import ResultsError, open_results
 from gpucnr.roitable import sample_rois
+from gpucnr.store import StackError, open_stack, write_stack
 
 __all__ = [
     "BACKGROUNDS",
@@ -19,9 +22,15 @@ __all__ = [
     "GpucnrError",
     "InputError",
     "Params",
+    "ResultsError",
     "RoiTableError",
     "ShapeMismatchError",
+    "StackError",
     "__version__",
     "measure",
+    "open_results",
+    "open_stack",
+    "run",
     "sample_rois",
+    "write_stack",
 ]

@@ -35,11 +35,11 @@ def cupy_available() -> bool:
     """True when CuPy imports *and* sees a CUDA device (an importable CuPy without a GPU is not enough)."""
     try:
         cupy = importlib.import_module("cupy")
-    except Exception:
+    except Exception:  # noqa: BLE001 - a broken CUDA install raises anything at import; it means no GPU
         return False
     try:
         return bool(cupy.cuda.is_available())
-    except Exception:
+    except Exception:  # noqa: BLE001 - driver errors mean no usable device
         return False
 
 

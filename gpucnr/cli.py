@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from gpucnr._version import __version__
+from gpucnr.errors import GpucnrError
+from gpucnr.kernels.cnr import DEFINITIONS
+from gpucnr.kernels.footprints import FOOTPRINTS
+from gpucnr.kernels.params import BACKGROUNDS
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 def _positive_int(text: str) -> int:
@@ -17,26 +23,95 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _bins(text: str):
+    return text if text == "auto" else _positive_int(text)
+
+
+def _measurement_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("measurement (as gpucnr.measure; defaults = the article's Python method)")
+    g.add_argument("--background", choices=BACKGROUNDS, default="complement")
+    g.add_argument("--footprint", choices=FOOTPRINTS, default="cross")
+    g.add_argument("--dilation", type=_nonneg_int, default=5)
+    g.add_argument("--border", type=_nonneg_int, default=5)
+    g.add_argument("--ring-gap", type=_nonneg_int, default=5)
+    g.add_argument("--ring-width", type=_positive_int, default=10)
+    g.add_argument("--background-label", type=int, default=None)
+    g.add_argument("--min-bg", type=_nonneg_int, default=30)
+    g.add_argument("--ddof", type=_nonneg_int, default=1)
+    g.add_argument("--definition", choices=DEFINITIONS, default="pooled")
+    g.add_argument("--gcnr-bins", type=_bins, default="auto")
+    g.add_argument("--signed", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpucnr", description="Contrast-to-noise ratio of every image of a dataset.")
     parser.add_argument("--version", action="version", version=f"gpucnr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="measure a phantom dataset with known CNR and print a summary table")
+
+    demo = sub.add_parser("demo", help="phantom dataset with known CNR -> stack -> run -> summary table")
+    demo.add_argument("--out", type=Path, default=None,
+                      help="leave DIR/stack.zarr and DIR/results.zarr (default: measure in memory)")
     demo.add_argument("-n", type=_positive_int, default=2000, help="number of phantom images (default 2000)")
     demo.add_argument("--size", type=_positive_int, default=128, help="image side in pixels (default 128)")
     demo.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     demo.add_argument("--threshold", type=float, default=1.5, help="CNR below which an image is dropped")
     demo.add_argument("--seed", type=int, default=0)
+
+    run = sub.add_parser("run", help="measure every image of a stack into resumable results")
+    run.add_argument("stack", type=Path, help="STACK.zarr (gpucnr.write_stack / gpucnr ingest)")
+    run.add_argument("results", type=Path, help="RESULTS.zarr to create (or continue with --resume)")
+    run.add_argument("--rois", type=Path, default=None,
+                     help="CSV with columns image (global index), roi, kind, cx, cy, r [, name]")
+    run.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    run.add_argument("--scheduler", default="threads",
+                     help="threads (default) | processes | synchronous | ADDRESS of a Dask distributed scheduler")
+    run.add_argument("--workers", type=_positive_int, default=None, help="local pool size (default: CPUs)")
+    run.add_argument("--batch", type=_positive_int, default=None,
+                     help="images per batch (default: the stack's shard; rounded to a multiple of it)")
+    run.add_argument("--resume", action="store_true", help="skip committed batches of existing results")
+    run.add_argument("--progress", action="store_true", help="progress bar on stderr")
+    _measurement_options(run)
+
+    info = sub.add_parser("info", help="contents, completeness and parameters of a stack or results")
+    info.add_argument("path", type=Path)
+    info.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from gpucnr.demo import run_demo
+    try:
+        if args.command == "demo":
+            from gpucnr.demo import run_demo
 
-        _, text = run_demo(args.n, args.size, backend=args.backend, seed=args.seed, threshold=args.threshold)
-        print(text)
+            _, text = run_demo(args.n, args.size, out=args.out, backend=args.backend, seed=args.seed,
+                               threshold=args.threshold)
+            print(text)
+        elif args.command == "run":
+            from gpucnr.demo import summary_table
+            from gpucnr.pipeline import run
+
+            options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
+                                                     "ring_width", "background_label", "min_bg", "ddof",
+                                                     "definition", "gcnr_bins", "signed")}
+            ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
+                     workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress, **options)
+            print(summary_table(ds.load()))
+        elif args.command == "info":
+            from gpucnr.info import describe
+
+            report = describe(args.path)
+            print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
+    except GpucnrError as e:
+        print(f"gpucnr: error {e}", file=sys.stderr)
+        return 2
     return 0
 
 

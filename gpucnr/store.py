@@ -1,0 +1,354 @@
+"""The image stack on Zarr v3: layout, writing, schema and integrity checks (DESIGN §5)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from gpucnr._version import __version__
+from gpucnr.backend import to_host
+from gpucnr.errors import GpucnrError, InputError
+from gpucnr.roitable import normalize_table
+
+__all__ = ["COMPRESSORS", "Bucket", "Stack", "StackError", "open_stack", "write_stack"]
+
+STACK_FORMAT = 1
+#: Compressors a stack may use (docs/performance.md has the measurement behind the default).
+COMPRESSORS = ("blosc-zstd", "zstd")
+_CANVAS = 64
+_WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
+_IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
+                  "photometric", "source_index")
+
+
+class StackError(GpucnrError):
+    """A stack that cannot be read as data: missing, corrupt or inconsistent. The message names the array
+    and the chunk."""
+
+    code = "stack"
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass
+class Bucket:
+    """Images of one (canvas, dtype): ``images`` (n, H, W), optional ``labels`` of the same shape."""
+
+    name: str
+    offset: int
+    images: Any
+    labels: Any
+
+    @property
+    def size(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class Stack:
+    """An opened stack (see `open_stack`)."""
+
+    path: Path
+    group: Any
+    buckets: list[Bucket]
+    images: pd.DataFrame
+    rois: pd.DataFrame | None
+    roi_ids: np.ndarray
+    shard: int
+    compressor: str
+
+    @property
+    def n_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def has_labels(self) -> bool:
+        return any(b.labels is not None for b in self.buckets)
+
+    def fingerprint(self) -> str:
+        """Hash of the stack's metadata, tables and manifest — never of its pixels (DESIGN §6)."""
+        return fingerprint(self.path)
+
+    def read(self, bucket: Bucket, start: int, stop: int, *, labels: bool = True):
+        """Images [start, stop) of `bucket` (and their labels), with coded errors for bad chunks."""
+        images = _read(bucket.images, start, stop, f"buckets/{bucket.name}/images")
+        lab = None
+        if labels and bucket.labels is not None:
+            lab = _read(bucket.labels, start, stop, f"buckets/{bucket.name}/labels")
+        return images, lab
+
+
+def _read(array, start, stop, name):
+    try:
+        return np.asarray(array[start:stop])
+    except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
+        raise StackError("corrupt-chunk", f"{name}: chunk(s) of images {start}..{stop - 1} cannot be decoded "
+                         f"({type(e).__name__}); the stack is damaged there") from None
+
+
+def _canvas(shape) -> tuple[int, int]:
+    return tuple(int(math.ceil(s / _CANVAS) * _CANVAS) for s in shape)
+
+
+def _compressors(name: str, itemsize: int):
+    if name == "blosc-zstd":
+        comp = BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle", typesize=itemsize)
+    elif name == "zstd":
+        comp = ZstdCodec(level=3)
+    else:
+        raise InputError(f"compressor must be one of {COMPRESSORS}, got {name!r}")
+    # NB: crc32c after compression: a flipped byte anywhere in a chunk fails its check on read.
+    return [comp, Crc32cCodec()]
+
+
+def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int = 64,
+                compressor: str = "blosc-zstd") -> Stack:
+    """Write images (and labels, ROI table, per-image metadata) as a gpucnr stack.
+
+    Parameters
+    ----------
+    path : str or Path
+        Where the Zarr group is created (it must not exist).
+    images : array (n, H, W) or sequence of 2-D arrays of any sizes and dtypes
+        Stored in their native dtype, never resampled: each goes to the bucket of its canvas (shape rounded up
+        to a multiple of 64) and dtype, with its valid height and width recorded.
+    labels : array or sequence of 2-D integer arrays, optional
+        One per image, of the image's shape (0 = none).
+    rois : ROI table, optional
+        Columns image (position in `images`), roi, kind, cx, cy, r [, name]; stored against the global index.
+    meta : pandas.DataFrame, optional
+        One row per input image: extra per-image columns (slope, intercept, padding, photometric override the
+        defaults 1, 0, NaN, "MONOCHROME2").
+    shard : int
+        Images per shard = per batch of a run.
+    compressor : {"blosc-zstd", "zstd"}
+
+    Returns
+    -------
+    Stack
+    """
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"{path} already exists; write_stack does not overwrite")
+    planes = _planes(images, "images")
+    label_planes = None if labels is None else _planes(labels, "labels")
+    if label_planes is not None:
+        if len(label_planes) != len(planes):
+            raise InputError(f"{len(planes)} images but {len(label_planes)} label arrays")
+        for i, (a, b) in enumerate(zip(planes, label_planes, strict=True)):
+            if a.shape != b.shape:
+                raise InputError(f"image {i} has shape {a.shape} but its labels have shape {b.shape}")
+            if b.dtype.kind not in "iub":
+                raise InputError(f"labels of image {i} must be integer, got {b.dtype}")
+    n = len(planes)
+    meta = pd.DataFrame(index=range(n)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
+    if len(meta) != n:
+        raise InputError(f"meta has {len(meta)} rows for {n} images")
+    keys = [(_canvas(p.shape), p.dtype.str) for p in planes]
+    order = sorted(set(keys), key=lambda k: (k[0], np.dtype(k[1]).name))
+    group = zarr.open_group(str(path), mode="w")
+    rows = []
+    offset = 0
+    bucket_names = []
+    for canvas, dtype_str in order:
+        members = [i for i, k in enumerate(keys) if k == (canvas, dtype_str)]
+        dtype = np.dtype(dtype_str).newbyteorder("=")
+        name = f"{canvas[0]}x{canvas[1]}-{dtype.name}"
+        bucket_names.append(name)
+        shape = (len(members), *canvas)
+        comp = _compressors(compressor, dtype.itemsize)
+        img_arr = group.create_array(f"buckets/{name}/images", shape=shape, dtype=dtype, chunks=(1, *canvas),
+                                     shards=(shard, *canvas), compressors=comp, fill_value=0, config=_WRITE,
+                                     dimension_names=["image", "y", "x"])
+        lab_arr = None
+        if label_planes is not None:
+            lab_arr = group.create_array(f"buckets/{name}/labels", shape=shape, dtype="int32",
+                                         chunks=(1, *canvas), shards=(shard, *canvas),
+                                         compressors=_compressors(compressor, 4), fill_value=0, config=_WRITE,
+                                         dimension_names=["image", "y", "x"])
+        written = group.create_array(f"buckets/{name}/written", shape=(len(members),), dtype="uint8",
+                                     chunks=(shard,), fill_value=0, config=_WRITE)
+        for a in range(0, len(members), shard):
+            part = members[a : a + shard]
+            block = np.zeros((len(part), *canvas), dtype)
+            for k, i in enumerate(part):
+                h, w = planes[i].shape
+                block[k, :h, :w] = planes[i]
+            img_arr[a : a + len(part)] = block
+            if lab_arr is not None:
+                lab_block = np.zeros((len(part), *canvas), np.int32)
+                for k, i in enumerate(part):
+                    h, w = label_planes[i].shape
+                    lab_block[k, :h, :w] = label_planes[i]
+                lab_arr[a : a + len(part)] = lab_block
+            # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
+            written[a : a + len(part)] = 1
+        for pos, i in enumerate(members):
+            rows.append({"index": offset + pos, "bucket": name, "position": pos, "valid_h": planes[i].shape[0],
+                         "valid_w": planes[i].shape[1], "source_index": i})
+        offset += len(members)
+    table = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
+    global_of = np.empty(n, np.int64)
+    global_of[table["source_index"].to_numpy()] = table["index"].to_numpy()
+    per_image = meta.iloc[table["source_index"].to_numpy()].reset_index(drop=True)
+    for col, default in (("slope", 1.0), ("intercept", 0.0), ("padding", np.nan), ("photometric", "MONOCHROME2")):
+        table[col] = per_image[col].to_numpy() if col in per_image else default
+    for col in per_image.columns:
+        if col not in table.columns:
+            table[col] = per_image[col].to_numpy()
+    _write_table(group, "images", table)
+    roi_ids = set()
+    if label_planes is not None:
+        for lab in label_planes:
+            roi_ids.update(int(v) for v in np.unique(lab) if v != 0)
+    if rois is not None:
+        rt = normalize_table(rois, n)
+        rt["image"] = global_of[rt["image"].to_numpy()]
+        _write_table(group, "rois", rt[["image", "roi", "kind", "cx", "cy", "r", "name"]])
+        roi_ids.update(int(v) for v in rt["roi"])
+    group.attrs.update({"gpucnr_stack": STACK_FORMAT, "gpucnr_version": __version__, "n_images": n,
+                        "buckets": bucket_names, "shard": shard, "compressor": compressor,
+                        "roi_ids": sorted(roi_ids), "has_labels": label_planes is not None})
+    return open_stack(path)
+
+
+def _planes(images, what) -> list[np.ndarray]:
+    if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
+        planes = [to_host(p) for p in images]
+    else:
+        arr = to_host(images)
+        planes = [arr] if arr.ndim == 2 else list(arr)
+    for i, p in enumerate(planes):
+        if p.ndim != 2:
+            raise InputError(f"{what} {i} must be 2-D, got shape {p.shape}")
+        if p.dtype.kind not in "biuf":
+            raise InputError(f"{what} {i} has dtype {p.dtype}; integer or float expected")
+    return [p.astype(np.uint8) if p.dtype == bool else p for p in planes]
+
+
+def _write_table(group, name: str, table: pd.DataFrame) -> None:
+    for col in table.columns:
+        values = table[col].to_numpy()
+        if values.dtype.kind in "OUST":
+            values = values.astype(str)
+            arr = group.create_array(f"tables/{name}/{col}", shape=values.shape, dtype=str,
+                                     chunks=(max(len(values), 1),), config=_WRITE)
+        else:
+            arr = group.create_array(f"tables/{name}/{col}", shape=values.shape, dtype=values.dtype,
+                                     chunks=(max(len(values), 1),), config=_WRITE)
+        if len(values):
+            arr[:] = values
+
+
+def _read_table(group, name: str) -> pd.DataFrame | None:
+    if f"tables/{name}" not in group:
+        return None
+    sub = group[f"tables/{name}"]
+    return pd.DataFrame({k: np.asarray(sub[k][:]) for k in sorted(sub.array_keys())})
+
+
+def open_stack(path, *, check: bool = True) -> Stack:
+    """Open a stack and validate its schema and completeness.
+
+    Raises
+    ------
+    StackError
+        ``stack-schema`` (not a stack, missing arrays or columns, wrong dtype, label shape mismatch),
+        ``stack-incomplete`` (the manifest says images were never written), ``missing-chunk`` (a chunk the
+        manifest says was written is absent: zarr would read it as zeros), ``corrupt-chunk`` (a shard index
+        that cannot be read). Each names the array and the chunk.
+    """
+    path = Path(path)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+    except Exception as e:  # noqa: BLE001 - anything zarr raises here means not a readable stack
+        raise StackError("stack-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
+    attrs = dict(group.attrs)
+    if attrs.get("gpucnr_stack") != STACK_FORMAT:
+        raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
+    images = _read_table(group, "images")
+    if images is None or any(c not in images.columns for c in _IMAGE_COLUMNS):
+        raise StackError("stack-schema", f"{path}: tables/images lacks columns of {_IMAGE_COLUMNS}")
+    buckets = []
+    offset = 0
+    for name in attrs["buckets"]:
+        arr = _array(group, f"buckets/{name}/images")
+        lab = _array(group, f"buckets/{name}/labels") if attrs.get("has_labels") else None
+        expect_dtype = np.dtype(name.split("-", 1)[1])
+        if arr.dtype != expect_dtype:
+            raise StackError("stack-schema", f"buckets/{name}/images has dtype {arr.dtype}, its bucket says "
+                             f"{expect_dtype}")
+        if lab is not None and (lab.shape != arr.shape or np.dtype(lab.dtype).kind not in "iu"):
+            raise StackError("stack-schema", f"buckets/{name}/labels has shape {lab.shape} and dtype {lab.dtype}; "
+                             f"images have shape {arr.shape}")
+        buckets.append(Bucket(name=name, offset=offset, images=arr, labels=lab))
+        offset += int(arr.shape[0])
+    if offset != len(images) or offset != attrs.get("n_images"):
+        raise StackError("stack-schema", f"{path}: buckets hold {offset} images, tables/images {len(images)}")
+    stack = Stack(path=path, group=group, buckets=buckets, images=images, rois=_read_table(group, "rois"),
+                  roi_ids=np.asarray(attrs.get("roi_ids", []), np.int64), shard=int(attrs["shard"]),
+                  compressor=attrs.get("compressor", "blosc-zstd"))
+    if check:
+        _check_complete(group, stack)
+    return stack
+
+
+def _array(group, name):
+    try:
+        return group[name]
+    except KeyError:
+        raise StackError("stack-schema", f"array {name} is missing") from None
+
+
+def _check_complete(group, stack: Stack) -> None:
+    """Every image the manifest says was written has its chunks, for images and labels alike."""
+    for b in stack.buckets:
+        written = np.asarray(_array(group, f"buckets/{b.name}/written")[:])
+        if written.shape[0] != b.size:
+            raise StackError("stack-schema", f"buckets/{b.name}/written has {written.shape[0]} entries for "
+                             f"{b.size} images")
+        if not written.all():
+            first = int(np.flatnonzero(written == 0)[0])
+            raise StackError("stack-incomplete", f"buckets/{b.name}: images from position {first} were never "
+                             "completely written (manifest buckets/{b.name}/written)")
+        for kind, arr in (("images", b.images), ("labels", b.labels)):
+            if arr is None:
+                continue
+            name = f"buckets/{b.name}/{kind}"
+            shard = int(arr.shards[0]) if arr.shards else 1
+            for s in range(math.ceil(b.size / shard)):
+                key = arr.metadata.encode_chunk_key((s, 0, 0))
+                if not os.path.exists(Path(stack.path, name, key)):
+                    raise StackError("missing-chunk", f"{name}: chunk {key} (images {s * shard}.."
+                                     f"{min((s + 1) * shard, b.size) - 1}) is missing; zarr would read it as zeros")
+
+
+def fingerprint(path) -> str:
+    """SHA-256 of a stack's metadata (every zarr.json), its tables and its manifests; never its pixels."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for meta in sorted(path.rglob("zarr.json")):
+        rel = meta.relative_to(path).as_posix()
+        h.update(rel.encode())
+        h.update(json.dumps(json.loads(meta.read_bytes()), sort_keys=True).encode())
+    group = zarr.open_group(str(path), mode="r")
+    for name in ("images", "rois"):
+        table = _read_table(group, name)
+        if table is not None:
+            h.update(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
+    for b in group.attrs.get("buckets", []):
+        h.update(np.asarray(group[f"buckets/{b}/written"][:]).tobytes())
+    return h.hexdigest()
