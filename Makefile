@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/gpucnr demo -n 2000
+	$(BIN)/gpucnr demo --out out/demo -n 2000
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -52,6 +53,9 @@ def best(fn, repeat):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory"),
+                        help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
+                             "memory (peak RSS of `gpucnr run`, 4000 vs 500 images)")
     parser.add_argument("--n", type=int, default=256, help="images in the stack (default 256)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
@@ -60,7 +64,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.n, args.repeat = 64, 3
+    {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
+     "memory": bench_memory}[args.part](args)
 
+
+def bench_kernels(args):
+    """gpucnr.measure on an in-memory stack vs the article's loop and the memory ceiling."""
     ph = make_phantom(args.n, (args.size, args.size), lesions=3, radius=25, margin=20, seed=0)
     images, labels = ph.images, ph.labels
     n_ref = min(args.reference_images, args.n)
@@ -116,6 +125,111 @@ def main(argv=None):
     print()
     print(f"ceiling `stack.sum(dtype=uint64)`: {ceiling * 1e3:.3f} ms/image")
     print(f"cost of 5 ROIs/image / 1 ROI/image (square r=5): {five / one:.2f}")
+
+
+def _phantom_stack(path, n, size, shard=64, compressor="blosc-zstd"):
+    ph = make_phantom(n, (size, size), lesions=3, radius=max(6, size // 20), margin=max(8, size // 25), seed=0)
+    rois = ph.rois.assign(kind="square", r=5)
+    gpucnr.write_stack(path, ph.images, rois=rois, shard=shard, compressor=compressor)
+    return ph
+
+
+def bench_pipeline(args):
+    """gpucnr.run from a Zarr stack (threads=2) vs bare Dask read+decode of the same store and vs the article's
+    loop reading the same images."""
+    import dask
+    import dask.array as da
+    import zarr
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stack_path = Path(tmp, "stack.zarr")
+        ph = _phantom_stack(stack_path, args.n, args.size)
+        arr = zarr.open_array(str(stack_path / f"buckets/{args.size}x{args.size}-uint16/images"), mode="r")
+        n_ref = min(args.reference_images, args.n)
+        centres = [ph.rois[ph.rois.image == i][["cx", "cy"]].to_numpy() for i in range(n_ref)]
+
+        def bare():
+            data = da.from_zarr(arr, chunks=arr.shards)
+            with dask.config.set(scheduler="threads", num_workers=2):
+                data.sum(dtype=np.uint64).compute()
+
+        def ours(k=[0]):  # noqa: B006 - a fresh results path per round
+            k[0] += 1
+            gpucnr.run(stack_path, Path(tmp, f"results{k[0]}.zarr"), scheduler="threads", workers=2,
+                       backend="numpy")
+
+        def article():
+            for i in range(n_ref):
+                multi_roi_cnr(np.asarray(arr[i]), centres[i], 5)
+
+        ours()  # warm-up: compile the kernels, open the stack once
+        times: dict[str, list[float]] = {}
+        for _ in range(args.repeat):
+            for key, fn in (("bare", bare), ("ours", ours)):
+                times.setdefault(key, []).append(best(fn, 1))
+        times["article"] = [best(article, 1)]
+    t_bare, t_ours, t_art = min(times["bare"]) / args.n, min(times["ours"]) / args.n, min(times["article"]) / n_ref
+    print(f"gpucnr {gpucnr.__version__}; stack of {args.n} images {args.size}x{args.size} uint16, shard 64, "
+          f"blosc-zstd; 3 square ROIs r=5 per image; threads=2")
+    print()
+    print("| | ms/image | ratio |")
+    print("|---|---:|---:|")
+    print(f"| bare Dask read+decode (`da.from_zarr(...).sum()`, 2 threads) | {t_bare * 1e3:.3f} | 1 |")
+    print(f"| `gpucnr.run` end to end (threads, 2 workers) | {t_ours * 1e3:.3f} | {t_bare / t_ours:.2f}x of bare |")
+    print(f"| article loop reading the same images (zarr) | {t_art * 1e3:.2f} | gpucnr {t_art / t_ours:.0f}x faster |")
+
+
+def bench_compressors(args):
+    """Decode speed and size of the stack's two compressor choices, same images, one thread."""
+    import zarr
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for comp in ("blosc-zstd", "zstd"):
+            path = Path(tmp, f"{comp}.zarr")
+            _phantom_stack(path, args.n, args.size, compressor=comp)
+            arr = zarr.open_array(str(path / f"buckets/{args.size}x{args.size}-uint16/images"), mode="r")
+
+            def read(arr=arr):
+                for a in range(0, arr.shape[0], 64):
+                    np.asarray(arr[a : a + 64])
+
+            with zarr.config.set({"async.concurrency": 1, "threading.max_workers": 1}):
+                t = min(best(read, 1) for _ in range(args.repeat))
+            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+            rows.append((comp, t, size))
+    raw = args.n * args.size * args.size * 2
+    print(f"{args.n} phantom images {args.size}x{args.size} uint16 ({raw / 1e6:.0f} MB raw), read shard by shard")
+    print()
+    print("| compressor | decode MB/s | ratio to zstd | stored MB | compression |")
+    print("|---|---:|---:|---:|---:|")
+    t_zstd = rows[1][1]
+    for comp, t, size in rows:
+        print(f"| {comp} | {raw / t / 1e6:.0f} | {t_zstd / t:.2f}x | {size / 1e6:.1f} | {raw / size:.2f}x |")
+
+
+def bench_memory(args):
+    """Peak RSS of `gpucnr run` over 4000 images / over 500 images (the stack is never materialised)."""
+    import resource
+    import subprocess
+
+    peaks = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (500, 4000):
+            stack = Path(tmp, f"s{n}.zarr")
+            _phantom_stack(stack, n, 128)
+            code = ("import resource, gpucnr, sys; gpucnr.run(sys.argv[1], sys.argv[2], workers=2, backend='numpy');"
+                    "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            out = subprocess.run([sys.executable, "-c", code, str(stack), str(Path(tmp, f"r{n}.zarr"))],
+                                 capture_output=True, text=True, check=True)
+            peaks[n] = int(out.stdout.strip().splitlines()[-1]) / 1024
+    del resource
+    print("| images (128x128 uint16) | peak RSS of `gpucnr run` (MB) |")
+    print("|---:|---:|")
+    for n, mb in peaks.items():
+        print(f"| {n} | {mb:.0f} |")
+    print()
+    print(f"peak RSS 4000 / 500 images: {peaks[4000] / peaks[500]:.2f}")
 
 
 if __name__ == "__main__":
