@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +94,21 @@ def _coord(group, name, values, dim):
 
 def write_rows(group, start: int, stop: int, values: dict, names: np.ndarray, batch: int) -> None:
     """Write rows [start, stop) of every variable, then (and only then) the batch's committed flag."""
-    for name in OUTPUT_CELL:
-        group[name][start:stop] = values[name]
-    group["roi_name"][start:stop] = names
-    for name in OUTPUT_IMAGE:
-        group[name][start:stop] = values[name]
+    parts = [(name, values[name]) for name in (*OUTPUT_CELL, *OUTPUT_IMAGE)] + [("roi_name", names)]
+    # NB: the variables are independent; writing them concurrently overlaps zarr's per-call overhead.
+    list(_writer().map(lambda item: group[item[0]].__setitem__(slice(start, stop), item[1]), parts))
     # NB: the flag comes last: a crash before it leaves the batch uncommitted, and --resume redoes it.
     group["committed"][batch] = 1
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _writer() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpucnr-write")
+    return _POOL
 
 
 def open_results(path) -> xr.Dataset:

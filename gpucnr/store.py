@@ -157,7 +157,9 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     meta = pd.DataFrame(index=range(n)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
     if len(meta) != n:
         raise InputError(f"meta has {len(meta)} rows for {n} images")
-    keys = [(_canvas(p.shape), p.dtype.str) for p in planes]
+    # NB: keyed by the native-order dtype: '<u2' and '>u2' are one bucket (stored native).
+    rt = None if rois is None else normalize_table(rois, n)  # NB: validated before anything is written
+    keys = [(_canvas(p.shape), p.dtype.newbyteorder("=").str) for p in planes]
     order = sorted(set(keys), key=lambda k: (k[0], np.dtype(k[1]).name))
     group = zarr.open_group(str(path), mode="w")
     rows = []
@@ -214,8 +216,7 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     if label_planes is not None:
         for lab in label_planes:
             roi_ids.update(int(v) for v in np.unique(lab) if v != 0)
-    if rois is not None:
-        rt = normalize_table(rois, n)
+    if rt is not None:
         rt["image"] = global_of[rt["image"].to_numpy()]
         _write_table(group, "rois", rt[["image", "roi", "kind", "cx", "cy", "r", "name"]])
         roi_ids.update(int(v) for v in rt["roi"])
@@ -323,7 +324,7 @@ def _check_complete(group, stack: Stack) -> None:
         if not written.all():
             first = int(np.flatnonzero(written == 0)[0])
             raise StackError("stack-incomplete", f"buckets/{b.name}: images from position {first} were never "
-                             "completely written (manifest buckets/{b.name}/written)")
+                             f"completely written (manifest buckets/{b.name}/written)")
         for kind, arr in (("images", b.images), ("labels", b.labels)):
             if arr is None:
                 continue
@@ -331,9 +332,33 @@ def _check_complete(group, stack: Stack) -> None:
             shard = int(arr.shards[0]) if arr.shards else 1
             for s in range(math.ceil(b.size / shard)):
                 key = arr.metadata.encode_chunk_key((s, 0, 0))
-                if not os.path.exists(Path(stack.path, name, key)):
-                    raise StackError("missing-chunk", f"{name}: chunk {key} (images {s * shard}.."
-                                     f"{min((s + 1) * shard, b.size) - 1}) is missing; zarr would read it as zeros")
+                file = Path(stack.path, name, key)
+                first, last = s * shard, min((s + 1) * shard, b.size) - 1
+                if not file.exists():
+                    raise StackError("missing-chunk", f"{name}: chunk {key} (images {first}..{last}) is missing; "
+                                     "zarr would read it as zeros")
+                absent = _absent_inner_chunks(file, shard, last - first + 1)
+                if absent is None:
+                    raise StackError("corrupt-chunk", f"{name}: chunk {key} (images {first}..{last}) is too short "
+                                     "to hold its index: truncated")
+                if absent:
+                    raise StackError("missing-chunk", f"{name}: chunk {key} lacks the image(s) at "
+                                     f"{[first + k for k in absent]}; zarr would read them as zeros")
+
+
+def _absent_inner_chunks(file: Path, per_shard: int, used: int) -> list[int] | None:
+    """Positions (within the shard) of inner chunks its index marks absent, among the first `used`; None
+    if the file cannot even hold its index. The index sits at the end: (offset, nbytes) uint64 pairs, then a
+    crc32c (which zarr verifies when it reads the shard)."""
+    size = 16 * per_shard + 4
+    with open(file, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() < size:
+            return None
+        fh.seek(-size, os.SEEK_END)
+        index = np.frombuffer(fh.read(16 * per_shard), "<u8").reshape(per_shard, 2)
+    empty = np.iinfo(np.uint64).max
+    return [int(k) for k in np.flatnonzero((index[:used, 0] == empty) & (index[:used, 1] == empty))]
 
 
 def fingerprint(path) -> str:

@@ -1,0 +1,616 @@
+"""The stack on Zarr v3 (DESIGN §5): layout, round trip, fingerprint, and every integrity fault as a coded error."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+import gpucnr
+from gpucnr.phantom import make_phantom
+from gpucnr.store import fingerprint
+
+N, SIZE, SHARD = 40, 96, 16
+BUCKET = "128x128-uint16"
+IMAGES = f"buckets/{BUCKET}/images"
+LABELS = f"buckets/{BUCKET}/labels"
+WRITTEN = f"buckets/{BUCKET}/written"
+EMPTY = 2**64 - 1  # a shard index entry for a chunk that is not there
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(N, (SIZE, SIZE), seed=3)
+
+
+def write(path, ph, **kw):
+    kw.setdefault("labels", ph.labels)
+    kw.setdefault("rois", ph.rois)
+    kw.setdefault("shard", SHARD)
+    return gpucnr.write_stack(path, ph.images, **kw)
+
+
+def shard_file(stack_path, array: str, s: int) -> Path:
+    arr = zarr.open_array(str(Path(stack_path, array)), mode="r")
+    return Path(stack_path, array, arr.metadata.encode_chunk_key((s, 0, 0)))
+
+
+def shard_key(stack_path, array: str, s: int) -> str:
+    return shard_file(stack_path, array, s).relative_to(Path(stack_path, array)).as_posix()
+
+
+def shard_index(data: bytes, n_chunks: int = SHARD) -> np.ndarray:
+    """(offset, nbytes) of each inner chunk: the shard index at the end of the shard (bytes + crc32c)."""
+    size = n_chunks * 16
+    raw = data[-(size + 4) : -4]
+    assert np.uint32(google_crc32c.value(raw)) == np.frombuffer(data[-4:], "<u4")[0]
+    return np.frombuffer(raw, "<u8").reshape(n_chunks, 2).copy()
+
+
+def edit_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+def set_entries(stack_path, array: str, index, value) -> None:
+    arr = zarr.open_array(str(Path(stack_path, array)), mode="r+", config={"write_empty_chunks": True})
+    arr[index] = value
+
+
+def expect_error(code: str, call, *names: str) -> gpucnr.StackError:
+    with pytest.raises(gpucnr.StackError) as info:
+        call()
+    err = info.value
+    assert err.code == code, str(err)
+    for name in names:
+        assert name in str(err), (name, str(err))
+    return err
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Round trip
+# --------------------------------------------------------------------------------------------------------------
+
+
+def mixed_images():
+    """Images of several sizes and dtypes, in an order that is not bucket order."""
+    rng = np.random.default_rng(7)
+    specs = [((96, 96), "uint16"), ((100, 70), "uint8"), ((64, 64), "int16"), ((130, 65), "float32"),
+             ((96, 96), "uint16"), ((33, 120), "uint8"), ((128, 128), "uint16"), ((1, 1), "int16"),
+             ((65, 64), "float32"), ((90, 100), "uint16"), ((64, 64), "int16")]
+    images = []
+    for (h, w), dtype in specs:
+        if dtype == "float32":
+            images.append(rng.normal(0.0, 1000.0, (h, w)).astype(np.float32))
+        else:
+            info = np.iinfo(dtype)
+            images.append(rng.integers(info.min, info.max, (h, w), endpoint=True).astype(dtype))
+    return images
+
+
+def canvas(shape):
+    return tuple(-(-s // 64) * 64 for s in shape)
+
+
+def test_buckets_by_canvas_and_dtype_and_pixels_read_back(tmp_path):
+    images = mixed_images()
+    st = gpucnr.write_stack(tmp_path / "s.zarr", images, shard=4)
+    keys = {(canvas(a.shape), a.dtype.name) for a in images}
+    assert {b.name for b in st.buckets} == {f"{c[0]}x{c[1]}-{d}" for c, d in keys}
+    assert len(st.buckets) == len(keys) == 6
+    assert st.n_images == len(images)
+    table = st.images
+    for b in st.buckets:
+        (h, w), dtype = b.name.split("-")[0].split("x"), b.name.split("-", 1)[1]
+        assert b.images.shape[1:] == (int(h), int(w))
+        assert b.images.dtype == np.dtype(dtype)  # native dtype, never converted
+        rows = table[table["bucket"] == b.name].sort_values("index")
+        assert rows["index"].tolist() == list(range(b.offset, b.offset + b.size))
+        assert rows["position"].tolist() == list(range(b.size))
+        pixels, labels = st.read(b, 0, b.size)
+        assert labels is None
+        assert pixels.dtype == np.dtype(dtype)
+        for k, (_, row) in enumerate(rows.iterrows()):
+            src = images[int(row["source_index"])]
+            assert (int(row["valid_h"]), int(row["valid_w"])) == src.shape  # never resampled
+            assert canvas(src.shape) == b.images.shape[1:]
+            np.testing.assert_array_equal(pixels[k, : src.shape[0], : src.shape[1]], src)
+            assert not pixels[k, src.shape[0] :].any() and not pixels[k, :, src.shape[1] :].any()
+
+
+def test_global_index_is_bucket_major_and_source_index_maps_back(tmp_path):
+    images = mixed_images()
+    st = gpucnr.write_stack(tmp_path / "s.zarr", images, shard=4)
+    table = st.images
+    assert table["index"].tolist() == list(range(len(images)))
+    assert sorted(table["source_index"].tolist()) == list(range(len(images)))
+    # Bucket-major: each bucket is one contiguous slice of the global index, buckets follow one another.
+    offset = 0
+    for b in st.buckets:
+        assert b.offset == offset
+        rows = table.iloc[b.offset : b.offset + b.size]
+        assert (rows["bucket"] == b.name).all()
+        # Input order within a bucket.
+        assert rows["source_index"].is_monotonic_increasing
+        offset += b.size
+    assert offset == len(images)
+    # Reopened, the same table.
+    again = gpucnr.open_stack(tmp_path / "s.zarr")
+    pd.testing.assert_frame_equal(again.images, table)
+    # Bucket order is deterministic: canvas, then dtype name; the input order does not matter.
+    assert [b.name for b in st.buckets] == ["64x64-int16", "64x128-uint8", "128x64-float32", "128x128-uint16",
+                                           "128x128-uint8", "192x128-float32"]
+    assert table["source_index"].tolist() == [2, 7, 10, 5, 8, 0, 4, 6, 9, 1, 3]
+
+
+def test_labels_round_trip(tmp_path, phantom):
+    st = write(tmp_path / "s.zarr", phantom)
+    assert st.has_labels and len(st.buckets) == 1
+    b = st.buckets[0]
+    assert b.labels.shape == b.images.shape and np.dtype(b.labels.dtype).kind in "iu"
+    images, labels = st.read(b, 0, b.size)
+    np.testing.assert_array_equal(images[:, :SIZE, :SIZE], phantom.images)
+    np.testing.assert_array_equal(labels[:, :SIZE, :SIZE], phantom.labels)
+    assert not labels[:, SIZE:].any() and not labels[:, :, SIZE:].any()
+    _, none = st.read(b, 0, 4, labels=False)
+    assert none is None
+
+
+def test_labels_of_mixed_sizes_follow_their_images(tmp_path):
+    images = mixed_images()
+    labels = [np.arange(a.size, dtype=np.int32).reshape(a.shape) % 5 for a in images]
+    labels[3] = (labels[3] > 2).astype(bool)  # boolean labels are integer enough
+    st = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, shard=4)
+    for b in st.buckets:
+        _, lab = st.read(b, 0, b.size)
+        for k in range(b.size):
+            row = st.images.iloc[b.offset + k]
+            src = labels[int(row["source_index"])]
+            np.testing.assert_array_equal(lab[k, : src.shape[0], : src.shape[1]], src.astype(np.int32))
+    assert st.roi_ids.tolist() == [1, 2, 3, 4]
+
+
+def test_roi_table_stored_against_global_index(tmp_path):
+    rng = np.random.default_rng(1)
+    # Input order A (96x96 uint16), B (64x64 uint8), C (96x96 uint16): B's bucket comes first.
+    images = [rng.integers(0, 1000, (96, 96)).astype(np.uint16), rng.integers(0, 200, (64, 64)).astype(np.uint8),
+              rng.integers(0, 1000, (96, 96)).astype(np.uint16)]
+    rois = pd.DataFrame({"image": [0, 2, 1, 0], "roi": [2, 2, 5, 7], "kind": ["disk", "square", "disk", "disk"],
+                         "cx": [40, 41, 30, 50], "cy": [42, 43, 31, 51], "r": [5, 6, 4, 3],
+                         "name": ["a", "c", "b", "a2"]})
+    labels = [np.zeros(a.shape, np.int32) for a in images]
+    labels[0][10:20, 10:20] = 3
+    labels[1][5:9, 5:9] = 2
+    st = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, rois=rois, shard=4)
+    global_of = dict(zip(st.images["source_index"], st.images["index"], strict=True))
+    assert global_of == {1: 0, 0: 1, 2: 2}
+    stored = gpucnr.open_stack(tmp_path / "s.zarr").rois
+    assert stored is not None and len(stored) == len(rois)
+    got = {(int(r.image), int(r.roi)): (str(r.kind), int(r.cx), int(r.cy), int(r.r), str(r.name))
+           for r in stored.itertuples()}
+    want = {(global_of[int(r.image)], int(r.roi)): (r.kind, r.cx, r.cy, r.r, r.name) for r in rois.itertuples()}
+    assert got == want
+    # roi_ids: the union of the label ids {2, 3} and the table ids {2, 5, 7}, known before any pixel is read.
+    assert st.roi_ids.tolist() == [2, 3, 5, 7]
+    assert zarr.open_group(str(tmp_path / "s.zarr"), mode="r").attrs["roi_ids"] == [2, 3, 5, 7]
+
+
+def test_meta_columns_land_in_the_per_image_table(tmp_path):
+    images = mixed_images()
+    n = len(images)
+    meta = pd.DataFrame({"modality": [["CT", "MR", "CR", "DX"][i % 4] for i in range(n)],
+                         "slope": np.linspace(0.5, 2.5, n), "intercept": -np.arange(n, dtype=float) * 10,
+                         "photometric": ["MONOCHROME1" if i % 3 == 0 else "MONOCHROME2" for i in range(n)],
+                         "patient": [f"P{i:03d}" for i in range(n)]},
+                        index=np.arange(100, 100 + n))  # any index: rows are taken in input order
+    st = gpucnr.write_stack(tmp_path / "s.zarr", images, meta=meta, shard=4)
+    table = gpucnr.open_stack(tmp_path / "s.zarr").images
+    src = table["source_index"].to_numpy()
+    for col in ("modality", "photometric", "patient"):
+        assert table[col].astype(str).tolist() == meta[col].to_numpy()[src].tolist(), col
+    np.testing.assert_array_equal(table["slope"].to_numpy(np.float64), meta["slope"].to_numpy()[src])
+    np.testing.assert_array_equal(table["intercept"].to_numpy(np.float64), meta["intercept"].to_numpy()[src])
+    assert np.isnan(table["padding"].to_numpy(np.float64)).all()  # the default
+    assert st.n_images == n
+
+
+def test_meta_defaults(tmp_path, phantom):
+    st = write(tmp_path / "s.zarr", phantom, labels=None, rois=None)
+    t = st.images
+    assert (t["slope"] == 1.0).all() and (t["intercept"] == 0.0).all()
+    assert t["padding"].isna().all() and (t["photometric"].astype(str) == "MONOCHROME2").all()
+    assert t["source_index"].tolist() == list(range(N))  # one bucket: global index = input order
+    assert st.rois is None and st.roi_ids.tolist() == [] and not st.has_labels
+
+
+@pytest.mark.parametrize("compressor", ["blosc-zstd", "zstd"])
+def test_shard_grid_codecs_and_compressor(tmp_path, phantom, compressor):
+    path = tmp_path / "s.zarr"
+    st = write(path, phantom, compressor=compressor)
+    assert st.shard == SHARD and st.compressor == compressor
+    for arr in (st.buckets[0].images, st.buckets[0].labels):
+        assert arr.chunks == (1, 128, 128)  # inner chunk = one image
+        assert arr.shards == (SHARD, 128, 128)  # shard = one batch
+        meta = json.loads(Path(path, arr.path, "zarr.json").read_text())
+        sharding = meta["codecs"][0]
+        assert sharding["name"] == "sharding_indexed"
+        inner = [c["name"] for c in sharding["configuration"]["codecs"]]
+        assert inner[-1] == "crc32c"
+        assert ("blosc" if compressor == "blosc-zstd" else "zstd") in inner
+    files = sorted(p.relative_to(path / IMAGES).as_posix() for p in (path / IMAGES).rglob("*") if p.is_file()
+                   and p.name != "zarr.json")
+    assert files == [f"c/{s}/0/0" for s in range(-(-N // SHARD))]
+    assert zarr.open_group(str(path), mode="r").attrs["compressor"] == compressor
+    # The manifest: one flag per image, chunked by shard, all written.
+    written = zarr.open_array(str(path / WRITTEN), mode="r")
+    assert written.shape == (N,) and written.chunks == (SHARD,) and np.asarray(written[:]).all()
+
+
+def test_unknown_compressor_is_an_input_error(tmp_path, phantom):
+    with pytest.raises(gpucnr.InputError, match="compressor"):
+        write(tmp_path / "s.zarr", phantom, compressor="lz4")
+
+
+def test_all_zero_images_keep_their_chunks(tmp_path):
+    path = tmp_path / "s.zarr"
+    images = np.zeros((N, SIZE, SIZE), np.uint16)
+    labels = np.zeros((N, SIZE, SIZE), np.int32)
+    st = gpucnr.write_stack(path, images, labels=labels, shard=SHARD)
+    for array in (IMAGES, LABELS):
+        for s in range(3):
+            data = shard_file(path, array, s).read_bytes()
+            index = shard_index(data)
+            stored = min(SHARD, N - s * SHARD)
+            # write_empty_chunks: every image's chunk is in its shard, even an all-zero one.
+            assert (index[:stored] != EMPTY).all(), (array, s, index)
+    st = gpucnr.open_stack(path)  # the completeness check passes
+    pixels, lab = st.read(st.buckets[0], 0, N)
+    assert not pixels.any() and not lab.any()
+
+
+def test_write_stack_refuses_an_existing_path(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    st = write(path, phantom)
+    before = st.fingerprint()
+    with pytest.raises(gpucnr.InputError, match="exists"):
+        write(path, phantom, rois=None)
+    assert gpucnr.open_stack(path).fingerprint() == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(gpucnr.InputError, match="exists"):
+        write(empty, phantom)
+    assert list(empty.iterdir()) == []
+
+
+def test_mixed_byte_orders_of_one_dtype_share_a_bucket(tmp_path):
+    rng = np.random.default_rng(2)
+    a = rng.integers(0, 60000, (96, 96)).astype("<u2")
+    b = rng.integers(0, 60000, (96, 96)).astype(">u2")
+    st = gpucnr.write_stack(tmp_path / "s.zarr", [a, b], shard=4)
+    assert [x.name for x in st.buckets] == [BUCKET]
+    pixels, _ = st.read(st.buckets[0], 0, 2)
+    np.testing.assert_array_equal(pixels[0, :96, :96], a)
+    np.testing.assert_array_equal(pixels[1, :96, :96], b)
+
+
+@pytest.mark.parametrize("case", ["3d-plane", "label-shape", "float-labels", "label-count", "meta-rows",
+                                  "complex", "4d-array"])
+def test_input_errors(tmp_path, case):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 100, (40, 50)).astype(np.uint16), rng.integers(0, 100, (70, 30)).astype(np.uint16)]
+    labels = [np.zeros(a.shape, np.int32) for a in images]
+    meta = None
+    if case == "3d-plane":
+        images[1] = np.zeros((2, 70, 30), np.uint16)
+    elif case == "label-shape":
+        labels[1] = np.zeros((70, 31), np.int32)
+    elif case == "float-labels":
+        labels[0] = labels[0].astype(np.float32)
+    elif case == "label-count":
+        labels = labels[:1]
+    elif case == "meta-rows":
+        meta = pd.DataFrame({"modality": ["CT"] * 3})
+    elif case == "complex":
+        images[0] = images[0].astype(np.complex64)
+    elif case == "4d-array":
+        images = np.zeros((2, 1, 40, 50), np.uint16)
+        labels = None
+    path = tmp_path / "s.zarr"
+    with pytest.raises(gpucnr.InputError) as info:
+        gpucnr.write_stack(path, images, labels=labels, meta=meta)
+    assert info.value.code in ("bad-input", "shape-mismatch")
+    if case in ("3d-plane", "label-shape"):
+        assert "1" in info.value.reason  # names the offending image
+    assert not path.exists()  # nothing written
+
+
+def test_bad_roi_table_leaves_nothing_on_disk(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    bad = phantom.rois.assign(kind="triangle")
+    with pytest.raises(gpucnr.RoiTableError):
+        write(path, phantom, rois=bad)
+    # An invalid input must not leave a half-written stack that blocks the next write_stack at this path.
+    assert not path.exists()
+    write(path, phantom)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fingerprint
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_stable_across_reopen_and_move(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    st = write(path, phantom)
+    fp = st.fingerprint()
+    assert len(fp) == 64 and int(fp, 16) >= 0
+    assert gpucnr.open_stack(path).fingerprint() == fp == fingerprint(path)
+    shutil.copytree(path, tmp_path / "moved.zarr")
+    assert gpucnr.open_stack(tmp_path / "moved.zarr").fingerprint() == fp
+
+
+def test_fingerprint_ignores_pixels(tmp_path, phantom):
+    a = write(tmp_path / "a.zarr", phantom)
+    other = make_phantom(N, (SIZE, SIZE), seed=3, background=1500.0, noise=35.0)
+    np.testing.assert_array_equal(other.labels, phantom.labels)
+    assert not np.array_equal(other.images, phantom.images)
+    b = gpucnr.write_stack(tmp_path / "b.zarr", other.images, labels=phantom.labels, rois=phantom.rois, shard=SHARD)
+    assert a.fingerprint() == b.fingerprint()
+    # Pixels changed in place: still the same fingerprint.
+    set_entries(tmp_path / "a.zarr", IMAGES, (slice(0, 3), slice(0, 10), slice(0, 10)), 7)
+    assert gpucnr.open_stack(tmp_path / "a.zarr").fingerprint() == b.fingerprint()
+
+
+def test_fingerprint_changes_with_tables_and_manifest(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    base = write(path, phantom).fingerprint()
+    set_entries(path, "tables/images/slope", 5, 2.0)
+    assert fingerprint(path) != base
+    set_entries(path, "tables/images/slope", 5, 1.0)
+    assert fingerprint(path) == base  # the hash is of the content, nothing else
+    set_entries(path, "tables/rois/cx", 0, int(phantom.rois["cx"][0]) + 1)
+    assert fingerprint(path) != base
+    set_entries(path, "tables/rois/cx", 0, int(phantom.rois["cx"][0]))
+    assert fingerprint(path) == base
+    set_entries(path, WRITTEN, 3, 0)
+    assert fingerprint(path) != base
+    set_entries(path, WRITTEN, 3, 1)
+    assert fingerprint(path) == base
+    edit_json(path / "zarr.json", lambda m: m["attributes"].update(roi_ids=[1, 2]))
+    assert fingerprint(path) != base
+
+
+def test_fingerprint_differs_with_metadata(tmp_path, phantom):
+    a = write(tmp_path / "a.zarr", phantom).fingerprint()
+    meta = pd.DataFrame({"slope": np.full(N, 1.0), "intercept": np.zeros(N)})
+    meta.loc[7, "intercept"] = -1024.0
+    assert write(tmp_path / "b.zarr", phantom, meta=meta).fingerprint() != a
+    assert write(tmp_path / "c.zarr", phantom, shard=8).fingerprint() != a
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Integrity: every fault a coded error naming the array and chunk, never data read as zeros
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("array", [IMAGES, LABELS])
+def test_missing_shard_is_an_error_at_open(tmp_path, phantom, array):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    key = shard_key(path, array, 1)
+    assert key == "c/1/0/0"
+    shard_file(path, array, 1).unlink()
+    expect_error("missing-chunk", lambda: gpucnr.open_stack(path), array, key)
+    # The run refuses too (before any results are written).
+    expect_error("missing-chunk", lambda: gpucnr.run(path, tmp_path / "r.zarr", scheduler="synchronous"), array)
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_missing_last_partial_shard(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    shard_file(path, IMAGES, 2).unlink()
+    err = expect_error("missing-chunk", lambda: gpucnr.open_stack(path), IMAGES, "c/2/0/0")
+    assert f"{2 * SHARD}..{N - 1}" in str(err)  # the images it held
+
+
+def test_missing_inner_chunk_is_not_read_as_zeros(tmp_path, phantom):
+    """A shard whose index (valid crc32c) says one image's chunk is absent: zarr reads that image as zeros."""
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    f = shard_file(path, IMAGES, 1)
+    data = bytearray(f.read_bytes())
+    index = shard_index(bytes(data))
+    index[4] = EMPTY  # image 20's chunk
+    raw = index.astype("<u8").tobytes()
+    data[-(len(raw) + 4) :] = raw + np.uint32(google_crc32c.value(raw)).astype("<u4").tobytes()
+    f.write_bytes(bytes(data))
+    try:
+        st = gpucnr.open_stack(path)
+    except gpucnr.StackError as e:
+        assert e.code == "missing-chunk" and IMAGES in str(e), str(e)
+        return
+    expect_error("missing-chunk", lambda: st.read(st.buckets[0], SHARD, 2 * SHARD), IMAGES)
+
+
+def flip_byte(path, chunk: int) -> int:
+    """Flip a byte in the middle of inner chunk `chunk` of shard 1; returns the global index of its image."""
+    f = shard_file(path, IMAGES, 1)
+    data = bytearray(f.read_bytes())
+    offset, nbytes = shard_index(bytes(data))[chunk]
+    data[int(offset + nbytes // 2)] ^= 0xFF
+    f.write_bytes(bytes(data))
+    return SHARD + chunk
+
+
+def truncate(path, chunk: int) -> list[int]:
+    """Cut shard 1 in half (its index, at the end, is lost): every image of the shard is undecodable."""
+    f = shard_file(path, IMAGES, 1)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    return list(range(SHARD, 2 * SHARD))
+
+
+def test_flipped_byte_is_a_corrupt_chunk_on_read(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    image = flip_byte(path, 5)
+    st = gpucnr.open_stack(path)  # the shard is there; its bytes are checked when read
+    b = st.buckets[0]
+    err = expect_error("corrupt-chunk", lambda: st.read(b, SHARD, 2 * SHARD), IMAGES)
+    assert "c/1/0/0" in str(err) or f"{SHARD}..{2 * SHARD - 1}" in str(err)
+    expect_error("corrupt-chunk", lambda: st.read(b, image, image + 1), IMAGES, f"{image}..{image}")
+    expect_error("corrupt-chunk", lambda: st.read(b, 0, N), IMAGES)
+    # The rest of the shard and the other shards still read as data.
+    good, _ = st.read(b, image + 1, 2 * SHARD)
+    np.testing.assert_array_equal(good[:, :SIZE, :SIZE], phantom.images[image + 1 : 2 * SHARD])
+    good, _ = st.read(b, 0, SHARD)
+    np.testing.assert_array_equal(good[:, :SIZE, :SIZE], phantom.images[:SHARD])
+
+
+def test_flipped_shard_index_is_a_corrupt_chunk(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    f = shard_file(path, LABELS, 0)
+    data = bytearray(f.read_bytes())
+    data[-100] ^= 0x01
+    f.write_bytes(bytes(data))
+    st = gpucnr.open_stack(path)
+    expect_error("corrupt-chunk", lambda: st.read(st.buckets[0], 0, SHARD), LABELS)
+    expect_error("corrupt-chunk", lambda: st.read(st.buckets[0], 3, 4), LABELS)
+    images, labels = st.read(st.buckets[0], 3, 4, labels=False)
+    assert labels is None and np.array_equal(images[0, :SIZE, :SIZE], phantom.images[3])
+
+
+def test_truncated_shard_is_a_corrupt_chunk_on_read(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    truncate(path, 0)
+    st = gpucnr.open_stack(path)
+    b = st.buckets[0]
+    for start in range(SHARD, 2 * SHARD, 5):
+        expect_error("corrupt-chunk", lambda s=start: st.read(b, s, s + 1), IMAGES)
+    good, _ = st.read(b, 2 * SHARD, N)
+    np.testing.assert_array_equal(good[:, :SIZE, :SIZE], phantom.images[2 * SHARD :])
+
+
+@pytest.fixture(scope="module")
+def clean_results(tmp_path_factory, phantom):
+    base = tmp_path_factory.mktemp("clean")
+    write(base / "s.zarr", phantom)
+    return gpucnr.run(base / "s.zarr", base / "r.zarr", scheduler="synchronous").load()
+
+
+@pytest.mark.parametrize(("damage", "scheduler"), [(flip_byte, "synchronous"), (flip_byte, "threads"),
+                                                   (truncate, "synchronous")])
+def test_run_over_a_damaged_shard_fails_only_its_images(tmp_path, phantom, clean_results, damage, scheduler):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    bad = damage(path, 9)
+    bad = [bad] if isinstance(bad, int) else bad
+    ds = gpucnr.run(path, tmp_path / "r.zarr", scheduler=scheduler, workers=2).load()
+    failed = gpucnr.STATUS["failed"]
+    status = ds["status"].to_numpy()
+    assert sorted(np.flatnonzero((status == failed).any(axis=1)).tolist()) == bad
+    assert (status[bad] == failed).all()
+    assert np.isnan(ds["cnr"].to_numpy()[bad]).all() and np.isnan(ds["cnr_median"].to_numpy()[bad]).all()
+    assert (ds["n_valid"].to_numpy()[bad] == 0).all()
+    # Every other image: its normal results, bit for bit.
+    good = np.setdiff1d(np.arange(N), bad)
+    for name in ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr", "status", "cnr_median",
+                 "n_valid", "n_excluded"):
+        np.testing.assert_array_equal(ds[name].to_numpy()[good], clean_results[name].to_numpy()[good], err_msg=name)
+    assert (status[good] != failed).all() and ds["committed"].to_numpy().all()
+    failures = ds.attrs["failures"]
+    assert sorted(int(f["image"]) for f in failures) == bad
+    for f in failures:
+        assert f["code"] == "corrupt-chunk" and IMAGES in f["reason"], f
+    assert ds.attrs["stack_fingerprint"] == clean_results.attrs["stack_fingerprint"]
+
+
+# --- schema ---------------------------------------------------------------------------------------------------
+
+
+def test_wrong_dtype_is_a_schema_error(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    edit_json(path / IMAGES / "zarr.json", lambda m: m.update(data_type="int16"))
+    err = expect_error("stack-schema", lambda: gpucnr.open_stack(path), IMAGES)
+    assert "int16" in str(err) and "uint16" in str(err)
+    expect_error("stack-schema", lambda: gpucnr.run(path, tmp_path / "r.zarr"), IMAGES)
+
+
+@pytest.mark.parametrize("change", ["shape", "dtype", "missing"])
+def test_labels_that_do_not_match_the_images(tmp_path, phantom, change):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    if change == "shape":
+        edit_json(path / LABELS / "zarr.json", lambda m: m.update(shape=[N, 128, 64]))
+    elif change == "dtype":
+        edit_json(path / LABELS / "zarr.json", lambda m: m.update(data_type="float32", fill_value=0.0))
+    else:
+        shutil.rmtree(path / LABELS)
+    expect_error("stack-schema", lambda: gpucnr.open_stack(path), LABELS)
+
+
+def test_labels_array_of_another_image_count(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    shutil.rmtree(path / LABELS)
+    group = zarr.open_group(str(path), mode="r+")
+    group.create_array(LABELS, shape=(N - 1, 128, 128), dtype="int32", chunks=(1, 128, 128),
+                       shards=(SHARD, 128, 128), fill_value=0, config={"write_empty_chunks": True})
+    group[LABELS][:] = 0
+    err = expect_error("stack-schema", lambda: gpucnr.open_stack(path), LABELS)
+    assert str(N - 1) in str(err)
+
+
+def test_manifest_not_written_is_incomplete(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    set_entries(path, WRITTEN, 21, 0)
+    err = expect_error("stack-incomplete", lambda: gpucnr.open_stack(path), f"buckets/{BUCKET}", "21")
+    assert WRITTEN in str(err), str(err)  # names the manifest array
+    expect_error("stack-incomplete", lambda: gpucnr.run(path, tmp_path / "r.zarr"))
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_missing_manifest_chunk_is_incomplete(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    (path / WRITTEN / "c" / "2").unlink()  # zarr reads it as fill_value 0: never written
+    expect_error("stack-incomplete", lambda: gpucnr.open_stack(path), f"buckets/{BUCKET}", str(2 * SHARD))
+
+
+def test_manifest_of_another_length(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    edit_json(path / WRITTEN / "zarr.json", lambda m: m.update(shape=[N - 1]))
+    expect_error("stack-schema", lambda: gpucnr.open_stack(path), WRITTEN)
+
+
+def test_not_a_stack(tmp_path):
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(str(plain), mode="w").create_array("x", shape=(4,), dtype="uint8")
+    expect_error("stack-schema", lambda: gpucnr.open_stack(plain), str(plain))
+    expect_error("stack-schema", lambda: gpucnr.open_stack(tmp_path / "nowhere.zarr"), "nowhere.zarr")
+    (tmp_path / "file.zarr").write_text("not zarr")
+    expect_error("stack-schema", lambda: gpucnr.open_stack(tmp_path / "file.zarr"))
+
+
+def test_missing_table_column_or_array(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    shutil.rmtree(path / "tables/images/valid_h")
+    expect_error("stack-schema", lambda: gpucnr.open_stack(path), "tables/images")
+    path2 = tmp_path / "t.zarr"
+    write(path2, phantom)
+    shutil.rmtree(path2 / IMAGES)
+    expect_error("stack-schema", lambda: gpucnr.open_stack(path2), IMAGES)
