@@ -472,3 +472,36 @@ def _label_table(labels, valid_h, valid_w, n_values):  # pragma: no cover - comp
             if out[i, v, 1] == 0:
                 out[i, v, 0] = out[i, v, 1] = out[i, v, 2] = out[i, v, 3] = 0
     return out, negative
+
+
+def masked_float_sums(d, mask):
+    """Counts and sums of float `d` and `d`**2 over `mask`, per leading index, over the last two axes:
+    row partial sums in row-major order, so padding around the pixels never changes a bit of the result."""
+    shape = d.shape[:-2]
+    d3 = np.ascontiguousarray(np.broadcast_to(d, np.broadcast_shapes(d.shape, mask.shape)), np.float64)
+    m3 = np.ascontiguousarray(np.broadcast_to(mask, d3.shape))
+    h, w = d3.shape[-2:]
+    k = int(np.prod(shape, dtype=np.int64))
+    n, s1, s2 = _masked_rows(d3.reshape(k, h, w), m3.reshape(k, h, w))
+    return n.reshape(shape), s1.reshape(shape), s2.reshape(shape)
+
+
+@numba.njit(nogil=True, cache=True)
+def _masked_rows(d, mask):  # pragma: no cover - compiled
+    k = d.shape[0]
+    n = np.zeros(k, np.int64)
+    s1 = np.zeros(k, np.float64)
+    s2 = np.zeros(k, np.float64)
+    for i in range(k):
+        for y in range(d.shape[1]):
+            r1 = 0.0
+            r2 = 0.0
+            for x in range(d.shape[2]):
+                if mask[i, y, x]:
+                    v = d[i, y, x]
+                    n[i] += 1
+                    r1 += v
+                    r2 += v * v
+            s1[i] += r1
+            s2[i] += r2
+    return n, s1, s2

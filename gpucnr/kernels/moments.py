@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import array_api_compat
 
 from gpucnr.kernels.masks import excluded_mask, is_exact_integer
+
+_GRID = 32
 
 __all__ = [
     "Sums",
@@ -63,8 +64,8 @@ def image_shift(xp, images, valid_h, valid_w, padding):
 
     Integer images (exact sums): the first usable pixel of the valid region in row-major order — with a
     border frame that pixel lies in the frame (row 0), never in a lesion; any integer keeps the sums exact,
-    this one keeps them small. Float images: the mean of a fixed grid of about 1024 usable pixels of the
-    valid region. NB: this departs from DESIGN §4 (which names the frame pixel for floats too) because a
+    this one keeps them small. Float images: the mean of the usable pixels of a 32 x 32 grid spread over
+    the valid region. NB: this departs from DESIGN §4 (which names the frame pixel for floats too) because a
     frame pixel can sit far from the background — air at -1000 HU around a body at 0 HU — and a shift far
     from the data costs float sums their accuracy; the grid mean sits within the data's spread.
 
@@ -76,12 +77,15 @@ def image_shift(xp, images, valid_h, valid_w, padding):
     n, height, width = images.shape
     acc = accumulator_dtype(xp, images.dtype)
     if acc == xp.float64:
-        step = max(1, math.isqrt(height * width // 1024))
-        grid = images[:, ::step, ::step]
-        ys = xp.arange(0, height, step, dtype=xp.int64)[None, :, None]
-        xs = xp.arange(0, width, step, dtype=xp.int64)[None, None, :]
-        good = (ys < valid_h[:, None, None]) & (xs < valid_w[:, None, None])
-        good = good & ~excluded_mask(xp, grid, padding[:, None, None])
+        # NB: a 32 x 32 grid spread over each image's own valid region: the same pixels whatever the canvas
+        # or the batch, so the shift (and with it every float sum) does not depend on either.
+        k = xp.arange(_GRID, dtype=xp.int64)
+        ys = (k[None, :] * valid_h[:, None]) // _GRID
+        xs = (k[None, :] * valid_w[:, None]) // _GRID
+        lin = (xp.arange(n, dtype=xp.int64) * (height * width))[:, None, None] + ys[:, :, None] * width + xs[:, None, :]
+        grid = xp.reshape(xp.take(xp.reshape(images, (-1,)), xp.reshape(lin, (-1,))), (n, _GRID, _GRID))
+        inside = (ys < valid_h[:, None])[:, :, None] & (xs < valid_w[:, None])[:, None, :]
+        good = inside & ~excluded_mask(xp, grid, padding[:, None, None])
         values = xp.where(good, xp.astype(grid, acc), xp.zeros((), dtype=acc))
         count = xp.sum(xp.astype(good, acc), axis=(1, 2))
         total = xp.sum(values, axis=(1, 2))
@@ -106,7 +110,18 @@ def image_shift(xp, images, valid_h, valid_w, padding):
 
 
 def masked_sums(xp, d, mask, axes=(-2, -1)) -> Sums:
-    """Counts and sums of `d` and `d`**2 over `mask` (exact in int64 for integer `d`)."""
+    """Counts and sums of `d` and `d`**2 over `mask` (exact in int64 for integer `d`).
+
+    Float sums on NumPy go through `_numpy_fast.masked_float_sums`: row by row in row-major order, so they
+    do not depend on how much padding surrounds the pixels (a window's size, an image's canvas, the other
+    images of a batch) — a pairwise sum regroups its terms when the array grows.
+    """
+    if (array_api_compat.is_numpy_namespace(xp) and xp.isdtype(d.dtype, "real floating")
+            and tuple(axes) in ((-2, -1), (d.ndim - 2, d.ndim - 1)) and d.ndim >= 2):
+        from gpucnr.kernels import _numpy_fast
+
+        n, s1, s2 = _numpy_fast.masked_float_sums(d, mask)
+        return Sums(n=n, s1=s1, s2=s2)
     dm = xp.where(mask, d, xp.zeros((), dtype=d.dtype))
     return Sums(
         n=xp.astype(xp.count_nonzero(mask, axis=axes), xp.int64),

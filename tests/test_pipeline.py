@@ -1,0 +1,654 @@
+"""The dataset pipeline: stacks on Zarr through gpucnr.run into resumable results, and the `gpucnr` CLI.
+
+gpucnr.measure (in memory) is the reference: a run over a written stack must equal it bit for bit, row by row
+through the ``source_index`` coordinate, whatever the scheduler, the batch size or the bucket layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+import gpucnr
+from gpucnr.cli import main
+from gpucnr.kernels.params import Params
+from gpucnr.phantom import make_phantom
+from gpucnr.pipeline import plan_batches
+from gpucnr.results import ResultsError, create_results, open_results
+
+CELL = ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr", "status")
+IMAGE = ("cnr_median", "n_valid", "n_excluded")
+FLOATS = ("mean_roi", "var_roi", "mean_bg", "var_bg", "cnr", "cnr_median")
+INTS = ("n_roi", "n_bg", "status", "n_valid", "n_excluded")
+SHARD = 4
+BG_LABEL = 9
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data: two shapes interleaved (two buckets, so the global index is a permutation of the input positions)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    images: list
+    labels: list  # lesions 1, 2; BG_LABEL on the right half of the background; 0 elsewhere
+    rois: pd.DataFrame  # one disk per lesion, image = input position
+
+
+def make_data(dtype: str = "uint16", seed: int = 0) -> Data:
+    a = make_phantom(6, (64, 64), lesions=2, radius=5, margin=6, dtype=dtype, seed=seed)
+    b = make_phantom(5, (50, 70), lesions=2, radius=5, margin=6, dtype=dtype, seed=seed + 1)
+    images, labels, tables = [], [], []
+    for k in range(6):
+        for ph, pos in ((a, k), (b, k)):
+            if pos >= len(ph.images):
+                continue
+            lab = ph.labels[pos].copy()
+            w = lab.shape[1]
+            lab[(lab == 0) & (np.arange(w)[None, :] >= w // 2)] = BG_LABEL
+            t = ph.rois[ph.rois["image"] == pos].copy()
+            t["image"] = len(images)
+            images.append(ph.images[pos])
+            labels.append(lab)
+            tables.append(t)
+    return Data(images, labels, pd.concat(tables, ignore_index=True))
+
+
+def reference(data: Data, source: str, rois: pd.DataFrame | None = None, **opts):
+    """gpucnr.measure on each group of images of one shape and dtype; rows by input position."""
+    rois = data.rois if rois is None else rois
+    groups: dict = {}
+    for i, im in enumerate(data.images):
+        groups.setdefault((im.shape, im.dtype.str), []).append(i)
+    n = len(data.images)
+    out: dict = {}
+    roi_ids = None
+    for idx in groups.values():
+        imgs = np.stack([data.images[i] for i in idx])
+        lab = np.stack([data.labels[i] for i in idx])
+        if source == "labels":
+            ds = gpucnr.measure(imgs, lab, backend="numpy", **opts)
+        else:
+            local = {g: k for k, g in enumerate(idx)}
+            t = rois[rois["image"].isin(idx)].copy()
+            t["image"] = t["image"].map(local)
+            extra = {"labels": lab} if opts.get("background") in ("label", "complement-all") else {}
+            ds = gpucnr.measure(imgs, t, backend="numpy", **extra, **opts)
+        if roi_ids is None:
+            roi_ids = ds["roi"].to_numpy()
+            for k in (*CELL, *IMAGE):
+                v = ds[k].to_numpy()
+                out[k] = np.empty((n, *v.shape[1:]), v.dtype)
+            out["roi_name"] = np.empty((n, len(roi_ids)), object)
+        assert np.array_equal(ds["roi"].to_numpy(), roi_ids), "every group must have the same ROI ids"
+        for k in (*CELL, *IMAGE, "roi_name"):
+            out[k][idx] = ds[k].to_numpy()
+    return roi_ids, out
+
+
+def assert_matches(ds, ref) -> None:
+    """Results (global index) equal the reference (input positions) bit for bit, through source_index."""
+    roi_ids, want = ref
+    ds = ds.load()
+    np.testing.assert_array_equal(ds["roi"].to_numpy(), roi_ids)
+    src = ds["source_index"].to_numpy()
+    assert sorted(src.tolist()) == list(range(len(src)))
+    assert (ds["committed"].to_numpy() == 1).all()
+    for k in (*CELL, *IMAGE):
+        got = ds[k].to_numpy()
+        assert got.dtype.kind == want[k].dtype.kind, k
+        np.testing.assert_array_equal(got, want[k][src], err_msg=k)
+    assert strings(ds["roi_name"].to_numpy()) == strings(want["roi_name"][src])
+
+
+@pytest.fixture(scope="module")
+def datasets():
+    cache: dict = {}
+
+    def get(dtype="uint16"):
+        if dtype not in cache:
+            cache[dtype] = make_data(dtype)
+        return cache[dtype]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def stacks(tmp_path_factory, datasets):
+    """Written stacks, by (kind, dtype): kind "labels" (label arrays only) or "table" (ROI table + labels)."""
+    root = tmp_path_factory.mktemp("stacks")
+    cache: dict = {}
+
+    def get(kind="table", dtype="uint16"):
+        if (kind, dtype) not in cache:
+            d = datasets(dtype)
+            path = root / f"{kind}-{dtype}.zarr"
+            gpucnr.write_stack(path, d.images, labels=d.labels, rois=d.rois if kind == "table" else None,
+                               shard=SHARD)
+            cache[kind, dtype] = path
+        return cache[kind, dtype]
+
+    return get
+
+
+def load(path):
+    return open_results(path).load()
+
+
+def assert_same_results(a, b) -> None:
+    a, b = a.load(), b.load()
+    for k in (*CELL, *IMAGE, "committed"):
+        np.testing.assert_array_equal(a[k].to_numpy(), b[k].to_numpy(), err_msg=k, strict=True)
+    assert strings(a["roi_name"].to_numpy()) == strings(b["roi_name"].to_numpy())
+
+
+def strings(a) -> list:
+    """Any string array (NumPy StringDType included) as nested lists of str."""
+    return np.asarray(a, dtype=object).astype(str).tolist() if np.ndim(a) else str(a)
+
+
+def log_lines(path: Path) -> list[int]:
+    return [int(v) for v in path.read_text().split()] if path.exists() else []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Batches
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_plan_batches_rounds_to_shards_and_never_crosses_a_bucket(stacks):
+    stack = gpucnr.open_stack(stacks("table", "uint16"))
+    assert stack.shard == SHARD
+    assert [(b.name, b.size, b.offset) for b in stack.buckets] == [("64x64-uint16", 6, 0), ("64x128-uint16", 5, 6)]
+    for batch, size in ((None, 4), (1, 4), (3, 4), (4, 4), (5, 4), (7, 8), (9, 8), (8, 8), (13, 12), (100, 100)):
+        got, plan = plan_batches(stack, batch)
+        assert got == size, batch
+        # contiguous cover of the global index, whole batches of one bucket each
+        assert [p[3] for p in plan] == sorted(p[3] for p in plan)
+        covered = []
+        for bucket, start, stop, g0 in plan:
+            b = next(b for b in stack.buckets if b.name == bucket)
+            assert start % size == 0 and 0 < stop - start <= size and stop <= b.size
+            assert g0 == b.offset + start
+            covered += list(range(g0, g0 + stop - start))
+        assert covered == list(range(stack.n_images))
+    assert plan_batches(stack, None)[1] == [("64x64-uint16", 0, 4, 0), ("64x64-uint16", 4, 6, 4),
+                                            ("64x128-uint16", 0, 4, 6), ("64x128-uint16", 4, 5, 10)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# run == measure
+# --------------------------------------------------------------------------------------------------------------
+
+CASES = [
+    # kind, dtype, options, batch, scheduler
+    ("labels", "uint16", {}, None, "synchronous"),
+    ("labels", "float32", {"background": "ring"}, 8, "threads"),
+    ("labels", "uint16", {"background": "label", "background_label": BG_LABEL}, 3, "threads"),
+    ("labels", "float32", {"background": "complement-all", "footprint": "disk"}, 100, "synchronous"),
+    ("table", "uint16", {"ddof": 0, "footprint": "square"}, 8, "threads"),
+    ("table", "float32", {"background": "complement-all"}, None, "synchronous"),
+    ("table", "float32", {"background": "label", "background_label": BG_LABEL}, 5, "threads"),
+    ("table", "uint16", {"background": "ring", "footprint": "matlab-disk", "definition": "background"}, 12,
+     "synchronous"),
+    ("table", "uint16", {"definition": "gcnr"}, None, "threads"),
+]
+
+
+@pytest.mark.parametrize(("kind", "dtype", "options", "batch", "scheduler"), CASES)
+def test_run_equals_measure(tmp_path, stacks, datasets, kind, dtype, options, batch, scheduler):
+    stack = stacks(kind, dtype)
+    ds = gpucnr.run(stack, tmp_path / "r.zarr", scheduler=scheduler, workers=2, batch=batch, backend="numpy",
+                    **options)
+    assert_matches(ds, reference(datasets(dtype), kind, **options))
+    size, plan = plan_batches(gpucnr.open_stack(stack), batch)
+    assert ds.attrs["batch"] == size
+    assert ds.sizes["batch"] == len(plan)
+    assert ds["batch_start"].to_numpy().tolist() == [p[3] for p in plan]
+    assert ds["batch_stop"].to_numpy().tolist() == [p[3] + p[2] - p[1] for p in plan]
+    assert ds.attrs["roi_source"] == ("labels" if kind == "labels" else "table")
+
+
+@pytest.mark.parametrize(("kind", "options"), [("labels", {"background": "ring"}),
+                                                ("table", {"background": "complement-all"})])
+def test_run_equals_measure_float32_without_padding(tmp_path, datasets, kind, options):
+    # float32 images whose shape is their canvas (64 x 64): no padding at all, so the sums see the same grid
+    d = datasets("float32")
+    keep = [i for i, im in enumerate(d.images) if im.shape == (64, 64)]
+    sub = Data([d.images[i] for i in keep], [d.labels[i] for i in keep],
+               d.rois[d.rois["image"].isin(keep)].assign(image=lambda t: t["image"].map(keep.index)))
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", sub.images, labels=sub.labels,
+                               rois=sub.rois if kind == "table" else None, shard=SHARD)
+    ds = gpucnr.run(stack, tmp_path / "r.zarr", scheduler="threads", workers=2, backend="numpy", **options)
+    assert_matches(ds, reference(sub, kind, **options))
+
+
+@pytest.mark.parametrize(("kind", "dtype", "options"), [
+    ("labels", "uint16", {"background": "complement-all"}),
+    ("table", "float32", {"background": "complement-all"}),
+    ("table", "float32", {"background": "ring"}),
+])
+def test_batch_size_does_not_change_results(tmp_path, stacks, kind, dtype, options):
+    stack = stacks(kind, dtype)
+    small = gpucnr.run(stack, tmp_path / "small.zarr", batch=SHARD, backend="numpy", **options).load()
+    large = gpucnr.run(stack, tmp_path / "large.zarr", batch=100, backend="numpy", **options).load()
+    assert small.sizes["batch"] == 4 and large.sizes["batch"] == 2
+    for k in (*CELL, *IMAGE):
+        np.testing.assert_array_equal(small[k].to_numpy(), large[k].to_numpy(), err_msg=k, strict=True)
+
+
+def test_run_with_processes_equals_measure(tmp_path, stacks, datasets):
+    ds = gpucnr.run(stacks("table", "uint16"), tmp_path / "r.zarr", scheduler="processes", workers=2,
+                    backend="numpy", background="complement-all")
+    assert_matches(ds, reference(datasets("uint16"), "table", background="complement-all"))
+
+
+def test_run_with_a_distributed_client_and_an_address(tmp_path, stacks, datasets, capsys):
+    distributed = pytest.importorskip("distributed")
+    stack = stacks("labels", "uint16")
+    ref = reference(datasets("uint16"), "labels", background="ring")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    try:
+        client = distributed.Client(cluster)
+        try:
+            ds = gpucnr.run(stack, tmp_path / "client.zarr", client=client, backend="numpy", progress=True,
+                            background="ring")
+            assert_matches(ds, ref)
+            n_batches = ds.sizes["batch"]
+            assert f"{n_batches}/{n_batches} batches" in capsys.readouterr().err
+            # the same cluster by its address (run opens and closes its own client)
+            ds = gpucnr.run(stack, tmp_path / "address.zarr", scheduler=cluster.scheduler_address, backend="numpy",
+                            background="ring")
+            assert_matches(ds, ref)
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Results: template, attributes, ROI source
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_results_template_is_nan_minus_one_and_uncommitted(tmp_path):
+    table = pd.DataFrame({"index": np.arange(5), "source_index": np.array([2, 0, 1, 4, 3]),
+                          "bucket": ["a"] * 5})
+    create_results(tmp_path / "t.zarr", n_images=5, roi_ids=[3, 7], image_table=table, chunk=2,
+                   batches=[(0, 2), (2, 4), (4, 5)], attrs={"background": "ring"})
+    ds = load(tmp_path / "t.zarr")
+    assert dict(ds.sizes) == {"image": 5, "roi": 2, "batch": 3}
+    assert ds["roi"].to_numpy().tolist() == [3, 7]
+    assert ds["source_index"].to_numpy().tolist() == [2, 0, 1, 4, 3]
+    assert "source_index" in ds.coords and "index" not in ds
+    for k in FLOATS:
+        assert np.isnan(ds[k].to_numpy()).all(), k
+    for k in INTS:
+        assert (ds[k].to_numpy() == -1).all(), k
+    assert ds["committed"].to_numpy().tolist() == [0, 0, 0]
+    assert ds["batch_start"].to_numpy().tolist() == [0, 2, 4]
+    assert ds["batch_stop"].to_numpy().tolist() == [2, 4, 5]
+    assert ds.attrs["background"] == "ring" and ds.attrs["gpucnr_results"] == 1
+
+
+def test_open_results_refuses_what_is_not_results(tmp_path, stacks):
+    for path in (tmp_path / "nothing.zarr", stacks("table", "uint16")):
+        with pytest.raises(ResultsError) as err:
+            open_results(path)
+        assert err.value.code == "results-schema"
+
+
+def test_results_record_parameters_and_provenance(tmp_path, datasets):
+    d = datasets("uint16")
+    stack = gpucnr.write_stack(tmp_path / "data" / "s.zarr", d.images, rois=d.rois, shard=SHARD)
+    options = {"background": "ring", "ring_gap": 2, "ring_width": 6, "ddof": 0, "min_bg": 10, "signed": True}
+    ds = gpucnr.run(stack, tmp_path / "data" / "out" / "r.zarr", batch=7, backend="numpy", **options)
+    want = Params(**options).as_attrs()
+    assert {k: ds.attrs[k] for k in want} == want
+    assert ds.attrs["stack_path"] == os.path.join("..", "s.zarr")
+    assert (tmp_path / "data" / "out" / ds.attrs["stack_path"]).resolve() == (tmp_path / "data" / "s.zarr").resolve()
+    assert ds.attrs["stack_fingerprint"] == stack.fingerprint() == gpucnr.open_stack(stack.path).fingerprint()
+    assert ds.attrs["backend"] == "numpy"
+    assert ds.attrs["batch"] == 8
+    assert ds.attrs["gpucnr_version"] == gpucnr.__version__
+    assert ds.attrs["failures"] == []
+    # pixel rescale columns are not coordinates of the results; the pseudonymous table is
+    assert "slope" not in ds.variables and "intercept" not in ds.variables
+    assert {"source_index", "valid_h", "valid_w", "bucket"} <= set(ds.coords)
+
+
+def test_rois_from_a_csv_override_the_stack_table(tmp_path, stacks, datasets):
+    stack_path = stacks("table", "uint16")
+    stack = gpucnr.open_stack(stack_path)
+    d = datasets("uint16")
+    source = stack.images["source_index"].to_numpy()
+    rows = []
+    for g in range(stack.n_images):
+        t = d.rois[d.rois["image"] == source[g]]
+        first = t.iloc[0]
+        rows.append({"image": g, "roi": 4, "kind": "square", "cx": first["cx"], "cy": first["cy"], "r": 3,
+                     "name": f"csv-{g}"})
+        if g % 3 == 0:
+            rows.append({"image": g, "roi": 11, "kind": "disk", "cx": 20, "cy": 20, "r": 2, "name": "spot"})
+    csv = pd.DataFrame(rows, columns=["image", "roi", "kind", "cx", "cy", "r", "name"])
+    csv.to_csv(tmp_path / "rois.csv", index=False)
+    ds = gpucnr.run(stack_path, tmp_path / "r.zarr", rois=tmp_path / "rois.csv", batch=8, backend="numpy")
+    by_position = csv.assign(image=source[csv["image"].to_numpy()])
+    ref = reference(d, "table", rois=by_position)
+    assert ref[0].tolist() == [4, 11]
+    assert_matches(ds, ref)
+    names = np.array(strings(ds["roi_name"].to_numpy()))
+    assert names[:, 0].tolist() == [f"csv-{g}" for g in range(stack.n_images)]
+    assert names[3, 1] == "spot" and names[1, 1] == ""
+    assert (ds["status"].to_numpy()[[1, 2, 4], 1] == gpucnr.STATUS["absent"]).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_computes_nothing_twice(tmp_path, stacks, monkeypatch):
+    stack = stacks("table", "uint16")
+    results = tmp_path / "r.zarr"
+    log = tmp_path / "batches.log"
+    monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
+    first = gpucnr.run(stack, results, scheduler="threads", workers=2, backend="numpy").load()
+    n_batches = first.sizes["batch"]
+    assert sorted(log_lines(log)) == list(range(n_batches))
+
+    again = gpucnr.run(stack, results, resume=True, backend="numpy")
+    assert len(log_lines(log)) == n_batches, "a resumed complete run computed batches"
+    assert_same_results(first, again)
+
+    # uncommit batches 1 and 3 and spoil their rows: exactly those are recomputed, the rest are left alone
+    group = zarr.open_group(str(results), mode="r+")
+    for k in (1, 3):
+        group["committed"][k] = 0
+        lo, hi = int(first["batch_start"][k]), int(first["batch_stop"][k])
+        group["cnr"][lo:hi] = -7.0
+        group["status"][lo:hi] = 5
+    spoiled = int(first["batch_start"][0])
+    group["mean_bg"][spoiled] = 123.0  # a committed batch is never rewritten
+    log.unlink()
+    out = gpucnr.run(stack, results, resume=True, scheduler="synchronous", backend="numpy").load()
+    assert sorted(log_lines(log)) == [1, 3]
+    assert out["mean_bg"].to_numpy()[spoiled, 0] == 123.0
+    out["mean_bg"].values[spoiled] = first["mean_bg"].values[spoiled]
+    assert_same_results(first, out)
+
+
+@pytest.mark.parametrize("crash_at", [0, 2])
+def test_a_crash_leaves_committed_batches_and_a_template(tmp_path, stacks, monkeypatch, crash_at):
+    import gpucnr.pipeline as pipeline
+
+    stack = stacks("labels", "uint16")
+    full = gpucnr.run(stack, tmp_path / "full.zarr", scheduler="synchronous", backend="numpy").load()
+    real = pipeline.measure_spec
+
+    def crashing(spec):
+        if spec.index == crash_at:
+            raise RuntimeError("simulated crash")
+        return real(spec)
+
+    monkeypatch.setattr(pipeline, "measure_spec", crashing)
+    results = tmp_path / "r.zarr"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        gpucnr.run(stack, results, scheduler="synchronous", backend="numpy")
+    part = load(results)
+    committed = part["committed"].to_numpy()
+    assert committed.tolist() == [1 if k < crash_at else 0 for k in range(full.sizes["batch"])]
+    done = int(full["batch_start"][crash_at])
+    for k in FLOATS:
+        assert np.isnan(part[k].to_numpy()[done:]).all(), k
+        np.testing.assert_array_equal(part[k].to_numpy()[:done], full[k].to_numpy()[:done])
+    for k in INTS:
+        assert (part[k].to_numpy()[done:] == -1).all(), k
+    monkeypatch.undo()
+    log = tmp_path / "batches.log"
+    monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
+    out = gpucnr.run(stack, results, resume=True, backend="numpy")
+    assert sorted(log_lines(log)) == list(range(crash_at, full.sizes["batch"]))
+    assert_same_results(full, out)
+
+
+def test_resume_refuses_other_parameters_or_another_stack(tmp_path, stacks, datasets):
+    stack = stacks("table", "uint16")
+    results = tmp_path / "r.zarr"
+    first = gpucnr.run(stack, results, backend="numpy", ddof=1)
+    attrs = dict(first.attrs)
+
+    with pytest.raises(ResultsError) as err:
+        gpucnr.run(stack, results, backend="numpy")
+    assert err.value.code == "results-exist"
+
+    refused = [({"ddof": 0}, "ddof"), ({"background": "ring"}, "background"), ({"batch": 8}, "batch"),
+               ({"footprint": "disk"}, "footprint"), ({"signed": True}, "signed")]
+    for options, name in refused:
+        with pytest.raises(ResultsError) as err:
+            gpucnr.run(stack, results, resume=True, backend="numpy", **options)
+        assert err.value.code == "resume-mismatch", options
+        assert name in str(err.value)
+
+    d = datasets("uint16")
+    other = gpucnr.write_stack(tmp_path / "other.zarr", d.images, labels=d.labels,
+                               rois=d.rois.assign(r=d.rois["r"] - 1), shard=SHARD)
+    assert other.fingerprint() != attrs["stack_fingerprint"]
+    with pytest.raises(ResultsError) as err:
+        gpucnr.run(other, results, resume=True, backend="numpy")
+    assert err.value.code == "resume-mismatch"
+    assert "fingerprint" in str(err.value)
+    # nothing refused touched the results
+    after = load(results)
+    assert dict(after.attrs) == attrs
+    assert_same_results(first, after)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-image geometry and metadata
+# --------------------------------------------------------------------------------------------------------------
+
+
+def odd_sizes(dtype):
+    """Images of several valid sizes (two share a 128x64 canvas), an ROI near the far corner of each."""
+    rng = np.random.default_rng(5)
+    shapes = [(70, 50), (100, 120), (100, 60), (70, 50), (64, 64)]
+    images, labels, rows = [], [], []
+    for i, (h, w) in enumerate(shapes):
+        im = rng.normal(1000.0, 20.0, (h, w))
+        lab = np.zeros((h, w), np.int32)
+        yy, xx = np.ogrid[:h, :w]
+        cy, cx = h - 10, w - 10  # near the valid edge: windows and rings reach into the canvas padding
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= 16
+        im[disk] += 70.0
+        lab[disk] = 1
+        im[12:17, 12:17] += 40.0
+        lab[12:17, 12:17] = 2
+        images.append(np.rint(im).astype(dtype) if dtype == "uint16" else im.astype(dtype))
+        labels.append(lab)
+        rows += [{"image": i, "roi": 1, "kind": "disk", "cx": cx, "cy": cy, "r": 4},
+                 {"image": i, "roi": 2, "kind": "square", "cx": 14, "cy": 14, "r": 2}]
+    return images, labels, pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(("kind", "dtype", "options"), [
+    ("labels", "float32", {}),
+    ("table", "uint16", {"background": "ring", "ring_gap": 3, "ring_width": 12}),
+    ("table", "float32", {"background": "complement-all", "border": 8}),
+    ("labels", "uint16", {"background": "ring", "footprint": "disk"}),
+])
+def test_padding_never_enters_a_statistic(tmp_path, kind, dtype, options):
+    images, labels, table = odd_sizes(dtype)
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, rois=table if kind == "table" else None,
+                               shard=2)
+    assert len(stack.buckets) == 3
+    ds = gpucnr.run(stack, tmp_path / "r.zarr", backend="numpy", **options).load()
+    src = ds["source_index"].to_numpy()
+    valid = zip(ds["valid_h"].to_numpy().tolist(), ds["valid_w"].to_numpy().tolist(), strict=True)
+    assert list(valid) == [images[s].shape for s in src]
+    for g, s in enumerate(src):
+        if kind == "labels":
+            ref = gpucnr.measure(images[s], labels[s], backend="numpy", **options)
+        else:
+            extra = {"labels": labels[s]} if options.get("background") == "complement-all" else {}
+            ref = gpucnr.measure(images[s], table[table["image"] == s].assign(image=0), backend="numpy", **extra,
+                                 **options)
+        np.testing.assert_array_equal(ds["roi"].to_numpy(), ref["roi"].to_numpy())
+        for k in (*CELL, *IMAGE):
+            np.testing.assert_array_equal(ds[k].to_numpy()[g], ref[k].to_numpy()[0], err_msg=f"{k} image {s}")
+
+
+def test_slope_and_intercept_rescale_moments_not_cnr(tmp_path, datasets):
+    d = datasets("uint16")
+    n = len(d.images)
+    slope = np.where(np.arange(n) % 2 == 0, 2.5, 0.5)
+    intercept = np.linspace(-1024.0, 10.0, n)
+    plain = gpucnr.write_stack(tmp_path / "plain.zarr", d.images, rois=d.rois, shard=SHARD)
+    scaled = gpucnr.write_stack(tmp_path / "scaled.zarr", d.images, rois=d.rois, shard=SHARD,
+                                meta=pd.DataFrame({"slope": slope, "intercept": intercept}))
+    a = gpucnr.run(plain, tmp_path / "a.zarr", backend="numpy").load()
+    b = gpucnr.run(scaled, tmp_path / "b.zarr", backend="numpy").load()
+    src = b["source_index"].to_numpy()
+    np.testing.assert_array_equal(src, a["source_index"].to_numpy())
+    s, c = slope[src][:, None], intercept[src][:, None]
+    for k in ("mean_roi", "mean_bg"):
+        np.testing.assert_allclose(b[k].to_numpy(), a[k].to_numpy() * s + c, rtol=1e-13, atol=0, err_msg=k)
+    for k in ("var_roi", "var_bg"):
+        np.testing.assert_allclose(b[k].to_numpy(), a[k].to_numpy() * s * s, rtol=1e-13, atol=0, err_msg=k)
+    for k in ("n_roi", "n_bg", "status", "n_valid", "n_excluded"):
+        np.testing.assert_array_equal(b[k].to_numpy(), a[k].to_numpy(), err_msg=k)
+    np.testing.assert_allclose(b["cnr"].to_numpy(), a["cnr"].to_numpy(), rtol=1e-12)
+    assert not np.allclose(b["mean_roi"].to_numpy(), a["mean_roi"].to_numpy())
+
+
+def test_monochrome1_flips_the_sign_of_a_signed_cnr(tmp_path, datasets):
+    d = datasets("float32")
+    n = len(d.images)
+    photometric = np.where(np.arange(n) % 3 == 1, "MONOCHROME1", "MONOCHROME2")
+    plain = gpucnr.write_stack(tmp_path / "plain.zarr", d.images, rois=d.rois, shard=SHARD)
+    inverted = gpucnr.write_stack(tmp_path / "inv.zarr", d.images, rois=d.rois, shard=SHARD,
+                                  meta=pd.DataFrame({"photometric": photometric}))
+    flip = np.where(photometric[gpucnr.open_stack(inverted.path).images["source_index"].to_numpy()]
+                    == "MONOCHROME1", -1.0, 1.0)[:, None]
+    assert (flip < 0).any() and (flip > 0).any()
+    a = gpucnr.run(plain, tmp_path / "a.zarr", backend="numpy", signed=True).load()
+    b = gpucnr.run(inverted, tmp_path / "b.zarr", backend="numpy", signed=True).load()
+    assert (a["cnr"].to_numpy() > 0).all()  # bright lesions on MONOCHROME2
+    np.testing.assert_array_equal(b["cnr"].to_numpy(), a["cnr"].to_numpy() * flip)
+    assert strings(b["photometric"].to_numpy()) == \
+        photometric[b["source_index"].to_numpy()].tolist()
+    # unsigned: the photometric interpretation changes nothing
+    a = gpucnr.run(plain, tmp_path / "a2.zarr", backend="numpy").load()
+    b = gpucnr.run(inverted, tmp_path / "b2.zarr", backend="numpy").load()
+    np.testing.assert_array_equal(b["cnr"].to_numpy(), a["cnr"].to_numpy())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------------------
+
+
+def info_json(path, capsys) -> dict:
+    capsys.readouterr()
+    assert main(["info", str(path), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_demo_leaves_stack_and_results(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "-n", "50", "--size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "gpucnr demo: 50 images" in out
+    assert (tmp_path / "stack.zarr").is_dir() and (tmp_path / "results.zarr").is_dir()
+    ds = load(tmp_path / "results.zarr")
+    assert ds.sizes["image"] == 50 and (ds["committed"].to_numpy() == 1).all()
+    assert np.isfinite(ds["cnr_median"].to_numpy()).all()
+    assert ds.attrs["stack_path"] == "stack.zarr"
+    report = info_json(tmp_path / "results.zarr", capsys)
+    assert report["kind"] == "results" and report["complete"] is True
+    assert report["images"] == 50 and report["committed"] == report["batches"]
+    report = info_json(tmp_path / "stack.zarr", capsys)
+    assert report["kind"] == "stack" and report["images"] == 50 and report["complete"] is True
+
+
+def test_cli_run_progress_resume_info_and_errors(tmp_path, stacks, datasets, capsys, monkeypatch):
+    stack = stacks("table", "uint16")
+    results = tmp_path / "r.zarr"
+    log = tmp_path / "batches.log"
+    monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
+    options = ["--background", "ring", "--footprint", "disk", "--ddof", "0", "--backend", "numpy"]
+    argv = ["run", str(stack), str(results), *options, "--batch", "8", "--scheduler", "synchronous"]
+    assert main([*argv, "--progress"]) == 0
+    captured = capsys.readouterr()
+    assert "\r[" in captured.err and "2/2 batches" in captured.err
+    assert "CNR mean" in captured.out
+    ds = load(results)
+    assert_matches(ds, reference(datasets("uint16"), "table", background="ring", footprint="disk", ddof=0))
+    assert ds.attrs["batch"] == 8
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpucnr: error [results-exist]")
+    assert main([*argv, "--resume", "--ddof", "1"]) == 2
+    assert "gpucnr: error [resume-mismatch]" in capsys.readouterr().err
+
+    report = info_json(results, capsys)
+    assert report["kind"] == "results" and report["committed"] == 2 and report["batches"] == 2
+    assert report["complete"] is True
+    assert report["parameters"]["background"] == "ring" and report["parameters"]["ddof"] == 0
+    assert report["stack_fingerprint"] == gpucnr.open_stack(stack).fingerprint()
+    assert sum(report["status_counts"].values()) == ds.sizes["image"] * ds.sizes["roi"]
+
+    zarr.open_group(str(results), mode="r+")["committed"][1] = 0
+    report = info_json(results, capsys)
+    assert report["committed"] == 1 and report["complete"] is False
+    log.unlink()
+    assert main([*argv, "--resume", "--progress"]) == 0
+    assert "2/2 batches" in capsys.readouterr().err
+    assert log_lines(log) == [1]
+    assert info_json(results, capsys)["complete"] is True
+    assert_same_results(ds, load(results))
+
+    report = info_json(stack, capsys)
+    assert report["kind"] == "stack" and report["complete"] is True and report["images"] == 11
+    assert [b["images"] for b in report["buckets"]] == [6, 5]
+    assert report["roi_ids"] == [1, 2, BG_LABEL]
+
+    assert main(["run", str(tmp_path / "missing.zarr"), str(tmp_path / "x.zarr")]) == 2
+    assert capsys.readouterr().err.startswith("gpucnr: error [stack-schema]")
+    pd.DataFrame({"image": [0], "roi": [1], "cx": [5]}).to_csv(tmp_path / "bad.csv", index=False)
+    assert main(["run", str(stack), str(tmp_path / "y.zarr"), "--rois", str(tmp_path / "bad.csv")]) == 2
+    assert capsys.readouterr().err.startswith("gpucnr: error [roi-table]")
+
+
+def test_cli_rois_csv(tmp_path, stacks, datasets, capsys):
+    stack_path = stacks("labels", "uint16")
+    source = gpucnr.open_stack(stack_path).images["source_index"].to_numpy()
+    d = datasets("uint16")
+    glob = d.rois.assign(image=np.argsort(source)[d.rois["image"].to_numpy()], r=3, kind="square")
+    glob.to_csv(tmp_path / "rois.csv", index=False)
+    argv = ["run", str(stack_path), str(tmp_path / "r.zarr"), "--rois", str(tmp_path / "rois.csv"),
+            "--backend", "numpy", "--background", "complement-all"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    ds = load(tmp_path / "r.zarr")
+    assert ds.attrs["roi_source"] == "table"
+    ref = reference(d, "table", rois=d.rois.assign(r=3, kind="square"), background="complement-all")
+    assert_matches(ds, ref)
+
+
+def test_python_m_gpucnr_run_help():
+    proc = subprocess.run([sys.executable, "-m", "gpucnr", "run", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for flag in ("--resume", "--progress", "--scheduler", "--batch", "--rois", "--background", "--ddof"):
+        assert flag in proc.stdout, flag
