@@ -137,10 +137,16 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     def finish(spec: BatchSpec, out: dict):
         g0 = spec.global_start
         g1 = g0 + spec.stop - spec.start
-        if out.get("failures"):
-            failures = list(group.attrs.get("failures", [])) + out["failures"]
-            group.attrs["failures"] = failures
-        write_rows(group, g0, g1, out, names[g0:g1], spec.index)
+        try:
+            if out.get("failures"):
+                group.attrs["failures"] = list(group.attrs.get("failures", [])) + out["failures"]
+            write_rows(group, g0, g1, out, names[g0:g1], spec.index)
+        except OSError as e:
+            # NB: a full disk (or a quota) while writing: the batches committed so far stay readable, and
+            # --resume redoes this one; say so instead of ending in a bare EFBIG/ENOSPC traceback.
+            raise ResultsError("results-write", f"could not write batch {spec.index} (images {g0}..{g1 - 1}) to "
+                               f"{results}: {e.strerror or e}; committed batches are intact, rerun with "
+                               "--resume when there is room") from e
         if log:
             with open(log, "a") as fh:
                 fh.write(f"{spec.index}\n")
@@ -314,11 +320,20 @@ def _execute_distributed(specs, finish, client):
             singles = list(_per_image(spec))
             subs = [client.submit(measure_spec, s, pure=False) for s in singles]
             parts = []
-            for s, sub in zip(singles, subs, strict=True):
+            for sub in subs:
                 try:
                     parts.append(sub.result())
                 except (KilledWorker, FutureCancelledError):
-                    parts.append(failed_rows(s, "worker-died", "every worker that measured this image died"))
+                    parts.append(None)
+            for k, single in enumerate(singles):
+                if parts[k] is not None:
+                    continue
+                # NB: a worker's death makes every task it held a suspect, so an image that only shared a
+                # worker with the killer can fail too: each such image is tried again alone, in turn.
+                try:
+                    parts[k] = client.submit(measure_spec, single, pure=False).result()
+                except (KilledWorker, FutureCancelledError):
+                    parts[k] = failed_rows(single, "worker-died", "every worker that measured this image died")
             out = _concat(parts)
         finish(spec, out)
 
