@@ -80,7 +80,7 @@ class Stack:
 
     def fingerprint(self) -> str:
         """Hash of the stack's metadata, tables and manifest — never of its pixels (DESIGN §6)."""
-        return fingerprint(self.path)
+        return fingerprint(self.path, tables={"images": self.images, "rois": self.rois})
 
     def read(self, bucket: Bucket, start: int, stop: int, *, labels: bool = True):
         """Images [start, stop) of `bucket` (and their labels), with coded errors for bad chunks."""
@@ -453,8 +453,11 @@ def _absent_inner_chunks(file: Path, per_shard: int, used: int) -> list[int] | N
     return [int(k) for k in np.flatnonzero((index[:used, 0] == empty) & (index[:used, 1] == empty))]
 
 
-def fingerprint(path) -> str:
-    """SHA-256 of a stack's metadata (every zarr.json), its tables and its manifests; never its pixels."""
+def fingerprint(path, *, tables: dict | None = None) -> str:
+    """SHA-256 of a stack's metadata (every zarr.json), its tables and its manifests; never its pixels.
+
+    `tables` may pass the tables already read (as `Stack` does), to save reading them again.
+    """
     path = Path(path)
     h = hashlib.sha256()
     for meta in sorted(path.rglob("zarr.json")):
@@ -463,7 +466,7 @@ def fingerprint(path) -> str:
         h.update(json.dumps(json.loads(meta.read_bytes()), sort_keys=True).encode())
     group = zarr.open_group(str(path), mode="r")
     for name in ("images", "rois"):
-        table = _read_table(group, name)
+        table = tables[name] if tables is not None else _read_table(group, name)
         if table is not None:
             h.update(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
     for b in group.attrs.get("buckets", []):

@@ -56,12 +56,14 @@ def main(argv=None):
     parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
                              "memory (peak RSS of `gpucnr run`, 4000 vs 500 images)")
-    parser.add_argument("--n", type=int, default=256, help="images in the stack (default 256)")
+    parser.add_argument("--n", type=int, default=None, help="images (default 256; pipeline: 1024)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (best one kept)")
     parser.add_argument("--quick", action="store_true", help="64 images, 3 rounds")
     args = parser.parse_args(argv)
+    if args.n is None:
+        args.n = 1024 if args.part == "pipeline" else 256
     if args.quick:
         args.n, args.repeat = 64, 3
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
