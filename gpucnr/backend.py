@@ -8,7 +8,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from gpucnr.errors import GpucnrError
+from gpucnr.errors import GpucnrError, OptionError
 
 __all__ = [
     "BACKENDS",
@@ -75,7 +75,7 @@ def resolve_backend(backend: str, data: Any = None) -> str:
         ``backend="cupy"`` without a usable CUDA device.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise OptionError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cupy":
         if not (is_cupy(data) or cupy_available()):
             raise BackendUnavailableError("backend='cupy' was requested but no CUDA device is available")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["GpucnrError", "InputError", "RoiTableError", "ShapeMismatchError"]
+__all__ = ["GpucnrError", "InputError", "OptionError", "OptionTypeError", "RoiTableError", "ShapeMismatchError"]
 
 
 class GpucnrError(Exception):
@@ -31,3 +31,13 @@ class RoiTableError(InputError):
     """An ROI table with a missing column, a non-integer coordinate, an unknown kind or a duplicate."""
 
     code = "roi-table"
+
+
+class OptionError(InputError):
+    """A measurement option with a value outside its choices or range."""
+
+    code = "bad-option"
+
+
+class OptionTypeError(OptionError, TypeError):
+    """A measurement option of the wrong type (a float dilation, a string for ``signed``)."""

@@ -41,7 +41,12 @@ def _stack(path: Path) -> dict:
         stack = open_stack(path)
     except GpucnrError as e:
         problem = str(e)
-        stack = open_stack(path, check=False)
+        try:
+            stack = open_stack(path, check=False)
+        except GpucnrError:
+            # NB: damaged beyond reading its layout: report what is wrong rather than raise.
+            return {"kind": "stack", "path": str(path), "complete": False, "problem": problem,
+                    "text": f"stack {path}: cannot be read — {problem}"}
     buckets = [{"name": b.name, "images": b.size, "first_index": b.offset, "labels": b.labels is not None}
                for b in stack.buckets]
     report = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing
 import os
 import sys
@@ -24,7 +25,7 @@ from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
 from gpucnr.results import ResultsError, create_results, open_results, stack_relative, write_rows
 from gpucnr.roitable import normalize_table
-from gpucnr.store import Stack, StackError, open_stack
+from gpucnr.store import RESULT_COLUMNS, Stack, StackError, open_stack
 
 __all__ = ["SCHEDULERS", "plan_batches", "run"]
 
@@ -39,6 +40,7 @@ class BatchSpec:
 
     index: int
     stack: str
+    fingerprint: str
     bucket: str
     start: int
     stop: int
@@ -116,21 +118,26 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     fingerprint = stack.fingerprint()
     attrs = {**params.as_attrs(), "backend": where, "stack_path": stack_relative(stack.path, results),
              "stack_fingerprint": fingerprint, "batch": size, "roi_source": "table" if table is not None else "labels",
-             "status_codes": STATUS_LEGEND, "failures": []}
+             "rois_fingerprint": _table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": []}
     group = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
     committed = np.asarray(group["committed"][:])
     names = _names(table, roi_ids, stack.n_images)
     specs = []
+    if table is not None:
+        # NB: sorted once, each batch's rows are a slice: no scan of the whole table per batch.
+        table = table.sort_values("image", kind="stable").reset_index(drop=True)
+        image_col = table["image"].to_numpy()
     for index, (bucket, start, stop, g0) in enumerate(plan):
         if committed[index]:
             continue
         rows = None
         if table is not None:
-            sel = (table["image"].to_numpy() >= g0) & (table["image"].to_numpy() < g0 + stop - start)
-            rows = {k: np.asarray(v) for k, v in _kernel_table(table[sel], roi_ids, g0).items()}
-        specs.append(BatchSpec(index=index, stack=str(stack.path), bucket=bucket, start=start, stop=stop,
-                               global_start=g0, params=params, roi_ids=tuple(int(v) for v in roi_ids), table=rows,
-                               use_labels=use_labels, use_lesions=use_lesions, backend=where))
+            lo, hi = np.searchsorted(image_col, [g0, g0 + stop - start])
+            rows = {k: np.asarray(v) for k, v in _kernel_table(table.iloc[lo:hi], roi_ids, g0).items()}
+        specs.append(BatchSpec(index=index, stack=str(stack.path), fingerprint=fingerprint, bucket=bucket,
+                               start=start, stop=stop, global_start=g0, params=params,
+                               roi_ids=tuple(int(v) for v in roi_ids), table=rows, use_labels=use_labels,
+                               use_lesions=use_lesions, backend=where))
     bar = _Progress(len(plan), int(committed.sum())) if progress else None
     log = os.environ.get("GPUCNR_BATCH_LOG")
 
@@ -138,8 +145,11 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         g0 = spec.global_start
         g1 = g0 + spec.stop - spec.start
         try:
-            if out.get("failures"):
-                group.attrs["failures"] = list(group.attrs.get("failures", [])) + out["failures"]
+            old = list(group.attrs.get("failures", []))
+            kept = [f for f in old if not g0 <= int(f["image"]) < g1]
+            if out.get("failures") or len(kept) != len(old):
+                # NB: this batch's entries replace any a crashed attempt left: a resume never duplicates them.
+                group.attrs["failures"] = kept + list(out.get("failures", []))
             write_rows(group, g0, g1, out, names[g0:g1], spec.index)
         except OSError as e:
             # NB: a full disk (or a quota) while writing: the batches committed so far stay readable, and
@@ -182,6 +192,14 @@ def _roi_ids(stack, table, use_labels, params) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+def _table_fingerprint(table) -> str:
+    """SHA-256 of the normalised ROI table (or "labels"), so a resume cannot mix two tables."""
+    if table is None:
+        return "labels"
+    cols = table[["image", "roi", "kind", "cx", "cy", "r", "name"]].sort_values(["image", "roi"])
+    return hashlib.sha256(pd.util.hash_pandas_object(cols, index=False).to_numpy().tobytes()).hexdigest()
+
+
 def _kernel_table(rows: pd.DataFrame, roi_ids, g0: int) -> dict:
     return {"image": rows["image"].to_numpy() - g0, "col": np.searchsorted(roi_ids, rows["roi"].to_numpy()),
             "kind": rows["kind_code"].to_numpy(), "cx": rows["cx"].to_numpy(), "cy": rows["cy"].to_numpy(),
@@ -205,14 +223,16 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume
         if old.get("stack_fingerprint") != attrs["stack_fingerprint"]:
             raise ResultsError("resume-mismatch", f"{path} was computed from a different stack (fingerprint "
                                f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]})")
-        changed = [k for k in (*Params().as_attrs(), "batch", "roi_source") if old.get(k) != attrs[k]]
+        changed = [k for k in (*Params().as_attrs(), "batch", "roi_source", "rois_fingerprint")
+                   if old.get(k) != attrs[k]]
         if changed:
             raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
                                + ", ".join(f"{k}={old.get(k)!r} (now {attrs[k]!r})" for k in changed))
         if list(np.asarray(group["roi"][:])) != list(roi_ids):
             raise ResultsError("resume-mismatch", f"{path} has other ROI ids")
         return group
-    table = stack.images.drop(columns=[c for c in ("slope", "intercept", "padding") if c in stack.images])
+    # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
+    table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS]]
     return create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table, chunk=stack.shard,
                           batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs)
 
@@ -340,28 +360,39 @@ def _execute_distributed(specs, finish, client):
 
 # --- the task ----------------------------------------------------------------------------------------------
 @lru_cache(maxsize=4)
-def _stack(path: str) -> Stack:
-    return open_stack(path, check=False)
+def _stack(path: str, fingerprint: str) -> Stack:
+    """The stack opened once per process; keyed by its fingerprint too, so a stack rewritten at the same path
+    is opened afresh."""
+    stack = open_stack(path, check=False)
+    if stack.fingerprint() != fingerprint:
+        raise StackError("stack-changed", f"{path} changed since the run started (fingerprint)")
+    return stack
 
 
 def measure_spec(spec: BatchSpec) -> dict:
-    """Read one batch, measure it, return small host arrays (and any per-image failures)."""
-    stack = _stack(spec.stack)
+    """Read one batch, measure it, return small host arrays and its per-image failures: an image whose
+    chunk cannot be read gets status 6 (failed) and a failure entry; the rest of the batch its results."""
+    try:
+        return _measure(spec)
+    except StackError as e:
+        if e.code == "stack-changed":
+            raise
+        if spec.stop - spec.start == 1:
+            return failed_rows(spec, e.code, e.reason)
+    parts = []
+    for single in _per_image(spec):
+        try:
+            parts.append(_measure(single))
+        except StackError as e:
+            parts.append(failed_rows(single, e.code, e.reason))
+    return _concat(parts)
+
+
+def _measure(spec: BatchSpec) -> dict:
+    stack = _stack(spec.stack, spec.fingerprint)
     bucket = next(b for b in stack.buckets if b.name == spec.bucket)
     info = stack.images.iloc[spec.global_start : spec.global_start + spec.stop - spec.start]
-    failures = []
-    try:
-        images, labels = stack.read(bucket, spec.start, spec.stop, labels=spec.use_labels or spec.use_lesions)
-    except StackError:
-        if spec.stop - spec.start == 1:
-            raise
-        parts = []
-        for single in _per_image(spec):
-            try:
-                parts.append(measure_spec(single))
-            except StackError as e:
-                parts.append(failed_rows(single, e.code, e.reason))
-        return _concat(parts)
+    images, labels = stack.read(bucket, spec.start, spec.stop, labels=spec.use_labels or spec.use_lesions)
     where = spec.backend
     images = to_backend(images, where)
     xp = namespace(images)
@@ -382,7 +413,7 @@ def measure_spec(spec: BatchSpec) -> dict:
     host = {k: to_host(v) for k, v in out.items()}
     if spec.use_labels:
         host = _align(host, np.asarray(spec.roi_ids, np.int64))
-    host["failures"] = failures
+    host["failures"] = []
     return host
 
 

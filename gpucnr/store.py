@@ -22,13 +22,18 @@ from gpucnr.backend import to_host
 from gpucnr.errors import GpucnrError, InputError
 from gpucnr.roitable import normalize_table
 
-__all__ = ["COMPRESSORS", "Bucket", "Stack", "StackError", "open_stack", "write_stack"]
+__all__ = ["COMPRESSORS", "RESULT_COLUMNS", "Bucket", "Stack", "StackError", "open_stack", "write_stack"]
 
 STACK_FORMAT = 1
 #: Compressors a stack may use (docs/performance.md has the measurement behind the default).
 COMPRESSORS = ("blosc-zstd", "zstd")
 _CANVAS = 64
 _WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
+#: Per-image columns that results carry as coordinates: structure, acquisition and pseudonymous ids only —
+#: never a free-form `meta` column, which may hold a name or a record number.
+RESULT_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "photometric", "source_index", "frame",
+                  "modality", "manufacturer", "model", "pixel_spacing", "site", "split", "patient_id", "study_id",
+                  "series_id", "instance_id")
 _IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
                   "photometric", "source_index")
 
@@ -261,6 +266,8 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
                 raise InputError(f"image {i} has shape {a.shape} but its labels have shape {b.shape}")
             if b.dtype.kind not in "iub":
                 raise InputError(f"labels of image {i} must be integer, got {b.dtype}")
+            if b.size and (int(b.min()) < 0 or int(b.max()) > np.iinfo(np.int32).max):
+                raise InputError(f"labels of image {i} must lie in [0, 2**31 - 1] (they are stored as int32)")
     n = len(planes)
     meta = pd.DataFrame(index=range(n)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
     if len(meta) != n:
@@ -349,24 +356,36 @@ def _planes(images, what) -> list[np.ndarray]:
 
 
 def _write_table(group, name: str, table: pd.DataFrame) -> None:
+    """One 1-D array per column, one chunk each, zstd then crc32c (a damaged table must not read as data)."""
     for col in table.columns:
         values = table[col].to_numpy()
-        if values.dtype.kind in "OUST":
+        dtype = str if values.dtype.kind in "OUST" else values.dtype
+        if dtype is str:
             values = values.astype(str)
-            arr = group.create_array(f"tables/{name}/{col}", shape=values.shape, dtype=str,
-                                     chunks=(max(len(values), 1),), config=_WRITE)
-        else:
-            arr = group.create_array(f"tables/{name}/{col}", shape=values.shape, dtype=values.dtype,
-                                     chunks=(max(len(values), 1),), config=_WRITE)
+        arr = group.create_array(f"tables/{name}/{col}", shape=values.shape, dtype=dtype,
+                                 chunks=(max(len(values), 1),), compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                                 config=_WRITE)
         if len(values):
             arr[:] = values
 
 
-def _read_table(group, name: str) -> pd.DataFrame | None:
+def _read_table(group, name: str, root: Path | None = None) -> pd.DataFrame | None:
+    """A table's columns; with `root`, a missing or damaged column chunk is a coded error, never zeros."""
     if f"tables/{name}" not in group:
         return None
     sub = group[f"tables/{name}"]
-    return pd.DataFrame({k: np.asarray(sub[k][:]) for k in sorted(sub.array_keys())})
+    columns = {}
+    for key in sorted(sub.array_keys()):
+        arr = sub[key]
+        where = f"tables/{name}/{key}"
+        if root is not None and arr.shape[0] and not Path(root, where, arr.metadata.encode_chunk_key((0,))).exists():
+            raise StackError("missing-chunk", f"{where}: chunk {arr.metadata.encode_chunk_key((0,))} is missing; "
+                             "zarr would read it as fill values")
+        try:
+            columns[key] = np.asarray(arr[:])
+        except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
+            raise StackError("corrupt-chunk", f"{where}: its chunk cannot be decoded ({type(e).__name__})") from None
+    return pd.DataFrame(columns)
 
 
 def open_stack(path, *, check: bool = True) -> Stack:
@@ -388,7 +407,7 @@ def open_stack(path, *, check: bool = True) -> Stack:
     attrs = dict(group.attrs)
     if attrs.get("gpucnr_stack") != STACK_FORMAT:
         raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
-    images = _read_table(group, "images")
+    images = _read_table(group, "images", path)
     if images is None or any(c not in images.columns for c in _IMAGE_COLUMNS):
         raise StackError("stack-schema", f"{path}: tables/images lacks columns of {_IMAGE_COLUMNS}")
     buckets = []
@@ -407,7 +426,7 @@ def open_stack(path, *, check: bool = True) -> Stack:
         offset += int(arr.shape[0])
     if offset != len(images) or offset != attrs.get("n_images"):
         raise StackError("stack-schema", f"{path}: buckets hold {offset} images, tables/images {len(images)}")
-    stack = Stack(path=path, group=group, buckets=buckets, images=images, rois=_read_table(group, "rois"),
+    stack = Stack(path=path, group=group, buckets=buckets, images=images, rois=_read_table(group, "rois", path),
                   roi_ids=np.asarray(attrs.get("roi_ids", []), np.int64), shard=int(attrs["shard"]),
                   compressor=attrs.get("compressor", "blosc-zstd"))
     if check:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -652,3 +653,88 @@ def test_python_m_gpucnr_run_help():
     assert proc.returncode == 0, proc.stderr
     for flag in ("--resume", "--progress", "--scheduler", "--batch", "--rois", "--background", "--ddof"):
         assert flag in proc.stdout, flag
+
+
+# --- review findings, each a regression test -----------------------------------------------------------------
+def test_resume_refuses_another_roi_table(tmp_path, stacks, datasets, monkeypatch):
+    """A --rois CSV is part of what a resume must match, like the stack and the parameters."""
+    import gpucnr.pipeline as pipeline
+
+    stack = stacks("table", "uint16")
+    d = datasets("uint16")
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    d.rois.to_csv(a, index=False)
+    d.rois.assign(cx=d.rois.cx + 3).to_csv(b, index=False)
+    real = pipeline.measure_spec
+    monkeypatch.setattr(pipeline, "measure_spec", lambda spec: real(spec) if spec.index == 0 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        gpucnr.run(stack, tmp_path / "r.zarr", rois=a, scheduler="synchronous", backend="numpy")
+    monkeypatch.undo()
+    with pytest.raises(gpucnr.ResultsError) as err:
+        gpucnr.run(stack, tmp_path / "r.zarr", rois=b, resume=True, backend="numpy")
+    assert err.value.code == "resume-mismatch" and "rois_fingerprint" in str(err.value)
+    done = gpucnr.run(stack, tmp_path / "r.zarr", rois=a, resume=True, backend="numpy").load()
+    assert done["committed"].values.all()
+
+
+def test_a_stack_rewritten_at_the_same_path_is_read_afresh(tmp_path, datasets):
+    d = datasets("uint16")
+    path = tmp_path / "s.zarr"
+    gpucnr.write_stack(path, d.images, rois=d.rois, shard=SHARD)
+    first = gpucnr.run(path, tmp_path / "r1.zarr", scheduler="synchronous", backend="numpy").load()
+    shutil.rmtree(path)
+    meta = pd.DataFrame({"slope": np.full(len(d.images), 2.0)})
+    gpucnr.write_stack(path, d.images, rois=d.rois, meta=meta, shard=SHARD)
+    second = gpucnr.run(path, tmp_path / "r2.zarr", scheduler="synchronous", backend="numpy").load()
+    ok = first["status"].values == 0
+    np.testing.assert_allclose(second["mean_roi"].values[ok], 2 * first["mean_roi"].values[ok], rtol=1e-12)
+
+
+def _flip_image_chunk(stack_path: Path, image_in_bucket: int, bucket: str) -> None:
+    arr = zarr.open_array(str(stack_path / f"buckets/{bucket}/images"), mode="r")
+    per = int(arr.shards[0])
+    f = stack_path / f"buckets/{bucket}/images" / arr.metadata.encode_chunk_key((image_in_bucket // per, 0, 0))
+    data = bytearray(f.read_bytes())
+    index = np.frombuffer(bytes(data[-(16 * per + 4) : -4]), "<u8").reshape(per, 2)
+    offset, nbytes = (int(v) for v in index[image_in_bucket % per])
+    data[offset + nbytes // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+
+
+def test_a_damaged_image_alone_in_its_batch_fails_alone_and_once(tmp_path):
+    """A one-image batch whose chunk is damaged gets status 6 like any other image; a resume after a crash
+    does not record its failure twice."""
+    n = 9  # shard 4: the last batch holds one image
+    ph = make_phantom(n, (64, 64), lesions=1, radius=6, margin=8, seed=4)
+    path = tmp_path / "s.zarr"
+    stack = gpucnr.write_stack(path, ph.images, rois=ph.rois, shard=SHARD)
+    bucket = stack.buckets[0].name
+    _flip_image_chunk(path, n - 1, bucket)
+    _flip_image_chunk(path, 1, bucket)
+    ds = gpucnr.run(path, tmp_path / "r.zarr", scheduler="synchronous", backend="numpy").load()
+    failed = sorted(int(i) for i in np.flatnonzero((ds["status"].values == 6).any(axis=1)))
+    assert failed == [1, n - 1]
+    assert sorted(f["image"] for f in ds.attrs["failures"]) == [1, n - 1]
+    group = zarr.open_group(str(tmp_path / "r.zarr"), mode="r+")
+    group["committed"][:] = 0  # as if every batch had to be redone
+    again = gpucnr.run(path, tmp_path / "r.zarr", resume=True, backend="numpy").load()
+    assert sorted(f["image"] for f in again.attrs["failures"]) == [1, n - 1]
+
+
+def test_results_carry_no_free_form_meta_column(tmp_path, datasets):
+    d = datasets("uint16")
+    meta = pd.DataFrame({"patient_name": ["Doe^John"] * len(d.images), "modality": ["CT"] * len(d.images)})
+    path = tmp_path / "s.zarr"
+    gpucnr.write_stack(path, d.images, rois=d.rois, meta=meta, shard=SHARD)
+    ds = gpucnr.run(path, tmp_path / "r.zarr", backend="numpy")
+    assert "patient_name" not in ds.variables and "modality" in ds.coords
+    text = " ".join(p.read_text(errors="ignore") for p in (tmp_path / "r.zarr").rglob("zarr.json"))
+    assert "Doe^John" not in text and "patient_name" not in text
+
+
+def test_cli_bad_option_is_a_coded_error(tmp_path, stacks, capsys):
+    from gpucnr.cli import main
+
+    rc = main(["run", str(stacks("labels", "uint16")), str(tmp_path / "r.zarr"), "--background", "label"])
+    assert rc == 2
+    assert "gpucnr: error [bad-option]" in capsys.readouterr().err

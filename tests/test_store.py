@@ -614,3 +614,30 @@ def test_missing_table_column_or_array(tmp_path, phantom):
     write(path2, phantom)
     shutil.rmtree(path2 / IMAGES)
     expect_error("stack-schema", lambda: gpucnr.open_stack(path2), IMAGES)
+
+
+# --- the stack's tables are checked like its pixels (review finding: they were read unchecked) ------------
+def test_missing_table_chunk_is_an_error_not_zeros(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    (path / "tables/images/valid_h/c/0").unlink()
+    expect_error("missing-chunk", lambda: gpucnr.open_stack(path), "tables/images/valid_h")
+
+
+def test_flipped_byte_in_a_table_is_a_corrupt_chunk(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    f = path / "tables/rois/cx/c/0"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+    expect_error("corrupt-chunk", lambda: gpucnr.open_stack(path), "tables/rois/cx")
+
+
+def test_labels_beyond_int32_are_refused(tmp_path):
+    images = np.zeros((1, 8, 8), np.uint16)
+    labels = np.zeros((1, 8, 8), np.uint32)
+    labels[0, 2, 2] = 2**31 + 5
+    with pytest.raises(gpucnr.InputError, match="int32"):
+        gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels)
+    assert not (tmp_path / "s.zarr").exists()

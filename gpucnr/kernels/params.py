@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from gpucnr.errors import OptionError, OptionTypeError
 from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 
@@ -59,19 +60,19 @@ class Params:
             _nonneg_int(name, getattr(self, name))
         _nonneg_int("ring_width", self.ring_width)
         if self.ring_width < 1:
-            raise ValueError("ring_width must be >= 1")
+            raise OptionError("ring_width must be >= 1")
         if self.background == "label":
             if self.background_label is None:
-                raise ValueError("background='label' needs background_label= (no default)")
+                raise OptionError("background='label' needs background_label= (no default)")
             _int("background_label", self.background_label)
             if self.background_label == 0:
-                raise ValueError("background_label must not be 0 (0 means 'no label')")
+                raise OptionError("background_label must not be 0 (0 means 'no label')")
         if self.gcnr_bins != "auto":
             _int("gcnr_bins", self.gcnr_bins)
             if self.gcnr_bins < 1:
-                raise ValueError(f"gcnr_bins must be 'auto' or an integer >= 1, got {self.gcnr_bins!r}")
+                raise OptionError(f"gcnr_bins must be 'auto' or an integer >= 1, got {self.gcnr_bins!r}")
         if not isinstance(self.signed, bool):
-            raise TypeError(f"signed must be True or False, got {self.signed!r}")
+            raise OptionTypeError(f"signed must be True or False, got {self.signed!r}")
         # NB: NumPy integers become plain ints, so the parameters serialise as JSON attributes anywhere.
         for name in ("dilation", "border", "ring_gap", "ring_width", "min_bg", "ddof", "background_label",
                      "gcnr_bins"):
@@ -95,15 +96,15 @@ class Params:
 
 def _choice(name, value, allowed):
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        raise OptionError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _int(name, value):
     if isinstance(value, bool) or (not isinstance(value, int) and not hasattr(value, "__index__")):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+        raise OptionTypeError(f"{name} must be an integer, got {value!r}")
 
 
 def _nonneg_int(name, value):
     _int(name, value)
     if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+        raise OptionError(f"{name} must be >= 0, got {value}")
