@@ -279,6 +279,17 @@ def _buffers(y0, y1, x0, x1, reach):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
+def _cell(j, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, shift, labels, has_labels, reach,
+          border, mode, grow_dy, grow_w, keep_dy, keep_w, roi, part, hole, dist):  # pragma: no cover - compiled
+    """Cell j's image, padding, shift and window, its masks filled in the reused buffers."""
+    i = image[j]
+    wy0, wx0, h, w = _cell_masks(labels, has_labels, i, kind[j], cx[j], cy[j], r[j], y0[j], y1[j], x0[j], x1[j],
+                                 valid_h[i], valid_w[i], reach, border, mode, grow_dy, grow_w, keep_dy, keep_w,
+                                 roi, part, hole, dist)
+    return i, padding[i], np.isfinite(padding[i]), shift[i], wy0, wx0, h, w
+
+
+@numba.njit(nogil=True, cache=True)
 def _exact_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w,
                    padding, border, mode, grow_dy, grow_w, keep_dy, keep_w, shift):  # pragma: no cover
     m = image.shape[0]
@@ -292,14 +303,9 @@ def _exact_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
     reach = grow_dy.shape[0] // 2 if mode != 0 else 0
     roi, part, hole, dist = _buffers(y0, y1, x0, x1, reach)
     for j in range(m):
-        i = image[j]
-        vh, vw = valid_h[i], valid_w[i]
-        pad = padding[i]
-        has_pad = np.isfinite(pad)
-        c = shift[i]
-        wy0, wx0, h, w = _cell_masks(labels, has_labels, i, kind[j], cx[j], cy[j], r[j], y0[j], y1[j], x0[j],
-                                     x1[j], vh, vw, reach, border, mode, grow_dy, grow_w, keep_dy, keep_w,
-                                     roi, part, hole, dist)
+        i, pad, has_pad, c, wy0, wx0, h, w = _cell(j, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w,
+                                                    padding, shift, labels, has_labels, reach, border, mode,
+                                                    grow_dy, grow_w, keep_dy, keep_w, roi, part, hole, dist)
         for yy in range(h):
             for xx in range(w):
                 in_roi = roi[yy, xx]
@@ -345,14 +351,9 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
     reach = grow_dy.shape[0] // 2 if mode != 0 else 0
     roi, part, hole, dist = _buffers(y0, y1, x0, x1, reach)
     for j in range(m):
-        i = image[j]
-        vh, vw = valid_h[i], valid_w[i]
-        pad = padding[i]
-        has_pad = np.isfinite(pad)
-        c = shift[i]
-        wy0, wx0, h, w = _cell_masks(labels, has_labels, i, kind[j], cx[j], cy[j], r[j], y0[j], y1[j], x0[j],
-                                     x1[j], vh, vw, reach, border, mode, grow_dy, grow_w, keep_dy, keep_w,
-                                     roi, part, hole, dist)
+        i, pad, has_pad, c, wy0, wx0, h, w = _cell(j, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w,
+                                                    padding, shift, labels, has_labels, reach, border, mode,
+                                                    grow_dy, grow_w, keep_dy, keep_w, roi, part, hole, dist)
         # Pass 1: counts and sums about c. Pass 2: the ROI (and a ring, which is a whole background) about
         # its own mean; a complement part stays about c, since it is subtracted from the image totals.
         roi_s1 = 0.0
