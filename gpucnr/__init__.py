@@ -8,9 +8,11 @@ from gpucnr.arrays import measure
 from gpucnr.backend import BackendUnavailableError
 from gpucnr.errors import GpucnrError, InputError, RoiTableError, ShapeMismatchError
 from gpucnr.kernels import BACKGROUNDS, DEFINITIONS, FOOTPRINTS, STATUS, Params
+from gpucnr.manifests import manifest, read_manifest, write_manifest
 from gpucnr.pipeline import run
 from gpucnr.results import ResultsError, open_results
 from gpucnr.roitable import sample_rois
+from gpucnr.statistics import summarize
 from gpucnr.store import StackError, open_stack, write_stack
 
 __all__ = [
@@ -27,10 +29,14 @@ __all__ = [
     "ShapeMismatchError",
     "StackError",
     "__version__",
+    "manifest",
     "measure",
     "open_results",
     "open_stack",
+    "read_manifest",
     "run",
     "sample_rois",
+    "summarize",
+    "write_manifest",
     "write_stack",
 ]

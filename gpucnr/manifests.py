@@ -1,0 +1,410 @@
+"""The keep/drop manifest: one decision per image, ROI, series, study or patient, for a training loader's join.
+
+A manifest is a pandas.DataFrame built from results (DESIGN §6) by `manifest`, written by `write_manifest` as CSV
+(with a leading ``# `` comment block) or Parquet (key-value metadata), and read back by `read_manifest`.
+
+Only the pseudonymous id columns (``patient_id``, ``study_id``, ``series_id``, ``instance_id``) and the global
+image index identify a row: no other per-image column of the results, no ROI name, no failure message ever
+enters a manifest (DESIGN §8), and `write_manifest` refuses a frame with any other column.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from numbers import Real
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from gpucnr._version import __version__
+from gpucnr.errors import InputError
+from gpucnr.kernels.cnr import STATUS
+from gpucnr.results import open_results
+
+__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "REASONS", "manifest", "read_manifest", "write_manifest"]
+
+#: Units a manifest can decide on, finest first.
+LEVELS = ("image", "roi", "series", "study", "patient")
+#: Pseudonymous id columns, coarsest first; the only per-image columns copied from the results.
+ID_COLUMNS = ("patient_id", "study_id", "series_id", "instance_id")
+_LEVEL_ID = {"series": "series_id", "study": "study_id", "patient": "patient_id"}
+
+KEEP, DROP, FLAG = "keep", "drop", "flag"
+BELOW = "cnr below threshold"
+AT_OR_ABOVE = "cnr at or above threshold"
+NO_VALID = "no valid roi"
+NOT_COMPUTED = "not-computed"
+#: Reasons other than these three are a status name of `gpucnr.STATUS` (roi level) or ``missing <id column>``.
+REASONS = (BELOW, AT_OR_ABOVE, NO_VALID)
+
+#: Every column a manifest may have; `write_manifest` refuses any other (DESIGN §8: pseudonymous ids only).
+COLUMNS = (*ID_COLUMNS, "image", "roi", "images", "n_images", "n_valid_images", "decision", "reason", "cnr",
+           "status", "n_valid")
+_INT_COLUMNS = ("image", "roi", "status", "n_valid", "n_images", "n_valid_images")
+_STR_COLUMNS = (*ID_COLUMNS, "images", "decision", "reason")
+# NB: what an absent id becomes once a stack table's NaN / None went through ``astype(str)`` on the way to the
+# results; all of them read as "" in a manifest, and an image with no id is never merged into one group.
+_MISSING_ID = ("", "nan", "NaN", "None", "<NA>")
+_STATUS_NAME = {code: name for name, code in STATUS.items()}
+_FORMAT = 1
+_MAGIC = "# gpucnr manifest"
+_PARQUET_KEY = b"gpucnr_manifest"
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
+
+
+def manifest(results, threshold: float = 1.5, level: str = "image") -> pd.DataFrame:
+    """Decide keep / drop / flag for every unit of `level`, from the CNR of a run.
+
+    Parameters
+    ----------
+    results : xarray.Dataset, str or Path
+        Results of `gpucnr.run` (a path is opened with `gpucnr.open_results`), or a Dataset of the same layout:
+        ``cnr_median`` and ``n_valid`` along ``image`` (image and group levels), ``cnr`` and ``status`` along
+        (``image``, ``roi``) (roi level), the global image index as the ``image`` coordinate, and optional
+        pseudonymous id coordinates along ``image``.
+    threshold : float
+        Minimum acceptable CNR. A unit is dropped when its CNR is strictly below it, so a CNR equal to the
+        threshold is kept. NaN is refused; +-inf are allowed (drop all / keep all measured units).
+    level : {"image", "roi", "series", "study", "patient"}
+        The unit of a row.
+
+        - ``image``: the CNR is ``cnr_median``; flag (reason ``"no valid roi"``) when ``n_valid == 0``, flag
+          (``"not-computed"``) when the row was never written (``n_valid < 0``, an interrupted run).
+        - ``roi``: one row per (image, roi) cell of the results grid, including cells whose ROI is absent from
+          the image; the CNR is the cell's ``cnr`` (as stored: absolute unless the run was ``signed``); a cell
+          whose status is not ok is flagged with the status name of `gpucnr.STATUS` (``"absent"``,
+          ``"zero-noise"``, ``"failed"``, ...).
+        - ``series`` / ``study`` / ``patient``: a unit is keyed by its id *and the coarser ids present*
+          (a series by patient_id, study_id, series_id), so an id reused under two patients makes two units.
+          Its CNR is ``numpy.median`` of its images' ``cnr_median`` over the images with a valid ROI; flag
+          ``"no valid roi"`` when none has one, ``"not-computed"`` when any image's row was never written
+          (the decision could still change). An image whose id of that level is missing (empty) gets its own
+          row, flagged ``"missing <column>"``, instead of being merged with other id-less images.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per unit, columns in this order:
+
+        - the pseudonymous ids present among ``patient_id, study_id, series_id, instance_id`` (strings; a
+          missing id is ""); at series/study/patient level only the unit's key ids;
+        - ``image`` (int, global image index) at image and roi level, plus ``roi`` (int, ROI id) at roi level;
+          at series/study/patient level instead ``images`` (the unit's global image indices, ascending, joined
+          by single spaces: ``df["images"].str.split().explode().astype(int)`` gives one row per image),
+          ``n_images`` and ``n_valid_images`` (images with a valid ROI);
+        - ``decision`` ("keep", "drop", "flag"), ``reason`` (stable text, see above; ``"cnr below threshold"``
+          or ``"cnr at or above threshold"`` for drop and keep), ``cnr`` (float, the CNR that decided; NaN
+          exactly when the decision is flag);
+        - ``n_valid`` (image level) or ``status`` (roi level).
+
+        Rows are sorted by the ids present (coarsest first), then by the global image index (the first one for
+        a group) and the ROI id: the order does not depend on the storage order of the results. ``df.attrs``
+        holds the metadata that `write_manifest` writes: ``manifest_format``, ``threshold``, ``level``,
+        ``gpucnr_version`` (of the manifest's writer), ``run`` (every attribute of the results but
+        ``failures``, whose messages name files).
+
+    Raises
+    ------
+    InputError
+        An unknown level, a threshold that is not a real number, results without the variables the level
+        needs, or a series/study/patient level whose id column the results do not have (add it to the stack's
+        ``meta``).
+    """
+    if level not in LEVELS:
+        raise InputError(f"level must be one of {LEVELS}, got {level!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold):
+        raise InputError(f"threshold must be a real number (not NaN), got {threshold!r}")
+    threshold = float(threshold)
+    ds = results if isinstance(results, xr.Dataset) else open_results(results)
+    ids = [c for c in ID_COLUMNS if c in ds.variables]
+    if level in _LEVEL_ID and _LEVEL_ID[level] not in ids:
+        raise InputError(f"level {level!r} needs the per-image column {_LEVEL_ID[level]!r}, which these results "
+                         "do not have (write the stack with it in meta)")
+    for col in ids:
+        if ds[col].dims != ("image",):
+            raise InputError(f"{col!r} must lie along the image dimension, not {ds[col].dims}")
+    id_values = {col: _id_strings(ds[col].values) for col in ids}
+    image = np.asarray(ds["image"].values, np.int64)
+    if level == "roi":
+        df = _roi_rows(ds, id_values, image, threshold)
+    else:
+        _require(ds, ("cnr_median", "n_valid"), ("image",))
+        frame = pd.DataFrame({**id_values, "image": image,
+                              "cnr": np.asarray(ds["cnr_median"].values, np.float64),
+                              "n_valid": np.asarray(ds["n_valid"].values, np.int64)})
+        df = _image_rows(frame, ids, threshold) if level == "image" else _group_rows(frame, ids, level, threshold)
+    df.attrs = {"manifest_format": _FORMAT, "threshold": threshold, "level": level, "gpucnr_version": __version__,
+                "run": {str(k): _plain(v) for k, v in ds.attrs.items() if k != "failures"}}
+    return df
+
+
+def _require(ds: xr.Dataset, names, dims) -> None:
+    for name in names:
+        if name not in ds.variables:
+            raise InputError(f"the results have no {name!r} variable (are they gpucnr results?)")
+        if ds[name].dims != dims:
+            raise InputError(f"{name!r} must have dims {dims}, not {ds[name].dims}")
+
+
+def _id_strings(values) -> pd.Series:
+    """Ids as strings, every spelling of "absent" as ""."""
+    s = pd.Series(np.asarray(values).astype(object))
+    missing = s.isna() | s.astype(str).isin(_MISSING_ID)
+    return s.astype(str).where(~missing, "").astype(str)
+
+
+def _decide(cnr: np.ndarray, usable: np.ndarray, flag_reason: np.ndarray, threshold: float):
+    """decision, reason and deciding CNR: strictly below the threshold drops; unusable units are flagged."""
+    below = usable & (cnr < threshold)
+    decision = np.where(usable, np.where(below, DROP, KEEP), FLAG)
+    reason = np.where(usable, np.where(below, BELOW, AT_OR_ABOVE), flag_reason)
+    # NB: a flagged unit was not decided by a CNR; NaN says so even where a partial value exists.
+    return decision, reason, np.where(usable, cnr, np.nan)
+
+
+def _finish(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
+    for col in _INT_COLUMNS:
+        if col in df:
+            df[col] = df[col].astype(np.int64)
+    for col in _STR_COLUMNS:
+        if col in df:
+            df[col] = df[col].astype(str)
+    df["cnr"] = df["cnr"].astype(np.float64)
+    # NB: stable multi-key sort on keys that are unique per row: the order is total and storage-independent.
+    return df.sort_values(order, kind="stable").reset_index(drop=True)
+
+
+def _image_rows(frame: pd.DataFrame, ids: list[str], threshold: float) -> pd.DataFrame:
+    cnr = frame["cnr"].to_numpy()
+    n_valid = frame["n_valid"].to_numpy()
+    usable = (n_valid > 0) & ~np.isnan(cnr)
+    decision, reason, value = _decide(cnr, usable, np.where(n_valid < 0, NOT_COMPUTED, NO_VALID), threshold)
+    df = pd.DataFrame({**{c: frame[c] for c in ids}, "image": frame["image"], "decision": decision,
+                       "reason": reason, "cnr": value, "n_valid": n_valid})
+    return _finish(df, [*ids, "image"])
+
+
+def _roi_rows(ds: xr.Dataset, id_values: dict, image: np.ndarray, threshold: float) -> pd.DataFrame:
+    _require(ds, ("cnr", "status"), ("image", "roi"))
+    cnr = np.asarray(ds["cnr"].values, np.float64)
+    status = np.asarray(ds["status"].values, np.int64)
+    n, n_roi = cnr.shape
+    roi = np.asarray(ds["roi"].values, np.int64)
+    cnr, status = cnr.ravel(), status.ravel()
+    usable = (status == STATUS["ok"]) & ~np.isnan(cnr)
+    # NB: names looked up once per distinct code, not once per cell (a roi-level manifest can have millions).
+    codes, inverse = np.unique(status, return_inverse=True)
+    names = np.array([_STATUS_NAME.get(int(c), f"status {int(c)}") for c in codes], dtype=object)[inverse]
+    decision, reason, value = _decide(cnr, usable, np.where(status == STATUS["ok"], NO_VALID, names), threshold)
+    df = pd.DataFrame({**{c: np.repeat(v.to_numpy(dtype=object), n_roi) for c, v in id_values.items()},
+                       "image": np.repeat(image, n_roi), "roi": np.tile(roi, n), "decision": decision,
+                       "reason": reason, "cnr": value, "status": status})
+    return _finish(df, [*id_values, "image", "roi"])
+
+
+def _group_rows(frame: pd.DataFrame, ids: list[str], level: str, threshold: float) -> pd.DataFrame:
+    col = _LEVEL_ID[level]
+    key = [c for c in ID_COLUMNS[: ID_COLUMNS.index(col) + 1] if c in ids]
+    frame = frame.sort_values("image", kind="stable")
+    usable = (frame["n_valid"] > 0) & frame["cnr"].notna()
+    lost = frame[col] == ""
+    rows = []
+    grouped = frame[~lost]
+    if len(grouped):
+        by = [grouped[k] for k in key]
+        ok = usable[~lost]
+        agg = pd.DataFrame({
+            "images": grouped.groupby(by, sort=True)["image"].agg(lambda s: " ".join(map(str, s))),
+            "n_images": grouped.groupby(by, sort=True)["image"].size(),
+            "n_valid_images": ok.groupby(by, sort=True).sum(),
+            "first": grouped.groupby(by, sort=True)["image"].min(),
+            "not_computed": (grouped["n_valid"] < 0).groupby(by, sort=True).any(),
+            # NB: pandas' group median skips NaN and averages the two middle values, as numpy.median does.
+            "cnr": grouped["cnr"].where(ok).groupby(by, sort=True).median(),
+        }).reset_index()
+        cnr = agg["cnr"].to_numpy(np.float64)
+        valid = agg["n_valid_images"].to_numpy() > 0
+        not_computed = agg["not_computed"].to_numpy(bool)
+        # NB: an unwritten image could still move the median, so the unit waits ("not-computed") whatever the rest.
+        flag_reason = np.where(not_computed, NOT_COMPUTED, NO_VALID)
+        agg["decision"], agg["reason"], agg["cnr"] = _decide(cnr, valid & ~not_computed, flag_reason, threshold)
+        rows.append(agg)
+    if lost.any():
+        alone = frame[lost]
+        rows.append(pd.DataFrame({**{k: alone[k] for k in key}, "images": alone["image"].astype(str),
+                                  "n_images": 1, "n_valid_images": usable[lost].astype(np.int64),
+                                  "first": alone["image"], "decision": FLAG, "reason": f"missing {col}",
+                                  "cnr": np.nan}))
+    columns = [*key, "images", "n_images", "n_valid_images", "decision", "reason", "cnr"]
+    if not rows:
+        return _finish(pd.DataFrame({c: pd.Series(dtype=object) for c in columns}), key)
+    df = pd.concat(rows, ignore_index=True)
+    df = _finish(df, [*key, "first"])
+    return df[columns]
+
+
+def _plain(value):
+    """A JSON-able copy of an attribute (numpy scalars and arrays become Python values)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def _metadata(df: pd.DataFrame) -> dict:
+    meta = dict(df.attrs)
+    missing = [k for k in ("manifest_format", "threshold", "level", "gpucnr_version", "run") if k not in meta]
+    if missing:
+        raise InputError(f"the frame has no manifest metadata {missing} in df.attrs: make it with gpucnr.manifest")
+    return _plain(meta)
+
+
+def write_manifest(df: pd.DataFrame, path) -> Path:
+    """Write a manifest as CSV or Parquet, chosen by the suffix of `path`, with its metadata.
+
+    Parameters
+    ----------
+    df : pandas.DataFrame
+        A frame from `manifest` (or a row subset of it: pandas keeps ``df.attrs`` through selections). Its
+        ``attrs`` are the metadata: threshold, level, gpucnr version, the run's parameters.
+    path : str or Path
+        ``.csv``: a leading comment block of ``# key: value`` lines (value in JSON; the run's parameters as
+        ``run.<name>``), after a first line ``# gpucnr manifest``, then the table with a header row.
+        ``.parquet`` / ``.pq``: the table, with the metadata as JSON under the key ``gpucnr_manifest`` of the
+        file's key-value metadata (needs pyarrow). The file is written beside its final name and renamed into
+        place, so a reader never sees half a manifest.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    InputError
+        An unknown suffix, a frame without manifest metadata, a column that is not a manifest column (only
+        pseudonymous ids may identify a row, DESIGN §8), or a Parquet path without pyarrow installed.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise InputError(f"a manifest is written as .csv or .parquet, not {path.suffix or 'no suffix'!r}")
+    foreign = [c for c in df.columns if c not in COLUMNS]
+    if foreign:
+        raise InputError(f"not manifest columns: {foreign}; a manifest carries the pseudonymous ids only")
+    meta = _metadata(df)
+    tmp = path.with_name(path.name + ".partial")
+    if suffix == ".csv":
+        lines = [_MAGIC, *(_comment(k, v) for k, v in meta.items() if k != "run"),
+                 *(_comment(f"run.{k}", v) for k, v in meta["run"].items())]
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write("\n".join(lines) + "\n")
+            # NB: floats are written with repr precision by default, so values round-trip exactly.
+            df.to_csv(fh, index=False, lineterminator="\n")
+    else:
+        pa, pq = _pyarrow()
+        table = pa.Table.from_pandas(df, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                               _PARQUET_KEY: json.dumps(meta).encode()})
+        pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _comment(key: str, value) -> str:
+    # NB: a key with odd characters is written as a JSON string, so the first ": " always ends the key.
+    shown = key if _PLAIN_KEY.fullmatch(key) else json.dumps(key)
+    return f"# {shown}: {json.dumps(value)}"
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("a Parquet manifest needs pyarrow, which is not installed: pip install pyarrow "
+                         "(or use a .csv path)") from None
+    return pa, pq
+
+
+def read_manifest(path) -> tuple[pd.DataFrame, dict]:
+    """Read a manifest written by `write_manifest`.
+
+    Parameters
+    ----------
+    path : str or Path
+        A ``.csv`` or ``.parquet`` / ``.pq`` manifest.
+
+    Returns
+    -------
+    df : pandas.DataFrame
+        The table, with the dtypes `manifest` gives (ids and ``images`` as strings, a missing id as "",
+        integer indices, float CNR with NaN for flags); ``df.attrs`` is set to the metadata, so it can be
+        written again.
+    metadata : dict
+        ``manifest_format``, ``threshold``, ``level``, ``gpucnr_version`` and ``run`` (the run's parameters).
+
+    Raises
+    ------
+    InputError
+        A file that is not a gpucnr manifest, an unknown suffix, or Parquet without pyarrow.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        meta: dict = {"run": {}}
+        header = 0
+        with open(path, encoding="utf-8", newline="") as fh:
+            for line in fh:
+                if not line.startswith("#"):
+                    break
+                header += 1
+                text = line.rstrip("\n")
+                if header == 1:
+                    if text != _MAGIC:
+                        raise InputError(f"{path} is not a gpucnr manifest (no {_MAGIC!r} first line)")
+                    continue
+                key, value = _parse_comment(text[2:])
+                if key.startswith("run."):
+                    meta["run"][key[4:]] = value
+                else:
+                    meta[key] = value
+        if header == 0:
+            raise InputError(f"{path} is not a gpucnr manifest (no {_MAGIC!r} first line)")
+        # NB: ids are text even when they look like numbers ("007", "1e5"), and "" is a missing id, not NaN.
+        df = pd.read_csv(path, skiprows=header, keep_default_na=False, na_values={"cnr": ["", "nan", "NaN"]},
+                         dtype={**dict.fromkeys(_STR_COLUMNS, str), **dict.fromkeys(_INT_COLUMNS, np.int64),
+                                "cnr": np.float64})
+    elif suffix in (".parquet", ".pq"):
+        _, pq = _pyarrow()
+        table = pq.read_table(path)
+        raw = (table.schema.metadata or {}).get(_PARQUET_KEY)
+        if raw is None:
+            raise InputError(f"{path} is not a gpucnr manifest (no {_PARQUET_KEY.decode()!r} metadata)")
+        meta = json.loads(raw)
+        df = table.to_pandas()
+    else:
+        raise InputError(f"a manifest is read from .csv or .parquet, not {path.suffix or 'no suffix'!r}")
+    df.attrs = meta
+    return df, meta
+
+
+def _parse_comment(text: str) -> tuple[str, object]:
+    if text.startswith('"'):
+        key, end = json.JSONDecoder().raw_decode(text)
+        rest = text[end:]
+    else:
+        key, sep, rest = text.partition(":")
+        rest = sep + rest
+    return key, json.loads(rest.removeprefix(": "))

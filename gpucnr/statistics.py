@@ -1,0 +1,373 @@
+"""Dataset-level CNR statistics: distributions, threshold fractions with Wilson intervals, drifting groups.
+
+`summarize` turns a results Dataset (DESIGN §6) into one small xarray.Dataset that a report, a plot or a
+notebook reads without touching the (image, roi) arrays again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from gpucnr._version import __version__
+from gpucnr.errors import InputError, OptionError
+
+__all__ = ["LEVELS", "MISSING", "OUTLIER_K", "QUANTILES", "WILSON_Z", "summarize", "wilson_interval"]
+
+#: The two levels summarised: one value per image (its cnr_median), one per valid (image, roi) cell.
+LEVELS = ("image", "roi")
+#: Quantile probabilities reported (numpy's default "linear" method).
+QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
+#: Two-sided 95 % normal quantile, Φ⁻¹(0.975), used by the Wilson score interval.
+WILSON_Z = 1.959963984540054
+#: A group is an outlier when |median − median of medians| > OUTLIER_K × MAD_SCALE × MAD.
+OUTLIER_K = 3.0
+#: Makes the MAD a consistent estimator of the standard deviation under normality (1 / Φ⁻¹(0.75)).
+MAD_SCALE = 1.4826
+#: Name of the group that collects images whose grouping value is missing.
+MISSING = "(missing)"
+# NB: the stack's and the results' table writers store text columns with ``astype(str)``, so a missing value
+# (None, NaN, pandas.NA) comes back from Zarr as one of these strings; treating them as missing keeps a
+# "(missing)" group whether the results were summarised in memory or after a round trip through the store.
+_MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>", "NaT"})
+
+
+def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 50) -> xr.Dataset:
+    """Summarise the CNR of a whole dataset, overall and per group of a per-image column.
+
+    Two levels are summarised. ``image``: one value per image, its ``cnr_median``, taken as NaN when the image
+    has no valid ROI (``n_valid == 0``) or was never computed (``n_valid < 0``, an unwritten row). ``roi``:
+    the ``cnr`` of every (image, roi) cell whose ``status`` is 0 (ok). Only finite values enter the
+    statistics; images without a valid ROI are counted separately (``n_no_valid_roi``), never dropped.
+
+    Parameters
+    ----------
+    results : xarray.Dataset or str or os.PathLike
+        Results of `gpucnr.measure` or `gpucnr.run` (DESIGN §6), or the path of a results store (opened with
+        `gpucnr.results.open_results`). Needs ``cnr``, ``status`` (image, roi) and ``cnr_median``,
+        ``n_valid`` (image).
+    thresholds : sequence of float
+        CNR thresholds, T of them after sorting and removing duplicates; each must be finite.
+    by : str or sequence of str, optional
+        Per-image columns (coordinates or variables of dims ``(image,)``, e.g. modality, site, split) to
+        group by. Each column is a separate grouping; its missing values (NaN, None, "", and their text forms
+        "nan", "None", "<NA>" after a Zarr round trip) form the group ``"(missing)"``.
+    bins : int
+        Number of histogram bins. The edges are shared by both levels and all groups: `bins` equal bins over
+        the finite range of all values of the dataset (``numpy.histogram_bin_edges``).
+
+    Returns
+    -------
+    xarray.Dataset
+        Dimensions: ``level`` (2: "image", "roi"), ``group`` (G), ``quantile`` (7), ``bin`` (`bins`),
+        ``edge`` (`bins` + 1), ``threshold`` (T).
+
+        Coordinates: ``level``; ``group`` (label: "all", or "<column>=<value>", or "<column>=(missing)");
+        ``group_by`` (group,) the column ("all" for the whole dataset); ``group_value`` (group,) the value as
+        text ("all" for the whole dataset, "(missing)"); ``quantile`` (the probabilities); ``bin`` (0..bins-1)
+        with ``bin_low``, ``bin_high`` (bin,); ``edge`` (the bin edges); ``threshold``.
+
+        Groups are ordered "all" first, then for each column of `by` in the given order its values sorted,
+        "(missing)" last.
+
+        Variables (counts int64, the rest float64 unless stated):
+
+        - ``n_images`` (group,): images in the group.
+        - ``n_not_computed`` (group,): images whose row was never written (n_valid < 0).
+        - ``n_no_valid_roi`` (level, group): images of the group with n_valid == 0 (same for both levels).
+        - ``count`` (level, group): finite values.
+        - ``mean`` (level, group): mean of the finite values (NaN when count is 0).
+        - ``quantiles`` (level, group, quantile): numpy's linear-method quantiles (NaN when count is 0).
+        - ``histogram`` (level, group, bin): counts per bin, ``numpy.histogram`` semantics (half-open bins,
+          the last one closed); sums to ``count``.
+        - ``ecdf`` (level, group, edge): fraction of the finite values <= each edge (NaN when count is 0).
+        - ``n_below`` (level, group, threshold): finite values strictly less than the threshold.
+        - ``fraction_below`` (level, group, threshold): ``n_below / count`` (NaN when count is 0).
+        - ``fraction_below_low``, ``fraction_below_high`` (level, group, threshold): 95 % Wilson score
+          interval of ``fraction_below``.
+        - ``outlier`` (level, group) bool and ``outlier_score`` (level, group): within the groups of one
+          column, |median − median of the group medians| / (1.4826 × MAD of the group medians); flagged when
+          the deviation exceeds 3 × 1.4826 × MAD (a zero MAD flags any deviation, score inf). Groups with
+          no finite value, and "all", have score NaN and are never flagged.
+
+        Attributes: ``thresholds`` (list of float), ``by`` (list of str, empty without grouping), ``bins``,
+        ``quantile_method``, ``wilson_z``, ``outlier_rule``, ``gpucnr_version``.
+
+    Raises
+    ------
+    InputError
+        A variable the summary needs is missing, or a `by` column is not a per-image column.
+    OptionError
+        `thresholds` empty or not finite, or `bins` not a positive integer.
+    """
+    ds = _as_results(results)
+    thr = _thresholds(thresholds)
+    bins = _bins(bins)
+    columns = _by(by)
+    for name in columns:
+        if name not in ds.variables or ds[name].dims != ("image",):
+            raise InputError(f"by={name!r} is not a per-image column of the results (coordinates along image: "
+                             f"{sorted(str(c) for c in ds.coords if ds[c].dims == ('image',))})")
+
+    n_valid = np.asarray(ds["n_valid"].values).astype(np.int64)
+    cnr_median = np.asarray(ds["cnr_median"].values, np.float64)
+    cnr = np.asarray(ds["cnr"].values, np.float64)
+    status = np.asarray(ds["status"].values)
+    n_images = n_valid.shape[0]
+
+    # NB: an image's value is meaningful only when it has a valid ROI; a stale or filled cnr_median of an
+    # image with n_valid <= 0 must not enter the distribution.
+    image_values = np.where(n_valid > 0, cnr_median, np.nan)
+    ok_rows, _ = np.nonzero(status == 0)
+    roi_values = cnr[status == 0]  # row-major, the same order as ok_rows
+    per_level = {
+        "image": (image_values, np.arange(n_images)),
+        "roi": (roi_values, ok_rows),
+    }
+    # NB: keep only finite values once, with the image that owns each, so every group is a cheap mask.
+    for level, (values, owner) in per_level.items():
+        finite = np.isfinite(values)
+        per_level[level] = (values[finite], owner[finite])
+
+    everything = np.concatenate([per_level[level][0] for level in LEVELS])
+    edges = np.histogram_bin_edges(everything, bins=bins)
+
+    labels, group_by, group_value, masks = _groups(ds, columns, n_images)
+    n_groups = len(labels)
+    n_thr = thr.size
+    shape = (len(LEVELS), n_groups)
+    out = {
+        "count": np.zeros(shape, np.int64),
+        "mean": np.full(shape, np.nan),
+        "quantiles": np.full((*shape, len(QUANTILES)), np.nan),
+        "histogram": np.zeros((*shape, bins), np.int64),
+        "ecdf": np.full((*shape, edges.size), np.nan),
+        "n_below": np.zeros((*shape, n_thr), np.int64),
+        "fraction_below": np.full((*shape, n_thr), np.nan),
+        "fraction_below_low": np.full((*shape, n_thr), np.nan),
+        "fraction_below_high": np.full((*shape, n_thr), np.nan),
+    }
+    for li, level in enumerate(LEVELS):
+        values, owner = per_level[level]
+        for gi, mask in enumerate(masks):
+            sample = np.sort(values[mask[owner]])
+            n = sample.size
+            out["count"][li, gi] = n
+            out["histogram"][li, gi] = np.histogram(sample, bins=edges)[0]
+            # NB: searchsorted on the sorted sample: "left" counts values strictly below each threshold (the
+            # issue's rule), "right" counts values <= each edge (the ECDF's definition).
+            below = np.searchsorted(sample, thr, side="left")
+            out["n_below"][li, gi] = below
+            low, high = wilson_interval(below, n)
+            out["fraction_below_low"][li, gi] = low
+            out["fraction_below_high"][li, gi] = high
+            if n:
+                # NB: guarded, so an empty group gives NaN without numpy's empty-slice RuntimeWarning.
+                out["mean"][li, gi] = sample.mean()
+                out["quantiles"][li, gi] = np.quantile(sample, QUANTILES)
+                out["ecdf"][li, gi] = np.searchsorted(sample, edges, side="right") / n
+                out["fraction_below"][li, gi] = below / n
+
+    medians = out["quantiles"][:, :, QUANTILES.index(0.5)]
+    outlier, score = _outliers(medians, np.asarray(group_by))
+
+    in_group = np.stack(masks)  # (group, image); never empty: "all" is always there
+    n_no_valid = (in_group & (n_valid == 0)[None, :]).sum(axis=1).astype(np.int64)
+    data = {
+        "n_images": (("group",), in_group.sum(axis=1).astype(np.int64)),
+        "n_not_computed": (("group",), (in_group & (n_valid < 0)[None, :]).sum(axis=1).astype(np.int64)),
+        # NB: an image without a valid ROI contributes to neither level; the count is the same for both.
+        "n_no_valid_roi": (("level", "group"), np.broadcast_to(n_no_valid, shape).copy()),
+        "count": (("level", "group"), out["count"]),
+        "mean": (("level", "group"), out["mean"]),
+        "quantiles": (("level", "group", "quantile"), out["quantiles"]),
+        "histogram": (("level", "group", "bin"), out["histogram"]),
+        "ecdf": (("level", "group", "edge"), out["ecdf"]),
+        "n_below": (("level", "group", "threshold"), out["n_below"]),
+        "fraction_below": (("level", "group", "threshold"), out["fraction_below"]),
+        "fraction_below_low": (("level", "group", "threshold"), out["fraction_below_low"]),
+        "fraction_below_high": (("level", "group", "threshold"), out["fraction_below_high"]),
+        "outlier": (("level", "group"), outlier),
+        "outlier_score": (("level", "group"), score),
+    }
+    coords = {
+        "level": list(LEVELS),
+        "group": np.asarray(labels, dtype=object),
+        "group_by": ("group", np.asarray(group_by, dtype=object)),
+        "group_value": ("group", np.asarray(group_value, dtype=object)),
+        "quantile": list(QUANTILES),
+        "bin": np.arange(bins),
+        "bin_low": ("bin", edges[:-1]),
+        "bin_high": ("bin", edges[1:]),
+        "edge": edges,
+        "threshold": thr,
+    }
+    summary = xr.Dataset(data, coords=coords)
+    summary.attrs.update({
+        "thresholds": [float(t) for t in thr],
+        "by": list(columns),
+        "bins": bins,
+        "quantile_method": "linear",
+        "wilson_z": WILSON_Z,
+        "outlier_rule": f"|median - median(group medians)| > {OUTLIER_K:g} x {MAD_SCALE} x MAD(group medians), "
+                        "within the groups of one column",
+        "gpucnr_version": __version__,
+    })
+    return summary
+
+
+def wilson_interval(k, n, z: float = WILSON_Z):
+    """Wilson score interval of a binomial proportion k / n.
+
+    Parameters
+    ----------
+    k : int or int array, any shape
+        Successes (here: values below a threshold), 0 <= k <= n.
+    n : int or int array, broadcastable with `k`
+        Trials (here: finite values of the group).
+    z : float
+        Normal quantile of the two-sided level (default 95 %).
+
+    Returns
+    -------
+    (low, high) : float64 arrays of the broadcast shape of `k` and `n`
+        ``(p + z²/2n ∓ z sqrt(p(1-p)/n + z²/4n²)) / (1 + z²/n)`` with ``p = k / n``; NaN where n == 0. The
+        bounds are clipped to [0, 1] and are exactly 0 at k == 0 and exactly 1 at k == n, where the formula
+        gives them only up to rounding.
+    """
+    k = np.asarray(k, np.float64)
+    n = np.asarray(n, np.float64)
+    k, n = np.broadcast_arrays(k, n)
+    low = np.full(k.shape, np.nan)
+    high = np.full(k.shape, np.nan)
+    has = n > 0
+    kk, nn = k[has], n[has]
+    p = kk / nn
+    z2 = z * z
+    denom = 1.0 + z2 / nn
+    centre = (p + z2 / (2.0 * nn)) / denom
+    half = z / denom * np.sqrt(p * (1.0 - p) / nn + z2 / (4.0 * nn * nn))
+    low[has] = np.where(kk == 0, 0.0, np.clip(centre - half, 0.0, 1.0))
+    high[has] = np.where(kk == nn, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return low, high
+
+
+# --- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _as_results(results) -> xr.Dataset:
+    if isinstance(results, str | os.PathLike):
+        from gpucnr.results import open_results
+
+        results = open_results(results)
+    if not isinstance(results, xr.Dataset):
+        raise InputError(f"results must be an xarray.Dataset or the path of a results store, not "
+                         f"{type(results).__name__}")
+    missing = [v for v in ("cnr", "status", "cnr_median", "n_valid") if v not in results.variables]
+    if missing:
+        raise InputError(f"results lack {', '.join(missing)} (DESIGN §6)")
+    return results
+
+
+def _thresholds(thresholds) -> np.ndarray:
+    values = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+        raise OptionError(f"thresholds must be a non-empty sequence of finite numbers, got {thresholds!r}")
+    # NB: sorted and unique, so the threshold coordinate is a clean index (.sel(threshold=1.5) is unambiguous).
+    return np.unique(values)
+
+
+def _bins(bins) -> int:
+    if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
+        raise OptionError(f"bins must be a positive integer, got {bins!r}")
+    return int(bins)
+
+
+def _by(by) -> list[str]:
+    if by is None:
+        return []
+    columns = [by] if isinstance(by, str) else list(by) if isinstance(by, Sequence) else None
+    if columns is None or not all(isinstance(c, str) for c in columns):
+        raise OptionError(f"by must be a column name or a sequence of column names, got {by!r}")
+    if len(set(columns)) != len(columns):
+        raise OptionError(f"by names a column twice: {columns!r}")
+    return columns
+
+
+def _is_missing(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str | np.str_):
+        return str(value).strip() in _MISSING_TEXT
+    result = pd.isna(value)  # NaN, NaT, pandas.NA
+    return bool(result) if isinstance(result, bool | np.bool_) else False
+
+
+def _groups(ds: xr.Dataset, columns: list[str], n_images: int):
+    """Group labels, their column and value, and one boolean image mask per group ("all" first)."""
+    labels, group_by, group_value, masks = ["all"], ["all"], ["all"], [np.ones(n_images, bool)]
+    for name in columns:
+        raw = np.asarray(ds[name].values)
+        values = raw.astype(object)
+        missing = np.fromiter((_is_missing(v) for v in values), bool, count=values.size)
+        present = values[~missing]
+        keys = [_scalar(v) for v in present]
+        try:
+            distinct = sorted(set(keys))
+        except TypeError:
+            # NB: a column mixing types (numbers and text) has no natural order; text order is deterministic.
+            distinct = sorted(set(keys), key=str)
+        key_of = np.empty(values.size, dtype=object)
+        key_of[~missing] = keys
+        for key in distinct:
+            labels.append(f"{name}={key}")
+            group_by.append(name)
+            group_value.append(str(key))
+            masks.append(~missing & (key_of == key))
+        if missing.any():
+            labels.append(f"{name}={MISSING}")
+            group_by.append(name)
+            group_value.append(MISSING)
+            masks.append(missing)
+    return labels, group_by, group_value, masks
+
+
+def _scalar(value):
+    """A plain Python scalar (np.str_ -> str, np.int64 -> int), so equal values of any dtype are one group."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _outliers(medians: np.ndarray, group_by: np.ndarray):
+    """Robust outlier flag and score of each group's median among the groups of the same column.
+
+    medians : float array (level, group); group_by : object array (group,). Returns (bool, float) arrays of
+    the shape of `medians`.
+    """
+    flag = np.zeros(medians.shape, bool)
+    score = np.full(medians.shape, np.nan)
+    for name in dict.fromkeys(group_by.tolist()):
+        if name == "all":
+            continue
+        cols = np.flatnonzero(group_by == name)
+        for li in range(medians.shape[0]):
+            m = medians[li, cols]
+            has = np.isfinite(m)
+            if not has.any():
+                continue
+            centre = np.median(m[has])
+            deviation = np.abs(m[has] - centre)
+            spread = MAD_SCALE * np.median(deviation)
+            # NB: a zero MAD (most groups agree exactly) flags any group that deviates at all: the literal
+            # rule, with an infinite score; no deviation scores 0, not 0/0.
+            if spread > 0:
+                s = deviation / spread
+            else:
+                s = np.where(deviation > 0, math.inf, 0.0)
+            score[li, cols[has]] = s
+            flag[li, cols[has]] = deviation > OUTLIER_K * spread
+    return flag, score
