@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError
+from gpucnr.errors import GpucnrError, InputError
 from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 from gpucnr.kernels.params import BACKGROUNDS
@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action="store_true", help="progress bar on stderr")
     _measurement_options(run)
 
+    filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
+    filt.add_argument("results", type=Path, help="RESULTS.zarr")
+    filt.add_argument("--threshold", type=float, default=1.5, help="drop below this CNR (default 1.5)")
+    filt.add_argument("--level", choices=("image", "roi", "series", "study", "patient"), default="image")
+    filt.add_argument("--with-paths", action="store_true",
+                      help="join source paths from the stack's linkage file (stacks made by `gpucnr ingest`)")
+    filt.add_argument("--out", type=Path, required=True, help="manifest.csv or manifest.parquet")
+
     info = sub.add_parser("info", help="contents, completeness and parameters of a stack or results")
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="machine-readable output")
@@ -104,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
             ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
                      workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress, **options)
             print(summary_table(ds.load()))
+        elif args.command == "filter":
+            from gpucnr.manifests import manifest, write_manifest
+
+            if args.with_paths:
+                raise InputError("--with-paths needs the linkage file that `gpucnr ingest` writes beside a stack; "
+                                 "this stack has none")
+            table = manifest(args.results, threshold=args.threshold, level=args.level)
+            path = write_manifest(table, args.out)
+            counts = table["decision"].value_counts().to_dict()
+            print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
+                                                                       for k in ("keep", "drop", "flag")))
         elif args.command == "info":
             from gpucnr.info import describe
 

@@ -738,3 +738,17 @@ def test_cli_bad_option_is_a_coded_error(tmp_path, stacks, capsys):
     rc = main(["run", str(stacks("labels", "uint16")), str(tmp_path / "r.zarr"), "--background", "label"])
     assert rc == 2
     assert "gpucnr: error [bad-option]" in capsys.readouterr().err
+
+
+def test_cli_filter_writes_a_manifest(tmp_path, stacks, capsys):
+    results = tmp_path / "r.zarr"
+    gpucnr.run(stacks("table", "uint16"), results, backend="numpy")
+    out = tmp_path / "m.csv"
+    assert main(["filter", str(results), "--threshold", "2.0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table, meta = gpucnr.read_manifest(out)
+    expected = gpucnr.manifest(results, threshold=2.0)
+    assert table["decision"].tolist() == expected["decision"].tolist()
+    assert float(meta["threshold"]) == 2.0 and f"{len(table)} image(s)" in printed
+    assert main(["filter", str(results), "--with-paths", "--out", str(out)]) == 2
+    assert "gpucnr: error [bad-input]" in capsys.readouterr().err
