@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/gpucnr demo --out out/demo -n 2000
+	$(BIN)/gpucnr report out/demo/results.zarr out/demo/report
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest

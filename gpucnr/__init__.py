@@ -6,6 +6,7 @@ Public API only; importing gpucnr never imports CuPy.
 from gpucnr._version import __version__
 from gpucnr.arrays import measure
 from gpucnr.backend import BackendUnavailableError
+from gpucnr.enhancement import enhance
 from gpucnr.errors import GpucnrError, InputError, RoiTableError, ShapeMismatchError
 from gpucnr.kernels import BACKGROUNDS, DEFINITIONS, FOOTPRINTS, STATUS, Params
 from gpucnr.manifests import manifest, read_manifest, write_manifest
@@ -29,6 +30,7 @@ __all__ = [
     "ShapeMismatchError",
     "StackError",
     "__version__",
+    "enhance",
     "manifest",
     "measure",
     "open_results",

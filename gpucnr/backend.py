@@ -16,6 +16,7 @@ __all__ = [
     "cupy_available",
     "is_cupy",
     "namespace",
+    "ndimage_for",
     "resolve_backend",
     "to_backend",
     "to_host",
@@ -51,6 +52,16 @@ def is_cupy(x: Any) -> bool:
 def namespace(*arrays: Any):
     """The array-API namespace of `arrays` (array_api_compat's wrapper for NumPy and CuPy)."""
     return array_api_compat.array_namespace(*arrays)
+
+
+def ndimage_for(x: Any):
+    """The ndimage module for `x`'s array type: cupyx.scipy.ndimage for CuPy arrays, scipy.ndimage otherwise.
+
+    A CuPy array is never handed to SciPy (no silent trip to the CPU): without cupyx the ImportError stands.
+    """
+    if is_cupy(x):
+        return importlib.import_module("cupyx.scipy.ndimage")
+    return importlib.import_module("scipy.ndimage")
 
 
 def resolve_backend(backend: str, data: Any = None) -> str:

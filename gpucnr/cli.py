@@ -30,6 +30,17 @@ def _nonneg_int(text: str) -> int:
     return value
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
 def _bins(text: str):
     return text if text == "auto" else _positive_int(text)
 
@@ -79,6 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--progress", action="store_true", help="progress bar on stderr")
     _measurement_options(run)
 
+    rep = sub.add_parser("report", help="one self-contained HTML report of a dataset's CNR")
+    rep.add_argument("results", type=Path, help="RESULTS.zarr")
+    rep.add_argument("out_dir", type=Path, help="folder for report.html")
+    rep.add_argument("--thresholds", type=_floats, default=(1.0, 1.5, 2.0, 3.0), help="e.g. 1.0,1.5,2.0,3.0")
+    rep.add_argument("--primary", type=float, default=1.5, help="the threshold the report leads with")
+    rep.add_argument("--by", type=_names, default=None, help="per-image columns to group by, e.g. modality,site")
+    rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
+    rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
+    rep.add_argument("--open", action="store_true", help="open the report in a browser")
+
     filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
     filt.add_argument("results", type=Path, help="RESULTS.zarr")
     filt.add_argument("--threshold", type=float, default=1.5, help="drop below this CNR (default 1.5)")
@@ -86,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--with-paths", action="store_true",
                       help="join source paths from the stack's linkage file (stacks made by `gpucnr ingest`)")
     filt.add_argument("--out", type=Path, required=True, help="manifest.csv or manifest.parquet")
+
+    enh = sub.add_parser("enhance", help="the article's low-CNR hook: enhance images below a threshold, re-measure")
+    enh.add_argument("results", type=Path, help="RESULTS.zarr")
+    enh.add_argument("--threshold", type=float, default=1.5)
+    enh.add_argument("--method", choices=("median", "gaussian"), default="median")
+    enh.add_argument("--size", type=_positive_int, default=3, help="median window (pixels)")
+    enh.add_argument("--sigma", type=float, default=1.0, help="Gaussian sigma (pixels)")
+    enh.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
+    enh.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
+    enh.add_argument("--out", type=Path, required=True,
+                     help="folder for enhanced.zarr and its results.zarr")
 
     info = sub.add_parser("info", help="contents, completeness and parameters of a stack or results")
     info.add_argument("path", type=Path)
@@ -112,6 +144,16 @@ def main(argv: list[str] | None = None) -> int:
             ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
                      workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress, **options)
             print(summary_table(ds.load()))
+        elif args.command == "report":
+            from gpucnr.report import write_report
+
+            path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
+                                by=args.by, stack=args.stack, lowest=args.lowest)
+            print(f"report: {path}")
+            if args.open:
+                import webbrowser
+
+                webbrowser.open(path.resolve().as_uri())
         elif args.command == "filter":
             from gpucnr.manifests import manifest, write_manifest
 
@@ -123,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
             counts = table["decision"].value_counts().to_dict()
             print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                        for k in ("keep", "drop", "flag")))
+        elif args.command == "enhance":
+            from gpucnr.enhancement import enhance
+
+            ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
+                         sigma=args.sigma, stack=args.stack, backend=args.backend)
+            print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
+                  f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
+            if ds.sizes["image"]:
+                print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "
+                      f"{float(ds.cnr_after.median()):.3f}")
+            print(ds.attrs.get("note", ""))
         elif args.command == "info":
             from gpucnr.info import describe
 

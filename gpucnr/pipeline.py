@@ -27,7 +27,7 @@ from gpucnr.results import ResultsError, create_results, open_results, stack_rel
 from gpucnr.roitable import normalize_table
 from gpucnr.store import RESULT_COLUMNS, Stack, StackError, open_stack
 
-__all__ = ["SCHEDULERS", "plan_batches", "run"]
+__all__ = ["SCHEDULERS", "plan_batches", "run", "table_fingerprint"]
 
 #: Local schedulers; anything else given as ``scheduler`` is the address of a Dask distributed scheduler.
 SCHEDULERS = ("threads", "processes", "synchronous")
@@ -118,7 +118,7 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     fingerprint = stack.fingerprint()
     attrs = {**params.as_attrs(), "backend": where, "stack_path": stack_relative(stack.path, results),
              "stack_fingerprint": fingerprint, "batch": size, "roi_source": "table" if table is not None else "labels",
-             "rois_fingerprint": _table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": []}
+             "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": []}
     group = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
     committed = np.asarray(group["committed"][:])
     names = _names(table, roi_ids, stack.n_images)
@@ -192,7 +192,7 @@ def _roi_ids(stack, table, use_labels, params) -> np.ndarray:
     return ids.astype(np.int64)
 
 
-def _table_fingerprint(table) -> str:
+def table_fingerprint(table) -> str:
     """SHA-256 of the normalised ROI table (or "labels"), so a resume cannot mix two tables."""
     if table is None:
         return "labels"

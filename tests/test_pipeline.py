@@ -752,3 +752,19 @@ def test_cli_filter_writes_a_manifest(tmp_path, stacks, capsys):
     assert float(meta["threshold"]) == 2.0 and f"{len(table)} image(s)" in printed
     assert main(["filter", str(results), "--with-paths", "--out", str(out)]) == 2
     assert "gpucnr: error [bad-input]" in capsys.readouterr().err
+
+
+def test_cli_report_and_enhance(tmp_path, capsys):
+    """The report and enhance subcommands wire through to write_report and enhance."""
+    ph = make_phantom(12, (64, 64), lesions=1, radius=6, margin=8, cnr=(0.3, 3.0), seed=11)
+    stack = tmp_path / "s.zarr"
+    gpucnr.write_stack(stack, ph.images, rois=ph.rois, shard=SHARD)
+    results = tmp_path / "r.zarr"
+    gpucnr.run(stack, results, backend="numpy")
+    assert main(["report", str(results), str(tmp_path / "rep"), "--thresholds", "1.0,1.5", "--lowest", "3"]) == 0
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert html.count('class="lowest"') == 3 and "report:" in capsys.readouterr().out
+    assert main(["enhance", str(results), "--out", str(tmp_path / "enh"), "--method", "gaussian"]) == 0
+    below = int((load(results)["cnr_median"].values < 1.5).sum())
+    assert f"{below} image(s) below 1.5 enhanced" in capsys.readouterr().out
+    assert (tmp_path / "enh" / "results.zarr").exists() == (below > 0)

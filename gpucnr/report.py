@@ -1,0 +1,442 @@
+"""One self-contained HTML report of a CNR audit: summary, plots, thresholds by group, the lowest-CNR gallery.
+
+The report is a single ``report.html``: every image is embedded as a ``data:image/png;base64`` URI, its
+stylesheet is inline, it has no script and no external reference, so it opens offline. All text is escaped.
+It shows the global image index and the pseudonymous id columns (`gpucnr.manifests.ID_COLUMNS`) only.
+
+The gallery's masks are recomputed on the host, the plain way (full-image masks, scipy.ndimage), from the
+run's parameters (results attributes): ROIs from the stack's ROI table (square, disk) or its labels;
+backgrounds ``complement`` (ROI dilated by the footprint ``dilation`` times / with radius ``dilation``, its
+complement), ``complement-all`` (the same around the union of the image's ROIs and labels), ``ring``
+(distance transforms: L1 for cross, L-infinity for square, Euclidean for the disks) and ``label``; the
+border frame of the valid region and excluded pixels (non-finite, padding value) are removed. They are for
+display: the CNR values come from the results, never from these masks.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from scipy import ndimage
+
+from gpucnr._version import __version__
+from gpucnr.errors import GpucnrError, InputError
+from gpucnr.kernels.footprints import footprint_offsets
+from gpucnr.manifests import ID_COLUMNS
+from gpucnr.plots import distribution_figure, group_boxplot, image_values, three_panel
+from gpucnr.statistics import QUANTILES, summarize
+
+__all__ = ["lowest_images", "roi_and_background", "write_report"]
+
+_PARAMETERS = ("background", "footprint", "dilation", "border", "ring_gap", "ring_width", "background_label",
+               "min_bg", "ddof", "definition", "gcnr_bins", "signed")
+_CSS = """
+body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em}
+th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}
+th{background:#eee}td.l,th.l{text-align:left}
+tr.primary td{font-weight:bold}
+img{max-width:100%}
+figure{margin:1em 0;border-top:1px solid #ddd;padding-top:0.5em}
+.note{color:#555;font-style:italic}
+"""
+
+
+def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: float = 1.5, by=None, stack=None,
+                 lowest: int = 12, rois=None) -> Path:
+    """Write ``report.html`` (self-contained) for a results store.
+
+    Parameters
+    ----------
+    results : xarray.Dataset or str or os.PathLike
+        Results of `gpucnr.run` (or their path). The stack is found through the ``stack_path`` attribute,
+        relative to the folder that holds the results (``results.encoding["source"]`` for an opened store).
+    out_dir : str or os.PathLike
+        Created if needed; ``report.html`` is written in it (overwritten).
+    thresholds : sequence of float
+        CNR thresholds of the threshold tables and plots.
+    primary : float
+        The threshold the summary highlights (the article's 1.5); added to `thresholds` if missing.
+    by : str or sequence of str, optional
+        Per-image columns to group by (box plots, threshold tables, outlier flags).
+    stack : str, os.PathLike or gpucnr.store.Stack, optional
+        The stack, when it is not where the results say (or the results are an in-memory Dataset).
+    lowest : int
+        Size of the gallery: the images with the smallest finite image CNR, each as the article's figure.
+    rois : pandas.DataFrame, optional
+        The ROI table given to `gpucnr.run(rois=...)`, when it is not the stack's own.
+
+    Returns
+    -------
+    pathlib.Path
+        The path of ``report.html``.
+    """
+    ds, source = _open(results)
+    thresholds = sorted({float(t) for t in np.atleast_1d(np.asarray(thresholds, np.float64))} | {float(primary)})
+    columns = [] if by is None else [by] if isinstance(by, str) else list(by)
+    ds = ds.load()
+    summary = summarize(ds, thresholds, columns or None)
+    values = image_values(ds)
+
+    parts = [_summary_section(ds, summary, primary), _distribution_section(summary, thresholds),
+             _groups_section(ds, summary, columns, thresholds, primary),
+             _thresholds_section(summary, primary),
+             _lowest_section(ds, values, source, stack, int(lowest), rois),
+             _parameters_section(ds, source)]
+    title = "gpucnr CNR report"
+    doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+           f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n"
+           + "\n".join(parts) + "\n</body></html>\n")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "report.html"
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+# --- sections ----------------------------------------------------------------------------------------------------
+
+
+def _summary_section(ds, summary, primary) -> str:
+    rows = []
+    s = summary.sel(group="all")
+    rows.append(("images", int(s["n_images"].values), ""))
+    rows.append(("images never computed", int(s["n_not_computed"].values), ""))
+    rows.append(("images without a valid ROI", int(s["n_no_valid_roi"].sel(level="image").values), ""))
+    rows.append(("ROI slots per image", int(ds.sizes.get("roi", 0)), ""))
+    img, roi = s.sel(level="image"), s.sel(level="roi")
+    rows.append(("finite values", int(img["count"].values), int(roi["count"].values)))
+    rows.append(("mean CNR", _f(img["mean"].values), _f(roi["mean"].values)))
+    for q in QUANTILES:
+        rows.append((f"{q:.0%} quantile", _f(img["quantiles"].sel(quantile=q).values),
+                     _f(roi["quantiles"].sel(quantile=q).values)))
+    frac = []
+    for level in ("image", "roi"):
+        x = s.sel(level=level, threshold=primary)
+        frac.append(f"{_f(x['fraction_below'].values)} [{_f(x['fraction_below_low'].values)}, "
+                    f"{_f(x['fraction_below_high'].values)}] ({int(x['n_below'].values)})")
+    rows.append((f"fraction below CNR {primary:g} [95 % Wilson] (count)", *frac))
+    body = "".join(f"<tr><td class=\"l\">{_e(a)}</td><td>{_e(b)}</td><td>{_e(c)}</td></tr>" for a, b, c in rows)
+    return ("<section id=\"summary\"><h2>Summary</h2>"
+            "<p>Image level: one value per image, its median CNR over its valid ROIs (images without a valid ROI "
+            "are counted, not dropped). ROI level: every valid (image, ROI) cell.</p>"
+            "<table><tr><th class=\"l\"></th><th>image level</th><th>ROI level</th></tr>"
+            f"{body}</table></section>")
+
+
+def _distribution_section(summary, thresholds) -> str:
+    image = _img(distribution_figure(summary, thresholds, level="image"), "Histogram and ECDF of image CNR")
+    roi = _img(distribution_figure(summary, thresholds, level="roi"), "Histogram and ECDF of ROI CNR")
+    return ("<section id=\"distribution\"><h2>Distribution</h2>"
+            f"<figure>{image}<figcaption>Image-level CNR; dashed lines: thresholds.</figcaption></figure>"
+            f"<figure>{roi}<figcaption>ROI-level CNR.</figcaption></figure></section>")
+
+
+def _groups_section(ds, summary, columns, thresholds, primary) -> str:
+    figures = []
+    for col in columns or [None]:
+        png = group_boxplot(ds, col, thresholds=[primary])
+        caption = f"Image CNR by {col}" if col else "Image CNR (no grouping column given)"
+        figures.append(f"<figure>{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>")
+    rows = []
+    for g in summary["group"].values:
+        s = summary.sel(group=g, level="image")
+        rows.append("<tr>" + "".join([
+            f"<td class=\"l\">{_e(g)}</td>", f"<td>{int(s['n_images'].values)}</td>",
+            f"<td>{int(s['count'].values)}</td>", f"<td>{_e(_f(s['quantiles'].sel(quantile=0.5).values))}</td>",
+            f"<td>{_e(_f(s['outlier_score'].values))}</td>",
+            f"<td>{'yes' if bool(s['outlier'].values) else ''}</td>"]) + "</tr>")
+    table = ("<table><tr><th class=\"l\">group</th><th>images</th><th>finite</th><th>median CNR</th>"
+             "<th>outlier score</th><th>outlier</th></tr>" + "".join(rows) + "</table>")
+    return (f"<section id=\"groups\"><h2>Groups</h2>{''.join(figures)}"
+            f"<p>Outlier rule: {_e(summary.attrs.get('outlier_rule', ''))}.</p>{table}</section>")
+
+
+def _thresholds_section(summary, primary) -> str:
+    tables = []
+    for level in ("image", "roi"):
+        rows = []
+        for g in summary["group"].values:
+            for t in summary["threshold"].values:
+                s = summary.sel(group=g, level=level, threshold=t)
+                cls = " class=\"primary\"" if float(t) == float(primary) else ""
+                rows.append(f"<tr{cls}><td class=\"l\">{_e(g)}</td><td>{_e(f'{float(t):g}')}</td>"
+                            f"<td>{int(s['n_below'].values)}</td><td>{int(s['count'].values)}</td>"
+                            f"<td>{_e(_f(s['fraction_below'].values))}</td>"
+                            f"<td>{_e(_f(s['fraction_below_low'].values))} - "
+                            f"{_e(_f(s['fraction_below_high'].values))}</td></tr>")
+        tables.append(f"<h3>{_e(level.upper() if level == 'roi' else level.capitalize())} level</h3>"
+                      "<table><tr><th class=\"l\">group</th><th>threshold</th><th>below</th><th>finite</th>"
+                      "<th>fraction below</th><th>95 % Wilson interval</th></tr>" + "".join(rows) + "</table>")
+    return ("<section id=\"thresholds\"><h2>Thresholds</h2><p>Fraction of finite CNR values strictly below each "
+            f"threshold, by group; the primary threshold ({_e(f'{primary:g}')}) is in bold.</p>"
+            + "".join(tables) + "</section>")
+
+
+def _lowest_section(ds, values, source, stack, lowest, rois) -> str:
+    picks = lowest_images(values, lowest)
+    head = (f"<section id=\"lowest\"><h2>Lowest CNR</h2><p>The {len(picks)} image(s) with the smallest finite "
+            "image CNR (of the "
+            f"{int(np.isfinite(values).sum())} with a value). Each figure shows the ROI whose CNR is nearest the "
+            "image's median; masks recomputed from the run's parameters, for display.</p>")
+    ids = _id_columns(ds)
+    listing = "".join(
+        f"<tr><td>{i}</td><td>{_e(_f(values[i]))}</td>"
+        + "".join(f"<td class=\"l\">{_e(ds[c].values[i])}</td>" for c in ids) + "</tr>" for i in picks)
+    table = ("<table><tr><th>image</th><th>CNR (median)</th>" + "".join(f"<th class=\"l\">{_e(c)}</th>" for c in ids)
+             + f"</tr>{listing}</table>")
+    opened, why = _find_stack(ds, source, stack)
+    if opened is None:
+        return head + f"<p class=\"note\">{_e(why)}</p>{table}</section>"
+    figures = []
+    for i in picks:
+        caption = f"image {i}, image CNR {_f(values[i])}"
+        try:
+            roi_id, cnr, image, roi_mask, bg_mask, exclude = _image_masks(ds, opened, i, rois)
+            caption += f"; ROI {roi_id}: CNR {_f(cnr)}"
+            png = three_panel(image, roi_mask, bg_mask, caption, exclude=exclude)
+            body = _img(png, caption)
+        except (GpucnrError, ValueError, KeyError, IndexError) as e:
+            body = f"<p class=\"note\">{_e(f'cannot draw image {i}: {e}')}</p>"
+        figures.append(f"<figure class=\"lowest\" data-image=\"{i}\">{body}<figcaption>{_e(caption)}"
+                       "</figcaption></figure>")
+    return head + table + "".join(figures) + "</section>"
+
+
+def _parameters_section(ds, source) -> str:
+    a = ds.attrs
+    params = [(k, a.get(k, "")) for k in _PARAMETERS]
+    failures = a.get("failures", []) or []
+    prov = [("gpucnr version (report)", __version__), ("gpucnr version (run)", a.get("gpucnr_version", "")),
+            ("backend", a.get("backend", "")), ("stack fingerprint", a.get("stack_fingerprint", "")),
+            ("stack path (relative to the results)", a.get("stack_path", "")),
+            ("ROI source", a.get("roi_source", "")), ("ROI table fingerprint", a.get("rois_fingerprint", "")),
+            ("batch", a.get("batch", "")), ("failed images", len(failures)),
+            ("results", os.path.basename(str(source)) if source else "(in memory)"),
+            ("report date (UTC)", _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat())]
+
+    def table(rows):
+        return "<table>" + "".join(f"<tr><th class=\"l\">{_e(k)}</th><td class=\"l\">{_e(v)}</td></tr>"
+                                   for k, v in rows) + "</table>"
+
+    return ("<section id=\"parameters\"><h2>Parameters and provenance</h2><h3>Measurement parameters</h3>"
+            f"{table(params)}<p>Status codes: {_e(a.get('status_codes', ''))}</p><h3>Provenance</h3>"
+            f"{table(prov)}</section>")
+
+
+# --- the gallery's pixels and masks ----------------------------------------------------------------------------
+
+
+def lowest_images(values, n: int) -> list[int]:
+    """Global indices of the `n` smallest finite values (ties by index), smallest first."""
+    values = np.asarray(values, np.float64)
+    finite = np.flatnonzero(np.isfinite(values))
+    order = finite[np.argsort(values[finite], kind="stable")]
+    return [int(i) for i in order[: max(n, 0)]]
+
+
+def _open(results):
+    if isinstance(results, str | os.PathLike):
+        from gpucnr.results import open_results
+
+        return open_results(results), Path(results)
+    if not isinstance(results, xr.Dataset):
+        raise InputError(f"results must be an xarray.Dataset or a path, not {type(results).__name__}")
+    source = results.encoding.get("source")
+    return results, Path(source) if source else None
+
+
+def _find_stack(ds, source, stack):
+    from gpucnr.store import Stack, open_stack
+
+    if isinstance(stack, Stack):
+        opened = stack
+    else:
+        if stack is not None:
+            where = Path(stack)
+        elif source is not None and ds.attrs.get("stack_path"):
+            where = Path(source).resolve().parent / str(ds.attrs["stack_path"])
+        else:
+            return None, ("The stack was not found: the results are not on disk and no stack was given; no "
+                          "figure can be drawn.")
+        if not where.exists():
+            return None, (f"The stack was not found (looked for {where.name!r} next to the results); pass "
+                          "stack= to draw the figures.")
+        try:
+            opened = open_stack(where, check=False)
+        except GpucnrError as e:
+            return None, f"The stack was not found or cannot be opened ({e}); no figure can be drawn."
+    expected = ds.attrs.get("stack_fingerprint")
+    if expected and opened.fingerprint() != expected:
+        return None, ("The stack was found but its fingerprint differs from the one the results record; it is "
+                      "not the measured stack, so no figure is drawn.")
+    return opened, ""
+
+
+def _id_columns(ds) -> list[str]:
+    return [c for c in ID_COLUMNS if c in ds.variables and ds[c].dims == ("image",)]
+
+
+def _image_masks(ds, stack, index: int, rois):
+    """(roi id, its CNR, image, ROI mask, background mask, excluded) of image `index`, on its valid region."""
+    row = stack.images.loc[stack.images["index"] == index].iloc[0]
+    bucket = next(b for b in stack.buckets if b.name == row["bucket"])
+    pos = int(row["position"])
+    images, labels = stack.read(bucket, pos, pos + 1, labels=True)
+    h, w = int(row["valid_h"]), int(row["valid_w"])
+    image = np.asarray(images[0])[:h, :w]
+    lab = None if labels is None else np.asarray(labels[0])[:h, :w]
+
+    status = np.asarray(ds["status"].values[index])
+    cnr = np.asarray(ds["cnr"].values[index], np.float64)
+    ok = np.flatnonzero((status == 0) & np.isfinite(cnr))
+    if ok.size == 0:
+        raise ValueError("no valid ROI")
+    median = float(ds["cnr_median"].values[index])
+    signed = bool(ds.attrs.get("signed", False))
+    own = cnr[ok] if signed else np.abs(cnr[ok])
+    # NB: the ROI nearest the image's median; a tie (two ROIs: both equally far) goes to the lower CNR.
+    j = int(ok[np.lexsort((own, np.abs(own - median)))[0]])
+    roi_id = int(ds["roi"].values[j])
+
+    a = ds.attrs
+    table = _roi_table(stack, rois) if a.get("roi_source", "table") == "table" else None
+    if table is None and lab is None:
+        raise ValueError("neither an ROI table nor labels to rebuild the ROI")
+    roi_mask, union = _roi_masks(table, lab, index, roi_id, (h, w), a)
+    if lab is not None:
+        union |= lab != 0
+    bg_mask = roi_and_background(roi_mask, a, union=union, labels=lab)
+
+    values = image.astype(np.float64)
+    exclude = ~np.isfinite(values)
+    padding = row.get("padding", np.nan)
+    if padding is not None and np.isfinite(float(padding)):
+        exclude |= values == float(padding)
+    return roi_id, float(cnr[j]), image, roi_mask, bg_mask & ~exclude, exclude
+
+
+def _roi_table(stack, rois):
+    table = rois if rois is not None else stack.rois
+    if table is None or not len(table):
+        return None
+    return pd.DataFrame(table)
+
+
+def _roi_masks(table, lab, index, roi_id, shape, attrs):
+    union = np.zeros(shape, bool)
+    if table is not None:
+        rows = table.loc[table["image"].astype(np.int64) == index]
+        mask = None
+        for _, r in rows.iterrows():
+            m = _shape_mask(shape, str(r["kind"]).strip().lower(), int(r["cx"]), int(r["cy"]), int(r["r"]))
+            union |= m
+            if int(r["roi"]) == roi_id:
+                mask = m
+        if mask is None:
+            raise ValueError(f"ROI {roi_id} of image {index} is not in the ROI table")
+        return mask, union
+    background_label = attrs.get("background_label")
+    union = (lab != 0) & (lab != background_label) if isinstance(background_label, int) else lab != 0
+    return lab == roi_id, union
+
+
+def _shape_mask(shape, kind, cx, cy, r):
+    """A table ROI: square [c - r, c + r) clipped to the image, or the Euclidean disk of radius r."""
+    mask = np.zeros(shape, bool)
+    if kind == "square":
+        mask[max(0, cy - r): max(0, cy + r), max(0, cx - r): max(0, cx + r)] = True
+        return mask
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+
+
+def _dilate(mask, footprint, radius):
+    if radius <= 0 or not mask.any():
+        return mask.copy()
+    if footprint == "cross":
+        return ndimage.binary_dilation(mask, iterations=radius)
+    fp = np.zeros((2 * radius + 1, 2 * radius + 1), bool)
+    for dy, dx in footprint_offsets(footprint, radius):
+        fp[dy + radius, dx + radius] = True
+    return ndimage.binary_dilation(mask, structure=fp)
+
+
+def _remove_frame(mask, border):
+    mask = mask.copy()
+    if border > 0:  # NB: mask[-0:] would clear everything
+        mask[:border] = False
+        mask[-border:] = False
+        mask[:, :border] = False
+        mask[:, -border:] = False
+    return mask
+
+
+def roi_and_background(roi_mask, params, *, union=None, labels=None) -> np.ndarray:
+    """The background mask of one ROI, the plain way, from the run's parameters (results attributes).
+
+    Parameters
+    ----------
+    roi_mask : 2-D bool array (the image's valid region)
+    params : mapping
+        ``background``, ``footprint``, ``dilation``, ``border``, ``ring_gap``, ``ring_width``,
+        ``background_label`` as in the results' attributes.
+    union : 2-D bool array, optional
+        background="complement-all": every ROI and lesion of the image.
+    labels : 2-D int array, optional
+        background="label": the image's labels.
+    """
+    roi_mask = np.asarray(roi_mask, bool)
+    mode = params.get("background", "complement")
+    footprint = params.get("footprint", "cross")
+    border = int(params.get("border", 5))
+    if mode == "complement":
+        bg = ~_dilate(roi_mask, footprint, int(params.get("dilation", 5)))
+    elif mode == "complement-all":
+        base = roi_mask if union is None else (union | roi_mask)
+        bg = ~_dilate(base, footprint, int(params.get("dilation", 5)))
+    elif mode == "ring":
+        gap, width = int(params.get("ring_gap", 5)), int(params.get("ring_width", 10))
+        if not roi_mask.any():
+            bg = np.zeros_like(roi_mask)
+        elif footprint in ("disk", "matlab-disk"):
+            d2 = ndimage.distance_transform_edt(~roi_mask) ** 2
+            bg = (d2 > gap**2 + 1e-9) & (d2 <= (gap + width) ** 2 + 1e-9)
+        else:
+            d = ndimage.distance_transform_cdt(~roi_mask, metric="taxicab" if footprint == "cross" else "chessboard")
+            bg = (d > gap) & (d <= gap + width)
+    elif mode == "label":
+        if labels is None:
+            raise ValueError("background='label' needs the image's labels")
+        bg = np.asarray(labels) == int(params["background_label"])
+    else:
+        raise ValueError(f"unknown background {mode!r}")
+    return _remove_frame(bg, border)
+
+
+# --- HTML helpers --------------------------------------------------------------------------------------------
+
+
+def _e(value) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _f(value) -> str:
+    v = float(np.asarray(value))
+    if np.isnan(v):
+        return "n/a"
+    if np.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.4g}"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f"<img alt=\"{_e(alt)}\" src=\"data:image/png;base64,{data}\">"
