@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/gpucnr report out/demo/results.zarr out/demo/report
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --nbmake tests notebooks
 
 test-fast: $(STAMP) lint
 	$(BIN)/python -m pytest -m "not slow"
