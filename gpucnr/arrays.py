@@ -19,7 +19,7 @@ from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
 from gpucnr.roitable import normalize_table
 
-__all__ = ["STATUS_LEGEND", "measure", "results_dataset"]
+__all__ = ["STATUS_LEGEND", "align_columns", "measure", "results_dataset"]
 
 #: Human-readable status codes, stored in every result's attributes.
 STATUS_LEGEND = ", ".join(f"{v}={k}" for k, v in sorted(STATUS.items(), key=lambda kv: kv[1]))
@@ -184,23 +184,29 @@ def _as_rois(rois, stack: _Stack):
     return None, normalize_table(rois, stack.shape[0])
 
 
+def align_columns(out: dict, roi_ids: np.ndarray) -> dict:
+    """A batch's (image, roi) outputs, found for the ids ``out["roi_ids"]``, placed on the columns `roi_ids`
+    (a superset): the other columns hold what an absent ROI holds (n 0, status absent, NaN)."""
+    found = np.asarray(out["roi_ids"])
+    if np.array_equal(found, roi_ids):
+        return out
+    cols = np.searchsorted(roi_ids, found)
+    # NB: an id outside `roi_ids` has no column to go to (cannot happen with a union, guarded all the same).
+    keep = (cols < len(roi_ids)) & (np.asarray(roi_ids)[np.clip(cols, 0, max(len(roi_ids) - 1, 0))] == found)
+    aligned = dict(out, roi_ids=np.asarray(roi_ids))
+    for k in OUTPUT_CELL:
+        fill = {"n_roi": 0, "n_bg": 0, "status": STATUS["absent"]}.get(k, np.nan)
+        full = np.full((out[k].shape[0], len(roi_ids)), fill, dtype=out[k].dtype)
+        full[:, cols[keep]] = out[k][:, keep]
+        aligned[k] = full
+    return aligned
+
+
 def _merge_batches(parts: list[dict]):
     """Concatenate batch outputs along images, aligning their ROI columns on the union of their ids."""
     roi_ids = np.unique(np.concatenate([p["roi_ids"] for p in parts])).astype(np.int64)
-    fills = {"n_roi": 0, "n_bg": 0, "status": STATUS["absent"]}
-    values = {}
-    for k in OUTPUT_CELL:
-        cols = []
-        for p in parts:
-            v = p[k]
-            if not np.array_equal(p["roi_ids"], roi_ids):
-                full = np.full((v.shape[0], roi_ids.size), fills.get(k, np.nan), dtype=v.dtype)
-                full[:, np.searchsorted(roi_ids, p["roi_ids"])] = v
-                v = full
-            cols.append(v)
-        values[k] = np.concatenate(cols)
-    for k in OUTPUT_IMAGE:
-        values[k] = np.concatenate([p[k] for p in parts])
+    parts = [align_columns(p, roi_ids) for p in parts]
+    values = {k: np.concatenate([p[k] for p in parts]) for k in OUTPUT_CELL + OUTPUT_IMAGE}
     return roi_ids, values
 
 

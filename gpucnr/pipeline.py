@@ -17,7 +17,7 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from gpucnr.arrays import STATUS_LEGEND
+from gpucnr.arrays import STATUS_LEGEND, align_columns
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
 from gpucnr.errors import InputError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
@@ -412,24 +412,9 @@ def _measure(spec: BatchSpec) -> dict:
     )
     host = {k: to_host(v) for k, v in out.items()}
     if spec.use_labels:
-        host = _align(host, np.asarray(spec.roi_ids, np.int64))
+        host = align_columns(host, np.asarray(spec.roi_ids, np.int64))
     host["failures"] = []
     return host
-
-
-def _align(out: dict, roi_ids) -> dict:
-    """A label batch's columns (the ids present in it) placed on the run's ROI ids."""
-    found = out["roi_ids"]
-    if np.array_equal(found, roi_ids):
-        return out
-    cols = np.searchsorted(roi_ids, found)
-    for k in OUTPUT_CELL:
-        fill = {"n_roi": 0, "n_bg": 0, "status": STATUS["absent"]}.get(k, np.nan)
-        full = np.full((out[k].shape[0], len(roi_ids)), fill, dtype=out[k].dtype)
-        keep = (cols < len(roi_ids)) & (roi_ids[np.clip(cols, 0, max(len(roi_ids) - 1, 0))] == found)
-        full[:, cols[keep]] = out[k][:, keep]
-        out[k] = full
-    return out
 
 
 def failed_rows(spec: BatchSpec, code: str, reason: str) -> dict:
