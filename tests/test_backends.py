@@ -6,21 +6,13 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 import pytest
+from cases import BACKGROUNDS, BG_LABEL, COUNTS, DEFINITIONS, DTYPES, FLOATS, FOOTPRINTS, NP
 from conftest import host
 
 import gpucnr
 from gpucnr.backend import cupy_available
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.params import Params
-
-DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
-FOOTPRINTS = ("cross", "disk", "matlab-disk", "square")
-BACKGROUNDS = ("complement", "ring", "complement-all", "label")
-DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr")
-COUNTS = ("n_roi", "n_bg", "status", "n_valid", "n_excluded")
-FLOATS = ("mean_roi", "var_roi", "mean_bg", "var_bg", "cnr", "cnr_median")
-BG_LABEL = 9
-NP = array_api_compat.array_namespace(np.empty(0))
 
 
 def make_batch(seed, dtype, background, use_table, *, n=4, h=37, w=45, extras=False):

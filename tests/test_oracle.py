@@ -4,10 +4,10 @@ against a faithful port of the article's own Python and MATLAB functions."""
 
 from __future__ import annotations
 
-import array_api_compat
 import numpy as np
 import pytest
 from article import calculate_cnr, create_mask, get_background, multi_roi_cnr, select_roi
+from cases import BACKGROUNDS, BG_LABEL, COUNTS, DEFINITIONS, DTYPES, FLOATS, FOOTPRINTS, NP
 from reference import measure_reference, roi_mask
 from scipy.ndimage import binary_dilation
 from test_footprints import MATLAB_DISK_5
@@ -15,16 +15,6 @@ from test_footprints import MATLAB_DISK_5
 import gpucnr
 from gpucnr.kernels.batch import measure_batch
 from gpucnr.kernels.params import Params
-
-DTYPES = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
-FOOTPRINTS = ("cross", "disk", "matlab-disk", "square")
-BACKGROUNDS = ("complement", "ring", "complement-all", "label")
-DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr")
-COUNTS = ("n_roi", "n_bg", "status", "n_valid", "n_excluded")
-FLOATS = ("mean_roi", "var_roi", "mean_bg", "var_bg", "cnr", "cnr_median")
-BG_LABEL = 9
-NP = array_api_compat.array_namespace(np.empty(0))
-
 
 # ------------------------------------------------------------------------------------------ random inputs
 
