@@ -13,6 +13,7 @@ from gpucnr.manifests import manifest, read_manifest, write_manifest
 from gpucnr.pipeline import run
 from gpucnr.results import ResultsError, open_results
 from gpucnr.roitable import sample_rois
+from gpucnr.sources import IngestSummary, ingest
 from gpucnr.statistics import summarize
 from gpucnr.store import StackError, open_stack, write_stack
 
@@ -23,6 +24,7 @@ __all__ = [
     "STATUS",
     "BackendUnavailableError",
     "GpucnrError",
+    "IngestSummary",
     "InputError",
     "Params",
     "ResultsError",
@@ -31,6 +33,7 @@ __all__ = [
     "StackError",
     "__version__",
     "enhance",
+    "ingest",
     "manifest",
     "measure",
     "open_results",

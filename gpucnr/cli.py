@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError, InputError
+from gpucnr.errors import GpucnrError
 from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 from gpucnr.kernels.params import BACKGROUNDS
+from gpucnr.sources.colour import COLOR_MODES
+from gpucnr.store import COMPRESSORS
 
 __all__ = ["build_parser", "main"]
 
@@ -64,7 +67,33 @@ def _measurement_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpucnr", description="Contrast-to-noise ratio of every image of a dataset.")
     parser.add_argument("--version", action="version", version=f"gpucnr {__version__}")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="warning",
+                        help="messages of gpucnr's own loggers on stderr (default warning)")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    ing = sub.add_parser("ingest", help="DICOM / PNG / TIFF files (+ masks, SEG, ROI CSV) -> a stack")
+    ing.add_argument("src", type=Path, help="SRC_DIR, walked recursively; formats are told by content")
+    ing.add_argument("stack", type=Path, help="STACK.zarr to create (key, linkage and skipped lists go beside it)")
+    ing.add_argument("--masks", type=Path, default=None, help="MASK_DIR mirroring SRC_DIR (pattern {stem}.*)")
+    ing.add_argument("--mask-pattern", default=None,
+                     help="mask file names, e.g. '{stem}_mask.png' or '{stem}_mask*.png' (several per image)")
+    ing.add_argument("--seg", type=Path, default=None, help="folder of DICOM SEG objects (extra: seg)")
+    ing.add_argument("--rois", type=Path, default=None,
+                     help="ROI CSV: source, [frame,] roi, kind (square|disk), cx, cy, r [, name]")
+    ing.add_argument("--meta", type=Path, default=None, help="CSV: source + per-image columns (site, split, ...)")
+    ing.add_argument("--color", choices=COLOR_MODES, default="rec709",
+                     help="colour to gray: rec709 (default; the article's rgb2gray), bt601, or skip")
+    ing.add_argument("--nonfinite", choices=("skip", "exclude"), default="skip",
+                     help="images with NaN/inf pixels: skip (default) or store them (the kernels exclude them)")
+    ing.add_argument("--key-file", type=Path, default=None,
+                     help="pseudonym key shared across stacks (created if missing; default: STACK.zarr.key)")
+    ing.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPUs)")
+    ing.add_argument("--max-image-mb", type=float, default=512, help="largest declared image, MiB (default 512)")
+    ing.add_argument("--file-timeout", type=float, default=120, help="seconds per file before it is skipped")
+    ing.add_argument("--shard", type=_positive_int, default=64, help="images per shard = per batch of a run")
+    ing.add_argument("--compressor", choices=COMPRESSORS, default="blosc-zstd")
+    ing.add_argument("--follow-symlinks", action="store_true")
+    ing.add_argument("--progress", action="store_true", help="progress line on stderr")
 
     demo = sub.add_parser("demo", help="phantom dataset with known CNR -> stack -> run -> summary table")
     demo.add_argument("--out", type=Path, default=None,
@@ -106,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--level", choices=("image", "roi", "series", "study", "patient"), default="image")
     filt.add_argument("--with-paths", action="store_true",
                       help="join source paths from the stack's linkage file (stacks made by `gpucnr ingest`)")
+    filt.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     filt.add_argument("--out", type=Path, required=True, help="manifest.csv or manifest.parquet")
 
     enh = sub.add_parser("enhance", help="the article's low-CNR hook: enhance images below a threshold, re-measure")
@@ -125,10 +155,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _logging(level: str) -> None:
+    """gpucnr's loggers only: a reader library's log lines (pydicom's quote header values) never reach stderr."""
+    logger = logging.getLogger("gpucnr")
+    logger.setLevel(level.upper())
+    if not any(getattr(h, "_gpucnr", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("gpucnr %(levelname)s %(message)s"))
+        handler._gpucnr = True
+        logger.addHandler(handler)
+    logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _logging(args.log_level)
     try:
-        if args.command == "demo":
+        if args.command == "ingest":
+            from gpucnr.sources import ingest
+
+            summary = ingest(args.src, args.stack, masks=args.masks, mask_pattern=args.mask_pattern, seg=args.seg,
+                             rois=args.rois, meta=args.meta, color=args.color, nonfinite=args.nonfinite,
+                             key_file=args.key_file, workers=args.workers, max_image_mb=args.max_image_mb,
+                             follow_symlinks=args.follow_symlinks, progress=args.progress,
+                             file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor)
+            print(summary.text())
+            if summary.images == 0:
+                print("gpucnr: no image was stored", file=sys.stderr)
+                return 1
+        elif args.command == "demo":
             from gpucnr.demo import run_demo
 
             _, text = run_demo(args.n, args.size, out=args.out, backend=args.backend, seed=args.seed,
@@ -155,12 +210,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 webbrowser.open(path.resolve().as_uri())
         elif args.command == "filter":
-            from gpucnr.manifests import manifest, write_manifest
+            from gpucnr.manifests import manifest, with_paths, write_manifest
 
-            if args.with_paths:
-                raise InputError("--with-paths needs the linkage file that `gpucnr ingest` writes beside a stack; "
-                                 "this stack has none")
             table = manifest(args.results, threshold=args.threshold, level=args.level)
+            if args.with_paths:
+                table = with_paths(table, args.results, args.stack)
             path = write_manifest(table, args.out)
             counts = table["decision"].value_counts().to_dict()
             print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"

@@ -62,6 +62,16 @@ def _stack(path: Path) -> dict:
               f"{b['first_index'] + b['images'] - 1}){', labels' if b['labels'] else ''}" for b in buckets]
     lines.append(f"  ROI ids {report['roi_ids']}; ROI table rows {report['roi_table_rows']}")
     lines.append(f"  per-image columns: {', '.join(report['image_columns'])}")
+    ingest = dict(stack.group.attrs).get("ingest")
+    if ingest:
+        # NB: counts only: the paths of skipped files live in the operator's list beside the stack
+        report["ingest"] = ingest
+        skipped = ingest.get("skipped", {})
+        lines.append(f"  ingest: {ingest['files_in']} file(s) in = {ingest['stored']} stored + "
+                     f"{sum(skipped.values())} skipped + {ingest['duplicates']} duplicate(s); "
+                     f"{ingest['images']} image(s) stored")
+        lines += [f"    skipped {code}: {n}" for code, n in skipped.items()]
+        lines += [f"    {code}: {n}" for code, n in ingest.get("other_problems", {}).items()]
     lines.append(f"  complete: {'yes' if problem is None else 'NO — ' + problem}")
     lines.append(f"  fingerprint {report['fingerprint'][:16]}")
     report["text"] = "\n".join(lines)

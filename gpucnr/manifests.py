@@ -26,7 +26,8 @@ from gpucnr.errors import InputError
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.results import open_results
 
-__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "REASONS", "manifest", "read_manifest", "write_manifest"]
+__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "read_manifest", "with_paths",
+           "write_manifest"]
 
 #: Units a manifest can decide on, finest first.
 LEVELS = ("image", "roi", "series", "study", "patient")
@@ -271,6 +272,46 @@ def _metadata(df: pd.DataFrame) -> dict:
     return _plain(meta)
 
 
+#: columns that `with_paths` adds: the operator's link back to the files, never written without asking
+PATH_COLUMNS = ("source", "frame", "sources")
+
+
+def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
+    """`df` (from `manifest`) joined with the linkage file that `gpucnr ingest` wrote beside the stack.
+
+    Image and ROI rows get ``source`` (the file's path relative to the ingest's SRC_DIR) and ``frame``; group
+    rows get ``sources`` (a JSON list, in the order of ``images``). Source paths can carry names: this is
+    only ever done on explicit request (`gpucnr filter --with-paths`).
+
+    Raises
+    ------
+    InputError
+        The stack cannot be located or has no linkage file (it was not made by `gpucnr ingest`).
+    """
+    from gpucnr.sources.ingest import sidecar_paths
+
+    if stack is None:
+        attrs = open_results(results_path).attrs
+        if "stack_path" not in attrs:
+            raise InputError("cannot locate the stack of these results; pass its path")
+        stack = Path(results_path).resolve().parent / str(attrs["stack_path"])
+    linkage = sidecar_paths(stack)["linkage"]
+    if not linkage.exists():
+        raise InputError(f"{stack} has no linkage file ({linkage.name}): only stacks made by `gpucnr ingest` "
+                         "link images back to files")
+    link = pd.read_csv(linkage, dtype={"source": str}, keep_default_na=False).set_index("index")
+    out = df.copy()
+    if "image" in out.columns:
+        found = out["image"].isin(link.index)
+        out["source"] = np.where(found, link["source"].reindex(out["image"]).to_numpy(), "")
+        out["frame"] = np.where(found, link["frame"].reindex(out["image"]).to_numpy(), -1)
+    else:
+        out["sources"] = [json.dumps([str(link["source"].get(int(i), "")) for i in str(v).split()])
+                          for v in out["images"]]
+    out.attrs = dict(df.attrs)
+    return out
+
+
 def write_manifest(df: pd.DataFrame, path) -> Path:
     """Write a manifest as CSV or Parquet, chosen by the suffix of `path`, with its metadata.
 
@@ -300,7 +341,7 @@ def write_manifest(df: pd.DataFrame, path) -> Path:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".parquet", ".pq"):
         raise InputError(f"a manifest is written as .csv or .parquet, not {path.suffix or 'no suffix'!r}")
-    foreign = [c for c in df.columns if c not in COLUMNS]
+    foreign = [c for c in df.columns if c not in COLUMNS + PATH_COLUMNS]
     if foreign:
         raise InputError(f"not manifest columns: {foreign}; a manifest carries the pseudonymous ids only")
     meta = _metadata(df)

@@ -19,10 +19,11 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from gpucnr._version import __version__
 from gpucnr.backend import to_host
-from gpucnr.errors import GpucnrError, InputError
+from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError
 from gpucnr.roitable import normalize_table
 
-__all__ = ["COMPRESSORS", "RESULT_COLUMNS", "Bucket", "Stack", "StackError", "open_stack", "write_stack"]
+__all__ = ["COMPRESSORS", "RESULT_COLUMNS", "Bucket", "Stack", "StackError", "StackWriter", "check_labels",
+           "open_stack", "write_stack"]
 
 STACK_FORMAT = 1
 #: Compressors a stack may use (docs/performance.md has the measurement behind the default).
@@ -253,92 +254,191 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     -------
     Stack
     """
-    path = Path(path)
-    if path.exists():
-        raise InputError(f"{path} already exists; write_stack does not overwrite")
     planes = _planes(images, "images")
     label_planes = None if labels is None else _planes(labels, "labels")
-    if label_planes is not None:
-        if len(label_planes) != len(planes):
-            raise InputError(f"{len(planes)} images but {len(label_planes)} label arrays")
-        for i, (a, b) in enumerate(zip(planes, label_planes, strict=True)):
-            if a.shape != b.shape:
-                raise InputError(f"image {i} has shape {a.shape} but its labels have shape {b.shape}")
-            if b.dtype.kind not in "iub":
-                raise InputError(f"labels of image {i} must be integer, got {b.dtype}")
-            if b.size and (int(b.min()) < 0 or int(b.max()) > np.iinfo(np.int32).max):
-                raise InputError(f"labels of image {i} must lie in [0, 2**31 - 1] (they are stored as int32)")
+    if label_planes is not None and len(label_planes) != len(planes):
+        raise InputError(f"{len(planes)} images but {len(label_planes)} label arrays")
     n = len(planes)
     meta = pd.DataFrame(index=range(n)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
     if len(meta) != n:
         raise InputError(f"meta has {len(meta)} rows for {n} images")
-    # NB: keyed by the native-order dtype: '<u2' and '>u2' are one bucket (stored native).
     rt = None if rois is None else normalize_table(rois, n)  # NB: validated before anything is written
-    keys = [(_canvas(p.shape), p.dtype.newbyteorder("=").str) for p in planes]
-    order = sorted(set(keys), key=lambda k: (k[0], np.dtype(k[1]).name))
-    group = zarr.open_group(str(path), mode="w")
-    rows = []
-    offset = 0
-    bucket_names = []
-    for canvas, dtype_str in order:
-        members = [i for i, k in enumerate(keys) if k == (canvas, dtype_str)]
-        dtype = np.dtype(dtype_str).newbyteorder("=")
+    for i, p in enumerate(planes):
+        check_labels(p, None if label_planes is None else label_planes[i], f"image {i}")
+    rows = meta.to_dict("records")
+    with StackWriter(path, labels=label_planes is not None, shard=shard, compressor=compressor) as writer:
+        for i, p in enumerate(planes):
+            writer.add(p, None if label_planes is None else label_planes[i], rows[i])
+        return writer.close(rois=rt)
+
+
+def check_labels(image: np.ndarray, labels: np.ndarray | None, what: str) -> None:
+    """A coded error unless `labels` fits `image`: same shape, integer, within [0, 2**31 - 1] (stored int32)."""
+    if labels is None:
+        return
+    if image.shape != labels.shape:
+        raise ShapeMismatchError(f"{what} has shape {image.shape} but its labels have shape {labels.shape}")
+    if labels.dtype.kind not in "iub":
+        raise InputError(f"labels of {what} must be integer, got {labels.dtype}")
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) > np.iinfo(np.int32).max):
+        raise InputError(f"labels of {what} must lie in [0, 2**31 - 1] (they are stored as int32)")
+
+
+class StackWriter:
+    """Writes a stack one image at a time, in bounded memory: one shard buffer per bucket.
+
+    Images go to the bucket of their (canvas, native dtype) in the order they are added; a bucket's arrays grow
+    by one shard at a time, and its written-manifest entries are set after the shard's pixels. `close` writes
+    the per-image table (bucket-major global index, input order within a bucket) and the ROI table, whose
+    ``image`` column holds the input position (the order of `add` calls); only then is the group marked a
+    stack, so an interrupted writer leaves a group that `open_stack` refuses.
+
+    Parameters
+    ----------
+    path : str or Path
+        The Zarr group to create; it must not exist.
+    labels : bool
+        Whether every image has a label plane (images added without one get zeros).
+    shard : int
+        Images per shard (= per batch of a run).
+    compressor : {"blosc-zstd", "zstd"}
+    attrs : dict, optional
+        Extra group attributes (e.g. the ingest's counts), written at `close`.
+    """
+
+    def __init__(self, path, *, labels: bool = False, shard: int = 64, compressor: str = "blosc-zstd",
+                 attrs: dict | None = None):
+        path = Path(path)
+        if path.exists():
+            raise InputError(f"{path} already exists; a stack is never overwritten")
+        if shard < 1:
+            raise InputError(f"shard must be >= 1, got {shard}")
+        _compressors(compressor, 1)  # NB: validated before the group exists
+        self.path, self.labels, self.shard, self.compressor = path, labels, shard, compressor
+        self.attrs = dict(attrs or {})
+        self.group = zarr.open_group(str(path), mode="w")
+        self._buckets: dict[tuple, dict] = {}
+        self._rows: list[dict] = []
+        self._label_ids: set[int] = set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add(self, image: np.ndarray, labels: np.ndarray | None = None, meta: dict | None = None) -> int:
+        """Add one 2-D image (stored as is, native byte order) with its labels and per-image columns;
+        returns its input position."""
+        if image.ndim != 2 or image.dtype.kind not in "biuf":
+            raise InputError(f"image {len(self._rows)} must be a 2-D integer or float array, got shape "
+                             f"{image.shape} and dtype {image.dtype}")
+        if image.dtype == bool:
+            image = image.astype(np.uint8)
+        if labels is not None and not self.labels:
+            raise InputError("this stack was opened without labels")
+        check_labels(image, labels, f"image {len(self._rows)}")
+        dtype = image.dtype.newbyteorder("=")
+        key = (_canvas(image.shape), dtype.str)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = self._new_bucket(*key)
+        h, w = image.shape
+        k = len(b["pending"])
+        b["block"][k, :h, :w] = image
+        b["block"][k, h:, :] = 0
+        b["block"][k, :h, w:] = 0
+        if self.labels:
+            b["lab_block"][k] = 0
+            if labels is not None:
+                b["lab_block"][k, :h, :w] = labels
+                self._label_ids.update(int(v) for v in np.unique(labels) if v != 0)
+        source = len(self._rows)
+        b["pending"].append(source)
+        self._rows.append({"bucket": b["name"], "position": b["count"] + k, "valid_h": h, "valid_w": w,
+                           "source_index": source, **(meta or {})})
+        if len(b["pending"]) == self.shard:
+            self._flush(b)
+        return source
+
+    @property
+    def n_images(self) -> int:
+        return len(self._rows)
+
+    def _new_bucket(self, canvas, dtype_str) -> dict:
+        dtype = np.dtype(dtype_str)
         name = f"{canvas[0]}x{canvas[1]}-{dtype.name}"
-        bucket_names.append(name)
-        shape = (len(members), *canvas)
-        comp = _compressors(compressor, dtype.itemsize)
-        img_arr = group.create_array(f"buckets/{name}/images", shape=shape, dtype=dtype, chunks=(1, *canvas),
-                                     shards=(shard, *canvas), compressors=comp, fill_value=0, config=_WRITE,
-                                     dimension_names=["image", "y", "x"])
-        lab_arr = None
-        if label_planes is not None:
-            lab_arr = group.create_array(f"buckets/{name}/labels", shape=shape, dtype="int32",
-                                         chunks=(1, *canvas), shards=(shard, *canvas),
-                                         compressors=_compressors(compressor, 4), fill_value=0, config=_WRITE,
-                                         dimension_names=["image", "y", "x"])
-        written = group.create_array(f"buckets/{name}/written", shape=(len(members),), dtype="uint8",
-                                     chunks=(shard,), fill_value=0, config=_WRITE)
-        for a in range(0, len(members), shard):
-            part = members[a : a + shard]
-            block = np.zeros((len(part), *canvas), dtype)
-            for k, i in enumerate(part):
-                h, w = planes[i].shape
-                block[k, :h, :w] = planes[i]
-            img_arr[a : a + len(part)] = block
-            if lab_arr is not None:
-                lab_block = np.zeros((len(part), *canvas), np.int32)
-                for k, i in enumerate(part):
-                    h, w = label_planes[i].shape
-                    lab_block[k, :h, :w] = label_planes[i]
-                lab_arr[a : a + len(part)] = lab_block
-            # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
-            written[a : a + len(part)] = 1
-        for pos, i in enumerate(members):
-            rows.append({"index": offset + pos, "bucket": name, "position": pos, "valid_h": planes[i].shape[0],
-                         "valid_w": planes[i].shape[1], "source_index": i})
-        offset += len(members)
-    table = pd.DataFrame(rows).sort_values("index").reset_index(drop=True)
-    global_of = np.empty(n, np.int64)
-    global_of[table["source_index"].to_numpy()] = table["index"].to_numpy()
-    per_image = meta.iloc[table["source_index"].to_numpy()].reset_index(drop=True)
-    for col, default in (("slope", 1.0), ("intercept", 0.0), ("padding", np.nan), ("photometric", "MONOCHROME2")):
-        table[col] = per_image[col].to_numpy() if col in per_image else default
-    for col in per_image.columns:
-        if col not in table.columns:
-            table[col] = per_image[col].to_numpy()
-    _write_table(group, "images", table)
-    roi_ids = set()
-    if label_planes is not None:
-        for lab in label_planes:
-            roi_ids.update(int(v) for v in np.unique(lab) if v != 0)
-    if rt is not None:
-        rt["image"] = global_of[rt["image"].to_numpy()]
-        _write_table(group, "rois", rt[["image", "roi", "kind", "cx", "cy", "r", "name"]])
-        roi_ids.update(int(v) for v in rt["roi"])
-    group.attrs.update({"gpucnr_stack": STACK_FORMAT, "gpucnr_version": __version__, "n_images": n,
-                        "buckets": bucket_names, "shard": shard, "compressor": compressor,
-                        "roi_ids": sorted(roi_ids), "has_labels": label_planes is not None})
-    return open_stack(path)
+        images = self.group.create_array(f"buckets/{name}/images", shape=(0, *canvas), dtype=dtype,
+                                         chunks=(1, *canvas), shards=(self.shard, *canvas),
+                                         compressors=_compressors(self.compressor, dtype.itemsize), fill_value=0,
+                                         config=_WRITE, dimension_names=["image", "y", "x"])
+        labels = None
+        if self.labels:
+            labels = self.group.create_array(f"buckets/{name}/labels", shape=(0, *canvas), dtype="int32",
+                                             chunks=(1, *canvas), shards=(self.shard, *canvas),
+                                             compressors=_compressors(self.compressor, 4), fill_value=0,
+                                             config=_WRITE, dimension_names=["image", "y", "x"])
+        written = self.group.create_array(f"buckets/{name}/written", shape=(0,), dtype="uint8",
+                                          chunks=(self.shard,), fill_value=0, config=_WRITE)
+        return {"name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": labels,
+                "written": written, "count": 0, "pending": [],
+                "block": np.zeros((self.shard, *canvas), dtype),
+                "lab_block": np.zeros((self.shard, *canvas), np.int32) if self.labels else None}
+
+    def _flush(self, b: dict) -> None:
+        m = len(b["pending"])
+        if not m:
+            return
+        a, z = b["count"], b["count"] + m
+        b["images"].resize((z, *b["canvas"]))
+        b["images"][a:z] = b["block"][:m]
+        if b["labels"] is not None:
+            b["labels"].resize((z, *b["canvas"]))
+            b["labels"][a:z] = b["lab_block"][:m]
+        # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
+        b["written"].resize((z,))
+        b["written"][a:z] = 1
+        b["count"] = z
+        b["pending"] = []
+
+    def close(self, rois=None) -> Stack:
+        """Flush every bucket, write the tables and attributes; returns the opened stack.
+
+        `rois` is an ROI table whose ``image`` column holds input positions (the order of `add` calls).
+        """
+        n = len(self._rows)
+        rt = None if rois is None else normalize_table(rois, n)
+        for b in self._buckets.values():
+            self._flush(b)
+        order = sorted(self._buckets, key=lambda k: (k[0], np.dtype(k[1]).name))
+        offset, offsets, names = 0, {}, []
+        for key in order:
+            b = self._buckets[key]
+            offsets[b["name"]] = offset
+            names.append(b["name"])
+            offset += b["count"]
+        table = pd.DataFrame(self._rows) if n else pd.DataFrame(
+            columns=["bucket", "position", "valid_h", "valid_w", "source_index"])
+        table.insert(0, "index", [offsets[r["bucket"]] + r["position"] for r in self._rows])
+        for col, default in (("slope", 1.0), ("intercept", 0.0), ("padding", np.nan),
+                             ("photometric", "MONOCHROME2")):
+            table[col] = table[col].fillna(default) if col in table else default
+        table = table.sort_values("index").reset_index(drop=True)
+        _write_table(self.group, "images", table)
+        global_of = np.empty(n, np.int64)
+        global_of[table["source_index"].to_numpy(np.int64)] = table["index"].to_numpy(np.int64)
+        roi_ids = set()
+        if self.labels:
+            roi_ids.update(self._label_ids)
+        if rt is not None:
+            rt["image"] = global_of[rt["image"].to_numpy()]
+            _write_table(self.group, "rois", rt[["image", "roi", "kind", "cx", "cy", "r", "name"]])
+            roi_ids.update(int(v) for v in rt["roi"])
+        self.group.attrs.update({**self.attrs, "gpucnr_stack": STACK_FORMAT, "gpucnr_version": __version__,
+                                 "n_images": n, "buckets": names, "shard": self.shard,
+                                 "compressor": self.compressor, "roi_ids": sorted(roi_ids),
+                                 "has_labels": self.labels})
+        return open_stack(self.path)
 
 
 def _planes(images, what) -> list[np.ndarray]:

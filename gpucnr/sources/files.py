@@ -1,0 +1,89 @@
+"""Finding the files of a source folder: deterministic order, symbolic links, names that are not UTF-8."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Found", "display_path", "walk"]
+
+
+@dataclass(frozen=True)
+class Found:
+    """One entry under the source folder: a regular file (``code`` None) or one that is skipped."""
+
+    path: Path  # NB: absolute, as the OS gives it (may hold surrogate escapes)
+    rel: str  # dataset-relative, POSIX separators, printable
+    code: str | None = None
+    reason: str = ""
+
+
+def display_path(path) -> str:
+    """A printable form of a path: bytes that are not UTF-8 become \\xNN escapes, never an exception."""
+    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+
+
+def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
+    """Every file under `root`, sorted by path bytes (so input order never depends on the file system).
+
+    Symbolic links are skipped with code ``symlink`` unless `follow_symlinks`; followed, a link to nothing is
+    ``broken-symlink`` and a directory reached twice (a loop, or two links to one folder) is ``symlink-loop``.
+    Files in `exclude` (absolute paths: the ROI table, the meta table) are not inputs.
+    """
+    root = Path(os.path.abspath(root))
+    excluded = {os.path.abspath(p) for p in exclude}
+    out: list[Found] = []
+    seen_dirs = {_ident(root)}
+
+    def rel(p: Path) -> str:
+        return display_path(p.relative_to(root).as_posix())
+
+    def visit(folder: Path) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name))
+        except OSError as e:
+            out.append(Found(folder, rel(folder) or ".", "unreadable", f"folder cannot be listed ({type(e).__name__})"))
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            if os.path.abspath(path) in excluded:
+                continue
+            try:
+                is_link = entry.is_symlink()
+                if is_link and not follow_symlinks:
+                    out.append(Found(path, rel(path), "symlink", "symbolic link not followed (--follow-symlinks)"))
+                    continue
+                try:
+                    st = os.stat(path)  # NB: follows the link
+                except FileNotFoundError:
+                    out.append(Found(path, rel(path), "broken-symlink", "symbolic link to nothing"))
+                    continue
+                except OSError as e:
+                    code = "symlink-loop" if is_link and e.errno == 40 else "unreadable"  # NB: 40 = ELOOP
+                    out.append(Found(path, rel(path), code, f"cannot be examined ({type(e).__name__})"))
+                    continue
+            except OSError as e:
+                out.append(Found(path, rel(path), "unreadable", f"cannot be examined ({type(e).__name__})"))
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                ident = (st.st_dev, st.st_ino)
+                if ident in seen_dirs:
+                    out.append(Found(path, rel(path), "symlink-loop", "a folder reached a second time through a "
+                                     "symbolic link"))
+                    continue
+                seen_dirs.add(ident)
+                visit(path)
+            elif stat.S_ISREG(st.st_mode):
+                out.append(Found(path, rel(path)))
+            else:
+                out.append(Found(path, rel(path), "not-an-image", "not a regular file (device, pipe or socket)"))
+
+    visit(root)
+    return out
+
+
+def _ident(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return (st.st_dev, st.st_ino)

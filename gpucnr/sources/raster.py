@@ -1,0 +1,125 @@
+"""PNG and TIFF images and mask files (Pillow), read inside worker processes.
+
+Gray images keep their stored values and dtype; colour goes through `colour.to_gray`; palette images are
+expanded through their palette first. Multi-page TIFFs give one image per page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+
+import numpy as np
+
+from gpucnr.sources.colour import to_gray
+from gpucnr.sources.outcomes import Skip
+
+__all__ = ["MAGIC", "decode", "read_pages", "scan"]
+
+MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+#: Pillow mode -> bits per pixel, for the declared size (checked before any page is decoded)
+_BITS = {"1": 1, "L": 8, "P": 8, "LA": 16, "PA": 16, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32,
+         "F": 32, "RGB": 24, "RGBA": 32, "RGBX": 32, "CMYK": 32, "YCbCr": 24, "LAB": 24, "HSV": 24}
+_GRAY = ("1", "L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_MAX_RATIO = 100
+
+
+def _open(path):
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # NB: the size check below is ours, in bytes, against --max-image-mb
+    try:
+        return Image.open(path)
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for bad bytes
+        raise Skip("bad-header" if not isinstance(e, EOFError) else "truncated",
+                   f"the image header cannot be read ({type(e).__name__})") from None
+
+
+def _pages(im):
+    n = getattr(im, "n_frames", 1) or 1
+    for i in range(n):
+        if i:
+            im.seek(i)
+        yield im
+
+
+def scan(path, key: bytes, max_bytes: int) -> dict:
+    """Header record of a PNG/TIFF: pages, sizes, mode, declared bytes and a content hash (duplicates)."""
+    size = os.path.getsize(path)
+    with _open(path) as im:
+        fmt = (im.format or "").lower()
+        declared, shapes, modes = 0, [], []
+        try:
+            for page in _pages(im):
+                w, h = page.size
+                mode = page.mode
+                if mode not in _BITS:
+                    raise Skip("unsupported-format", f"the raster mode {mode!r} is not read")
+                declared += math.ceil(w * h * _BITS[mode] / 8)
+                shapes.append((h, w))
+                modes.append(mode)
+        except Skip:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged page directory
+            raise Skip("bad-header", f"the page directory cannot be read ({type(e).__name__})") from None
+    if declared > max_bytes:
+        code = "decompression-bomb" if declared > size * _MAX_RATIO else "image-too-large"
+        raise Skip(code, f"the image declares {declared / 2**20:.1f} MiB ({size} bytes on disk), beyond the limit "
+                   f"of {max_bytes / 2**20:.0f} MiB")
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(2**20):
+            digest.update(chunk)
+    return {"format": fmt, "frames": len(shapes), "rows": shapes[0][0], "columns": shapes[0][1],
+            "photometric": "MONOCHROME2", "modes": modes, "declared_bytes": declared, "dedup": digest.hexdigest(),
+            "modality": "", "manufacturer": "", "model": "", "spacing_y": math.nan, "spacing_x": math.nan,
+            "transfer_syntax": ""}
+
+
+def read_pages(path) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(mode, array, rgb) of every page, decoded: palette pages give their index array and their RGB expansion."""
+    out = []
+    with _open(path) as im:
+        try:
+            for page in _pages(im):
+                page.load()
+                rgb = np.asarray(page.convert("RGB")) if page.mode in ("P", "PA") else None
+                out.append((page.mode, np.asarray(page), rgb))
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - libpng/libtiff errors on bad bytes
+            truncated = isinstance(e, (EOFError, OSError)) and "truncated" in str(e).lower()
+            raise Skip("truncated" if truncated else "decode-error",
+                       f"the pixel data cannot be decoded ({type(e).__name__})") from None
+    return out
+
+
+def decode(path, record: dict, options: dict) -> list[dict]:
+    """Every page as {"pixels", "slope", "intercept", "padding", "photometric", "color"} (see dicom.decode)."""
+    out = []
+    for mode, arr, rgb in read_pages(path):
+        color = ""
+        if rgb is not None:
+            arr, mode = rgb, "RGB"
+        if mode in ("LA",):
+            arr = arr[..., 0]
+        elif mode in ("RGB", "RGBA", "RGBX"):
+            if options["color"] == "skip":
+                raise Skip("color", "a colour image (--color skip)")
+            arr = to_gray(arr[..., :3], options["color"])
+            color = options["color"]
+        elif mode not in _GRAY:
+            raise Skip("unsupported-format", f"the raster mode {mode!r} is not read")
+        if arr.dtype == bool:
+            arr = arr.astype(np.uint8)
+        if arr.dtype.byteorder not in "=|":
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if arr.dtype.kind == "f" and options["nonfinite"] == "skip" and not np.isfinite(arr).all():
+            raise Skip("nonfinite", f"{int((~np.isfinite(arr)).sum())} pixel(s) are NaN or infinite "
+                       "(--nonfinite skip)")
+        out.append({"pixels": np.ascontiguousarray(arr), "slope": 1.0, "intercept": 0.0, "padding": math.nan,
+                    "photometric": "MONOCHROME2", "color": color})
+    return out

@@ -1,0 +1,220 @@
+"""A pool of worker processes in which a crash, a hang or a memory blow-up costs one task, not the run.
+
+Native decoders (JPEG 2000, JPEG-LS, zlib, libpng, libtiff) can crash or loop on hostile bytes. Each task runs
+in a spawned child with an address-space limit; the parent waits on the children's pipes and process
+sentinels with a deadline, so a child that dies is reported as ``decoder-crash`` and one that overruns is
+killed and reported as ``decode-timeout``; either way a fresh child takes its place.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.connection import Connection, wait
+
+from gpucnr.errors import GpucnrError
+
+__all__ = ["IsolatedPool", "TaskFailure"]
+
+
+class TaskFailure:
+    """What a task produced instead of a result: a skip code and a reason (no value read from the input)."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: str, reason: str):
+        self.code, self.reason = code, reason
+
+    def __repr__(self):
+        return f"TaskFailure({self.code!r}, {self.reason!r})"
+
+
+def _child(conn, target: str, memory_mb: int | None) -> None:
+    """Child main loop: receive (function args), run, send ("ok", value) or ("skip", code, reason)."""
+    import warnings
+
+    warnings.simplefilter("ignore")  # NB: readers' warnings can quote header values; stderr is not for them
+    if memory_mb:
+        import resource
+
+        # NB: relative to what the interpreter and its imports already reserve, so the limit bounds the task.
+        module_name, _, _ = target.partition(":")
+        importlib.import_module(module_name)
+        base = _vm_bytes()
+        limit = base + memory_mb * 2**20
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    module_name, _, func_name = target.partition(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    conn.send("ready")
+    while True:
+        try:
+            args = conn.recv()
+        except EOFError:
+            return
+        if args is None:
+            return
+        try:
+            conn.send(("ok", func(*args)))
+        except MemoryError:
+            conn.send(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
+        except Exception as e:  # noqa: BLE001 - every failure of one file is reported, never raised in the parent
+            code = getattr(e, "code", None)
+            reason = getattr(e, "reason", None)
+            if code is None or reason is None:
+                # NB: exception texts of readers can quote header values; only the type and place go out.
+                frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+                where = f" in {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
+                code, reason = "decode-error", f"the reader failed ({type(e).__name__}{where})"
+            conn.send(("skip", code, reason))
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class IsolatedPool:
+    """Runs ``module:function`` over tasks in `workers` spawned processes, one task per process at a time.
+
+    Parameters
+    ----------
+    target : str
+        ``"package.module:function"``, importable in a fresh interpreter; called as ``function(*task)``.
+    workers : int
+    timeout : float
+        Seconds one task may take before its process is killed (``decode-timeout``).
+    memory_mb : int or None
+        Address space a task may add to what the child holds after importing `target` (``out-of-memory``).
+    """
+
+    def __init__(self, target: str, *, workers: int, timeout: float, memory_mb: int | None = None):
+        self.target, self.workers, self.timeout, self.memory_mb = target, max(1, workers), timeout, memory_mb
+        self._slots: list[dict] = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def _spawn(self) -> dict:
+        # NB: a fresh interpreter (not multiprocessing's spawn, which re-imports the caller's __main__); the
+        # child's stderr is discarded: native decoders and readers may print header values there.
+        ours, theirs = socket.socketpair()
+        proc = subprocess.Popen([sys.executable, "-m", "gpucnr.sources.workers", str(theirs.fileno()), self.target,
+                                 str(self.memory_mb or 0)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        theirs.close()
+        conn = Connection(ours.detach())
+        try:
+            ready = conn.poll(120) and conn.recv() == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            proc.kill()
+            proc.wait()
+            conn.close()
+            raise GpucnrError(f"a worker process could not start (exit code {proc.returncode}); check that "
+                              f"`{sys.executable} -c 'import {self.target.partition(':')[0]}'` works")
+        return {"proc": proc, "conn": conn, "task": None, "deadline": None}
+
+    def close(self) -> None:
+        for slot in self._slots:
+            try:
+                slot["conn"].send(None)
+            except (OSError, ValueError):
+                pass
+        for slot in self._slots:
+            try:
+                slot["proc"].wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                slot["proc"].kill()
+                slot["proc"].wait()
+            slot["conn"].close()
+        self._slots = []
+
+    def imap(self, tasks: Iterable[tuple], *, window: int | None = None,
+             on_done: Callable[[], None] | None = None) -> Iterator:
+        """Results in task order: each the function's value or a `TaskFailure`.
+
+        At most `window` tasks (default 4 per worker) are dispatched beyond the oldest unfinished one, so
+        memory stays bounded by the window whatever a slow file does.
+        """
+        window = window or 4 * self.workers
+        it = enumerate(tasks)
+        pending: dict[int, object] = {}
+        next_out = 0
+        submitted = 0
+        exhausted = False
+        while not self._slots or len(self._slots) < self.workers:
+            self._slots.append(self._spawn())
+        while True:
+            for slot in self._slots:
+                if slot["task"] is None and not exhausted and submitted - next_out < window:
+                    try:
+                        i, args = next(it)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    slot["task"] = i
+                    slot["deadline"] = time.monotonic() + self.timeout
+                    try:
+                        slot["conn"].send(args)
+                    except (OSError, ValueError):
+                        pass  # NB: a child that died while idle; the wait below reports it against this task
+                    submitted += 1
+            busy = [s for s in self._slots if s["task"] is not None]
+            while next_out in pending:
+                yield pending.pop(next_out)
+                next_out += 1
+                if on_done:
+                    on_done()
+            if not busy:
+                if exhausted:
+                    return
+                continue
+            now = time.monotonic()
+            timeout = max(0.0, min(s["deadline"] for s in busy) - now)
+            ready = wait([s["conn"] for s in busy], timeout=timeout)
+            for k, slot in enumerate(self._slots):
+                if slot["task"] is None:
+                    continue
+                outcome = None
+                if slot["conn"] in ready:
+                    try:
+                        msg = slot["conn"].recv()
+                        outcome = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
+                    except (EOFError, OSError):
+                        outcome = None  # NB: died while sending; handled as a crash below
+                if outcome is None and slot["conn"] in ready:
+                    # NB: the child's end closes only when it dies: EOF here is a crash
+                    slot["proc"].kill()
+                    code = slot["proc"].wait()
+                    outcome = TaskFailure("decoder-crash", f"the worker process died (exit code {code}) while "
+                                          "reading the file")
+                elif outcome is None and time.monotonic() >= slot["deadline"]:
+                    slot["proc"].kill()
+                    slot["proc"].wait()
+                    outcome = TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s")
+                if outcome is None:
+                    continue
+                pending[slot["task"]] = outcome
+                if isinstance(outcome, TaskFailure) and outcome.code in ("decoder-crash", "decode-timeout"):
+                    slot["conn"].close()
+                    self._slots[k] = self._spawn()
+                else:
+                    slot["task"] = None
+
+
+if __name__ == "__main__":
+    _child(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]) or None)
