@@ -4,18 +4,36 @@ Public API only; importing gpucnr never imports CuPy.
 """
 
 from gpucnr._version import __version__
-from gpucnr.arrays import measure
-from gpucnr.backend import BackendUnavailableError
-from gpucnr.enhancement import enhance
-from gpucnr.errors import GpucnrError, InputError, RoiTableError, ShapeMismatchError
-from gpucnr.kernels import BACKGROUNDS, DEFINITIONS, FOOTPRINTS, STATUS, Params
-from gpucnr.manifests import manifest, read_manifest, write_manifest
-from gpucnr.pipeline import run
-from gpucnr.results import ResultsError, open_results
-from gpucnr.roitable import sample_rois
-from gpucnr.sources import IngestSummary, ingest
-from gpucnr.statistics import summarize
-from gpucnr.store import StackError, open_stack, write_stack
+
+# NB: names resolve on first use (PEP 562): `import gpucnr` stays cheap, so the worker processes of
+# `gpucnr ingest` and the CLI start without importing Dask, xarray and Numba they may never need.
+_WHERE = {
+    "BackendUnavailableError": "gpucnr.backend",
+    "BACKGROUNDS": "gpucnr.kernels",
+    "DEFINITIONS": "gpucnr.kernels",
+    "enhance": "gpucnr.enhancement",
+    "FOOTPRINTS": "gpucnr.kernels",
+    "GpucnrError": "gpucnr.errors",
+    "ingest": "gpucnr.sources",
+    "IngestSummary": "gpucnr.sources",
+    "InputError": "gpucnr.errors",
+    "manifest": "gpucnr.manifests",
+    "measure": "gpucnr.arrays",
+    "open_results": "gpucnr.results",
+    "open_stack": "gpucnr.store",
+    "Params": "gpucnr.kernels",
+    "read_manifest": "gpucnr.manifests",
+    "ResultsError": "gpucnr.results",
+    "RoiTableError": "gpucnr.errors",
+    "run": "gpucnr.pipeline",
+    "sample_rois": "gpucnr.roitable",
+    "ShapeMismatchError": "gpucnr.errors",
+    "StackError": "gpucnr.store",
+    "STATUS": "gpucnr.kernels",
+    "summarize": "gpucnr.statistics",
+    "write_manifest": "gpucnr.manifests",
+    "write_stack": "gpucnr.store",
+}
 
 __all__ = [
     "BACKGROUNDS",
@@ -45,3 +63,20 @@ __all__ = [
     "write_manifest",
     "write_stack",
 ]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    try:
+        return importlib.import_module(f"gpucnr.{name}")  # NB: submodules, as an eager package would have them
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'gpucnr' has no attribute {name!r}") from None
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

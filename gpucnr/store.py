@@ -8,6 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +318,9 @@ class StackWriter:
         self.path, self.labels, self.shard, self.compressor = path, labels, shard, compressor
         self.attrs = dict(attrs or {})
         self.group = zarr.open_group(str(path), mode="w")
+        # NB: shards are compressed and written by one background thread, in order, so the caller (ingest's
+        # driver) keeps feeding its decoders meanwhile; a bucket has at most one shard in flight.
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="gpucnr-stack-writer")
         self._buckets: dict[tuple, dict] = {}
         self._rows: list[dict] = []
         self._label_ids: set[int] = set()
@@ -325,6 +329,7 @@ class StackWriter:
         return self
 
     def __exit__(self, *exc):
+        self._io.shutdown(wait=True)
         return False
 
     def add(self, image: np.ndarray, labels: np.ndarray | None = None, meta: dict | None = None) -> int:
@@ -381,7 +386,7 @@ class StackWriter:
         written = self.group.create_array(f"buckets/{name}/written", shape=(0,), dtype="uint8",
                                           chunks=(self.shard,), fill_value=0, config=_WRITE)
         return {"name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": labels,
-                "written": written, "count": 0, "pending": [],
+                "written": written, "count": 0, "pending": [], "inflight": None,
                 "block": np.zeros((self.shard, *canvas), dtype),
                 "lab_block": np.zeros((self.shard, *canvas), np.int32) if self.labels else None}
 
@@ -389,17 +394,26 @@ class StackWriter:
         m = len(b["pending"])
         if not m:
             return
+        if b["inflight"] is not None:
+            b["inflight"].result()  # NB: raises the previous shard's write error here, in the caller
         a, z = b["count"], b["count"] + m
+        block, lab_block = b["block"], b["lab_block"]
+        b["block"] = np.zeros_like(block)
+        b["lab_block"] = None if lab_block is None else np.zeros_like(lab_block)
+        b["inflight"] = self._io.submit(self._write, b, a, z, block[:m], None if lab_block is None else lab_block[:m])
+        b["count"] = z
+        b["pending"] = []
+
+    @staticmethod
+    def _write(b: dict, a: int, z: int, block, lab_block) -> None:
         b["images"].resize((z, *b["canvas"]))
-        b["images"][a:z] = b["block"][:m]
+        b["images"][a:z] = block
         if b["labels"] is not None:
             b["labels"].resize((z, *b["canvas"]))
-            b["labels"][a:z] = b["lab_block"][:m]
+            b["labels"][a:z] = lab_block
         # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
         b["written"].resize((z,))
         b["written"][a:z] = 1
-        b["count"] = z
-        b["pending"] = []
 
     def close(self, rois=None) -> Stack:
         """Flush every bucket, write the tables and attributes; returns the opened stack.
@@ -410,6 +424,10 @@ class StackWriter:
         rt = None if rois is None else normalize_table(rois, n)
         for b in self._buckets.values():
             self._flush(b)
+        for b in self._buckets.values():
+            if b["inflight"] is not None:
+                b["inflight"].result()
+        self._io.shutdown(wait=True)
         order = sorted(self._buckets, key=lambda k: (k[0], np.dtype(k[1]).name))
         offset, offsets, names = 0, {}, []
         for key in order:

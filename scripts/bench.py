@@ -53,9 +53,11 @@ def best(fn, repeat):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory"),
+    parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory",
+                                                                        "ingest"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
-                             "memory (peak RSS of `gpucnr run`, 4000 vs 500 images)")
+                             "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 small DICOM "
+                             "files, workers=2, vs a plain pydicom loop)")
     parser.add_argument("--n", type=int, default=None, help="images (default 256; pipeline: 1024)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
@@ -63,11 +65,11 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="64 images, 3 rounds")
     args = parser.parse_args(argv)
     if args.n is None:
-        args.n = 1024 if args.part == "pipeline" else 256
+        args.n = {"pipeline": 1024, "ingest": 2000}.get(args.part, 256)
     if args.quick:
         args.n, args.repeat = 64, 3
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
-     "memory": bench_memory}[args.part](args)
+     "memory": bench_memory, "ingest": bench_ingest}[args.part](args)
 
 
 def bench_kernels(args):
@@ -242,6 +244,70 @@ def bench_memory(args):
     print()
     print(f"peak RSS 4000 / 500 images: {peaks[4000] / peaks[500]:.2f}")
 
+
+
+
+def _dicom_folder(folder: Path, n: int, size: int) -> int:
+    """`n` small CT-like DICOM files (int16, slope/intercept, explicit VR little endian); returns their bytes."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    rng = np.random.default_rng(0)
+    total = 0
+    for i in range(n):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = f"P{i % 50}", generate_uid(), generate_uid()
+        ds.Modality, ds.Rows, ds.Columns = "CT", size, size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.PixelData = rng.normal(1000, 20, (size, size)).astype(np.int16).tobytes()
+        path = folder / f"{i // 100:03d}" / f"{i:05d}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        total += path.stat().st_size
+    return total
+
+
+def bench_ingest(args):
+    """`gpucnr ingest` (workers=2: header scan + decode in isolated processes, streaming into the stack) vs the
+    plain loop ``pydicom.dcmread(f).pixel_array`` over the same files (which writes nothing)."""
+    import pydicom
+
+    size = 128 if args.size == 512 else args.size
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "src")
+        nbytes = _dicom_folder(src, args.n, size)
+        files = sorted(src.rglob("*.dcm"))
+
+        def plain():
+            for f in files:
+                pydicom.dcmread(f).pixel_array  # noqa: B018 - the decode is the point
+
+        def ours(k=[0]):  # noqa: B006 - a fresh stack per round
+            k[0] += 1
+            gpucnr.ingest(src, Path(tmp, f"stack{k[0]}.zarr"), workers=2)
+
+        plain()  # warm the page cache for both
+        times: dict[str, list[float]] = {}
+        for _ in range(max(1, min(args.repeat, 3))):
+            for key, fn in (("plain", plain), ("ours", ours)):
+                times.setdefault(key, []).append(best(fn, 1))
+    t_plain, t_ours = min(times["plain"]), min(times["ours"])
+    mb = nbytes / 2**20
+    print(f"gpucnr {gpucnr.__version__}; {args.n} DICOM files of {size}x{size} int16 ({mb:.1f} MiB), explicit VR LE")
+    print()
+    print("| | s | images/s | MB/s | ratio |")
+    print("|---|---:|---:|---:|---:|")
+    print(f"| plain loop `pydicom.dcmread(f).pixel_array` (1 process, writes nothing) | {t_plain:.2f} | "
+          f"{args.n / t_plain:.0f} | {mb / t_plain:.1f} | 1 |")
+    print(f"| `gpucnr.ingest(..., workers=2)` (scan + decode + stack + linkage) | {t_ours:.2f} | {args.n / t_ours:.0f} "
+          f"| {mb / t_ours:.1f} | {t_plain / t_ours:.2f}x |")
 
 if __name__ == "__main__":
     main()

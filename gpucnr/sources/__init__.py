@@ -1,7 +1,19 @@
 """Files -> stack: DICOM (dicom.py), PNG/TIFF (raster.py), masks, DICOM SEG and ROI tables (rois.py),
 driven by `gpucnr.ingest` (ingest.py) in crash-isolated worker processes (workers.py)."""
 
-from gpucnr.sources.ingest import IngestSummary, ingest, sidecar_paths
-from gpucnr.sources.outcomes import CODES
-
 __all__ = ["CODES", "IngestSummary", "ingest", "sidecar_paths"]
+
+# NB: resolved on first use, so a worker process importing gpucnr.sources.tasks never imports the driver
+# (zarr, xarray) it does not need.
+_WHERE = {"CODES": "gpucnr.sources.outcomes", "IngestSummary": "gpucnr.sources.ingest",
+          "ingest": "gpucnr.sources.ingest", "sidecar_paths": "gpucnr.sources.ingest"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gpucnr.sources' has no attribute {name!r}")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 
@@ -107,7 +108,7 @@ class IsolatedPool:
         self.close()
         return False
 
-    def _spawn(self) -> dict:
+    def _start(self) -> dict:
         # NB: a fresh interpreter (not multiprocessing's spawn, which re-imports the caller's __main__); the
         # child's stderr is discarded: native decoders and readers may print header values there.
         ours, theirs = socket.socketpair()
@@ -115,105 +116,111 @@ class IsolatedPool:
                                  str(self.memory_mb or 0)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         theirs.close()
-        conn = Connection(ours.detach())
+        return {"proc": proc, "conn": Connection(ours.detach()), "queue": deque(), "deadline": None}
+
+    def _ready(self, slot: dict) -> dict:
+        """Wait for a started child's handshake; a child that cannot even start is an error of the install."""
         try:
-            ready = conn.poll(120) and conn.recv() == "ready"
+            ready = slot["conn"].poll(120) and slot["conn"].recv() == "ready"
         except (EOFError, OSError):
             ready = False
         if not ready:
-            proc.kill()
-            proc.wait()
-            conn.close()
-            raise GpucnrError(f"a worker process could not start (exit code {proc.returncode}); check that "
+            self._stop(slot)
+            raise GpucnrError(f"a worker process could not start (exit code {slot['proc'].returncode}); check that "
                               f"`{sys.executable} -c 'import {self.target.partition(':')[0]}'` works")
-        return {"proc": proc, "conn": conn, "task": None, "deadline": None}
+        return slot
+
+    @staticmethod
+    def _stop(slot: dict) -> None:
+        # NB: a child holds no state worth a graceful exit; killing it saves its interpreter shutdown.
+        slot["proc"].kill()
+        slot["proc"].wait()
+        slot["conn"].close()
 
     def close(self) -> None:
         for slot in self._slots:
-            try:
-                slot["conn"].send(None)
-            except (OSError, ValueError):
-                pass
-        for slot in self._slots:
-            try:
-                slot["proc"].wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                slot["proc"].kill()
-                slot["proc"].wait()
-            slot["conn"].close()
+            self._stop(slot)
         self._slots = []
 
     def imap(self, tasks: Iterable[tuple], *, window: int | None = None,
              on_done: Callable[[], None] | None = None) -> Iterator:
         """Results in task order: each the function's value or a `TaskFailure`.
 
-        At most `window` tasks (default 4 per worker) are dispatched beyond the oldest unfinished one, so
-        memory stays bounded by the window whatever a slow file does.
+        Each child holds up to two tasks (the next one is queued while it works, so it never waits for the
+        driver); the one it is working on has the deadline. At most `window` tasks (default 4 per worker) are
+        dispatched beyond the oldest unfinished one, so memory stays bounded whatever a slow file does.
         """
         window = window or 4 * self.workers
         it = enumerate(tasks)
         pending: dict[int, object] = {}
-        next_out = 0
-        submitted = 0
+        retry: deque = deque()  # NB: tasks queued behind one that killed its child: sent again elsewhere
+        next_out = submitted = 0
         exhausted = False
-        while not self._slots or len(self._slots) < self.workers:
-            self._slots.append(self._spawn())
+        if len(self._slots) < self.workers:
+            started = [self._start() for _ in range(self.workers - len(self._slots))]
+            self._slots += [self._ready(slot) for slot in started]
         while True:
             for slot in self._slots:
-                if slot["task"] is None and not exhausted and submitted - next_out < window:
-                    try:
-                        i, args = next(it)
-                    except StopIteration:
-                        exhausted = True
+                while len(slot["queue"]) < 2:
+                    if retry:
+                        i, args = retry.popleft()
+                    elif not exhausted and submitted - next_out < window:
+                        try:
+                            i, args = next(it)
+                        except StopIteration:
+                            exhausted = True
+                            break
+                        submitted += 1
+                    else:
                         break
-                    slot["task"] = i
-                    slot["deadline"] = time.monotonic() + self.timeout
+                    if not slot["queue"]:
+                        slot["deadline"] = time.monotonic() + self.timeout
+                    slot["queue"].append((i, args))
                     try:
                         slot["conn"].send(args)
                     except (OSError, ValueError):
-                        pass  # NB: a child that died while idle; the wait below reports it against this task
-                    submitted += 1
-            busy = [s for s in self._slots if s["task"] is not None]
+                        break  # NB: a child that died while idle; the wait below reports it against its task
             while next_out in pending:
                 yield pending.pop(next_out)
                 next_out += 1
                 if on_done:
                     on_done()
+            busy = [s for s in self._slots if s["queue"]]
             if not busy:
-                if exhausted:
+                if exhausted and not retry:
                     return
                 continue
-            now = time.monotonic()
-            timeout = max(0.0, min(s["deadline"] for s in busy) - now)
+            timeout = max(0.0, min(s["deadline"] for s in busy) - time.monotonic())
             ready = wait([s["conn"] for s in busy], timeout=timeout)
             for k, slot in enumerate(self._slots):
-                if slot["task"] is None:
+                if not slot["queue"]:
                     continue
-                outcome = None
                 if slot["conn"] in ready:
                     try:
                         msg = slot["conn"].recv()
-                        outcome = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
                     except (EOFError, OSError):
-                        outcome = None  # NB: died while sending; handled as a crash below
-                if outcome is None and slot["conn"] in ready:
-                    # NB: the child's end closes only when it dies: EOF here is a crash
-                    slot["proc"].kill()
-                    code = slot["proc"].wait()
-                    outcome = TaskFailure("decoder-crash", f"the worker process died (exit code {code}) while "
-                                          "reading the file")
-                elif outcome is None and time.monotonic() >= slot["deadline"]:
-                    slot["proc"].kill()
-                    slot["proc"].wait()
-                    outcome = TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s")
-                if outcome is None:
-                    continue
-                pending[slot["task"]] = outcome
-                if isinstance(outcome, TaskFailure) and outcome.code in ("decoder-crash", "decode-timeout"):
-                    slot["conn"].close()
-                    self._slots[k] = self._spawn()
-                else:
-                    slot["task"] = None
+                        # NB: the child's end closes only when it dies: EOF here is a crash on its current task
+                        slot["proc"].kill()  # NB: harmless on a dead child; wait() then gives its own status
+                        code = slot["proc"].wait()
+                        self._fail(k, TaskFailure("decoder-crash", f"the worker process died (exit code {code}) "
+                                                  "while reading the file"), pending, retry)
+                        continue
+                    i, _ = slot["queue"].popleft()
+                    pending[i] = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
+                    slot["deadline"] = time.monotonic() + self.timeout
+                elif time.monotonic() >= slot["deadline"]:
+                    self._fail(k, TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s"),
+                               pending, retry)
+
+    def _fail(self, k: int, failure: TaskFailure, pending: dict, retry: deque) -> None:
+        """The child of slot `k` crashed or overran on its current task: record it, requeue the rest, replace
+        the child."""
+        slot = self._slots[k]
+        i, _ = slot["queue"].popleft()
+        pending[i] = failure
+        retry.extendleft(reversed(slot["queue"]))
+        self._stop(slot)
+        self._slots[k] = self._ready(self._start())
 
 
 if __name__ == "__main__":
