@@ -141,7 +141,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
             raise InputError(f"--{name} {display_path(folder)} is not a folder")
     side = sidecar_paths(stack)
     roi_table = None if rois is None else read_roi_csv(rois)  # NB: malformed tables fail before any decoding
-    meta_table = None if meta is None else read_meta_csv(meta, IMAGE_COLUMNS)
+    meta_table = None if meta is None else read_meta_csv(meta, [c for c in IMAGE_COLUMNS if c not in ID_COLUMNS])
     key_path = Path(key_file) if key_file is not None else side["key"]
     key = load_or_create_key(key_path)
     workers = workers or os.cpu_count() or 1
@@ -336,12 +336,12 @@ def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]
     columns = [c for c in table.columns if c not in ("source", "line", "key")]
     out = {}
     for row in table.to_dict("records"):
-        if row["key"] is None or row["key"] not in sources:
+        key = row["key"] if isinstance(row["key"], str) else None  # NB: pandas turns None into NaN
+        if key is None or key not in sources:
             problem(display_path(row["source"]), f"meta line {row['line']}", "meta-no-image",
-                    "this --meta row names no file under SRC_DIR" + (" (a path outside it)" if row["key"] is None
-                                                                     else ""))
+                    "this --meta row names no file under SRC_DIR" + (" (a path outside it)" if key is None else ""))
             continue
-        out[row["key"]] = {c: pseudonym(key, c.removesuffix("_id"), row[c]) if c in ID_COLUMNS else row[c]
+        out[key] = {c: pseudonym(key, c.removesuffix("_id"), row[c]) if c in ID_COLUMNS else row[c]
                            for c in columns}
     if out:
         # NB: every image gets every column: files without a meta row get "" (missing), not a ragged table.
@@ -357,13 +357,14 @@ def _roi_rows(table, frame_of: dict, sources: set[str], problem) -> pd.DataFrame
         return None
     hit = []
     for row in table.to_dict("records"):
-        where = frame_of.get((row["key"], int(row["frame"]))) if row["key"] is not None else None
+        key = row["key"] if isinstance(row["key"], str) else None  # NB: pandas turns None into NaN
+        where = frame_of.get((key, int(row["frame"]))) if key is not None else None
         if where is None:
-            if row["key"] is None:
+            if key is None:
                 why = "a path outside SRC_DIR"
-            elif row["key"] not in sources:
+            elif key not in sources:
                 why = "no such file under SRC_DIR"
-            elif any(s == row["key"] for s, _ in frame_of):
+            elif any(s == key for s, _ in frame_of):
                 why = f"the file has no frame {row['frame']}"
             else:
                 why = "the file was not stored (see its own entry)"

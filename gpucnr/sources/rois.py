@@ -204,7 +204,7 @@ def read_roi_csv(path) -> pd.DataFrame:
         if bad.any():
             line = int(table["line"][bad].iloc[0])
             raise RoiTableError(f"{path.name} line {line}: column {col} must hold an integer (pixels, 0-based)")
-    table["frame"] = (table["frame"].replace("", "0") if "frame" in table else "0").astype(np.int64)
+    table["frame"] = table["frame"].str.strip().replace("", "0").astype(np.int64) if "frame" in table else 0
     for col in ("roi", "cx", "cy", "r"):
         table[col] = table[col].astype(np.int64)
     kinds = table["kind"].str.strip().str.lower()
