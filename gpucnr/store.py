@@ -30,6 +30,7 @@ STACK_FORMAT = 1
 #: Compressors a stack may use (docs/performance.md has the measurement behind the default).
 COMPRESSORS = ("blosc-zstd", "zstd")
 _CANVAS = 64
+_PENDING_BYTES = 256 * 2**20
 _WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
 #: Per-image columns that results carry as coordinates: structure, acquisition and pseudonymous ids only —
 #: never a free-form `meta` column, which may hold a name or a record number.
@@ -349,20 +350,16 @@ class StackWriter:
         if b is None:
             b = self._buckets[key] = self._new_bucket(*key)
         h, w = image.shape
-        k = len(b["pending"])
-        b["block"][k, :h, :w] = image
-        b["block"][k, h:, :] = 0
-        b["block"][k, :h, w:] = 0
-        if self.labels:
-            b["lab_block"][k] = 0
-            if labels is not None:
-                b["lab_block"][k, :h, :w] = labels
-                self._label_ids.update(int(v) for v in np.unique(labels) if v != 0)
+        if labels is not None:
+            self._label_ids.update(int(v) for v in np.unique(labels) if v != 0)
         source = len(self._rows)
-        b["pending"].append(source)
-        self._rows.append({"bucket": b["name"], "position": b["count"] + k, "valid_h": h, "valid_w": w,
-                           "source_index": source, **(meta or {})})
-        if len(b["pending"]) == self.shard:
+        self._rows.append({"bucket": b["name"], "position": b["count"] + len(b["pending"]), "valid_h": h,
+                           "valid_w": w, "source_index": source, **(meta or {})})
+        b["pending"].append((image, labels))
+        b["pending_bytes"] += image.nbytes
+        # NB: a shard is written when full, or earlier (zarr then rewrites it in place) once its pending images
+        # pass _PENDING_BYTES: a bucket of very large images must not hold a whole shard of them in memory.
+        if len(b["pending"]) == self.shard or b["pending_bytes"] >= _PENDING_BYTES:
             self._flush(b)
         return source
 
@@ -386,9 +383,7 @@ class StackWriter:
         written = self.group.create_array(f"buckets/{name}/written", shape=(0,), dtype="uint8",
                                           chunks=(self.shard,), fill_value=0, config=_WRITE)
         return {"name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": labels,
-                "written": written, "count": 0, "pending": [], "inflight": None,
-                "block": np.zeros((self.shard, *canvas), dtype),
-                "lab_block": np.zeros((self.shard, *canvas), np.int32) if self.labels else None}
+                "written": written, "count": 0, "pending": [], "pending_bytes": 0, "inflight": None}
 
     def _flush(self, b: dict) -> None:
         m = len(b["pending"])
@@ -397,12 +392,16 @@ class StackWriter:
         if b["inflight"] is not None:
             b["inflight"].result()  # NB: raises the previous shard's write error here, in the caller
         a, z = b["count"], b["count"] + m
-        block, lab_block = b["block"], b["lab_block"]
-        b["block"] = np.zeros_like(block)
-        b["lab_block"] = None if lab_block is None else np.zeros_like(lab_block)
-        b["inflight"] = self._io.submit(self._write, b, a, z, block[:m], None if lab_block is None else lab_block[:m])
+        block = np.zeros((m, *b["canvas"]), b["dtype"])
+        lab_block = np.zeros((m, *b["canvas"]), np.int32) if self.labels else None
+        for k, (image, labels) in enumerate(b["pending"]):
+            h, w = image.shape
+            block[k, :h, :w] = image
+            if labels is not None:
+                lab_block[k, :h, :w] = labels
+        b["inflight"] = self._io.submit(self._write, b, a, z, block, lab_block)
         b["count"] = z
-        b["pending"] = []
+        b["pending"], b["pending_bytes"] = [], 0
 
     @staticmethod
     def _write(b: dict, a: int, z: int, block, lab_block) -> None:

@@ -26,9 +26,10 @@ _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", _D
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
-#: a deflated file whose stream inflates this many times its file size is treated as a bomb before its size
-#: is known
+#: a declared image this many times larger than its file is a decompression bomb rather than merely too large
 _MAX_RATIO = 100
+#: what a data set may hold beyond its pixels (header, overlays, private data) when deflated data are inflated
+_HEADER_ALLOWANCE = 16 * 2**20
 
 
 def _ts_name(uid) -> str:
@@ -67,7 +68,7 @@ def _inflate_check(path, max_bytes: int) -> None:
     from pydicom.filereader import read_preamble
 
     size = os.path.getsize(path)
-    limit = min(max_bytes + 2**20, max(size * _MAX_RATIO, 2**20))
+    limit = max_bytes + _HEADER_ALLOWANCE
     with open(path, "rb") as fh:
         read_preamble(fh, False)
         from pydicom.filereader import _read_file_meta_info
@@ -81,8 +82,8 @@ def _inflate_check(path, max_bytes: int) -> None:
             except zlib.error:
                 raise Skip("decode-error", "the deflated data set is not a valid deflate stream") from None
             if total > limit or inflater.unconsumed_tail:
-                raise Skip("decompression-bomb", f"the deflated data set expands beyond {limit // 2**20} MiB "
-                           f"({size} bytes on disk)")
+                raise Skip("decompression-bomb", f"the deflated data set expands beyond {limit / 2**20:.0f} MiB "
+                           f"(--max-image-mb plus {_HEADER_ALLOWANCE // 2**20} MiB; {size} bytes on disk)")
 
 
 def _functional(ds, frame: int, seq: str, attr: str):
@@ -128,6 +129,9 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
         meta = pydicom.filereader.read_file_meta_info(path)
         ts = UID(str(meta.get("TransferSyntaxUID", "")).strip())
         if not ts:
+            group = meta.get("FileMetaInformationGroupLength")
+            if group is None or 144 + int(group) > size:
+                raise Skip("truncated", "the file ends inside its file meta information")
             raise Skip("bad-header", "the file meta information has no transfer syntax")
         if ts == _DEFLATED:
             _inflate_check(path, max_bytes)
@@ -139,8 +143,9 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
         raise _classify(e) from None
     pixel = _pixel_element(head, ts) if ts != _DEFLATED else "deflated"
     if pixel is None:
-        if ds.get("Rows") is not None and ds.get("Columns") is not None:
-            raise Skip("truncated", "an image header with no pixel data after it")
+        # NB: pydicom stops quietly at the end of a file: an image whose pixel data never comes is truncated
+        if (ds.get("Rows") is not None and ds.get("Columns") is not None) or _image_class(meta, ds):
+            raise Skip("truncated", "an image object whose file ends before its pixel data")
         raise Skip("no-pixel-data", "a DICOM object without pixel data (not an image)")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     frames = _int(ds, "NumberOfFrames", 1) if ds.get("NumberOfFrames") not in (None, "") else 1
@@ -186,6 +191,18 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
         "instance_id": pseudonym(key, "instance", instance),
         "dedup": pseudonym(key, "instance", instance) if instance else None,
     }
+
+
+def _image_class(meta, ds) -> bool:
+    """Whether the SOP class is one that carries pixel data (an image storage class, SEG, ...)."""
+    from pydicom._uid_dict import UID_dictionary
+
+    for uid in (meta.get("MediaStorageSOPClassUID"), ds.get("SOPClassUID")):
+        entry = UID_dictionary.get(str(uid or "").strip())
+        if entry and entry[1] == "SOP Class" and any(w in entry[0] for w in ("Image Storage", "Segmentation Storage",
+                                                                              "Parametric Map Storage")):
+            return True
+    return False
 
 
 def _pixel_element(head: bytes, ts) -> int | str | None:

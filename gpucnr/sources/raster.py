@@ -18,8 +18,9 @@ from gpucnr.sources.outcomes import Skip
 __all__ = ["MAGIC", "decode", "read_pages", "scan"]
 
 MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
-#: Pillow mode -> bits per pixel, for the declared size (checked before any page is decoded)
-_BITS = {"1": 1, "L": 8, "P": 8, "LA": 16, "PA": 16, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32,
+#: Pillow mode -> bits per pixel once decoded (1-bit pages decode to a byte per pixel), for the declared size
+#: (checked before any page is decoded)
+_BITS = {"1": 8, "L": 8, "P": 8, "LA": 16, "PA": 16, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32,
          "F": 32, "RGB": 24, "RGBA": 32, "RGBX": 32, "CMYK": 32, "YCbCr": 24, "LAB": 24, "HSV": 24}
 _GRAY = ("1", "L", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _MAX_RATIO = 100
