@@ -288,7 +288,7 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
     InputError
         The stack cannot be located or has no linkage file (it was not made by `gpucnr ingest`).
     """
-    from gpucnr.sources.ingest import sidecar_paths
+    from gpucnr.sources.driver import sidecar_paths
 
     if stack is None:
         attrs = open_results(results_path).attrs

@@ -1,12 +1,12 @@
 """Files -> stack: DICOM (dicom.py), PNG/TIFF (raster.py), masks, DICOM SEG and ROI tables (rois.py),
-driven by `gpucnr.ingest` (ingest.py) in crash-isolated worker processes (workers.py)."""
+driven by `gpucnr.ingest` (driver.py) in crash-isolated worker processes (workers.py)."""
 
 __all__ = ["CODES", "IngestSummary", "ingest", "sidecar_paths"]
 
 # NB: resolved on first use, so a worker process importing gpucnr.sources.tasks never imports the driver
 # (zarr, xarray) it does not need.
-_WHERE = {"CODES": "gpucnr.sources.outcomes", "IngestSummary": "gpucnr.sources.ingest",
-          "ingest": "gpucnr.sources.ingest", "sidecar_paths": "gpucnr.sources.ingest"}
+_WHERE = {"CODES": "gpucnr.sources.outcomes", "IngestSummary": "gpucnr.sources.driver",
+          "ingest": "gpucnr.sources.driver", "sidecar_paths": "gpucnr.sources.driver"}
 
 
 def __getattr__(name: str):

@@ -213,7 +213,7 @@ class _Ingest:
             if dedup is not None:
                 first_of[dedup] = f.rel
             kept.append((k, f, rec))
-        seg_refs = self._scan_segs(pool, seg, follow_symlinks)
+        seg_refs, seg_rel = self._scan_segs(pool, seg, follow_symlinks)
         used: set = set()
         self.tasks = []
         for k, f, rec in kept:
@@ -226,17 +226,24 @@ class _Ingest:
             self.tasks.append((k, f, rec, [m.rel for m in mask_files],
                                ("decode_file", str(f.path), rec, self.options, [str(m.path) for m in mask_files],
                                 segs)))
+        matched = {p for _, _, rec in kept if rec["format"] == "dicom" for p in seg_refs.get(rec["instance_id"], ())}
+        for path, rel in seg_rel.items():
+            if path not in matched:
+                self.problem(rel, "seg", "seg-no-image", "the DICOM SEG references no image of SRC_DIR that was "
+                             "scanned without error")
         for _, entries in sorted(self.mask_index.items()):
             for m in entries:
                 if m.rel not in used:
                     self.problem(m.rel, "mask", "mask-no-image", "no image file matches this mask's name")
         self.used_masks = used
 
-    def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> dict[str, set[str]]:
-        """{pseudonymous instance id: paths of the DICOM SEG objects that label it}."""
+    def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> tuple[dict, dict]:
+        """({pseudonymous instance id: paths of the DICOM SEG objects that label it}, {readable SEG path: its
+        relative path})."""
         refs: dict[str, set[str]] = {}
+        rels: dict[str, str] = {}
         if seg is None:
-            return refs
+            return refs, rels
         files = walk(seg, follow_symlinks=follow_symlinks)
         for f in files:
             if f.code is not None:
@@ -246,11 +253,10 @@ class _Ingest:
             if isinstance(out, TaskFailure):
                 self.problem(f.rel, "seg", "seg-unreadable", out.reason)
                 continue
-            if not out:
-                self.problem(f.rel, "seg", "seg-no-image", "the DICOM SEG references no source image")
+            rels[str(f.path)] = f.rel
             for ref in out:
                 refs.setdefault(ref, set()).add(str(f.path))
-        return refs
+        return refs, rels
 
     def decode(self, pool: IsolatedPool, *, shard: int, compressor: str, has_labels: bool) -> IngestSummary:
         """Pass 2: decode in input order straight into the stack; then the tables, the linkage file and the
@@ -336,12 +342,13 @@ def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]
     columns = [c for c in table.columns if c not in ("source", "line", "key")]
     out = {}
     for row in table.to_dict("records"):
-        key = row["key"] if isinstance(row["key"], str) else None  # NB: pandas turns None into NaN
-        if key is None or key not in sources:
+        source = row["key"] if isinstance(row["key"], str) else None  # NB: pandas turns None into NaN
+        if source is None or source not in sources:
             problem(display_path(row["source"]), f"meta line {row['line']}", "meta-no-image",
-                    "this --meta row names no file under SRC_DIR" + (" (a path outside it)" if key is None else ""))
+                    "this --meta row names no file under SRC_DIR" + (" (a path outside it)" if source is None
+                                                                     else ""))
             continue
-        out[key] = {c: pseudonym(key, c.removesuffix("_id"), row[c]) if c in ID_COLUMNS else row[c]
+        out[source] = {c: pseudonym(key, c.removesuffix("_id"), row[c]) if c in ID_COLUMNS else row[c]
                            for c in columns}
     if out:
         # NB: every image gets every column: files without a meta row get "" (missing), not a ragged table.
