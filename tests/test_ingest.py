@@ -233,6 +233,34 @@ def test_mask_folder_mirrors_subfolders(tmp_path):
     assert_run_equals_measure(done, images, labels, tmp_path / "results")
 
 
+def test_numpy_label_arrays_as_masks(tmp_path):
+    """NumPy ``.npy`` label arrays are masks too (told by content): a 2-D label map for a PNG, a (frames, rows,
+    cols) stack for a multi-frame DICOM; a pickled object array is refused (``mask-unreadable``) and a plane
+    count that differs from the frames is ``mask-shape``, both naming the mask."""
+    src, masks = tmp_path / "src", tmp_path / "masks"
+    a, b = _disk(20, 20, 8), _disk(14, 30, 6)
+    png = _ultrasound(11, [a, b])
+    write_raster(src / "us.png", png)
+    masks.mkdir()
+    np.save(masks / "us.npy", (a + 3 * b).astype(np.uint16))
+    frames = np.stack([_ultrasound(12 + f, [a]).astype(np.uint16) for f in range(3)])
+    write_dicom(src / "mf.dcm", frames, modality="US")
+    np.save(masks / "mf.npy", np.stack([a * (f + 1) for f in range(3)]).astype(np.int32))
+    write_raster(src / "pickled.png", _ultrasound(13))  # NB: other bytes than us.png, or it is a duplicate
+    np.save(masks / "pickled.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    write_raster(src / "short.png", _ultrasound(14))
+    np.save(masks / "short.npy", np.stack([a, a]).astype(np.uint8))
+    done = ingest(src, tmp_path / "stack", masks=masks, mask_pattern="{stem}.npy")
+    s = done.summary
+    assert (s.files_in, s.stored, s.skipped) == (4, 2, {"mask-shape": 1, "mask-unreadable": 1})
+    rows = s.problems.set_index("source")
+    assert "pickled.npy" in rows.loc["pickled.png", "reason"] and "short.npy" in rows.loc["short.png", "reason"]
+    np.testing.assert_array_equal(done.read(done.index("us.png"))[1], (a + 3 * b).astype(np.int32), strict=True)
+    for f in range(3):
+        np.testing.assert_array_equal(done.read(done.index("mf.dcm", f))[1], (a * (f + 1)).astype(np.int32),
+                                      strict=True)
+
+
 # --- the operator's files beside the stack ----------------------------------------------------------------------
 
 

@@ -97,10 +97,30 @@ def _labels(mode: str, arr: np.ndarray, what: str) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def _is_npy(path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(6) == b"\x93NUMPY"
+
+
+def _npy_pages(path) -> list[tuple[str, np.ndarray, None]]:
+    """A NumPy label array (.npy, never pickled objects): (rows, cols), or (frames, rows, cols) for one label
+    plane per frame."""
+    try:
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
+    except Exception as e:  # noqa: BLE001 - a damaged or pickled .npy
+        raise Skip("mask-unreadable", f"not a readable NumPy array ({type(e).__name__})") from None
+    if arr.ndim not in (2, 3) or arr.dtype.kind not in "biuf":
+        raise Skip("mask-labels", f"a NumPy mask must be a 2-D or 3-D array of numbers, got {arr.ndim}-D "
+                   f"{arr.dtype.kind}")
+    planes = [np.asarray(arr)] if arr.ndim == 2 else [np.asarray(p) for p in arr]
+    return [("npy", p, None) for p in planes]
+
+
 def read_masks(paths: list, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
     """Labels (int32, one per frame) from the mask files of one image, merged; `shapes` are the frames'.
 
-    Each file holds one page per frame (or one page for all frames of a single-frame image). Raises `Skip`
+    Mask files are PNG/TIFF images or NumPy ``.npy`` label arrays (told by content). Each holds one page (or
+    array plane) per frame (or one page for all frames of a single-frame image). Raises `Skip`
     with ``mask-unreadable``, ``mask-shape``, ``mask-labels`` or ``mask-overlap``.
     """
     from gpucnr.sources.raster import read_pages
@@ -109,7 +129,7 @@ def read_masks(paths: list, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
     for k, path in enumerate(paths):
         what = f"mask file {k + 1} of {len(paths)}" if len(paths) > 1 else "the mask"
         try:
-            pages = read_pages(path)
+            pages = _npy_pages(path) if _is_npy(path) else read_pages(path)
         except Skip as e:
             raise Skip("mask-unreadable", f"{what} cannot be read ({e.code})") from None
         if len(pages) != len(shapes):
