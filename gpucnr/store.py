@@ -390,7 +390,7 @@ class StackWriter:
         if not m:
             return
         if b["inflight"] is not None:
-            b["inflight"].result()  # NB: raises the previous shard's write error here, in the caller
+            self._wait(b)  # NB: raises the previous shard's write error here, in the caller
         a, z = b["count"], b["count"] + m
         block = np.zeros((m, *b["canvas"]), b["dtype"])
         lab_block = np.zeros((m, *b["canvas"]), np.int32) if self.labels else None
@@ -402,6 +402,14 @@ class StackWriter:
         b["inflight"] = self._io.submit(self._write, b, a, z, block, lab_block)
         b["count"] = z
         b["pending"], b["pending_bytes"] = [], 0
+
+    def _wait(self, b: dict) -> None:
+        try:
+            b["inflight"].result()
+        except OSError as e:
+            why = e.strerror or type(e).__name__
+            raise StackError("stack-write", f"{self.path}: writing bucket {b['name']} failed ({why}); the stack "
+                             "is incomplete") from None
 
     @staticmethod
     def _write(b: dict, a: int, z: int, block, lab_block) -> None:
@@ -425,7 +433,7 @@ class StackWriter:
             self._flush(b)
         for b in self._buckets.values():
             if b["inflight"] is not None:
-                b["inflight"].result()
+                self._wait(b)
         self._io.shutdown(wait=True)
         order = sorted(self._buckets, key=lambda k: (k[0], np.dtype(k[1]).name))
         offset, offsets, names = 0, {}, []

@@ -598,3 +598,38 @@ def test_cli_ingest_info_filter_with_paths(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "gpucnr: error [bad-input]" in err and "linkage" in err, err
     assert not (tmp_path / "w.csv").exists()
+
+
+_DISK_FULL = """
+import json, resource, signal, sys
+import gpucnr
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+try:
+    gpucnr.ingest(sys.argv[1], sys.argv[2], workers=2)
+except gpucnr.GpucnrError as e:
+    print(json.dumps({"code": e.code, "message": str(e)}))
+    sys.exit(3)
+print("completed")
+"""
+
+
+def test_disk_full_is_a_coded_error_and_keeps_the_skipped_list(tmp_path):
+    """A full disk while shards are written (RLIMIT_FSIZE stands in for it: a shard of incompressible images
+    passes the limit) is the coded error ``stack-write`` naming the stack, not an OSError from a thread; the
+    skipped-files list, with what was learnt about the files, is still written."""
+    src = tmp_path / "src"
+    rng = np.random.default_rng(0)
+    for i in range(20):
+        write_raster(src / f"noise{i:02d}.png", rng.integers(0, 65535, (64, 64), dtype=np.uint16))
+    (src / "notes.txt").write_text("not an image")
+    stack = tmp_path / "stack.zarr"
+    proc = subprocess.run([sys.executable, "-c", _DISK_FULL, str(src), str(stack)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    err = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert err["code"] == "stack-write" and "stack.zarr" in err["message"], err
+    listed = pd.read_csv(tmp_path / "stack.zarr.skipped.csv", dtype=str, keep_default_na=False)
+    assert listed[["source", "code"]].values.tolist() == [["notes.txt", "not-an-image"]]
+    with pytest.raises(gpucnr.StackError):
+        gpucnr.open_stack(stack)  # NB: never marked a stack: an interrupted ingest cannot be mistaken for one
