@@ -141,6 +141,16 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
             head = fh.read(12)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad bytes; each becomes a code
         raise _classify(e) from None
+    try:
+        return _record(ds, meta, ts, head, pos, size, key, max_bytes)
+    except Skip:
+        raise
+    except Exception as e:  # noqa: BLE001 - pydicom converts values lazily: a bad value raises only when read
+        raise Skip("bad-header", f"a header attribute cannot be read ({type(e).__name__})") from None
+
+
+def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_bytes: int) -> dict:
+    """The header record of `scan` from the data set read up to its pixel data."""
     pixel = _pixel_element(head, ts) if ts != _DEFLATED else "deflated"
     if pixel is None:
         # NB: pydicom stops quietly at the end of a file: an image whose pixel data never comes is truncated
@@ -238,9 +248,9 @@ def decode(path, record: dict, options: dict) -> list[dict]:
         raise _classify(e) from None
     try:
         arr = ds.pixel_array  # NB: YBR is converted to RGB, J2K sign mismatches corrected (pydicom 3 defaults)
-    except MemoryError:
+    except (MemoryError, KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
-    except Exception as e:  # noqa: BLE001 - decoders raise anything on bad bytes
+    except BaseException as e:  # noqa: BLE001 - decoders raise anything on bad bytes, Rust ones a BaseException
         text = str(e).lower()
         if "less than expected" in text or "end of" in text or "truncat" in text:
             raise Skip("truncated", "the pixel data is shorter than the image it declares") from None

@@ -64,7 +64,11 @@ def _child(conn, target: str, memory_mb: int | None) -> None:
             conn.send(("ok", func(*args)))
         except MemoryError:
             conn.send(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
-        except Exception as e:  # noqa: BLE001 - every failure of one file is reported, never raised in the parent
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - every failure of one file is reported, never raised in the parent
+            # NB: BaseException, not Exception: Rust decoders (pylibjpeg-rle via pyo3) raise PanicException,
+            # which derives from BaseException, on malformed data; it is a decode error of this file, not a crash.
             code = getattr(e, "code", None)
             reason = getattr(e, "reason", None)
             if code is None or reason is None:
