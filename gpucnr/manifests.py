@@ -286,15 +286,23 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
     Raises
     ------
     InputError
-        The stack cannot be located or has no linkage file (it was not made by `gpucnr ingest`).
+        The stack cannot be located, is not the one the results were computed from, or has no linkage file (it
+        was not made by `gpucnr ingest`).
     """
     from gpucnr.sources.driver import sidecar_paths
+    from gpucnr.store import open_stack
 
+    attrs = open_results(results_path).attrs
     if stack is None:
-        attrs = open_results(results_path).attrs
         if "stack_path" not in attrs:
             raise InputError("cannot locate the stack of these results; pass its path")
         stack = Path(results_path).resolve().parent / str(attrs["stack_path"])
+    # NB: a stack ingested again at the same path has another linkage file: joining it would give rows the paths
+    # of other files, so the stack must be the one the results were computed from
+    expected = attrs.get("stack_fingerprint")
+    if expected is not None and open_stack(stack).fingerprint() != expected:
+        raise InputError(f"{stack} is not the stack these results were computed from (its fingerprint differs); "
+                         "its linkage file would name other files")
     linkage = sidecar_paths(stack)["linkage"]
     if not linkage.exists():
         raise InputError(f"{stack} has no linkage file ({linkage.name}): only stacks made by `gpucnr ingest` "

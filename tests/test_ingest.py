@@ -236,7 +236,7 @@ def test_mask_folder_mirrors_subfolders(tmp_path):
 def test_numpy_label_arrays_as_masks(tmp_path):
     """NumPy ``.npy`` label arrays are masks too (told by content): a 2-D label map for a PNG, a (frames, rows,
     cols) stack for a multi-frame DICOM; a pickled object array is refused (``mask-unreadable``) and a plane
-    count that differs from the frames is ``mask-shape``, both naming the mask."""
+    count that differs from the frames is ``mask-shape``, both naming the mask, their images stored unlabelled."""
     src, masks = tmp_path / "src", tmp_path / "masks"
     a, b = _disk(20, 20, 8), _disk(14, 30, 6)
     png = _ultrasound(11, [a, b])
@@ -252,9 +252,14 @@ def test_numpy_label_arrays_as_masks(tmp_path):
     np.save(masks / "short.npy", np.stack([a, a]).astype(np.uint8))
     done = ingest(src, tmp_path / "stack", masks=masks, mask_pattern="{stem}.npy")
     s = done.summary
-    assert (s.files_in, s.stored, s.skipped) == (4, 2, {"mask-shape": 1, "mask-unreadable": 1})
+    # NB: a bad mask never loses its image: the image is stored unlabelled and the mask listed (item "mask")
+    assert (s.files_in, s.stored, s.skipped, s.unlabelled_images) == (4, 4, {}, 2)
+    assert s.other_problems == {"mask-shape": 1, "mask-unreadable": 1}
     rows = s.problems.set_index("source")
+    assert (rows.loc[["pickled.png", "short.png"], "item"] == "mask").all()
     assert "pickled.npy" in rows.loc["pickled.png", "reason"] and "short.npy" in rows.loc["short.png", "reason"]
+    for source in ("pickled.png", "short.png"):
+        assert not done.read(done.index(source))[1].any()
     np.testing.assert_array_equal(done.read(done.index("us.png"))[1], (a + 3 * b).astype(np.int32), strict=True)
     for f in range(3):
         np.testing.assert_array_equal(done.read(done.index("mf.dcm", f))[1], (a * (f + 1)).astype(np.int32),

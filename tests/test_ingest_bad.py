@@ -95,6 +95,14 @@ class Ingested:
         images, _ = stack.read(bucket, int(row["position"]), int(row["position"]) + 1, labels=False)
         return images[0, : int(row["valid_h"]), : int(row["valid_w"])]
 
+    def stored_labels(self, source: str, frame: int = 0) -> np.ndarray:
+        """The labels (valid extent) stored for `frame` of `source`."""
+        stack = gpucnr.open_stack(self.summary.stack)
+        row = stack.images.set_index("index").loc[self.index(source, frame)]
+        bucket = next(b for b in stack.buckets if b.name == row["bucket"])
+        _, labels = stack.read(bucket, int(row["position"]), int(row["position"]) + 1)
+        return labels[0, : int(row["valid_h"]), : int(row["valid_w"])]
+
     def index(self, source: str, frame: int = 0) -> int:
         hit = self.linkage[(self.linkage["source"] == source) & (self.linkage["frame"] == frame)]
         return int(hit["index"].iloc[0])
@@ -397,15 +405,27 @@ def test_mask_ok_gives_labels(masked):
     np.testing.assert_array_equal(labels[0, :32, :48], expect)
 
 
+def _stored_unlabelled(masked, image: str, code: str) -> pd.Series:
+    """A bad mask never loses its image: `image` is stored without labels, and the problems row (item "mask")
+    carries `code` and names the mask file."""
+    row = masked.row(image, item="mask")
+    assert row["code"] == code, f"{image}: expected {code!r}, got {row['code']!r}: {row['reason']!r}"
+    assert "_mask.png" in row["reason"], row["reason"]
+    assert image in set(masked.linkage["source"]), f"{image} was not stored"
+    labels = masked.stored_labels(image)
+    assert not labels.any(), f"{image} has labels from a refused mask"
+    return row
+
+
 def test_mask_shape(masked):
-    """The problems row names the image; the reason gives both sizes."""
-    row = masked.skipped("shape.png", "mask-shape")
+    """The problems row names the image and its mask; the reason gives both sizes."""
+    row = _stored_unlabelled(masked, "shape.png", "mask-shape")
     assert "16x16" in row["reason"] and "48x32" in row["reason"], row["reason"]
 
 
 @pytest.mark.parametrize("image", ["aa.png", "colour.png"])
 def test_mask_labels(masked, image):
-    masked.skipped(image, "mask-labels")
+    _stored_unlabelled(masked, image, "mask-labels")
 
 
 # --- non-finite pixels kept ----------------------------------------------------------------------------------

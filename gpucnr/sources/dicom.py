@@ -25,6 +25,7 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", _DEFLATED}
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
 _GRAY = ("MONOCHROME1", "MONOCHROME2")
+_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 _COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "YBR_PARTIAL_420", "PALETTE COLOR")
 #: a declared image this many times larger than its file is a decompression bomb rather than merely too large
 _MAX_RATIO = 100
@@ -167,6 +168,11 @@ def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_byte
     if photometric not in _GRAY + _COLOUR:
         raise Skip("unsupported-format", "a photometric interpretation gpucnr does not read")
     declared = math.ceil(rows * cols * frames * samples * bits / 8)
+    if photometric == "YBR_FULL_422" and ts in _NATIVE:
+        declared = declared * 2 // 3  # NB: native 4:2:2 holds two samples per pixel, not three
+    if ds.get("SOPClassUID") == _SEG_CLASS or meta.get("MediaStorageSOPClassUID") == _SEG_CLASS:
+        raise Skip("segmentation", "a DICOM SEG object: labels of other images, not an image (give its folder "
+                   "with --seg)")
     if declared > max_bytes:
         code = "decompression-bomb" if declared > size * _MAX_RATIO and ts not in _NATIVE else "image-too-large"
         raise Skip(code, f"the image declares {declared / 2**20:.1f} MiB, beyond the limit of "
@@ -272,8 +278,12 @@ def decode(path, record: dict, options: dict) -> list[dict]:
         raise Skip("color", "a colour image (--color skip)")
     if arr.dtype.kind == "f" and options["nonfinite"] == "skip" and not np.isfinite(arr).all():
         raise Skip("nonfinite", f"{int((~np.isfinite(arr)).sum())} pixel(s) are NaN or infinite (--nonfinite skip)")
-    padding = ds.get("PixelPaddingValue")
-    limit = ds.get("PixelPaddingRangeLimit")
+    padding = _stored_value(ds, "PixelPaddingValue")
+    limit = _stored_value(ds, "PixelPaddingRangeLimit")
+    if photometric in _GRAY and str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
+        # NB: `photometric` records the display polarity that signed CNR follows: an INVERSE presentation LUT
+        # shape displays MONOCHROME2 data as MONOCHROME1 (and the reverse); the stored values stay as they are.
+        photometric = "MONOCHROME1" if photometric == "MONOCHROME2" else "MONOCHROME2"
     lut = "ModalityLUTSequence" in ds and not colour
     out = []
     for f in range(frames):
@@ -302,6 +312,20 @@ def decode(path, record: dict, options: dict) -> list[dict]:
         entry["pixels"] = np.ascontiguousarray(pixels)
         out.append(entry)
     return out
+
+
+def _stored_value(ds, keyword: str) -> int | None:
+    """A padding value in the stored values' domain: some writers use US for signed data (63536 for -2000)."""
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    try:
+        value, bits, signed = int(value), int(ds.get("BitsAllocated", 16)), int(ds.get("PixelRepresentation", 0))
+    except (TypeError, ValueError):
+        raise Skip("missing-attribute", f"{keyword} is not a number") from None
+    if signed == 1 and value >= 2 ** (bits - 1):
+        value -= 2**bits
+    return value
 
 
 def _rescale(ds, frame: int) -> tuple[float, float]:

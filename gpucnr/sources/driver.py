@@ -38,6 +38,8 @@ IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "
                  "manufacturer", "model", "spacing_y", "spacing_x", "file_index", *ID_COLUMNS)
 _PROBLEM_COLUMNS = ["source", "item", "code", "reason"]
 _TASKS = "gpucnr.sources.tasks:run"
+#: decoded bytes the driver may hold for files still waiting on an earlier one
+_IN_FLIGHT = 2**31
 
 
 def sidecar_paths(stack) -> dict[str, Path]:
@@ -136,6 +138,8 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         raise InputError(f"source folder {display_path(src)} does not exist or is not a folder")
     if stack.exists():
         raise InputError(f"{display_path(stack)} already exists; ingest never overwrites a stack")
+    if not stack.absolute().parent.is_dir():
+        raise InputError(f"the folder of {display_path(stack)} does not exist")
     for name, folder in (("masks", masks), ("seg", seg)):
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"--{name} {display_path(folder)} is not a folder")
@@ -144,11 +148,12 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     meta_table = None if meta is None else read_meta_csv(meta, [c for c in IMAGE_COLUMNS if c not in ID_COLUMNS])
     key_path = Path(key_file) if key_file is not None else side["key"]
     key = load_or_create_key(key_path)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or len(os.sched_getaffinity(0)) or 1
     max_bytes = int(max_image_mb * 2**20)
     options = {"color": color, "nonfinite": nonfinite}
 
-    exclude = [p for p in (rois, meta, key_path, stack, *side.values()) if p is not None]
+    # NB: mask and SEG folders may sit inside SRC_DIR: their files are not images of the dataset
+    exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values()) if p is not None]
     job = _Ingest(stack=stack, side=side, key=key, key_path=key_path, options=options, max_bytes=max_bytes,
                   progress=progress, roi_table=roi_table, meta_table=meta_table)
     job.find(src, masks, mask_pattern, follow_symlinks, exclude)
@@ -192,26 +197,17 @@ class _Ingest:
                 self.problem(f.rel, "file", f.code, f.reason)
 
     def scan(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> None:
-        """Pass 1: headers of every candidate file; duplicates (first in input order wins); mask matching."""
+        """Pass 1: headers of every candidate file, SEG references, mask matching."""
         candidates = [(k, f) for k, f in enumerate(self.found) if f.code is None]
         self.meter.stage("scan", len(candidates))
         headers = pool.imap((("scan_file", str(f.path), self.key, self.max_bytes) for _, f in candidates),
                             on_done=self.meter.tick)
-        first_of: dict[str, str] = {}
         kept = []
         for (k, f), rec in zip(candidates, headers, strict=True):
             if isinstance(rec, TaskFailure):
                 self.skipped[rec.code] += 1
                 self.problem(f.rel, "file", rec.code, rec.reason)
                 continue
-            dedup = rec.pop("dedup", None)
-            if dedup is not None and dedup in first_of:
-                self.duplicates += 1
-                what = "SOP instance" if rec["format"] == "dicom" else "bytes"
-                self.problem(f.rel, "file", "duplicate", f"the same {what} as {first_of[dedup]}, stored before it")
-                continue
-            if dedup is not None:
-                first_of[dedup] = f.rel
             kept.append((k, f, rec))
         seg_refs, seg_rel = self._scan_segs(pool, seg, follow_symlinks)
         used: set = set()
@@ -264,12 +260,18 @@ class _Ingest:
         sources = {f.rel for f in self.found}
         meta_rows = _meta_rows(self.meta_table, self.key, sources, self.problem)
         stored = unlabelled = 0
+        # NB: duplicates are decided here, in input order, against what was *stored*: a first copy that fails to
+        # decode must not make a good second copy a "duplicate" (both are decoded; duplicates are rare).
+        stored_as: dict[str, str] = {}
         link_rows: list[dict] = []
         frame_of: dict[tuple[str, int], int] = {}
         writer = StackWriter(self.stack, labels=has_labels, shard=shard, compressor=compressor)
         try:
             self.meter.stage("decode", len(self.tasks))
-            outs = pool.imap((t[4] for t in self.tasks), on_done=self.meter.tick)
+            # NB: decoded results wait in the driver until the files before them are done: their bytes in flight
+            # are bounded (x3: colour and LUT images become float64), as well as their number.
+            outs = pool.imap((t[4] for t in self.tasks), costs=(3 * t[2]["declared_bytes"] for t in self.tasks),
+                             budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick)
             for (k, f, rec, mask_rels, _), out in zip(self.tasks, outs, strict=True):
                 if isinstance(out, TaskFailure):
                     self.skipped[out.code] += 1
@@ -278,6 +280,19 @@ class _Ingest:
                         reason += f" (mask: {', '.join(mask_rels)})"  # NB: the operator's list names both files
                     self.problem(f.rel, "file", out.code, reason)
                     continue
+                dedup = rec.get("dedup")
+                if dedup is not None and dedup in stored_as:
+                    self.duplicates += 1
+                    what = "SOP instance" if rec["format"] == "dicom" else "bytes"
+                    self.problem(f.rel, "file", "duplicate", f"the same {what} as {stored_as[dedup]}, stored before it")
+                    continue
+                if dedup is not None:
+                    stored_as[dedup] = f.rel
+                if out.get("mask_problem"):
+                    code, reason = out["mask_problem"]
+                    # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
+                    self.problem(f.rel, "mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the "
+                                 "image is stored without labels")
                 stored += 1
                 labels = out["labels"]
                 if has_labels and labels is None:
@@ -339,12 +354,12 @@ def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]
     """{source: {column: value}} from the --meta CSV; id columns pseudonymised, rows naming no file recorded."""
     if table is None:
         return {}
-    columns = [c for c in table.columns if c not in ("source", "line", "key")]
+    columns = [c for c in table.columns if c not in ("source", "_line", "_key")]
     out = {}
     for row in table.to_dict("records"):
-        source = row["key"] if isinstance(row["key"], str) else None  # NB: pandas turns None into NaN
+        source = row["_key"] if isinstance(row["_key"], str) else None  # NB: pandas turns None into NaN
         if source is None or source not in sources:
-            problem(display_path(row["source"]), f"meta line {row['line']}", "meta-no-image",
+            problem(display_path(row["source"]), f"meta line {row['_line']}", "meta-no-image",
                     "this --meta row names no file under SRC_DIR" + (" (a path outside it)" if source is None
                                                                      else ""))
             continue
@@ -363,19 +378,20 @@ def _roi_rows(table, frame_of: dict, sources: set[str], problem) -> pd.DataFrame
     if table is None:
         return None
     hit = []
+    stored = {s for s, _ in frame_of}
     for row in table.to_dict("records"):
-        key = row["key"] if isinstance(row["key"], str) else None  # NB: pandas turns None into NaN
+        key = row["_key"] if isinstance(row["_key"], str) else None  # NB: pandas turns None into NaN
         where = frame_of.get((key, int(row["frame"]))) if key is not None else None
         if where is None:
             if key is None:
                 why = "a path outside SRC_DIR"
             elif key not in sources:
                 why = "no such file under SRC_DIR"
-            elif any(s == key for s, _ in frame_of):
+            elif key in stored:
                 why = f"the file has no frame {row['frame']}"
             else:
                 why = "the file was not stored (see its own entry)"
-            problem(display_path(row["source"]), f"rois line {row['line']}", "roi-no-image",
+            problem(display_path(row["source"]), f"rois line {row['_line']}", "roi-no-image",
                     f"this ROI row names no stored image: {why}")
             continue
         hit.append({"image": where, "roi": row["roi"], "kind": row["kind"], "cx": row["cx"], "cy": row["cy"],

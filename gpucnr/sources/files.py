@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -40,47 +41,52 @@ def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
     def rel(p: Path) -> str:
         return display_path(p.relative_to(root).as_posix())
 
-    def visit(folder: Path) -> None:
+    def listing(folder: Path):
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name))
+            return iter(sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name)))
         except OSError as e:
             out.append(Found(folder, rel(folder) or ".", "unreadable", f"folder cannot be listed ({type(e).__name__})"))
-            return
-        for entry in entries:
-            path = Path(entry.path)
-            if os.path.abspath(path) in excluded:
+            return iter(())
+
+    # NB: an explicit stack of folder listings, not recursion: a deep tree must not exhaust Python's stack
+    pending = [listing(root)]
+    while pending:
+        entry = next(pending[-1], None)
+        if entry is None:
+            pending.pop()
+            continue
+        path = Path(entry.path)
+        if os.path.abspath(path) in excluded:
+            continue
+        try:
+            is_link = entry.is_symlink()
+            if is_link and not follow_symlinks:
+                out.append(Found(path, rel(path), "symlink", "symbolic link not followed (--follow-symlinks)"))
                 continue
             try:
-                is_link = entry.is_symlink()
-                if is_link and not follow_symlinks:
-                    out.append(Found(path, rel(path), "symlink", "symbolic link not followed (--follow-symlinks)"))
-                    continue
-                try:
-                    st = os.stat(path)  # NB: follows the link
-                except FileNotFoundError:
-                    out.append(Found(path, rel(path), "broken-symlink", "symbolic link to nothing"))
-                    continue
-                except OSError as e:
-                    code = "symlink-loop" if is_link and e.errno == 40 else "unreadable"  # NB: 40 = ELOOP
-                    out.append(Found(path, rel(path), code, f"cannot be examined ({type(e).__name__})"))
-                    continue
-            except OSError as e:
-                out.append(Found(path, rel(path), "unreadable", f"cannot be examined ({type(e).__name__})"))
+                st = os.stat(path)  # NB: follows the link
+            except FileNotFoundError:
+                out.append(Found(path, rel(path), "broken-symlink", "symbolic link to nothing"))
                 continue
-            if stat.S_ISDIR(st.st_mode):
-                ident = (st.st_dev, st.st_ino)
-                if ident in seen_dirs:
-                    out.append(Found(path, rel(path), "symlink-loop", "a folder reached a second time through a "
-                                     "symbolic link"))
-                    continue
-                seen_dirs.add(ident)
-                visit(path)
-            elif stat.S_ISREG(st.st_mode):
-                out.append(Found(path, rel(path)))
-            else:
-                out.append(Found(path, rel(path), "not-an-image", "not a regular file (device, pipe or socket)"))
-
-    visit(root)
+            except OSError as e:
+                code = "symlink-loop" if is_link and e.errno == errno.ELOOP else "unreadable"
+                out.append(Found(path, rel(path), code, f"cannot be examined ({type(e).__name__})"))
+                continue
+        except OSError as e:
+            out.append(Found(path, rel(path), "unreadable", f"cannot be examined ({type(e).__name__})"))
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            ident = (st.st_dev, st.st_ino)
+            if ident in seen_dirs:
+                out.append(Found(path, rel(path), "symlink-loop", "a folder reached a second time through a "
+                                 "symbolic link"))
+                continue
+            seen_dirs.add(ident)
+            pending.append(listing(path))
+        elif stat.S_ISREG(st.st_mode):
+            out.append(Found(path, rel(path)))
+        else:
+            out.append(Found(path, rel(path), "not-an-image", "not a regular file (device, pipe or socket)"))
     return out
 
 

@@ -22,6 +22,7 @@ CODES = {
     "decoder-crash": "the process decoding the file died (a crash in a native decoder)",
     "decode-timeout": "decoding took longer than the per-file time limit",
     "out-of-memory": "decoding exceeded the per-file memory limit",
+    "segmentation": "a DICOM SEG object among the images: labels of other images (give its folder with --seg)",
     "color": "a colour image with --color skip",
     "nonfinite": "NaN or infinite pixels with --nonfinite skip",
     "duplicate": "the same DICOM SOP instance (or the same raster bytes) as a file stored before it",

@@ -52,13 +52,16 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
     size = os.path.getsize(path)
     with _open(path) as im:
         fmt = (im.format or "").lower()
-        declared, shapes, modes = 0, [], []
+        declared, shapes, modes, fixes = 0, [], [], []
+        if fmt == "png":
+            _check_png(path)
         try:
             for page in _pages(im):
                 w, h = page.size
                 mode = page.mode
                 if mode not in _BITS:
                     raise Skip("unsupported-format", f"the raster mode {mode!r} is not read")
+                fixes.append(_tiff_fix(page) if fmt == "tiff" else None)
                 declared += math.ceil(w * h * _BITS[mode] / 8)
                 shapes.append((h, w))
                 modes.append(mode)
@@ -75,9 +78,40 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
         while chunk := fh.read(2**20):
             digest.update(chunk)
     return {"format": fmt, "frames": len(shapes), "rows": shapes[0][0], "columns": shapes[0][1],
-            "photometric": "MONOCHROME2", "modes": modes, "declared_bytes": declared, "dedup": digest.hexdigest(),
+            "photometric": "MONOCHROME2", "modes": modes, "fixes": fixes, "declared_bytes": declared,
+            "dedup": digest.hexdigest(),
             "modality": "", "manufacturer": "", "model": "", "spacing_y": math.nan, "spacing_x": math.nan,
             "transfer_syntax": ""}
+
+
+def _check_png(path) -> None:
+    """Refuse what Pillow would read lossily: 16-bit colour and 16-bit gray+alpha PNGs become 8-bit."""
+    with open(path, "rb") as fh:
+        head = fh.read(26)
+    if len(head) == 26 and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 4, 6):
+        raise Skip("unsupported-format", "a 16-bit colour or gray+alpha PNG (it would be read as 8-bit)")
+
+
+def _tiff_fix(page) -> str | None:
+    """How to recover a TIFF page's stored values from what Pillow returns, from its BitsPerSample (258),
+    SamplesPerPixel (277) and SampleFormat (339) tags; `Skip` for layouts Pillow reads lossily."""
+    tags = page.tag_v2
+    bits = tags.get(258, (1,))
+    bits = max(bits) if isinstance(bits, tuple) else int(bits)
+    samples = int(tags.get(277, 1))
+    form = tags.get(339, 1)
+    form = form[0] if isinstance(form, tuple) else int(form)
+    if samples >= 3 and bits > 8:
+        raise Skip("unsupported-format", f"a {bits}-bit colour TIFF (it would be read as 8-bit)")
+    if form == 3 and bits > 32:
+        raise Skip("unsupported-format", "a 64-bit float TIFF (it would be read as 32-bit)")
+    if samples == 1 and page.mode == "I" and bits == 32 and form == 1:
+        return "uint32"  # NB: Pillow reads uint32 as int32: the same bits, viewed unsigned
+    if samples == 1 and page.mode == "L" and bits == 8 and form == 2:
+        return "int8"
+    if samples == 1 and page.mode in ("I", "I;16S") and bits == 16 and form == 2:
+        return "int16"  # NB: Pillow widens int16 to int32; the values fit back exactly
+    return None
 
 
 def read_pages(path) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
@@ -101,7 +135,15 @@ def read_pages(path) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
 def decode(path, record: dict, options: dict) -> list[dict]:
     """Every page as {"pixels", "slope", "intercept", "padding", "photometric", "color"} (see dicom.decode)."""
     out = []
-    for mode, arr, rgb in read_pages(path):
+    fixes = record.get("fixes") or []
+    for k, (mode, arr, rgb) in enumerate(read_pages(path)):
+        fix = fixes[k] if k < len(fixes) else None
+        if fix == "uint32":
+            arr = arr.astype(np.int32, copy=False).view(np.uint32)
+        elif fix == "int8":
+            arr = arr.view(np.int8)
+        elif fix == "int16":
+            arr = arr.astype(np.int16)
         color = ""
         if rgb is not None:
             arr, mode = rgb, "RGB"

@@ -21,6 +21,15 @@ __all__ = ["MaskMatcher", "read_masks", "read_meta_csv", "read_roi_csv", "read_s
 #: the most distinct nonzero values a label mask may hold; more looks like an anti-aliased or lossy mask
 MAX_LABELS = 255
 _ROI_COLUMNS = ("source", "roi", "kind", "cx", "cy", "r")
+_COLUMN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
+#: --meta column names (lower case, letters only) refused as identifying (DICOM PS3.15 Annex E and common aliases)
+_IDENTIFYING = {"name", "patientname", "patientsname", "firstname", "lastname", "surname", "givenname",
+                "birthdate", "patientbirthdate", "patientsbirthdate", "dob", "dateofbirth", "accession",
+                "accessionnumber", "mrn", "medicalrecordnumber", "address", "patientaddress", "phone",
+                "telephone", "email", "ssn", "socialsecuritynumber", "otherpatientids", "patientid", "studyid",
+                "seriesid", "instanceid", "studyinstanceuid", "seriesinstanceuid", "sopinstanceuid"}
+#: the id columns that are pseudonymised (gpucnr.manifests.ID_COLUMNS), allowed under these exact names only
+_ID_NAMES = ("patient_id", "study_id", "series_id", "instance_id")
 
 
 @dataclass
@@ -204,7 +213,7 @@ def _safe_source(text: str) -> str | None:
 def read_roi_csv(path) -> pd.DataFrame:
     """The ROI CSV (columns source, [frame,] roi, kind, cx, cy, r [, name]) validated up front, before any
     decoding: a malformed table fails at once (`RoiTableError` naming the line); rows are matched to images
-    after ingest. Adds ``line`` (1-based, the header is line 1) and ``key`` (the safe source path, or None)."""
+    after ingest. Adds ``_line`` (1-based, the header is line 1) and ``_key`` (the safe source path, or None)."""
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -215,29 +224,29 @@ def read_roi_csv(path) -> pd.DataFrame:
         raise RoiTableError(f"{path.name}: missing column(s) {missing}; expected source, [frame,] roi, kind, cx, "
                             "cy, r [, name]")
     table = table.copy()
-    table["line"] = np.arange(2, len(table) + 2)
+    table["_line"] = np.arange(2, len(table) + 2)
     ints = ["roi", "cx", "cy", "r"] + (["frame"] if "frame" in table else [])
     for col in ints:
         bad = ~table[col].str.strip().str.fullmatch(r"[+-]?\d+")
         if col == "frame":
             bad &= table[col].str.strip() != ""
         if bad.any():
-            line = int(table["line"][bad].iloc[0])
+            line = int(table["_line"][bad].iloc[0])
             raise RoiTableError(f"{path.name} line {line}: column {col} must hold an integer (pixels, 0-based)")
     table["frame"] = table["frame"].str.strip().replace("", "0").astype(np.int64) if "frame" in table else 0
     for col in ("roi", "cx", "cy", "r"):
         table[col] = table[col].astype(np.int64)
     kinds = table["kind"].str.strip().str.lower()
     if (~kinds.isin(["square", "disk"])).any():
-        line = int(table["line"][~kinds.isin(["square", "disk"])].iloc[0])
+        line = int(table["_line"][~kinds.isin(["square", "disk"])].iloc[0])
         raise RoiTableError(f"{path.name} line {line}: kind must be square or disk")
     table["kind"] = kinds
     if (table["r"] < 1).any() or (table["roi"] < 1).any() or (table["frame"] < 0).any():
-        line = int(table["line"][(table["r"] < 1) | (table["roi"] < 1) | (table["frame"] < 0)].iloc[0])
+        line = int(table["_line"][(table["r"] < 1) | (table["roi"] < 1) | (table["frame"] < 0)].iloc[0])
         raise RoiTableError(f"{path.name} line {line}: r and roi must be >= 1, frame >= 0")
     if "name" not in table:
         table["name"] = ""
-    table["key"] = [_safe_source(s) for s in table["source"]]
+    table["_key"] = [_safe_source(s) for s in table["source"]]
     return table
 
 
@@ -254,10 +263,20 @@ def read_meta_csv(path, reserved) -> pd.DataFrame:
     clash = sorted(set(table.columns) & set(reserved))
     if clash:
         raise InputError(f"{path.name}: column(s) {clash} are the stack's own; rename them")
+    # NB: a column name becomes an array path in the stack: plain names only, never a path from the input
+    odd = [c for c in table.columns if not _COLUMN.fullmatch(c)]
+    if odd:
+        raise InputError(f"{path.name}: column names must be letters, digits, '_', '.', '-' (starting with a letter, "
+                         f"digit or '_'); {len(odd)} are not")
+    named = [c for c in table.columns if re.sub(r"[^a-z]", "", c.lower()) in _IDENTIFYING and c not in _ID_NAMES]
+    if named:
+        raise InputError(f"{path.name}: column(s) {named} look like identifying data (names, birth dates, record "
+                         "numbers) or raw ids; a stack holds pseudonymous ids only: name id columns patient_id, "
+                         "study_id, series_id or instance_id and they are pseudonymised")
     table = table.copy()
-    table["line"] = np.arange(2, len(table) + 2)
-    table["key"] = [_safe_source(s) for s in table["source"]]
-    dup = table["key"].notna() & table["key"].duplicated(keep=False)
+    table["_line"] = np.arange(2, len(table) + 2)
+    table["_key"] = [_safe_source(s) for s in table["source"]]
+    dup = table["_key"].notna() & table["_key"].duplicated(keep=False)
     if dup.any():
-        raise InputError(f"{path.name} line {int(table['line'][dup].iloc[0])}: a source listed twice")
+        raise InputError(f"{path.name} line {int(table['_line'][dup].iloc[0])}: a source listed twice")
     return table

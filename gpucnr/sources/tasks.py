@@ -80,9 +80,19 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
     except OSError as e:
         raise Skip("unreadable", f"the file cannot be read ({type(e).__name__})") from None
     shapes = [f["pixels"].shape for f in frames]
-    labels = None
-    if masks:
-        labels = read_masks(masks, shapes)
+    labels, problem = None, None
+    try:
+        labels = _labels(path, record, shapes, masks, segs)
+    except Skip as e:
+        problem = (e.code, e.reason)  # NB: the image is still stored, unlabelled; the driver lists the problem
+    for f in frames:
+        f["pixels"] = np.ascontiguousarray(f["pixels"])
+    return {"frames": frames, "labels": labels, "mask_problem": problem}
+
+
+def _labels(path, record: dict, shapes, masks: list, segs: list):
+    """Labels of an image's frames from its mask files and DICOM SEG objects (None when it has neither)."""
+    labels = read_masks(masks, shapes) if masks else None
     if segs:
         if record["format"] != "dicom":
             raise Skip("seg-unreadable", "DICOM SEG objects label DICOM images only")
@@ -95,9 +105,7 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
             if labels is not None:
                 raise Skip("mask-overlap", "the image has both mask files and a DICOM SEG")
             labels = seg
-    for f in frames:
-        f["pixels"] = np.ascontiguousarray(f["pixels"])
-    return {"frames": frames, "labels": labels}
+    return labels
 
 
 def scan_seg(path, key: bytes) -> list[str]:

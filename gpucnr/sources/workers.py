@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 
 from gpucnr.errors import GpucnrError
+from gpucnr.sources.outcomes import CODES
 
 __all__ = ["IsolatedPool", "TaskFailure"]
 
@@ -71,7 +72,7 @@ def _child(conn, target: str, memory_mb: int | None) -> None:
             # which derives from BaseException, on malformed data; it is a decode error of this file, not a crash.
             code = getattr(e, "code", None)
             reason = getattr(e, "reason", None)
-            if code is None or reason is None:
+            if code not in CODES or not isinstance(reason, str):  # NB: only our own Skip carries its text out
                 # NB: exception texts of readers can quote header values; only the type and place go out.
                 frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
                 where = f" in {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
@@ -146,15 +147,19 @@ class IsolatedPool:
             self._stop(slot)
         self._slots = []
 
-    def imap(self, tasks: Iterable[tuple], *, window: int | None = None,
-             on_done: Callable[[], None] | None = None) -> Iterator:
+    def imap(self, tasks: Iterable[tuple], *, window: int | None = None, costs: Iterable[int] | None = None,
+             budget: int | None = None, on_done: Callable[[], None] | None = None) -> Iterator:
         """Results in task order: each the function's value or a `TaskFailure`.
 
         Each child holds up to two tasks (the next one is queued while it works, so it never waits for the
         driver); the one it is working on has the deadline. At most `window` tasks (default 4 per worker) are
-        dispatched beyond the oldest unfinished one, so memory stays bounded whatever a slow file does.
+        dispatched beyond the oldest unfinished one, and, given `costs` (e.g. bytes per task) and a `budget`,
+        no task is dispatched while the unfinished ones already cost `budget` (one always may, alone), so the
+        driver's memory stays bounded whatever a slow file does.
         """
         window = window or 4 * self.workers
+        cost_of = None if costs is None else iter(costs)
+        cost: dict[int, int] = {}
         it = enumerate(tasks)
         pending: dict[int, object] = {}
         retry: deque = deque()  # NB: tasks queued behind one that killed its child: sent again elsewhere
@@ -168,23 +173,33 @@ class IsolatedPool:
                 while len(slot["queue"]) < 2:
                     if retry:
                         i, args = retry.popleft()
-                    elif not exhausted and submitted - next_out < window:
+                    elif (not exhausted and submitted - next_out < window
+                          and (budget is None or not cost or sum(cost.values()) < budget)):
                         try:
                             i, args = next(it)
                         except StopIteration:
                             exhausted = True
                             break
                         submitted += 1
+                        if cost_of is not None:
+                            cost[i] = next(cost_of)
                     else:
                         break
                     if not slot["queue"]:
                         slot["deadline"] = time.monotonic() + self.timeout
-                    slot["queue"].append((i, args))
                     try:
                         slot["conn"].send(args)
                     except (OSError, ValueError):
-                        break  # NB: a child that died while idle; the wait below reports it against its task
+                        # NB: a child that died while idle: the task goes to another child, this one is replaced
+                        retry.appendleft((i, args))
+                        retry.extendleft(reversed(slot["queue"]))
+                        slot["queue"].clear()
+                        self._stop(slot)
+                        self._slots[self._slots.index(slot)] = self._ready(self._start())
+                        break
+                    slot["queue"].append((i, args))
             while next_out in pending:
+                cost.pop(next_out, None)
                 yield pending.pop(next_out)
                 next_out += 1
                 if on_done:
