@@ -29,7 +29,7 @@ from dicomfactory import (
     write_dicom,
     write_raster,
 )
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 import gpucnr
 from gpucnr.sources.outcomes import CODES
@@ -595,7 +595,8 @@ def test_unreadable_file(tmp_path_factory):
 
 # --- decoders that crash or hang -----------------------------------------------------------------------------
 # Workers are spawned interpreters that inherit os.environ: a sitecustomize first on PYTHONPATH makes pydicom's
-# pixel decoding crash (SIGSEGV) or hang for marked SOP instances, without a hook in gpucnr.
+# pixel decoding crash (SIGSEGV) or hang for marked SOP instances, without a hook in gpucnr. The marked files are
+# RLE-compressed: uncompressed little-endian ones are read without pydicom's pixel_array (dicom._native_layout).
 
 CRASH, HANG = ".999001", ".999002"
 
@@ -652,7 +653,7 @@ def test_decoder_crash(tmp_path, injected):
     (tmp_path / "src").mkdir()
     canaries = good_files(tmp_path / "src")
     canaries += canary_strings(write_dicom(tmp_path / "src" / "crash.dcm", CT[::-1], sop_uid=_uid(CRASH),
-                                           canary=True))
+                                           canary=True, transfer_syntax=RLELossless))
     summary = ingest(tmp_path / "src", tmp_path / "stack")
     _require_injection(injected)
     row = check(summary, canaries).skipped("crash.dcm", "decoder-crash")
@@ -664,7 +665,7 @@ def test_decoder_hang(tmp_path, injected):
     (tmp_path / "src").mkdir()
     canaries = good_files(tmp_path / "src")
     canaries += canary_strings(write_dicom(tmp_path / "src" / "hang.dcm", CT[::-1], sop_uid=_uid(HANG),
-                                           canary=True))
+                                           canary=True, transfer_syntax=RLELossless))
     summary = ingest(tmp_path / "src", tmp_path / "stack", file_timeout=10)
     _require_injection(injected)
     check(summary, canaries).skipped("hang.dcm", "decode-timeout")

@@ -196,7 +196,9 @@ def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_byte
                            "1.2.840.10008.1.2.4.") else ""))
     spacing = _spacing(ds)
     instance = str(ds.get("SOPInstanceUID", "")).strip()
+    native = _native_layout(ds, ts, pixel, head, pos, photometric, samples, bits, frames)
     return {
+        "native": native,
         "format": "dicom", "transfer_syntax": str(ts), "rows": rows, "columns": cols, "frames": frames,
         "samples": samples, "photometric": photometric, "declared_bytes": declared,
         "modality": _text(ds.get("Modality")), "manufacturer": _text(ds.get("Manufacturer")),
@@ -207,6 +209,49 @@ def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_byte
         "instance_id": pseudonym(key, "instance", instance),
         "dedup": pseudonym(key, "instance", instance) if instance else None,
     }
+
+
+def _native_layout(ds, ts, pixel, head: bytes, pos: int, photometric: str, samples: int, bits: int,
+                   frames: int) -> dict | None:
+    """Where and how the pixels of a little-endian, uncompressed, monochrome image lie in its file, with every
+    attribute decoding needs, so that the decode pass reads them with NumPy alone (no second parse of the
+    header); None for anything else, which pydicom decodes. The tests check both paths give the same values."""
+    implicit = ts == "1.2.840.10008.1.2"
+    if ts not in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1") or not isinstance(pixel, int):
+        return None
+    if head[:4] != b"\xe0\x7f\x10\x00" or (not implicit and head[4:6] not in (b"OB", b"OW")):
+        return None  # NB: only (7FE0,0010) Pixel Data; float pixel data goes through pydicom
+    if samples != 1 or photometric not in _GRAY or bits not in (8, 16, 32):
+        return None
+    if _int(ds, "BitsStored", bits) != bits or "ModalityLUTSequence" in ds or "PixelPaddingRangeLimit" in ds:
+        return None  # NB: high bits to mask or sign-extend, a LUT, a padding range: pydicom's semantics apply
+    signed = _int(ds, "PixelRepresentation", 0) == 1
+    padding = _stored_value(ds, "PixelPaddingValue")
+    return {"offset": pos + (8 if implicit else 12), "dtype": f"<{'i' if signed else 'u'}{bits // 8}",
+            "rescale": [_rescale(ds, f) for f in range(frames)], "padding": padding,
+            "photometric": _display_polarity(ds, photometric)}
+
+
+def _decode_native(path, record: dict) -> list[dict]:
+    """The frames of a file `_native_layout` described, read straight from its bytes."""
+    layout = record["native"]
+    count = record["rows"] * record["columns"] * record["frames"]
+    arr = np.fromfile(path, dtype=layout["dtype"], count=count, offset=layout["offset"])
+    if arr.size < count:
+        raise Skip("truncated", "the pixel data is shorter than the image it declares")
+    arr = arr.astype(arr.dtype.newbyteorder("="), copy=False).reshape(record["frames"], record["rows"],
+                                                                       record["columns"])
+    padding = math.nan if layout["padding"] is None else float(layout["padding"])
+    return [{"pixels": np.ascontiguousarray(arr[f]), "slope": a, "intercept": b, "padding": padding,
+             "photometric": layout["photometric"], "color": ""} for f, (a, b) in enumerate(layout["rescale"])]
+
+
+def _display_polarity(ds, photometric: str) -> str:
+    """The display polarity that signed CNR follows: an INVERSE Presentation LUT Shape displays MONOCHROME2 data
+    as MONOCHROME1 (and the reverse); the stored values stay as they are."""
+    if photometric in _GRAY and str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
+        return "MONOCHROME1" if photometric == "MONOCHROME2" else "MONOCHROME2"
+    return photometric
 
 
 def _image_class(meta, ds) -> bool:
@@ -245,6 +290,8 @@ def decode(path, record: dict, options: dict) -> list[dict]:
 
     `options`: color ("rec709" | "bt601" | "skip"), nonfinite ("skip" | "exclude").
     """
+    if record.get("native"):
+        return _decode_native(path, record)
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
@@ -280,10 +327,7 @@ def decode(path, record: dict, options: dict) -> list[dict]:
         raise Skip("nonfinite", f"{int((~np.isfinite(arr)).sum())} pixel(s) are NaN or infinite (--nonfinite skip)")
     padding = _stored_value(ds, "PixelPaddingValue")
     limit = _stored_value(ds, "PixelPaddingRangeLimit")
-    if photometric in _GRAY and str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
-        # NB: `photometric` records the display polarity that signed CNR follows: an INVERSE presentation LUT
-        # shape displays MONOCHROME2 data as MONOCHROME1 (and the reverse); the stored values stay as they are.
-        photometric = "MONOCHROME1" if photometric == "MONOCHROME2" else "MONOCHROME2"
+    photometric = _display_polarity(ds, photometric)
     lut = "ModalityLUTSequence" in ds and not colour
     out = []
     for f in range(frames):
