@@ -210,6 +210,44 @@ class _ShardReader:
         target[:] = np.frombuffer(raw, np.uint8)
 
 
+class _ShardWriter:
+    """Writes whole shards of a new stack array as files, in the layout zarr writes and `_ShardReader` reads
+    (inner chunk = one image: bytes little-endian, then blosc or zstd, then a little-endian crc32c; then the index
+    of (offset, nbytes) uint64 pairs, empty = 2**64 - 1, with its own crc32c). zarr's own write path spent ~1 ms
+    per image in its per-chunk machinery, several times the compression itself (docs/performance.md); the tests
+    read these shards back through zarr."""
+
+    def __init__(self, folder: Path, array, compressor: str):
+        import numcodecs
+
+        self.folder, self.array = folder, array
+        self.per_shard = int(array.shards[0])
+        self.encoder = (numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+                        if compressor == "blosc-zstd" else numcodecs.Zstd(level=3))
+
+    def write(self, s: int, block: np.ndarray) -> None:
+        """Shard `s` from `block` (its first images; the rest of the shard is empty)."""
+        import google_crc32c
+
+        chunks, index, offset = [], np.full((self.per_shard, 2), np.iinfo(np.uint64).max, "<u8"), 0
+        little = block.astype(block.dtype.newbyteorder("<"), copy=False)
+        for k in range(len(little)):
+            data = bytes(self.encoder.encode(np.ascontiguousarray(little[k])))
+            data += int(google_crc32c.value(data)).to_bytes(4, "little")
+            chunks.append(data)
+            index[k] = (offset, len(data))
+            offset += len(data)
+        raw = index.tobytes()
+        chunks.append(raw + int(google_crc32c.value(raw)).to_bytes(4, "little"))
+        path = Path(self.folder, self.array.metadata.encode_chunk_key((s, 0, 0)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        with open(tmp, "wb") as fh:
+            for c in chunks:
+                fh.write(c)
+        os.replace(tmp, path)  # NB: a reader never sees half a shard
+
+
 def _crc_ok(crc, data) -> bool:
     """True if the last 4 bytes of `data` are the little-endian crc32c of the rest."""
     return int(crc.value(bytes(data[:-4]))) == int.from_bytes(bytes(data[-4:]), "little")
@@ -411,13 +449,18 @@ class StackWriter:
             raise StackError("stack-write", f"{self.path}: writing bucket {b['name']} failed ({why}); the stack "
                              "is incomplete") from None
 
-    @staticmethod
-    def _write(b: dict, a: int, z: int, block, lab_block) -> None:
-        b["images"].resize((z, *b["canvas"]))
-        b["images"][a:z] = block
-        if b["labels"] is not None:
-            b["labels"].resize((z, *b["canvas"]))
-            b["labels"][a:z] = lab_block
+    def _write(self, b: dict, a: int, z: int, block, lab_block) -> None:
+        for kind, data in (("images", block), ("labels", lab_block)):
+            if b[kind] is None:
+                continue
+            b[kind].resize((z, *b["canvas"]))
+            if a % self.shard == 0:
+                # NB: a shard written from its start is written whole, as a file; a shard continued after an early
+                # flush (very large images) is merged by zarr.
+                _ShardWriter(self.path / f"buckets/{b['name']}/{kind}", b[kind], self.compressor).write(
+                    a // self.shard, data)
+            else:
+                b[kind][a:z] = data
         # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
         b["written"].resize((z,))
         b["written"][a:z] = 1
