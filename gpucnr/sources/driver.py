@@ -148,7 +148,8 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     meta_table = None if meta is None else read_meta_csv(meta, [c for c in IMAGE_COLUMNS if c not in ID_COLUMNS])
     key_path = Path(key_file) if key_file is not None else side["key"]
     key = load_or_create_key(key_path)
-    workers = workers or len(os.sched_getaffinity(0)) or 1
+    # NB: the CPUs this process may use (containers, taskset), where the OS says; else all of them
+    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     max_bytes = int(max_image_mb * 2**20)
     options = {"color": color, "nonfinite": nonfinite}
 
