@@ -598,7 +598,7 @@ def test_unreadable_file(tmp_path_factory):
 # pixel decoding crash (SIGSEGV) or hang for marked SOP instances, without a hook in gpucnr. The marked files are
 # RLE-compressed: uncompressed little-endian ones are read without pydicom's pixel_array (dicom._native_layout).
 
-CRASH, HANG = ".999001", ".999002"
+CRASH, HANG, HOG = ".999001", ".999002", ".999003"
 
 SITECUSTOMIZE = textwrap.dedent('''
     """Test only (gpucnr's test_ingest_bad): pydicom decoding crashes or hangs for marked SOP instances."""
@@ -622,10 +622,14 @@ SITECUSTOMIZE = textwrap.dedent('''
                 os.kill(os.getpid(), signal.SIGSEGV)
             if uid.endswith("%s"):
                 time.sleep(float(os.environ.get("GPUCNR_TEST_HANG_S", "3600")))
+            if uid.endswith("%s"):
+                import numpy
+
+                _hog = numpy.empty(8 * 2**30, numpy.uint8)  # NB: address space only; succeeds without a limit
             return _original.fget(self)
 
         _dataset.Dataset.pixel_array = property(_pixel_array, doc=_original.__doc__)
-''') % (CRASH, HANG)
+''') % (CRASH, HANG, HOG)
 
 
 @pytest.fixture
@@ -669,3 +673,16 @@ def test_decoder_hang(tmp_path, injected):
     summary = ingest(tmp_path / "src", tmp_path / "stack", file_timeout=10)
     _require_injection(injected)
     check(summary, canaries).skipped("hang.dcm", "decode-timeout")
+
+
+@pytest.mark.slow
+def test_decoder_memory_limit(tmp_path, injected):
+    """A decode that reserves 8 GiB (more than the per-file budget of 8 x 512 MiB + 1 GiB, less than this
+    machine would grant without a limit) fails alone with ``out-of-memory``."""
+    (tmp_path / "src").mkdir()
+    canaries = good_files(tmp_path / "src")
+    canaries += canary_strings(write_dicom(tmp_path / "src" / "hog.dcm", CT[::-1], sop_uid=_uid(HOG),
+                                           canary=True, transfer_syntax=RLELossless))
+    summary = ingest(tmp_path / "src", tmp_path / "stack")
+    _require_injection(injected)
+    check(summary, canaries).skipped("hog.dcm", "out-of-memory")

@@ -1,9 +1,10 @@
 """A pool of worker processes in which a crash, a hang or a memory blow-up costs one task, not the run.
 
 Native decoders (JPEG 2000, JPEG-LS, zlib, libpng, libtiff) can crash or loop on hostile bytes. Each task runs
-in a spawned child with an address-space limit; the parent waits on the children's pipes and process
-sentinels with a deadline, so a child that dies is reported as ``decoder-crash`` and one that overruns is
-killed and reported as ``decode-timeout``; either way a fresh child takes its place.
+in a child interpreter with an address-space limit (where /proc tells what the child already holds); the
+parent waits on the children's sockets with a deadline: a socket that closes means the child died, reported as
+``decoder-crash``, and a child that overruns is killed and reported as ``decode-timeout``; either way a fresh
+child takes its place.
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ def _child(conn, target: str, memory_mb: int | None) -> None:
     import warnings
 
     warnings.simplefilter("ignore")  # NB: readers' warnings can quote header values; stderr is not for them
-    if memory_mb:
+    base = _vm_bytes() if memory_mb else None
+    if base is not None:
         import resource
 
         # NB: relative to what the interpreter and its imports already reserve, so the limit bounds the task.
-        module_name, _, _ = target.partition(":")
-        importlib.import_module(module_name)
-        base = _vm_bytes()
-        limit = base + memory_mb * 2**20
+        importlib.import_module(target.partition(":")[0])
+        limit = _vm_bytes() + memory_mb * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     module_name, _, func_name = target.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
@@ -80,16 +80,21 @@ def _child(conn, target: str, memory_mb: int | None) -> None:
             conn.send(("skip", code, reason))
 
 
-def _vm_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+def _vm_bytes() -> int | None:
+    """This process's address space in bytes, or None where /proc does not say (no limit is set there)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class IsolatedPool:
-    """Runs ``module:function`` over tasks in `workers` spawned processes, one task per process at a time.
+    """Runs ``module:function`` over tasks in `workers` child processes (each holds at most two tasks: the one it
+    works on and the next).
 
     Parameters
     ----------
