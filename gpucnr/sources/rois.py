@@ -6,6 +6,8 @@ worker that decodes their image (`read_masks`, `read_seg`), so a hostile mask co
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -155,19 +157,28 @@ def read_masks(paths: list, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
     return merged
 
 
+@functools.lru_cache(maxsize=2)
+def _segmentation(path: str, _mtime_ns: int):
+    """A DICOM SEG and the SOP instances it references, parsed once per worker (a SEG of a 500-slice series is
+    asked for by 500 images); keyed by modification time too, so an edited file is parsed again."""
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(path))
+    return seg, frozenset(str(ins[2]) for ins in seg.get_source_image_uids())
+
+
 def read_seg(paths: list, sop_instance_uid: str, shapes: list[tuple[int, int]]) -> list[np.ndarray] | None:
     """Labels (segment numbers) that the DICOM SEG files in `paths` give the frames of one source instance;
     None when none of them references it."""
     try:
-        import highdicom as hd
-        import pydicom
+        import highdicom  # noqa: F401 - only to say clearly when the extra is missing
     except ImportError:
         raise Skip("seg-unreadable", "reading DICOM SEG needs highdicom (pip install gpucnr[seg])") from None
     merged = None
     for path in paths:
         try:
-            seg = hd.seg.Segmentation.from_dataset(pydicom.dcmread(path))
-            refs = {str(ins[2]) for ins in seg.get_source_image_uids()}
+            seg, refs = _segmentation(path, os.stat(path).st_mtime_ns)
         except MemoryError:
             raise
         except Exception as e:  # noqa: BLE001 - highdicom/pydicom raise many types on bad objects
