@@ -15,9 +15,9 @@ from gpucnr.errors import InputError, OptionError, OptionTypeError
 from gpucnr.kernels.params import Params
 from gpucnr.manifests import DROP, manifest
 from gpucnr.pipeline import run, table_fingerprint
-from gpucnr.results import open_results
+from gpucnr.results import open_results, results_stack
 from gpucnr.roitable import normalize_table
-from gpucnr.store import Stack, open_stack, write_stack
+from gpucnr.store import Stack, write_stack
 
 __all__ = ["METHODS", "NOTE", "enhance"]
 
@@ -98,7 +98,7 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     method, param = _check_options(method, size, sigma, threshold)
     where = resolve_backend(backend)
     ds, results_path = (results, None) if isinstance(results, xr.Dataset) else (open_results(results), results)
-    stack = _open_source(ds, results_path, stack)
+    stack = results_stack(ds, results_path, stack)
     params = _run_params(ds.attrs)
     decisions = manifest(ds, threshold, level="image")
     chosen = np.sort(decisions.loc[decisions["decision"] == DROP, "image"].to_numpy(np.int64))
@@ -147,20 +147,6 @@ def _check_options(method, size, sigma, threshold) -> tuple[str, dict]:
     if not math.isfinite(sigma) or sigma <= 0:
         raise OptionError(f"sigma must be finite and > 0, got {sigma}")
     return method, {"sigma": float(sigma)}
-
-
-def _open_source(ds: xr.Dataset, results_path, stack) -> Stack:
-    """The stack the results were computed from: ``stack=`` or ``stack_path`` relative to the results' folder."""
-    if stack is None:
-        if results_path is None or "stack_path" not in ds.attrs:
-            raise InputError("cannot locate the stack of these results; pass stack=")
-        stack = Path(results_path).resolve().parent / str(ds.attrs["stack_path"])
-    stack = stack if isinstance(stack, Stack) else open_stack(stack)
-    expected = ds.attrs.get("stack_fingerprint")
-    if expected is not None and stack.fingerprint() != expected:
-        raise InputError(f"{stack.path} is not the stack these results were computed from (fingerprint "
-                         f"{stack.fingerprint()[:12]} != {str(expected)[:12]})")
-    return stack
 
 
 def _run_params(attrs) -> Params:

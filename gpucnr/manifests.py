@@ -24,15 +24,14 @@ import xarray as xr
 from gpucnr._version import __version__
 from gpucnr.errors import InputError
 from gpucnr.kernels.cnr import STATUS
-from gpucnr.results import open_results
+from gpucnr.results import open_results, results_stack
+from gpucnr.sources.pseudonyms import ID_COLUMNS
 
 __all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "read_manifest", "with_paths",
            "write_manifest"]
 
 #: Units a manifest can decide on, finest first.
 LEVELS = ("image", "roi", "series", "study", "patient")
-#: Pseudonymous id columns, coarsest first; the only per-image columns copied from the results.
-ID_COLUMNS = ("patient_id", "study_id", "series_id", "instance_id")
 _LEVEL_ID = {"series": "series_id", "study": "study_id", "patient": "patient_id"}
 
 KEEP, DROP, FLAG = "keep", "drop", "flag"
@@ -290,19 +289,10 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
         was not made by `gpucnr ingest`).
     """
     from gpucnr.sources.driver import sidecar_paths
-    from gpucnr.store import open_stack
 
-    attrs = open_results(results_path).attrs
-    if stack is None:
-        if "stack_path" not in attrs:
-            raise InputError("cannot locate the stack of these results; pass its path")
-        stack = Path(results_path).resolve().parent / str(attrs["stack_path"])
     # NB: a stack ingested again at the same path has another linkage file: joining it would give rows the paths
-    # of other files, so the stack must be the one the results were computed from
-    expected = attrs.get("stack_fingerprint")
-    if expected is not None and open_stack(stack).fingerprint() != expected:
-        raise InputError(f"{stack} is not the stack these results were computed from (its fingerprint differs); "
-                         "its linkage file would name other files")
+    # of other files, so the stack must be the one the results were computed from (its fingerprint)
+    stack = results_stack(open_results(results_path), results_path, stack).path
     linkage = sidecar_paths(stack)["linkage"]
     if not linkage.exists():
         raise InputError(f"{stack} has no linkage file ({linkage.name}): only stacks made by `gpucnr ingest` "

@@ -12,7 +12,7 @@ import xarray as xr
 import zarr
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError
+from gpucnr.errors import GpucnrError, InputError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE
 
 __all__ = ["RESULTS_FORMAT", "ResultsError", "create_results", "open_results", "write_rows"]
@@ -127,6 +127,29 @@ def open_results(path) -> xr.Dataset:
     coords = [c for c in str(ds.attrs.get("coordinates", "")).split() if c in ds]
     ds = ds.set_coords([*coords, "batch_start", "batch_stop"])
     return ds
+
+
+def results_stack(ds: xr.Dataset, results_path, stack=None):
+    """The stack the results were computed from: `stack` (a path or an opened `Stack`), else the results'
+    ``stack_path`` attribute relative to their folder; its fingerprint must be the one the results record.
+
+    Raises
+    ------
+    InputError
+        No stack given and none recorded, or a stack that is not the results' (another fingerprint).
+    """
+    from gpucnr.store import Stack, open_stack
+
+    if stack is None:
+        if results_path is None or "stack_path" not in ds.attrs:
+            raise InputError("cannot locate the stack of these results; pass stack=")
+        stack = Path(results_path).resolve().parent / str(ds.attrs["stack_path"])
+    stack = stack if isinstance(stack, Stack) else open_stack(stack)
+    expected = ds.attrs.get("stack_fingerprint")
+    if expected is not None and stack.fingerprint() != expected:
+        raise InputError(f"{stack.path} is not the stack these results were computed from (fingerprint "
+                         f"{stack.fingerprint()[:12]} != {str(expected)[:12]})")
+    return stack
 
 
 def stack_relative(stack_path, results_path) -> str:

@@ -652,37 +652,31 @@ def _require_injection(marker: Path) -> None:
                     "spawned interpreters): the crash/hang was never injected")
 
 
-@pytest.mark.slow
-def test_decoder_crash(tmp_path, injected):
+def _injected_skip(tmp_path, injected, name: str, marker: str, code: str, **kw) -> pd.Series:
+    """Good files plus `name`, a DICOM whose decoding the test sitecustomize sabotages (`marker`): ingest skips it
+    alone, with `code`. RLE-compressed, so that pydicom's pixel_array (the sabotaged call) decodes it."""
     (tmp_path / "src").mkdir()
     canaries = good_files(tmp_path / "src")
-    canaries += canary_strings(write_dicom(tmp_path / "src" / "crash.dcm", CT[::-1], sop_uid=_uid(CRASH),
-                                           canary=True, transfer_syntax=RLELossless))
-    summary = ingest(tmp_path / "src", tmp_path / "stack")
+    canaries += canary_strings(write_dicom(tmp_path / "src" / name, CT[::-1], sop_uid=_uid(marker), canary=True,
+                                           transfer_syntax=RLELossless))
+    summary = ingest(tmp_path / "src", tmp_path / "stack", **kw)
     _require_injection(injected)
-    row = check(summary, canaries).skipped("crash.dcm", "decoder-crash")
+    return check(summary, canaries).skipped(name, code)
+
+
+@pytest.mark.slow
+def test_decoder_crash(tmp_path, injected):
+    row = _injected_skip(tmp_path, injected, "crash.dcm", CRASH, "decoder-crash")
     assert str(-signal.SIGSEGV) in row["reason"], row["reason"]
 
 
 @pytest.mark.slow
 def test_decoder_hang(tmp_path, injected):
-    (tmp_path / "src").mkdir()
-    canaries = good_files(tmp_path / "src")
-    canaries += canary_strings(write_dicom(tmp_path / "src" / "hang.dcm", CT[::-1], sop_uid=_uid(HANG),
-                                           canary=True, transfer_syntax=RLELossless))
-    summary = ingest(tmp_path / "src", tmp_path / "stack", file_timeout=10)
-    _require_injection(injected)
-    check(summary, canaries).skipped("hang.dcm", "decode-timeout")
+    _injected_skip(tmp_path, injected, "hang.dcm", HANG, "decode-timeout", file_timeout=10)
 
 
 @pytest.mark.slow
 def test_decoder_memory_limit(tmp_path, injected):
     """A decode that reserves 8 GiB (more than the per-file budget of 8 x 512 MiB + 1 GiB, less than this
     machine would grant without a limit) fails alone with ``out-of-memory``."""
-    (tmp_path / "src").mkdir()
-    canaries = good_files(tmp_path / "src")
-    canaries += canary_strings(write_dicom(tmp_path / "src" / "hog.dcm", CT[::-1], sop_uid=_uid(HOG),
-                                           canary=True, transfer_syntax=RLELossless))
-    summary = ingest(tmp_path / "src", tmp_path / "stack")
-    _require_injection(injected)
-    check(summary, canaries).skipped("hog.dcm", "out-of-memory")
+    _injected_skip(tmp_path, injected, "hog.dcm", HOG, "out-of-memory")

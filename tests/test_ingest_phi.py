@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
+import hmac
 import json
 import re
 import shutil
@@ -34,12 +36,17 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 import gpucnr
 from gpucnr.sources import sidecar_paths
-from gpucnr.sources.pseudonyms import pseudonym
 
 FILENAME = "PHI_CANARY_FILENAME"
 #: a tag canary is PHI_CANARY_ followed by anything but FILENAME (catches truncated SH values too)
 TAG_RE = re.compile(rb"PHI_CANARY_(?!FILENAME)")
 NAME_RE = re.compile(rb"PHI_CANARY_FILENAME")
+def pseudonym(key: bytes, kind: str, value: str) -> str:
+    """The documented construction (docs/ingest.md), computed here rather than by the code under test:
+    HMAC-SHA256 of "kind NUL value" under the key, first 20 hex digits."""
+    return hmac.new(key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()[:20]
+
+
 #: the --meta CSV's patient_id column: an id column, pseudonymised like a DICOM PatientID
 META_PATIENT = "PHI_CANARY_MetaPatientID"
 SIZE = 64

@@ -15,35 +15,16 @@ import pydicom
 import pytest
 from dicomfactory import truncate, write_dicom, write_raster
 from PIL import Image, TiffImagePlugin
-from test_ingest import SEG_SOURCE, _write_seg
+from test_ingest import SEG_SOURCE, _write_seg, ingest
 
 import gpucnr
 from gpucnr.cli import main
-from gpucnr.sources.colour import to_gray
-
-WORKERS = 2
 
 
-def _ingest(src, stack, **kw):
-    kw.setdefault("workers", WORKERS)
-    s = gpucnr.ingest(src, stack, **kw)
-    assert s.files_in == s.stored + sum(s.skipped.values()) + s.duplicates
-    assert s.images == gpucnr.open_stack(stack).n_images
-    return s
-
-
-def _linkage(s) -> pd.DataFrame:
-    return pd.read_csv(s.linkage, dtype={"source": str}, keep_default_na=False)
-
-
-def _pixels(s, source: str, frame: int = 0) -> tuple[np.ndarray, pd.Series]:
-    link = _linkage(s)
-    index = int(link[(link["source"] == source) & (link["frame"] == frame)]["index"].iloc[0])
-    stack = gpucnr.open_stack(s.stack)
-    row = stack.images.set_index("index").loc[index]
-    bucket = next(b for b in stack.buckets if b.name == row["bucket"])
-    images, _ = stack.read(bucket, int(row["position"]), int(row["position"]) + 1, labels=False)
-    return images[0, : int(row["valid_h"]), : int(row["valid_w"])], row
+def _pixels(done, source: str, frame: int = 0) -> tuple[np.ndarray, pd.Series]:
+    """Stored pixels (valid extent) and per-image row of one image of an ingest."""
+    index = done.index(source, frame)
+    return done.read(index)[0], done.stack.images.iloc[index]
 
 
 def _png16_rgb(path: Path, rgb: np.ndarray) -> None:
@@ -68,12 +49,13 @@ def test_a_first_copy_that_fails_does_not_make_the_good_copy_a_duplicate(tmp_pat
     write_dicom(src / "a.dcm", pixels, transfer_syntax=pydicom.uid.RLELossless, sop_uid=uid)
     write_dicom(src / "b.dcm", pixels, transfer_syntax=pydicom.uid.RLELossless, sop_uid=uid)
     truncate(src / "a.dcm", (src / "a.dcm").stat().st_size - 300)
-    s = _ingest(src, tmp_path / "one.zarr")
+    done = ingest(src, tmp_path / "one.zarr")
+    s = done.summary
     assert (s.stored, s.duplicates, sum(s.skipped.values())) == (1, 0, 1), s.problems.to_string()
-    assert list(_linkage(s)["source"]) == ["b.dcm"]
-    np.testing.assert_array_equal(_pixels(s, "b.dcm")[0], pixels)
+    assert list(done.linkage["source"]) == ["b.dcm"]
+    np.testing.assert_array_equal(_pixels(done, "b.dcm")[0], pixels)
     write_dicom(src / "a.dcm", pixels, transfer_syntax=pydicom.uid.RLELossless, sop_uid=uid)
-    s = _ingest(src, tmp_path / "two.zarr")
+    s = ingest(src, tmp_path / "two.zarr").summary
     assert (s.stored, s.duplicates) == (1, 1)
     row = s.problems.iloc[0]
     assert (row["source"], row["code"]) == ("b.dcm", "duplicate") and "a.dcm" in row["reason"]
@@ -91,8 +73,9 @@ def test_mask_and_seg_folders_inside_src_are_not_images(tmp_path):
     mask[8:20, 8:20] = True
     _write_seg(ct, [mask], src / "seg" / "seg.dcm")
     _write_seg(ct, [mask], src / "stray_seg.dcm")
-    s = _ingest(src, tmp_path / "stack.zarr", masks=src / "masks", mask_pattern="{stem}.png", seg=src / "seg")
-    assert sorted(_linkage(s)["source"]) == ["case.png", "ct.dcm"]
+    done = ingest(src, tmp_path / "stack.zarr", masks=src / "masks", mask_pattern="{stem}.png", seg=src / "seg")
+    s = done.summary
+    assert sorted(done.linkage["source"]) == ["case.png", "ct.dcm"]
     assert s.skipped == {"segmentation": 1}
     assert s.problems[s.problems["item"] == "file"]["source"].tolist() == ["stray_seg.dcm"]
 
@@ -107,9 +90,9 @@ def test_rasters_pillow_would_change_are_refused_or_recovered(tmp_path):
     info = TiffImagePlugin.ImageFileDirectory_v2()
     info[339] = 2
     Image.fromarray(raw, "L").save(src / "int8.tif", tiffinfo=info)
-    s = _ingest(src, tmp_path / "stack.zarr")
-    assert s.skipped == {"unsupported-format": 1}
-    got, _ = _pixels(s, "int8.tif")
+    done = ingest(src, tmp_path / "stack.zarr")
+    assert done.summary.skipped == {"unsupported-format": 1}
+    got, _ = _pixels(done, "int8.tif")
     assert got.dtype == np.int8
     np.testing.assert_array_equal(got, raw.view(np.int8))
 
@@ -123,10 +106,11 @@ def test_native_ybr_full_422_is_stored(tmp_path):
     src.mkdir()
     path = Path(get_testdata_file("SC_ybr_full_422_uncompressed.dcm", download=False))
     (src / "ybr.dcm").write_bytes(path.read_bytes())
-    s = _ingest(src, tmp_path / "stack.zarr")
-    assert s.stored == 1, s.problems.to_string()
-    got, row = _pixels(s, "ybr.dcm")
-    np.testing.assert_array_equal(got, to_gray(pydicom.dcmread(path).pixel_array, "rec709"))
+    done = ingest(src, tmp_path / "stack.zarr")
+    assert done.summary.stored == 1, done.summary.problems.to_string()
+    got, row = _pixels(done, "ybr.dcm")
+    rgb = pydicom.dcmread(path).pixel_array.astype(np.float64)
+    np.testing.assert_array_equal(got, 0.2125 * rgb[..., 0] + 0.7154 * rgb[..., 1] + 0.0721 * rgb[..., 2])
     assert row["color"] == "rec709"
 
 
@@ -144,8 +128,7 @@ def test_signed_padding_written_as_us_and_inverse_presentation(tmp_path):
     ds.save_as(path)
     rois = tmp_path / "rois.csv"
     rois.write_text("source,roi,kind,cx,cy,r\nct.dcm,1,square,24,24,4\n")
-    s = _ingest(src, tmp_path / "stack.zarr", rois=rois)
-    got, row = _pixels(s, "ct.dcm")
+    got, row = _pixels(ingest(src, tmp_path / "stack.zarr", rois=rois), "ct.dcm")
     np.testing.assert_array_equal(got, img)
     assert row["padding"] == -2000.0 and row["photometric"] == "MONOCHROME1"
     res = gpucnr.run(tmp_path / "stack.zarr", tmp_path / "results.zarr", workers=1)
@@ -200,11 +183,11 @@ def test_with_paths_refuses_another_stack_at_the_same_path(tmp_path, capsys):
     rois = tmp_path / "rois.csv"
     rois.write_text("source,roi,kind,cx,cy,r\na.png,1,square,32,32,4\n")
     stack, results = tmp_path / "stack.zarr", tmp_path / "results.zarr"
-    _ingest(src, stack, rois=rois)
+    ingest(src, stack, rois=rois)
     gpucnr.run(stack, results, workers=1)
     assert main(["filter", str(results), "--with-paths", "--out", str(tmp_path / "m.csv")]) == 0
     shutil.rmtree(stack)
     write_raster(src / "b.png", np.zeros((64, 64), np.uint8))
-    _ingest(src, stack, rois=rois)
+    ingest(src, stack, rois=rois)
     assert main(["filter", str(results), "--with-paths", "--out", str(tmp_path / "m2.csv")]) == 2
     assert "not the stack these results were computed from" in capsys.readouterr().err

@@ -20,10 +20,9 @@ import numpy as np
 import pandas as pd
 
 from gpucnr.errors import InputError, OptionError
-from gpucnr.manifests import ID_COLUMNS
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
-from gpucnr.sources.pseudonyms import load_or_create_key, pseudonym
+from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, TaskFailure
 from gpucnr.store import StackWriter

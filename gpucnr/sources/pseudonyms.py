@@ -10,8 +10,11 @@ from pathlib import Path
 
 from gpucnr.errors import InputError
 
-__all__ = ["KEY_BYTES", "load_or_create_key", "pseudonym"]
+__all__ = ["ID_COLUMNS", "KEY_BYTES", "load_or_create_key", "pseudonym"]
 
+#: Pseudonymous id columns, coarsest first: what ingest pseudonymises, and the only per-image columns a manifest
+#: copies from the results.
+ID_COLUMNS = ("patient_id", "study_id", "series_id", "instance_id")
 KEY_BYTES = 32
 #: Hex digits kept of the HMAC-SHA256: 80 bits, so a million patients collide with probability ~4e-13.
 _DIGITS = 20

@@ -17,6 +17,7 @@ import pandas as pd
 
 from gpucnr.errors import InputError, RoiTableError
 from gpucnr.sources.outcomes import Skip
+from gpucnr.sources.pseudonyms import ID_COLUMNS
 
 __all__ = ["MaskMatcher", "read_masks", "read_meta_csv", "read_roi_csv", "read_seg"]
 
@@ -30,8 +31,6 @@ _IDENTIFYING = {"name", "patientname", "patientsname", "firstname", "lastname", 
                 "accessionnumber", "mrn", "medicalrecordnumber", "address", "patientaddress", "phone",
                 "telephone", "email", "ssn", "socialsecuritynumber", "otherpatientids", "patientid", "studyid",
                 "seriesid", "instanceid", "studyinstanceuid", "seriesinstanceuid", "sopinstanceuid"}
-#: the id columns that are pseudonymised (gpucnr.manifests.ID_COLUMNS), allowed under these exact names only
-_ID_NAMES = ("patient_id", "study_id", "series_id", "instance_id")
 
 
 @dataclass
@@ -279,7 +278,7 @@ def read_meta_csv(path, reserved) -> pd.DataFrame:
     if odd:
         raise InputError(f"{path.name}: column names must be letters, digits, '_', '.', '-' (starting with a letter, "
                          f"digit or '_'); {len(odd)} are not")
-    named = [c for c in table.columns if re.sub(r"[^a-z]", "", c.lower()) in _IDENTIFYING and c not in _ID_NAMES]
+    named = [c for c in table.columns if re.sub(r"[^a-z]", "", c.lower()) in _IDENTIFYING and c not in ID_COLUMNS]
     if named:
         raise InputError(f"{path.name}: column(s) {named} look like identifying data (names, birth dates, record "
                          "numbers) or raw ids; a stack holds pseudonymous ids only: name id columns patient_id, "

@@ -82,7 +82,7 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
     shapes = [f["pixels"].shape for f in frames]
     labels, problem = None, None
     try:
-        labels = _labels(path, record, shapes, masks, segs)
+        labels = _image_labels(path, record, shapes, masks, segs)
     except Skip as e:
         problem = (e.code, e.reason)  # NB: the image is still stored, unlabelled; the driver lists the problem
     for f in frames:
@@ -90,7 +90,7 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
     return {"frames": frames, "labels": labels, "mask_problem": problem}
 
 
-def _labels(path, record: dict, shapes, masks: list, segs: list):
+def _image_labels(path, record: dict, shapes, masks: list, segs: list):
     """Labels of an image's frames from its mask files and DICOM SEG objects (None when it has neither)."""
     labels = read_masks(masks, shapes) if masks else None
     if segs:
