@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
     except GpucnrError as e:
         print(f"gpucnr: error {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     return 0
 
 

@@ -9,6 +9,9 @@ class GpucnrError(Exception):
     """Base of gpucnr's errors; ``code`` is stable across releases, the message is for people."""
 
     code = "error"
+    #: The process exit status a command ends with when this error stops it (DESIGN §10: 2 refused or a coded
+    #: error, 4 stopped by an environmental failure after partial work).
+    exit_code = 2
 
     def __init__(self, message: str):
         super().__init__(f"[{self.code}] {message}")
