@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="contents, completeness and parameters of a stack or results")
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--verify", action="store_true",
+                      help="results: decode every chunk and check committed rows, not only indexes and checksums")
     return parser
 
 
@@ -233,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "info":
             from gpucnr.info import describe
 
-            report = describe(args.path)
+            report = describe(args.path, verify=args.verify)
             print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
+            return report.get("exit_code", 0)
     except GpucnrError as e:
         print(f"gpucnr: error {e}", file=sys.stderr)
         return e.exit_code

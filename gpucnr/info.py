@@ -5,21 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 import zarr
 
 from gpucnr.errors import GpucnrError
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
-from gpucnr.results import open_results
+from gpucnr.results import RESULTS_FORMAT, results_format, verify_results
 from gpucnr.store import open_stack
 
 __all__ = ["describe"]
 
 
-def describe(path) -> dict:
-    """A report on `path` (a stack or results): a dict of facts, with a human-readable ``text`` entry.
+def describe(path, *, verify: bool = False) -> dict:
+    """A report on `path` (a stack or results): a dict of facts, with a human-readable ``text`` entry and the
+    ``exit_code`` the command ends with.
 
-    A damaged stack is reported, not raised: ``complete`` is False and ``problem`` names the error.
+    A damaged stack or damaged results are reported, not raised: ``complete`` is False and ``problem`` (stacks)
+    or ``damaged`` (results: array, batches, reason) says what is wrong. Results are checked through their
+    shard indexes and chunk checksums; with `verify`, every chunk is decoded too.
     """
     path = Path(path)
     try:
@@ -29,7 +33,7 @@ def describe(path) -> dict:
     if "gpucnr_stack" in attrs:
         return _stack(path)
     if "gpucnr_results" in attrs:
-        return _results(path)
+        return _results(path, verify)
     report = {"kind": "unknown", "path": str(path)}
     report["text"] = f"{path}: neither a gpucnr stack nor gpucnr results"
     return report
@@ -78,28 +82,61 @@ def _stack(path: Path) -> dict:
     return report
 
 
-def _results(path: Path) -> dict:
-    ds = open_results(path)
-    committed = ds["committed"].to_numpy()
-    status = ds["status"].to_numpy()
+def _results(path: Path, verify: bool = False) -> dict:
+    fmt = results_format(path)
+    damaged = []
+    if fmt == RESULTS_FORMAT:
+        check = verify_results(path, decode=verify)
+        damaged = check["damaged"]
+        committed = check["committed"]
+    else:
+        committed = np.asarray(zarr.open_group(str(path), mode="r")["committed"][:])
+    ds = xr.open_zarr(str(path), consolidated=False, mask_and_scale=False)
+    status = ds["status"].to_numpy() if not damaged else np.asarray([], np.int8)
     names = {v: k for k, v in STATUS.items()}
     counts = {names.get(int(v), str(v)): int(c) for v, c in zip(*np.unique(status, return_counts=True), strict=True)}
     params = {k: ds.attrs.get(k) for k in Params().as_attrs()}
     failures = list(ds.attrs.get("failures", []))
+    complete = bool(committed.all())
     report = {
-        "kind": "results", "path": str(path), "images": ds.sizes["image"], "roi_ids": [int(v) for v in ds.roi.values],
-        "batches": int(committed.size), "committed": int(committed.sum()), "complete": bool(committed.all()),
+        "kind": "results", "path": str(path), "format": fmt, "images": ds.sizes["image"],
+        "roi_ids": [int(v) for v in ds.roi.values], "batches": int(committed.size),
+        "committed": int(committed.sum()), "complete": complete, "verified": verify and fmt == RESULTS_FORMAT,
+        "damaged": damaged, "damaged_batches": sorted({b for d in damaged for b in (d["batches"] or [])}),
         "status_counts": counts, "parameters": params, "backend": ds.attrs.get("backend"),
         "stack_path": ds.attrs.get("stack_path"), "stack_fingerprint": ds.attrs.get("stack_fingerprint"),
         "gpucnr_version": ds.attrs.get("gpucnr_version"), "failures": failures,
+        # NB: DESIGN §10: damaged or incomplete results are a problem (exit 3)
+        "exit_code": 3 if damaged or not complete else 0,
     }
     lines = [f"results {path}: {report['images']} images x {len(report['roi_ids'])} ROI id(s) {report['roi_ids']}",
              f"  batches committed: {report['committed']}/{report['batches']}"
-             f"{'' if report['complete'] else ' (incomplete: gpucnr run --resume continues)'}",
-             "  cells by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-             f"  failed images: {len(failures)}",
-             "  parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()),
-             f"  backend {report['backend']}; gpucnr {report['gpucnr_version']}",
-             f"  stack {report['stack_path']} (fingerprint {str(report['stack_fingerprint'])[:16]})"]
+             f"{'' if report['complete'] else ' (incomplete: gpucnr run --resume continues)'}"]
+    if damaged:
+        lines.append(f"  DAMAGED: {len(report['damaged_batches'])} batch(es) "
+                     f"{_ranges(report['damaged_batches'])}; gpucnr run STACK RESULTS --resume recomputes them")
+        lines += [f"    {d['array']}: {d['reason']}" for d in damaged[:20]]
+        if len(damaged) > 20:
+            lines.append(f"    ... {len(damaged) - 20} more (--json lists all)")
+    else:
+        lines.append("  cells by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    lines += [f"  checked: {'every chunk decoded (--verify)' if report['verified'] else 'indexes and checksums'}"
+              if fmt == RESULTS_FORMAT else "  format 1: no checksums to check (rerun to get format 2)",
+              f"  failed images: {len(failures)}",
+              "  parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()),
+              f"  backend {report['backend']}; gpucnr {report['gpucnr_version']}",
+              f"  stack {report['stack_path']} (fingerprint {str(report['stack_fingerprint'])[:16]})"]
     report["text"] = "\n".join(lines)
     return report
+
+
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 7] -> "1..3, 7"."""
+    out, start = [], None
+    for k, v in enumerate(values):
+        if start is None:
+            start = v
+        if k + 1 == len(values) or values[k + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}..{v}")
+            start = None
+    return ", ".join(out)

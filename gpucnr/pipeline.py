@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
 import sys
@@ -17,21 +18,47 @@ import pandas as pd
 import xarray as xr
 import zarr
 
+from gpucnr import shardfiles
 from gpucnr.arrays import STATUS_LEGEND, align_columns
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
-from gpucnr.errors import InputError
+from gpucnr.errors import GpucnrError, InputError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
-from gpucnr.results import ResultsError, create_results, open_results, stack_relative, write_rows
+from gpucnr.results import (
+    RESULTS_FORMAT,
+    ResultsError,
+    ResultsWriter,
+    create_results,
+    damage_text,
+    open_results,
+    results_format,
+    stack_relative,
+    verify_results,
+)
 from gpucnr.roitable import normalize_table
-from gpucnr.store import RESULT_COLUMNS, Stack, StackError, open_stack
+from gpucnr.store import FINGERPRINT_VERSION, RESULT_COLUMNS, Stack, StackError, open_stack
 
-__all__ = ["SCHEDULERS", "plan_batches", "run", "table_fingerprint"]
+__all__ = ["SCHEDULERS", "RunEnvironmentError", "plan_batches", "run", "table_fingerprint"]
 
 #: Local schedulers; anything else given as ``scheduler`` is the address of a Dask distributed scheduler.
 SCHEDULERS = ("threads", "processes", "synchronous")
+logger = logging.getLogger("gpucnr.run")
 _FLOAT_FILL = {k: np.nan for k in ("mean_roi", "var_roi", "mean_bg", "var_bg", "cnr", "cnr_median")}
+#: Stack errors that prove the data damaged (DESIGN §10): a chunk's checksum or index fails, a checksum-valid
+#: stream decodes to the wrong size, a chunk is not the one recorded for its position. They become the image's
+#: status 6; every other failure of a batch is the environment's.
+DATA_ERRORS = ("corrupt-chunk", "missing-chunk", "stack-damaged")
+#: How many times a batch that failed for an environmental reason is tried again before the run stops.
+ENVIRONMENT_RETRIES = 2
+
+
+class RunEnvironmentError(GpucnrError, RuntimeError):
+    """The run stopped because of its environment (memory, files, threads, a worker that cannot open the stack),
+    not its data: nothing was recorded against any image, and ``--resume`` continues once it is fixed."""
+
+    code = "run-environment"
+    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -117,11 +144,14 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     size, plan = plan_batches(stack, batch)
     fingerprint = stack.fingerprint()
     attrs = {**params.as_attrs(), "backend": where, "stack_path": stack_relative(stack.path, results),
-             "stack_fingerprint": fingerprint, "batch": size, "roi_source": "table" if table is not None else "labels",
+             "stack_fingerprint": fingerprint, "stack_fingerprint_version": FINGERPRINT_VERSION,
+             "stack_buckets": stack.bucket_digests(), "batch": size, "plan": _plan_attrs(stack, size, plan),
+             "roi_source": "table" if table is not None else "labels",
              "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": []}
-    group = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
-    committed = np.asarray(group["committed"][:])
+    group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
     names = _names(table, roi_ids, stack.n_images)
+    # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
+    stack_path = str(Path(stack.path).resolve())
     specs = []
     if table is not None:
         # NB: sorted once, each batch's rows are a slice: no scan of the whole table per batch.
@@ -134,12 +164,23 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         if table is not None:
             lo, hi = np.searchsorted(image_col, [g0, g0 + stop - start])
             rows = {k: np.asarray(v) for k, v in _kernel_table(table.iloc[lo:hi], roi_ids, g0).items()}
-        specs.append(BatchSpec(index=index, stack=str(stack.path), fingerprint=fingerprint, bucket=bucket,
+        specs.append(BatchSpec(index=index, stack=stack_path, fingerprint=fingerprint, bucket=bucket,
                                start=start, stop=stop, global_start=g0, params=params,
                                roi_ids=tuple(int(v) for v in roi_ids), table=rows, use_labels=use_labels,
                                use_lesions=use_lesions, backend=where))
     bar = _Progress(len(plan), int(committed.sum())) if progress else None
     log = os.environ.get("GPUCNR_BATCH_LOG")
+
+    def committed_now(batches):
+        # NB: called once the batches' rows and flags are on disk: the log (the fault tests' clock) and the bar
+        # never run ahead of what a crash would keep.
+        if log:
+            with open(log, "a") as fh:
+                fh.write("".join(f"{b}\n" for b in batches))
+        if bar:
+            bar.step(len(batches))
+
+    writer = ResultsWriter(results, committed=committed, backends=backends, on_commit=committed_now)
 
     def finish(spec: BatchSpec, out: dict):
         g0 = spec.global_start
@@ -150,23 +191,35 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
             if out.get("failures") or len(kept) != len(old):
                 # NB: this batch's entries replace any a crashed attempt left: a resume never duplicates them.
                 group.attrs["failures"] = kept + list(out.get("failures", []))
-            write_rows(group, g0, g1, out, names[g0:g1], spec.index)
         except OSError as e:
-            # NB: a full disk (or a quota) while writing: the batches committed so far stay readable, and
-            # --resume redoes this one; say so instead of ending in a bare EFBIG/ENOSPC traceback.
-            raise ResultsError("results-write", f"could not write batch {spec.index} (images {g0}..{g1 - 1}) to "
-                               f"{results}: {e.strerror or e}; committed batches are intact, rerun with "
-                               "--resume when there is room") from e
-        if log:
-            with open(log, "a") as fh:
-                fh.write(f"{spec.index}\n")
-        if bar:
-            bar.step()
+            raise _write_error(results, e) from e
+        writer.put(spec.index, g0, g1, {**out, "roi_name": names[g0:g1]}, spec.backend)
 
-    _execute(specs, finish, client=client, scheduler=scheduler, workers=workers)
-    if bar:
-        bar.close()
+    try:
+        _execute(specs, finish, client=client, scheduler=scheduler, workers=workers)
+    finally:
+        # NB: whatever stopped the run, every batch computed so far is written and committed.
+        try:
+            writer.close()
+        finally:
+            if bar:
+                bar.close()
     return open_results(results)
+
+
+def _write_error(results, e: OSError) -> ResultsError:
+    # NB: a full disk (or a quota) while writing: the batches committed so far stay readable, and --resume
+    # redoes the rest; say so instead of ending in a bare EFBIG/ENOSPC traceback.
+    return ResultsError("results-write", f"could not write to {results}: {e.strerror or e}; committed batches "
+                        "are intact, rerun with --resume when there is room")
+
+
+def _plan_attrs(stack: Stack, size: int, plan) -> dict:
+    """The batch plan per bucket, stored with the results and compared on --resume."""
+    out = {b.name: {"images_per_batch": size, "batches": 0} for b in stack.buckets}
+    for bucket, *_ in plan:
+        out[bucket]["batches"] += 1
+    return out
 
 
 def _roi_source(stack: Stack, rois):
@@ -214,66 +267,129 @@ def _names(table, roi_ids, n) -> np.ndarray:
 
 
 def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume):
+    """The results group, its committed flags and batch backends: new, or (resume) checked against this run and
+    verified, its damaged batches uncommitted so that they are recomputed."""
     if path.exists():
         if not resume:
             raise ResultsError("results-exist", f"{path} exists; pass resume=True (--resume) to continue it, or "
                                "remove it")
-        group = zarr.open_group(str(path), mode="r+")
-        old = dict(group.attrs)
-        if old.get("stack_fingerprint") != attrs["stack_fingerprint"]:
-            raise ResultsError("resume-mismatch", f"{path} was computed from a different stack (fingerprint "
-                               f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]})")
-        changed = [k for k in (*Params().as_attrs(), "batch", "roi_source", "rois_fingerprint")
-                   if old.get(k) != attrs[k]]
-        if changed:
-            raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
-                               + ", ".join(f"{k}={old.get(k)!r} (now {attrs[k]!r})" for k in changed))
-        if list(np.asarray(group["roi"][:])) != list(roi_ids):
-            raise ResultsError("resume-mismatch", f"{path} has other ROI ids")
-        return group
+        return _resume(path, attrs, roi_ids)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS]]
-    return create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table, chunk=stack.shard,
-                          batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs)
+    group = create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table,
+                           batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs)
+    n = len(plan)
+    return group, np.zeros(n, np.int8), np.full(n, -1, np.int8)
+
+
+def _resume(path: Path, attrs: dict, roi_ids):
+    fmt = results_format(path)
+    if fmt is None:
+        raise ResultsError("results-schema", f"{path} exists and is not gpucnr results; nothing to resume")
+    if fmt != RESULTS_FORMAT:
+        raise ResultsError("resume-format", f"{path} are results format {fmt}, written before checksummed results; "
+                           "they stay readable, but cannot be resumed: rerun into a new results folder")
+    group = zarr.open_group(str(path), mode="r+")
+    old = dict(group.attrs)
+    if old.get("stack_fingerprint_version") != FINGERPRINT_VERSION:
+        raise ResultsError("resume-mismatch", f"{path} recorded a version-{old.get('stack_fingerprint_version', 1)} "
+                           "stack fingerprint, which ignores pixels: rerun into a new results folder")
+    if old.get("stack_fingerprint") != attrs["stack_fingerprint"]:
+        before, now = old.get("stack_buckets") or {}, attrs["stack_buckets"]
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        what = (f"bucket(s) {', '.join(differ)} hold other pixels, labels or images" if differ
+                else "its tables or metadata differ")
+        raise ResultsError("resume-mismatch", f"{path} was computed from a different stack: {what} (fingerprint "
+                           f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]})")
+    changed = [k for k in (*Params().as_attrs(), "batch", "plan", "roi_source", "rois_fingerprint")
+               if old.get(k) != attrs[k]]
+    if changed:
+        raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
+                           + ", ".join(f"{k}={old.get(k)!r} (now {attrs[k]!r})" for k in changed))
+    if list(np.asarray(group["roi"][:])) != list(roi_ids):
+        raise ResultsError("resume-mismatch", f"{path} has other ROI ids")
+    removed = shardfiles.remove_leftovers(path)
+    if removed:
+        logger.info("%s: removed %d temporary file(s) a killed run left", path, removed)
+    report = verify_results(path, decode=True)
+    untied = [d for d in report["damaged"] if d["batches"] is None]
+    if untied:
+        raise ResultsError("results-damaged", damage_text(path, untied) + "; this cannot be recomputed by batch: "
+                           "rerun into a new results folder")
+    committed = report["committed"].copy()
+    if report["damaged_batches"]:
+        logger.warning(damage_text(path, report["damaged"]) + "; recomputing those batches")
+        committed[report["damaged_batches"]] = 0
+    return group, committed, report["backends"]
 
 
 # --- execution ---------------------------------------------------------------------------------------------
 def _execute(specs, finish, *, client, scheduler, workers):
+    attempts = _Attempts()
     if client is None and scheduler not in SCHEDULERS:
         from distributed import Client
 
         with Client(scheduler) as remote:
-            return _execute_distributed(specs, finish, remote)
+            return _execute_distributed(specs, finish, remote, attempts)
     if client is not None:
-        return _execute_distributed(specs, finish, client)
+        return _execute_distributed(specs, finish, client, attempts)
     if scheduler == "synchronous":
         for spec in specs:
-            finish(spec, measure_spec(spec))
+            while True:
+                try:
+                    out = measure_spec(spec)
+                    break
+                except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts
+                    attempts.failed(spec, e)
+            finish(spec, out)
         return None
     workers = workers or os.cpu_count() or 1
     if scheduler == "threads":
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            return _drain(pool, specs, finish, workers)
+            return _drain(pool, specs, finish, workers, attempts)
     ctx = multiprocessing.get_context("spawn")
     queue = list(specs)
     while queue:
         try:
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-                _drain(pool, queue, finish, workers)
+                _drain(pool, queue, finish, workers, attempts)
             queue = []
         except _PoolBroken as broken:
             # A worker process died; every batch in flight is a suspect (the pool cannot say which one killed
             # it). Each suspect runs alone in a fresh process; one that kills it again is rerun one image per
             # process, and an image that still kills its process gets status 6. Then the rest goes on.
             for spec in broken.suspects:
-                out = _isolated(spec, ctx)
+                out = _isolated(spec, ctx, attempts)
                 if out is None:
-                    out = _concat([_isolated(s, ctx) or failed_rows(s, "worker-died", "the worker process died "
-                                                                     "while measuring this image")
+                    out = _concat([_isolated(s, ctx, attempts) or failed_rows(s, "worker-died", "the worker process "
+                                                                              "died while measuring this image")
                                    for s in _per_image(spec)])
                 finish(spec, out)
             queue = broken.queue
     return None
+
+
+class _Attempts:
+    """Counts a batch's environmental failures: the first ENVIRONMENT_RETRIES are tried again, the next stops the
+    run with `RunEnvironmentError` (never a status: the data is not at fault). A coded refusal (the stack changed
+    under the run) and a results-write error stop it at once, as they are."""
+
+    def __init__(self):
+        self.counts: dict[int, int] = {}
+
+    def failed(self, spec: BatchSpec, error: BaseException) -> None:
+        """Return to try `spec` again; raise to stop the run."""
+        if isinstance(error, ResultsError) or (isinstance(error, StackError) and error.code == "stack-changed"):
+            raise error
+        n = self.counts[spec.index] = self.counts.get(spec.index, 0) + 1
+        what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        logger.warning("batch %d (images %d..%d): %s (attempt %d)", spec.index, spec.global_start,
+                       spec.global_start + spec.stop - spec.start - 1, what, n)
+        if n > ENVIRONMENT_RETRIES:
+            raise RunEnvironmentError(
+                f"batch {spec.index} (images {spec.global_start}..{spec.global_start + spec.stop - spec.start - 1}) "
+                f"failed {n} times for a reason outside the data ({what}); the run stopped, every batch finished "
+                "before is committed: fix the cause, then `gpucnr run STACK RESULTS --resume` continues") from error
 
 
 class _PoolBroken(Exception):
@@ -282,8 +398,10 @@ class _PoolBroken(Exception):
         self.suspects, self.queue = suspects, queue
 
 
-def _drain(pool, specs, finish, workers):
-    """Keep at most 2 x workers batches in flight; finish each as it completes (the driver writes)."""
+def _drain(pool, specs, finish, workers, attempts: _Attempts):
+    """Keep at most 2 x workers batches in flight; finish each as it completes (the driver writes). A batch that
+    failed for an environmental reason goes back to the front of the queue; when the run must stop, the batches
+    still in flight are waited for and kept."""
     queue = list(specs)
     flying = {}
     while queue or flying:
@@ -297,7 +415,29 @@ def _drain(pool, specs, finish, workers):
                 out = fut.result()
             except BrokenProcessPool:
                 raise _PoolBroken([spec, *flying.values()], queue) from None
+            except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts
+                try:
+                    attempts.failed(spec, e)
+                except BaseException:
+                    _keep_finished(flying, finish)
+                    raise
+                queue.insert(0, spec)
+                continue
             finish(spec, out)
+
+
+def _keep_finished(flying: dict, finish) -> None:
+    """The run stops: wait for the batches in flight and keep those that succeeded (nothing computed is lost)."""
+    for fut in list(flying):
+        fut.cancel()
+    for fut, spec in flying.items():
+        if fut.cancelled():
+            continue
+        try:
+            out = fut.result()
+        except BaseException:  # noqa: BLE001 - the run is stopping for another reason already
+            continue
+        finish(spec, out)
 
 
 def _per_image(spec: BatchSpec):
@@ -309,13 +449,16 @@ def _per_image(spec: BatchSpec):
         yield replace(spec, start=k, stop=k + 1, global_start=spec.global_start + k - spec.start, table=rows)
 
 
-def _isolated(spec: BatchSpec, ctx):
+def _isolated(spec: BatchSpec, ctx, attempts: _Attempts):
     """Run one spec alone in a fresh process; None if the process died."""
-    try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            return pool.submit(measure_spec, spec).result()
-    except BrokenProcessPool:
-        return None
+    while True:
+        try:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                return pool.submit(measure_spec, spec).result()
+        except BrokenProcessPool:
+            return None
+        except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts
+            attempts.failed(spec, e)
 
 
 def _concat(parts: list[dict]) -> dict:
@@ -324,38 +467,57 @@ def _concat(parts: list[dict]) -> dict:
     return out
 
 
-def _execute_distributed(specs, finish, client):
+def _execute_distributed(specs, finish, client, attempts: _Attempts):
     from distributed import as_completed
     from distributed.client import FutureCancelledError
     from distributed.scheduler import KilledWorker
 
-    futures = {client.submit(measure_spec, spec, pure=False, retries=1): spec for spec in specs}
-    for fut in as_completed(list(futures)):
-        spec = futures[fut]
+    futures = {client.submit(measure_spec, spec, pure=False): spec for spec in specs}
+    pending = as_completed(list(futures))
+    for fut in pending:
+        spec = futures.pop(fut)
         try:
             out = fut.result()
         except (KilledWorker, FutureCancelledError):
             # The batch killed every worker it touched: rerun it one image per task; an image that kills
             # its workers too is a per-image failure (status 6), the rest of the dataset keeps its results.
-            singles = list(_per_image(spec))
-            subs = [client.submit(measure_spec, s, pure=False) for s in singles]
-            parts = []
-            for sub in subs:
-                try:
-                    parts.append(sub.result())
-                except (KilledWorker, FutureCancelledError):
-                    parts.append(None)
-            for k, single in enumerate(singles):
-                if parts[k] is not None:
-                    continue
-                # NB: a worker's death makes every task it held a suspect, so an image that only shared a
-                # worker with the killer can fail too: each such image is tried again alone, in turn.
-                try:
-                    parts[k] = client.submit(measure_spec, single, pure=False).result()
-                except (KilledWorker, FutureCancelledError):
-                    parts[k] = failed_rows(single, "worker-died", "every worker that measured this image died")
-            out = _concat(parts)
+            out = _concat(_singles_distributed(spec, client, attempts))
+        except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts
+            try:
+                attempts.failed(spec, e)
+            except BaseException:
+                client.cancel(list(futures))
+                raise
+            again = client.submit(measure_spec, spec, pure=False)
+            futures[again] = spec
+            pending.add(again)
+            continue
         finish(spec, out)
+
+
+def _singles_distributed(spec: BatchSpec, client, attempts: _Attempts) -> list[dict]:
+    from distributed.client import FutureCancelledError
+    from distributed.scheduler import KilledWorker
+
+    singles = list(_per_image(spec))
+    subs = [client.submit(measure_spec, s, pure=False) for s in singles]
+    parts = []
+    for sub in subs:
+        try:
+            parts.append(sub.result())
+        except (KilledWorker, FutureCancelledError):
+            parts.append(None)
+    for k, single in enumerate(singles):
+        # NB: a worker's death makes every task it held a suspect, so an image that only shared a worker with
+        # the killer can fail too: each such image is tried again alone, in turn.
+        while parts[k] is None:
+            try:
+                parts[k] = client.submit(measure_spec, single, pure=False).result()
+            except (KilledWorker, FutureCancelledError):
+                parts[k] = failed_rows(single, "worker-died", "every worker that measured this image died")
+            except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts
+                attempts.failed(single, e)
+    return parts
 
 
 # --- the task ----------------------------------------------------------------------------------------------
@@ -375,8 +537,8 @@ def measure_spec(spec: BatchSpec) -> dict:
     try:
         return _measure(spec)
     except StackError as e:
-        if e.code == "stack-changed":
-            raise
+        if e.code not in DATA_ERRORS:
+            raise  # NB: not the data's fault: the driver retries the batch, then stops the run
         if spec.stop - spec.start == 1:
             return failed_rows(spec, e.code, e.reason)
     parts = []
@@ -384,6 +546,8 @@ def measure_spec(spec: BatchSpec) -> dict:
         try:
             parts.append(_measure(single))
         except StackError as e:
+            if e.code not in DATA_ERRORS:
+                raise
             parts.append(failed_rows(single, e.code, e.reason))
     return _concat(parts)
 
@@ -438,8 +602,8 @@ class _Progress:
         self.total, self.done = total, done
         self._draw()
 
-    def step(self):
-        self.done += 1
+    def step(self, n: int = 1):
+        self.done += n
         self._draw()
 
     def _draw(self):

@@ -1,29 +1,56 @@
-"""The results store: per (image, roi) measurements on Zarr, written region by region, read as xarray (DESIGN §6)."""
+"""The results store (format 2): per (image, roi) measurements on Zarr, sharded and checksummed, written whole
+shard by whole shard by the driver, checked on every open, read as xarray (DESIGN §6, §10)."""
 
 from __future__ import annotations
 
+import math
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from gpucnr import shardfiles
 from gpucnr._version import __version__
 from gpucnr.errors import GpucnrError, InputError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE
 
-__all__ = ["RESULTS_FORMAT", "ResultsError", "create_results", "open_results", "write_rows"]
+__all__ = ["RESULTS_FORMAT", "ResultsError", "ResultsWriter", "create_results", "open_results", "verify_results"]
 
-RESULTS_FORMAT = 1
+RESULTS_FORMAT = 2
+#: Formats `open_results` reads; only the current one can be resumed.
+READABLE_FORMATS = (1, 2)
 _WRITE = {"write_empty_chunks": True}
 _INTEGER = {"n_roi": "int64", "n_bg": "int64", "status": "int8", "n_valid": "int64", "n_excluded": "int64"}
+#: Per-row variables, in the order a batch writes them.
+ROW_VARIABLES = (*OUTPUT_CELL, "roi_name", *OUTPUT_IMAGE)
+#: Per-batch variables the driver writes after the rows they cover: the backend that computed the batch, then
+#: its committed flag (the only truth for --resume).
+BATCH_VARIABLES = ("batch_backend", "committed")
+BACKEND_CODES = {"numpy": 0, "cupy": 1}
+# NB: an inner chunk holds ~2^16 cells (512 KiB of float64) and a shard 32 of them (16 MiB uncompressed per
+# variable, DESIGN §10): 10^6 images x 1 ROI id make one shard file per variable.
+_CELLS_PER_CHUNK = 2**16
+_CHUNKS_PER_SHARD = 32
+# The driver rewrites the shards a finished batch touched at once while a rewrite costs less than
+# _SYNC_FLUSH_S (small results: every batch is committed as it finishes); beyond, in a background thread, as soon
+# as the last rewrite has cost at most a third of the time since it ended, and at least every 30 s; past
+# _MAX_PENDING_BYTES of buffered rows it waits for the rewrite in flight.
+_SYNC_FLUSH_S = 0.05
+_FLUSH_COST_RATIO = 3.0
+_FLUSH_MAX_S = 30.0
+_MAX_PENDING_BYTES = 256 * 2**20
 
 
 class ResultsError(GpucnrError):
-    """Results that cannot be opened, or resumed with a different input or different parameters."""
+    """Results that cannot be opened, are damaged, or cannot be resumed with this input or these parameters."""
 
     code = "results"
 
@@ -32,8 +59,163 @@ class ResultsError(GpucnrError):
         super().__init__(message)
 
 
-def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, chunk: int, batches, attrs: dict):
-    """Write the template: every variable filled with NaN (floats) or -1 (integers), nothing committed.
+# --- layout ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Var:
+    """One sharded variable: its folder, dtype, fill, rows per inner chunk and per shard, ROI columns (0: 1-D)."""
+
+    name: str
+    folder: Path
+    dtype: np.dtype | None  # None: variable-length UTF-8 strings
+    fill: object
+    n_rows: int
+    cols: int
+    rows: int
+    shard_rows: int
+    array: object
+
+    @property
+    def n_inner(self) -> int:
+        return self.shard_rows // self.rows
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_rows / self.shard_rows)
+
+    def file(self, s: int) -> Path:
+        key = (s, 0) if self.cols else (s,)
+        return self.folder / self.array.metadata.encode_chunk_key(key)
+
+    def shape(self) -> tuple:
+        return (self.rows, self.cols) if self.cols else (self.rows,)
+
+    def filled(self) -> np.ndarray:
+        return np.full(self.shape(), self.fill, dtype=object if self.dtype is None else self.dtype)
+
+    def encode(self, block: np.ndarray) -> bytes:
+        import numcodecs
+
+        if self.dtype is None:
+            raw = numcodecs.VLenUTF8().encode(np.asarray(block, dtype=object))
+        else:
+            raw = np.ascontiguousarray(block, dtype=self.dtype.newbyteorder("<")).tobytes()
+        return shardfiles.with_crc(numcodecs.Zstd(level=3).encode(raw))
+
+    def decode(self, payload) -> np.ndarray:
+        """One inner chunk; ValueError for a stream of the wrong size."""
+        import numcodecs
+
+        raw = numcodecs.Zstd().decode(bytes(payload))
+        if self.dtype is None:
+            out = numcodecs.VLenUTF8().decode(raw)
+            if out.size != math.prod(self.shape()):
+                raise ValueError(f"the chunk holds {out.size} strings, expected {math.prod(self.shape())}")
+            return out.reshape(self.shape())
+        want = math.prod(self.shape()) * self.dtype.itemsize
+        if len(raw) != want:
+            raise ValueError(f"the chunk decodes to {len(raw)} bytes, expected {want}")
+        return np.frombuffer(raw, self.dtype.newbyteorder("<")).astype(self.dtype).reshape(self.shape())
+
+    def used_inner(self, s: int) -> int:
+        """Inner chunks of shard `s` that hold rows of the array (zarr stores no chunk past its end)."""
+        return math.ceil(min(self.shard_rows, self.n_rows - s * self.shard_rows) / self.rows)
+
+
+def _layout(n_rows: int, cols: int) -> tuple[int, int]:
+    """(rows per inner chunk, rows per shard): ~2^16 cells a chunk, but never more rows than the array has (zarr
+    stores a whole chunk even at the array's end)."""
+    rows = max(1, min(_CELLS_PER_CHUNK // max(cols, 1), n_rows))
+    return rows, rows * _CHUNKS_PER_SHARD
+
+
+def _var(group, root: Path, name: str) -> _Var:
+    """The layout of a format-2 variable, read from its metadata and checked to be the one gpucnr writes."""
+    arr = group[name]
+    try:
+        (sharding,) = arr.metadata.codecs
+        inner = [type(c).__name__ for c in sharding.codecs]
+        index = [type(c).__name__ for c in sharding.index_codecs]
+        ok = (inner[1:] == ["ZstdCodec", "Crc32cCodec"] and index == ["BytesCodec", "Crc32cCodec"]
+              and sharding.index_location.value == "end" and arr.chunks[1:] == arr.shape[1:]
+              and arr.shards[0] % arr.chunks[0] == 0)
+    except (AttributeError, TypeError, ValueError, IndexError):
+        ok = False
+    if not ok:
+        raise ResultsError("results-schema", f"{root}: {name} is not laid out as gpucnr results (format 2)")
+    string = np.dtype(arr.dtype).kind not in "biuf"
+    return _Var(name=name, folder=root / name, dtype=None if string else np.dtype(arr.dtype),
+                fill="" if string else arr.fill_value, n_rows=int(arr.shape[0]),
+                cols=int(arr.shape[1]) if arr.ndim == 2 else 0, rows=int(arr.chunks[0]),
+                shard_rows=int(arr.shards[0]), array=arr)
+
+
+def _write_shard(var: _Var, s: int, blocks: dict) -> None:
+    """Rewrite shard `s` of `var` whole and durably (see `_shard_parts`)."""
+    shardfiles.write_durably(var.file(s), _shard_parts(var, s, blocks))
+
+
+def _shard_parts(var: _Var, s: int, blocks: dict) -> list[bytes]:
+    """The bytes of shard `s` of `var`: inner chunks in `blocks` (k -> array) encoded anew, every other one copied
+    as it is on disk (or filled when it is absent or fails its check)."""
+    old, index = None, None
+    if blocks.keys() != set(range(var.used_inner(s))):
+        try:
+            old = memoryview(var.file(s).read_bytes())
+            index = shardfiles.parse_index(old, var.n_inner)
+        except FileNotFoundError:
+            pass
+    chunks = []
+    for k in range(var.n_inner):
+        if k >= var.used_inner(s):
+            chunks.append(None)
+        elif k in blocks:
+            chunks.append(var.encode(blocks[k]))
+        else:
+            chunks.append(_old_chunk(var, old, index, k))
+    return shardfiles.assemble(chunks)
+
+
+def _prepare_shard(var: _Var, s: int, blocks: dict) -> tuple[Path, Path]:
+    path = var.file(s)
+    return shardfiles.prepare(path, _shard_parts(var, s, blocks)), path
+
+
+def _old_chunk(var: _Var, old, index, k: int) -> bytes:
+    if index is not None:
+        try:
+            payload = shardfiles.chunk_payload(old, index, k)
+        except ValueError:
+            payload = None
+        if payload is not None:
+            return shardfiles.with_crc(payload)
+    # NB: a chunk that is absent or damaged holds no committed row here: --resume uncommitted its batches.
+    return var.encode(var.filled())
+
+
+def _read_block(var: _Var, s: int, k: int, cache: dict) -> np.ndarray:
+    """Inner chunk k of shard s as an array; fill values when it is absent or fails its check."""
+    if s not in cache:
+        try:
+            data = memoryview(var.file(s).read_bytes())
+            cache[s] = (data, shardfiles.parse_index(data, var.n_inner))
+        except FileNotFoundError:
+            cache[s] = (None, None)
+    data, index = cache[s]
+    if index is not None:
+        try:
+            payload = shardfiles.chunk_payload(data, index, k)
+            if payload is not None:
+                block = var.decode(payload)
+                return block.copy() if not block.flags.writeable else block
+        except ValueError:
+            pass
+    return var.filled()
+
+
+# --- creation ----------------------------------------------------------------------------------------------
+def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, batches, attrs: dict):
+    """Write the template: every variable sharded and filled with NaN (floats), -1 (integers) or "" (names),
+    every shard file present, nothing committed.
 
     Parameters
     ----------
@@ -42,91 +224,405 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, c
     roi_ids : int array, shape (L,)
     image_table : pandas.DataFrame
         Per-image columns stored as coordinates along ``image`` (the stack's table, pseudonymous columns only).
-    chunk : int
-        Rows per chunk along ``image`` (the stack's shard size; a chunk may hold rows of two batches, which is
-        why only the driver writes).
     batches : list of (start, stop)
-        Global image ranges of the batches; ``committed`` has one flag per batch.
+        Global image ranges of the batches; ``committed`` and ``batch_backend`` have one entry per batch.
     attrs : dict
         Parameters and provenance.
+
+    Returns
+    -------
+    zarr.Group
     """
+    path = Path(path)
     group = zarr.open_group(str(path), mode="w")
     n_ids = len(roi_ids)
-    for name in OUTPUT_CELL:
-        dtype = _INTEGER.get(name, "float64")
-        group.create_array(name, shape=(n_images, n_ids), dtype=dtype, chunks=(chunk, max(n_ids, 1)),
-                           fill_value=-1 if dtype != "float64" else np.nan, dimension_names=["image", "roi"],
-                           config=_WRITE)
-    group.create_array("roi_name", shape=(n_images, n_ids), dtype=str, chunks=(chunk, max(n_ids, 1)),
-                       dimension_names=["image", "roi"], config=_WRITE)
-    for name in OUTPUT_IMAGE:
-        dtype = _INTEGER.get(name, "float64")
-        group.create_array(name, shape=(n_images,), dtype=dtype, chunks=(chunk,),
-                           fill_value=-1 if dtype != "float64" else np.nan, dimension_names=["image"],
-                           config=_WRITE)
+    cols = max(n_ids, 1)
+    rows, shard_rows = _layout(n_images, cols)
+    for name in ROW_VARIABLES:
+        two_d = name in (*OUTPUT_CELL, "roi_name")
+        if name == "roi_name":
+            dtype, fill = str, None
+        else:
+            dtype = _INTEGER.get(name, "float64")
+            fill = -1 if dtype != "float64" else np.nan
+        r, sr = (rows, shard_rows) if two_d else _layout(n_images, 1)
+        group.create_array(name, shape=(n_images, n_ids) if two_d else (n_images,), dtype=dtype,
+                           chunks=(r, cols) if two_d else (r,), shards=(sr, cols) if two_d else (sr,),
+                           compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=fill,
+                           dimension_names=["image", "roi"] if two_d else ["image"], config=_WRITE)
+    bounds = np.asarray(batches, np.int64).reshape(-1, 2)
+    r, sr = _layout(len(bounds), 1)
+    for name in BATCH_VARIABLES:
+        group.create_array(name, shape=(len(bounds),), dtype="int8", chunks=(r,), shards=(sr,),
+                           compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                           fill_value=0 if name == "committed" else -1, dimension_names=["batch"], config=_WRITE)
     _coord(group, "image", np.arange(n_images, dtype=np.int64), "image")
     _coord(group, "roi", np.asarray(roi_ids, np.int64), "roi")
     for col in image_table.columns:
         if col != "index":
             _coord(group, col, image_table[col].to_numpy(), "image")
-    bounds = np.asarray(batches, np.int64).reshape(-1, 2)
     _coord(group, "batch_start", bounds[:, 0], "batch")
     _coord(group, "batch_stop", bounds[:, 1], "batch")
-    group.create_array("committed", shape=(len(bounds),), dtype="int8", chunks=(1,), fill_value=0,
-                       dimension_names=["batch"], config=_WRITE)
     group.attrs.update({"gpucnr_results": RESULTS_FORMAT, "gpucnr_version": __version__, **attrs,
+                        "batch_backend_codes": BACKEND_CODES,
                         "coordinates": " ".join(c for c in image_table.columns if c != "index")})
+    # NB: every shard file exists from the start, so a missing one is damage, never "not computed yet".
+    for name in (*ROW_VARIABLES, *BATCH_VARIABLES):
+        var = _var(group, path, name)
+        for s in range(var.n_shards):
+            _write_shard(var, s, {k: var.filled() for k in range(var.used_inner(s))})
     return group
 
 
 def _coord(group, name, values, dim):
+    """A coordinate: one chunk, zstd then crc32c (a damaged coordinate must not read as data)."""
     values = np.asarray(values)
     if values.dtype.kind in "OUST":
-        arr = group.create_array(name, shape=values.shape, dtype=str, chunks=(max(len(values), 1),),
-                                 dimension_names=[dim], config=_WRITE)
-        values = values.astype(str)
+        dtype, values = str, values.astype(str)
     else:
-        arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=(max(len(values), 1),),
-                                 dimension_names=[dim], config=_WRITE)
+        dtype = values.dtype
+    arr = group.create_array(name, shape=values.shape, dtype=dtype, chunks=(max(len(values), 1),),
+                             compressors=[ZstdCodec(level=3), Crc32cCodec()], dimension_names=[dim],
+                             config=_WRITE)
     if values.size:
         arr[:] = values
 
 
-def write_rows(group, start: int, stop: int, values: dict, names: np.ndarray, batch: int) -> None:
-    """Write rows [start, stop) of every variable, then (and only then) the batch's committed flag."""
-    parts = [(name, values[name]) for name in (*OUTPUT_CELL, *OUTPUT_IMAGE)] + [("roi_name", names)]
-    # NB: the variables are independent; writing them concurrently overlaps zarr's per-call overhead.
-    list(_writer().map(lambda item: group[item[0]].__setitem__(slice(start, stop), item[1]), parts))
-    # NB: the flag comes last: a crash before it leaves the batch uncommitted, and --resume redoes it.
-    group["committed"][batch] = 1
+# --- writing -----------------------------------------------------------------------------------------------
+class ResultsWriter:
+    """The driver's writer: buffers finished batches, rewrites the shards that hold them whole (temporary file,
+    fsync, rename) in one background thread, and only then writes their ``batch_backend`` and ``committed``
+    entries the same way. A crash loses only batches not yet committed.
+
+    Parameters
+    ----------
+    path : Path
+        Format-2 results (`create_results`).
+    committed : int8 array, shape (n_batches,)
+        The flags as they stand (a resume passes those it verified).
+    on_commit : callable, optional
+        Called (in the writer's thread) with the batch indices each flush committed, in order.
+    """
+
+    def __init__(self, path, *, committed: np.ndarray, backends: np.ndarray | None = None, on_commit=None):
+        self.path = Path(path)
+        group = zarr.open_group(str(self.path), mode="r")
+        self.vars = {name: _var(group, self.path, name) for name in (*ROW_VARIABLES, *BATCH_VARIABLES)}
+        self.committed = np.asarray(committed, np.int8).copy()
+        self.backends = (np.full(self.committed.shape, -1, np.int8) if backends is None
+                         else np.asarray(backends, np.int8).copy())
+        self.on_commit = on_commit
+        self._pending: list = []
+        self._pending_bytes = 0
+        self.peak_bytes = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._last_end = time.monotonic()
+        self._last_cost = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpucnr-results")
+
+    def put(self, batch: int, start: int, stop: int, rows: dict, backend: str) -> None:
+        """Buffer the rows [start, stop) of one finished batch (every name of ROW_VARIABLES)."""
+        self._raise()
+        item = (batch, start, stop, {k: np.asarray(rows[k]) for k in ROW_VARIABLES}, BACKEND_CODES.get(backend, -1))
+        self._pending.append(item)
+        self._pending_bytes += sum(v.nbytes for v in item[3].values())
+        self.peak_bytes = max(self.peak_bytes, self._pending_bytes)
+        busy = self._thread is not None and self._thread.is_alive()
+        if not busy and self._last_cost < _SYNC_FLUSH_S:
+            # NB: rewriting small shards costs less than a batch: commit each batch at once, as it finishes.
+            self._start(background=False)
+            return
+        if busy and self._pending_bytes > _MAX_PENDING_BYTES:
+            self._join()
+            busy = False
+        idle = time.monotonic() - self._last_end
+        if not busy and (idle >= _FLUSH_COST_RATIO * self._last_cost or idle >= _FLUSH_MAX_S
+                         or self._pending_bytes > _MAX_PENDING_BYTES):
+            self._start()
+
+    def close(self) -> None:
+        """Write everything buffered and wait for it; raises the first write error."""
+        try:
+            self._join()
+            if self._pending:
+                self._start()
+                self._join()
+        finally:
+            self._pool.shutdown(wait=True)
+        self._raise()
+
+    def _start(self, *, background: bool = True) -> None:
+        self._join()
+        self._raise()
+        items, self._pending, self._pending_bytes = self._pending, [], 0
+        if not background:
+            self._flush_guarded(items)
+            self._raise()
+            return
+        self._thread = threading.Thread(target=self._flush_guarded, args=(items,), name="gpucnr-results-flush",
+                                        daemon=True)
+        self._thread.start()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _flush_guarded(self, items) -> None:
+        begin = time.monotonic()
+        try:
+            self._flush(items)
+        except OSError as e:
+            # NB: a full disk (or a quota): the batches committed so far stay readable and --resume redoes the
+            # rest; say so instead of ending in a bare EFBIG/ENOSPC traceback.
+            error = ResultsError("results-write", f"could not write to {self.path}: {e.strerror or e}; committed "
+                                 "batches are intact, rerun with --resume when there is room")
+            error.__cause__ = e
+            self._error = error
+        except BaseException as e:  # noqa: BLE001 - handed to the driver's thread by _raise
+            self._error = e
+        self._last_end = time.monotonic()
+        # NB: smoothed, so that one slow fsync does not switch a small run to buffered commits
+        self._last_cost = 0.7 * self._last_cost + 0.3 * (self._last_end - begin)
+
+    def _flush(self, items) -> None:
+        # Rows first: every shard that holds them written to a temporary file and fsynced (in parallel: the disk
+        # commits concurrent fsyncs together), renamed into place, folders fsynced; then the same for the batches'
+        # backend and committed entries. A crash at any point loses only batches whose flags are not yet renamed.
+        jobs = [(var, s, blocks) for var in (self.vars[n] for n in ROW_VARIABLES)
+                for s, blocks in self._blocks(var, items).items()]
+        batches = [it[0] for it in items]
+        for batch, *_, code in items:
+            self.backends[batch] = code
+        self._publish(jobs)
+        self._publish(self._batch_jobs("batch_backend", self.backends, batches))
+        self.committed[batches] = 1
+        self._publish(self._batch_jobs("committed", self.committed, batches))
+        if self.on_commit is not None:
+            self.on_commit(sorted(batches))
+
+    def _publish(self, jobs) -> None:
+        prepared = list(self._pool.map(lambda job: _prepare_shard(*job), jobs))
+        for tmp, path in prepared:
+            shardfiles.publish(tmp, path)
+        list(self._pool.map(shardfiles.sync_folder, sorted({path.parent for _, path in prepared})))
+
+    def _blocks(self, var: _Var, items) -> dict:
+        """{shard: {inner chunk: block}} of the chunks these rows touch, read-modify-written in memory."""
+        shards: dict = {}
+        cache: dict = {}
+        for _, start, stop, rows, _ in items:
+            values = rows[var.name]
+            row = start
+            while row < stop:
+                s, within = divmod(row, var.shard_rows)
+                k = within // var.rows
+                chunk_lo = s * var.shard_rows + k * var.rows
+                hi = min(stop, chunk_lo + var.rows)
+                blocks = shards.setdefault(s, {})
+                if k not in blocks:
+                    blocks[k] = _read_block(var, s, k, cache)
+                blocks[k][row - chunk_lo : hi - chunk_lo] = values[row - start : hi - start]
+                row = hi
+        return shards
+
+    def _batch_jobs(self, name: str, values: np.ndarray, batches) -> list:
+        var = self.vars[name]
+        jobs = []
+        for s in sorted({b // var.shard_rows for b in batches}):
+            blocks = {}
+            for k in range(var.used_inner(s)):
+                lo = s * var.shard_rows + k * var.rows
+                block = var.filled()
+                part = values[lo : lo + var.rows]
+                block[: len(part)] = part
+                blocks[k] = block
+            jobs.append((var, s, blocks))
+        return jobs
 
 
-_POOL: ThreadPoolExecutor | None = None
+# --- checking and reading ----------------------------------------------------------------------------------
+def verify_results(path, *, decode: bool = False) -> dict:
+    """Check format-2 results without believing them: every shard file present, every index and every inner
+    chunk's crc32c, the committed flags, and no committed row left unset. With `decode`, every chunk is also
+    decoded (a checksum-valid stream of the wrong size is damage) and committed rows are checked for
+    consistency (status codes known, ok cells finite, ``n_valid`` = ok cells, ``cnr_median`` finite iff
+    ``n_valid`` > 0).
+
+    Returns
+    -------
+    dict
+        ``committed`` (int8 flags as read; a batch in a damaged flag chunk reads 0), ``backends``,
+        ``damaged`` (list of {"array", "batches", "reason"}: ``batches`` is None when the damage cannot be tied to
+        batches, as for a coordinate) and ``damaged_batches`` (sorted batch indices).
+    """
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r")
+    damaged = []
+    for name in sorted(group.array_keys()):
+        if name in ROW_VARIABLES or name in BATCH_VARIABLES:
+            continue
+        try:
+            np.asarray(group[name][:])
+        except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for damaged bytes
+            damaged.append({"array": name, "batches": None, "reason": f"cannot be decoded ({type(e).__name__})"})
+    try:
+        starts = np.asarray(group["batch_start"][:], np.int64)
+        stops = np.asarray(group["batch_stop"][:], np.int64)
+    except Exception:  # noqa: BLE001 - already listed above
+        raise ResultsError("results-damaged", f"{path}: the batch table cannot be read; rerun") from None
+    n_batches = len(starts)
+
+    def batches_of(lo: int, hi: int) -> list[int]:
+        return [int(b) for b in np.flatnonzero((starts < hi) & (stops > lo))]
+
+    flags = {}
+    for name in BATCH_VARIABLES:
+        var = _var(group, path, name)
+        values, bad = _scan(var, decode=True)
+        for lo, hi, reason in bad:
+            damaged.append({"array": name, "batches": list(range(lo, min(hi, n_batches))), "reason": reason})
+            values[lo:hi] = 0 if name == "committed" else -1
+        flags[name] = values.astype(np.int8)
+    committed = flags["committed"]
+    status = None
+    for name in ROW_VARIABLES:
+        var = _var(group, path, name)
+        values, bad = _scan(var, decode=decode or name == "status")
+        for lo, hi, reason in bad:
+            damaged.append({"array": name, "batches": batches_of(lo, hi), "reason": reason})
+        if name == "status":
+            status = values
+        if decode and name in ("cnr", "n_valid", "cnr_median"):
+            flags[name] = values
+    rows = np.zeros(len(status), bool)
+    for b in np.flatnonzero(committed):
+        rows[starts[b] : stops[b]] = True
+    unset = rows & (status.reshape(len(status), -1) < 0).any(axis=1) if status.size else rows & False
+    if status.ndim == 2 and status.shape[1] == 0:
+        unset = rows & False
+    for b in sorted({int(np.searchsorted(stops, i, side="right")) for i in np.flatnonzero(unset)}):
+        damaged.append({"array": "status", "batches": [b], "reason": "a committed batch has cells never computed"})
+    if decode:
+        damaged += _inconsistent(status, flags, rows, starts, stops)
+    bad_batches = sorted({b for d in damaged for b in (d["batches"] or [])})
+    return {"committed": committed, "backends": flags["batch_backend"], "damaged": damaged,
+            "damaged_batches": bad_batches}
 
 
-def _writer() -> ThreadPoolExecutor:
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpucnr-write")
-    return _POOL
+def _scan(var: _Var, *, decode: bool):
+    """(values or None, [(row_lo, row_hi, reason)]) of every shard and inner chunk of `var`."""
+    values = None
+    if decode:
+        values = np.full((var.n_rows, var.cols) if var.cols else (var.n_rows,), var.fill,
+                         dtype=object if var.dtype is None else var.dtype)
+    bad = []
+    for s in range(var.n_shards):
+        base = s * var.shard_rows
+        end = min(base + var.shard_rows, var.n_rows)
+        try:
+            data = memoryview(var.file(s).read_bytes())
+        except FileNotFoundError:
+            bad.append((base, end, f"shard file {var.file(s).name} of rows {base}..{end - 1} is missing"))
+            continue
+        index = shardfiles.parse_index(data, var.n_inner)
+        if index is None:
+            bad.append((base, end, f"the index of rows {base}..{end - 1} is damaged or truncated"))
+            continue
+        for k in range(var.used_inner(s)):
+            lo = base + k * var.rows
+            hi = min(lo + var.rows, var.n_rows)
+            try:
+                payload = shardfiles.chunk_payload(data, index, k)
+                if payload is None:
+                    raise ValueError("the chunk is missing from its shard")
+                if decode:
+                    values[lo:hi] = var.decode(payload)[: hi - lo]
+            except ValueError as e:
+                bad.append((lo, hi, f"rows {lo}..{hi - 1}: {e}"))
+    return values, bad
+
+
+def _inconsistent(status, flags, rows, starts, stops) -> list[dict]:
+    """Committed rows whose values contradict each other (each check cheap, each a sign of tampering)."""
+    from gpucnr.kernels.cnr import STATUS
+
+    cnr, n_valid, median = flags["cnr"], flags["n_valid"], flags["cnr_median"]
+    st = status.reshape(len(status), -1)
+    known = np.isin(st, list(STATUS.values()))
+    ok = st == STATUS["ok"]
+    bad = ~known.all(axis=1)
+    bad |= (ok & ~np.isfinite(cnr.reshape(st.shape))).any(axis=1)
+    failed = (st == STATUS["failed"]).all(axis=1) & (st.shape[1] > 0)
+    bad |= ~failed & (n_valid != ok.sum(axis=1))
+    bad |= ~failed & (np.isfinite(median) != (n_valid > 0))
+    out = []
+    for i in np.flatnonzero(bad & rows):
+        b = int(np.searchsorted(stops, i, side="right"))
+        out.append({"array": "status/cnr/n_valid/cnr_median", "batches": [b],
+                    "reason": f"image {int(i)}: values contradict each other"})
+    return out
+
+
+def damage_text(path, damaged: list[dict], *, limit: int = 5) -> str:
+    """One line naming the damaged arrays and batches."""
+    parts = []
+    for d in damaged[:limit]:
+        where = "whole array" if d["batches"] is None else (
+            f"batch {d['batches'][0]}" if len(d["batches"]) == 1 else
+            f"batches {d['batches'][0]}..{d['batches'][-1]}")
+        parts.append(f"{d['array']} ({where}): {d['reason']}")
+    more = f" (+{len(damaged) - limit} more)" if len(damaged) > limit else ""
+    return f"{path} are damaged: " + "; ".join(parts) + more
+
+
+def results_format(path) -> int | None:
+    """The results format recorded at `path`, or None if it is not gpucnr results."""
+    try:
+        attrs = zarr.open_group(str(path), mode="r").attrs
+    except Exception:  # noqa: BLE001 - anything zarr raises here means not readable results
+        return None
+    value = attrs.get("gpucnr_results")
+    return value if value in READABLE_FORMATS else None
 
 
 def open_results(path) -> xr.Dataset:
-    """Open results as an xarray.Dataset (lazy, Dask-backed), checking that they are gpucnr results.
+    """Open results as an xarray.Dataset (lazy, Dask-backed), after checking them.
 
-    Unwritten rows read as NaN (floats) and -1 (integers); ``committed`` says which batches are complete.
+    Every shard index and every chunk's crc32c is checked here, eagerly, before anything is read (format 2),
+    and committed batches must hold computed rows: a damaged store raises ``results-damaged`` naming the array
+    and the batch, instead of a codec error deep inside a later Dask compute. Unwritten rows read as NaN
+    (floats) and -1 (integers); ``committed`` says which batches are complete. Format-1 results (unchecksummed)
+    are read as they are.
+
+    Raises
+    ------
+    ResultsError
+        ``results-schema`` (not gpucnr results), ``results-damaged``.
     """
     path = Path(path)
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as e:  # noqa: BLE001 - anything zarr raises here means not readable results
         raise ResultsError("results-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
-    if group.attrs.get("gpucnr_results") != RESULTS_FORMAT:
+    fmt = group.attrs.get("gpucnr_results")
+    if fmt not in READABLE_FORMATS:
         raise ResultsError("results-schema", f"{path} are not gpucnr results")
+    if fmt == RESULTS_FORMAT:
+        report = verify_results(path)
+        if report["damaged"]:
+            raise ResultsError("results-damaged", damage_text(path, report["damaged"]) +
+                               "; `gpucnr run STACK RESULTS --resume` recomputes damaged batches")
     ds = xr.open_zarr(str(path), consolidated=False, mask_and_scale=False)
     coords = [c for c in str(ds.attrs.get("coordinates", "")).split() if c in ds]
-    ds = ds.set_coords([*coords, "batch_start", "batch_stop"])
-    return ds
+    extra = [c for c in ("batch_start", "batch_stop", "batch_backend") if c in ds]
+    return ds.set_coords([*coords, *extra])
 
 
 def results_stack(ds: xr.Dataset, results_path, stack=None):

@@ -26,10 +26,16 @@ from gpucnr.roitable import normalize_table
 __all__ = ["COMPRESSORS", "RESULT_COLUMNS", "Bucket", "Stack", "StackError", "StackWriter", "check_labels",
            "open_stack", "write_stack"]
 
-STACK_FORMAT = 1
+STACK_FORMAT = 2
+#: Formats `open_stack` reads. Format 1 (before December 2026) records no per-chunk checksums: its fingerprint
+#: reads them from the shard files, and its readers cannot tell a moved chunk from the recorded one.
+READABLE_STACK_FORMATS = (1, 2)
+#: Version of `Stack.fingerprint` (DESIGN §10): 2 hashes the pixels and labels through their chunk checksums.
+FINGERPRINT_VERSION = 2
 #: Compressors a stack may use (docs/performance.md has the measurement behind the default).
 COMPRESSORS = ("blosc-zstd", "zstd")
 _CANVAS = 64
+_CRC_ROWS = 2**16
 _PENDING_BYTES = 256 * 2**20
 _WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
 #: Per-image columns that results carry as coordinates: structure, acquisition and pseudonymous ids only —
@@ -88,23 +94,59 @@ class Stack:
         return any(b.labels is not None for b in self.buckets)
 
     def fingerprint(self) -> str:
-        """Hash of the stack's metadata, tables and manifest — never of its pixels (DESIGN §6)."""
-        return fingerprint(self.path, tables={"images": self.images, "rois": self.rois})
+        """Fingerprint version 2 (DESIGN §10): a hash of the stack's metadata, tables, manifests and, per bucket,
+        the crc32c of every image and label chunk — other pixels give another fingerprint, without re-reading
+        them."""
+        return self._fingerprints()[0]
+
+    def bucket_digests(self) -> dict[str, str]:
+        """One digest per bucket (its arrays' layout, manifest and chunk checksums), so that a resume can name
+        the bucket that differs."""
+        return dict(self._fingerprints()[1])
+
+    def _fingerprints(self):
+        if getattr(self, "_fp", None) is None:
+            self._fp = fingerprint_v2(self)
+        return self._fp
+
+    def checksums(self, bucket: Bucket) -> np.ndarray | None:
+        """The crc32c recorded for each (position, images | labels) chunk of `bucket` when it was written, shape
+        (n, 2) uint32; None for a format-1 stack, which recorded none."""
+        cache = self.__dict__.setdefault("_crcs", {})
+        if bucket.name not in cache:
+            name = f"buckets/{bucket.name}/checksums"
+            if name not in self.group:
+                cache[bucket.name] = None
+            else:
+                try:
+                    values = np.asarray(self.group[name][:], np.uint32)
+                except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
+                    raise StackError("corrupt-chunk", f"{name} cannot be decoded ({type(e).__name__})") from None
+                if values.shape != (bucket.size, 2):
+                    raise StackError("stack-schema", f"{name} has shape {values.shape} for {bucket.size} images")
+                cache[bucket.name] = values
+        return cache[bucket.name]
 
     def read(self, bucket: Bucket, start: int, stop: int, *, labels: bool = True):
-        """Images [start, stop) of `bucket` (and their labels), with coded errors for bad chunks."""
-        images = self._read(bucket.images, start, stop, f"buckets/{bucket.name}/images")
+        """Images [start, stop) of `bucket` (and their labels), with coded errors for bad chunks: a chunk whose
+        checksum is not the one recorded for its position (moved, swapped) is ``stack-damaged``."""
+        crcs = self.checksums(bucket)
+        images = self._read(bucket.images, start, stop, f"buckets/{bucket.name}/images",
+                            None if crcs is None else crcs[:, 0])
         lab = None
         if labels and bucket.labels is not None:
-            lab = self._read(bucket.labels, start, stop, f"buckets/{bucket.name}/labels")
+            lab = self._read(bucket.labels, start, stop, f"buckets/{bucket.name}/labels",
+                             None if crcs is None else crcs[:, 1])
         return images, lab
 
-    def _read(self, array, start, stop, name):
+    def _read(self, array, start, stop, name, expected=None):
         reader = _ShardReader.of(self.path, name, array)
         if reader is not None:
-            return reader.read(start, stop)
+            return reader.read(start, stop, expected)
         try:
             return np.asarray(array[start:stop])
+        except (MemoryError, OSError):
+            raise  # NB: the environment's failure, not the data's (DESIGN §10): the driver retries it
         except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
             raise StackError("corrupt-chunk", f"{name}: chunk(s) of images {start}..{stop - 1} cannot be decoded "
                              f"({type(e).__name__}); the stack is damaged there") from None
@@ -156,23 +198,24 @@ class _ShardReader:
             return None
         return cls(folder, name, array, decoder)
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int, stop: int, expected=None) -> np.ndarray:
+        """Images [start, stop); `expected` (uint32 per position of the array, optional) are the recorded chunk
+        checksums each chunk must carry."""
         out = np.empty((stop - start, *self.plane), self.dtype.newbyteorder("="))
         for s in range(start // self.per_shard, (stop - 1) // self.per_shard + 1 if stop > start else 0):
             lo = max(start, s * self.per_shard)
             hi = min(stop, (s + 1) * self.per_shard)
-            self._read_shard(s, lo, hi, out[lo - start : hi - start])
+            self._read_shard(s, lo, hi, out[lo - start : hi - start], expected)
         return out
 
-    def _read_shard(self, s: int, lo: int, hi: int, out: np.ndarray) -> None:
+    def _read_shard(self, s: int, lo: int, hi: int, out: np.ndarray, expected=None) -> None:
         import google_crc32c
 
         key = self.array.metadata.encode_chunk_key((s, 0, 0))
         where = f"{self.name}: chunk {key}"
-        try:
-            data = memoryview(Path(self.folder, key).read_bytes())
-        except FileNotFoundError:
-            raise StackError("missing-chunk", f"{where} (images {lo}..{hi - 1}) is missing") from None
+        # NB: a shard file that cannot be opened (ENOENT from a worker in another folder, EACCES, EIO) is the
+        # environment's failure, not the data's: open_stack proved it present, and the driver retries it.
+        data = memoryview(Path(self.folder, key).read_bytes())
         size = 16 * self.per_shard + 4
         if len(data) < size or not _crc_ok(google_crc32c, data[-size:]):
             raise StackError("corrupt-chunk", f"{where}: its index is damaged or truncated (images {lo}..{hi - 1})")
@@ -185,9 +228,15 @@ class _ShardReader:
             chunk = data[offset : offset + nbytes]
             if len(chunk) != nbytes or nbytes < 4 or not _crc_ok(google_crc32c, chunk):
                 raise StackError("corrupt-chunk", f"{where}: image {k} fails its crc32c check")
+            stored = int.from_bytes(bytes(chunk[-4:]), "little")
+            if expected is not None and stored != int(expected[k]):
+                raise StackError("stack-damaged", f"{where}: image {k} is not the chunk recorded for its position "
+                                 f"(crc32c {stored:08x}, recorded {int(expected[k]):08x}): moved or swapped")
             target = out[k - lo].reshape(-1).view(np.uint8)
             try:
                 self._decode(chunk[:-4], target)
+            except MemoryError:
+                raise  # NB: out of memory inside the decoder is the environment's failure, not the chunk's
             except Exception as e:  # noqa: BLE001 - codec libraries raise their own errors for bad streams
                 raise StackError("corrupt-chunk", f"{where}: image {k} cannot be decoded "
                                  f"({type(e).__name__}: {e})") from None
@@ -420,8 +469,14 @@ class StackWriter:
                                              config=_WRITE, dimension_names=["image", "y", "x"])
         written = self.group.create_array(f"buckets/{name}/written", shape=(0,), dtype="uint8",
                                           chunks=(self.shard,), fill_value=0, config=_WRITE)
+        # NB: the crc32c of each image and label chunk, recorded as it is written: readers compare every chunk
+        # with the one recorded for its position, and the fingerprint hashes them (DESIGN §10).
+        checksums = self.group.create_array(f"buckets/{name}/checksums", shape=(0, 2), dtype="uint32",
+                                            chunks=(_CRC_ROWS, 2), fill_value=0, config=_WRITE,
+                                            compressors=[ZstdCodec(level=3), Crc32cCodec()])
         return {"name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": labels,
-                "written": written, "count": 0, "pending": [], "pending_bytes": 0, "inflight": None}
+                "written": written, "checksums": checksums, "count": 0, "pending": [], "pending_bytes": 0,
+                "inflight": None}
 
     def _flush(self, b: dict) -> None:
         m = len(b["pending"])
@@ -461,6 +516,12 @@ class StackWriter:
                     a // self.shard, data)
             else:
                 b[kind][a:z] = data
+        crcs = np.zeros((z - a, 2), np.uint32)
+        for col, kind in enumerate(("images", "labels")):
+            if b[kind] is not None:
+                crcs[:, col] = chunk_checksums(self.path / f"buckets/{b['name']}/{kind}", b[kind], a, z)
+        b["checksums"].resize((z, 2))
+        b["checksums"][a:z] = crcs
         # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
         b["written"].resize((z,))
         b["written"][a:z] = 1
@@ -573,7 +634,7 @@ def open_stack(path, *, check: bool = True) -> Stack:
     except Exception as e:  # noqa: BLE001 - anything zarr raises here means not a readable stack
         raise StackError("stack-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
     attrs = dict(group.attrs)
-    if attrs.get("gpucnr_stack") != STACK_FORMAT:
+    if attrs.get("gpucnr_stack") not in READABLE_STACK_FORMATS:
         raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
     images = _read_table(group, "images", path)
     if images is None or any(c not in images.columns for c in _IMAGE_COLUMNS):
@@ -616,6 +677,8 @@ def _check_complete(group, stack: Stack) -> None:
         if written.shape[0] != b.size:
             raise StackError("stack-schema", f"buckets/{b.name}/written has {written.shape[0]} entries for "
                              f"{b.size} images")
+        if stack.group.attrs.get("gpucnr_stack") == STACK_FORMAT:
+            stack.checksums(b)  # NB: present, readable and one row per image, or a coded error
         if not written.all():
             first = int(np.flatnonzero(written == 0)[0])
             raise StackError("stack-incomplete", f"buckets/{b.name}: images from position {first} were never "
@@ -656,22 +719,87 @@ def _absent_inner_chunks(file: Path, per_shard: int, used: int) -> list[int] | N
     return [int(k) for k in np.flatnonzero((index[:used, 0] == empty) & (index[:used, 1] == empty))]
 
 
-def fingerprint(path, *, tables: dict | None = None) -> str:
-    """SHA-256 of a stack's metadata (every zarr.json), its tables and its manifests; never its pixels.
+def chunk_checksums(folder: Path, array, start: int, stop: int) -> np.ndarray:
+    """The crc32c each inner chunk of images [start, stop) carries in its shard files (uint32; 0 where the index
+    marks a chunk absent or a file is missing or too short): read from the indexes and the chunks' last four
+    bytes, never by decoding pixels."""
+    per_shard = int(array.shards[0]) if array.shards else 1
+    out = np.zeros(stop - start, np.uint32)
+    size = 16 * per_shard + 4
+    for s in range(start // per_shard, (stop - 1) // per_shard + 1 if stop > start else 0):
+        key = array.metadata.encode_chunk_key((s, 0, 0))
+        try:
+            with open(Path(folder, key), "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                if fh.tell() < size:
+                    continue
+                fh.seek(-size, os.SEEK_END)
+                index = np.frombuffer(fh.read(16 * per_shard), "<u8").reshape(per_shard, 2)
+                for k in range(max(start, s * per_shard), min(stop, (s + 1) * per_shard)):
+                    offset, nbytes = (int(v) for v in index[k - s * per_shard])
+                    if offset == np.iinfo(np.uint64).max or nbytes < 4:
+                        continue
+                    fh.seek(offset + nbytes - 4)
+                    out[k - start] = int.from_bytes(fh.read(4), "little")
+        except FileNotFoundError:
+            continue
+    return out
 
-    `tables` may pass the tables already read (as `Stack` does), to save reading them again.
+
+def fingerprint(path) -> str:
+    """`Stack.fingerprint` of the stack at `path` (its completeness unchecked)."""
+    return open_stack(path, check=False).fingerprint()
+
+
+#: Group attributes that define a stack's content; others (an ingest's counts) do not enter its fingerprint.
+_FINGERPRINT_ATTRS = ("n_images", "buckets", "shard", "compressor", "roi_ids", "has_labels")
+
+
+def _array_meta(array) -> bytes:
+    """An array's layout as it matters to its values: shape, dtype, chunks, codecs, fill value — not how the
+    metadata is spelled (dimension names, attributes, key order)."""
+    meta = array.metadata.to_dict()
+    kept = {k: meta.get(k) for k in ("shape", "data_type", "chunk_grid", "chunk_key_encoding", "codecs",
+                                     "fill_value")}
+    return json.dumps(kept, sort_keys=True, default=str).encode()
+
+
+def fingerprint_v2(stack: Stack) -> tuple[str, dict[str, str]]:
+    """(overall SHA-256, {bucket: SHA-256}) of fingerprint version 2 (DESIGN §10).
+
+    A bucket's digest covers its arrays' layout, its written manifest and the crc32c of every image and label
+    chunk (as recorded when written; read from the shard files for a format-1 stack). The overall digest adds
+    the stack-defining attributes, the tables (content and layout) and every bucket digest.
     """
-    path = Path(path)
-    h = hashlib.sha256()
-    for meta in sorted(path.rglob("zarr.json")):
-        rel = meta.relative_to(path).as_posix()
-        h.update(rel.encode())
-        h.update(json.dumps(json.loads(meta.read_bytes()), sort_keys=True).encode())
-    group = zarr.open_group(str(path), mode="r")
-    for name in ("images", "rois"):
-        table = tables[name] if tables is not None else _read_table(group, name)
-        if table is not None:
-            h.update(pd.util.hash_pandas_object(table, index=True).to_numpy().tobytes())
-    for b in group.attrs.get("buckets", []):
-        h.update(np.asarray(group[f"buckets/{b}/written"][:]).tobytes())
-    return h.hexdigest()
+    group = stack.group
+    buckets = {}
+    for b in stack.buckets:
+        h = hashlib.sha256(f"bucket {b.name}".encode())
+        for kind in ("images", "labels", "written"):
+            name = f"buckets/{b.name}/{kind}"
+            if name in group:
+                h.update(name.encode())
+                h.update(_array_meta(group[name]))
+        h.update(np.asarray(group[f"buckets/{b.name}/written"][:]).tobytes())
+        crcs = stack.checksums(b)
+        if crcs is None:
+            crcs = np.zeros((b.size, 2), np.uint32)
+            for col, (kind, arr) in enumerate((("images", b.images), ("labels", b.labels))):
+                if arr is not None:
+                    crcs[:, col] = chunk_checksums(stack.path / f"buckets/{b.name}/{kind}", arr, 0, b.size)
+        h.update(np.ascontiguousarray(crcs, "<u4").tobytes())
+        buckets[b.name] = h.hexdigest()
+    h = hashlib.sha256(f"gpucnr stack fingerprint {FINGERPRINT_VERSION}".encode())
+    attrs = dict(group.attrs)
+    h.update(json.dumps({k: attrs.get(k) for k in _FINGERPRINT_ATTRS}, sort_keys=True, default=str).encode())
+    for name, table in (("images", stack.images), ("rois", stack.rois)):
+        if table is None:
+            continue
+        h.update(name.encode())
+        for col in sorted(table.columns):
+            h.update(col.encode())
+            h.update(_array_meta(group[f"tables/{name}/{col}"]))
+        h.update(pd.util.hash_pandas_object(table[sorted(table.columns)], index=True).to_numpy().tobytes())
+    for name in sorted(buckets):
+        h.update(f"{name}={buckets[name]}".encode())
+    return h.hexdigest(), buckets

@@ -356,16 +356,57 @@ def test_fingerprint_stable_across_reopen_and_move(tmp_path, phantom):
     assert gpucnr.open_stack(tmp_path / "moved.zarr").fingerprint() == fp
 
 
-def test_fingerprint_ignores_pixels(tmp_path, phantom):
+def test_fingerprint_follows_pixels_and_labels_bucket_by_bucket(tmp_path, phantom):
+    """Fingerprint version 2 (issue 9): other pixels or labels give another fingerprint, and the bucket digests
+    name the bucket that differs; only the recorded chunk checksums are read, never the pixels."""
     a = write(tmp_path / "a.zarr", phantom)
     other = make_phantom(N, (SIZE, SIZE), seed=3, background=1500.0, noise=35.0)
     np.testing.assert_array_equal(other.labels, phantom.labels)
-    assert not np.array_equal(other.images, phantom.images)
     b = gpucnr.write_stack(tmp_path / "b.zarr", other.images, labels=phantom.labels, rois=phantom.rois, shard=SHARD)
-    assert a.fingerprint() == b.fingerprint()
-    # Pixels changed in place: still the same fingerprint.
-    set_entries(tmp_path / "a.zarr", IMAGES, (slice(0, 3), slice(0, 10), slice(0, 10)), 7)
-    assert gpucnr.open_stack(tmp_path / "a.zarr").fingerprint() == b.fingerprint()
+    assert a.fingerprint() != b.fingerprint()
+    assert a.bucket_digests().keys() == b.bucket_digests().keys() == {BUCKET}
+    assert a.bucket_digests()[BUCKET] != b.bucket_digests()[BUCKET]
+    one = phantom.images.copy()
+    one[17, 3, 4] += 1  # one pixel of one image
+    c = gpucnr.write_stack(tmp_path / "c.zarr", one, labels=phantom.labels, rois=phantom.rois, shard=SHARD)
+    assert c.fingerprint() != a.fingerprint()
+    labels = phantom.labels.copy()
+    labels[5, 0, 0] = 1  # one label pixel
+    assert write(tmp_path / "d.zarr", phantom, labels=labels).fingerprint() != a.fingerprint()
+    assert write(tmp_path / "e.zarr", phantom).fingerprint() == a.fingerprint()
+
+
+def test_fingerprint_ignores_how_metadata_is_spelled(tmp_path, phantom):
+    path = tmp_path / "s.zarr"
+    base = write(path, phantom).fingerprint()
+    edit_json(path / WRITTEN / "zarr.json", lambda m: m.update(dimension_names=["image"]))
+    edit_json(path / IMAGES / "zarr.json", lambda m: m.pop("dimension_names"))
+    edit_json(path / "zarr.json", lambda m: m["attributes"].update(note="added later"))
+    assert fingerprint(path) == base
+
+
+def test_pixels_changed_in_place_are_stack_damaged_on_read(tmp_path, phantom):
+    """zarr rewrites the chunk with a valid crc32c, but not the one recorded for the position."""
+    path = tmp_path / "s.zarr"
+    base = write(path, phantom).fingerprint()
+    set_entries(path, IMAGES, (slice(0, 3), slice(0, 10), slice(0, 10)), 7)
+    stack = gpucnr.open_stack(path)
+    assert stack.fingerprint() == base  # the recorded checksums did not change ...
+    err = expect_error("stack-damaged", lambda: stack.read(stack.buckets[0], 0, 4), IMAGES)
+    assert "image 0" in str(err)  # ... and the reader refuses the chunk that is not the recorded one
+
+
+def test_swapped_image_shards_are_stack_damaged(tmp_path, phantom):
+    """Two shards swapped on disk: each chunk's own checksum is valid, its position's is not (issue 9)."""
+    path = tmp_path / "s.zarr"
+    stack = write(path, phantom)
+    first, second = shard_file(path, IMAGES, 0), shard_file(path, IMAGES, 1)
+    a, b = first.read_bytes(), second.read_bytes()
+    first.write_bytes(b)
+    second.write_bytes(a)
+    stack = gpucnr.open_stack(path)
+    expect_error("stack-damaged", lambda: stack.read(stack.buckets[0], 0, SHARD), IMAGES)
+    expect_error("stack-damaged", lambda: stack.read(stack.buckets[0], SHARD, 2 * SHARD), IMAGES)
 
 
 def test_fingerprint_changes_with_tables_and_manifest(tmp_path, phantom):

@@ -1,0 +1,131 @@
+"""Shard files in zarr's sharding layout: checksummed chunks, an index with its own checksum, durable rewrites.
+
+The layout (zarr v3 `sharding_indexed`, index at the end): the encoded inner chunks one after another, each ending
+in the little-endian crc32c of the rest of it, then the index — one (offset, nbytes) pair of little-endian uint64
+per inner chunk in C order, ``EMPTY`` for an absent chunk — and the index's own crc32c. zarr reads these files;
+gpucnr writes and checks them directly because zarr's per-chunk machinery costs more than the bytes
+(docs/performance.md) and because a damaged chunk must be named, not raised deep inside a Dask compute.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["EMPTY", "TEMP_SUFFIX", "assemble", "chunk_payload", "crc_ok", "parse_index", "prepare", "publish",
+           "remove_leftovers", "sync_folder", "with_crc", "write_durably"]
+
+EMPTY = np.iinfo(np.uint64).max
+#: Suffix of a shard file being written; readers never look at such a file and ``--resume`` removes leftovers.
+TEMP_SUFFIX = ".partial"
+
+
+def _crc(data) -> int:
+    import google_crc32c
+
+    return int(google_crc32c.value(bytes(data)))
+
+
+def with_crc(payload) -> bytes:
+    """`payload` followed by its little-endian crc32c."""
+    payload = bytes(payload)
+    return payload + _crc(payload).to_bytes(4, "little")
+
+
+def crc_ok(data) -> bool:
+    """True if the last 4 bytes of `data` are the little-endian crc32c of the rest."""
+    return len(data) >= 4 and _crc(data[:-4]) == int.from_bytes(bytes(data[-4:]), "little")
+
+
+def parse_index(data, n_inner: int) -> np.ndarray | None:
+    """The (n_inner, 2) index of a shard file's bytes, or None when the file is too short for it or the index
+    fails its checksum."""
+    size = 16 * n_inner + 4
+    if len(data) < size or not crc_ok(data[-size:]):
+        return None
+    return np.frombuffer(bytes(data[-size:-4]), "<u8").reshape(n_inner, 2)
+
+
+def chunk_payload(data, index: np.ndarray, k: int):
+    """Inner chunk `k` of a shard without its checksum, ``None`` if the index marks it absent; raises ValueError
+    when it lies outside the file or fails its checksum."""
+    offset, nbytes = (int(v) for v in index[k])
+    if offset == EMPTY and nbytes == EMPTY:
+        return None
+    chunk = data[offset : offset + nbytes]
+    if nbytes < 4 or len(chunk) != nbytes or not crc_ok(chunk):
+        raise ValueError(f"inner chunk {k} fails its crc32c check")
+    return chunk[:-4]
+
+
+def assemble(chunks: list) -> list[bytes]:
+    """The parts of a shard file from its encoded inner chunks (each already ending in its crc32c; None =
+    absent): the chunks, then the checksummed index."""
+    index = np.full((len(chunks), 2), EMPTY, "<u8")
+    offset, parts = 0, []
+    for k, chunk in enumerate(chunks):
+        if chunk is None:
+            continue
+        index[k] = (offset, len(chunk))
+        offset += len(chunk)
+        parts.append(chunk)
+    parts.append(with_crc(index.tobytes()))
+    return parts
+
+
+def prepare(path: Path, parts: list, *, fsync: bool = True) -> Path:
+    """Write `parts` to a new temporary file beside `path` and fsync it; `publish` puts it in place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as fh:
+            for part in parts:
+                fh.write(part)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a prepared file over `path` (atomic: a reader sees the old file or the new one)."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the renames in it survive a crash of the machine."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, parts: list, *, fsync: bool = True) -> None:
+    """Write a file whole: a temporary file in the same folder, fsync, rename over `path`, fsync the folder.
+
+    A reader, and a process killed at any moment, sees either the old file or the new one, never half of one.
+    """
+    publish(prepare(path, parts, fsync=fsync), path)
+    if fsync:
+        sync_folder(path.parent)
+
+
+def remove_leftovers(root: Path) -> int:
+    """Remove the temporary files a killed writer left under `root`; returns how many."""
+    n = 0
+    for tmp in Path(root).rglob(f"*{TEMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink()
+            n += 1
+    return n
