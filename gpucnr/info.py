@@ -58,7 +58,7 @@ def _stack(path: Path) -> dict:
         "compressor": stack.compressor, "roi_ids": [int(v) for v in stack.roi_ids],
         "roi_table_rows": 0 if stack.rois is None else len(stack.rois),
         "image_columns": list(stack.images.columns), "complete": problem is None, "problem": problem,
-        "fingerprint": stack.fingerprint(),
+        "fingerprint": _fingerprint(stack),
     }
     lines = [f"stack {path}: {stack.n_images} images in {len(buckets)} bucket(s), shard {stack.shard}, "
              f"compressor {stack.compressor}"]
@@ -77,9 +77,17 @@ def _stack(path: Path) -> dict:
         lines += [f"    skipped {code}: {n}" for code, n in skipped.items()]
         lines += [f"    {code}: {n}" for code, n in ingest.get("other_problems", {}).items()]
     lines.append(f"  complete: {'yes' if problem is None else 'NO — ' + problem}")
-    lines.append(f"  fingerprint {report['fingerprint'][:16]}")
+    lines.append(f"  fingerprint {str(report['fingerprint'])[:16]}")
     report["text"] = "\n".join(lines)
     return report
+
+
+def _fingerprint(stack) -> str | None:
+    """The stack's fingerprint, or None when the damage that `problem` names keeps it from being computed."""
+    try:
+        return stack.fingerprint()
+    except GpucnrError:
+        return None
 
 
 def _results(path: Path, verify: bool = False) -> dict:

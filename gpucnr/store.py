@@ -118,8 +118,14 @@ class Stack:
             if name not in self.group:
                 cache[bucket.name] = None
             else:
+                arr = self.group[name]
+                for c in range(math.ceil(arr.shape[0] / arr.chunks[0]) if arr.shape[0] else 0):
+                    key = arr.metadata.encode_chunk_key((c, 0))
+                    if not Path(self.path, name, key).exists():
+                        raise StackError("missing-chunk", f"{name}: chunk {key} is missing; zarr would read it as "
+                                         "zeros")
                 try:
-                    values = np.asarray(self.group[name][:], np.uint32)
+                    values = np.asarray(arr[:], np.uint32)
                 except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
                     raise StackError("corrupt-chunk", f"{name} cannot be decoded ({type(e).__name__})") from None
                 if values.shape != (bucket.size, 2):

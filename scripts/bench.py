@@ -232,15 +232,22 @@ def bench_memory(args):
             _phantom_stack(stack, n, 128)
             # NB: VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child would report the
             # parent's peak (this script holds the phantom in memory).
-            code = ("import gpucnr, sys; gpucnr.run(sys.argv[1], sys.argv[2], workers=2, backend='numpy');"
+            # The driver's results buffers (rows of finished batches not yet in their shard files) are measured
+            # by wrapping ResultsWriter.close, which sees their peak.
+            code = ("import gpucnr, sys; from gpucnr import results as R; close = R.ResultsWriter.close\n"
+                    "def wrapped(self):\n    close(self); print('buffers', self.peak_bytes)\n"
+                    "R.ResultsWriter.close = wrapped\n"
+                    "gpucnr.run(sys.argv[1], sys.argv[2], workers=2, backend='numpy')\n"
                     "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
             out = subprocess.run([sys.executable, "-c", code, str(stack), str(Path(tmp, f"r{n}.zarr"))],
                                  capture_output=True, text=True, check=True)
-            peaks[n] = int(out.stdout.strip().splitlines()[-1]) / 1024
-    print("| images (128x128 uint16) | peak RSS of `gpucnr run` (MB) |")
-    print("|---:|---:|")
-    for n, mb in peaks.items():
-        print(f"| {n} | {mb:.0f} |")
+            lines = out.stdout.strip().splitlines()
+            peaks[n] = (int(lines[-1]) / 1024, int(lines[-2].split()[1]) / 2**20)
+    print("| images (128x128 uint16) | peak RSS of `gpucnr run` (MB) | peak results buffers of the driver (MB) |")
+    print("|---:|---:|---:|")
+    for n, (mb, buffers) in peaks.items():
+        print(f"| {n} | {mb:.0f} | {buffers:.2f} |")
+    peaks = {n: mb for n, (mb, _) in peaks.items()}
     print()
     print(f"peak RSS 4000 / 500 images: {peaks[4000] / peaks[500]:.2f}")
 
