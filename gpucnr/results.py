@@ -508,6 +508,9 @@ def verify_results(path, *, decode: bool = False) -> dict:
     for b in sorted({int(np.searchsorted(stops, i, side="right")) for i in np.flatnonzero(unset)}):
         damaged.append({"array": "status", "batches": [b], "reason": "a committed batch has cells never computed"})
     if decode:
+        # NB: rows of batches already found damaged are not judged again: their values read as fill
+        for b in {b for d in damaged for b in (d["batches"] or [])}:
+            rows[starts[b] : stops[b]] = False
         damaged += _inconsistent(status, flags, rows, starts, stops)
     bad_batches = sorted({b for d in damaged for b in (d["batches"] or [])})
     return {"committed": committed, "backends": flags["batch_backend"], "damaged": damaged,
@@ -558,12 +561,13 @@ def _inconsistent(status, flags, rows, starts, stops) -> list[dict]:
     bad |= (ok & np.isnan(cnr.reshape(st.shape))).any(axis=1)
     bad |= n_valid != ok.sum(axis=1)
     bad |= np.isnan(median) != (n_valid == 0)
-    out = []
-    for i in np.flatnonzero(bad & rows):
-        b = int(np.searchsorted(stops, i, side="right"))
-        out.append({"array": "status/cnr/n_valid/cnr_median", "batches": [b],
-                    "reason": f"image {int(i)}: values contradict each other"})
-    return out
+    images = np.flatnonzero(bad & rows)
+    by_batch: dict[int, list[int]] = {}
+    for i in images:
+        by_batch.setdefault(int(np.searchsorted(stops, i, side="right")), []).append(int(i))
+    return [{"array": "status/cnr/n_valid/cnr_median", "batches": [b],
+             "reason": f"{len(ims)} image(s) whose values contradict each other (first: image {ims[0]})"}
+            for b, ims in sorted(by_batch.items())]
 
 
 def damage_text(path, damaged: list[dict], *, limit: int = 5) -> str:
