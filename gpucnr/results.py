@@ -183,11 +183,11 @@ def _prepare_shard(var: _Var, s: int, blocks: dict) -> tuple[Path, Path]:
 def _old_chunk(var: _Var, old, index, k: int) -> bytes:
     if index is not None:
         try:
-            payload = shardfiles.chunk_payload(old, index, k)
+            chunk = shardfiles.checked_chunk(old, index, k)
         except ValueError:
-            payload = None
-        if payload is not None:
-            return shardfiles.with_crc(payload)
+            chunk = None
+        if chunk is not None:
+            return bytes(chunk)
     # NB: a chunk that is absent or damaged holds no committed row here: --resume uncommitted its batches.
     return var.encode(var.filled())
 
@@ -203,9 +203,9 @@ def _read_block(var: _Var, s: int, k: int, cache: dict) -> np.ndarray:
     data, index = cache[s]
     if index is not None:
         try:
-            payload = shardfiles.chunk_payload(data, index, k)
-            if payload is not None:
-                block = var.decode(payload)
+            chunk = shardfiles.checked_chunk(data, index, k)
+            if chunk is not None:
+                block = var.decode(chunk[:-4])
                 return block.copy() if not block.flags.writeable else block
         except ValueError:
             pass
@@ -540,11 +540,11 @@ def _scan(var: _Var, *, decode: bool):
             lo = base + k * var.rows
             hi = min(lo + var.rows, var.n_rows)
             try:
-                payload = shardfiles.chunk_payload(data, index, k)
-                if payload is None:
+                chunk = shardfiles.checked_chunk(data, index, k)
+                if chunk is None:
                     raise ValueError("the chunk is missing from its shard")
                 if decode:
-                    values[lo:hi] = var.decode(payload)[: hi - lo]
+                    values[lo:hi] = var.decode(chunk[:-4])[: hi - lo]
             except ValueError as e:
                 bad.append((lo, hi, f"rows {lo}..{hi - 1}: {e}"))
     return values, bad

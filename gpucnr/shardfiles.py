@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EMPTY", "TEMP_SUFFIX", "assemble", "chunk_payload", "crc_ok", "parse_index", "prepare", "publish",
+__all__ = ["EMPTY", "TEMP_SUFFIX", "assemble", "checked_chunk", "crc_ok", "parse_index", "prepare", "publish",
            "remove_leftovers", "sync_folder", "with_crc", "write_durably"]
 
 EMPTY = np.iinfo(np.uint64).max
@@ -49,8 +49,8 @@ def parse_index(data, n_inner: int) -> np.ndarray | None:
     return np.frombuffer(bytes(data[-size:-4]), "<u8").reshape(n_inner, 2)
 
 
-def chunk_payload(data, index: np.ndarray, k: int):
-    """Inner chunk `k` of a shard without its checksum, ``None`` if the index marks it absent; raises ValueError
+def checked_chunk(data, index: np.ndarray, k: int):
+    """Inner chunk `k` of a shard, its crc32c included, ``None`` if the index marks it absent; raises ValueError
     when it lies outside the file or fails its checksum."""
     offset, nbytes = (int(v) for v in index[k])
     if offset == EMPTY and nbytes == EMPTY:
@@ -58,7 +58,7 @@ def chunk_payload(data, index: np.ndarray, k: int):
     chunk = data[offset : offset + nbytes]
     if nbytes < 4 or len(chunk) != nbytes or not crc_ok(chunk):
         raise ValueError(f"inner chunk {k} fails its crc32c check")
-    return chunk[:-4]
+    return chunk
 
 
 def assemble(chunks: list) -> list[bytes]:

@@ -18,6 +18,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from gpucnr import shardfiles
 from gpucnr._version import __version__
 from gpucnr.backend import to_host
 from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError
@@ -215,25 +216,21 @@ class _ShardReader:
         return out
 
     def _read_shard(self, s: int, lo: int, hi: int, out: np.ndarray, expected=None) -> None:
-        import google_crc32c
-
         key = self.array.metadata.encode_chunk_key((s, 0, 0))
         where = f"{self.name}: chunk {key}"
         # NB: a shard file that cannot be opened (ENOENT from a worker in another folder, EACCES, EIO) is the
         # environment's failure, not the data's: open_stack proved it present, and the driver retries it.
         data = memoryview(Path(self.folder, key).read_bytes())
-        size = 16 * self.per_shard + 4
-        if len(data) < size or not _crc_ok(google_crc32c, data[-size:]):
+        index = shardfiles.parse_index(data, self.per_shard)
+        if index is None:
             raise StackError("corrupt-chunk", f"{where}: its index is damaged or truncated (images {lo}..{hi - 1})")
-        index = np.frombuffer(data[-size:-4], "<u8").reshape(self.per_shard, 2)
-        empty = np.iinfo(np.uint64).max
         for k in range(lo, hi):
-            offset, nbytes = (int(v) for v in index[k - s * self.per_shard])
-            if offset == empty:
+            try:
+                chunk = shardfiles.checked_chunk(data, index, k - s * self.per_shard)
+            except ValueError:
+                raise StackError("corrupt-chunk", f"{where}: image {k} fails its crc32c check") from None
+            if chunk is None:
                 raise StackError("missing-chunk", f"{where} lacks image {k}; zarr would read it as zeros")
-            chunk = data[offset : offset + nbytes]
-            if len(chunk) != nbytes or nbytes < 4 or not _crc_ok(google_crc32c, chunk):
-                raise StackError("corrupt-chunk", f"{where}: image {k} fails its crc32c check")
             stored = int.from_bytes(bytes(chunk[-4:]), "little")
             if expected is not None and stored != int(expected[k]):
                 raise StackError("stack-damaged", f"{where}: image {k} is not the chunk recorded for its position "
@@ -282,30 +279,13 @@ class _ShardWriter:
 
     def write(self, s: int, block: np.ndarray) -> None:
         """Shard `s` from `block` (its first images; the rest of the shard is empty)."""
-        import google_crc32c
-
-        chunks, index, offset = [], np.full((self.per_shard, 2), np.iinfo(np.uint64).max, "<u8"), 0
         little = block.astype(block.dtype.newbyteorder("<"), copy=False)
-        for k in range(len(little)):
-            data = bytes(self.encoder.encode(np.ascontiguousarray(little[k])))
-            data += int(google_crc32c.value(data)).to_bytes(4, "little")
-            chunks.append(data)
-            index[k] = (offset, len(data))
-            offset += len(data)
-        raw = index.tobytes()
-        chunks.append(raw + int(google_crc32c.value(raw)).to_bytes(4, "little"))
+        chunks = [shardfiles.with_crc(self.encoder.encode(np.ascontiguousarray(little[k])))
+                  for k in range(len(little))]
+        parts = shardfiles.assemble(chunks + [None] * (self.per_shard - len(chunks)))
         path = Path(self.folder, self.array.metadata.encode_chunk_key((s, 0, 0)))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        with open(tmp, "wb") as fh:
-            for c in chunks:
-                fh.write(c)
-        os.replace(tmp, path)  # NB: a reader never sees half a shard
-
-
-def _crc_ok(crc, data) -> bool:
-    """True if the last 4 bytes of `data` are the little-endian crc32c of the rest."""
-    return int(crc.value(bytes(data[:-4]))) == int.from_bytes(bytes(data[-4:]), "little")
+        # NB: a reader never sees half a shard; no fsync: the written manifest, written after, decides completeness
+        shardfiles.publish(shardfiles.prepare(path, parts, fsync=False), path)
 
 
 def _canvas(shape) -> tuple[int, int]:
