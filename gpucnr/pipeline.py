@@ -25,6 +25,7 @@ from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
 from gpucnr.results import ResultsError, create_results, open_results, stack_relative, write_rows
 from gpucnr.roitable import normalize_table
+from gpucnr.stackcheck import check_label_ids
 from gpucnr.store import RESULT_COLUMNS, Stack, StackError, open_stack
 
 __all__ = ["SCHEDULERS", "plan_batches", "run", "table_fingerprint"]
@@ -375,7 +376,7 @@ def measure_spec(spec: BatchSpec) -> dict:
     try:
         return _measure(spec)
     except StackError as e:
-        if e.code == "stack-changed":
+        if e.code in ("stack-changed", "stack-schema"):  # NB: the stack's, not an image's: the run stops
             raise
         if spec.stop - spec.start == 1:
             return failed_rows(spec, e.code, e.reason)
@@ -412,6 +413,7 @@ def _measure(spec: BatchSpec) -> dict:
     )
     host = {k: to_host(v) for k, v in out.items()}
     if spec.use_labels:
+        check_label_ids(host["roi_ids"], spec.roi_ids, f"buckets/{spec.bucket}/labels", spec.start, spec.stop)
         host = align_columns(host, np.asarray(spec.roi_ids, np.int64))
     host["failures"] = []
     return host

@@ -22,6 +22,7 @@ from gpucnr._version import __version__
 from gpucnr.backend import to_host
 from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError
 from gpucnr.roitable import normalize_table
+from gpucnr.stackcheck import check_attrs, check_tables, table_frame
 
 __all__ = ["COMPRESSORS", "RESULT_COLUMNS", "Bucket", "Stack", "StackError", "StackWriter", "check_labels",
            "open_stack", "write_stack"]
@@ -303,9 +304,10 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     if len(meta) != n:
         raise InputError(f"meta has {len(meta)} rows for {n} images")
     rt = None if rois is None else normalize_table(rois, n)  # NB: validated before anything is written
+    rows = meta.to_dict("records")
     for i, p in enumerate(planes):
         check_labels(p, None if label_planes is None else label_planes[i], f"image {i}")
-    rows = meta.to_dict("records")
+        _check_row(p, rows[i], i)  # NB: before anything is written
     with StackWriter(path, labels=label_planes is not None, shard=shard, compressor=compressor) as writer:
         for i, p in enumerate(planes):
             writer.add(p, None if label_planes is None else label_planes[i], rows[i])
@@ -379,6 +381,7 @@ class StackWriter:
                              f"{image.shape} and dtype {image.dtype}")
         if image.dtype == bool:
             image = image.astype(np.uint8)
+        _check_row(image, meta or {}, len(self._rows))
         if labels is not None and not self.labels:
             raise InputError("this stack was opened without labels")
         check_labels(image, labels, f"image {len(self._rows)}")
@@ -509,6 +512,19 @@ class StackWriter:
         return open_stack(self.path)
 
 
+def _check_row(image: np.ndarray, meta: dict, i: int) -> None:
+    """What `open_stack` will demand of an image's row, refused before it is written (gpucnr.stackcheck)."""
+    if min(image.shape) < 1:
+        raise InputError(f"image {i} has shape {image.shape}; an image has at least one row and one column")
+    for col in ("slope", "intercept"):
+        value = meta.get(col)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue  # NB: missing: the default (1 or 0) is written
+        real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+        if not real or not math.isfinite(float(value)) or (col == "slope" and float(value) == 0):
+            raise InputError(f"image {i}: {col} {value!r} is not a finite number" + (" != 0" if col == "slope" else ""))
+
+
 def _planes(images, what) -> list[np.ndarray]:
     if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
         planes = [to_host(p) for p in images]
@@ -553,7 +569,7 @@ def _read_table(group, name: str, root: Path | None = None) -> pd.DataFrame | No
             columns[key] = np.asarray(arr[:])
         except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
             raise StackError("corrupt-chunk", f"{where}: its chunk cannot be decoded ({type(e).__name__})") from None
-    return pd.DataFrame(columns)
+    return table_frame(columns, f"tables/{name}")
 
 
 def open_stack(path, *, check: bool = True) -> Stack:
@@ -575,6 +591,7 @@ def open_stack(path, *, check: bool = True) -> Stack:
     attrs = dict(group.attrs)
     if attrs.get("gpucnr_stack") != STACK_FORMAT:
         raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
+    check_attrs(attrs)
     images = _read_table(group, "images", path)
     if images is None or any(c not in images.columns for c in _IMAGE_COLUMNS):
         raise StackError("stack-schema", f"{path}: tables/images lacks columns of {_IMAGE_COLUMNS}")
@@ -597,6 +614,7 @@ def open_stack(path, *, check: bool = True) -> Stack:
     stack = Stack(path=path, group=group, buckets=buckets, images=images, rois=_read_table(group, "rois", path),
                   roi_ids=np.asarray(attrs.get("roi_ids", []), np.int64), shard=int(attrs["shard"]),
                   compressor=attrs.get("compressor", "blosc-zstd"))
+    check_tables(attrs, images, stack.rois, {b.name: b.images for b in buckets})  # NB: before any kernel sees it
     if check:
         _check_complete(group, stack)
     return stack
