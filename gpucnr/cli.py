@@ -210,12 +210,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 webbrowser.open(path.resolve().as_uri())
         elif args.command == "filter":
-            from gpucnr.manifests import manifest, with_paths, write_manifest
+            from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
 
             table = manifest(args.results, threshold=args.threshold, level=args.level)
             if args.with_paths:
                 table = with_paths(table, args.results, args.stack)
-            path = write_manifest(table, args.out)
+            path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
             counts = table["decision"].value_counts().to_dict()
             print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                        for k in ("keep", "drop", "flag")))

@@ -23,6 +23,8 @@ from gpucnr.errors import InputError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
+from gpucnr.lifeline import watch_parent
+from gpucnr.outputs import refuse_overlap, require_results
 from gpucnr.results import ResultsError, create_results, open_results, stack_relative, write_rows
 from gpucnr.roitable import normalize_table
 from gpucnr.stackcheck import check_label_ids
@@ -106,6 +108,10 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         `gpucnr.open_results(results)`.
     """
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
+    refuse_overlap([("stack", stack.path), ("ROI table", rois if isinstance(rois, str | Path) else None)],
+                   [("results", results)])
+    if resume:
+        require_results(results)
     params = Params(**options)
     where = resolve_backend(backend)
     table, use_labels = _roi_source(stack, rois)
@@ -259,7 +265,7 @@ def _execute(specs, finish, *, client, scheduler, workers):
     queue = list(specs)
     while queue:
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=watch_parent) as pool:
                 _drain(pool, queue, finish, workers)
             queue = []
         except _PoolBroken as broken:
@@ -313,7 +319,7 @@ def _per_image(spec: BatchSpec):
 def _isolated(spec: BatchSpec, ctx):
     """Run one spec alone in a fresh process; None if the process died."""
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=watch_parent) as pool:
             return pool.submit(measure_spec, spec).result()
     except BrokenProcessPool:
         return None

@@ -351,7 +351,7 @@ class StackWriter:
     def __init__(self, path, *, labels: bool = False, shard: int = 64, compressor: str = "blosc-zstd",
                  attrs: dict | None = None):
         path = Path(path)
-        if path.exists():
+        if os.path.lexists(path):  # NB: a symbolic link to nothing is not followed to write a stack where it points
             raise InputError(f"{path} already exists; a stack is never overwritten")
         if shard < 1:
             raise InputError(f"shard must be >= 1, got {shard}")

@@ -8,6 +8,7 @@ the paths go to the operator's files beside the stack, never into the stack itse
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from gpucnr.errors import InputError, OptionError
+from gpucnr.outputs import OutputError, refuse_overlap, write_file
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
@@ -135,7 +137,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         raise OptionError("max_image_mb and file_timeout must be > 0")
     if not src.is_dir():
         raise InputError(f"source folder {display_path(src)} does not exist or is not a folder")
-    if stack.exists():
+    if os.path.lexists(stack):  # NB: a symbolic link, even to nothing, is not followed to create a stack there
         raise InputError(f"{display_path(stack)} already exists; ingest never overwrites a stack")
     if not stack.absolute().parent.is_dir():
         raise InputError(f"the folder of {display_path(stack)} does not exist")
@@ -143,6 +145,13 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"--{name} {display_path(folder)} is not a folder")
     side = sidecar_paths(stack)
+    # NB: a stack (and its side files) may lie inside SRC_DIR, MASK_DIR or SEG_DIR, which never walk it; no input
+    # may be an output, nor lie inside one
+    refuse_overlap([("source folder", src), ("mask folder", masks), ("SEG folder", seg), ("ROI table", rois),
+                    ("meta table", meta), ("key file", key_file)],
+                   [("stack", stack), ("linkage file", side["linkage"]), ("skipped-files list", side["skipped"]),
+                    ("key file", None if key_file is not None else side["key"])],
+                   inside_inputs_ok=(src, masks, seg))
     roi_table = None if rois is None else read_roi_csv(rois)  # NB: malformed tables fail before any decoding
     meta_table = None if meta is None else read_meta_csv(meta, [c for c in IMAGE_COLUMNS if c not in ID_COLUMNS])
     key_path = Path(key_file) if key_file is not None else side["key"]
@@ -181,6 +190,7 @@ class _Ingest:
 
     def find(self, src: Path, masks, mask_pattern, follow_symlinks: bool, exclude) -> None:
         """Walk the source (and mask) folders; mask files beside their images are not inputs."""
+        self.exclude = exclude
         found = walk(src, follow_symlinks=follow_symlinks, exclude=exclude)
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
@@ -189,7 +199,7 @@ class _Ingest:
                 self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
                 found = [f for f, m in zip(found, is_mask, strict=True) if not m]
             else:
-                self.mask_index = self.matcher.index(walk(masks, follow_symlinks=follow_symlinks))
+                self.mask_index = self.matcher.index(walk(masks, follow_symlinks=follow_symlinks, exclude=exclude))
         self.found = found
         for f in found:
             if f.code is not None:
@@ -209,7 +219,7 @@ class _Ingest:
                 self.problem(f.rel, "file", rec.code, rec.reason)
                 continue
             kept.append((k, f, rec))
-        seg_refs, seg_rel = self._scan_segs(pool, seg, follow_symlinks)
+        seg_refs, seg_rel = self._scan_segs(pool, seg, follow_symlinks, self.exclude)
         used: set = set()
         self.tasks = []
         for k, f, rec in kept:
@@ -233,14 +243,14 @@ class _Ingest:
                     self.problem(m.rel, "mask", "mask-no-image", "no image file matches this mask's name")
         self.used_masks = used
 
-    def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> tuple[dict, dict]:
+    def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool, exclude=()) -> tuple[dict, dict]:
         """({pseudonymous instance id: paths of the DICOM SEG objects that label it}, {readable SEG path: its
         relative path})."""
         refs: dict[str, set[str]] = {}
         rels: dict[str, str] = {}
         if seg is None:
             return refs, rels
-        files = walk(seg, follow_symlinks=follow_symlinks)
+        files = walk(seg, follow_symlinks=follow_symlinks, exclude=exclude)
         for f in files:
             if f.code is not None:
                 self.problem(f.rel, "seg", f.code, f.reason)
@@ -315,8 +325,13 @@ class _Ingest:
                 "skipped_list": self.side["skipped"].name,
             }
             opened = writer.close(rois=table)
-        finally:
-            _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)  # NB: kept even if the run fails
+        except BaseException:
+            # NB: the list is kept even if the run fails, but a second failure writing it (a full disk) must not
+            # mask the first, coded one
+            with contextlib.suppress(Exception):
+                _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)
+            raise
+        _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)
         index_of = dict(zip(opened.images["source_index"].to_numpy(), opened.images["index"].to_numpy(),
                             strict=True))
         for r in link_rows:
@@ -400,12 +415,19 @@ def _roi_rows(table, frame_of: dict, sources: set[str], problem) -> pd.DataFrame
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """An operator file (it holds source paths): created readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+    """An operator file (it holds source paths): readable by its owner only, whatever was there before (written
+    beside it and renamed into place: a symbolic link planted at its name is replaced, never followed)."""
+
+    def fill(fh):
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+
+    try:
+        write_file(path, fill, what="operator file", private=True)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise OutputError("output-write", f"{display_path(path)} could not be written ({why})") from None
 
 
 class _Progress:

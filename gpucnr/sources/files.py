@@ -35,6 +35,12 @@ def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
     """
     root = Path(os.path.abspath(root))
     excluded = {os.path.abspath(p) for p in exclude}
+    real_root = os.path.realpath(root)
+    for p in exclude:
+        # NB: the same file named through a symbolic link (or `..`): excluded by where it really is under root
+        rel_real = os.path.relpath(os.path.realpath(p), real_root)
+        if rel_real != os.pardir and not rel_real.startswith(os.pardir + os.sep):
+            excluded.add(os.path.normpath(os.path.join(root, rel_real)))
     out: list[Found] = []
     seen_dirs = {_ident(root)}
 
