@@ -20,7 +20,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from gpucnr._version import __version__
 from gpucnr.backend import to_host
-from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError
+from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError, raise_if_exhausted
 from gpucnr.roitable import normalize_table
 from gpucnr.stackcheck import check_attrs, check_tables, table_frame
 
@@ -568,6 +568,7 @@ def _read_table(group, name: str, root: Path | None = None) -> pd.DataFrame | No
         try:
             columns[key] = np.asarray(arr[:])
         except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
+            raise_if_exhausted(e)
             raise StackError("corrupt-chunk", f"{where}: its chunk cannot be decoded ({type(e).__name__})") from None
     return table_frame(columns, f"tables/{name}")
 
@@ -587,6 +588,7 @@ def open_stack(path, *, check: bool = True) -> Stack:
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as e:  # noqa: BLE001 - anything zarr raises here means not a readable stack
+        raise_if_exhausted(e)  # NB: out of memory or threads is the machine's failure, not the stack's
         raise StackError("stack-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
     attrs = dict(group.attrs)
     if attrs.get("gpucnr_stack") != STACK_FORMAT:

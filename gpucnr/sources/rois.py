@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from gpucnr.errors import InputError, RoiTableError
+from gpucnr.roitable import MAX_COORDINATE
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
@@ -243,9 +244,14 @@ def read_roi_csv(path) -> pd.DataFrame:
         if bad.any():
             line = int(table["_line"][bad].iloc[0])
             raise RoiTableError(f"{path.name} line {line}: column {col} must hold an integer (pixels, 0-based)")
+        # NB: integers beyond int64 are refused here, not left to overflow in a cast
+        big = table[col].str.strip().map(lambda v: v != "" and not -(2**63) <= int(v) < 2**63)
+        if big.any():
+            line = int(table["_line"][big].iloc[0])
+            raise RoiTableError(f"{path.name} line {line}: column {col} holds an integer beyond the range of int64")
     table["frame"] = table["frame"].str.strip().replace("", "0").astype(np.int64) if "frame" in table else 0
     for col in ("roi", "cx", "cy", "r"):
-        table[col] = table[col].astype(np.int64)
+        table[col] = table[col].str.strip().astype(np.int64)
     kinds = table["kind"].str.strip().str.lower()
     if (~kinds.isin(["square", "disk"])).any():
         line = int(table["_line"][~kinds.isin(["square", "disk"])].iloc[0])
@@ -254,6 +260,11 @@ def read_roi_csv(path) -> pd.DataFrame:
     if (table["r"] < 1).any() or (table["roi"] < 1).any() or (table["frame"] < 0).any():
         line = int(table["_line"][(table["r"] < 1) | (table["roi"] < 1) | (table["frame"] < 0)].iloc[0])
         raise RoiTableError(f"{path.name} line {line}: r and roi must be >= 1, frame >= 0")
+    coords = table[["cx", "cy", "r"]]
+    far = ((coords < -MAX_COORDINATE) | (coords > MAX_COORDINATE)).any(axis=1)
+    if far.any():
+        raise RoiTableError(f"{path.name} line {int(table['_line'][far].iloc[0])}: cx, cy and r must lie within "
+                            f"+-{MAX_COORDINATE} pixels")
     if "name" not in table:
         table["name"] = ""
     table["_key"] = [_safe_source(s) for s in table["source"]]
