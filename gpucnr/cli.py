@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per batch (default: the stack's shard; rounded to a multiple of it)")
     run.add_argument("--resume", action="store_true", help="skip committed batches of existing results")
     run.add_argument("--progress", action="store_true", help="progress bar on stderr")
+    run.add_argument("--group-columns", type=_names, default=None,
+                     help="per-image columns to copy into the results for grouping, e.g. site,split (screened: "
+                     "identifying names and values are refused)")
     _measurement_options(run)
 
     rep = sub.add_parser("report", help="one self-contained HTML report of a dataset's CNR")
@@ -197,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "ring_width", "background_label", "min_bg", "ddof",
                                                      "definition", "gcnr_bins", "signed")}
             ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
-                     workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress, **options)
+                     workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
+                     group_columns=args.group_columns, **options)
             print(summary_table(ds.load()))
         elif args.command == "report":
             from gpucnr.report import write_report

@@ -19,7 +19,7 @@ from gpucnr.outputs import make_folder, refuse_overlap
 from gpucnr.pipeline import run, table_fingerprint
 from gpucnr.results import open_results, results_stack
 from gpucnr.roitable import normalize_table
-from gpucnr.store import Stack, write_stack
+from gpucnr.store import RESULT_COLUMNS, Stack, write_stack
 
 __all__ = ["METHODS", "NOTE", "enhance"]
 
@@ -184,9 +184,11 @@ def _roi_rows(stack: Stack, attrs, chosen: np.ndarray) -> pd.DataFrame | None:
 
 
 def _meta(stack: Stack, chosen: np.ndarray) -> pd.DataFrame:
-    """Per-image meta of the new stack: ``original_index`` plus every non-structural column of the source."""
+    """Per-image meta of the new stack: ``original_index`` plus the source's non-structural columns of the results'
+    allow-list (`gpucnr.store.RESULT_COLUMNS`)."""
     table = stack.images.set_index("index").loc[chosen].reset_index()
-    meta = table[[c for c in table.columns if c not in _STRUCTURAL]].copy()
+    # NB: the allow-list of DESIGN §10 only: a free-text meta column of the source never reaches the new stack
+    meta = table[[c for c in table.columns if c not in _STRUCTURAL and c in RESULT_COLUMNS]].copy()
     meta.insert(0, "original_index", chosen)
     return meta.reset_index(drop=True)
 

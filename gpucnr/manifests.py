@@ -23,7 +23,7 @@ import xarray as xr
 from gpucnr._version import __version__
 from gpucnr.errors import InputError
 from gpucnr.kernels.cnr import STATUS
-from gpucnr.outputs import OutputError, refuse_overlap, write_file, write_path
+from gpucnr.outputs import OutputError, csv_text, csv_untext, refuse_overlap, write_file, write_path
 from gpucnr.results import open_results, results_stack
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
@@ -298,6 +298,7 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
         raise InputError(f"{stack} has no linkage file ({linkage.name}): only stacks made by `gpucnr ingest` "
                          "link images back to files")
     link = pd.read_csv(linkage, dtype={"source": str}, keep_default_na=False).set_index("index")
+    link["source"] = link["source"].map(csv_untext)
     out = df.copy()
     if "image" in out.columns:
         found = out["image"].isin(link.index)
@@ -375,8 +376,13 @@ def write_manifest(df: pd.DataFrame, path, *, inputs=()) -> Path:
 
             def fill(fh):
                 fh.write("\n".join(lines) + "\n")
-                # NB: floats are written with repr precision by default, so values round-trip exactly.
-                df.to_csv(fh, index=False, lineterminator="\n")
+                # NB: floats are written with repr precision by default, so values round-trip exactly; text cells
+                # are kept from spreadsheet formulas (outputs.csv_text)
+                safe = df.copy()
+                for c in safe.columns:
+                    if pd.api.types.is_object_dtype(safe[c]) or pd.api.types.is_string_dtype(safe[c]):
+                        safe[c] = safe[c].map(csv_text)
+                safe.to_csv(fh, index=False, lineterminator="\n")
 
             return write_file(path, fill, what="manifest", private=private)
         pa, pq = _pyarrow()
@@ -452,6 +458,9 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
         df = pd.read_csv(path, skiprows=header, keep_default_na=False, na_values={"cnr": ["", "nan", "NaN"]},
                          dtype={**dict.fromkeys(_STR_COLUMNS, str), **dict.fromkeys(_INT_COLUMNS, np.int64),
                                 "cnr": np.float64})
+        for c in df.columns:
+            if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c]):
+                df[c] = df[c].map(csv_untext)
     elif suffix in (".parquet", ".pq"):
         _, pq = _pyarrow()
         table = pq.read_table(path)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from gpucnr.errors import GpucnrError
 
-__all__ = ["OutputError", "create_file", "make_folder", "refuse_overlap", "require_results", "write_file",
-           "write_path"]
+__all__ = ["OutputError", "create_file", "csv_text", "csv_untext", "make_folder", "refuse_overlap", "require_results",
+           "write_file", "write_path"]
 
 
 class OutputError(GpucnrError):
@@ -190,3 +190,23 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+#: A spreadsheet reads a cell beginning with one of these as a formula (DESIGN §10).
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value):
+    """A cell of a CSV file a person may open in a spreadsheet: text beginning with ``= + - @``, tab or carriage
+    return gets one leading ``'`` (never run as a formula), text beginning with ``'`` one more; anything that
+    is not text (numbers) is returned as is."""
+    if isinstance(value, str) and value.startswith((*_FORMULA, "'")):
+        return "'" + value
+    return value
+
+
+def csv_untext(value):
+    """What `csv_text` was given: one leading ``'`` removed from text."""
+    if isinstance(value, str) and value.startswith("'"):
+        return value[1:]
+    return value

@@ -20,6 +20,7 @@ import zarr
 from gpucnr.arrays import STATUS_LEGEND, align_columns
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
 from gpucnr.errors import InputError
+from gpucnr.identifiers import check_columns
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
@@ -73,7 +74,7 @@ def plan_batches(stack: Stack, batch: int | None) -> tuple[int, list[tuple[str, 
 
 def run(stack, results, *, client=None, scheduler: str = "threads", workers: int | None = None,
         batch: int | None = None, resume: bool = False, progress: bool = False, rois=None, backend: str = "auto",
-        **options) -> xr.Dataset:
+        group_columns=None, **options) -> xr.Dataset:
     """Measure every image of a stack into a results store, batch by batch, resumably.
 
     Parameters
@@ -99,6 +100,10 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         Columns image (global index), roi, kind, cx, cy, r [, name]. Default: the stack's ROI table, else its
         labels.
     backend : {"auto", "numpy", "cupy"}
+    group_columns : sequence of str, optional
+        Per-image columns of the stack beyond the allow-list (`gpucnr.store.RESULT_COLUMNS`) to copy into the
+        results for grouping (e.g. ``["site", "split"]``); names and values are screened (DESIGN §10,
+        `gpucnr.identifiers`): a column that may identify a patient is refused.
     **options
         The measurement options of `gpucnr.measure` (background, footprint, dilation, ...).
 
@@ -112,6 +117,7 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
                    [("results", results)])
     if resume:
         require_results(results)
+    groups = _group_columns(stack, group_columns)
     params = Params(**options)
     where = resolve_backend(backend)
     table, use_labels = _roi_source(stack, rois)
@@ -125,7 +131,8 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     fingerprint = stack.fingerprint()
     attrs = {**params.as_attrs(), "backend": where, "stack_path": stack_relative(stack.path, results),
              "stack_fingerprint": fingerprint, "batch": size, "roi_source": "table" if table is not None else "labels",
-             "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": []}
+             "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": [],
+             "group_columns": groups}
     group = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
     committed = np.asarray(group["committed"][:])
     names = _names(table, roi_ids, stack.n_images)
@@ -174,6 +181,17 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     if bar:
         bar.close()
     return open_results(results)
+
+
+def _group_columns(stack: Stack, names) -> list[str]:
+    """The grouping columns a run copies into its results: named, present in the stack, screened."""
+    names = [names] if isinstance(names, str) else list(names or ())
+    missing = [c for c in names if c not in stack.images.columns]
+    if missing:
+        raise InputError(f"group column(s) {missing} are not per-image columns of {stack.path}")
+    extra = [c for c in dict.fromkeys(names) if c not in RESULT_COLUMNS]
+    check_columns(stack.images, extra, f"{stack.path} tables/images")
+    return extra
 
 
 def _roi_source(stack: Stack, rois):
@@ -239,7 +257,7 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume
             raise ResultsError("resume-mismatch", f"{path} has other ROI ids")
         return group
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
-    table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS]]
+    table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
     return create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table, chunk=stack.shard,
                           batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs)
 

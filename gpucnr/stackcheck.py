@@ -41,6 +41,8 @@ def table_frame(columns: dict, where: str) -> pd.DataFrame:
 
 def _integers(table: pd.DataFrame, col: str, where: str) -> np.ndarray:
     values = table[col].to_numpy()
+    if not len(values):
+        return np.zeros(0, np.int64)  # NB: an empty stack's columns carry no dtype worth checking
     if values.dtype.kind not in "iu":
         raise _fail(f"{where}/{col} has dtype {values.dtype}; integers expected")
     if values.dtype.kind == "u" and len(values) and int(values.max()) > np.iinfo(np.int64).max:
@@ -50,6 +52,8 @@ def _integers(table: pd.DataFrame, col: str, where: str) -> np.ndarray:
 
 def _floats(table: pd.DataFrame, col: str, where: str) -> np.ndarray:
     values = table[col].to_numpy()
+    if not len(values):
+        return np.zeros(0, np.float64)
     if values.dtype.kind not in "iuf":
         raise _fail(f"{where}/{col} has dtype {values.dtype}; numbers expected")
     return values.astype(np.float64)

@@ -33,11 +33,13 @@ COMPRESSORS = ("blosc-zstd", "zstd")
 _CANVAS = 64
 _PENDING_BYTES = 256 * 2**20
 _WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
-#: Per-image columns that results carry as coordinates: structure, acquisition and pseudonymous ids only —
-#: never a free-form `meta` column, which may hold a name or a record number.
-RESULT_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "photometric", "source_index", "frame",
-                  "modality", "manufacturer", "model", "pixel_spacing", "site", "split", "patient_id", "study_id",
-                  "series_id", "instance_id")
+#: Per-image columns that results carry as coordinates (DESIGN §10's allow-list): structure, acquisition and
+#: pseudonymous ids only — never a free-form `meta` column, which may hold a name or a record number, unless the
+#: run names it as a grouping column (`gpucnr.run(group_columns=...)`, screened by `gpucnr.identifiers`).
+RESULT_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding", "photometric",
+                  "source_index", "frame", "modality", "manufacturer", "model", "pixel_spacing", "spacing_y",
+                  "spacing_x", "spacing_z", "orientation", "case", "channel", "patient_id", "study_id", "series_id",
+                  "instance_id")
 _IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
                   "photometric", "source_index")
 
@@ -270,7 +272,7 @@ def _compressors(name: str, itemsize: int):
 
 
 def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int = 64,
-                compressor: str = "blosc-zstd") -> Stack:
+                compressor: str = "blosc-zstd", key_file=None) -> Stack:
     """Write images (and labels, ROI table, per-image metadata) as a gpucnr stack.
 
     Parameters
@@ -286,10 +288,15 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
         Columns image (position in `images`), roi, kind, cx, cy, r [, name]; stored against the global index.
     meta : pandas.DataFrame, optional
         One row per input image: extra per-image columns (slope, intercept, padding, photometric override the
-        defaults 1, 0, NaN, "MONOCHROME2").
+        defaults 1, 0, NaN, "MONOCHROME2"). Other columns are screened as DESIGN §10 says
+        (`gpucnr.identifiers`): a name or value that may identify a patient is refused. Id columns (patient_id,
+        study_id, series_id, instance_id) are stored as keyed pseudonyms: give `key_file`, unless they hold
+        pseudonyms already (20 hex digits, as `gpucnr ingest` writes them).
     shard : int
         Images per shard = per batch of a run.
     compressor : {"blosc-zstd", "zstd"}
+    key_file : path, optional
+        The pseudonym key for raw id columns in `meta` (created if missing, like ``gpucnr ingest --key-file``).
 
     Returns
     -------
@@ -303,6 +310,7 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     meta = pd.DataFrame(index=range(n)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
     if len(meta) != n:
         raise InputError(f"meta has {len(meta)} rows for {n} images")
+    meta = _screen_meta(meta, key_file)
     rt = None if rois is None else normalize_table(rois, n)  # NB: validated before anything is written
     rows = meta.to_dict("records")
     for i, p in enumerate(planes):
@@ -510,6 +518,32 @@ class StackWriter:
                                  "compressor": self.compressor, "roi_ids": sorted(roi_ids),
                                  "has_labels": self.labels})
         return open_stack(self.path)
+
+
+_PSEUDONYM = r"[0-9a-f]{20}|"
+#: meta columns write_stack interprets itself (never screened as free text)
+_OWN_META = ("slope", "intercept", "padding", "photometric")
+
+
+def _screen_meta(meta: pd.DataFrame, key_file) -> pd.DataFrame:
+    """`meta` with raw id columns pseudonymised (`key_file`); a column that may identify a patient is refused."""
+    from gpucnr.identifiers import check_columns
+    from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
+
+    meta = meta.copy()
+    for col in (c for c in ID_COLUMNS if c in meta.columns):
+        text = meta[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+        if text.str.fullmatch(_PSEUDONYM).all():
+            meta[col] = text
+            continue
+        if key_file is None:
+            raise InputError(f"meta column {col} holds raw ids: pass key_file= so that they are stored as keyed "
+                             "pseudonyms (write_stack has no key of its own)")
+        key = load_or_create_key(Path(key_file))
+        meta[col] = [pseudonym(key, col.removesuffix("_id"), v) for v in text]
+    free = [str(c) for c in meta.columns if c not in ID_COLUMNS and c not in _OWN_META]
+    check_columns(meta, free, "meta")
+    return meta
 
 
 def _check_row(image: np.ndarray, meta: dict, i: int) -> None:

@@ -29,9 +29,9 @@ def made(tmp_path_factory):
     """A stack (with a `$` in a group column) and its results."""
     root = tmp_path_factory.mktemp("outputs")
     ph = make_phantom(6, (40, 40), seed=2, margin=12, radius=5)
-    meta = pd.DataFrame({"site": ["a$b", "$x^{$", "a$b", "c", "c", "$x^{$"]})
+    meta = pd.DataFrame({"site": ["a$b", "$x_{$", "a$b", "c", "c", "$x_{$"]})
     stack = gpucnr.write_stack(root / "stack.zarr", ph.images, labels=ph.labels, meta=meta, shard=3)
-    gpucnr.run(stack, root / "results.zarr", scheduler="synchronous")
+    gpucnr.run(stack, root / "results.zarr", scheduler="synchronous", group_columns=["site"])
     return root
 
 
@@ -80,7 +80,7 @@ def test_run_resume_into_a_plain_folder_is_refused(made, tmp_path):
 def test_report_draws_dollar_labels_literally(made, tmp_path):
     path = write_report(made / "results.zarr", tmp_path / "rep", by=["site"], lowest=2)
     text = path.read_text()
-    assert "$x^{$" in text.replace("&#x27;", "'").replace("&amp;", "&") or "x^{" in text
+    assert "$x_{$" in text
 
 
 def _planted(tmp_path):

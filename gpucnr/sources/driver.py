@@ -21,11 +21,12 @@ import numpy as np
 import pandas as pd
 
 from gpucnr.errors import InputError, OptionError
-from gpucnr.outputs import OutputError, refuse_overlap, write_file
+from gpucnr.identifiers import refused_value
+from gpucnr.outputs import OutputError, csv_text, refuse_overlap, write_file
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
-from gpucnr.sources.rois import MaskMatcher, read_meta_csv, read_roi_csv
+from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, TaskFailure
 from gpucnr.store import StackWriter
 
@@ -37,7 +38,7 @@ log = logging.getLogger("gpucnr.ingest")
 IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
                  "photometric", "source_index", "frame", "rows", "columns", "format", "color", "modality",
                  "manufacturer", "model", "spacing_y", "spacing_x", "file_index", *ID_COLUMNS)
-_PROBLEM_COLUMNS = ["source", "item", "code", "reason"]
+_PROBLEM_COLUMNS = ["source", "item", "code", "reason", "source_encoding"]
 _TASKS = "gpucnr.sources.tasks:run"
 #: decoded bytes the driver may hold for files still waiting on an earlier one
 _IN_FLIGHT = 2**31
@@ -184,9 +185,13 @@ class _Ingest:
         self.mask_index: dict = {}
         self.meter = _Progress(self.progress)
 
-    def problem(self, source: str, item: str, code: str, reason: str) -> None:
-        self.problems.append({"source": source, "item": item, "code": code, "reason": reason})
-        log.info("%s: %s %s: %s", source, item, code, reason)  # NB: an operator message: the path is needed
+    def problem(self, source: str, item: str, code: str, reason: str, encoding: str | None = None) -> None:
+        # NB: a walked file's name holds "%" only when percent-encoded (files.source_name); a table row's text is
+        # given with encoding ""
+        encoding = ("percent" if "%" in source else "") if encoding is None else encoding
+        self.problems.append({"source": source, "item": item, "code": code, "reason": reason,
+                              "source_encoding": encoding})
+        log.info("%s: %s %s: %s", display_path(source), item, code, display_path(reason))  # NB: the path is needed
 
     def find(self, src: Path, masks, mask_pattern, follow_symlinks: bool, exclude) -> None:
         """Walk the source (and mask) folders; mask files beside their images are not inputs."""
@@ -314,7 +319,8 @@ class _Ingest:
                     source_index = writer.add(pixels, None if labels is None else labels[frame], row)
                     frame_of[(f.rel, frame)] = source_index
                     link_rows.append({"source_index": source_index, "frame": frame, "source": f.rel,
-                                      "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS}})
+                                      "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS},
+                                      "source_encoding": f.encoding})
             table = _roi_rows(self.roi_table, frame_of, sources, self.problem)
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
@@ -337,7 +343,8 @@ class _Ingest:
         for r in link_rows:
             r["index"] = int(index_of[r.pop("source_index")])
         link_rows.sort(key=lambda r: r["index"])
-        _write_csv(self.side["linkage"], link_rows, ["index", "frame", "source", "file_index", *ID_COLUMNS])
+        _write_csv(self.side["linkage"], link_rows, ["index", "frame", "source", "file_index", *ID_COLUMNS,
+                                                     "source_encoding"])
         self.meter.done()
         summary = IngestSummary(
             stack=self.stack, files_in=len(self.found), stored=stored, skipped=dict(sorted(self.skipped.items())),
@@ -372,11 +379,11 @@ def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]
     columns = [c for c in table.columns if c not in ("source", "_line", "_key")]
     out = {}
     for row in table.to_dict("records"):
-        source = row["_key"] if isinstance(row["_key"], str) else None  # NB: pandas turns None into NaN
+        source = match_source(row, sources)
         if source is None or source not in sources:
             problem(display_path(row["source"]), f"meta line {row['_line']}", "meta-no-image",
                     "this --meta row names no file under SRC_DIR" + (" (a path outside it)" if source is None
-                                                                     else ""))
+                                                                     else ""), "")
             continue
         out[source] = {c: pseudonym(key, c.removesuffix("_id"), row[c]) if c in ID_COLUMNS else row[c]
                            for c in columns}
@@ -395,7 +402,7 @@ def _roi_rows(table, frame_of: dict, sources: set[str], problem) -> pd.DataFrame
     hit = []
     stored = {s for s, _ in frame_of}
     for row in table.to_dict("records"):
-        key = row["_key"] if isinstance(row["_key"], str) else None  # NB: pandas turns None into NaN
+        key = match_source(row, sources)
         where = frame_of.get((key, int(row["frame"]))) if key is not None else None
         if where is None:
             if key is None:
@@ -407,10 +414,17 @@ def _roi_rows(table, frame_of: dict, sources: set[str], problem) -> pd.DataFrame
             else:
                 why = "the file was not stored (see its own entry)"
             problem(display_path(row["source"]), f"rois line {row['_line']}", "roi-no-image",
-                    f"this ROI row names no stored image: {why}")
+                    f"this ROI row names no stored image: {why}", "")
             continue
+        name = row["name"]
+        why = refused_value(name)
+        if why is not None:
+            # NB: the ROI is measured all the same; its name (never quoted) stays out of the stack and results
+            problem(display_path(row["source"]), f"rois line {row['_line']}", "roi-name",
+                    f"the ROI name holds {why}; it is stored blank", "")
+            name = ""
         hit.append({"image": where, "roi": row["roi"], "kind": row["kind"], "cx": row["cx"], "cy": row["cy"],
-                    "r": row["r"], "name": row["name"]})
+                    "r": row["r"], "name": name})
     return pd.DataFrame(hit, columns=["image", "roi", "kind", "cx", "cy", "r", "name"])
 
 
@@ -421,7 +435,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     def fill(fh):
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_text(v) for k, v in r.items()} for r in rows)
 
     try:
         write_file(path, fill, what="operator file", private=True)

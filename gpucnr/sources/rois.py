@@ -20,7 +20,7 @@ from gpucnr.roitable import MAX_COORDINATE
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
-__all__ = ["MaskMatcher", "read_masks", "read_meta_csv", "read_roi_csv", "read_seg"]
+__all__ = ["MaskMatcher", "match_source", "read_masks", "read_meta_csv", "read_roi_csv", "read_seg"]
 
 #: the most distinct nonzero values a label mask may hold; more looks like an anti-aliased or lossy mask
 MAX_LABELS = 255
@@ -113,9 +113,9 @@ def _is_npy(path) -> bool:
         return fh.read(6) == b"\x93NUMPY"
 
 
-def _npy_pages(path) -> list[tuple[str, np.ndarray, None]]:
+def _npy_pages(path, shapes) -> list[tuple[str, np.ndarray, None]]:
     """A NumPy label array (.npy, never pickled objects): (rows, cols), or (frames, rows, cols) for one label
-    plane per frame."""
+    plane per frame; its declared shape is checked against the image's frames (`shapes`) before it is read."""
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except Exception as e:  # noqa: BLE001 - a damaged or pickled .npy
@@ -123,6 +123,10 @@ def _npy_pages(path) -> list[tuple[str, np.ndarray, None]]:
     if arr.ndim not in (2, 3) or arr.dtype.kind not in "biuf":
         raise Skip("mask-labels", f"a NumPy mask must be a 2-D or 3-D array of numbers, got {arr.ndim}-D "
                    f"{arr.dtype.kind}")
+    declared = [tuple(arr.shape)] if arr.ndim == 2 else [tuple(arr.shape[1:])] * arr.shape[0]
+    if declared != [tuple(s) for s in shapes]:
+        raise Skip("mask-shape", f"is an array of shape {'x'.join(str(v) for v in arr.shape)}; the image has "
+                   f"{len(shapes)} frame(s) of {shapes[0][0]}x{shapes[0][1]}")
     planes = [np.asarray(arr)] if arr.ndim == 2 else [np.asarray(p) for p in arr]
     return [("npy", p, None) for p in planes]
 
@@ -140,8 +144,10 @@ def read_masks(paths: list, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
     for k, path in enumerate(paths):
         what = f"mask file {k + 1} of {len(paths)}" if len(paths) > 1 else "the mask"
         try:
-            pages = _npy_pages(path) if _is_npy(path) else read_pages(path)
+            pages = _npy_pages(path, shapes) if _is_npy(path) else read_pages(path, expect=shapes)
         except Skip as e:
+            if e.code == "mask-shape":
+                raise Skip("mask-shape", f"{what} {e.reason}") from None
             raise Skip("mask-unreadable", f"{what} cannot be read ({e.code})") from None
         if len(pages) != len(shapes):
             raise Skip("mask-shape", f"{what} has {len(pages)} page(s), the image {len(shapes)} frame(s)")
@@ -210,15 +216,27 @@ def read_seg(paths: list, sop_instance_uid: str, shapes: list[tuple[int, int]]) 
     return merged
 
 
-def _safe_source(text: str) -> str | None:
-    """A dataset-relative POSIX path, or None if it is absolute or climbs out of the folder."""
-    text = str(text).strip().replace("\\", "/")
+def _safe_source(text: str, backslash: bool = True) -> str | None:
+    """A dataset-relative POSIX path, or None if it is absolute or climbs out of the folder; `backslash`: ``\\``
+    read as a folder separator (a path written on Windows), else as a character of the name."""
+    text = str(text).strip()
+    text = text.replace("\\", "/") if backslash else text
     if not text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
         return None
     parts = [p for p in text.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         return None
     return "/".join(parts)
+
+
+def match_source(row: dict, sources) -> str | None:
+    """The source (a walked file's name) an ROI or meta row names: its literal text when a file has that name (a
+    name may hold a backslash), else the text with backslashes read as separators; None when outside SRC_DIR."""
+    literal = row.get("_literal")
+    if isinstance(literal, str) and literal in sources:
+        return literal
+    key = row.get("_key")
+    return key if isinstance(key, str) else None  # NB: pandas turns None into NaN
 
 
 def read_roi_csv(path) -> pd.DataFrame:
@@ -268,6 +286,8 @@ def read_roi_csv(path) -> pd.DataFrame:
     if "name" not in table:
         table["name"] = ""
     table["_key"] = [_safe_source(s) for s in table["source"]]
+    # NB: a name holding a backslash is addressed literally when such a file exists (see `match_source`)
+    table["_literal"] = [_safe_source(s, backslash=False) for s in table["source"]]
     return table
 
 
@@ -297,6 +317,8 @@ def read_meta_csv(path, reserved) -> pd.DataFrame:
     table = table.copy()
     table["_line"] = np.arange(2, len(table) + 2)
     table["_key"] = [_safe_source(s) for s in table["source"]]
+    # NB: a name holding a backslash is addressed literally when such a file exists (see `match_source`)
+    table["_literal"] = [_safe_source(s, backslash=False) for s in table["source"]]
     dup = table["_key"].notna() & table["_key"].duplicated(keep=False)
     if dup.any():
         raise InputError(f"{path.name} line {int(table['_line'][dup].iloc[0])}: a source listed twice")
