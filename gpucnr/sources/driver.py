@@ -376,7 +376,7 @@ def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]
     """{source: {column: value}} from the --meta CSV; id columns pseudonymised, rows naming no file recorded."""
     if table is None:
         return {}
-    columns = [c for c in table.columns if c not in ("source", "_line", "_key")]
+    columns = [c for c in table.columns if c not in ("source", "_line", "_key", "_literal")]
     out = {}
     for row in table.to_dict("records"):
         source = match_source(row, sources)
