@@ -218,3 +218,16 @@ def test_boundscheck_is_on_in_the_suite():
     one = np.ones(1, np.int64)
     with pytest.raises(IndexError):
         _numpy_fast._exact_totals(images, 0 * one, 9 * one, 9 * one, 0, np.zeros(1))
+
+
+def test_forged_negative_labels_stop_the_run_as_stack_schema(clean, tmp_path):
+    """Label pixels are read only when a batch is measured: a forged negative label (valid checksum) is refused
+    at measure_batch's entry, and the run reports the stack, not an image."""
+    stack = copy(clean, tmp_path)
+    labels = zarr.open_array(str(stack / f"buckets/{BUCKET}/labels"), mode="r+",
+                             config={"write_empty_chunks": True})
+    labels[2, 0, 0] = -5
+    del zarr.open_group(str(stack), mode="r+")["tables/rois"]  # NB: the labels are the ROIs
+    with pytest.raises(gpucnr.StackError) as info:
+        gpucnr.run(stack, tmp_path / "r.zarr", scheduler="synchronous")
+    assert info.value.code == "stack-schema" and "negative" in str(info.value)
