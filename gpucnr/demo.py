@@ -13,7 +13,7 @@ import zarr
 
 from gpucnr.arrays import measure
 from gpucnr.errors import OptionError
-from gpucnr.outputs import OutputError, make_folder
+from gpucnr.outputs import OutputError, make_folder, refuse_overlap
 from gpucnr.phantom import make_phantom
 
 __all__ = ["run_demo", "summary_table"]
@@ -46,6 +46,8 @@ def run_demo(n: int = 2000, size: int = 128, *, out=None, backend: str = "auto",
         from gpucnr.pipeline import run
         from gpucnr.store import write_stack
 
+        refuse_overlap([], [("demo stack", Path(out) / "stack.zarr"), ("demo results", Path(out) / "results.zarr")],
+                       into=[("demo folder", out)])
         out = make_folder(out, "demo folder")
         for name in ("stack.zarr", "results.zarr"):
             _remove_previous(out / name)

@@ -35,6 +35,19 @@ def _real(path) -> str:
     return os.path.realpath(os.fspath(path))
 
 
+def _enclosing_store(path: str) -> str | None:
+    """The nearest folder strictly above `path` that is a gpucnr stack or results, or None."""
+    for parent in Path(path).parents:
+        meta = parent / "zarr.json"
+        try:
+            attrs = json.loads(meta.read_bytes()).get("attributes", {}) if meta.is_file() else {}
+        except (OSError, ValueError, AttributeError):
+            attrs = {}
+        if isinstance(attrs, dict) and ("gpucnr_stack" in attrs or "gpucnr_results" in attrs):
+            return str(parent)
+    return None
+
+
 def _within(inner: str, outer: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
 
@@ -57,6 +70,12 @@ def refuse_overlap(inputs, outputs, *, into=(), inside_inputs_ok=()) -> None:
     """
     ins = [(label, _real(p)) for label, p in inputs if p is not None]
     outs = [(label, _real(p)) for label, p in outputs if p is not None]
+    for olabel, out in [*outs, *((label, _real(p)) for label, p in into if p is not None)]:
+        store = _enclosing_store(out)
+        if store is not None:
+            # NB: even one the command does not read: writing there changes its fingerprint, orphans its results
+            raise OutputError("output-overlap", f"the {olabel} would lie inside the gpucnr store {store}; refused "
+                              "before writing anything")
     allowed = {_real(p) for p in inside_inputs_ok if p is not None}
     for olabel, out in ((label, _real(p)) for label, p in into if p is not None):
         for ilabel, inp in ins:

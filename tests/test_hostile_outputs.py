@@ -56,6 +56,11 @@ def test_run_enhance_report_filter_never_write_inside_their_inputs(made, tmp_pat
     refused(lambda: gpucnr.run(stack, link / "r.zarr"))  # NB: real paths are compared
     from gpucnr.enhancement import enhance
 
+    other = gpucnr.write_stack(tmp_path / "other.zarr", [np.ones((8, 8), np.uint16)])
+    refused(lambda: gpucnr.run(stack, other.path / "r.zarr"))  # NB: inside any gpucnr store, read or not
+    from gpucnr.demo import run_demo
+
+    refused(lambda: run_demo(4, 64, out=stack / "demo"))
     refused(lambda: enhance(results, stack, threshold=99))
     refused(lambda: enhance(results, results / "x", threshold=99))
     refused(lambda: write_report(results, results / "rep"))
