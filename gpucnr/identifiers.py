@@ -16,7 +16,7 @@ import pandas as pd
 
 from gpucnr.errors import InputError
 
-__all__ = ["DENY", "IdentifyingError", "check_columns", "refused_name", "refused_value"]
+__all__ = ["DENY", "IdentifyingError", "blank_roi_names", "check_columns", "refused_name", "refused_value"]
 
 #: Keywords (normalised) of identifying attributes: DICOM PS3.15 Annex E's and common aliases.
 DENY = frozenset({
@@ -90,3 +90,21 @@ def check_columns(table: pd.DataFrame, names, where: str) -> None:
             why = refused_value(value)
             if why is not None:
                 raise IdentifyingError(f"{where}: column {name!r} is refused: row {row} holds {why}")
+
+
+def blank_roi_names(table: pd.DataFrame, where: str) -> pd.DataFrame:
+    """`table` (an ROI table with a ``name`` column) with every name the value rule refuses blanked; each blanked
+    row is listed on the ``gpucnr`` logger (row number only, never the name). The ROIs themselves are kept."""
+    if "name" not in table.columns or not len(table):
+        return table
+    refused = [i for i, v in enumerate(table["name"].tolist()) if isinstance(v, str) and refused_value(v)]
+    if not refused:
+        return table
+    import logging
+
+    out = table.copy()
+    col = out.columns.get_loc("name")
+    out.iloc[refused, col] = ""
+    logging.getLogger("gpucnr").warning("%s: %d ROI name(s) that may identify a patient were blanked (rows %s)",
+                                        where, len(refused), ", ".join(map(str, refused[:10])))
+    return out

@@ -20,7 +20,7 @@ import zarr
 from gpucnr.arrays import STATUS_LEGEND, align_columns
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
 from gpucnr.errors import InputError
-from gpucnr.identifiers import check_columns
+from gpucnr.identifiers import blank_roi_names, check_columns
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
@@ -202,9 +202,9 @@ def _roi_source(stack: Stack, rois):
                 rois = pd.read_csv(rois)
             except (OSError, ValueError) as e:
                 raise InputError(f"cannot read the ROI table {rois}: {e}") from None
-        return normalize_table(rois, stack.n_images), False
+        return blank_roi_names(normalize_table(rois, stack.n_images), "the ROI table of run(rois=)"), False
     if stack.rois is not None and len(stack.rois):
-        return normalize_table(stack.rois, stack.n_images), False
+        return blank_roi_names(normalize_table(stack.rois, stack.n_images), f"{stack.path} tables/rois"), False
     return None, stack.has_labels
 
 

@@ -312,6 +312,10 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
         raise InputError(f"meta has {len(meta)} rows for {n} images")
     meta = _screen_meta(meta, key_file)
     rt = None if rois is None else normalize_table(rois, n)  # NB: validated before anything is written
+    if rt is not None:
+        from gpucnr.identifiers import blank_roi_names
+
+        rt = blank_roi_names(rt, "write_stack(rois=)")
     rows = meta.to_dict("records")
     for i, p in enumerate(planes):
         check_labels(p, None if label_planes is None else label_planes[i], f"image {i}")

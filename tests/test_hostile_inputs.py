@@ -184,3 +184,15 @@ def test_grouping_columns_only_when_named_and_screened(tmp_path):
                                key_file=tmp_path / "k.key")
     ids = keyed.images["patient_id"].astype(str).tolist()
     assert ids[0] == ids[2] != ids[1] and all(len(v) == 20 for v in ids)
+
+
+def test_roi_names_of_write_stack_and_run_are_screened(tmp_path):
+    images = [np.full((16, 16), 10 + k, np.uint16) for k in range(2)]
+    rois = pd.DataFrame({"image": [0, 1], "roi": [1, 1], "kind": ["square"] * 2, "cx": [8, 8], "cy": [8, 8],
+                         "r": [3, 3], "name": ["Doe^Jane", "lesion"]})
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, rois=rois)
+    assert stack.rois["name"].astype(str).tolist() == ["", "lesion"]
+    csv = tmp_path / "rois.csv"
+    rois.assign(name=["lesion", "seen 2024-01-02"]).to_csv(csv, index=False)
+    ds = gpucnr.run(stack, tmp_path / "r.zarr", rois=csv, scheduler="synchronous")
+    assert sorted(np.asarray(ds["roi_name"].values).ravel().tolist()) == ["", "lesion"]
