@@ -527,6 +527,9 @@ class StackWriter:
 _PSEUDONYM = r"[0-9a-f]{20}|"
 #: meta columns write_stack interprets itself (never screened as free text)
 _OWN_META = ("slope", "intercept", "padding", "photometric")
+#: numeric columns of gpucnr's own (enhance's original_index, geometry): their values are indices and
+#: measurements, never screened as record numbers (a dataset may hold more than 99999 images)
+_NUMERIC_META = ("original_index", "frame", "channel", "spacing_y", "spacing_x", "spacing_z", "pixel_spacing")
 
 
 def _screen_meta(meta: pd.DataFrame, key_file) -> pd.DataFrame:
@@ -546,7 +549,8 @@ def _screen_meta(meta: pd.DataFrame, key_file) -> pd.DataFrame:
         key = load_or_create_key(Path(key_file))
         meta[col] = [pseudonym(key, col.removesuffix("_id"), v) for v in text]
     free = [str(c) for c in meta.columns if c not in ID_COLUMNS and c not in _OWN_META]
-    check_columns(meta, free, "meta")
+    numeric = [c for c in free if c in _NUMERIC_META and pd.api.types.is_numeric_dtype(meta[c])]
+    check_columns(meta.drop(columns=numeric), free, "meta")  # NB: names of all, values of the rest
     return meta
 
 
