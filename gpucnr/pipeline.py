@@ -399,6 +399,10 @@ def measure_spec(spec: BatchSpec) -> dict:
     chunk cannot be read gets status 6 (failed) and a failure entry; the rest of the batch its results."""
     try:
         return _measure(spec)
+    except InputError as e:
+        # NB: everything measure_batch's entry checks comes from the stack here (the ROI table was validated)
+        raise StackError("stack-schema", f"buckets/{spec.bucket}, images {spec.start}..{spec.stop - 1}: "
+                         f"{e.reason}") from None
     except StackError as e:
         if e.code in ("stack-changed", "stack-schema"):  # NB: the stack's, not an image's: the run stops
             raise
@@ -427,19 +431,14 @@ def _measure(spec: BatchSpec) -> dict:
     if spec.table is not None:
         table = {k: xp.asarray(np.asarray(v, np.int64)) for k, v in spec.table.items()}
     polarity = np.where(info["photometric"].astype(str).to_numpy() == "MONOCHROME1", -1.0, 1.0)
-    try:
-        out = measure_batch(
-            xp, images, roi_ids=None if spec.use_labels else roi_ids, params=spec.params,
-            labels=labels if spec.use_labels else None, table=table,
-            lesions=labels if spec.use_lesions else None,
-            valid_h=info["valid_h"].to_numpy(np.int64), valid_w=info["valid_w"].to_numpy(np.int64),
-            slope=info["slope"].to_numpy(np.float64), intercept=info["intercept"].to_numpy(np.float64),
-            padding=info["padding"].to_numpy(np.float64), polarity=polarity,
-        )
-    except InputError as e:
-        # NB: everything measure_batch's entry checks comes from the stack here (the table was validated)
-        raise StackError("stack-schema", f"buckets/{spec.bucket}, images {spec.start}..{spec.stop - 1}: "
-                         f"{e.reason}") from None
+    out = measure_batch(
+        xp, images, roi_ids=None if spec.use_labels else roi_ids, params=spec.params,
+        labels=labels if spec.use_labels else None, table=table,
+        lesions=labels if spec.use_lesions else None,
+        valid_h=info["valid_h"].to_numpy(np.int64), valid_w=info["valid_w"].to_numpy(np.int64),
+        slope=info["slope"].to_numpy(np.float64), intercept=info["intercept"].to_numpy(np.float64),
+        padding=info["padding"].to_numpy(np.float64), polarity=polarity,
+    )
     host = {k: to_host(v) for k, v in out.items()}
     if spec.use_labels:
         check_label_ids(host["roi_ids"], spec.roi_ids, f"buckets/{spec.bucket}/labels", spec.start, spec.stop)
