@@ -99,6 +99,8 @@ def _planted(tmp_path):
     side["skipped"].symlink_to(outside)
     side["linkage"].write_text("stale")
     os.chmod(side["linkage"], 0o644)
+    side["key"].write_text("ab" * 32 + "\n")  # NB: a reused key left readable by others
+    os.chmod(side["key"], 0o644)
     return src, stack, side, outside
 
 

@@ -43,6 +43,9 @@ def load_or_create_key(path: Path) -> bytes:
     try:
         if not path.is_file():
             raise InputError(f"key file {display_path(path)} is not a file")
+        st = os.lstat(path)
+        if not path.is_symlink() and st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(path, 0o600)  # NB: a key readable by others is made the owner's only (never through a link)
         text = path.read_text(encoding="ascii", errors="replace").strip()
     except OSError as e:
         raise InputError(f"key file {display_path(path)} cannot be read ({e.strerror or type(e).__name__})") from None
