@@ -272,7 +272,7 @@ def _metadata(df: pd.DataFrame) -> dict:
 
 
 #: columns that `with_paths` adds: the operator's link back to the files, never written without asking
-PATH_COLUMNS = ("source", "frame", "sources")
+PATH_COLUMNS = ("source", "frame", "source_encoding", "sources")
 
 
 def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
@@ -304,6 +304,8 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
         found = out["image"].isin(link.index)
         out["source"] = np.where(found, link["source"].reindex(out["image"]).to_numpy(), "")
         out["frame"] = np.where(found, link["frame"].reindex(out["image"]).to_numpy(), -1)
+        if "source_encoding" in link.columns:  # NB: "percent" for a name written percent-encoded (DESIGN §10)
+            out["source_encoding"] = np.where(found, link["source_encoding"].reindex(out["image"]).to_numpy(), "")
     else:
         out["sources"] = [json.dumps([str(link["source"].get(int(i), "")) for i in str(v).split()])
                           for v in out["images"]]

@@ -137,6 +137,7 @@ def test_filter_with_paths_reads_the_quoted_name_back(hostile, tmp_path):
     gpucnr.run(summary.stack, results, scheduler="synchronous")
     table = with_paths(gpucnr.manifest(results, threshold=1.5), results)
     assert "=1+2.png" in set(table["source"])
+    assert table.loc[table["source"] == "caf%E9.png", "source_encoding"].tolist() == ["percent"]
     out = write_manifest(table, tmp_path / "m.csv")
     assert "'=1+2.png" in out.read_text()
     back, _ = read_manifest(out)
