@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError, environment_error
+from gpucnr.errors import GpucnrError, console_text, environment_error
 from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 from gpucnr.kernels.params import BACKGROUNDS
@@ -240,13 +240,13 @@ def main(argv: list[str] | None = None) -> int:
             report = describe(args.path)
             print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
     except GpucnrError as e:
-        print(f"gpucnr: error {e}", file=sys.stderr)
+        print(f"gpucnr: error {console_text(e)}", file=sys.stderr)
         return e.exit_code
     except (MemoryError, OSError, RuntimeError) as e:
         coded = environment_error(e)  # NB: the machine's failure, coded; anything else is a bug and keeps its trace
         if coded is None:
             raise
-        print(f"gpucnr: error {coded}", file=sys.stderr)
+        print(f"gpucnr: error {console_text(coded)}", file=sys.stderr)
         return coded.exit_code
     return 0
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 
 __all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "OptionError", "OptionTypeError", "RoiTableError",
-           "ShapeMismatchError", "environment_error", "raise_if_exhausted"]
+           "ShapeMismatchError", "console_text", "environment_error", "raise_if_exhausted"]
 
 
 class GpucnrError(Exception):
@@ -77,3 +77,18 @@ def raise_if_exhausted(e: BaseException) -> None:
     thread"): for the broad handlers that turn a reader's failure into "damaged data", which it is not."""
     if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't start new thread" in str(e)):
         raise environment_error(e) from None
+
+
+def console_text(text: str) -> str:
+    """`text` for one console line: control characters (a newline in a path would forge a line) and lone
+    surrogates (bytes of a name that is not UTF-8) as ``\\xNN`` escapes."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            out.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)

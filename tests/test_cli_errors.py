@@ -54,6 +54,7 @@ def cases(w: Path):
         (["ingest", str(w / "src"), str(w / "n4.zarr"), "--rois", str(w / "n4.zarr.linkage.csv")], 2,
          "output-overlap"),
         (["run", str(w / "plain"), str(w / "r1.zarr")], 2, "stack-schema"),
+        (["run", str(w / "forged\ngpucnr: error [fake] line"), str(w / "r0.zarr")], 2, "stack-schema"),
         (["run", s, f"{s}/r.zarr"], 2, "output-overlap"),
         (["run", s, str(w / "plain"), "--resume"], 2, "results-schema"),
         (["run", str(w / "short.zarr"), str(w / "r2.zarr")], 2, "stack-schema"),
@@ -85,6 +86,7 @@ def check(capsys, argv, status, code):
         return
     assert got == status, (argv, got, captured.err)
     assert len(errors) == 1 and errors[0].startswith(f"gpucnr: error [{code}]"), (argv, captured.err)
+    assert len(captured.err.strip().splitlines()) == 1, (argv, captured.err)  # NB: control characters escaped
 
 
 def test_every_subcommand_refuses_bad_invocations_with_a_coded_line(world, capsys):
