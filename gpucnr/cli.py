@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("out_dir", type=Path, help="folder for report.html")
     rep.add_argument("--thresholds", type=_floats, default=(1.0, 1.5, 2.0, 3.0), help="e.g. 1.0,1.5,2.0,3.0")
     rep.add_argument("--primary", type=float, default=1.5, help="the threshold the report leads with")
-    rep.add_argument("--by", type=_names, default=None, help="per-image columns to group by, e.g. modality,site")
+    rep.add_argument("--by", type=_names, default=None,
+                     help="per-image columns to group by, e.g. modality,site (a meta column such as site is in the "
+                     "results only if `gpucnr run --group-columns` named it)")
     rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
     rep.add_argument("--open", action="store_true", help="open the report in a browser")

@@ -66,7 +66,9 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
     primary : float
         The threshold the summary highlights (the article's 1.5); added to `thresholds` if missing.
     by : str or sequence of str, optional
-        Per-image columns to group by (box plots, threshold tables, outlier flags).
+        Per-image columns to group by (box plots, threshold tables, outlier flags): the results' allow-listed
+        columns (modality, ...) and the grouping columns their run named (``run(group_columns=["site"])``).
+        Group values are drawn literally (a ``$`` is never matplotlib mathtext).
     stack : str, os.PathLike or gpucnr.store.Stack, optional
         The stack, when it is not where the results say (or the results are an in-memory Dataset).
     lowest : int
