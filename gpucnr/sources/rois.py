@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from gpucnr.errors import InputError, RoiTableError
+from gpucnr.identifiers import refused_name
 from gpucnr.roitable import MAX_COORDINATE
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import ID_COLUMNS
@@ -26,12 +27,6 @@ __all__ = ["MaskMatcher", "match_source", "read_masks", "read_meta_csv", "read_r
 MAX_LABELS = 255
 _ROI_COLUMNS = ("source", "roi", "kind", "cx", "cy", "r")
 _COLUMN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
-#: --meta column names (lower case, letters only) refused as identifying (DICOM PS3.15 Annex E and common aliases)
-_IDENTIFYING = {"name", "patientname", "patientsname", "firstname", "lastname", "surname", "givenname",
-                "birthdate", "patientbirthdate", "patientsbirthdate", "dob", "dateofbirth", "accession",
-                "accessionnumber", "mrn", "medicalrecordnumber", "address", "patientaddress", "phone",
-                "telephone", "email", "ssn", "socialsecuritynumber", "otherpatientids", "patientid", "studyid",
-                "seriesid", "instanceid", "studyinstanceuid", "seriesinstanceuid", "sopinstanceuid"}
 
 
 @dataclass
@@ -309,7 +304,8 @@ def read_meta_csv(path, reserved) -> pd.DataFrame:
     if odd:
         raise InputError(f"{path.name}: column names must be letters, digits, '_', '.', '-' (starting with a letter, "
                          f"digit or '_'); {len(odd)} are not")
-    named = [c for c in table.columns if re.sub(r"[^a-z]", "", c.lower()) in _IDENTIFYING and c not in ID_COLUMNS]
+    # NB: DESIGN §10's rule (gpucnr.identifiers), not an exact match: "PatientNam" is refused too
+    named = [c for c in table.columns if c not in ID_COLUMNS and c != "source" and refused_name(c) is not None]
     if named:
         raise InputError(f"{path.name}: column(s) {named} look like identifying data (names, birth dates, record "
                          "numbers) or raw ids; a stack holds pseudonymous ids only: name id columns patient_id, "
