@@ -197,3 +197,14 @@ def test_roi_names_of_write_stack_and_run_are_screened(tmp_path):
     rois.assign(name=["lesion", "seen 2024-01-02"]).to_csv(csv, index=False)
     ds = gpucnr.run(stack, tmp_path / "r.zarr", rois=csv, scheduler="synchronous")
     assert sorted(np.asarray(ds["roi_name"].values).ravel().tolist()) == ["", "lesion"]
+
+
+@pytest.mark.parametrize("column", ["PatientNam", "patient_name", "DOB", "home_phone"])
+def test_ingest_meta_names_follow_the_rule(tmp_path, column):
+    from gpucnr.sources.rois import read_meta_csv
+
+    meta = tmp_path / "meta.csv"
+    meta.write_text(f"source,site,{column}\na.png,A,x\n")
+    with pytest.raises(gpucnr.InputError) as err:
+        read_meta_csv(meta, ())
+    assert column in str(err.value) and "site" not in str(err.value).split("look like")[0]
