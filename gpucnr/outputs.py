@@ -68,6 +68,11 @@ def refuse_overlap(inputs, outputs, *, into=(), inside_inputs_ok=()) -> None:
         Input folders an output may lie inside (``gpucnr ingest`` writes a stack inside SRC_DIR and never walks
         it); an output may still never *be* one of them.
     """
+    for label, p in outputs:
+        if p is not None and os.path.islink(p) and not os.path.exists(p):
+            # NB: a link to nothing would be followed to create the output wherever it points
+            raise OutputError("output-overlap", f"the {label} {p} is a symbolic link to nothing; refused before "
+                              "writing anything")
     ins = [(label, _real(p)) for label, p in inputs if p is not None]
     outs = [(label, _real(p)) for label, p in outputs if p is not None]
     for olabel, out in [*outs, *((label, _real(p)) for label, p in into if p is not None)]:

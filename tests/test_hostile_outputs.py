@@ -54,6 +54,9 @@ def test_run_enhance_report_filter_never_write_inside_their_inputs(made, tmp_pat
     link = tmp_path / "link"
     link.symlink_to(stack)
     refused(lambda: gpucnr.run(stack, link / "r.zarr"))  # NB: real paths are compared
+    (tmp_path / "dangling.zarr").symlink_to(tmp_path / "elsewhere")
+    refused(lambda: gpucnr.run(stack, tmp_path / "dangling.zarr"))
+    assert not (tmp_path / "elsewhere").exists()
     from gpucnr.enhancement import enhance
 
     other = gpucnr.write_stack(tmp_path / "other.zarr", [np.ones((8, 8), np.uint16)])

@@ -41,6 +41,8 @@ def copy(clean, tmp_path, name="labels.zarr") -> Path:
 def set_column(stack: Path, table: str, col: str, values) -> None:
     """Rewrite one table column in place, with a valid checksum (what a forger does)."""
     values = np.asarray(values)
+    if values.dtype.kind == "U":
+        values = values.astype(np.dtypes.StringDType())  # NB: zarr's specified string type, as the writer's
     group = zarr.open_group(str(stack), mode="r+")
     old = group[f"tables/{table}/{col}"]
     if old.shape == values.shape and old.dtype == values.dtype:
