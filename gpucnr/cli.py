@@ -248,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         coded = environment_error(e)  # NB: the machine's failure, coded; anything else is a bug and keeps its trace
         if coded is None:
             raise
+        # NB: zarr's event loop reports its own failed tasks (with tracebacks) when they are collected: not here
+        logging.getLogger("asyncio").disabled = True
         print(f"gpucnr: error {console_text(coded)}", file=sys.stderr)
         return coded.exit_code
     return 0
