@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError
+from gpucnr.errors import GpucnrError, console_text, environment_error
 from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 from gpucnr.kernels.params import BACKGROUNDS
@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="images per batch (default: the stack's shard; rounded to a multiple of it)")
     run.add_argument("--resume", action="store_true", help="skip committed batches of existing results")
     run.add_argument("--progress", action="store_true", help="progress bar on stderr")
+    run.add_argument("--group-columns", type=_names, default=None,
+                     help="per-image columns to copy into the results for grouping, e.g. site,split (screened: "
+                     "identifying names and values are refused)")
     _measurement_options(run)
 
     rep = sub.add_parser("report", help="one self-contained HTML report of a dataset's CNR")
@@ -124,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("out_dir", type=Path, help="folder for report.html")
     rep.add_argument("--thresholds", type=_floats, default=(1.0, 1.5, 2.0, 3.0), help="e.g. 1.0,1.5,2.0,3.0")
     rep.add_argument("--primary", type=float, default=1.5, help="the threshold the report leads with")
-    rep.add_argument("--by", type=_names, default=None, help="per-image columns to group by, e.g. modality,site")
+    rep.add_argument("--by", type=_names, default=None,
+                     help="per-image columns to group by, e.g. modality,site (a meta column such as site is in the "
+                     "results only if `gpucnr run --group-columns` named it)")
     rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
     rep.add_argument("--open", action="store_true", help="open the report in a browser")
@@ -199,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                                                      "ring_width", "background_label", "min_bg", "ddof",
                                                      "definition", "gcnr_bins", "signed")}
             ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
-                     workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress, **options)
+                     workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
+                     group_columns=args.group_columns, **options)
             print(summary_table(ds.load()))
         elif args.command == "report":
             from gpucnr.report import write_report
@@ -212,12 +218,12 @@ def main(argv: list[str] | None = None) -> int:
 
                 webbrowser.open(path.resolve().as_uri())
         elif args.command == "filter":
-            from gpucnr.manifests import manifest, with_paths, write_manifest
+            from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
 
             table = manifest(args.results, threshold=args.threshold, level=args.level)
             if args.with_paths:
                 table = with_paths(table, args.results, args.stack)
-            path = write_manifest(table, args.out)
+            path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
             counts = table["decision"].value_counts().to_dict()
             print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                        for k in ("keep", "drop", "flag")))
@@ -239,8 +245,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
             return report.get("exit_code", 0)
     except GpucnrError as e:
-        print(f"gpucnr: error {e}", file=sys.stderr)
+        print(f"gpucnr: error {console_text(e)}", file=sys.stderr)
         return e.exit_code
+    except (MemoryError, OSError, RuntimeError) as e:
+        coded = environment_error(e)  # NB: the machine's failure, coded; anything else is a bug and keeps its trace
+        if coded is None:
+            raise
+        # NB: zarr's event loop reports its own failed tasks (with tracebacks) when they are collected: not here
+        logging.getLogger("asyncio").disabled = True
+        print(f"gpucnr: error {console_text(coded)}", file=sys.stderr)
+        return coded.exit_code
     return 0
 
 

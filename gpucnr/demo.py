@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -11,6 +12,8 @@ import xarray as xr
 import zarr
 
 from gpucnr.arrays import measure
+from gpucnr.errors import OptionError
+from gpucnr.outputs import OutputError, make_folder, refuse_overlap
 from gpucnr.phantom import make_phantom
 
 __all__ = ["run_demo", "summary_table"]
@@ -31,7 +34,10 @@ def run_demo(n: int = 2000, size: int = 128, *, out=None, backend: str = "auto",
     text : str
         A summary table for the terminal.
     """
-    ph = make_phantom(n, (size, size), lesions=1, radius=max(4, size // 16), seed=seed)
+    try:
+        ph = make_phantom(n, (size, size), lesions=1, radius=max(4, size // 16), seed=seed)
+    except ValueError as e:
+        raise OptionError(f"no phantom of this size: {e}") from None
     t0 = time.perf_counter()
     if out is None:
         ds = measure(ph.images, ph.rois, backend=backend)
@@ -40,8 +46,9 @@ def run_demo(n: int = 2000, size: int = 128, *, out=None, backend: str = "auto",
         from gpucnr.pipeline import run
         from gpucnr.store import write_stack
 
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
+        refuse_overlap([], [("demo stack", Path(out) / "stack.zarr"), ("demo results", Path(out) / "results.zarr")],
+                       into=[("demo folder", out)])
+        out = make_folder(out, "demo folder")
         for name in ("stack.zarr", "results.zarr"):
             _remove_previous(out / name)
         stack = write_stack(out / "stack.zarr", ph.images, rois=ph.rois)
@@ -56,11 +63,15 @@ def run_demo(n: int = 2000, size: int = 128, *, out=None, backend: str = "auto",
 
 def _remove_previous(path: Path) -> None:
     """Remove a stack or results a previous demo left, and nothing else."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return
-    attrs = zarr.open_group(str(path), mode="r").attrs
+    try:
+        attrs = dict(zarr.open_group(str(path), mode="r").attrs) if path.is_dir() and not path.is_symlink() else {}
+    except Exception:  # noqa: BLE001 - not a readable Zarr group: not ours to remove
+        attrs = {}
     if "gpucnr_stack" not in attrs and "gpucnr_results" not in attrs:
-        raise FileExistsError(f"{path} exists and is not a gpucnr stack or results; not replacing it")
+        raise OutputError("output-exists", f"{path} exists and is not a gpucnr stack or results (or is a symbolic "
+                          "link); not replacing it")
     shutil.rmtree(path)
 
 

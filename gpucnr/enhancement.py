@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from gpucnr.backend import ndimage_for, resolve_backend, to_backend, to_host
 from gpucnr.errors import InputError, OptionError, OptionTypeError
 from gpucnr.kernels.params import Params
 from gpucnr.manifests import DROP, manifest
+from gpucnr.outputs import make_folder, refuse_overlap
 from gpucnr.pipeline import run, table_fingerprint
 from gpucnr.results import open_results, results_stack
 from gpucnr.roitable import normalize_table
-from gpucnr.store import Stack, write_stack
+from gpucnr.store import RESULT_COLUMNS, Stack, write_stack
 
 __all__ = ["METHODS", "NOTE", "enhance"]
 
@@ -99,6 +101,10 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     where = resolve_backend(backend)
     ds, results_path = (results, None) if isinstance(results, xr.Dataset) else (open_results(results), results)
     stack = results_stack(ds, results_path, stack)
+    out = Path(out)
+    refuse_overlap([("results", results_path), ("stack", stack.path)],
+                   [("enhanced stack", out / "enhanced.zarr"), ("enhanced results", out / "results.zarr")],
+                   into=[("output folder", out)])
     params = _run_params(ds.attrs)
     decisions = manifest(ds, threshold, level="image")
     chosen = np.sort(decisions.loc[decisions["decision"] == DROP, "image"].to_numpy(np.int64))
@@ -108,14 +114,13 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         empty = {v: ("image", np.empty(0, np.float64)) for v in _VARIABLES}
         return xr.Dataset(empty, coords={"image": np.empty(0, np.int64),
                                          "enhanced_index": ("image", np.empty(0, np.int64))}, attrs=attrs)
-    out = Path(out)
     stack_out, results_out = out / "enhanced.zarr", out / "results.zarr"
     for path in (stack_out, results_out):
-        if path.exists():
+        if os.path.lexists(path):
             raise InputError(f"{path} already exists; enhance does not overwrite")
     rois = _roi_rows(stack, ds.attrs, chosen)
     images, labels = _filtered(stack, chosen, method, param, where)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen), shard=stack.shard,
                       compressor=stack.compressor)
     after = run(new, results_out, backend=where, **_as_kwargs(params))
@@ -179,9 +184,11 @@ def _roi_rows(stack: Stack, attrs, chosen: np.ndarray) -> pd.DataFrame | None:
 
 
 def _meta(stack: Stack, chosen: np.ndarray) -> pd.DataFrame:
-    """Per-image meta of the new stack: ``original_index`` plus every non-structural column of the source."""
+    """Per-image meta of the new stack: ``original_index`` plus the source's non-structural columns of the results'
+    allow-list (`gpucnr.store.RESULT_COLUMNS`)."""
     table = stack.images.set_index("index").loc[chosen].reset_index()
-    meta = table[[c for c in table.columns if c not in _STRUCTURAL]].copy()
+    # NB: the allow-list of DESIGN §10 only: a free-text meta column of the source never reaches the new stack
+    meta = table[[c for c in table.columns if c not in _STRUCTURAL and c in RESULT_COLUMNS]].copy()
     meta.insert(0, "original_index", chosen)
     return meta.reset_index(drop=True)
 

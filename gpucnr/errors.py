@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["GpucnrError", "InputError", "OptionError", "OptionTypeError", "RoiTableError", "ShapeMismatchError"]
+import errno
+
+__all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "OptionError", "OptionTypeError", "RoiTableError",
+           "ShapeMismatchError", "console_text", "environment_error", "raise_if_exhausted"]
 
 
 class GpucnrError(Exception):
@@ -44,3 +47,48 @@ class OptionError(InputError):
 
 class OptionTypeError(OptionError, TypeError):
     """A measurement option of the wrong type (a float dilation, a string for ``signed``)."""
+
+
+class EnvironmentFailure(GpucnrError):
+    """The machine, not the data: memory, disk, threads or processes ran out (DESIGN §10: exit 4)."""
+
+    code = "environment"
+    exit_code = 4
+
+
+def environment_error(e: BaseException) -> EnvironmentFailure | None:
+    """The coded form of an environmental failure that escaped a command (MemoryError, OSError such as ENOSPC or
+    EACCES, "can't start new thread"), or None for anything else. The message names the failure, never a file
+    name (file names can carry a patient's name)."""
+    if isinstance(e, MemoryError):
+        return EnvironmentFailure("out of memory (MemoryError); free memory or use smaller batches, then rerun")
+    if isinstance(e, RuntimeError) and "can't start new thread" in str(e):
+        return EnvironmentFailure("the system refused a new thread (limits on threads or address space: ulimit -u "
+                                  "/ -v); raise them or use fewer workers, then rerun")
+    if isinstance(e, OSError) and not isinstance(e, BrokenPipeError):
+        name = errno.errorcode.get(e.errno, type(e).__name__) if e.errno else type(e).__name__
+        why = e.strerror or "no detail"
+        return EnvironmentFailure(f"an operating-system error stopped the command ({name}: {why})")
+    return None
+
+
+def raise_if_exhausted(e: BaseException) -> None:
+    """Raise the coded `EnvironmentFailure` if `e` is the machine running out (MemoryError, "can't start new
+    thread"): for the broad handlers that turn a reader's failure into "damaged data", which it is not."""
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "can't start new thread" in str(e)):
+        raise environment_error(e) from None
+
+
+def console_text(text: str) -> str:
+    """`text` for one console line: control characters (a newline in a path would forge a line) and lone
+    surrogates (bytes of a name that is not UTF-8) as ``\\xNN`` escapes."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if code < 0x20 or 0x7F <= code <= 0x9F:
+            out.append(f"\\x{code:02x}")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from numbers import Real
 from pathlib import Path
@@ -24,11 +23,12 @@ import xarray as xr
 from gpucnr._version import __version__
 from gpucnr.errors import InputError
 from gpucnr.kernels.cnr import STATUS
+from gpucnr.outputs import OutputError, csv_text, csv_untext, refuse_overlap, write_file, write_path
 from gpucnr.results import open_results, results_stack
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
-__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "read_manifest", "with_paths",
-           "write_manifest"]
+__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "manifest_inputs", "read_manifest",
+           "with_paths", "write_manifest"]
 
 #: Units a manifest can decide on, finest first.
 LEVELS = ("image", "roi", "series", "study", "patient")
@@ -272,7 +272,7 @@ def _metadata(df: pd.DataFrame) -> dict:
 
 
 #: columns that `with_paths` adds: the operator's link back to the files, never written without asking
-PATH_COLUMNS = ("source", "frame", "sources")
+PATH_COLUMNS = ("source", "frame", "source_encoding", "sources")
 
 
 def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
@@ -298,11 +298,14 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
         raise InputError(f"{stack} has no linkage file ({linkage.name}): only stacks made by `gpucnr ingest` "
                          "link images back to files")
     link = pd.read_csv(linkage, dtype={"source": str}, keep_default_na=False).set_index("index")
+    link["source"] = link["source"].map(csv_untext)
     out = df.copy()
     if "image" in out.columns:
         found = out["image"].isin(link.index)
         out["source"] = np.where(found, link["source"].reindex(out["image"]).to_numpy(), "")
         out["frame"] = np.where(found, link["frame"].reindex(out["image"]).to_numpy(), -1)
+        if "source_encoding" in link.columns:  # NB: "percent" for a name written percent-encoded (DESIGN §10)
+            out["source_encoding"] = np.where(found, link["source_encoding"].reindex(out["image"]).to_numpy(), "")
     else:
         out["sources"] = [json.dumps([str(link["source"].get(int(i), "")) for i in str(v).split()])
                           for v in out["images"]]
@@ -310,7 +313,26 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
     return out
 
 
-def write_manifest(df: pd.DataFrame, path) -> Path:
+def manifest_inputs(results, stack=None) -> list[tuple[str, Path]]:
+    """What `gpucnr filter` reads or must not overwrite: the results, their stack (given, or where the results
+    say) and the operator's files beside it; pass them to `write_manifest` as ``inputs``."""
+    from gpucnr.sources.driver import sidecar_paths
+
+    results = Path(results)
+    if stack is None:
+        try:
+            attrs = json.loads(Path(results, "zarr.json").read_bytes()).get("attributes", {})
+            stack = results.resolve().parent / str(attrs["stack_path"]) if attrs.get("stack_path") else None
+        except (OSError, ValueError, AttributeError):
+            stack = None
+    out = [("results", results)]
+    if stack is not None:
+        out.append(("stack", Path(stack)))
+        out += [(f"stack's {k} file", p) for k, p in sidecar_paths(stack).items()]
+    return out
+
+
+def write_manifest(df: pd.DataFrame, path, *, inputs=()) -> Path:
     """Write a manifest as CSV or Parquet, chosen by the suffix of `path`, with its metadata.
 
     Parameters
@@ -324,6 +346,9 @@ def write_manifest(df: pd.DataFrame, path) -> Path:
         ``.parquet`` / ``.pq``: the table, with the metadata as JSON under the key ``gpucnr_manifest`` of the
         file's key-value metadata (needs pyarrow). The file is written beside its final name and renamed into
         place, so a reader never sees half a manifest.
+
+    inputs : iterable of (label, path)
+        What the manifest may not be or lie inside (`manifest_inputs`); checked after resolving links.
 
     Returns
     -------
@@ -343,22 +368,32 @@ def write_manifest(df: pd.DataFrame, path) -> Path:
     if foreign:
         raise InputError(f"not manifest columns: {foreign}; a manifest carries the pseudonymous ids only")
     meta = _metadata(df)
-    tmp = path.with_name(path.name + ".partial")
-    if suffix == ".csv":
-        lines = [_MAGIC, *(_comment(k, v) for k, v in meta.items() if k != "run"),
-                 *(_comment(f"run.{k}", v) for k, v in meta["run"].items())]
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write("\n".join(lines) + "\n")
-            # NB: floats are written with repr precision by default, so values round-trip exactly.
-            df.to_csv(fh, index=False, lineterminator="\n")
-    else:
+    refuse_overlap(inputs, [("manifest", path)])
+    # NB: a manifest with source paths is as private as the linkage file it joined
+    private = any(c in df.columns for c in ("source", "sources"))
+    try:
+        if suffix == ".csv":
+            lines = [_MAGIC, *(_comment(k, v) for k, v in meta.items() if k != "run"),
+                     *(_comment(f"run.{k}", v) for k, v in meta["run"].items())]
+
+            def fill(fh):
+                fh.write("\n".join(lines) + "\n")
+                # NB: floats are written with repr precision by default, so values round-trip exactly; text cells
+                # are kept from spreadsheet formulas (outputs.csv_text)
+                safe = df.copy()
+                for c in safe.columns:
+                    if pd.api.types.is_object_dtype(safe[c]) or pd.api.types.is_string_dtype(safe[c]):
+                        safe[c] = safe[c].map(csv_text)
+                safe.to_csv(fh, index=False, lineterminator="\n")
+
+            return write_file(path, fill, what="manifest", private=private)
         pa, pq = _pyarrow()
         table = pa.Table.from_pandas(df, preserve_index=False)
         table = table.replace_schema_metadata({**(table.schema.metadata or {}),
                                                _PARQUET_KEY: json.dumps(meta).encode()})
-        pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+        return write_path(path, lambda tmp: pq.write_table(table, tmp), what="manifest", private=private)
+    except OSError as e:
+        raise OutputError("output-write", f"the manifest {path} could not be written ({e.strerror or e})") from None
 
 
 def _comment(key: str, value) -> str:
@@ -425,6 +460,9 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
         df = pd.read_csv(path, skiprows=header, keep_default_na=False, na_values={"cnr": ["", "nan", "NaN"]},
                          dtype={**dict.fromkeys(_STR_COLUMNS, str), **dict.fromkeys(_INT_COLUMNS, np.int64),
                                 "cnr": np.float64})
+        for c in df.columns:
+            if pd.api.types.is_object_dtype(df[c]) or pd.api.types.is_string_dtype(df[c]):
+                df[c] = df[c].map(csv_untext)
     elif suffix in (".parquet", ".pq"):
         _, pq = _pyarrow()
         table = pq.read_table(path)

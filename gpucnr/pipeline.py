@@ -21,10 +21,13 @@ import zarr
 from gpucnr import shardfiles
 from gpucnr.arrays import STATUS_LEGEND, align_columns
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
-from gpucnr.errors import GpucnrError, InputError
+from gpucnr.errors import EnvironmentFailure, InputError
+from gpucnr.identifiers import blank_roi_names, check_columns
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
+from gpucnr.lifeline import watch_parent
+from gpucnr.outputs import refuse_overlap, require_results
 from gpucnr.results import (
     RESULTS_FORMAT,
     ResultsError,
@@ -37,6 +40,7 @@ from gpucnr.results import (
     verify_results,
 )
 from gpucnr.roitable import normalize_table
+from gpucnr.stackcheck import check_label_ids
 from gpucnr.store import FINGERPRINT_VERSION, RESULT_COLUMNS, Stack, StackError, open_stack
 
 __all__ = ["SCHEDULERS", "RunEnvironmentError", "plan_batches", "run", "table_fingerprint"]
@@ -53,12 +57,11 @@ DATA_ERRORS = ("corrupt-chunk", "missing-chunk", "stack-damaged")
 ENVIRONMENT_RETRIES = 2
 
 
-class RunEnvironmentError(GpucnrError, RuntimeError):
+class RunEnvironmentError(EnvironmentFailure, RuntimeError):
     """The run stopped because of its environment (memory, files, threads, a worker that cannot open the stack),
     not its data: nothing was recorded against any image, and ``--resume`` continues once it is fixed."""
 
     code = "run-environment"
-    exit_code = 4
 
 
 @dataclass(frozen=True)
@@ -97,7 +100,7 @@ def plan_batches(stack: Stack, batch: int | None) -> tuple[int, list[tuple[str, 
 
 def run(stack, results, *, client=None, scheduler: str = "threads", workers: int | None = None,
         batch: int | None = None, resume: bool = False, progress: bool = False, rois=None, backend: str = "auto",
-        **options) -> xr.Dataset:
+        group_columns=None, **options) -> xr.Dataset:
     """Measure every image of a stack into a results store, batch by batch, resumably.
 
     Parameters
@@ -123,6 +126,10 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         Columns image (global index), roi, kind, cx, cy, r [, name]. Default: the stack's ROI table, else its
         labels.
     backend : {"auto", "numpy", "cupy"}
+    group_columns : sequence of str, optional
+        Per-image columns of the stack beyond the allow-list (`gpucnr.store.RESULT_COLUMNS`) to copy into the
+        results for grouping (e.g. ``["site", "split"]``); names and values are screened (DESIGN §10,
+        `gpucnr.identifiers`): a column that may identify a patient is refused.
     **options
         The measurement options of `gpucnr.measure` (background, footprint, dilation, ...).
 
@@ -132,6 +139,11 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         `gpucnr.open_results(results)`.
     """
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
+    refuse_overlap([("stack", stack.path), ("ROI table", rois if isinstance(rois, str | Path) else None)],
+                   [("results", results)])
+    if resume:
+        require_results(results)
+    groups = _group_columns(stack, group_columns)
     params = Params(**options)
     where = resolve_backend(backend)
     table, use_labels = _roi_source(stack, rois)
@@ -147,7 +159,8 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
              "stack_fingerprint": fingerprint, "stack_fingerprint_version": FINGERPRINT_VERSION,
              "stack_buckets": stack.bucket_digests(), "batch": size, "plan": _plan_attrs(stack, size, plan),
              "roi_source": "table" if table is not None else "labels",
-             "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": []}
+             "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": [],
+             "group_columns": groups}
     group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
     names = _names(table, roi_ids, stack.n_images)
     # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
@@ -222,6 +235,17 @@ def _plan_attrs(stack: Stack, size: int, plan) -> dict:
     return out
 
 
+def _group_columns(stack: Stack, names) -> list[str]:
+    """The grouping columns a run copies into its results: named, present in the stack, screened."""
+    names = [names] if isinstance(names, str) else list(names or ())
+    missing = [c for c in names if c not in stack.images.columns]
+    if missing:
+        raise InputError(f"group column(s) {missing} are not per-image columns of {stack.path}")
+    extra = [c for c in dict.fromkeys(names) if c not in RESULT_COLUMNS]
+    check_columns(stack.images, extra, f"{stack.path} tables/images")
+    return extra
+
+
 def _roi_source(stack: Stack, rois):
     """The ROI table (global image indices) or None, and whether labels are the ROIs."""
     if rois is not None:
@@ -230,9 +254,9 @@ def _roi_source(stack: Stack, rois):
                 rois = pd.read_csv(rois)
             except (OSError, ValueError) as e:
                 raise InputError(f"cannot read the ROI table {rois}: {e}") from None
-        return normalize_table(rois, stack.n_images), False
+        return blank_roi_names(normalize_table(rois, stack.n_images), "the ROI table of run(rois=)"), False
     if stack.rois is not None and len(stack.rois):
-        return normalize_table(stack.rois, stack.n_images), False
+        return blank_roi_names(normalize_table(stack.rois, stack.n_images), f"{stack.path} tables/rois"), False
     return None, stack.has_labels
 
 
@@ -275,7 +299,7 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume
                                "remove it")
         return _resume(path, attrs, roi_ids)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
-    table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS]]
+    table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
     group = create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table,
                            batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs)
     n = len(plan)
@@ -351,7 +375,7 @@ def _execute(specs, finish, *, client, scheduler, workers):
     queue = list(specs)
     while queue:
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=watch_parent) as pool:
                 _drain(pool, queue, finish, workers, attempts)
             queue = []
         except _PoolBroken as broken:
@@ -379,8 +403,9 @@ class _Attempts:
 
     def failed(self, spec: BatchSpec, error: BaseException) -> None:
         """Return to try `spec` again; raise to stop the run."""
-        if isinstance(error, ResultsError) or (isinstance(error, StackError) and error.code == "stack-changed"):
-            raise error
+        if isinstance(error, ResultsError) or (isinstance(error, StackError)
+                                               and error.code in ("stack-changed", "stack-schema")):
+            raise error  # NB: the stack's or the results', not an image's and not the environment's
         n = self.counts[spec.index] = self.counts.get(spec.index, 0) + 1
         what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         logger.warning("batch %d (images %d..%d): %s (attempt %d)", spec.index, spec.global_start,
@@ -453,7 +478,7 @@ def _isolated(spec: BatchSpec, ctx, attempts: _Attempts):
     """Run one spec alone in a fresh process; None if the process died."""
     while True:
         try:
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=watch_parent) as pool:
                 return pool.submit(measure_spec, spec).result()
         except BrokenProcessPool:
             return None
@@ -525,7 +550,11 @@ def _singles_distributed(spec: BatchSpec, client, attempts: _Attempts) -> list[d
 def _stack(path: str, fingerprint: str) -> Stack:
     """The stack opened once per process; keyed by its fingerprint too, so a stack rewritten at the same path
     is opened afresh."""
-    stack = open_stack(path, check=False)
+    try:
+        stack = open_stack(path, check=False)
+    except StackError as e:
+        # NB: the driver opened and checked this stack: a worker that cannot is the environment's failure
+        raise RuntimeError(f"this worker cannot open the stack {path}: {e.reason}") from None
     if stack.fingerprint() != fingerprint:
         raise StackError("stack-changed", f"{path} changed since the run started (fingerprint)")
     return stack
@@ -536,6 +565,10 @@ def measure_spec(spec: BatchSpec) -> dict:
     chunk cannot be read gets status 6 (failed) and a failure entry; the rest of the batch its results."""
     try:
         return _measure(spec)
+    except InputError as e:
+        # NB: everything measure_batch's entry checks comes from the stack here (the ROI table was validated)
+        raise StackError("stack-schema", f"buckets/{spec.bucket}, images {spec.start}..{spec.stop - 1}: "
+                         f"{e.reason}") from None
     except StackError as e:
         if e.code not in DATA_ERRORS:
             raise  # NB: not the data's fault: the driver retries the batch, then stops the run
@@ -576,6 +609,7 @@ def _measure(spec: BatchSpec) -> dict:
     )
     host = {k: to_host(v) for k, v in out.items()}
     if spec.use_labels:
+        check_label_ids(host["roi_ids"], spec.roi_ids, f"buckets/{spec.bucket}/labels", spec.start, spec.stop)
         host = align_columns(host, np.asarray(spec.roi_ids, np.int64))
     host["failures"] = []
     return host

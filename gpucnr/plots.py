@@ -6,6 +6,7 @@ Agg backend is selected explicitly, so nothing here needs a display.
 
 from __future__ import annotations
 
+import functools
 import io
 
 import matplotlib
@@ -25,6 +26,18 @@ _MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>", "NaT"})
 _DPI = 100
 
 
+def _literal(func):
+    """Run a plotting function with every text drawn literally: a group value or a title holding ``$`` (or
+    TeX-like markup) is data, never matplotlib mathtext (which would fail on it, or render it as something else)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     try:
@@ -40,6 +53,7 @@ def image_values(results: xr.Dataset) -> np.ndarray:
     return np.where(n_valid > 0, np.asarray(results["cnr_median"].values, np.float64), np.nan)
 
 
+@_literal
 def distribution_figure(summary: xr.Dataset, thresholds=None, *, level: str = "image", group: str = "all") -> bytes:
     """Histogram and ECDF of the CNR of one level and group of a `gpucnr.summarize` Dataset.
 
@@ -103,6 +117,7 @@ def _group_keys(values: np.ndarray) -> np.ndarray:
     return out
 
 
+@_literal
 def group_boxplot(results: xr.Dataset, by: str | None = None, *, thresholds=()) -> bytes:
     """Box plots of the per-image CNR (``cnr_median`` of images with a valid ROI) by the groups of a column.
 
@@ -158,6 +173,7 @@ def _display(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num((values - lo) / (hi - lo), nan=0.0), 0.0, 1.0)
 
 
+@_literal
 def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None) -> bytes:
     """The article's figure: the image with ROI (red) and background (blue), their histograms and box plots.
 

@@ -30,6 +30,7 @@ from gpucnr._version import __version__
 from gpucnr.errors import GpucnrError, InputError
 from gpucnr.kernels.footprints import footprint_offsets
 from gpucnr.manifests import ID_COLUMNS
+from gpucnr.outputs import OutputError, make_folder, refuse_overlap, write_file
 from gpucnr.plots import distribution_figure, group_boxplot, image_values, three_panel
 from gpucnr.statistics import QUANTILES, summarize
 
@@ -65,7 +66,9 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
     primary : float
         The threshold the summary highlights (the article's 1.5); added to `thresholds` if missing.
     by : str or sequence of str, optional
-        Per-image columns to group by (box plots, threshold tables, outlier flags).
+        Per-image columns to group by (box plots, threshold tables, outlier flags): the results' allow-listed
+        columns (modality, ...) and the grouping columns their run named (``run(group_columns=["site"])``).
+        Group values are drawn literally (a ``$`` is never matplotlib mathtext).
     stack : str, os.PathLike or gpucnr.store.Stack, optional
         The stack, when it is not where the results say (or the results are an in-memory Dataset).
     lowest : int
@@ -79,6 +82,11 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
         The path of ``report.html``.
     """
     ds, source = _open(results)
+    out = Path(out_dir)
+    refuse_overlap([("results", source), ("stack", _stack_path(ds, source, stack))], [("report", out / "report.html")],
+                   into=[("report folder", out)])
+    if os.path.lexists(out) and not out.is_dir():
+        raise OutputError("output-folder", f"the report folder {out} exists and is not a folder")
     thresholds = sorted({float(t) for t in np.atleast_1d(np.asarray(thresholds, np.float64))} | {float(primary)})
     columns = [] if by is None else [by] if isinstance(by, str) else list(by)
     ds = ds.load()
@@ -94,11 +102,11 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
     doc = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
            f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n"
            + "\n".join(parts) + "\n</body></html>\n")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.html"
-    path.write_text(doc, encoding="utf-8")
-    return path
+    make_folder(out, "report folder")
+    try:
+        return write_file(out / "report.html", lambda fh: fh.write(doc), what="report")
+    except OSError as e:
+        raise OutputError("output-write", f"{out / 'report.html'} could not be written ({e.strerror or e})") from None
 
 
 # --- sections ----------------------------------------------------------------------------------------------------
@@ -251,6 +259,19 @@ def _open(results):
         raise InputError(f"results must be an xarray.Dataset or a path, not {type(results).__name__}")
     source = results.encoding.get("source")
     return results, Path(source) if source else None
+
+
+def _stack_path(ds, source, stack):
+    """Where the stack a report reads is (for the overlap check), or None."""
+    from gpucnr.store import Stack
+
+    if isinstance(stack, Stack):
+        return stack.path
+    if stack is not None:
+        return Path(stack)
+    if source is not None and ds.attrs.get("stack_path"):
+        return Path(source).resolve().parent / str(ds.attrs["stack_path"])
+    return None
 
 
 def _find_stack(ds, source, stack):

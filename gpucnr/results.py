@@ -69,7 +69,8 @@ class _Var:
     dtype: np.dtype | None  # None: variable-length UTF-8 strings
     fill: object
     n_rows: int
-    cols: int
+    cols: int  # columns of an inner chunk (1 when the results have no ROI id); 0 for a 1-D variable
+    width: int  # columns of the array (ROI ids)
     rows: int
     shard_rows: int
     array: object
@@ -136,7 +137,7 @@ def _var(group, root: Path, name: str) -> _Var:
         inner = [type(c).__name__ for c in sharding.codecs]
         index = [type(c).__name__ for c in sharding.index_codecs]
         ok = (inner[1:] == ["ZstdCodec", "Crc32cCodec"] and index == ["BytesCodec", "Crc32cCodec"]
-              and sharding.index_location.value == "end" and arr.chunks[1:] == arr.shape[1:]
+              and sharding.index_location.value == "end" and arr.chunks[1:] == tuple(max(v, 1) for v in arr.shape[1:])
               and arr.shards[0] % arr.chunks[0] == 0)
     except (AttributeError, TypeError, ValueError, IndexError):
         ok = False
@@ -145,7 +146,8 @@ def _var(group, root: Path, name: str) -> _Var:
     string = np.dtype(arr.dtype).kind not in "biuf"
     return _Var(name=name, folder=root / name, dtype=None if string else np.dtype(arr.dtype),
                 fill="" if string else arr.fill_value, n_rows=int(arr.shape[0]),
-                cols=int(arr.shape[1]) if arr.ndim == 2 else 0, rows=int(arr.chunks[0]),
+                cols=int(arr.chunks[1]) if arr.ndim == 2 else 0, width=int(arr.shape[1]) if arr.ndim == 2 else 0,
+                rows=int(arr.chunks[0]),
                 shard_rows=int(arr.shards[0]), array=arr)
 
 
@@ -428,7 +430,11 @@ class ResultsWriter:
                 blocks = shards.setdefault(s, {})
                 if k not in blocks:
                     blocks[k] = _read_block(var, s, k, cache)
-                blocks[k][row - chunk_lo : hi - chunk_lo] = values[row - start : hi - start]
+                part = values[row - start : hi - start]
+                if var.cols:
+                    blocks[k][row - chunk_lo : hi - chunk_lo, : var.width] = part
+                else:
+                    blocks[k][row - chunk_lo : hi - chunk_lo] = part
                 row = hi
         return shards
 
@@ -521,7 +527,7 @@ def _scan(var: _Var, *, decode: bool):
     """(values or None, [(row_lo, row_hi, reason)]) of every shard and inner chunk of `var`."""
     values = None
     if decode:
-        values = np.full((var.n_rows, var.cols) if var.cols else (var.n_rows,), var.fill,
+        values = np.full((var.n_rows, var.width) if var.cols else (var.n_rows,), var.fill,
                          dtype=object if var.dtype is None else var.dtype)
     bad = []
     for s in range(var.n_shards):
@@ -544,7 +550,8 @@ def _scan(var: _Var, *, decode: bool):
                 if chunk is None:
                     raise ValueError("the chunk is missing from its shard")
                 if decode:
-                    values[lo:hi] = var.decode(chunk[:-4])[: hi - lo]
+                    block = var.decode(chunk[:-4])[: hi - lo]
+                    values[lo:hi] = block[:, : var.width] if var.cols else block
             except ValueError as e:
                 bad.append((lo, hi, f"rows {lo}..{hi - 1}: {e}"))
     return values, bad

@@ -14,11 +14,14 @@ from gpucnr.errors import RoiTableError
 from gpucnr.kernels.footprints import ball_offsets
 from gpucnr.kernels.masks import KIND_DISK, KIND_SQUARE
 
-__all__ = ["KINDS", "normalize_table", "sample_rois"]
+__all__ = ["KINDS", "MAX_COORDINATE", "normalize_table", "sample_rois"]
 
 #: ROI kinds a table may name, and their kernel codes.
 KINDS = {"square": KIND_SQUARE, "disk": KIND_DISK}
 _COLUMNS = ("image", "roi", "kind", "cx", "cy", "r")
+#: The largest |cx|, |cy| and r an ROI may have: far beyond any image, far from int64 overflow in the kernels'
+#: window arithmetic (cy - r, cy + r + 1, areas of windows).
+MAX_COORDINATE = 2**31 - 1
 
 
 def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
@@ -68,7 +71,9 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
     name = df["name"].fillna("").astype(str).to_numpy() if "name" in df.columns else np.full(len(df), "")
     _check_range(cols, "image", 0, n_images - 1, f"an image index in [0, {n_images})")
     _check_range(cols, "roi", 1, None, "an ROI id >= 1 (0 means 'no ROI')")
-    _check_range(cols, "r", 0, None, "a radius >= 0")
+    _check_range(cols, "r", 0, MAX_COORDINATE, f"a radius in [0, {MAX_COORDINATE}]")
+    for c in ("cx", "cy"):
+        _check_range(cols, c, -MAX_COORDINATE, MAX_COORDINATE, f"a pixel coordinate within +-{MAX_COORDINATE}")
     pairs = np.stack([cols["image"], cols["roi"]], axis=1)
     _, first = np.unique(pairs, axis=0, return_index=True)
     if first.size < len(pairs):
@@ -81,20 +86,27 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
 
 def _integer_column(df: pd.DataFrame, col: str) -> np.ndarray:
     values = df[col].to_numpy()
-    if values.dtype.kind in "iu":
+    if values.dtype.kind == "i":
         return values.astype(np.int64)
+    if values.dtype.kind == "u":
+        big = values > np.iinfo(np.int64).max
+        if not big.any():
+            return values.astype(np.int64)
+        row = int(np.flatnonzero(big)[0])
+        raise RoiTableError(f"ROI table row {row}: {col} = {values[row]} is beyond the range of int64")
     try:
         as_float = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         as_float = None
     if as_float is not None:
-        ok = np.isfinite(as_float) & (as_float == np.round(as_float))
+        # NB: beyond 2**62 the cast to int64 would wrap (and warn): such values are refused, not cast.
+        ok = np.isfinite(as_float) & (as_float == np.round(as_float)) & (np.abs(as_float) <= 2.0**62)
         if ok.all():
             return as_float.astype(np.int64)
         row = int(np.flatnonzero(~ok)[0])
     else:
-        row = next(i for i, v in enumerate(values) if not _is_integral(v))
-    raise RoiTableError(f"ROI table row {row}: {col} = {values[row]!r} is not an integer pixel value")
+        row = next((i for i, v in enumerate(values) if not _is_integral(v)), 0)
+    raise RoiTableError(f"ROI table row {row}: {col} = {values[row]!r} is not an integer pixel value within int64")
 
 
 def _is_integral(v) -> bool:

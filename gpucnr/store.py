@@ -21,8 +21,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from gpucnr import shardfiles
 from gpucnr._version import __version__
 from gpucnr.backend import to_host
-from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError
+from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError, raise_if_exhausted
 from gpucnr.roitable import normalize_table
+from gpucnr.stackcheck import check_attrs, check_tables, table_frame
 
 __all__ = ["COMPRESSORS", "RESULT_COLUMNS", "Bucket", "Stack", "StackError", "StackWriter", "check_labels",
            "open_stack", "write_stack"]
@@ -39,11 +40,13 @@ _CANVAS = 64
 _CRC_ROWS = 2**16
 _PENDING_BYTES = 256 * 2**20
 _WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
-#: Per-image columns that results carry as coordinates: structure, acquisition and pseudonymous ids only —
-#: never a free-form `meta` column, which may hold a name or a record number.
-RESULT_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "photometric", "source_index", "frame",
-                  "modality", "manufacturer", "model", "pixel_spacing", "site", "split", "patient_id", "study_id",
-                  "series_id", "instance_id")
+#: Per-image columns that results carry as coordinates (DESIGN §10's allow-list): structure, acquisition and
+#: pseudonymous ids only — never a free-form `meta` column, which may hold a name or a record number, unless the
+#: run names it as a grouping column (`gpucnr.run(group_columns=...)`, screened by `gpucnr.identifiers`).
+RESULT_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding", "photometric",
+                  "source_index", "frame", "modality", "manufacturer", "model", "pixel_spacing", "spacing_y",
+                  "spacing_x", "spacing_z", "orientation", "case", "channel", "patient_id", "study_id", "series_id",
+                  "instance_id")
 _IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
                   "photometric", "source_index")
 
@@ -304,7 +307,7 @@ def _compressors(name: str, itemsize: int):
 
 
 def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int = 64,
-                compressor: str = "blosc-zstd") -> Stack:
+                compressor: str = "blosc-zstd", key_file=None) -> Stack:
     """Write images (and labels, ROI table, per-image metadata) as a gpucnr stack.
 
     Parameters
@@ -320,10 +323,15 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
         Columns image (position in `images`), roi, kind, cx, cy, r [, name]; stored against the global index.
     meta : pandas.DataFrame, optional
         One row per input image: extra per-image columns (slope, intercept, padding, photometric override the
-        defaults 1, 0, NaN, "MONOCHROME2").
+        defaults 1, 0, NaN, "MONOCHROME2"). Other columns are screened as DESIGN §10 says
+        (`gpucnr.identifiers`): a name or value that may identify a patient is refused. Id columns (patient_id,
+        study_id, series_id, instance_id) are stored as keyed pseudonyms: give `key_file`, unless they hold
+        pseudonyms already (20 hex digits, as `gpucnr ingest` writes them).
     shard : int
         Images per shard = per batch of a run.
     compressor : {"blosc-zstd", "zstd"}
+    key_file : path, optional
+        The pseudonym key for raw id columns in `meta` (created if missing, like ``gpucnr ingest --key-file``).
 
     Returns
     -------
@@ -337,10 +345,16 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     meta = pd.DataFrame(index=range(n)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
     if len(meta) != n:
         raise InputError(f"meta has {len(meta)} rows for {n} images")
+    meta = _screen_meta(meta, key_file)
     rt = None if rois is None else normalize_table(rois, n)  # NB: validated before anything is written
+    if rt is not None:
+        from gpucnr.identifiers import blank_roi_names
+
+        rt = blank_roi_names(rt, "write_stack(rois=)")
+    rows = meta.to_dict("records")
     for i, p in enumerate(planes):
         check_labels(p, None if label_planes is None else label_planes[i], f"image {i}")
-    rows = meta.to_dict("records")
+        _check_row(p, rows[i], i)  # NB: before anything is written
     with StackWriter(path, labels=label_planes is not None, shard=shard, compressor=compressor) as writer:
         for i, p in enumerate(planes):
             writer.add(p, None if label_planes is None else label_planes[i], rows[i])
@@ -384,7 +398,7 @@ class StackWriter:
     def __init__(self, path, *, labels: bool = False, shard: int = 64, compressor: str = "blosc-zstd",
                  attrs: dict | None = None):
         path = Path(path)
-        if path.exists():
+        if os.path.lexists(path):  # NB: a symbolic link to nothing is not followed to write a stack where it points
             raise InputError(f"{path} already exists; a stack is never overwritten")
         if shard < 1:
             raise InputError(f"shard must be >= 1, got {shard}")
@@ -414,6 +428,7 @@ class StackWriter:
                              f"{image.shape} and dtype {image.dtype}")
         if image.dtype == bool:
             image = image.astype(np.uint8)
+        _check_row(image, meta or {}, len(self._rows))
         if labels is not None and not self.labels:
             raise InputError("this stack was opened without labels")
         check_labels(image, labels, f"image {len(self._rows)}")
@@ -556,6 +571,49 @@ class StackWriter:
         return open_stack(self.path)
 
 
+_PSEUDONYM = r"[0-9a-f]{20}|"
+#: meta columns write_stack interprets itself (never screened as free text)
+_OWN_META = ("slope", "intercept", "padding", "photometric")
+#: numeric columns of gpucnr's own (enhance's original_index, geometry): their values are indices and
+#: measurements, never screened as record numbers (a dataset may hold more than 99999 images)
+_NUMERIC_META = ("original_index", "frame", "channel", "spacing_y", "spacing_x", "spacing_z", "pixel_spacing")
+
+
+def _screen_meta(meta: pd.DataFrame, key_file) -> pd.DataFrame:
+    """`meta` with raw id columns pseudonymised (`key_file`); a column that may identify a patient is refused."""
+    from gpucnr.identifiers import check_columns
+    from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
+
+    meta = meta.copy()
+    for col in (c for c in ID_COLUMNS if c in meta.columns):
+        text = meta[col].map(lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+        if text.str.fullmatch(_PSEUDONYM).all():
+            meta[col] = text
+            continue
+        if key_file is None:
+            raise InputError(f"meta column {col} holds raw ids: pass key_file= so that they are stored as keyed "
+                             "pseudonyms (write_stack has no key of its own)")
+        key = load_or_create_key(Path(key_file))
+        meta[col] = [pseudonym(key, col.removesuffix("_id"), v) for v in text]
+    free = [str(c) for c in meta.columns if c not in ID_COLUMNS and c not in _OWN_META]
+    numeric = [c for c in free if c in _NUMERIC_META and pd.api.types.is_numeric_dtype(meta[c])]
+    check_columns(meta.drop(columns=numeric), free, "meta")  # NB: names of all, values of the rest
+    return meta
+
+
+def _check_row(image: np.ndarray, meta: dict, i: int) -> None:
+    """What `open_stack` will demand of an image's row, refused before it is written (gpucnr.stackcheck)."""
+    if min(image.shape) < 1:
+        raise InputError(f"image {i} has shape {image.shape}; an image has at least one row and one column")
+    for col in ("slope", "intercept"):
+        value = meta.get(col)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue  # NB: missing: the default (1 or 0) is written
+        real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+        if not real or not math.isfinite(float(value)) or (col == "slope" and float(value) == 0):
+            raise InputError(f"image {i}: {col} {value!r} is not a finite number" + (" != 0" if col == "slope" else ""))
+
+
 def _planes(images, what) -> list[np.ndarray]:
     if isinstance(images, Sequence) and not isinstance(images, np.ndarray):
         planes = [to_host(p) for p in images]
@@ -599,8 +657,9 @@ def _read_table(group, name: str, root: Path | None = None) -> pd.DataFrame | No
         try:
             columns[key] = np.asarray(arr[:])
         except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
+            raise_if_exhausted(e)
             raise StackError("corrupt-chunk", f"{where}: its chunk cannot be decoded ({type(e).__name__})") from None
-    return pd.DataFrame(columns)
+    return table_frame(columns, f"tables/{name}")
 
 
 def open_stack(path, *, check: bool = True) -> Stack:
@@ -618,10 +677,12 @@ def open_stack(path, *, check: bool = True) -> Stack:
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as e:  # noqa: BLE001 - anything zarr raises here means not a readable stack
+        raise_if_exhausted(e)  # NB: out of memory or threads is the machine's failure, not the stack's
         raise StackError("stack-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
     attrs = dict(group.attrs)
     if attrs.get("gpucnr_stack") not in READABLE_STACK_FORMATS:
         raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
+    check_attrs(attrs)
     images = _read_table(group, "images", path)
     if images is None or any(c not in images.columns for c in _IMAGE_COLUMNS):
         raise StackError("stack-schema", f"{path}: tables/images lacks columns of {_IMAGE_COLUMNS}")
@@ -644,6 +705,7 @@ def open_stack(path, *, check: bool = True) -> Stack:
     stack = Stack(path=path, group=group, buckets=buckets, images=images, rois=_read_table(group, "rois", path),
                   roi_ids=np.asarray(attrs.get("roi_ids", []), np.int64), shard=int(attrs["shard"]),
                   compressor=attrs.get("compressor", "blosc-zstd"))
+    check_tables(attrs, images, stack.rois, {b.name: b.images for b in buckets})  # NB: before any kernel sees it
     if check:
         _check_complete(group, stack)
     return stack

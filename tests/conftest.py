@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
+
+# NB: before anything imports numba. The compiled kernels run with bounds checks in the suite (an index out of
+# range is an IndexError, never a silent read or a segfault), and from a cache of their own: Numba's cache key
+# ignores the boundscheck flag, so kernels cached without checks would otherwise be loaded unchecked.
+os.environ["NUMBA_BOUNDSCHECK"] = "1"
+os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"gpucnr-numba-boundscheck-{os.getuid()}")
 
 import array_api_compat
 import numpy as np

@@ -32,7 +32,8 @@ def source(tmp_path_factory):
     # NB: one low-CNR image loses its ROI row: flagged ("no valid roi"), it must not be enhanced.
     lost = int(np.flatnonzero(ph.cnr[:, 0] < 1.0)[0])
     rois = ph.rois[ph.rois["image"] != lost]
-    stack = gpucnr.write_stack(root / "stack.zarr", ph.images, labels=ph.labels, rois=rois, meta=meta, shard=4)
+    stack = gpucnr.write_stack(root / "stack.zarr", ph.images, labels=ph.labels, rois=rois, meta=meta, shard=4,
+                               key_file=root / "stack.key")
     results = gpucnr.run(stack, root / "results.zarr", **RUN)
     cnr = np.asarray(results["cnr_median"].values)
     assert np.isnan(cnr[lost]) and int(results["n_valid"].values[lost]) == 0

@@ -277,7 +277,9 @@ def test_disk_full_then_resume(tmp_path):
     ph = make_phantom(n, (64, 64), lesions=1, radius=4, seed=5)
     stack = gpucnr.write_stack(tmp_path / "stack.zarr", ph.images, shard=SHARD).path
     rng = np.random.default_rng(0)
-    names = ["a"] * (k * SHARD) + [rng.bytes(1500).hex() for _ in range(n - k * SHARD)]
+    # NB: letters only: a name with six digits in a row would be blanked (issue 11's screening of ROI names)
+    letters = str.maketrans("0123456789", "ghijklmnop")
+    names = ["a"] * (k * SHARD) + [rng.bytes(1500).hex().translate(letters) for _ in range(n - k * SHARD)]
     rois_csv = tmp_path / "rois.csv"
     ph.rois.assign(name=names).to_csv(rois_csv, index=False)
     clean = tmp_path / "clean.zarr"

@@ -114,7 +114,7 @@ def check(summary, canaries=()) -> Ingested:
     stack = gpucnr.open_stack(summary.stack)
     assert summary.images == stack.n_images
     problems = summary.problems
-    assert list(problems.columns) == ["source", "item", "code", "reason"]
+    assert list(problems.columns) == ["source", "item", "code", "reason", "source_encoding"]
     assert set(problems["code"]) <= set(CODES), set(problems["code"]) - set(CODES)
     files = problems[problems["item"] == "file"]
     assert (files["code"] == "duplicate").sum() == summary.duplicates
@@ -125,7 +125,7 @@ def check(summary, canaries=()) -> Ingested:
     done = Ingested(summary, canaries)
     linkage = done.linkage
     assert list(linkage.columns) == ["index", "frame", "source", "file_index", "patient_id", "study_id", "series_id",
-                                     "instance_id"]
+                                     "instance_id", "source_encoding"]
     assert len(linkage) == summary.images  # images = the frames of the stored files
     assert sorted(linkage["index"]) == list(range(summary.images))
     assert linkage["source"].nunique() == summary.stored
@@ -223,7 +223,7 @@ def test_good_files_alone(tmp_path_factory):
 def test_shared_counts(shared):
     """Which files were stored (flat.dcm has its own test) and how many duplicates."""
     assert shared.summary.duplicates == 2  # dup_b.dcm, zz_copy.png
-    stored = {*GOOD, "png_inside.dcm", "caf\\xe9.dcm", "dup_a.dcm", "rgb.png", "rgb.dcm", "pal.png"}
+    stored = {*GOOD, "png_inside.dcm", "caf%E9.dcm", "dup_a.dcm", "rgb.png", "rgb.dcm", "pal.png"}
     assert set(shared.linkage["source"]) - {"flat.dcm"} == stored, shared.summary.problems.to_string()
 
 
@@ -309,8 +309,10 @@ def test_identical_png_bytes(shared):
 
 
 def test_non_utf8_name(shared):
-    """A Latin-1 name (b'caf\\xe9.dcm') is stored; its source is a readable escaped string."""
-    np.testing.assert_array_equal(shared.stored("caf\\xe9.dcm"), CT.T)
+    """A Latin-1 name (b'caf\\xe9.dcm') is stored; its source is percent-encoded, marked so (DESIGN §10)."""
+    np.testing.assert_array_equal(shared.stored("caf%E9.dcm"), CT.T)
+    row = shared.linkage[shared.linkage["source"] == "caf%E9.dcm"]
+    assert row["source_encoding"].tolist() == ["percent"]
 
 
 def test_symlink_not_followed(shared):

@@ -36,7 +36,10 @@ REAL = ("CT_small.dcm", "MR_small.dcm", "examples_jpeg2k.dcm", "examples_rgb_col
         "examples_palette.dcm", "JPEG2000.dcm", "JPGExtended.dcm", "image_dfl.dcm")
 #: lossless copies of MR_small.dcm (one SOPInstanceUID for all of them)
 MR_COPIES = ("MR_small_RLE.dcm", "MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm",
-             "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm", "MR_small_padded.dcm")
+             "MR_small_bigendian.dcm", "MR_small_implicit.dcm", "MR_small_expb.dcm")
+#: MR_small with 128 bytes of pixel data beyond its image: refused as declared-size (issue 11: more than one pad
+#: byte beyond the declared size is not the image's data)
+PADDED = "MR_small_padded.dcm"
 SYNTHETIC = ("ct_half.dcm", "lut.dcm", "pad.dcm", "pad_range.dcm", "mono1.dcm", "multi.dcm")
 REC709 = (0.2125, 0.7154, 0.0721)
 PADDING = -2000
@@ -152,7 +155,7 @@ def dataset(tmp_path_factory) -> Ingested:
     root = tmp_path_factory.mktemp("dicom")
     src = root / "src"
     (src / "real").mkdir(parents=True)
-    for name in (*REAL, *MR_COPIES):
+    for name in (*REAL, *MR_COPIES, PADDED):
         shutil.copyfile(TEST_FILES / name, src / "real" / name)
     _write_synthetic(src / "synthetic")
     return ingest(src, root / "stack")
@@ -209,9 +212,10 @@ def test_accounting_and_duplicate_copies(dataset):
     """Every file is stored, except the MR_small copies: duplicates of MR_small.dcm (the first in byte order),
     each listed with the file it duplicates; images = the frames of the stored files."""
     s = dataset.summary
-    assert s.files_in == len(REAL) + len(MR_COPIES) + len(SYNTHETIC)
-    assert (s.stored, s.skipped, s.duplicates) == (len(REAL) + len(SYNTHETIC), {}, len(MR_COPIES))
-    problems = s.problems
+    assert s.files_in == len(REAL) + len(MR_COPIES) + len(SYNTHETIC) + 1
+    assert (s.stored, s.skipped, s.duplicates) == (len(REAL) + len(SYNTHETIC), {"declared-size": 1}, len(MR_COPIES))
+    problems = s.problems[s.problems["code"] != "declared-size"]
+    assert s.problems[s.problems["code"] == "declared-size"]["source"].tolist() == [f"real/{PADDED}"]
     assert sorted(problems["source"]) == sorted(f"real/{n}" for n in MR_COPIES), problems.to_string()
     assert set(problems["item"]) == {"file"} and set(problems["code"]) == {"duplicate"}
     assert all("real/MR_small.dcm" in reason for reason in problems["reason"])
@@ -374,7 +378,7 @@ def mr_reference(dataset, results):
 @pytest.mark.filterwarnings("ignore:The pixel data is .* excess padding:UserWarning")  # NB: pydicom on the padded copy
 @pytest.mark.parametrize("name", MR_COPIES)
 def test_lossless_copy_identical_pixels_and_cnr(tmp_path, mr_reference, name):
-    """A lossless copy of MR_small (RLE, JPEG-LS, JPEG 2000, big endian, implicit VR, padded), ingested alone:
+    """A lossless copy of MR_small (RLE, JPEG-LS, JPEG 2000, big endian, implicit VR), ingested alone:
     its pixels are pydicom's for that file and bit-identical (values, dtype int16, native order) to MR_small's,
     its columns the same, and the run with the same ROI table gives bit-identical cells."""
     src = tmp_path / "src"

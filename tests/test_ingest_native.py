@@ -37,9 +37,8 @@ def _same(path: Path) -> dict:
     return record
 
 
-@pytest.mark.filterwarnings("ignore:The pixel data is .* excess padding")  # NB: pydicom's, on MR_small_padded
-@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_padded.dcm",
-                                  "rtdose.dcm", "rtdose_1frame.dcm"])
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "rtdose.dcm",
+                                  "rtdose_1frame.dcm"])
 def test_real_files(name):
     path = Path(get_testdata_file(name, download=False))
     _same(path)

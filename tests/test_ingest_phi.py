@@ -186,7 +186,7 @@ def phi_run(tmp_path_factory):
         "ingest": cli("ingest", data["src"], stack, "--rois", data["rois"], "--meta", data["meta"], "--workers", 2),
         "info stack": cli("info", stack),
         "info stack json": cli("info", stack, "--json"),
-        "run": cli("run", stack, results, "--backend", "numpy", "--workers", 2),
+        "run": cli("run", stack, results, "--backend", "numpy", "--workers", 2, "--group-columns", "site"),
         "info results": cli("info", results, "--json"),
         "report": cli("report", results, out / "report", "--by", "modality,site"),
         "filter": cli("filter", results, "--out", out / "m.csv"),

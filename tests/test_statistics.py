@@ -366,7 +366,7 @@ def test_end_to_end_from_results_path(tmp_path):
     ph = make_phantom(12, (64, 64), lesions=2, radius=5, margin=6, seed=1)
     meta = pd.DataFrame({"site": ["a", "b", None, "a", "b", "", "a", "a", "b", "a", "b", "a"]})
     stack = gpucnr.write_stack(tmp_path / "s.zarr", ph.images, rois=ph.rois, meta=meta, shard=4)
-    ds = gpucnr.run(stack, tmp_path / "r.zarr", backend="numpy", workers=2).load()
+    ds = gpucnr.run(stack, tmp_path / "r.zarr", backend="numpy", workers=2, group_columns=["site"]).load()
     s = summarize(tmp_path / "r.zarr", thresholds=[1.5], by="site")
     assert list(s["group"].values) == ["all", "site=a", "site=b", "site=(missing)"]
     assert s["n_images"].values.tolist() == [12, 6, 4, 2]

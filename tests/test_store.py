@@ -208,12 +208,12 @@ def test_meta_columns_land_in_the_per_image_table(tmp_path):
     meta = pd.DataFrame({"modality": [["CT", "MR", "CR", "DX"][i % 4] for i in range(n)],
                          "slope": np.linspace(0.5, 2.5, n), "intercept": -np.arange(n, dtype=float) * 10,
                          "photometric": ["MONOCHROME1" if i % 3 == 0 else "MONOCHROME2" for i in range(n)],
-                         "patient": [f"P{i:03d}" for i in range(n)]},
+                         "site": [f"S{i:03d}" for i in range(n)]},  # NB: "patient" would be refused (DESIGN §10)
                         index=np.arange(100, 100 + n))  # any index: rows are taken in input order
     st = gpucnr.write_stack(tmp_path / "s.zarr", images, meta=meta, shard=4)
     table = gpucnr.open_stack(tmp_path / "s.zarr").images
     src = table["source_index"].to_numpy()
-    for col in ("modality", "photometric", "patient"):
+    for col in ("modality", "photometric", "site"):
         assert table[col].astype(str).tolist() == meta[col].to_numpy()[src].tolist(), col
     np.testing.assert_array_equal(table["slope"].to_numpy(np.float64), meta["slope"].to_numpy()[src])
     np.testing.assert_array_equal(table["intercept"].to_numpy(np.float64), meta["intercept"].to_numpy()[src])

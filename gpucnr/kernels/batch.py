@@ -6,6 +6,7 @@ import math
 
 import array_api_compat
 
+from gpucnr.errors import InputError
 from gpucnr.kernels import histograms
 from gpucnr.kernels.cnr import (
     STATUS,
@@ -44,6 +45,10 @@ __all__ = ["OUTPUT_CELL", "OUTPUT_IMAGE", "measure_batch"]
 #: Variables of dims (image, roi) and (image,) returned by `measure_batch`.
 OUTPUT_CELL = ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr", "status")
 OUTPUT_IMAGE = ("cnr_median", "n_valid", "n_excluded")
+
+#: The largest |cx|, |cy| and r of a table ROI (as gpucnr.roitable.MAX_COORDINATE): window arithmetic stays far
+#: from int64 overflow.
+_MAX_COORDINATE = 2**31 - 1
 
 # A float background whose subtracted sums are this much larger than its own centred sum of squares
 # could lose more than ~1e-12 relative to cancellation; such cells are recomputed directly.
@@ -118,6 +123,8 @@ def measure_batch(
     intercept = per_image(intercept, 0.0, f64)
     padding = per_image(padding, math.nan, f64)
     polarity = per_image(polarity, 1.0, f64)
+    # NB: the compiled kernels index with these values unchecked: nothing inconsistent gets past this line.
+    _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity)
     exact = is_exact_integer(xp, images.dtype)
     shift = image_shift(xp, images, valid_h, valid_w, padding)
 
@@ -224,6 +231,62 @@ def measure_batch(
     out["n_excluded"] = n_excluded
     out["roi_ids"] = roi_ids
     return out
+
+
+def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity):
+    """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images."""
+    if images.ndim != 3:
+        raise InputError(f"images must be (n, H, W), got shape {tuple(images.shape)}")
+    n, height, width = (int(v) for v in images.shape)
+    for name, v in (("valid_h", valid_h), ("valid_w", valid_w), ("slope", slope), ("intercept", intercept),
+                    ("polarity", polarity)):
+        if tuple(v.shape) != (n,):
+            raise InputError(f"{name} has shape {tuple(v.shape)} for {n} images")
+    for name, v, top in (("valid_h", valid_h, height), ("valid_w", valid_w, width)):
+        if n and bool(xp.any((v < 1) | (v > top))):
+            raise InputError(f"{name} must lie in [1, {top}] (the images' extent)")
+    for name, v in (("slope", slope), ("intercept", intercept), ("polarity", polarity)):
+        if n and not bool(xp.all(xp.isfinite(v))):
+            raise InputError(f"{name} must be finite")
+    if n and bool(xp.any(slope == 0)):
+        raise InputError("slope must be != 0")
+    if (labels is None) == (table is None):
+        raise InputError("give the ROIs as exactly one of labels= and table=")
+    if roi_ids is None and labels is None:
+        raise InputError("roi_ids may be None only with a label array")
+    if roi_ids is not None:
+        if roi_ids.ndim != 1 or not xp.isdtype(roi_ids.dtype, "integral"):
+            raise InputError("roi_ids must be a 1-D integer array")
+        if roi_ids.shape[0] > 1 and bool(xp.any(roi_ids[1:] <= roi_ids[:-1])):
+            raise InputError("roi_ids must be sorted and unique")
+    for name, lab in (("labels", labels), ("lesions", lesions)):
+        if lab is None:
+            continue
+        if tuple(lab.shape) != tuple(images.shape) or not xp.isdtype(lab.dtype, "integral"):
+            raise InputError(f"{name} must be integers of the images' shape {tuple(images.shape)}, got "
+                             f"{tuple(lab.shape)} {lab.dtype}")
+        if xp.isdtype(lab.dtype, "signed integer") and lab.size and int(xp.min(lab)) < 0:
+            raise InputError(f"{name} hold negative values; labels are >= 0 (0 = no ROI)")
+    if table is None:
+        return
+    columns = ("image", "col", "kind", "cx", "cy", "r")
+    if any(c not in table for c in columns):
+        raise InputError(f"table needs the columns {columns}")
+    m = table["image"].shape[0] if table["image"].ndim == 1 else -1
+    if any(table[c].ndim != 1 or table[c].shape[0] != m or not xp.isdtype(table[c].dtype, "integral")
+           for c in columns):
+        raise InputError("table columns must be 1-D integer arrays of one length")
+    if not m:
+        return
+    n_ids = int(roi_ids.shape[0])
+    for c, lo, hi in (("image", 0, n - 1), ("col", 0, n_ids - 1), ("kind", 0, KIND_DISK), ("r", 0, _MAX_COORDINATE),
+                      ("cx", -_MAX_COORDINATE, _MAX_COORDINATE), ("cy", -_MAX_COORDINATE, _MAX_COORDINATE)):
+        v = table[c]
+        if bool(xp.any((v < lo) | (v > hi))):
+            raise InputError(f"table column {c} must lie in [{lo}, {hi}]")
+    key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
+    if m > 1 and bool(xp.any(key[1:] == key[:-1])):
+        raise InputError("table has two rows for one (image, col)")
 
 
 def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast=True):

@@ -139,7 +139,7 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
         with open(path, "rb") as fh:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             pos = fh.tell()
-            head = fh.read(12)
+            head = fh.read(20)  # NB: the pixel data element's header and the first bytes of its value
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad bytes; each becomes a code
         raise _classify(e) from None
     try:
@@ -177,10 +177,20 @@ def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_byte
         code = "decompression-bomb" if declared > size * _MAX_RATIO and ts not in _NATIVE else "image-too-large"
         raise Skip(code, f"the image declares {declared / 2**20:.1f} MiB, beyond the limit of "
                    f"{max_bytes / 2**20:.0f} MiB")
+    if pixel == "encapsulated" and ts in _NATIVE:
+        # NB: pydicom would return the item tags and fragments of the stream as pixels
+        raise Skip("bad-header", f"encapsulated pixel data (undefined length) under the native transfer syntax "
+                   f"{_ts_name(ts)}")
     if isinstance(pixel, int):  # native pixel data of known length
+        if _holds_items(head, ts, pixel):
+            raise Skip("bad-header", f"the pixel data holds an encapsulated stream (items) under the native "
+                       f"transfer syntax {_ts_name(ts)}")
         if pixel < declared and not (bits == 1 and pixel >= declared - 1):
             raise Skip("declared-size", f"the header declares {declared} bytes of pixels, the pixel data element "
                        f"holds {pixel}")
+        if pixel > declared + 1:  # NB: one pad byte makes an odd length even; more is not this image's data
+            raise Skip("declared-size", f"the header declares {declared} bytes of pixels, the pixel data element "
+                       f"holds {pixel}, more than one pad byte beyond")
         if size - pos - (12 if ts != "1.2.840.10008.1.2" else 8) < declared:
             raise Skip("truncated", f"the file ends inside its pixel data ({declared} bytes declared)")
     elif pixel == "encapsulated":
@@ -264,6 +274,18 @@ def _image_class(meta, ds) -> bool:
                                                                               "Parametric Map Storage")):
             return True
     return False
+
+
+def _holds_items(head: bytes, ts, length: int) -> bool:
+    """Whether native pixel data of defined `length` starts like an encapsulated stream: an item tag (FFFE,E000)
+    whose own length fits in the element (the Basic Offset Table, then fragments)."""
+    start = 8 if ts == "1.2.840.10008.1.2" else 12
+    value = head[start : start + 8]
+    if len(value) < 8 or length < 8:
+        return False
+    order = ">" if ts == "1.2.840.10008.1.2.2" else "<"
+    group, elem, item = struct.unpack(order + "HHI", value)
+    return (group, elem) == (0xFFFE, 0xE000) and item % 2 == 0 and item <= length - 8
 
 
 def _pixel_element(head: bytes, ts) -> int | str | None:

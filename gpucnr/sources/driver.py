@@ -8,6 +8,7 @@ the paths go to the operator's files beside the stack, never into the stack itse
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -20,10 +21,12 @@ import numpy as np
 import pandas as pd
 
 from gpucnr.errors import InputError, OptionError
+from gpucnr.identifiers import refused_value
+from gpucnr.outputs import OutputError, csv_text, refuse_overlap, write_file
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
-from gpucnr.sources.rois import MaskMatcher, read_meta_csv, read_roi_csv
+from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, TaskFailure
 from gpucnr.store import StackWriter
 
@@ -35,7 +38,7 @@ log = logging.getLogger("gpucnr.ingest")
 IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
                  "photometric", "source_index", "frame", "rows", "columns", "format", "color", "modality",
                  "manufacturer", "model", "spacing_y", "spacing_x", "file_index", *ID_COLUMNS)
-_PROBLEM_COLUMNS = ["source", "item", "code", "reason"]
+_PROBLEM_COLUMNS = ["source", "item", "code", "reason", "source_encoding"]
 _TASKS = "gpucnr.sources.tasks:run"
 #: decoded bytes the driver may hold for files still waiting on an earlier one
 _IN_FLIGHT = 2**31
@@ -135,7 +138,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         raise OptionError("max_image_mb and file_timeout must be > 0")
     if not src.is_dir():
         raise InputError(f"source folder {display_path(src)} does not exist or is not a folder")
-    if stack.exists():
+    if os.path.lexists(stack):  # NB: a symbolic link, even to nothing, is not followed to create a stack there
         raise InputError(f"{display_path(stack)} already exists; ingest never overwrites a stack")
     if not stack.absolute().parent.is_dir():
         raise InputError(f"the folder of {display_path(stack)} does not exist")
@@ -143,6 +146,13 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"--{name} {display_path(folder)} is not a folder")
     side = sidecar_paths(stack)
+    # NB: a stack (and its side files) may lie inside SRC_DIR, MASK_DIR or SEG_DIR, which never walk it; no input
+    # may be an output, nor lie inside one
+    refuse_overlap([("source folder", src), ("mask folder", masks), ("SEG folder", seg), ("ROI table", rois),
+                    ("meta table", meta), ("key file", key_file)],
+                   [("stack", stack), ("linkage file", side["linkage"]), ("skipped-files list", side["skipped"]),
+                    ("key file", None if key_file is not None else side["key"])],
+                   inside_inputs_ok=(src, masks, seg))
     roi_table = None if rois is None else read_roi_csv(rois)  # NB: malformed tables fail before any decoding
     meta_table = None if meta is None else read_meta_csv(meta, [c for c in IMAGE_COLUMNS if c not in ID_COLUMNS])
     key_path = Path(key_file) if key_file is not None else side["key"]
@@ -175,12 +185,17 @@ class _Ingest:
         self.mask_index: dict = {}
         self.meter = _Progress(self.progress)
 
-    def problem(self, source: str, item: str, code: str, reason: str) -> None:
-        self.problems.append({"source": source, "item": item, "code": code, "reason": reason})
-        log.info("%s: %s %s: %s", source, item, code, reason)  # NB: an operator message: the path is needed
+    def problem(self, source: str, item: str, code: str, reason: str, encoding: str | None = None) -> None:
+        # NB: a walked file's name holds "%" only when percent-encoded (files.source_name); a table row's text is
+        # given with encoding ""
+        encoding = ("percent" if "%" in source else "") if encoding is None else encoding
+        self.problems.append({"source": source, "item": item, "code": code, "reason": reason,
+                              "source_encoding": encoding})
+        log.info("%s: %s %s: %s", display_path(source), item, code, display_path(reason))  # NB: the path is needed
 
     def find(self, src: Path, masks, mask_pattern, follow_symlinks: bool, exclude) -> None:
         """Walk the source (and mask) folders; mask files beside their images are not inputs."""
+        self.exclude = exclude
         found = walk(src, follow_symlinks=follow_symlinks, exclude=exclude)
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
@@ -189,7 +204,7 @@ class _Ingest:
                 self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
                 found = [f for f, m in zip(found, is_mask, strict=True) if not m]
             else:
-                self.mask_index = self.matcher.index(walk(masks, follow_symlinks=follow_symlinks))
+                self.mask_index = self.matcher.index(walk(masks, follow_symlinks=follow_symlinks, exclude=exclude))
         self.found = found
         for f in found:
             if f.code is not None:
@@ -209,7 +224,7 @@ class _Ingest:
                 self.problem(f.rel, "file", rec.code, rec.reason)
                 continue
             kept.append((k, f, rec))
-        seg_refs, seg_rel = self._scan_segs(pool, seg, follow_symlinks)
+        seg_refs, seg_rel = self._scan_segs(pool, seg, follow_symlinks, self.exclude)
         used: set = set()
         self.tasks = []
         for k, f, rec in kept:
@@ -233,14 +248,14 @@ class _Ingest:
                     self.problem(m.rel, "mask", "mask-no-image", "no image file matches this mask's name")
         self.used_masks = used
 
-    def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> tuple[dict, dict]:
+    def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool, exclude=()) -> tuple[dict, dict]:
         """({pseudonymous instance id: paths of the DICOM SEG objects that label it}, {readable SEG path: its
         relative path})."""
         refs: dict[str, set[str]] = {}
         rels: dict[str, str] = {}
         if seg is None:
             return refs, rels
-        files = walk(seg, follow_symlinks=follow_symlinks)
+        files = walk(seg, follow_symlinks=follow_symlinks, exclude=exclude)
         for f in files:
             if f.code is not None:
                 self.problem(f.rel, "seg", f.code, f.reason)
@@ -304,7 +319,8 @@ class _Ingest:
                     source_index = writer.add(pixels, None if labels is None else labels[frame], row)
                     frame_of[(f.rel, frame)] = source_index
                     link_rows.append({"source_index": source_index, "frame": frame, "source": f.rel,
-                                      "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS}})
+                                      "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS},
+                                      "source_encoding": f.encoding})
             table = _roi_rows(self.roi_table, frame_of, sources, self.problem)
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
@@ -315,14 +331,20 @@ class _Ingest:
                 "skipped_list": self.side["skipped"].name,
             }
             opened = writer.close(rois=table)
-        finally:
-            _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)  # NB: kept even if the run fails
+        except BaseException:
+            # NB: the list is kept even if the run fails, but a second failure writing it (a full disk) must not
+            # mask the first, coded one
+            with contextlib.suppress(Exception):
+                _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)
+            raise
+        _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)
         index_of = dict(zip(opened.images["source_index"].to_numpy(), opened.images["index"].to_numpy(),
                             strict=True))
         for r in link_rows:
             r["index"] = int(index_of[r.pop("source_index")])
         link_rows.sort(key=lambda r: r["index"])
-        _write_csv(self.side["linkage"], link_rows, ["index", "frame", "source", "file_index", *ID_COLUMNS])
+        _write_csv(self.side["linkage"], link_rows, ["index", "frame", "source", "file_index", *ID_COLUMNS,
+                                                     "source_encoding"])
         self.meter.done()
         summary = IngestSummary(
             stack=self.stack, files_in=len(self.found), stored=stored, skipped=dict(sorted(self.skipped.items())),
@@ -354,14 +376,14 @@ def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]
     """{source: {column: value}} from the --meta CSV; id columns pseudonymised, rows naming no file recorded."""
     if table is None:
         return {}
-    columns = [c for c in table.columns if c not in ("source", "_line", "_key")]
+    columns = [c for c in table.columns if c not in ("source", "_line", "_key", "_literal")]
     out = {}
     for row in table.to_dict("records"):
-        source = row["_key"] if isinstance(row["_key"], str) else None  # NB: pandas turns None into NaN
+        source = match_source(row, sources)
         if source is None or source not in sources:
             problem(display_path(row["source"]), f"meta line {row['_line']}", "meta-no-image",
                     "this --meta row names no file under SRC_DIR" + (" (a path outside it)" if source is None
-                                                                     else ""))
+                                                                     else ""), "")
             continue
         out[source] = {c: pseudonym(key, c.removesuffix("_id"), row[c]) if c in ID_COLUMNS else row[c]
                            for c in columns}
@@ -380,7 +402,7 @@ def _roi_rows(table, frame_of: dict, sources: set[str], problem) -> pd.DataFrame
     hit = []
     stored = {s for s, _ in frame_of}
     for row in table.to_dict("records"):
-        key = row["_key"] if isinstance(row["_key"], str) else None  # NB: pandas turns None into NaN
+        key = match_source(row, sources)
         where = frame_of.get((key, int(row["frame"]))) if key is not None else None
         if where is None:
             if key is None:
@@ -392,20 +414,34 @@ def _roi_rows(table, frame_of: dict, sources: set[str], problem) -> pd.DataFrame
             else:
                 why = "the file was not stored (see its own entry)"
             problem(display_path(row["source"]), f"rois line {row['_line']}", "roi-no-image",
-                    f"this ROI row names no stored image: {why}")
+                    f"this ROI row names no stored image: {why}", "")
             continue
+        name = row["name"]
+        why = refused_value(name)
+        if why is not None:
+            # NB: the ROI is measured all the same; its name (never quoted) stays out of the stack and results
+            problem(display_path(row["source"]), f"rois line {row['_line']}", "roi-name",
+                    f"the ROI name holds {why}; it is stored blank", "")
+            name = ""
         hit.append({"image": where, "roi": row["roi"], "kind": row["kind"], "cx": row["cx"], "cy": row["cy"],
-                    "r": row["r"], "name": row["name"]})
+                    "r": row["r"], "name": name})
     return pd.DataFrame(hit, columns=["image", "roi", "kind", "cx", "cy", "r", "name"])
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """An operator file (it holds source paths): created readable by its owner only."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+    """An operator file (it holds source paths): readable by its owner only, whatever was there before (written
+    beside it and renamed into place: a symbolic link planted at its name is replaced, never followed)."""
+
+    def fill(fh):
         w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
-        w.writerows(rows)
+        w.writerows({k: csv_text(v) for k, v in r.items()} for r in rows)
+
+    try:
+        write_file(path, fill, what="operator file", private=True)
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise OutputError("output-write", f"{display_path(path)} could not be written ({why})") from None
 
 
 class _Progress:

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Found", "display_path", "walk"]
+__all__ = ["Found", "display_path", "source_name", "walk"]
+
+#: C0 and C1 control characters and DEL: never printed raw (a newline in a name would forge a log line).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+#: kept as they are in a percent-encoded name: printable ASCII but "%"
+_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 @dataclass(frozen=True)
@@ -16,14 +23,35 @@ class Found:
     """One entry under the source folder: a regular file (``code`` None) or one that is skipped."""
 
     path: Path  # NB: absolute, as the OS gives it (may hold surrogate escapes)
-    rel: str  # dataset-relative, POSIX separators, printable
+    rel: str  # dataset-relative, POSIX separators, printable: see `source_name`
     code: str | None = None
     reason: str = ""
+    encoding: str = ""  # "percent" when `rel` is percent-encoded
 
 
 def display_path(path) -> str:
-    """A printable form of a path: bytes that are not UTF-8 become \\xNN escapes, never an exception."""
-    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+    """A printable form of a path for messages: bytes that are not UTF-8 become \\xNN escapes and control
+    characters \\xNN escapes too, never an exception."""
+    text = os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def source_name(rel) -> tuple[str, str]:
+    """A dataset-relative name as written in the operator's files, and its ``source_encoding``.
+
+    A name that is valid UTF-8 without ``%`` or control characters is written as is (encoding ""); any other is
+    percent-encoded byte by byte (encoding "percent"; ``/`` kept), so a non-UTF-8 name and one spelled with a
+    literal escape never read alike, and no name holds a line break. Decode with
+    ``urllib.parse.unquote_to_bytes``.
+    """
+    raw = os.fsencode(os.fspath(rel))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "%" not in text and not _CONTROL.search(text):
+        return text, ""
+    return urllib.parse.quote_from_bytes(raw, safe=_SAFE), "percent"
 
 
 def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
@@ -35,17 +63,24 @@ def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
     """
     root = Path(os.path.abspath(root))
     excluded = {os.path.abspath(p) for p in exclude}
+    real_root = os.path.realpath(root)
+    for p in exclude:
+        # NB: the same file named through a symbolic link (or `..`): excluded by where it really is under root
+        rel_real = os.path.relpath(os.path.realpath(p), real_root)
+        if rel_real != os.pardir and not rel_real.startswith(os.pardir + os.sep):
+            excluded.add(os.path.normpath(os.path.join(root, rel_real)))
     out: list[Found] = []
     seen_dirs = {_ident(root)}
 
-    def rel(p: Path) -> str:
-        return display_path(p.relative_to(root).as_posix())
+    def found(p: Path, code: str | None = None, reason: str = "") -> Found:
+        text, encoding = source_name(p.relative_to(root).as_posix())
+        return Found(p, text, code, reason, encoding)
 
     def listing(folder: Path):
         try:
             return iter(sorted(os.scandir(folder), key=lambda e: os.fsencode(e.name)))
         except OSError as e:
-            out.append(Found(folder, rel(folder) or ".", "unreadable", f"folder cannot be listed ({type(e).__name__})"))
+            out.append(found(folder, "unreadable", f"folder cannot be listed ({type(e).__name__})"))
             return iter(())
 
     # NB: an explicit stack of folder listings, not recursion: a deep tree must not exhaust Python's stack
@@ -61,32 +96,32 @@ def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
         try:
             is_link = entry.is_symlink()
             if is_link and not follow_symlinks:
-                out.append(Found(path, rel(path), "symlink", "symbolic link not followed (--follow-symlinks)"))
+                out.append(found(path, "symlink", "symbolic link not followed (--follow-symlinks)"))
                 continue
             try:
                 st = os.stat(path)  # NB: follows the link
             except FileNotFoundError:
-                out.append(Found(path, rel(path), "broken-symlink", "symbolic link to nothing"))
+                out.append(found(path, "broken-symlink", "symbolic link to nothing"))
                 continue
             except OSError as e:
                 code = "symlink-loop" if is_link and e.errno == errno.ELOOP else "unreadable"
-                out.append(Found(path, rel(path), code, f"cannot be examined ({type(e).__name__})"))
+                out.append(found(path, code, f"cannot be examined ({type(e).__name__})"))
                 continue
         except OSError as e:
-            out.append(Found(path, rel(path), "unreadable", f"cannot be examined ({type(e).__name__})"))
+            out.append(found(path, "unreadable", f"cannot be examined ({type(e).__name__})"))
             continue
         if stat.S_ISDIR(st.st_mode):
             ident = (st.st_dev, st.st_ino)
             if ident in seen_dirs:
-                out.append(Found(path, rel(path), "symlink-loop", "a folder reached a second time through a "
+                out.append(found(path, "symlink-loop", "a folder reached a second time through a "
                                  "symbolic link"))
                 continue
             seen_dirs.add(ident)
             pending.append(listing(path))
         elif stat.S_ISREG(st.st_mode):
-            out.append(Found(path, rel(path)))
+            out.append(found(path))
         else:
-            out.append(Found(path, rel(path), "not-an-image", "not a regular file (device, pipe or socket)"))
+            out.append(found(path, "not-an-image", "not a regular file (device, pipe or socket)"))
     return out
 
 

@@ -9,6 +9,8 @@ import secrets
 from pathlib import Path
 
 from gpucnr.errors import InputError
+from gpucnr.outputs import create_file
+from gpucnr.sources.files import display_path
 
 __all__ = ["ID_COLUMNS", "KEY_BYTES", "load_or_create_key", "pseudonym"]
 
@@ -26,19 +28,33 @@ def load_or_create_key(path: Path) -> bytes:
     The key never goes into the stack: whoever holds stack and key could test guesses of a patient id.
     """
     path = Path(path)
-    if path.exists():
-        text = path.read_text(encoding="ascii", errors="replace").strip()
+    if path.is_symlink() and not path.exists():
+        # NB: a link to nothing: creating the key would write wherever the link points
+        raise InputError(f"key file {display_path(path)} is a symbolic link to nothing; remove it or point "
+                         "--key-file at a key")
+    if not os.path.lexists(path):
+        key = secrets.token_bytes(KEY_BYTES)
         try:
-            key = bytes.fromhex(text)
-        except ValueError:
-            key = b""
-        if len(key) != KEY_BYTES:
-            raise InputError(f"key file {path} does not hold {2 * KEY_BYTES} hex digits (a gpucnr key)")
-        return key
-    key = secrets.token_bytes(KEY_BYTES)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(key.hex() + "\n")
+            if create_file(path, (key.hex() + "\n").encode("ascii"), what="key file"):
+                return key
+        except OSError as e:
+            raise InputError(f"key file {display_path(path)} cannot be created ({e.strerror or type(e).__name__})"
+                             ) from None
+    try:
+        if not path.is_file():
+            raise InputError(f"key file {display_path(path)} is not a file")
+        st = os.lstat(path)
+        if not path.is_symlink() and st.st_mode & 0o077 and st.st_uid == os.getuid():
+            os.chmod(path, 0o600)  # NB: a key readable by others is made the owner's only (never through a link)
+        text = path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError as e:
+        raise InputError(f"key file {display_path(path)} cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise InputError(f"key file {display_path(path)} does not hold {2 * KEY_BYTES} hex digits (a gpucnr key)")
     return key
 
 

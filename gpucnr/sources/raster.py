@@ -114,16 +114,25 @@ def _tiff_fix(page) -> str | None:
     return None
 
 
-def read_pages(path) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """(mode, array, rgb) of every page, decoded: palette pages give their index array and their RGB expansion."""
+def read_pages(path, expect=None) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(mode, array, rgb) of every page, decoded: palette pages give their index array and their RGB expansion.
+
+    `expect`: the (rows, columns) each page must have (a mask's, its image's frames): a page count or a declared
+    size that differs is ``mask-shape`` before anything is decoded, so a mask declaring a huge canvas costs no
+    memory (its image's own size was checked against --max-image-mb)."""
     out = []
     with _open(path) as im:
+        if expect is not None and (getattr(im, "n_frames", 1) or 1) != len(expect):
+            raise Skip("mask-shape", f"has {getattr(im, 'n_frames', 1)} page(s), the image {len(expect)} frame(s)")
         try:
-            for page in _pages(im):
+            for k, page in enumerate(_pages(im)):
+                if expect is not None and (page.size[1], page.size[0]) != tuple(expect[k]):
+                    raise Skip("mask-shape", f"declares {page.size[0]}x{page.size[1]} px, the image "
+                               f"{expect[k][1]}x{expect[k][0]} px" + (f" (frame {k})" if len(expect) > 1 else ""))
                 page.load()
                 rgb = np.asarray(page.convert("RGB")) if page.mode in ("P", "PA") else None
                 out.append((page.mode, np.asarray(page), rgb))
-        except MemoryError:
+        except (MemoryError, Skip):
             raise
         except Exception as e:  # noqa: BLE001 - libpng/libtiff errors on bad bytes
             truncated = isinstance(e, (EOFError, OSError)) and "truncated" in str(e).lower()

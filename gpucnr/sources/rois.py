@@ -16,21 +16,17 @@ import numpy as np
 import pandas as pd
 
 from gpucnr.errors import InputError, RoiTableError
+from gpucnr.identifiers import refused_name
+from gpucnr.roitable import MAX_COORDINATE
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
-__all__ = ["MaskMatcher", "read_masks", "read_meta_csv", "read_roi_csv", "read_seg"]
+__all__ = ["MaskMatcher", "match_source", "read_masks", "read_meta_csv", "read_roi_csv", "read_seg"]
 
 #: the most distinct nonzero values a label mask may hold; more looks like an anti-aliased or lossy mask
 MAX_LABELS = 255
 _ROI_COLUMNS = ("source", "roi", "kind", "cx", "cy", "r")
 _COLUMN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}")
-#: --meta column names (lower case, letters only) refused as identifying (DICOM PS3.15 Annex E and common aliases)
-_IDENTIFYING = {"name", "patientname", "patientsname", "firstname", "lastname", "surname", "givenname",
-                "birthdate", "patientbirthdate", "patientsbirthdate", "dob", "dateofbirth", "accession",
-                "accessionnumber", "mrn", "medicalrecordnumber", "address", "patientaddress", "phone",
-                "telephone", "email", "ssn", "socialsecuritynumber", "otherpatientids", "patientid", "studyid",
-                "seriesid", "instanceid", "studyinstanceuid", "seriesinstanceuid", "sopinstanceuid"}
 
 
 @dataclass
@@ -112,9 +108,9 @@ def _is_npy(path) -> bool:
         return fh.read(6) == b"\x93NUMPY"
 
 
-def _npy_pages(path) -> list[tuple[str, np.ndarray, None]]:
+def _npy_pages(path, shapes) -> list[tuple[str, np.ndarray, None]]:
     """A NumPy label array (.npy, never pickled objects): (rows, cols), or (frames, rows, cols) for one label
-    plane per frame."""
+    plane per frame; its declared shape is checked against the image's frames (`shapes`) before it is read."""
     try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except Exception as e:  # noqa: BLE001 - a damaged or pickled .npy
@@ -122,6 +118,10 @@ def _npy_pages(path) -> list[tuple[str, np.ndarray, None]]:
     if arr.ndim not in (2, 3) or arr.dtype.kind not in "biuf":
         raise Skip("mask-labels", f"a NumPy mask must be a 2-D or 3-D array of numbers, got {arr.ndim}-D "
                    f"{arr.dtype.kind}")
+    declared = [tuple(arr.shape)] if arr.ndim == 2 else [tuple(arr.shape[1:])] * arr.shape[0]
+    if declared != [tuple(s) for s in shapes]:
+        raise Skip("mask-shape", f"is an array of shape {'x'.join(str(v) for v in arr.shape)}; the image has "
+                   f"{len(shapes)} frame(s) of {shapes[0][0]}x{shapes[0][1]}")
     planes = [np.asarray(arr)] if arr.ndim == 2 else [np.asarray(p) for p in arr]
     return [("npy", p, None) for p in planes]
 
@@ -139,8 +139,10 @@ def read_masks(paths: list, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
     for k, path in enumerate(paths):
         what = f"mask file {k + 1} of {len(paths)}" if len(paths) > 1 else "the mask"
         try:
-            pages = _npy_pages(path) if _is_npy(path) else read_pages(path)
+            pages = _npy_pages(path, shapes) if _is_npy(path) else read_pages(path, expect=shapes)
         except Skip as e:
+            if e.code == "mask-shape":
+                raise Skip("mask-shape", f"{what} {e.reason}") from None
             raise Skip("mask-unreadable", f"{what} cannot be read ({e.code})") from None
         if len(pages) != len(shapes):
             raise Skip("mask-shape", f"{what} has {len(pages)} page(s), the image {len(shapes)} frame(s)")
@@ -209,15 +211,27 @@ def read_seg(paths: list, sop_instance_uid: str, shapes: list[tuple[int, int]]) 
     return merged
 
 
-def _safe_source(text: str) -> str | None:
-    """A dataset-relative POSIX path, or None if it is absolute or climbs out of the folder."""
-    text = str(text).strip().replace("\\", "/")
+def _safe_source(text: str, backslash: bool = True) -> str | None:
+    """A dataset-relative POSIX path, or None if it is absolute or climbs out of the folder; `backslash`: ``\\``
+    read as a folder separator (a path written on Windows), else as a character of the name."""
+    text = str(text).strip()
+    text = text.replace("\\", "/") if backslash else text
     if not text or text.startswith("/") or re.match(r"^[A-Za-z]:", text):
         return None
     parts = [p for p in text.split("/") if p not in ("", ".")]
     if not parts or ".." in parts:
         return None
     return "/".join(parts)
+
+
+def match_source(row: dict, sources) -> str | None:
+    """The source (a walked file's name) an ROI or meta row names: its literal text when a file has that name (a
+    name may hold a backslash), else the text with backslashes read as separators; None when outside SRC_DIR."""
+    literal = row.get("_literal")
+    if isinstance(literal, str) and literal in sources:
+        return literal
+    key = row.get("_key")
+    return key if isinstance(key, str) else None  # NB: pandas turns None into NaN
 
 
 def read_roi_csv(path) -> pd.DataFrame:
@@ -243,9 +257,14 @@ def read_roi_csv(path) -> pd.DataFrame:
         if bad.any():
             line = int(table["_line"][bad].iloc[0])
             raise RoiTableError(f"{path.name} line {line}: column {col} must hold an integer (pixels, 0-based)")
+        # NB: integers beyond int64 are refused here, not left to overflow in a cast
+        big = table[col].str.strip().map(lambda v: v != "" and not -(2**63) <= int(v) < 2**63)
+        if big.any():
+            line = int(table["_line"][big].iloc[0])
+            raise RoiTableError(f"{path.name} line {line}: column {col} holds an integer beyond the range of int64")
     table["frame"] = table["frame"].str.strip().replace("", "0").astype(np.int64) if "frame" in table else 0
     for col in ("roi", "cx", "cy", "r"):
-        table[col] = table[col].astype(np.int64)
+        table[col] = table[col].str.strip().astype(np.int64)
     kinds = table["kind"].str.strip().str.lower()
     if (~kinds.isin(["square", "disk"])).any():
         line = int(table["_line"][~kinds.isin(["square", "disk"])].iloc[0])
@@ -254,9 +273,16 @@ def read_roi_csv(path) -> pd.DataFrame:
     if (table["r"] < 1).any() or (table["roi"] < 1).any() or (table["frame"] < 0).any():
         line = int(table["_line"][(table["r"] < 1) | (table["roi"] < 1) | (table["frame"] < 0)].iloc[0])
         raise RoiTableError(f"{path.name} line {line}: r and roi must be >= 1, frame >= 0")
+    coords = table[["cx", "cy", "r"]]
+    far = ((coords < -MAX_COORDINATE) | (coords > MAX_COORDINATE)).any(axis=1)
+    if far.any():
+        raise RoiTableError(f"{path.name} line {int(table['_line'][far].iloc[0])}: cx, cy and r must lie within "
+                            f"+-{MAX_COORDINATE} pixels")
     if "name" not in table:
         table["name"] = ""
     table["_key"] = [_safe_source(s) for s in table["source"]]
+    # NB: a name holding a backslash is addressed literally when such a file exists (see `match_source`)
+    table["_literal"] = [_safe_source(s, backslash=False) for s in table["source"]]
     return table
 
 
@@ -278,7 +304,8 @@ def read_meta_csv(path, reserved) -> pd.DataFrame:
     if odd:
         raise InputError(f"{path.name}: column names must be letters, digits, '_', '.', '-' (starting with a letter, "
                          f"digit or '_'); {len(odd)} are not")
-    named = [c for c in table.columns if re.sub(r"[^a-z]", "", c.lower()) in _IDENTIFYING and c not in ID_COLUMNS]
+    # NB: DESIGN §10's rule (gpucnr.identifiers), not an exact match: "PatientNam" is refused too
+    named = [c for c in table.columns if c not in ID_COLUMNS and c != "source" and refused_name(c) is not None]
     if named:
         raise InputError(f"{path.name}: column(s) {named} look like identifying data (names, birth dates, record "
                          "numbers) or raw ids; a stack holds pseudonymous ids only: name id columns patient_id, "
@@ -286,6 +313,8 @@ def read_meta_csv(path, reserved) -> pd.DataFrame:
     table = table.copy()
     table["_line"] = np.arange(2, len(table) + 2)
     table["_key"] = [_safe_source(s) for s in table["source"]]
+    # NB: a name holding a backslash is addressed literally when such a file exists (see `match_source`)
+    table["_literal"] = [_safe_source(s, backslash=False) for s in table["source"]]
     dup = table["_key"].notna() & table["_key"].duplicated(keep=False)
     if dup.any():
         raise InputError(f"{path.name} line {int(table['_line'][dup].iloc[0])}: a source listed twice")

@@ -85,6 +85,9 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
         labels = _image_labels(path, record, shapes, masks, segs)
     except Skip as e:
         problem = (e.code, e.reason)  # NB: the image is still stored, unlabelled; the driver lists the problem
+    except MemoryError:
+        # NB: a mask must never cost its image: past the shape checks, only a hostile stream gets here
+        problem = ("mask-unreadable", "reading the mask exceeded the per-file memory limit")
     for f in frames:
         f["pixels"] = np.ascontiguousarray(f["pixels"])
     return {"frames": frames, "labels": labels, "mask_problem": problem}
