@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError
+from gpucnr.errors import GpucnrError, Interrupted, Terminated
 from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 from gpucnr.kernels.params import BACKGROUNDS
@@ -168,76 +170,138 @@ def _logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (DESIGN §10): 0 done, 2 refused or a coded error, 3 completed with
+    problems (listed on stderr), 4 stopped by the environment, 130 / 143 interrupted by SIGINT / SIGTERM (one
+    line: what was done, how to continue), 141 when stdout's reader went away (``gpucnr info X | head``).
+    Never a traceback for a user's mistake, a signal or a broken pipe."""
     args = build_parser().parse_args(argv)
     _logging(args.log_level)
+    previous = _on_sigterm()
     try:
-        if args.command == "ingest":
-            from gpucnr.sources import ingest
-
-            summary = ingest(args.src, args.stack, masks=args.masks, mask_pattern=args.mask_pattern, seg=args.seg,
-                             rois=args.rois, meta=args.meta, color=args.color, nonfinite=args.nonfinite,
-                             key_file=args.key_file, workers=args.workers, max_image_mb=args.max_image_mb,
-                             follow_symlinks=args.follow_symlinks, progress=args.progress,
-                             file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor)
-            print(summary.text())
-            if summary.images == 0:
-                print("gpucnr: no image was stored", file=sys.stderr)
-                return 1
-        elif args.command == "demo":
-            from gpucnr.demo import run_demo
-
-            _, text = run_demo(args.n, args.size, out=args.out, backend=args.backend, seed=args.seed,
-                               threshold=args.threshold)
-            print(text)
-        elif args.command == "run":
-            from gpucnr.demo import summary_table
-            from gpucnr.pipeline import run
-
-            options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
-                                                     "ring_width", "background_label", "min_bg", "ddof",
-                                                     "definition", "gcnr_bins", "signed")}
-            ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
-                     workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress, **options)
-            print(summary_table(ds.load()))
-        elif args.command == "report":
-            from gpucnr.report import write_report
-
-            path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
-                                by=args.by, stack=args.stack, lowest=args.lowest)
-            print(f"report: {path}")
-            if args.open:
-                import webbrowser
-
-                webbrowser.open(path.resolve().as_uri())
-        elif args.command == "filter":
-            from gpucnr.manifests import manifest, with_paths, write_manifest
-
-            table = manifest(args.results, threshold=args.threshold, level=args.level)
-            if args.with_paths:
-                table = with_paths(table, args.results, args.stack)
-            path = write_manifest(table, args.out)
-            counts = table["decision"].value_counts().to_dict()
-            print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
-                                                                       for k in ("keep", "drop", "flag")))
-        elif args.command == "enhance":
-            from gpucnr.enhancement import enhance
-
-            ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
-                         sigma=args.sigma, stack=args.stack, backend=args.backend)
-            print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
-                  f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
-            if ds.sizes["image"]:
-                print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "
-                      f"{float(ds.cnr_after.median()):.3f}")
-            print(ds.attrs.get("note", ""))
-        elif args.command == "info":
-            from gpucnr.info import describe
-
-            report = describe(args.path)
-            print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
+        return _dispatch(args)
+    except Interrupted as e:
+        print(f"gpucnr: interrupted ({e.signal}): {e.reason}", file=sys.stderr)
+        return e.exit_code
     except GpucnrError as e:
         print(f"gpucnr: error {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt as e:
+        # NB: a command that had written nothing worth continuing: say so in one line, no traceback.
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        print(f"gpucnr: interrupted ({name}): `gpucnr {args.command}` stopped before it finished; run it again",
+              file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    except BrokenPipeError:
+        # NB: the reader of stdout went away; Python would complain again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) like Ctrl-C does; returns the handler it replaced (None
+    outside the main thread, where Python cannot install one)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _failed_images(ds) -> int:
+    """Images of a run with status 6 ("failed") in any ROI column, or listed among its failures."""
+    from gpucnr.kernels.cnr import STATUS
+
+    listed = {int(f["image"]) for f in ds.attrs.get("failures", [])}
+    status = ds["status"].to_numpy()
+    if status.ndim == 2 and status.shape[1]:
+        listed.update(int(i) for i in ds["image"].to_numpy()[(status == STATUS["failed"]).any(axis=1)])
+    return len(listed)
+
+
+def _dispatch(args) -> int:
+    if args.command == "ingest":
+        from gpucnr.sources import ingest
+
+        summary = ingest(args.src, args.stack, masks=args.masks, mask_pattern=args.mask_pattern, seg=args.seg,
+                         rois=args.rois, meta=args.meta, color=args.color, nonfinite=args.nonfinite,
+                         key_file=args.key_file, workers=args.workers, max_image_mb=args.max_image_mb,
+                         follow_symlinks=args.follow_symlinks, progress=args.progress,
+                         file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor)
+        print(summary.text(), flush=True)
+        problems = summary.problems_text()
+        if problems:
+            print(problems, file=sys.stderr)
+        if summary.images == 0:
+            print("gpucnr: error [no-image] no image was stored; the skipped list says why, file by file",
+                  file=sys.stderr)
+            return 2
+        return 3 if problems else 0
+    if args.command == "demo":
+        from gpucnr.demo import run_demo
+
+        _, text = run_demo(args.n, args.size, out=args.out, backend=args.backend, seed=args.seed,
+                           threshold=args.threshold)
+        print(text)
+    elif args.command == "run":
+        from gpucnr.demo import summary_table
+        from gpucnr.pipeline import run
+
+        options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
+                                                 "ring_width", "background_label", "min_bg", "ddof",
+                                                 "definition", "gcnr_bins", "signed")}
+        ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
+                 workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress, **options)
+        print(summary_table(ds.load()), flush=True)
+        failed = _failed_images(ds)
+        if failed:
+            print(f"gpucnr: run completed with problems: {failed} of {ds.sizes['image']} image(s) failed "
+                  f"({100.0 * failed / max(ds.sizes['image'], 1):.1f} %, status 6 'failed'); `gpucnr info "
+                  f"{args.results}` lists them with their reasons; likely cause: damaged chunks of the stack, or "
+                  "images that kill the process measuring them", file=sys.stderr)
+            return 3
+    elif args.command == "report":
+        from gpucnr.report import write_report
+
+        path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
+                            by=args.by, stack=args.stack, lowest=args.lowest)
+        print(f"report: {path}")
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(path.resolve().as_uri())
+    elif args.command == "filter":
+        from gpucnr.manifests import manifest, with_paths, write_manifest
+
+        table = manifest(args.results, threshold=args.threshold, level=args.level)
+        if args.with_paths:
+            table = with_paths(table, args.results, args.stack)
+        path = write_manifest(table, args.out)
+        counts = table["decision"].value_counts().to_dict()
+        print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
+                                                                   for k in ("keep", "drop", "flag")))
+    elif args.command == "enhance":
+        from gpucnr.enhancement import enhance
+
+        ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
+                     sigma=args.sigma, stack=args.stack, backend=args.backend)
+        print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
+              f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
+        if ds.sizes["image"]:
+            print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "
+                  f"{float(ds.cnr_after.median()):.3f}")
+        print(ds.attrs.get("note", ""))
+    elif args.command == "info":
+        from gpucnr.info import describe
+
+        report = describe(args.path)
+        print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
+        return int(report.get("exit_code", 0))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["GpucnrError", "InputError", "OptionError", "OptionTypeError", "RoiTableError", "ShapeMismatchError"]
+__all__ = ["GpucnrError", "InputError", "Interrupted", "OptionError", "OptionTypeError", "RoiTableError",
+           "ShapeMismatchError", "Terminated"]
 
 
 class GpucnrError(Exception):
@@ -44,3 +45,20 @@ class OptionError(InputError):
 
 class OptionTypeError(OptionError, TypeError):
     """A measurement option of the wrong type (a float dilation, a string for ``signed``)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (the command line installs the handler), so that one
+    ``except KeyboardInterrupt`` stops cleanly on either."""
+
+
+class Interrupted(GpucnrError):
+    """Ctrl-C or SIGTERM stopped a command after it had written something: the message says what was done and
+    how to continue. Exit status 130 (SIGINT) or 143 (SIGTERM), DESIGN §10."""
+
+    code = "interrupted"
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.signal = "SIGTERM" if isinstance(cause, Terminated) else "SIGINT"
+        self.exit_code = 143 if self.signal == "SIGTERM" else 130

@@ -11,7 +11,7 @@ from gpucnr.errors import GpucnrError
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
 from gpucnr.results import open_results
-from gpucnr.store import open_stack
+from gpucnr.store import open_stack, unfinished_stack
 
 __all__ = ["describe"]
 
@@ -20,6 +20,8 @@ def describe(path) -> dict:
     """A report on `path` (a stack or results): a dict of facts, with a human-readable ``text`` entry.
 
     A damaged stack is reported, not raised: ``complete`` is False and ``problem`` names the error.
+    ``exit_code`` is the status `gpucnr info` ends with (DESIGN §10): 0 a complete stack, 3 a damaged one, 2 a
+    stack an interrupted ingest left (not a stack yet) or a path that is neither a stack nor results.
     """
     path = Path(path)
     try:
@@ -30,7 +32,11 @@ def describe(path) -> dict:
         return _stack(path)
     if "gpucnr_results" in attrs:
         return _results(path)
-    report = {"kind": "unknown", "path": str(path)}
+    unfinished = unfinished_stack(path)
+    if unfinished:
+        return {"kind": "unfinished-stack", "path": str(path), "complete": False, "problem": unfinished,
+                "text": f"{path}: {unfinished}", "exit_code": 2}
+    report = {"kind": "unknown", "path": str(path), "exit_code": 2}
     report["text"] = f"{path}: neither a gpucnr stack nor gpucnr results"
     return report
 
@@ -46,7 +52,7 @@ def _stack(path: Path) -> dict:
         except GpucnrError:
             # NB: damaged beyond reading its layout: report what is wrong rather than raise.
             return {"kind": "stack", "path": str(path), "complete": False, "problem": problem,
-                    "text": f"stack {path}: cannot be read — {problem}"}
+                    "text": f"stack {path}: cannot be read — {problem}", "exit_code": 3}
     buckets = [{"name": b.name, "images": b.size, "first_index": b.offset, "labels": b.labels is not None}
                for b in stack.buckets]
     report = {
@@ -54,7 +60,7 @@ def _stack(path: Path) -> dict:
         "compressor": stack.compressor, "roi_ids": [int(v) for v in stack.roi_ids],
         "roi_table_rows": 0 if stack.rois is None else len(stack.rois),
         "image_columns": list(stack.images.columns), "complete": problem is None, "problem": problem,
-        "fingerprint": stack.fingerprint(),
+        "fingerprint": stack.fingerprint(), "exit_code": 0 if problem is None else 3,
     }
     lines = [f"stack {path}: {stack.n_images} images in {len(buckets)} bucket(s), shard {stack.shard}, "
              f"compressor {stack.compressor}"]

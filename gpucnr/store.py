@@ -574,6 +574,9 @@ def open_stack(path, *, check: bool = True) -> Stack:
         raise StackError("stack-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
     attrs = dict(group.attrs)
     if attrs.get("gpucnr_stack") != STACK_FORMAT:
+        unfinished = unfinished_stack(path)
+        if unfinished:
+            raise StackError("stack-incomplete", f"{path}: {unfinished}")
         raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
     images = _read_table(group, "images", path)
     if images is None or any(c not in images.columns for c in _IMAGE_COLUMNS):
@@ -600,6 +603,38 @@ def open_stack(path, *, check: bool = True) -> Stack:
     if check:
         _check_complete(group, stack)
     return stack
+
+
+def journal_path(stack) -> Path:
+    """The journal of an ingest in progress, beside its stack (it names source files: an operator's file)."""
+    stack = Path(stack)
+    return stack.with_name(f"{stack.name}.journal")
+
+
+def unfinished_stack(path) -> str | None:
+    """What a Zarr group that a writer left unfinished is, and what to do with it; None for anything else (a
+    finished stack, results, a group that is not gpucnr's, no group at all)."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+    except Exception:  # noqa: BLE001 - not a Zarr group
+        return None
+    if "gpucnr_stack" in attrs or "gpucnr_results" in attrs:
+        return None
+    journal = journal_path(path)
+    if journal.is_file():
+        try:
+            with open(journal, encoding="utf-8") as fh:
+                command = json.loads(fh.readline())["command"]
+        except (OSError, ValueError, KeyError, TypeError):
+            command = f"gpucnr ingest SRC_DIR {path} ... --resume (with the options it started with)"
+        return (f"an interrupted ingest, not a stack yet: continue it with `{command}`, or delete {path.name} "
+                f"and {journal.name}")
+    if "buckets" in group or (not attrs and not list(group.keys())):
+        return (f"an unfinished stack (an interrupted write, without a journal to continue from): delete "
+                f"{path.name} and write it again")
+    return None
 
 
 def _array(group, name):

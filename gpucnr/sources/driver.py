@@ -22,6 +22,7 @@ import pandas as pd
 from gpucnr.errors import InputError, OptionError
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
+from gpucnr.sources.problems import problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, TaskFailure
@@ -67,13 +68,23 @@ class IngestSummary:
     masks: int = 0
     unlabelled_images: int = 0
     other_problems: dict[str, int] = field(default_factory=dict)
+    #: the denominators of the problems block (see `problems.problem_groups`)
+    totals: dict[str, int] = field(default_factory=dict)
+
+    def problem_groups(self) -> list:
+        """The problems of this ingest by kind (DESIGN §10); empty when it has none."""
+        return problem_groups(self.problems.to_dict("records"), self.totals)
+
+    def problems_text(self) -> str:
+        """The block `gpucnr ingest` ends with on stderr, exit status 3 ("" when there is no problem)."""
+        return problems_text(self.problem_groups(), self.skipped_list)
 
     def text(self) -> str:
         lines = [f"{self.stack}: {self.images} image(s) from {self.stored} file(s); {self.files_in} file(s) in, "
                  f"{sum(self.skipped.values())} skipped, {self.duplicates} duplicate(s)"]
         lines += [f"  skipped {code}: {n}" for code, n in sorted(self.skipped.items())]
         lines += [f"  {code}: {n}" for code, n in sorted(self.other_problems.items())]
-        if self.masks:
+        if self.masks or self.totals.get("mask_files"):
             lines.append(f"  mask files used: {self.masks}; images without labels: {self.unlabelled_images}")
         lines.append(f"  skipped-files list: {self.skipped_list}; linkage file: {self.linkage}")
         return "\n".join(lines)
@@ -146,7 +157,6 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     roi_table = None if rois is None else read_roi_csv(rois)  # NB: malformed tables fail before any decoding
     meta_table = None if meta is None else read_meta_csv(meta, [c for c in IMAGE_COLUMNS if c not in ID_COLUMNS])
     key_path = Path(key_file) if key_file is not None else side["key"]
-    key = load_or_create_key(key_path)
     # NB: the CPUs this process may use (containers, taskset), where the OS says; else all of them
     workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     max_bytes = int(max_image_mb * 2**20)
@@ -154,9 +164,10 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
 
     # NB: mask and SEG folders may sit inside SRC_DIR: their files are not images of the dataset
     exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values()) if p is not None]
-    job = _Ingest(stack=stack, side=side, key=key, key_path=key_path, options=options, max_bytes=max_bytes,
+    job = _Ingest(stack=stack, side=side, key=None, key_path=key_path, options=options, max_bytes=max_bytes,
                   progress=progress, roi_table=roi_table, meta_table=meta_table)
     job.find(src, masks, mask_pattern, follow_symlinks, exclude)
+    job.key = load_or_create_key(key_path)  # NB: after every refusal: a refused ingest writes nothing
     with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout, memory_mb=_memory_mb(max_image_mb)) as pool:
         job.scan(pool, seg, follow_symlinks)
         return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
@@ -173,6 +184,8 @@ class _Ingest:
         self.duplicates = 0
         self.matcher: MaskMatcher | None = None
         self.mask_index: dict = {}
+        self.mask_dir = False
+        self.seg_files = 0
         self.meter = _Progress(self.progress)
 
     def problem(self, source: str, item: str, code: str, reason: str) -> None:
@@ -184,12 +197,21 @@ class _Ingest:
         found = walk(src, follow_symlinks=follow_symlinks, exclude=exclude)
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
+            self.mask_dir = masks is not None
             if masks is None:
                 is_mask = [f.code is None and self.matcher.key(f.rel.rpartition("/")[2]) is not None for f in found]
                 self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
                 found = [f for f, m in zip(found, is_mask, strict=True) if not m]
             else:
                 self.mask_index = self.matcher.index(walk(masks, follow_symlinks=follow_symlinks))
+            if not self.mask_index:
+                # NB: a typo such as {stem}-mask.png for {stem}_mask.png would store every mask as an image
+                # (beside them) or label nothing: refused before anything is written.
+                where = (f"under --masks {display_path(masks)}" if masks is not None
+                         else f"beside the images under {display_path(src)}")
+                raise InputError(f"--mask-pattern {self.matcher.pattern!r} matches no file {where}; nothing was "
+                                 "written. Check it against one mask file's name (e.g. '{stem}_mask.png' for "
+                                 "'case.png' and 'case_mask.png')")
         self.found = found
         for f in found:
             if f.code is not None:
@@ -231,7 +253,6 @@ class _Ingest:
             for m in entries:
                 if m.rel not in used:
                     self.problem(m.rel, "mask", "mask-no-image", "no image file matches this mask's name")
-        self.used_masks = used
 
     def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> tuple[dict, dict]:
         """({pseudonymous instance id: paths of the DICOM SEG objects that label it}, {readable SEG path: its
@@ -241,6 +262,7 @@ class _Ingest:
         if seg is None:
             return refs, rels
         files = walk(seg, follow_symlinks=follow_symlinks)
+        self.seg_files = len(files)
         for f in files:
             if f.code is not None:
                 self.problem(f.rel, "seg", f.code, f.reason)
@@ -259,7 +281,8 @@ class _Ingest:
         skipped-files list."""
         sources = {f.rel for f in self.found}
         meta_rows = _meta_rows(self.meta_table, self.key, sources, self.problem)
-        stored = unlabelled = 0
+        stored = unlabelled = masked = 0
+        labelled_by: set[str] = set()
         # NB: duplicates are decided here, in input order, against what was *stored*: a first copy that fails to
         # decode must not make a good second copy a "duplicate" (both are decoded; duplicates are rare).
         stored_as: dict[str, str] = {}
@@ -272,7 +295,7 @@ class _Ingest:
             # are bounded (x3: colour and LUT images become float64), as well as their number.
             outs = pool.imap((t[4] for t in self.tasks), costs=(3 * t[2]["declared_bytes"] for t in self.tasks),
                              budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick)
-            for (k, f, rec, mask_rels, _), out in zip(self.tasks, outs, strict=True):
+            for (k, f, rec, mask_rels, task), out in zip(self.tasks, outs, strict=True):
                 if isinstance(out, TaskFailure):
                     self.skipped[out.code] += 1
                     reason = out.reason
@@ -288,11 +311,15 @@ class _Ingest:
                     continue
                 if dedup is not None:
                     stored_as[dedup] = f.rel
+                if mask_rels or task[5]:
+                    masked += 1
                 if out.get("mask_problem"):
                     code, reason = out["mask_problem"]
                     # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
                     self.problem(f.rel, "mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the "
                                  "image is stored without labels")
+                else:
+                    labelled_by.update(mask_rels)  # NB: "mask files used" = masks that labelled a stored image
                 stored += 1
                 labels = out["labels"]
                 if has_labels and labels is None:
@@ -309,7 +336,7 @@ class _Ingest:
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
                 "files_in": len(self.found), "stored": stored, "skipped": dict(sorted(self.skipped.items())),
-                "duplicates": self.duplicates, "images": writer.n_images, "mask_files": len(self.used_masks),
+                "duplicates": self.duplicates, "images": writer.n_images, "mask_files": len(labelled_by),
                 "unlabelled_images": unlabelled, "other_problems": other, **self.options,
                 "max_image_mb": self.max_bytes / 2**20, "linkage": self.side["linkage"].name,
                 "skipped_list": self.side["skipped"].name,
@@ -328,8 +355,12 @@ class _Ingest:
             stack=self.stack, files_in=len(self.found), stored=stored, skipped=dict(sorted(self.skipped.items())),
             duplicates=self.duplicates, images=opened.n_images,
             problems=pd.DataFrame(self.problems, columns=_PROBLEM_COLUMNS), linkage=self.side["linkage"],
-            skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(self.used_masks),
-            unlabelled_images=unlabelled, other_problems=other)
+            skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(labelled_by),
+            unlabelled_images=unlabelled, other_problems=other,
+            totals={"files": len(self.found), "masked": masked, "seg_files": self.seg_files,
+                    "mask_files": sum(len(v) for v in self.mask_index.values()), "has_mask_dir": self.mask_dir,
+                    "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
+                    "meta_rows": 0 if self.meta_table is None else len(self.meta_table)})
         if summary.files_in != summary.stored + sum(summary.skipped.values()) + summary.duplicates:
             raise AssertionError("ingest lost track of a file")  # NB: the invariant of DESIGN §8, checked always
         return summary
