@@ -66,6 +66,12 @@ def _measurement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--signed", action="store_true")
 
 
+def _allow_incomplete(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="use results an interrupted run left incomplete (refused otherwise: `gpucnr run --resume` "
+                        "completes them); missing images are flagged not-computed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpucnr", description="Contrast-to-noise ratio of every image of a dataset.")
     parser.add_argument("--version", action="version", version=f"gpucnr {__version__}")
@@ -130,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
     rep.add_argument("--open", action="store_true", help="open the report in a browser")
+    _allow_incomplete(rep)
 
     filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
     filt.add_argument("results", type=Path, help="RESULTS.zarr")
@@ -139,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="join source paths from the stack's linkage file (stacks made by `gpucnr ingest`)")
     filt.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     filt.add_argument("--out", type=Path, required=True, help="manifest.csv or manifest.parquet")
+    _allow_incomplete(filt)
 
     enh = sub.add_parser("enhance", help="the article's low-CNR hook: enhance images below a threshold, re-measure")
     enh.add_argument("results", type=Path, help="RESULTS.zarr")
@@ -150,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     enh.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     enh.add_argument("--out", type=Path, required=True,
                      help="folder for enhanced.zarr and its results.zarr")
+    _allow_incomplete(enh)
 
     info = sub.add_parser("info", help="contents, completeness and parameters of a stack or results")
     info.add_argument("path", type=Path)
@@ -269,7 +278,8 @@ def _dispatch(args) -> int:
         from gpucnr.report import write_report
 
         path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
-                            by=args.by, stack=args.stack, lowest=args.lowest)
+                            by=args.by, stack=args.stack, lowest=args.lowest,
+                            allow_incomplete=args.allow_incomplete)
         print(f"report: {path}")
         if args.open:
             import webbrowser
@@ -278,18 +288,25 @@ def _dispatch(args) -> int:
     elif args.command == "filter":
         from gpucnr.manifests import manifest, with_paths, write_manifest
 
-        table = manifest(args.results, threshold=args.threshold, level=args.level)
+        table = manifest(args.results, threshold=args.threshold, level=args.level,
+                         allow_incomplete=args.allow_incomplete)
         if args.with_paths:
             table = with_paths(table, args.results, args.stack)
         path = write_manifest(table, args.out)
         counts = table["decision"].value_counts().to_dict()
         print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")))
+        if counts.get("drop", 0) * 2 > len(table):
+            print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
+                  f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
+                  "on what is left, check the background mode and the threshold against docs/accuracy.md "
+                  "(choosing a background and a threshold) and the report's threshold table", file=sys.stderr)
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
 
         ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
-                     sigma=args.sigma, stack=args.stack, backend=args.backend)
+                     sigma=args.sigma, stack=args.stack, backend=args.backend,
+                     allow_incomplete=args.allow_incomplete)
         print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
               f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
         if ds.sizes["image"]:

@@ -15,7 +15,7 @@ from gpucnr.errors import InputError, OptionError, OptionTypeError
 from gpucnr.kernels.params import Params
 from gpucnr.manifests import DROP, manifest
 from gpucnr.pipeline import run, table_fingerprint
-from gpucnr.results import open_results, results_stack
+from gpucnr.results import open_results, require_complete, results_stack
 from gpucnr.roitable import normalize_table
 from gpucnr.store import Stack, write_stack
 
@@ -34,7 +34,7 @@ _STRUCTURAL = ("index", "bucket", "position", "valid_h", "valid_w", "source_inde
 
 
 def enhance(results, out, *, threshold: float = 1.5, method: str = "median", size: int = 3, sigma: float = 1.0,
-            stack=None, backend: str = "auto") -> xr.Dataset:
+            stack=None, backend: str = "auto", allow_incomplete: bool = False) -> xr.Dataset:
     """Enhance the images whose CNR is below `threshold`, write them as a new stack and re-measure them.
 
     Parameters
@@ -63,6 +63,9 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     backend : {"auto", "numpy", "cupy"}
         Where the filters and the re-measurement run. ``"cupy"`` without a usable GPU raises
         `gpucnr.BackendUnavailableError`; there is no silent CPU fallback.
+    allow_incomplete : bool
+        Enhance among the images of results that an interrupted run left incomplete (the others are not
+        enhanced); without it such results are refused (``results-incomplete``).
 
     Returns
     -------
@@ -98,9 +101,10 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     method, param = _check_options(method, size, sigma, threshold)
     where = resolve_backend(backend)
     ds, results_path = (results, None) if isinstance(results, xr.Dataset) else (open_results(results), results)
+    require_complete(ds, allow_incomplete=allow_incomplete, command="enhance", results_path=results_path)
     stack = results_stack(ds, results_path, stack)
     params = _run_params(ds.attrs)
-    decisions = manifest(ds, threshold, level="image")
+    decisions = manifest(ds, threshold, level="image", allow_incomplete=allow_incomplete)
     chosen = np.sort(decisions.loc[decisions["decision"] == DROP, "image"].to_numpy(np.int64))
     attrs = {"method": method, **param, "threshold": float(threshold), "dtype": "float64", "backend": where,
              "note": NOTE, **params.as_attrs(), "enhanced_stack": "none", "enhanced_results": "none"}

@@ -60,5 +60,8 @@ class Interrupted(GpucnrError):
 
     def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
-        self.signal = "SIGTERM" if isinstance(cause, Terminated) else "SIGINT"
+        if isinstance(cause, Interrupted):
+            self.signal = cause.signal  # NB: an interruption of an inner step (enhance's run) told again
+        else:
+            self.signal = "SIGTERM" if isinstance(cause, Terminated) else "SIGINT"
         self.exit_code = 143 if self.signal == "SIGTERM" else 130

@@ -19,11 +19,11 @@ import zarr
 
 from gpucnr.arrays import STATUS_LEGEND, align_columns
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
-from gpucnr.errors import InputError
+from gpucnr.errors import InputError, Interrupted
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
-from gpucnr.results import ResultsError, create_results, open_results, stack_relative, write_rows
+from gpucnr.results import ResultsError, create_results, open_results, resume_command, stack_relative, write_rows
 from gpucnr.roitable import normalize_table
 from gpucnr.store import RESULT_COLUMNS, Stack, StackError, open_stack
 
@@ -163,7 +163,15 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         if bar:
             bar.step()
 
-    _execute(specs, finish, client=client, scheduler=scheduler, workers=workers)
+    try:
+        _execute(specs, finish, client=client, scheduler=scheduler, workers=workers)
+    except KeyboardInterrupt as e:
+        # NB: Ctrl-C / SIGTERM: the pool is stopped (_drain); committed batches stay, --resume does the rest
+        if bar:
+            bar.close()
+        done = int(np.asarray(group["committed"][:]).sum())
+        raise Interrupted(f"{done} of {len(plan)} batches are committed in {results}; continue with "
+                          f"`{resume_command(dict(group.attrs), results)}`", e) from None
     if bar:
         bar.close()
     return open_results(results)
@@ -258,7 +266,7 @@ def _execute(specs, finish, *, client, scheduler, workers):
     queue = list(specs)
     while queue:
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_ignore_sigint) as pool:
                 _drain(pool, queue, finish, workers)
             queue = []
         except _PoolBroken as broken:
@@ -286,18 +294,33 @@ def _drain(pool, specs, finish, workers):
     """Keep at most 2 x workers batches in flight; finish each as it completes (the driver writes)."""
     queue = list(specs)
     flying = {}
-    while queue or flying:
-        while queue and len(flying) < 2 * workers:
-            spec = queue.pop(0)
-            flying[pool.submit(measure_spec, spec)] = spec
-        done, _ = wait(list(flying), return_when=FIRST_COMPLETED)
-        for fut in done:
-            spec = flying.pop(fut)
-            try:
-                out = fut.result()
-            except BrokenProcessPool:
-                raise _PoolBroken([spec, *flying.values()], queue) from None
-            finish(spec, out)
+    try:
+        while queue or flying:
+            while queue and len(flying) < 2 * workers:
+                spec = queue.pop(0)
+                flying[pool.submit(measure_spec, spec)] = spec
+            done, _ = wait(list(flying), return_when=FIRST_COMPLETED)
+            for fut in done:
+                spec = flying.pop(fut)
+                try:
+                    out = fut.result()
+                except BrokenProcessPool:
+                    raise _PoolBroken([spec, *flying.values()], queue) from None
+                finish(spec, out)
+    except KeyboardInterrupt:
+        # NB: Ctrl-C / SIGTERM: queued batches are cancelled and worker processes stopped now, not after the
+        # batches in flight (threads cannot be stopped: each finishes the batch it is on, unwritten).
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        raise
+
+
+def _ignore_sigint() -> None:
+    """Process workers leave Ctrl-C (sent to the whole terminal's process group) to the driver, which stops them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _per_image(spec: BatchSpec):
@@ -312,7 +335,7 @@ def _per_image(spec: BatchSpec):
 def _isolated(spec: BatchSpec, ctx):
     """Run one spec alone in a fresh process; None if the process died."""
     try:
-        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_ignore_sigint) as pool:
             return pool.submit(measure_spec, spec).result()
     except BrokenProcessPool:
         return None

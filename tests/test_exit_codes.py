@@ -6,17 +6,24 @@ typo, meta and ROI tables whose paths are relative to another folder, masks of t
 from __future__ import annotations
 
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from dicomfactory import write_raster
+
+import gpucnr
+from gpucnr.phantom import make_phantom
 
 SHAPE = (40, 48)
 
 
-def gpucnr(*args, timeout=300) -> subprocess.CompletedProcess:
+def cli(*args, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gpucnr", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
@@ -52,18 +59,18 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
                                        "missing.png,1,disk,20,18,4\n")
 
     typo = tmp_path / "typo.zarr"
-    proc = gpucnr("ingest", src, typo, "--mask-pattern", "{stem}-mask.png", "--workers", 2)
+    proc = cli("ingest", src, typo, "--mask-pattern", "{stem}-mask.png", "--workers", 2)
     assert proc.returncode == 2, proc.stderr
     assert "matches no file" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     _nothing_beside(typo)
     masks = tmp_path / "masks"
     masks.mkdir()
-    proc = gpucnr("ingest", src, typo, "--masks", masks, "--workers", 2)
+    proc = cli("ingest", src, typo, "--masks", masks, "--workers", 2)
     assert proc.returncode == 2 and "matches no file under --masks" in proc.stderr, proc.stderr
     _nothing_beside(typo)
 
     stack = tmp_path / "stack.zarr"
-    proc = gpucnr("ingest", src, stack, "--mask-pattern", "{stem}_mask.png", "--meta", tmp_path / "meta.csv",
+    proc = cli("ingest", src, stack, "--mask-pattern", "{stem}_mask.png", "--meta", tmp_path / "meta.csv",
                   "--rois", tmp_path / "rois.csv", "--workers", 2)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "4 image(s) from 4 file(s)" in proc.stdout
@@ -75,14 +82,14 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
     assert "meta table rows naming no file: 4 of 4 (100.0 %) [meta-no-image 4]; likely cause: the source" in err
     assert "ROI table rows naming no stored image: 2 of 2 (100.0 %) [roi-no-image 2]" in err, err
 
-    proc = gpucnr("info", stack)
+    proc = cli("info", stack)
     assert proc.returncode == 0, proc.stderr
 
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
     (empty / "cut.png").write_bytes((src / "case0.png").read_bytes()[:40])
-    proc = gpucnr("ingest", empty, tmp_path / "none.zarr", "--workers", 1)
+    proc = cli("ingest", empty, tmp_path / "none.zarr", "--workers", 1)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "image files skipped: 1 of 2 (50.0 %) [bad-header 1]; likely cause: damaged" in proc.stderr, proc.stderr
     assert "[no-image] no image was stored" in proc.stderr
@@ -90,8 +97,103 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
     clean = tmp_path / "clean"
     _images(clean, 2)
     (clean / "._case0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # NB: litter is never a problem
-    proc = gpucnr("ingest", clean, tmp_path / "clean.zarr", "--workers", 1)
+    proc = cli("ingest", clean, tmp_path / "clean.zarr", "--workers", 1)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
-    proc = gpucnr("info", tmp_path / "meta.csv")
+    proc = cli("info", tmp_path / "meta.csv")
     assert proc.returncode == 2 and "neither a gpucnr stack nor gpucnr results" in proc.stdout
+
+
+def _children_of_mark(mark: str) -> list[int]:
+    """Processes still alive whose environment carries `mark` (the workers of a command started with it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if mark.encode() in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches: int = 1):
+    """Start `gpucnr ...cmd`, send `sig` once `batches` batches are logged; (exit status, stderr, leftovers)."""
+    mark = f"gpucnr-test-{os.getpid()}-{sig}-{time.monotonic_ns()}"
+    err = tmp_path / f"{sig}.stderr"
+    with open(err, "wb") as fh:  # NB: a file, not a pipe: a full pipe would stall the process we poll
+        proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
+                                stderr=fh, env={**os.environ, "GPUCNR_BATCH_LOG": str(log), "GPUCNR_MARK": mark})
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            if log.exists() and log.read_text().count("\n") >= batches:
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, f"ended before it could be interrupted:\n{err.read_text()}"
+        proc.send_signal(sig)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    time.sleep(0.5)
+    return rc, err.read_text(), _children_of_mark(mark)
+
+
+@pytest.fixture(scope="module")
+def slow_stack(tmp_path_factory):
+    """A stack of 240 phantom images in shards of 4: 60 batches, each slow enough to interrupt."""
+    root = tmp_path_factory.mktemp("slow")
+    ph = make_phantom(240, (96, 96), lesions=2, radius=6, seed=3)
+    return gpucnr.write_stack(root / "stack.zarr", ph.images, rois=ph.rois, shard=4).path
+
+
+def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
+    """SIGINT, then SIGTERM, in `gpucnr run`: one line (what was done, the --resume command), no traceback, exit
+    130 / 143, no worker process left; `filter`, `report` and `enhance` then refuse the incomplete results
+    (``results-incomplete``, naming the --resume command) unless --allow-incomplete, which the manifest records;
+    the run resumed completes them; a threshold that drops more than half the images is said on stderr."""
+    results = tmp_path / "results.zarr"
+    cmd = ["run", slow_stack, results, "--backend", "numpy", "--background", "ring"]
+    rc, err, left = _interrupt_after([*cmd, "--scheduler", "processes", "--workers", 2], tmp_path / "a.log",
+                                     tmp_path, signal.SIGINT)
+    assert rc == 130 and not left, (rc, left, err)
+    assert err.startswith("gpucnr: interrupted (SIGINT): ") and err.count("\n") == 1, err
+    resume = f"gpucnr run {slow_stack} {results} --resume --background ring --batch 4"
+    assert f"of 60 batches are committed in {results}; continue with `{resume}`" in err, err
+    rc, err, left = _interrupt_after([*cmd, "--resume", "--workers", 2], tmp_path / "b.log", tmp_path,
+                                     signal.SIGTERM, batches=2)
+    assert rc == 143 and not left and err.startswith("gpucnr: interrupted (SIGTERM): "), (rc, left, err)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+    for command in (["filter", results, "--out", tmp_path / "m.csv"], ["report", results, tmp_path / "rep"],
+                    ["enhance", results, "--out", tmp_path / "enh"]):
+        proc = cli(*command)
+        assert proc.returncode == 2, proc.stderr
+        assert "[results-incomplete]" in proc.stderr and f"`{resume}`" in proc.stderr, proc.stderr
+        assert "--allow-incomplete" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "m.csv").exists() and not (tmp_path / "rep").exists() and not (tmp_path / "enh").exists()
+    proc = cli("filter", results, "--out", tmp_path / "m.csv", "--allow-incomplete")
+    assert proc.returncode == 0, proc.stderr
+    table, meta = gpucnr.read_manifest(tmp_path / "m.csv")
+    flagged = int((table["reason"] == "not-computed").sum())
+    assert meta["allow_incomplete"] is True and meta["not_computed_images"] == flagged > 0, meta
+
+    proc = cli(*shlex.split(resume)[1:])
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("filter", results, "--out", tmp_path / "m.csv", "--threshold", 1e9)
+    assert proc.returncode == 0, proc.stderr
+    assert "drops 240 of 240 image(s) (100.0 %): more than half" in proc.stderr, proc.stderr
+    assert "docs/accuracy.md" in proc.stderr
+    table, meta = gpucnr.read_manifest(tmp_path / "m.csv")
+    assert meta["allow_incomplete"] is False and meta["not_computed_images"] == 0
+
+
+def test_broken_pipe_is_quiet(slow_stack):
+    """`gpucnr info X | head`: the reader goes away; no traceback, no "Exception ignored", status 141."""
+    proc = subprocess.Popen([sys.executable, "-m", "gpucnr", "info", slow_stack, "--json"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # NB: before the command writes: its first write meets a closed pipe
+    assert proc.wait(timeout=120) == 141
+    assert proc.stderr.read() == b""
