@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--compressor", choices=COMPRESSORS, default="blosc-zstd")
     ing.add_argument("--follow-symlinks", action="store_true")
     ing.add_argument("--progress", action="store_true", help="progress line on stderr")
+    ing.add_argument("--resume", action="store_true",
+                     help="continue an interrupted ingest of STACK.zarr (same sources and options)")
 
     demo = sub.add_parser("demo", help="phantom dataset with known CNR -> stack -> run -> summary table")
     demo.add_argument("--out", type=Path, default=None,
@@ -241,7 +243,8 @@ def _dispatch(args) -> int:
                          rois=args.rois, meta=args.meta, color=args.color, nonfinite=args.nonfinite,
                          key_file=args.key_file, workers=args.workers, max_image_mb=args.max_image_mb,
                          follow_symlinks=args.follow_symlinks, progress=args.progress,
-                         file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor)
+                         file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor,
+                         resume=args.resume)
         print(summary.text(), flush=True)
         problems = summary.problems_text()
         if problems:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pandas as pd
 import xarray as xr
 
 from gpucnr.backend import ndimage_for, resolve_backend, to_backend, to_host
-from gpucnr.errors import InputError, OptionError, OptionTypeError
+from gpucnr.errors import InputError, Interrupted, OptionError, OptionTypeError
 from gpucnr.kernels.params import Params
 from gpucnr.manifests import DROP, manifest
 from gpucnr.pipeline import run, table_fingerprint
@@ -118,11 +119,19 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         if path.exists():
             raise InputError(f"{path} already exists; enhance does not overwrite")
     rois = _roi_rows(stack, ds.attrs, chosen)
-    images, labels = _filtered(stack, chosen, method, param, where)
-    out.mkdir(parents=True, exist_ok=True)
-    new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen), shard=stack.shard,
-                      compressor=stack.compressor)
-    after = run(new, results_out, backend=where, **_as_kwargs(params))
+    try:
+        images, labels = _filtered(stack, chosen, method, param, where)
+        out.mkdir(parents=True, exist_ok=True)
+        new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen),
+                          shard=stack.shard, compressor=stack.compressor)
+        after = run(new, results_out, backend=where, **_as_kwargs(params))
+    except (KeyboardInterrupt, Interrupted) as e:
+        # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
+        # same command refuse to start again
+        for path in (results_out, stack_out):
+            shutil.rmtree(path, ignore_errors=True)
+        raise Interrupted(f"{len(chosen)} image(s) were being enhanced into {out}; the partial outputs were removed: "
+                          "run the same command again", e) from None
     new_table = new.images.sort_values("index")
     original = new_table["original_index"].to_numpy(np.int64)
     cnr_after = pd.Series(np.asarray(after["cnr_median"].values, np.float64)[new_table["index"].to_numpy()],

@@ -102,7 +102,9 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "report.html"
-    path.write_text(doc, encoding="utf-8")
+    tmp = path.with_name("report.html.partial")
+    tmp.write_text(doc, encoding="utf-8")
+    os.replace(tmp, path)  # NB: an interrupted report leaves the previous one (or none), never half of one
     return path
 
 

@@ -363,6 +363,69 @@ class StackWriter:
         self._buckets: dict[tuple, dict] = {}
         self._rows: list[dict] = []
         self._label_ids: set[int] = set()
+        #: called as ``on_written(bucket name, images of the bucket now on disk)`` after each shard's pixels and
+        #: manifest are written (from the writer's thread): ingest journals it, to resume from there
+        self.on_written = None
+
+    @classmethod
+    def resume(cls, path, *, rows: list[dict], label_ids, labels: bool = False, shard: int = 64,
+               compressor: str = "blosc-zstd", attrs: dict | None = None) -> StackWriter:
+        """Continue the stack an interrupted writer left at `path`, keeping the images `rows` describe (the
+        per-image rows of the `add` calls to keep, in order; each bucket's positions 0..n-1) and dropping the
+        rest: other buckets, shards past them, the tables of an interrupted `close`, half-written shard files.
+        The last, partly filled shard of each bucket is read back and will be written again whole, so the result
+        equals a writer that was never interrupted. `label_ids` are the labels of the kept images."""
+        import shutil
+
+        path = Path(path)
+        self = cls.__new__(cls)
+        self.path, self.labels, self.shard, self.compressor = path, labels, shard, compressor
+        self.attrs = dict(attrs or {})
+        self.group = zarr.open_group(str(path), mode="r+")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="gpucnr-stack-writer")
+        self._buckets, self._rows, self._label_ids = {}, list(rows), set(label_ids)
+        self.on_written = None
+        counts: dict[str, int] = {}
+        for row in self._rows:
+            counts[row["bucket"]] = max(counts.get(row["bucket"], 0), int(row["position"]) + 1)
+        shutil.rmtree(path / "tables", ignore_errors=True)
+        for folder in sorted((path / "buckets").glob("*")) if (path / "buckets").is_dir() else ():
+            if folder.is_dir() and folder.name not in counts:
+                shutil.rmtree(folder)
+        for leftover in path.rglob("*.partial"):
+            leftover.unlink()  # NB: a shard file half written when the writer stopped
+        for name, n in counts.items():
+            images = self.group[f"buckets/{name}/images"]
+            lab = self.group[f"buckets/{name}/labels"] if labels else None
+            canvas, dtype = tuple(int(v) for v in images.shape[1:]), np.dtype(images.dtype).newbyteorder("=")
+            first = n // shard * shard
+            kept = [r for r in self._rows if r["bucket"] == name and int(r["position"]) >= first]
+            kept.sort(key=lambda r: int(r["position"]))
+            block = np.asarray(images[first:n]) if n > first else None
+            lab_block = np.asarray(lab[first:n]) if lab is not None and n > first else None
+            pending = []
+            for k, r in enumerate(kept):
+                h, w = int(r["valid_h"]), int(r["valid_w"])
+                pending.append((block[k, :h, :w], None if lab_block is None else lab_block[k, :h, :w]))
+            for arr in (images, lab):
+                if arr is not None:
+                    arr.resize((first, *canvas))  # NB: zarr deletes the shard files past it
+            written = self.group[f"buckets/{name}/written"]
+            written.resize((first,))
+            self._buckets[(canvas, dtype.str)] = {
+                "name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": lab, "written": written,
+                "count": first, "pending": pending, "pending_bytes": sum(p[0].nbytes for p in pending),
+                "inflight": None}
+        return self
+
+    def abandon(self) -> None:
+        """Stop without closing (an interrupted ingest): the shard being written completes, nothing more is."""
+        self._io.shutdown(wait=True)
+
+    @property
+    def rows(self) -> list[dict]:
+        """The per-image rows of the images added so far (bucket, position, valid extent, source index, meta)."""
+        return self._rows
 
     def __enter__(self):
         return self
@@ -464,6 +527,8 @@ class StackWriter:
         # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
         b["written"].resize((z,))
         b["written"][a:z] = 1
+        if self.on_written is not None:
+            self.on_written(b["name"], z)
 
     def close(self, rois=None) -> Stack:
         """Flush every bucket, write the tables and attributes; returns the opened stack.

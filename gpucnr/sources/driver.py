@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import shlex
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,15 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import zarr
 
-from gpucnr.errors import InputError, OptionError
+from gpucnr.errors import InputError, Interrupted, OptionError
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
+from gpucnr.sources.journal import Journal, sources_digest
 from gpucnr.sources.problems import problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, TaskFailure
-from gpucnr.store import StackWriter
+from gpucnr.store import StackWriter, journal_path
 
 __all__ = ["IngestSummary", "ingest", "sidecar_paths"]
 
@@ -46,8 +49,10 @@ def sidecar_paths(stack) -> dict[str, Path]:
     """The operator's files beside a stack: the pseudonym key, the linkage file (image -> source path) and
     the skipped-files list. They sit outside the stack so that sharing a stack never shares them."""
     stack = Path(stack)
-    return {k: stack.with_name(f"{stack.name}.{k}{ext}") for k, ext in
-            (("key", ""), ("linkage", ".csv"), ("skipped", ".csv"))}
+    paths = {k: stack.with_name(f"{stack.name}.{k}{ext}") for k, ext in
+             (("key", ""), ("linkage", ".csv"), ("skipped", ".csv"))}
+    paths["journal"] = journal_path(stack)  # NB: while an ingest is in progress only
+    return paths
 
 
 @dataclass
@@ -93,7 +98,8 @@ class IngestSummary:
 def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None, rois=None, meta=None,
            color: str = "rec709", nonfinite: str = "skip", key_file=None, workers: int | None = None,
            max_image_mb: float = 512, follow_symlinks: bool = False, progress: bool = False,
-           file_timeout: float = 120.0, shard: int = 64, compressor: str = "blosc-zstd") -> IngestSummary:
+           file_timeout: float = 120.0, shard: int = 64, compressor: str = "blosc-zstd",
+           resume: bool = False) -> IngestSummary:
     """Ingest a folder of DICOM, PNG and TIFF files into a new stack.
 
     Parameters
@@ -132,6 +138,11 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         Seconds one file may take to scan or decode before its worker is killed.
     shard, compressor
         As `write_stack`.
+    resume : bool
+        Continue the ingest that was interrupted while writing `stack` (from its journal, ``<stack>.journal``)
+        instead of refusing an existing stack; the sources and options must be those it started with
+        (``resume-mismatch`` otherwise). The result equals an uninterrupted ingest. Without a stack at `stack`,
+        a new ingest starts.
 
     Returns
     -------
@@ -146,8 +157,9 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         raise OptionError("max_image_mb and file_timeout must be > 0")
     if not src.is_dir():
         raise InputError(f"source folder {display_path(src)} does not exist or is not a folder")
-    if stack.exists():
-        raise InputError(f"{display_path(stack)} already exists; ingest never overwrites a stack")
+    if stack.exists() and not resume:
+        raise InputError(f"{display_path(stack)} already exists; ingest never overwrites a stack (--resume "
+                         "continues an interrupted ingest)")
     if not stack.absolute().parent.is_dir():
         raise InputError(f"the folder of {display_path(stack)} does not exist")
     for name, folder in (("masks", masks), ("seg", seg)):
@@ -163,15 +175,83 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     options = {"color": color, "nonfinite": nonfinite}
 
     # NB: mask and SEG folders may sit inside SRC_DIR: their files are not images of the dataset
-    exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values()) if p is not None]
+    exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values(), side["journal"],
+                           Path(f"{side['journal']}.partial")) if p is not None]
     job = _Ingest(stack=stack, side=side, key=None, key_path=key_path, options=options, max_bytes=max_bytes,
                   progress=progress, roi_table=roi_table, meta_table=meta_table)
     job.find(src, masks, mask_pattern, follow_symlinks, exclude)
+    settings = {"src": src, "masks": masks, "mask_pattern": mask_pattern, "seg": seg, "rois": rois, "meta": meta,
+                "color": color, "nonfinite": nonfinite, "key_file": key_file, "max_image_mb": max_image_mb,
+                "file_timeout": file_timeout, "follow_symlinks": follow_symlinks, "shard": shard,
+                "compressor": compressor}
+    walked = {**job.walked, "seg": [] if seg is None else walk(seg, follow_symlinks=follow_symlinks)}
+    job.header = {"sources": sources_digest(walked, {"rois": rois, "meta": meta}),
+                  "options": _journal_options(settings), "command": _resume_command(stack, settings)}
+    job.resumed = _resume_point(stack, side["journal"], job.header) if resume and stack.exists() else None
     job.key = load_or_create_key(key_path)  # NB: after every refusal: a refused ingest writes nothing
     with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout, memory_mb=_memory_mb(max_image_mb)) as pool:
-        job.scan(pool, seg, follow_symlinks)
-        return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
-                          seg is not None)
+        try:
+            job.scan(pool, seg, follow_symlinks)
+            return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
+                              seg is not None)
+        except KeyboardInterrupt as e:
+            raise Interrupted(job.interrupted(), e) from None
+
+
+def _journal_options(settings: dict) -> dict:
+    """The options that decide what an ingest stores (not --workers, --progress), comparable across runs:
+    paths absolute, and the pseudonym key by its SHA-256 (a resume with another key would mix pseudonyms)."""
+    out = {}
+    for name, value in settings.items():
+        out[name] = os.path.abspath(value) if isinstance(value, str | os.PathLike) and name not in (
+            "mask_pattern", "color", "nonfinite", "compressor") else value
+    return out
+
+
+def _resume_command(stack: Path, settings: dict) -> str:
+    """The command line that continues this ingest: its arguments as given, the options that differ from the
+    defaults, and --resume."""
+    defaults = {"color": "rec709", "nonfinite": "skip", "max_image_mb": 512, "file_timeout": 120, "shard": 64,
+                "compressor": "blosc-zstd", "follow_symlinks": False}
+    words = ["gpucnr", "ingest", display_path(settings["src"]), display_path(stack)]
+    for name, value in settings.items():
+        if name == "src" or value is None or defaults.get(name, None) == value:
+            continue
+        flag = "--" + name.replace("_", "-")
+        words += [flag] if value is True else [flag, display_path(value) if isinstance(value, Path) else
+                                               f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(shlex.quote(w) for w in [*words, "--resume"])
+
+
+class ResumeError(InputError):
+    """`gpucnr ingest --resume` that cannot continue: other sources or options, no journal, a finished stack."""
+
+    code = "resume-mismatch"
+
+
+def _resume_point(stack: Path, journal: Path, header: dict) -> dict:
+    """The journal of the interrupted ingest to continue, checked against this one's sources and options."""
+    try:
+        attrs = dict(zarr.open_group(str(stack), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - not a Zarr group: not something ingest left
+        attrs = {}
+    if "gpucnr_stack" in attrs:
+        raise ResumeError(f"{display_path(stack)} is a complete stack: there is nothing to resume")
+    try:
+        old, records, flushed = Journal.read(journal)
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{display_path(stack)} cannot be resumed: its journal {journal.name} is missing or "
+                          f"unreadable ({type(e).__name__}); delete {stack.name} and ingest again") from None
+    changed = sorted(k for k in {*old.get("options", {}), *header["options"]}
+                     if old.get("options", {}).get(k) != header["options"].get(k))
+    if changed:
+        raise ResumeError(f"{display_path(stack)} was started with other options: "
+                          + ", ".join(f"{k}={old['options'].get(k)!r} (now {header['options'].get(k)!r})"
+                                      for k in changed) + f"; continue it with `{old.get('command')}`")
+    if old.get("sources") != header["sources"]:
+        raise ResumeError(f"the source files changed since {display_path(stack)} was started (files added, removed "
+                          f"or modified, by size or time); delete {stack.name} and {journal.name} and ingest again")
+    return {"records": records, "flushed": flushed}
 
 
 class _Ingest:
@@ -195,6 +275,7 @@ class _Ingest:
     def find(self, src: Path, masks, mask_pattern, follow_symlinks: bool, exclude) -> None:
         """Walk the source (and mask) folders; mask files beside their images are not inputs."""
         found = walk(src, follow_symlinks=follow_symlinks, exclude=exclude)
+        self.walked = {"src": found}
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
             self.mask_dir = masks is not None
@@ -203,7 +284,8 @@ class _Ingest:
                 self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
                 found = [f for f, m in zip(found, is_mask, strict=True) if not m]
             else:
-                self.mask_index = self.matcher.index(walk(masks, follow_symlinks=follow_symlinks))
+                self.walked["masks"] = walk(masks, follow_symlinks=follow_symlinks)
+                self.mask_index = self.matcher.index(self.walked["masks"])
             if not self.mask_index:
                 # NB: a typo such as {stem}-mask.png for {stem}_mask.png would store every mask as an image
                 # (beside them) or label nothing: refused before anything is written.
@@ -277,93 +359,183 @@ class _Ingest:
         return refs, rels
 
     def decode(self, pool: IsolatedPool, *, shard: int, compressor: str, has_labels: bool) -> IngestSummary:
-        """Pass 2: decode in input order straight into the stack; then the tables, the linkage file and the
-        skipped-files list."""
+        """Pass 2: decode in input order straight into the stack, journaling each file (`journal`); then the
+        tables, the linkage file and the skipped-files list. A resumed ingest replays the journal's files whose
+        images are on disk and decodes the others."""
         sources = {f.rel for f in self.found}
         meta_rows = _meta_rows(self.meta_table, self.key, sources, self.problem)
-        stored = unlabelled = masked = 0
-        labelled_by: set[str] = set()
         # NB: duplicates are decided here, in input order, against what was *stored*: a first copy that fails to
         # decode must not make a good second copy a "duplicate" (both are decoded; duplicates are rare).
-        stored_as: dict[str, str] = {}
-        link_rows: list[dict] = []
-        frame_of: dict[tuple[str, int], int] = {}
-        writer = StackWriter(self.stack, labels=has_labels, shard=shard, compressor=compressor)
+        self.stored_as: dict[str, str] = {}
+        self.link_rows: list[dict] = []
+        self.frame_of: dict[tuple[str, int], int] = {}
+        self.stored = self.unlabelled = self.masked = 0
+        self.labelled_by: set[str] = set()
+        start, journal, writer = self._open(has_labels, shard, compressor)
         try:
             self.meter.stage("decode", len(self.tasks))
+            self.meter.n = start
             # NB: decoded results wait in the driver until the files before them are done: their bytes in flight
             # are bounded (x3: colour and LUT images become float64), as well as their number.
-            outs = pool.imap((t[4] for t in self.tasks), costs=(3 * t[2]["declared_bytes"] for t in self.tasks),
+            todo = self.tasks[start:]
+            outs = pool.imap((t[4] for t in todo), costs=(3 * t[2]["declared_bytes"] for t in todo),
                              budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick)
-            for (k, f, rec, mask_rels, task), out in zip(self.tasks, outs, strict=True):
-                if isinstance(out, TaskFailure):
-                    self.skipped[out.code] += 1
-                    reason = out.reason
-                    if out.code.startswith("mask") and mask_rels:
-                        reason += f" (mask: {', '.join(mask_rels)})"  # NB: the operator's list names both files
-                    self.problem(f.rel, "file", out.code, reason)
-                    continue
-                dedup = rec.get("dedup")
-                if dedup is not None and dedup in stored_as:
-                    self.duplicates += 1
-                    what = "SOP instance" if rec["format"] == "dicom" else "bytes"
-                    self.problem(f.rel, "file", "duplicate", f"the same {what} as {stored_as[dedup]}, stored before it")
-                    continue
-                if dedup is not None:
-                    stored_as[dedup] = f.rel
-                if mask_rels or task[5]:
-                    masked += 1
-                if out.get("mask_problem"):
-                    code, reason = out["mask_problem"]
-                    # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
-                    self.problem(f.rel, "mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the "
-                                 "image is stored without labels")
-                else:
-                    labelled_by.update(mask_rels)  # NB: "mask files used" = masks that labelled a stored image
-                stored += 1
-                labels = out["labels"]
-                if has_labels and labels is None:
-                    unlabelled += len(out["frames"])
-                for frame, entry in enumerate(out["frames"]):
-                    pixels = entry.pop("pixels")
-                    row = _image_row(rec, entry, frame, k, pixels.shape)
-                    row.update(meta_rows.get(f.rel, {}))
-                    source_index = writer.add(pixels, None if labels is None else labels[frame], row)
-                    frame_of[(f.rel, frame)] = source_index
-                    link_rows.append({"source_index": source_index, "frame": frame, "source": f.rel,
-                                      "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS}})
-            table = _roi_rows(self.roi_table, frame_of, sources, self.problem)
+            for j, out in enumerate(outs, start):
+                record = self._decoded(j, out, meta_rows, writer)
+                journal.record(record)
+                self._apply(record)
+                self.decoded = j + 1
+            table = _roi_rows(self.roi_table, self.frame_of, sources, self.problem)
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
-                "files_in": len(self.found), "stored": stored, "skipped": dict(sorted(self.skipped.items())),
-                "duplicates": self.duplicates, "images": writer.n_images, "mask_files": len(labelled_by),
-                "unlabelled_images": unlabelled, "other_problems": other, **self.options,
+                "files_in": len(self.found), "stored": self.stored, "skipped": dict(sorted(self.skipped.items())),
+                "duplicates": self.duplicates, "images": writer.n_images, "mask_files": len(self.labelled_by),
+                "unlabelled_images": self.unlabelled, "other_problems": other, **self.options,
                 "max_image_mb": self.max_bytes / 2**20, "linkage": self.side["linkage"].name,
                 "skipped_list": self.side["skipped"].name,
             }
             opened = writer.close(rois=table)
+        except BaseException:
+            writer.abandon()  # NB: the shard being written completes and is journaled: a resume keeps it
+            journal.close()
+            raise
         finally:
             _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)  # NB: kept even if the run fails
         index_of = dict(zip(opened.images["source_index"].to_numpy(), opened.images["index"].to_numpy(),
                             strict=True))
+        link_rows = [dict(r) for r in self.link_rows]
         for r in link_rows:
             r["index"] = int(index_of[r.pop("source_index")])
         link_rows.sort(key=lambda r: r["index"])
         _write_csv(self.side["linkage"], link_rows, ["index", "frame", "source", "file_index", *ID_COLUMNS])
+        journal.remove()  # NB: last: until the linkage file is written, the ingest is not complete
         self.meter.done()
         summary = IngestSummary(
-            stack=self.stack, files_in=len(self.found), stored=stored, skipped=dict(sorted(self.skipped.items())),
+            stack=self.stack, files_in=len(self.found), stored=self.stored, skipped=dict(sorted(self.skipped.items())),
             duplicates=self.duplicates, images=opened.n_images,
             problems=pd.DataFrame(self.problems, columns=_PROBLEM_COLUMNS), linkage=self.side["linkage"],
-            skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(labelled_by),
-            unlabelled_images=unlabelled, other_problems=other,
-            totals={"files": len(self.found), "masked": masked, "seg_files": self.seg_files,
+            skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(self.labelled_by),
+            unlabelled_images=self.unlabelled, other_problems=other,
+            totals={"files": len(self.found), "masked": self.masked, "seg_files": self.seg_files,
                     "mask_files": sum(len(v) for v in self.mask_index.values()), "has_mask_dir": self.mask_dir,
                     "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
                     "meta_rows": 0 if self.meta_table is None else len(self.meta_table)})
         if summary.files_in != summary.stored + sum(summary.skipped.values()) + summary.duplicates:
             raise AssertionError("ingest lost track of a file")  # NB: the invariant of DESIGN §8, checked always
         return summary
+
+    def _open(self, has_labels: bool, shard: int, compressor: str):
+        """(the first task to decode, the journal, the stack writer): a new stack, or the interrupted one with
+        the journal's files replayed up to the first one with an image that is not on disk."""
+        if self.resumed is None:
+            journal = Journal.create(self.side["journal"], self.header)  # NB: before the stack: it names it
+            writer = StackWriter(self.stack, labels=has_labels, shard=shard, compressor=compressor)
+            writer.on_written = journal.flushed
+            self.decoded = 0
+            return 0, journal, writer
+        records, flushed = self.resumed["records"], self.resumed["flushed"]
+        start = len(records)
+        for j, record in enumerate(records):
+            if any(int(fr["row"]["position"]) >= flushed.get(fr["row"]["bucket"], 0) for fr in record["frames"]):
+                start = j
+                break
+        kept = records[:start]
+        for record in kept:
+            self._apply(record)
+        rows = [fr["row"] for record in kept for fr in record["frames"]]
+        labels = {v for record in kept for fr in record["frames"] for v in fr["labels"]}
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["bucket"]] = int(row["position"]) + 1
+        # NB: the journal is rewritten with what is kept, so that one interrupted twice resumes alike
+        journal = Journal.create(self.side["journal"], self.header,
+                                 [*kept, *({"flushed": b, "count": n // shard * shard} for b, n in counts.items())])
+        writer = StackWriter.resume(self.stack, rows=rows, label_ids=labels, labels=has_labels, shard=shard,
+                                    compressor=compressor)
+        writer.on_written = journal.flushed
+        self.decoded = start
+        return start, journal, writer
+
+    def _decoded(self, j: int, out, meta_rows: dict, writer: StackWriter) -> dict:
+        """What one decoded file became: its images go to `writer`; the rest is the journal record."""
+        k, f, rec, mask_rels, task = self.tasks[j]
+        record = {"j": j, "problems": [], "skip": None, "dup": False, "dedup": None, "masked": False,
+                  "labelled_by": [], "unlabelled": 0, "frames": []}
+
+        def problem(item: str, code: str, reason: str) -> None:
+            record["problems"].append({"source": f.rel, "item": item, "code": code, "reason": reason})
+            log.info("%s: %s %s: %s", f.rel, item, code, reason)  # NB: an operator message: the path is needed
+
+        if isinstance(out, TaskFailure):
+            record["skip"] = out.code
+            reason = out.reason
+            if out.code.startswith("mask") and mask_rels:
+                reason += f" (mask: {', '.join(mask_rels)})"  # NB: the operator's list names both files
+            problem("file", out.code, reason)
+            return record
+        dedup = rec.get("dedup")
+        if dedup is not None and dedup in self.stored_as:
+            record["dup"] = True
+            what = "SOP instance" if rec["format"] == "dicom" else "bytes"
+            problem("file", "duplicate", f"the same {what} as {self.stored_as[dedup]}, stored before it")
+            return record
+        record["dedup"] = dedup
+        record["masked"] = bool(mask_rels or task[5])
+        if out.get("mask_problem"):
+            code, reason = out["mask_problem"]
+            # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
+            problem("mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the image is stored "
+                    "without labels")
+        else:
+            record["labelled_by"] = list(mask_rels)  # NB: "mask files used" = masks that labelled a stored image
+        labels = out["labels"]
+        if writer.labels and labels is None:
+            record["unlabelled"] = len(out["frames"])
+        for frame, entry in enumerate(out["frames"]):
+            pixels = entry.pop("pixels")
+            row = _image_row(rec, entry, frame, k, pixels.shape)
+            row.update(meta_rows.get(f.rel, {}))
+            plane = None if labels is None else labels[frame]
+            source_index = writer.add(pixels, plane, row)
+            ids = [] if plane is None else [int(v) for v in np.unique(plane) if v != 0]
+            record["frames"].append({"row": writer.rows[source_index], "labels": ids})
+        return record
+
+    def _apply(self, record: dict) -> None:
+        """Count one file's record (decoded now, or replayed from the journal)."""
+        k, f = self.tasks[record["j"]][:2]
+        self.problems.extend(record["problems"])
+        if record["skip"] is not None:
+            self.skipped[record["skip"]] += 1
+            return
+        if record["dup"]:
+            self.duplicates += 1
+            return
+        if record["dedup"] is not None:
+            self.stored_as[record["dedup"]] = f.rel
+        self.stored += 1
+        self.masked += record["masked"]
+        self.unlabelled += record["unlabelled"]
+        self.labelled_by.update(record["labelled_by"])
+        for frame, fr in enumerate(record["frames"]):
+            row = fr["row"]
+            self.frame_of[(f.rel, frame)] = int(row["source_index"])
+            self.link_rows.append({"source_index": int(row["source_index"]), "frame": frame, "source": f.rel,
+                                   "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS}})
+
+    def interrupted(self) -> str:
+        """What an interrupted ingest did and how to continue it (the line `gpucnr ingest` ends with)."""
+        if not self.side["journal"].exists():
+            return (f"stopped while reading headers, before anything was stored; nothing was written but the key "
+                    f"({self.key_path.name}); run the same command again")
+        try:
+            _, _, flushed = Journal.read(self.side["journal"])
+        except (OSError, ValueError):
+            flushed = {}
+        done = (f"{self.decoded} of {len(self.tasks)} files decoded" if hasattr(self, "decoded") else
+                "stopped while reading headers")
+        return (f"{done}, {sum(flushed.values())} image(s) kept on disk in {display_path(self.stack)}; continue "
+                f"with `{self.header['command']}` (or delete {self.stack.name} and {self.side['journal'].name})")
 
 
 def _memory_mb(max_image_mb: float) -> int:
