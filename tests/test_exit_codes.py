@@ -197,3 +197,32 @@ def test_broken_pipe_is_quiet(slow_stack):
     proc.stdout.close()  # NB: before the command writes: its first write meets a closed pipe
     assert proc.wait(timeout=120) == 141
     assert proc.stderr.read() == b""
+
+
+def test_run_with_failed_images_exits_3(tmp_path):
+    """An image whose chunk fails its checksum gets status 6; the run completes, says how many of how many
+    images failed and where they are listed, and exits 3."""
+    ph = make_phantom(8, (64, 64), lesions=1, radius=5, seed=5)
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", ph.images, rois=ph.rois, shard=4).path
+    shard = next((stack / "buckets").rglob("images/c/0/0/0"))
+    data = bytearray(shard.read_bytes())
+    offset, nbytes = np.frombuffer(bytes(data[-(16 * 4 + 4):-4]), "<u8").reshape(4, 2)[1]
+    data[int(offset + nbytes // 2)] ^= 0xFF  # NB: image 1 fails its crc32c
+    shard.write_bytes(bytes(data))
+    proc = cli("run", stack, tmp_path / "r.zarr", "--backend", "numpy", "--workers", 1)
+    assert proc.returncode == 3, proc.stderr
+    assert "run completed with problems: 1 of 8 image(s) failed (12.5 %, status 6 'failed')" in proc.stderr
+    assert f"gpucnr info {tmp_path / 'r.zarr'}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_enhance_interrupted_removes_its_partial_outputs(slow_stack, tmp_path):
+    """SIGTERM while enhance re-measures: exit 143, one line, and neither half-written output is left behind
+    (the same command then starts afresh)."""
+    results = tmp_path / "r.zarr"
+    assert cli("run", slow_stack, results, "--backend", "numpy", "--workers", 2).returncode == 0
+    out = tmp_path / "enh"
+    rc, err, left = _interrupt_after(["enhance", results, "--threshold", 1e9, "--out", out, "--backend", "numpy"],
+                                     tmp_path / "e.log", tmp_path, signal.SIGTERM)
+    assert rc == 143 and not left, (rc, err, left)
+    assert err.startswith("gpucnr: interrupted (SIGTERM): 240 image(s) were being enhanced") and err.count("\n") == 1
+    assert not (out / "enhanced.zarr").exists() and not (out / "results.zarr").exists()

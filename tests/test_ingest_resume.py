@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from dicomfactory import write_raster
+from test_exit_codes import _children_of_mark
 
 import gpucnr
 
@@ -67,10 +68,12 @@ def _journal(stack: Path) -> Path:
 
 
 def _start_and_stop(cmd: list, stack: Path, sig: int, flushes: int, log: Path) -> int:
-    """Run `gpucnr ingest ...`; send `sig` once the journal records `flushes` shards on disk; its exit status."""
+    """Run `gpucnr ingest ...`; send `sig` once the journal records `flushes` shards on disk; its exit status.
+    Its worker processes must be gone afterwards."""
+    mark = f"gpucnr-resume-{os.getpid()}-{time.monotonic_ns()}"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
-                                stderr=fh)
+                                stderr=fh, env={**os.environ, "GPUCNR_MARK": mark})
     try:
         deadline = time.monotonic() + WAIT_S
         while proc.poll() is None and time.monotonic() < deadline:
@@ -80,11 +83,15 @@ def _start_and_stop(cmd: list, stack: Path, sig: int, flushes: int, log: Path) -
             time.sleep(0.001)
         assert proc.poll() is None, f"the ingest ended before it was interrupted:\n{log.read_text()}"
         proc.send_signal(sig)
-        return proc.wait(timeout=WAIT_S)
+        rc = proc.wait(timeout=WAIT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    if sig != signal.SIGKILL:  # NB: workers of a killed driver notice when they next read from it
+        time.sleep(0.5)
+        assert not _children_of_mark(mark), "worker processes outlived the interrupted ingest"
+    return rc
 
 
 def _assert_same_as_reference(stack: Path, ref: Path) -> None:
