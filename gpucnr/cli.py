@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -207,6 +208,12 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as e:
+        # NB: the environment (a full disk, a lost mount): its reason only; the file's name may hold a name
+        name = errno.errorcode.get(e.errno or 0, type(e).__name__)
+        print(f"gpucnr: error [environment] {e.strerror or type(e).__name__} ({name}); what was written is kept "
+              f"(--resume continues ingest and run)", file=sys.stderr)
+        return 4
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -274,8 +281,8 @@ def _dispatch(args) -> int:
         if failed:
             print(f"gpucnr: run completed with problems: {failed} of {ds.sizes['image']} image(s) failed "
                   f"({100.0 * failed / max(ds.sizes['image'], 1):.1f} %, status 6 'failed'); `gpucnr info "
-                  f"{args.results}` lists them with their reasons; likely cause: damaged chunks of the stack, or "
-                  "images that kill the process measuring them", file=sys.stderr)
+                  f"{args.results} --json` lists them with their reasons (failures); likely cause: damaged chunks "
+                  "of the stack, or images that kill the process measuring them", file=sys.stderr)
             return 3
     elif args.command == "report":
         from gpucnr.report import write_report

@@ -509,8 +509,10 @@ class StackWriter:
             b["inflight"].result()
         except OSError as e:
             why = e.strerror or type(e).__name__
-            raise StackError("stack-write", f"{self.path}: writing bucket {b['name']} failed ({why}); the stack "
-                             "is incomplete") from None
+            error = StackError("stack-write", f"{self.path}: writing bucket {b['name']} failed ({why}); the stack "
+                               "is incomplete (an ingest continues with --resume once there is room)")
+            error.exit_code = 4  # NB: the environment's failure, after partial work (DESIGN §10)
+            raise error from None
 
     def _write(self, b: dict, a: int, z: int, block, lab_block) -> None:
         for kind, data in (("images", block), ("labels", lab_block)):

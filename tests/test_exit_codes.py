@@ -143,9 +143,9 @@ def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches:
 
 @pytest.fixture(scope="module")
 def slow_stack(tmp_path_factory):
-    """A stack of 240 phantom images in shards of 4: 60 batches, each slow enough to interrupt."""
+    """A stack of 160 phantom images in shards of 4: 40 batches, each slow enough to interrupt."""
     root = tmp_path_factory.mktemp("slow")
-    ph = make_phantom(240, (96, 96), lesions=2, radius=6, seed=3)
+    ph = make_phantom(160, (96, 96), lesions=2, radius=6, seed=3)
     return gpucnr.write_stack(root / "stack.zarr", ph.images, rois=ph.rois, shard=4).path
 
 
@@ -161,7 +161,7 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     assert rc == 130 and not left, (rc, left, err)
     assert err.startswith("gpucnr: interrupted (SIGINT): ") and err.count("\n") == 1, err
     resume = f"gpucnr run {slow_stack} {results} --resume --background ring --batch 4"
-    assert f"of 60 batches are committed in {results}; continue with `{resume}`" in err, err
+    assert f"of 40 batches are committed in {results}; continue with `{resume}`" in err, err
     rc, err, left = _interrupt_after([*cmd, "--resume", "--workers", 2], tmp_path / "b.log", tmp_path,
                                      signal.SIGTERM, batches=2)
     assert rc == 143 and not left and err.startswith("gpucnr: interrupted (SIGTERM): "), (rc, left, err)
@@ -184,7 +184,7 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = cli("filter", results, "--out", tmp_path / "m.csv", "--threshold", 1e9)
     assert proc.returncode == 0, proc.stderr
-    assert "drops 240 of 240 image(s) (100.0 %): more than half" in proc.stderr, proc.stderr
+    assert "drops 160 of 160 image(s) (100.0 %): more than half" in proc.stderr, proc.stderr
     assert "docs/accuracy.md" in proc.stderr
     table, meta = gpucnr.read_manifest(tmp_path / "m.csv")
     assert meta["allow_incomplete"] is False and meta["not_computed_images"] == 0
@@ -212,17 +212,17 @@ def test_run_with_failed_images_exits_3(tmp_path):
     proc = cli("run", stack, tmp_path / "r.zarr", "--backend", "numpy", "--workers", 1)
     assert proc.returncode == 3, proc.stderr
     assert "run completed with problems: 1 of 8 image(s) failed (12.5 %, status 6 'failed')" in proc.stderr
-    assert f"gpucnr info {tmp_path / 'r.zarr'}" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"gpucnr info {tmp_path / 'r.zarr'} --json" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_enhance_interrupted_removes_its_partial_outputs(slow_stack, tmp_path):
     """SIGTERM while enhance re-measures: exit 143, one line, and neither half-written output is left behind
     (the same command then starts afresh)."""
     results = tmp_path / "r.zarr"
-    assert cli("run", slow_stack, results, "--backend", "numpy", "--workers", 2).returncode == 0
+    gpucnr.run(slow_stack, results, backend="numpy", workers=2)
     out = tmp_path / "enh"
     rc, err, left = _interrupt_after(["enhance", results, "--threshold", 1e9, "--out", out, "--backend", "numpy"],
                                      tmp_path / "e.log", tmp_path, signal.SIGTERM)
     assert rc == 143 and not left, (rc, err, left)
-    assert err.startswith("gpucnr: interrupted (SIGTERM): 240 image(s) were being enhanced") and err.count("\n") == 1
+    assert err.startswith("gpucnr: interrupted (SIGTERM): 160 image(s) were being enhanced") and err.count("\n") == 1
     assert not (out / "enhanced.zarr").exists() and not (out / "results.zarr").exists()

@@ -3,12 +3,14 @@
 Two passes over the files, both in isolated worker processes (`workers.IsolatedPool`): a header scan
 (format by content, pseudonymous ids, declared sizes, duplicates), then decoding, in input order, straight
 into a `StackWriter`. Every file in ends up stored, skipped with a code, or a duplicate; the reasons and
-the paths go to the operator's files beside the stack, never into the stack itself.
+the paths go to the operator's files beside the stack, never into the stack itself. What each decoded file
+became is journaled beside the stack (`journal.Journal`), so that an interrupted ingest resumes.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import os
 import shlex
@@ -187,8 +189,15 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     walked = {**job.walked, "seg": [] if seg is None else walk(seg, follow_symlinks=follow_symlinks)}
     job.header = {"sources": sources_digest(walked, {"rois": rois, "meta": meta}),
                   "options": _journal_options(settings), "command": _resume_command(stack, settings)}
-    job.resumed = _resume_point(stack, side["journal"], job.header) if resume and stack.exists() else None
-    job.key = load_or_create_key(key_path)  # NB: after every refusal: a refused ingest writes nothing
+    resuming = resume and stack.exists()
+    if resuming and not key_path.is_file():
+        raise ResumeError(f"{display_path(stack)} cannot be resumed without its pseudonym key {key_path.name} "
+                          "(another key would give its images other pseudonyms); delete the stack and ingest again")
+    # NB: after every refusal of a new ingest (a refused ingest writes nothing); a resume reads the existing key
+    job.key = load_or_create_key(key_path)
+    # NB: a resume under another key would mix pseudonyms; the journal holds a digest of it, never the key
+    job.header["options"]["key"] = hashlib.sha256(b"gpucnr journal key\0" + job.key).hexdigest()
+    job.resumed = _resume_point(stack, side["journal"], job.header) if resuming else None
     with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout, memory_mb=_memory_mb(max_image_mb)) as pool:
         try:
             job.scan(pool, seg, follow_symlinks)
@@ -428,10 +437,10 @@ class _Ingest:
         """(the first task to decode, the journal, the stack writer): a new stack, or the interrupted one with
         the journal's files replayed up to the first one with an image that is not on disk."""
         if self.resumed is None:
+            self.decoded = 0
             journal = Journal.create(self.side["journal"], self.header)  # NB: before the stack: it names it
             writer = StackWriter(self.stack, labels=has_labels, shard=shard, compressor=compressor)
             writer.on_written = journal.flushed
-            self.decoded = 0
             return 0, journal, writer
         records, flushed = self.resumed["records"], self.resumed["flushed"]
         start = len(records)
@@ -525,7 +534,7 @@ class _Ingest:
 
     def interrupted(self) -> str:
         """What an interrupted ingest did and how to continue it (the line `gpucnr ingest` ends with)."""
-        if not self.side["journal"].exists():
+        if self.resumed is None and not hasattr(self, "decoded"):
             return (f"stopped while reading headers, before anything was stored; nothing was written but the key "
                     f"({self.key_path.name}); run the same command again")
         try:
