@@ -200,8 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # NB: a command that had written nothing worth continuing: say so in one line, no traceback.
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        print(f"gpucnr: interrupted ({name}): `gpucnr {args.command}` stopped before it finished; run it again",
-              file=sys.stderr)
+        done = {"report": "no report was written (report.html is written whole, at the end)",
+                "filter": "no manifest was written (it is written whole, at the end)"}.get(
+                    args.command, f"`gpucnr {args.command}` stopped before it had written anything to continue from")
+        print(f"gpucnr: interrupted ({name}): {done}; run the same command again", file=sys.stderr)
         return 143 if name == "SIGTERM" else 130
     except BrokenPipeError:
         # NB: the reader of stdout went away; Python would complain again when it flushes stdout at exit.

@@ -124,7 +124,8 @@ def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches:
     err = tmp_path / f"{sig}.stderr"
     with open(err, "wb") as fh:  # NB: a file, not a pipe: a full pipe would stall the process we poll
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
-                                stderr=fh, env={**os.environ, "GPUCNR_BATCH_LOG": str(log), "GPUCNR_MARK": mark})
+                                stderr=fh, env={**os.environ, "GPUCNR_BATCH_LOG": str(log), "GPUCNR_MARK": mark},
+                                start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline:
@@ -132,7 +133,11 @@ def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches:
                 break
             time.sleep(0.002)
         assert proc.poll() is None, f"ended before it could be interrupted:\n{err.read_text()}"
-        proc.send_signal(sig)
+        # NB: Ctrl-C in a terminal signals the whole foreground process group, workers included; kill, the driver
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         rc = proc.wait(timeout=120)
     finally:
         if proc.poll() is None:

@@ -73,7 +73,7 @@ def _start_and_stop(cmd: list, stack: Path, sig: int, flushes: int, log: Path) -
     mark = f"gpucnr-resume-{os.getpid()}-{time.monotonic_ns()}"
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
-                                stderr=fh, env={**os.environ, "GPUCNR_MARK": mark})
+                                stderr=fh, env={**os.environ, "GPUCNR_MARK": mark}, start_new_session=True)
     try:
         deadline = time.monotonic() + WAIT_S
         while proc.poll() is None and time.monotonic() < deadline:
@@ -82,7 +82,11 @@ def _start_and_stop(cmd: list, stack: Path, sig: int, flushes: int, log: Path) -
                 break
             time.sleep(0.001)
         assert proc.poll() is None, f"the ingest ended before it was interrupted:\n{log.read_text()}"
-        proc.send_signal(sig)
+        # NB: Ctrl-C in a terminal signals the whole foreground process group, workers included; kill, the driver
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         rc = proc.wait(timeout=WAIT_S)
     finally:
         if proc.poll() is None:
