@@ -154,6 +154,14 @@ def slow_stack(tmp_path_factory):
     return gpucnr.write_stack(root / "stack.zarr", ph.images, rois=ph.rois, shard=4).path
 
 
+@pytest.fixture(scope="module")
+def slow_results(slow_stack, tmp_path_factory):
+    """Complete results of `slow_stack` (read only by the tests that use them)."""
+    results = tmp_path_factory.mktemp("slow-results") / "r.zarr"
+    gpucnr.run(slow_stack, results, backend="numpy", workers=2)
+    return results
+
+
 def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     """SIGINT, then SIGTERM, in `gpucnr run`: one line (what was done, the --resume command), no traceback, exit
     130 / 143, no worker process left; `filter`, `report` and `enhance` then refuse the incomplete results
@@ -220,14 +228,33 @@ def test_run_with_failed_images_exits_3(tmp_path):
     assert f"gpucnr info {tmp_path / 'r.zarr'} --json" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_enhance_interrupted_removes_its_partial_outputs(slow_stack, tmp_path):
+def test_enhance_interrupted_removes_its_partial_outputs(slow_results, tmp_path):
     """SIGTERM while enhance re-measures: exit 143, one line, and neither half-written output is left behind
     (the same command then starts afresh)."""
-    results = tmp_path / "r.zarr"
-    gpucnr.run(slow_stack, results, backend="numpy", workers=2)
+    results = slow_results
     out = tmp_path / "enh"
     rc, err, left = _interrupt_after(["enhance", results, "--threshold", 1e9, "--out", out, "--backend", "numpy"],
                                      tmp_path / "e.log", tmp_path, signal.SIGTERM)
     assert rc == 143 and not left, (rc, err, left)
     assert err.startswith("gpucnr: interrupted (SIGTERM): 160 image(s) were being enhanced") and err.count("\n") == 1
     assert not (out / "enhanced.zarr").exists() and not (out / "results.zarr").exists()
+
+
+def test_report_interrupted_writes_nothing(slow_results, tmp_path, monkeypatch, capsys):
+    """SIGTERM (its handler raises `Terminated`) while the report is being drawn: one line, exit 143, no
+    report.html (not half of one). In-process: a report has no step to wait for from outside."""
+    from gpucnr import report
+    from gpucnr.cli import main
+    from gpucnr.errors import Terminated
+
+    results = slow_results
+
+    def stop(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(report, "_lowest_section", stop)
+    assert main(["report", str(results), str(tmp_path / "rep")]) == 143
+    err = capsys.readouterr().err
+    assert err == ("gpucnr: interrupted (SIGTERM): no report was written (report.html is written whole, at the "
+                   "end); run the same command again\n"), err
+    assert not list(tmp_path.glob("rep/report.html*"))
