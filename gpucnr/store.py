@@ -412,9 +412,14 @@ class StackWriter:
                     arr.resize((first, *canvas))  # NB: zarr deletes the shard files past it
             written = self.group[f"buckets/{name}/written"]
             written.resize((first,))
+            # NB: per-image arrays beside the manifest (the chunk checksums of stack format 2) are cut alike
+            extra = {key: self.group[f"buckets/{name}/{key}"] for key in ("checksums",)
+                     if f"buckets/{name}/{key}" in self.group}
+            for arr in extra.values():
+                arr.resize((first, *arr.shape[1:]))
             self._buckets[(canvas, dtype.str)] = {
                 "name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": lab, "written": written,
-                "count": first, "pending": pending, "pending_bytes": sum(p[0].nbytes for p in pending),
+                **extra, "count": first, "pending": pending, "pending_bytes": sum(p[0].nbytes for p in pending),
                 "inflight": None}
         return self
 
