@@ -125,7 +125,7 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen),
                           shard=stack.shard, compressor=stack.compressor)
         after = run(new, results_out, backend=where, **_as_kwargs(params))
-    except (KeyboardInterrupt, Interrupted) as e:
+    except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
         # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
         # same command refuse to start again
         for path in (results_out, stack_out):

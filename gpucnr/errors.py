@@ -52,14 +52,16 @@ class Terminated(KeyboardInterrupt):
     ``except KeyboardInterrupt`` stops cleanly on either."""
 
 
-class Interrupted(GpucnrError):
+class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a command after it had written something: the message says what was done and
-    how to continue. Exit status 130 (SIGINT) or 143 (SIGTERM), DESIGN §10."""
+    how to continue. Exit status 130 (SIGINT) or 143 (SIGTERM), DESIGN §10. A KeyboardInterrupt still, so that
+    an ``except Exception`` in a caller never swallows it."""
 
     code = "interrupted"
 
     def __init__(self, message: str, cause: BaseException | None = None):
         super().__init__(message)
+        self.reason = message
         if isinstance(cause, Interrupted):
             self.signal = cause.signal  # NB: an interruption of an inner step (enhance's run) told again
         else:

@@ -103,6 +103,12 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     -------
     xarray.Dataset
         `gpucnr.open_results(results)`.
+
+    Raises
+    ------
+    gpucnr.errors.Interrupted
+        Ctrl-C or SIGTERM (a KeyboardInterrupt): the pool is stopped; the message names the batches committed and
+        the ``gpucnr run ... --resume`` that continues.
     """
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
     params = Params(**options)

@@ -149,6 +149,18 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     Returns
     -------
     IngestSummary
+        With the problems of DESIGN §10 by kind (`IngestSummary.problem_groups`, `problems_text`).
+
+    Raises
+    ------
+    InputError
+        A refusal before anything is written: a missing folder, an existing stack (without `resume`), a
+        `mask_pattern` (or `masks` folder) that matches no file, a malformed ROI or meta table.
+    ResumeError
+        ``resume-mismatch``: a resume with other sources, options or key, or of a stack that cannot be resumed.
+    gpucnr.errors.Interrupted
+        Ctrl-C or SIGTERM (a KeyboardInterrupt): worker processes are stopped, the journal keeps what was done,
+        and the message says how to continue.
     """
     src, stack = Path(src), Path(stack)
     if color not in COLOR_MODES:
