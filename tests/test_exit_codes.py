@@ -79,7 +79,8 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
     assert "Traceback" not in err
     assert f"listed, with its reason, in {stack}.skipped.csv" in err, err
     assert "images whose mask or SEG was refused (stored unlabelled): 4 of 4 (100.0 %) [mask-shape 4]" in err, err
-    assert "meta table rows naming no file: 4 of 4 (100.0 %) [meta-no-image 4]; likely cause: the source" in err
+    assert ("meta table rows naming no file: 4 of 4 (100.0 %) [meta-no-image 4]; likely cause: the paths seem "
+            "relative to the folder 2 level(s) above SRC_DIR: drop their first 2 folder(s)") in err, err
     assert "ROI table rows naming no stored image: 2 of 2 (100.0 %) [roi-no-image 2]" in err, err
 
     proc = cli("info", stack)
@@ -258,3 +259,23 @@ def test_report_interrupted_writes_nothing(slow_results, tmp_path, monkeypatch, 
     assert err == ("gpucnr: interrupted (SIGTERM): no report was written (report.html is written whole, at the "
                    "end); run the same command again\n"), err
     assert not list(tmp_path.glob("rep/report.html*"))
+
+
+def test_likely_cause_of_unmatched_table_paths():
+    """The problems block's cause for --meta / --rois rows that name no file, read from the paths themselves
+    (never quoting one): absolute or climbing out, a folder too many or too few, another case."""
+    import pandas as pd
+
+    from gpucnr.sources.driver import _path_hint
+    from gpucnr.sources.rois import _safe_source
+
+    sources = {"benign/a.png", "benign/b.png", "malignant/c.png"}
+
+    def hint(paths):
+        return _path_hint(pd.DataFrame({"_key": [_safe_source(p) for p in paths]}), sources)
+
+    assert "absolute paths or paths with '..'" in hint(["/data/benign/a.png", "../x/b.png"])
+    assert "1 level(s) above SRC_DIR" in hint(["busi/benign/a.png", "busi/benign/b.png", "busi/malignant/c.png"])
+    assert "a folder inside SRC_DIR" in hint(["a.png", "b.png", "c.png"])
+    assert "upper / lower case" in hint(["Benign/A.png", "benign/B.png"])
+    assert hint(["benign/a.png", "benign/b.png", "gone.png"]) is None  # NB: most rows match: each row's own reason

@@ -75,8 +75,8 @@ class IngestSummary:
     masks: int = 0
     unlabelled_images: int = 0
     other_problems: dict[str, int] = field(default_factory=dict)
-    #: the denominators of the problems block (see `problems.problem_groups`)
-    totals: dict[str, int] = field(default_factory=dict)
+    #: the denominators of the problems block and causes found in the data (see `problems.problem_groups`)
+    totals: dict = field(default_factory=dict)
 
     def problem_groups(self) -> list:
         """The problems of this ingest by kind (DESIGN §10); empty when it has none."""
@@ -216,6 +216,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
             return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
                               seg is not None)
         except KeyboardInterrupt as e:
+            job.meter.done()  # NB: the progress line ends before the interruption's line
             raise Interrupted(job.interrupted(), e) from None
 
 
@@ -440,7 +441,9 @@ class _Ingest:
             totals={"files": len(self.found), "masked": self.masked, "seg_files": self.seg_files,
                     "mask_files": sum(len(v) for v in self.mask_index.values()), "has_mask_dir": self.mask_dir,
                     "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
-                    "meta_rows": 0 if self.meta_table is None else len(self.meta_table)})
+                    "meta_rows": 0 if self.meta_table is None else len(self.meta_table),
+                    "meta_rows_hint": _path_hint(self.meta_table, sources),
+                    "roi_rows_hint": _path_hint(self.roi_table, sources)})
         if summary.files_in != summary.stored + sum(summary.skipped.values()) + summary.duplicates:
             raise AssertionError("ingest lost track of a file")  # NB: the invariant of DESIGN §8, checked always
         return summary
@@ -572,6 +575,37 @@ def _image_row(rec: dict, entry: dict, frame: int, file_index: int, shape) -> di
                 "slope": float(entry["slope"]), "intercept": float(entry["intercept"]),
                 "padding": float(entry["padding"]), "photometric": entry["photometric"], "color": entry["color"]})
     return row
+
+
+def _path_hint(table, sources: set[str]) -> str | None:
+    """Why most rows of a --meta / --rois table name no file under SRC_DIR, when their paths say so: absolute
+    or climbing out, relative to a folder above or below SRC_DIR, or another case. Never quotes a path (they
+    can hold names)."""
+    if table is None or not len(table):
+        return None
+    keys = [k if isinstance(k, str) else None for k in table["_key"]]
+    missed = [k for k in keys if k is None or k not in sources]
+    if len(missed) * 2 < len(keys):
+        return None
+    if all(k is None for k in missed):
+        return "the source column holds absolute paths or paths with '..'; they must be relative to SRC_DIR"
+    missed = [k for k in missed if k is not None]
+
+    def most(hits: int) -> bool:
+        return hits * 2 >= len(missed)
+
+    for cut in (1, 2, 3):
+        if most(sum(k.split("/", cut)[-1] in sources for k in missed if k.count("/") >= cut)):
+            return (f"the paths seem relative to the folder {cut} level(s) above SRC_DIR: drop their first {cut} "
+                    "folder(s), or pass that folder as SRC_DIR")
+    tails = {s.split("/", n)[-1] for s in sources for n in (1, 2, 3) if s.count("/") >= n}
+    if most(sum(k in tails for k in missed)):
+        return ("the paths seem relative to a folder inside SRC_DIR: write them from SRC_DIR itself, or pass "
+                "that folder as SRC_DIR")
+    lower = {s.lower() for s in sources}
+    if most(sum(k.lower() in lower for k in missed)):
+        return "the paths differ from the files' names in upper / lower case (paths are case-sensitive)"
+    return None
 
 
 def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]:

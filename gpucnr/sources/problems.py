@@ -77,7 +77,8 @@ class Group:
 def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
     """The problems of an ingest, in kinds: files, refused masks, masks without an image, SEG objects, ROI rows,
     meta rows. `totals` holds the denominators: files, masked (images with a mask or SEG to apply), mask_files,
-    seg_files, roi_rows, meta_rows, and has_mask_dir (whether masks came from --masks)."""
+    seg_files, roi_rows, meta_rows, has_mask_dir (whether masks came from --masks), and KIND_hint: a cause
+    found in the data itself (e.g. meta paths relative to a folder above SRC_DIR) that replaces the generic one."""
     kinds = {"files": Counter(), "masked": Counter(), "mask_files": Counter(), "seg_files": Counter(),
              "roi_rows": Counter(), "meta_rows": Counter()}
     for row in problems:
@@ -106,8 +107,9 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
         if not codes:
             continue
         top = codes.most_common(1)[0][0]
-        groups.append(Group(what[kind], sum(codes.values()), max(int(totals.get(kind, 0)), sum(codes.values())),
-                            dict(codes.most_common()), causes.get(kind, _CAUSES.get(top, top))))
+        cause = totals.get(f"{kind}_hint") or causes.get(kind, _CAUSES.get(top, top))
+        groups.append(Group(what[kind], sum(codes.values()), max(int(totals.get(kind) or 0), sum(codes.values())),
+                            dict(codes.most_common()), cause))
     return groups
 
 
