@@ -311,8 +311,8 @@ def _dispatch(args) -> int:
         if counts.get("drop", 0) * 2 > len(table):
             print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
-                  "on what is left, check the background mode and the threshold against docs/accuracy.md "
-                  "(choosing a background and a threshold) and the report's threshold table", file=sys.stderr)
+                  "on what is left, check the background mode and the threshold: docs/accuracy.md, \"Choosing a "
+                  "background and a threshold\", and the report's threshold table", file=sys.stderr)
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
 
