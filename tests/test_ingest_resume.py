@@ -195,3 +195,26 @@ def test_stack_writer_resume_rewrites_partly_kept_shards(tmp_path):
     for a, b in zip(got.buckets, want.buckets, strict=True):
         for x, y in zip(got.read(a, 0, a.size), want.read(b, 0, b.size), strict=True):
             np.testing.assert_array_equal(x, y, strict=True)
+
+
+def test_resume_of_an_ingest_interrupted_while_finishing(dataset, tmp_path):
+    """Stopped after the stack was closed but before the linkage file and the journal's removal (simulated by
+    putting back the journal of a finished ingest): --resume finishes it, equal to the reference; without a
+    journal, --resume on a complete stack is refused."""
+    stack = tmp_path / "stack.zarr"
+    cmd = ["ingest", dataset["src"], stack, *dataset["options"]]
+    journal = _journal(stack)
+    keep = tmp_path / "journal.copy"
+    mark = "import shutil, sys, gpucnr.sources.journal as j\n" \
+           "j.Journal.remove = lambda self: (self.close(), shutil.copy(self.path, sys.argv[1]), self.path.unlink())\n" \
+           "from gpucnr.cli import main\nsys.exit(main(sys.argv[2:]))\n"
+    proc = subprocess.run([sys.executable, "-c", mark, keep, *map(str, cmd)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 3 and keep.exists(), proc.stderr
+    refused = cli(*cmd, "--resume")
+    assert refused.returncode == 2 and "is a complete stack: there is nothing to resume" in refused.stderr
+    keep.rename(journal)
+    stack.with_name(stack.name + ".linkage.csv").unlink()
+    done = cli(*cmd, "--resume")
+    assert done.returncode == 3, done.stderr
+    _assert_same_as_reference(stack, dataset["ref"])

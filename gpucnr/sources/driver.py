@@ -257,8 +257,10 @@ def _resume_point(stack: Path, journal: Path, header: dict) -> dict:
         attrs = dict(zarr.open_group(str(stack), mode="r").attrs)
     except Exception:  # noqa: BLE001 - not a Zarr group: not something ingest left
         attrs = {}
-    if "gpucnr_stack" in attrs:
+    if "gpucnr_stack" in attrs and not journal.is_file():
         raise ResumeError(f"{display_path(stack)} is a complete stack: there is nothing to resume")
+    # NB: a stack with its journal still beside it was interrupted while finishing (after its tables, before its
+    # linkage file): the resume replays every file and closes it again
     try:
         old, records, flushed = Journal.read(journal)
     except (OSError, ValueError) as e:
