@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError, console_text, environment_error
+from gpucnr.errors import GpucnrError, Interrupted, Terminated, console_text, environment_error
 from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 from gpucnr.kernels.params import BACKGROUNDS
@@ -64,6 +66,12 @@ def _measurement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--signed", action="store_true")
 
 
+def _allow_incomplete(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="use results an interrupted run left incomplete (refused otherwise: `gpucnr run --resume` "
+                        "completes them); missing images are flagged not-computed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpucnr", description="Contrast-to-noise ratio of every image of a dataset.")
     parser.add_argument("--version", action="version", version=f"gpucnr {__version__}")
@@ -94,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--compressor", choices=COMPRESSORS, default="blosc-zstd")
     ing.add_argument("--follow-symlinks", action="store_true")
     ing.add_argument("--progress", action="store_true", help="progress line on stderr")
+    ing.add_argument("--resume", action="store_true",
+                     help="continue an interrupted ingest of STACK.zarr (same sources and options)")
 
     demo = sub.add_parser("demo", help="phantom dataset with known CNR -> stack -> run -> summary table")
     demo.add_argument("--out", type=Path, default=None,
@@ -133,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
     rep.add_argument("--open", action="store_true", help="open the report in a browser")
+    _allow_incomplete(rep)
 
     filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
     filt.add_argument("results", type=Path, help="RESULTS.zarr")
@@ -142,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="join source paths from the stack's linkage file (stacks made by `gpucnr ingest`)")
     filt.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     filt.add_argument("--out", type=Path, required=True, help="manifest.csv or manifest.parquet")
+    _allow_incomplete(filt)
 
     enh = sub.add_parser("enhance", help="the article's low-CNR hook: enhance images below a threshold, re-measure")
     enh.add_argument("results", type=Path, help="RESULTS.zarr")
@@ -153,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     enh.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     enh.add_argument("--out", type=Path, required=True,
                      help="folder for enhanced.zarr and its results.zarr")
+    _allow_incomplete(enh)
 
     info = sub.add_parser("info", help="contents, completeness and parameters of a stack or results")
     info.add_argument("path", type=Path)
@@ -175,78 +188,34 @@ def _logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit status (DESIGN §10): 0 done, 2 refused or a coded error, 3 completed with
+    problems (listed on stderr), 4 stopped by the environment, 130 / 143 interrupted by SIGINT / SIGTERM (one
+    line: what was done, how to continue), 141 when stdout's reader went away (``gpucnr info X | head``).
+    Never a traceback for a user's mistake, a signal or a broken pipe."""
     args = build_parser().parse_args(argv)
     _logging(args.log_level)
+    previous = _on_sigterm()
     try:
-        if args.command == "ingest":
-            from gpucnr.sources import ingest
-
-            summary = ingest(args.src, args.stack, masks=args.masks, mask_pattern=args.mask_pattern, seg=args.seg,
-                             rois=args.rois, meta=args.meta, color=args.color, nonfinite=args.nonfinite,
-                             key_file=args.key_file, workers=args.workers, max_image_mb=args.max_image_mb,
-                             follow_symlinks=args.follow_symlinks, progress=args.progress,
-                             file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor)
-            print(summary.text())
-            if summary.images == 0:
-                print("gpucnr: no image was stored", file=sys.stderr)
-                return 1
-        elif args.command == "demo":
-            from gpucnr.demo import run_demo
-
-            _, text = run_demo(args.n, args.size, out=args.out, backend=args.backend, seed=args.seed,
-                               threshold=args.threshold)
-            print(text)
-        elif args.command == "run":
-            from gpucnr.demo import summary_table
-            from gpucnr.pipeline import run
-
-            options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
-                                                     "ring_width", "background_label", "min_bg", "ddof",
-                                                     "definition", "gcnr_bins", "signed")}
-            ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
-                     workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
-                     group_columns=args.group_columns, **options)
-            print(summary_table(ds.load()))
-        elif args.command == "report":
-            from gpucnr.report import write_report
-
-            path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
-                                by=args.by, stack=args.stack, lowest=args.lowest)
-            print(f"report: {path}")
-            if args.open:
-                import webbrowser
-
-                webbrowser.open(path.resolve().as_uri())
-        elif args.command == "filter":
-            from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
-
-            table = manifest(args.results, threshold=args.threshold, level=args.level)
-            if args.with_paths:
-                table = with_paths(table, args.results, args.stack)
-            path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
-            counts = table["decision"].value_counts().to_dict()
-            print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
-                                                                       for k in ("keep", "drop", "flag")))
-        elif args.command == "enhance":
-            from gpucnr.enhancement import enhance
-
-            ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
-                         sigma=args.sigma, stack=args.stack, backend=args.backend)
-            print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
-                  f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
-            if ds.sizes["image"]:
-                print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "
-                      f"{float(ds.cnr_after.median()):.3f}")
-            print(ds.attrs.get("note", ""))
-        elif args.command == "info":
-            from gpucnr.info import describe
-
-            report = describe(args.path, verify=args.verify)
-            print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
-            return report.get("exit_code", 0)
+        return _dispatch(args)
+    except Interrupted as e:
+        print(f"gpucnr: interrupted ({e.signal}): {console_text(e.reason)}", file=sys.stderr)
+        return e.exit_code
     except GpucnrError as e:
         print(f"gpucnr: error {console_text(e)}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt as e:
+        # NB: a command that had written nothing worth continuing: say so in one line, no traceback.
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        done = {"report": "no report was written (report.html is written whole, at the end)",
+                "filter": "no manifest was written (it is written whole, at the end)"}.get(
+                    args.command, f"`gpucnr {args.command}` stopped before it had written anything to continue from")
+        print(f"gpucnr: interrupted ({name}): {done}; run the same command again", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
+    except BrokenPipeError:
+        # NB: the reader of stdout went away; Python would complain again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (MemoryError, OSError, RuntimeError) as e:
         coded = environment_error(e)  # NB: the machine's failure, coded; anything else is a bug and keeps its trace
         if coded is None:
@@ -255,6 +224,122 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("asyncio").disabled = True
         print(f"gpucnr: error {console_text(coded)}", file=sys.stderr)
         return coded.exit_code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm():
+    """SIGTERM raises `Terminated` (a KeyboardInterrupt) like Ctrl-C does; returns the handler it replaced (None
+    outside the main thread, where Python cannot install one)."""
+    def handler(signum, frame):
+        raise Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _failed_images(ds) -> int:
+    """Images of a run with status 6 ("failed") in any ROI column, or listed among its failures."""
+    from gpucnr.kernels.cnr import STATUS
+
+    listed = {int(f["image"]) for f in ds.attrs.get("failures", [])}
+    status = ds["status"].to_numpy()
+    if status.ndim == 2 and status.shape[1]:
+        listed.update(int(i) for i in ds["image"].to_numpy()[(status == STATUS["failed"]).any(axis=1)])
+    return len(listed)
+
+
+def _dispatch(args) -> int:
+    if args.command == "ingest":
+        from gpucnr.sources import ingest
+
+        summary = ingest(args.src, args.stack, masks=args.masks, mask_pattern=args.mask_pattern, seg=args.seg,
+                         rois=args.rois, meta=args.meta, color=args.color, nonfinite=args.nonfinite,
+                         key_file=args.key_file, workers=args.workers, max_image_mb=args.max_image_mb,
+                         follow_symlinks=args.follow_symlinks, progress=args.progress,
+                         file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor,
+                         resume=args.resume)
+        print(summary.text(), flush=True)
+        problems = summary.problems_text()
+        if problems:
+            print(problems, file=sys.stderr)
+        if summary.images == 0:
+            print("gpucnr: error [no-image] no image was stored; the skipped list says why, file by file",
+                  file=sys.stderr)
+            return 2
+        return 3 if problems else 0
+    if args.command == "demo":
+        from gpucnr.demo import run_demo
+
+        _, text = run_demo(args.n, args.size, out=args.out, backend=args.backend, seed=args.seed,
+                           threshold=args.threshold)
+        print(text)
+    elif args.command == "run":
+        from gpucnr.demo import summary_table
+        from gpucnr.pipeline import run
+
+        options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
+                                                 "ring_width", "background_label", "min_bg", "ddof",
+                                                 "definition", "gcnr_bins", "signed")}
+        ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
+                 workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
+                 group_columns=args.group_columns, **options)
+        print(summary_table(ds.load()), flush=True)
+        failed = _failed_images(ds)
+        if failed:
+            print(f"gpucnr: run completed with problems: {failed} of {ds.sizes['image']} image(s) failed "
+                  f"({100.0 * failed / max(ds.sizes['image'], 1):.1f} %, status 6 'failed'); `gpucnr info "
+                  f"{args.results} --json` lists them with their reasons (failures); likely cause: damaged chunks "
+                  "of the stack, or images that kill the process measuring them", file=sys.stderr)
+            return 3
+    elif args.command == "report":
+        from gpucnr.report import write_report
+
+        path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
+                            by=args.by, stack=args.stack, lowest=args.lowest,
+                            allow_incomplete=args.allow_incomplete)
+        print(f"report: {path}")
+        if args.open:
+            import webbrowser
+
+            webbrowser.open(path.resolve().as_uri())
+    elif args.command == "filter":
+        from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
+
+        table = manifest(args.results, threshold=args.threshold, level=args.level,
+                         allow_incomplete=args.allow_incomplete)
+        if args.with_paths:
+            table = with_paths(table, args.results, args.stack)
+        path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
+        counts = table["decision"].value_counts().to_dict()
+        print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
+                                                                   for k in ("keep", "drop", "flag")))
+        if counts.get("drop", 0) * 2 > len(table):
+            print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
+                  f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
+                  "on what is left, check the background mode and the threshold: docs/accuracy.md, \"Choosing a "
+                  "background and a threshold\", and the report's threshold table", file=sys.stderr)
+    elif args.command == "enhance":
+        from gpucnr.enhancement import enhance
+
+        ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
+                     sigma=args.sigma, stack=args.stack, backend=args.backend,
+                     allow_incomplete=args.allow_incomplete)
+        print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
+              f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
+        if ds.sizes["image"]:
+            print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "
+                  f"{float(ds.cnr_after.median()):.3f}")
+        print(ds.attrs.get("note", ""))
+    elif args.command == "info":
+        from gpucnr.info import describe
+
+        report = describe(args.path, verify=args.verify)
+        print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
+        return int(report.get("exit_code", 0))
     return 0
 
 

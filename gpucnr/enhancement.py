@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -12,12 +13,12 @@ import pandas as pd
 import xarray as xr
 
 from gpucnr.backend import ndimage_for, resolve_backend, to_backend, to_host
-from gpucnr.errors import InputError, OptionError, OptionTypeError
+from gpucnr.errors import InputError, Interrupted, OptionError, OptionTypeError
 from gpucnr.kernels.params import Params
 from gpucnr.manifests import DROP, manifest
 from gpucnr.outputs import make_folder, refuse_overlap
 from gpucnr.pipeline import run, table_fingerprint
-from gpucnr.results import open_results, results_stack
+from gpucnr.results import open_results, require_complete, results_stack
 from gpucnr.roitable import normalize_table
 from gpucnr.store import RESULT_COLUMNS, Stack, write_stack
 
@@ -36,7 +37,7 @@ _STRUCTURAL = ("index", "bucket", "position", "valid_h", "valid_w", "source_inde
 
 
 def enhance(results, out, *, threshold: float = 1.5, method: str = "median", size: int = 3, sigma: float = 1.0,
-            stack=None, backend: str = "auto") -> xr.Dataset:
+            stack=None, backend: str = "auto", allow_incomplete: bool = False) -> xr.Dataset:
     """Enhance the images whose CNR is below `threshold`, write them as a new stack and re-measure them.
 
     Parameters
@@ -65,6 +66,9 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     backend : {"auto", "numpy", "cupy"}
         Where the filters and the re-measurement run. ``"cupy"`` without a usable GPU raises
         `gpucnr.BackendUnavailableError`; there is no silent CPU fallback.
+    allow_incomplete : bool
+        Enhance among the images of results that an interrupted run left incomplete (the others are not
+        enhanced); without it such results are refused (``results-incomplete``).
 
     Returns
     -------
@@ -100,13 +104,14 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     method, param = _check_options(method, size, sigma, threshold)
     where = resolve_backend(backend)
     ds, results_path = (results, None) if isinstance(results, xr.Dataset) else (open_results(results), results)
+    require_complete(ds, allow_incomplete=allow_incomplete, command="enhance", results_path=results_path)
     stack = results_stack(ds, results_path, stack)
     out = Path(out)
     refuse_overlap([("results", results_path), ("stack", stack.path)],
                    [("enhanced stack", out / "enhanced.zarr"), ("enhanced results", out / "results.zarr")],
                    into=[("output folder", out)])
     params = _run_params(ds.attrs)
-    decisions = manifest(ds, threshold, level="image")
+    decisions = manifest(ds, threshold, level="image", allow_incomplete=allow_incomplete)
     chosen = np.sort(decisions.loc[decisions["decision"] == DROP, "image"].to_numpy(np.int64))
     attrs = {"method": method, **param, "threshold": float(threshold), "dtype": "float64", "backend": where,
              "note": NOTE, **params.as_attrs(), "enhanced_stack": "none", "enhanced_results": "none"}
@@ -119,11 +124,19 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         if os.path.lexists(path):
             raise InputError(f"{path} already exists; enhance does not overwrite")
     rois = _roi_rows(stack, ds.attrs, chosen)
-    images, labels = _filtered(stack, chosen, method, param, where)
-    make_folder(out)
-    new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen), shard=stack.shard,
-                      compressor=stack.compressor)
-    after = run(new, results_out, backend=where, **_as_kwargs(params))
+    try:
+        images, labels = _filtered(stack, chosen, method, param, where)
+        make_folder(out)
+        new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen),
+                          shard=stack.shard, compressor=stack.compressor)
+        after = run(new, results_out, backend=where, **_as_kwargs(params))
+    except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
+        # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
+        # same command refuse to start again
+        for path in (results_out, stack_out):
+            shutil.rmtree(path, ignore_errors=True)
+        raise Interrupted(f"{len(chosen)} image(s) were being enhanced into {out}; the partial outputs were removed: "
+                          "run the same command again", e) from None
     new_table = new.images.sort_values("index")
     original = new_table["original_index"].to_numpy(np.int64)
     cnr_after = pd.Series(np.asarray(after["cnr_median"].values, np.float64)[new_table["index"].to_numpy()],

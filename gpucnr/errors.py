@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "OptionError", "OptionTypeError", "RoiTableError",
-           "ShapeMismatchError", "console_text", "environment_error", "raise_if_exhausted"]
+__all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "Interrupted", "OptionError", "OptionTypeError",
+           "RoiTableError", "ShapeMismatchError", "Terminated", "console_text", "environment_error",
+           "raise_if_exhausted"]
 
 
 class GpucnrError(Exception):
@@ -92,3 +93,25 @@ def console_text(text: str) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt (the command line installs the handler), so that one
+    ``except KeyboardInterrupt`` stops cleanly on either."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a command after it had written something: the message says what was done and
+    how to continue. Exit status 130 (SIGINT) or 143 (SIGTERM), DESIGN §10. A KeyboardInterrupt still, so that
+    an ``except Exception`` in a caller never swallows it."""
+
+    code = "interrupted"
+
+    def __init__(self, message: str, cause: BaseException | None = None):
+        super().__init__(message)
+        self.reason = message
+        if isinstance(cause, Interrupted):
+            self.signal = cause.signal  # NB: an interruption of an inner step (enhance's run) told again
+        else:
+            self.signal = "SIGTERM" if isinstance(cause, Terminated) else "SIGINT"
+        self.exit_code = 143 if self.signal == "SIGTERM" else 130

@@ -12,7 +12,7 @@ from gpucnr.errors import GpucnrError
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
 from gpucnr.results import RESULTS_FORMAT, results_format, verify_results
-from gpucnr.store import open_stack
+from gpucnr.store import open_stack, unfinished_stack
 
 __all__ = ["describe"]
 
@@ -24,6 +24,9 @@ def describe(path, *, verify: bool = False) -> dict:
     A damaged stack or damaged results are reported, not raised: ``complete`` is False and ``problem`` (stacks)
     or ``damaged`` (results: array, batches, reason) says what is wrong. Results are checked through their
     shard indexes and chunk checksums; with `verify`, every chunk is decoded too.
+    ``exit_code`` is the status `gpucnr info` ends with (DESIGN §10): 0 a complete stack or complete, undamaged
+    results, 3 damaged or incomplete ones, 2 a stack an interrupted ingest left (not a stack yet) or a path that
+    is neither a stack nor results.
     """
     path = Path(path)
     try:
@@ -34,7 +37,11 @@ def describe(path, *, verify: bool = False) -> dict:
         return _stack(path)
     if "gpucnr_results" in attrs:
         return _results(path, verify)
-    report = {"kind": "unknown", "path": str(path)}
+    unfinished = unfinished_stack(path)
+    if unfinished:
+        return {"kind": "unfinished-stack", "path": str(path), "complete": False, "problem": unfinished,
+                "text": f"{path}: {unfinished}", "exit_code": 2}
+    report = {"kind": "unknown", "path": str(path), "exit_code": 2}
     report["text"] = f"{path}: neither a gpucnr stack nor gpucnr results"
     return report
 
@@ -50,7 +57,7 @@ def _stack(path: Path) -> dict:
         except GpucnrError:
             # NB: damaged beyond reading its layout: report what is wrong rather than raise.
             return {"kind": "stack", "path": str(path), "complete": False, "problem": problem,
-                    "text": f"stack {path}: cannot be read — {problem}"}
+                    "text": f"stack {path}: cannot be read — {problem}", "exit_code": 3}
     buckets = [{"name": b.name, "images": b.size, "first_index": b.offset, "labels": b.labels is not None}
                for b in stack.buckets]
     report = {
@@ -58,7 +65,7 @@ def _stack(path: Path) -> dict:
         "compressor": stack.compressor, "roi_ids": [int(v) for v in stack.roi_ids],
         "roi_table_rows": 0 if stack.rois is None else len(stack.rois),
         "image_columns": list(stack.images.columns), "complete": problem is None, "problem": problem,
-        "fingerprint": _fingerprint(stack),
+        "fingerprint": _fingerprint(stack), "exit_code": 0 if problem is None else 3,
     }
     lines = [f"stack {path}: {stack.n_images} images in {len(buckets)} bucket(s), shard {stack.shard}, "
              f"compressor {stack.compressor}"]

@@ -24,7 +24,7 @@ from gpucnr._version import __version__
 from gpucnr.errors import InputError
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.outputs import OutputError, csv_text, csv_untext, refuse_overlap, write_file, write_path
-from gpucnr.results import open_results, results_stack
+from gpucnr.results import open_results, require_complete, results_stack
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
 __all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "manifest_inputs", "read_manifest",
@@ -57,7 +57,8 @@ _PARQUET_KEY = b"gpucnr_manifest"
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-def manifest(results, threshold: float = 1.5, level: str = "image") -> pd.DataFrame:
+def manifest(results, threshold: float = 1.5, level: str = "image", *,
+             allow_incomplete: bool = False) -> pd.DataFrame:
     """Decide keep / drop / flag for every unit of `level`, from the CNR of a run.
 
     Parameters
@@ -85,6 +86,10 @@ def manifest(results, threshold: float = 1.5, level: str = "image") -> pd.DataFr
           ``"no valid roi"`` when none has one, ``"not-computed"`` when any image's row was never written
           (the decision could still change). An image whose id of that level is missing (empty) gets its own
           row, flagged ``"missing <column>"``, instead of being merged with other id-less images.
+    allow_incomplete : bool
+        Decide on results that an interrupted run left incomplete (their missing images are flagged
+        ``"not-computed"``); without it they are refused (`gpucnr.results.require_complete`). ``df.attrs``
+        records it (``allow_incomplete``), with the number of images never computed (``not_computed_images``).
 
     Returns
     -------
@@ -114,6 +119,8 @@ def manifest(results, threshold: float = 1.5, level: str = "image") -> pd.DataFr
         An unknown level, a threshold that is not a real number, results without the variables the level
         needs, or a series/study/patient level whose id column the results do not have (add it to the stack's
         ``meta``).
+    ResultsError
+        ``results-incomplete``: images never computed and not `allow_incomplete`.
     """
     if level not in LEVELS:
         raise InputError(f"level must be one of {LEVELS}, got {level!r}")
@@ -121,6 +128,8 @@ def manifest(results, threshold: float = 1.5, level: str = "image") -> pd.DataFr
         raise InputError(f"threshold must be a real number (not NaN), got {threshold!r}")
     threshold = float(threshold)
     ds = results if isinstance(results, xr.Dataset) else open_results(results)
+    missing = require_complete(ds, allow_incomplete=allow_incomplete, command="filter",
+                               results_path=None if isinstance(results, xr.Dataset) else results)
     ids = [c for c in ID_COLUMNS if c in ds.variables]
     if level in _LEVEL_ID and _LEVEL_ID[level] not in ids:
         raise InputError(f"level {level!r} needs the per-image column {_LEVEL_ID[level]!r}, which these results "
@@ -139,6 +148,7 @@ def manifest(results, threshold: float = 1.5, level: str = "image") -> pd.DataFr
                               "n_valid": np.asarray(ds["n_valid"].values, np.int64)})
         df = _image_rows(frame, ids, threshold) if level == "image" else _group_rows(frame, ids, level, threshold)
     df.attrs = {"manifest_format": _FORMAT, "threshold": threshold, "level": level, "gpucnr_version": __version__,
+                "allow_incomplete": bool(allow_incomplete), "not_computed_images": missing,
                 "run": {str(k): _plain(v) for k, v in ds.attrs.items() if k != "failures"}}
     return df
 

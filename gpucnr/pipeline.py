@@ -21,7 +21,7 @@ import zarr
 from gpucnr import shardfiles
 from gpucnr.arrays import STATUS_LEGEND, align_columns
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
-from gpucnr.errors import EnvironmentFailure, InputError
+from gpucnr.errors import EnvironmentFailure, InputError, Interrupted
 from gpucnr.identifiers import blank_roi_names, check_columns
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
@@ -36,6 +36,7 @@ from gpucnr.results import (
     damage_text,
     open_results,
     results_format,
+    resume_command,
     stack_relative,
     verify_results,
 )
@@ -137,6 +138,12 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     -------
     xarray.Dataset
         `gpucnr.open_results(results)`.
+
+    Raises
+    ------
+    gpucnr.errors.Interrupted
+        Ctrl-C or SIGTERM (a KeyboardInterrupt): the pool is stopped; the message names the batches committed and
+        the ``gpucnr run ... --resume`` that continues.
     """
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
     refuse_overlap([("stack", stack.path), ("ROI table", rois if isinstance(rois, str | Path) else None)],
@@ -208,8 +215,11 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
             raise _write_error(results, e) from e
         writer.put(spec.index, g0, g1, {**out, "roi_name": names[g0:g1]}, spec.backend)
 
+    interrupted = None
     try:
         _execute(specs, finish, client=client, scheduler=scheduler, workers=workers)
+    except KeyboardInterrupt as e:
+        interrupted = e
     finally:
         # NB: whatever stopped the run, every batch computed so far is written and committed.
         try:
@@ -217,6 +227,10 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         finally:
             if bar:
                 bar.close()
+    if interrupted is not None:
+        # NB: Ctrl-C / SIGTERM: the pool is stopped (_drain); committed batches stay, --resume does the rest
+        raise Interrupted(f"{int(writer.committed.sum())} of {len(plan)} batches are committed in {results}; "
+                          f"continue with `{resume_command(dict(group.attrs), results)}`", interrupted) from None
     return open_results(results)
 
 
@@ -375,7 +389,7 @@ def _execute(specs, finish, *, client, scheduler, workers):
     queue = list(specs)
     while queue:
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=watch_parent) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
                 _drain(pool, queue, finish, workers, attempts)
             queue = []
         except _PoolBroken as broken:
@@ -429,26 +443,43 @@ def _drain(pool, specs, finish, workers, attempts: _Attempts):
     still in flight are waited for and kept."""
     queue = list(specs)
     flying = {}
-    while queue or flying:
-        while queue and len(flying) < 2 * workers:
-            spec = queue.pop(0)
-            flying[pool.submit(measure_spec, spec)] = spec
-        done, _ = wait(list(flying), return_when=FIRST_COMPLETED)
-        for fut in done:
-            spec = flying.pop(fut)
-            try:
-                out = fut.result()
-            except BrokenProcessPool:
-                raise _PoolBroken([spec, *flying.values()], queue) from None
-            except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts
+    try:
+        while queue or flying:
+            while queue and len(flying) < 2 * workers:
+                spec = queue.pop(0)
+                flying[pool.submit(measure_spec, spec)] = spec
+            done, _ = wait(list(flying), return_when=FIRST_COMPLETED)
+            for fut in done:
+                spec = flying.pop(fut)
                 try:
-                    attempts.failed(spec, e)
-                except BaseException:
-                    _keep_finished(flying, finish)
-                    raise
-                queue.insert(0, spec)
-                continue
-            finish(spec, out)
+                    out = fut.result()
+                except BrokenProcessPool:
+                    raise _PoolBroken([spec, *flying.values()], queue) from None
+                except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts
+                    try:
+                        attempts.failed(spec, e)
+                    except BaseException:
+                        _keep_finished(flying, finish)
+                        raise
+                    queue.insert(0, spec)
+                    continue
+                finish(spec, out)
+    except KeyboardInterrupt:
+        # NB: Ctrl-C / SIGTERM: queued batches are cancelled and worker processes stopped now, not after the
+        # batches in flight (threads cannot be stopped: each finishes the batch it is on, unwritten).
+        pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.terminate()
+        raise
+
+
+def _worker_init() -> None:
+    """A local pool's worker process: it exits with its parent (`watch_parent`), and leaves Ctrl-C (sent to the
+    whole terminal's process group) to the driver, which stops it."""
+    import signal
+
+    watch_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _keep_finished(flying: dict, finish) -> None:
@@ -478,7 +509,7 @@ def _isolated(spec: BatchSpec, ctx, attempts: _Attempts):
     """Run one spec alone in a fresh process; None if the process died."""
     while True:
         try:
-            with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=watch_parent) as pool:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init) as pool:
                 return pool.submit(measure_spec, spec).result()
         except BrokenProcessPool:
             return None

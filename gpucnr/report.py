@@ -32,6 +32,7 @@ from gpucnr.kernels.footprints import footprint_offsets
 from gpucnr.manifests import ID_COLUMNS
 from gpucnr.outputs import OutputError, make_folder, refuse_overlap, write_file
 from gpucnr.plots import distribution_figure, group_boxplot, image_values, three_panel
+from gpucnr.results import require_complete
 from gpucnr.statistics import QUANTILES, summarize
 
 __all__ = ["lowest_images", "roi_and_background", "write_report"]
@@ -51,7 +52,7 @@ figure{margin:1em 0;border-top:1px solid #ddd;padding-top:0.5em}
 
 
 def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: float = 1.5, by=None, stack=None,
-                 lowest: int = 12, rois=None) -> Path:
+                 lowest: int = 12, rois=None, allow_incomplete: bool = False) -> Path:
     """Write ``report.html`` (self-contained) for a results store.
 
     Parameters
@@ -75,6 +76,9 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
         Size of the gallery: the images with the smallest finite image CNR, each as the article's figure.
     rois : pandas.DataFrame, optional
         The ROI table given to `gpucnr.run(rois=...)`, when it is not the stack's own.
+    allow_incomplete : bool
+        Report on results that an interrupted run left incomplete; without it they are refused
+        (``results-incomplete``, `gpucnr.results.require_complete`).
 
     Returns
     -------
@@ -87,6 +91,7 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
                    into=[("report folder", out)])
     if os.path.lexists(out) and not out.is_dir():
         raise OutputError("output-folder", f"the report folder {out} exists and is not a folder")
+    require_complete(ds, allow_incomplete=allow_incomplete, command="report", results_path=source)
     thresholds = sorted({float(t) for t in np.atleast_1d(np.asarray(thresholds, np.float64))} | {float(primary)})
     columns = [] if by is None else [by] if isinstance(by, str) else list(by)
     ds = ds.load()

@@ -658,3 +658,67 @@ def results_stack(ds: xr.Dataset, results_path, stack=None):
 def stack_relative(stack_path, results_path) -> str:
     """The stack's path relative to the results' folder (so the pair can move together)."""
     return os.path.relpath(Path(stack_path).resolve(), Path(results_path).resolve().parent)
+
+
+def require_complete(ds: xr.Dataset, *, allow_incomplete: bool, command: str, results_path=None) -> int:
+    """Refuse results that an interrupted run left incomplete, unless `allow_incomplete`; the number of images
+    never computed.
+
+    `filter`, `report` and `enhance` call this first: a manifest of incomplete results flags a third of the data
+    "not-computed", and a training loader joining on ``keep`` silently loses it. Incomplete means a ``committed``
+    flag that is not set (results on disk), else rows never written (``n_valid`` -1, or status -1 cells: a
+    Dataset made by hand).
+
+    Raises
+    ------
+    ResultsError
+        ``results-incomplete``, naming what is missing and the ``gpucnr run ... --resume`` that completes it.
+    """
+    if "committed" in ds.variables and "batch_start" in ds.variables:
+        flags = np.asarray(ds["committed"].values) != 0
+        starts, stops = np.asarray(ds["batch_start"].values), np.asarray(ds["batch_stop"].values)
+        missing = int((stops - starts)[~flags].sum())
+        what = f"{int((~flags).sum())} of {flags.size} batches ({missing} of {ds.sizes['image']} images)"
+    elif "n_valid" in ds.variables:
+        missing = int((np.asarray(ds["n_valid"].values) < 0).sum())
+        what = f"{missing} of {ds.sizes['image']} images"
+    elif "status" in ds.variables:
+        status = np.asarray(ds["status"].values)
+        missing = int((status < 0).reshape(status.shape[0], -1).any(axis=1).sum())
+        what = f"{missing} of {ds.sizes['image']} images"
+    else:
+        return 0
+    if missing and not allow_incomplete:
+        where = "RESULTS" if results_path is None else str(results_path)
+        raise ResultsError("results-incomplete", f"{where}: {what} were never computed (an interrupted run). "
+                           f"Complete them with `{resume_command(ds.attrs, results_path)}`, or pass "
+                           "--allow-incomplete "
+                           f"(allow_incomplete=True) to {command} what there is, the missing images flagged "
+                           "not-computed")
+    return missing
+
+
+def resume_command(attrs, results_path=None) -> str:
+    """The `gpucnr run ... --resume` that continues the results whose attributes are `attrs`: the stack (from
+    ``stack_path``, relative to the results' folder), the results, and the options a resume must repeat (the
+    measurement options that differ from the defaults, and the batch size)."""
+    where = "RESULTS" if results_path is None else str(results_path)
+    stack = "STACK"
+    if results_path is not None and "stack_path" in attrs:
+        stack = os.path.normpath(Path(results_path).parent / str(attrs["stack_path"]))
+    return f"gpucnr run {stack} {where} --resume{_run_options(attrs)}"
+
+
+def _run_options(attrs) -> str:
+    from gpucnr.kernels.params import Params
+
+    out = ""
+    for name, default in Params().as_attrs().items():
+        value = attrs.get(name, default)
+        if value == default or isinstance(value, np.ndarray):
+            continue
+        flag = "--" + name.replace("_", "-")
+        out += f" {flag}" if value is True else "" if value is False else f" {flag} {value}"
+    batch = attrs.get("batch")
+    # NB: the batch size is compared on --resume too; the stored (rounded) size reproduces itself
+    return out + (f" --batch {int(batch)}" if isinstance(batch, int | np.integer) else "")

@@ -412,6 +412,74 @@ class StackWriter:
         self._buckets: dict[tuple, dict] = {}
         self._rows: list[dict] = []
         self._label_ids: set[int] = set()
+        #: called as ``on_written(bucket name, images of the bucket now on disk)`` after each shard's pixels and
+        #: manifest are written (from the writer's thread): ingest journals it, to resume from there
+        self.on_written = None
+
+    @classmethod
+    def resume(cls, path, *, rows: list[dict], label_ids, labels: bool = False, shard: int = 64,
+               compressor: str = "blosc-zstd", attrs: dict | None = None) -> StackWriter:
+        """Continue the stack an interrupted writer left at `path`, keeping the images `rows` describe (the
+        per-image rows of the `add` calls to keep, in order; each bucket's positions 0..n-1) and dropping the
+        rest: other buckets, shards past them, the tables of an interrupted `close`, half-written shard files.
+        The last, partly filled shard of each bucket is read back and will be written again whole, so the result
+        equals a writer that was never interrupted. `label_ids` are the labels of the kept images."""
+        import shutil
+
+        path = Path(path)
+        self = cls.__new__(cls)
+        self.path, self.labels, self.shard, self.compressor = path, labels, shard, compressor
+        self.attrs = dict(attrs or {})
+        self.group = zarr.open_group(str(path), mode="r+")
+        self._io = ThreadPoolExecutor(1, thread_name_prefix="gpucnr-stack-writer")
+        self._buckets, self._rows, self._label_ids = {}, list(rows), set(label_ids)
+        self.on_written = None
+        counts: dict[str, int] = {}
+        for row in self._rows:
+            counts[row["bucket"]] = max(counts.get(row["bucket"], 0), int(row["position"]) + 1)
+        shutil.rmtree(path / "tables", ignore_errors=True)
+        for folder in sorted((path / "buckets").glob("*")) if (path / "buckets").is_dir() else ():
+            if folder.is_dir() and folder.name not in counts:
+                shutil.rmtree(folder)
+        for leftover in path.rglob("*.partial"):
+            leftover.unlink()  # NB: a shard file half written when the writer stopped
+        for name, n in counts.items():
+            images = self.group[f"buckets/{name}/images"]
+            lab = self.group[f"buckets/{name}/labels"] if labels else None
+            canvas, dtype = tuple(int(v) for v in images.shape[1:]), np.dtype(images.dtype).newbyteorder("=")
+            first = n // shard * shard
+            kept = [r for r in self._rows if r["bucket"] == name and int(r["position"]) >= first]
+            kept.sort(key=lambda r: int(r["position"]))
+            block = np.asarray(images[first:n]) if n > first else None
+            lab_block = np.asarray(lab[first:n]) if lab is not None and n > first else None
+            pending = []
+            for k, r in enumerate(kept):
+                h, w = int(r["valid_h"]), int(r["valid_w"])
+                pending.append((block[k, :h, :w], None if lab_block is None else lab_block[k, :h, :w]))
+            for arr in (images, lab):
+                if arr is not None:
+                    arr.resize((first, *canvas))  # NB: zarr deletes the shard files past it
+            written = self.group[f"buckets/{name}/written"]
+            written.resize((first,))
+            # NB: per-image arrays beside the manifest (the chunk checksums of stack format 2) are cut alike
+            extra = {key: self.group[f"buckets/{name}/{key}"] for key in ("checksums",)
+                     if f"buckets/{name}/{key}" in self.group}
+            for arr in extra.values():
+                arr.resize((first, *arr.shape[1:]))
+            self._buckets[(canvas, dtype.str)] = {
+                "name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": lab, "written": written,
+                **extra, "count": first, "pending": pending, "pending_bytes": sum(p[0].nbytes for p in pending),
+                "inflight": None}
+        return self
+
+    def abandon(self) -> None:
+        """Stop without closing (an interrupted ingest): the shard being written completes, nothing more is."""
+        self._io.shutdown(wait=True)
+
+    @property
+    def rows(self) -> list[dict]:
+        """The per-image rows of the images added so far (bucket, position, valid extent, source index, meta)."""
+        return self._rows
 
     def __enter__(self):
         return self
@@ -502,8 +570,10 @@ class StackWriter:
             b["inflight"].result()
         except OSError as e:
             why = e.strerror or type(e).__name__
-            raise StackError("stack-write", f"{self.path}: writing bucket {b['name']} failed ({why}); the stack "
-                             "is incomplete") from None
+            error = StackError("stack-write", f"{self.path}: writing bucket {b['name']} failed ({why}); the stack "
+                               "is incomplete (an ingest continues with --resume once there is room)")
+            error.exit_code = 4  # NB: the environment's failure, after partial work (DESIGN §10)
+            raise error from None
 
     def _write(self, b: dict, a: int, z: int, block, lab_block) -> None:
         for kind, data in (("images", block), ("labels", lab_block)):
@@ -526,6 +596,8 @@ class StackWriter:
         # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
         b["written"].resize((z,))
         b["written"][a:z] = 1
+        if self.on_written is not None:
+            self.on_written(b["name"], z)
 
     def close(self, rois=None) -> Stack:
         """Flush every bucket, write the tables and attributes; returns the opened stack.
@@ -681,6 +753,9 @@ def open_stack(path, *, check: bool = True) -> Stack:
         raise StackError("stack-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
     attrs = dict(group.attrs)
     if attrs.get("gpucnr_stack") not in READABLE_STACK_FORMATS:
+        unfinished = unfinished_stack(path)
+        if unfinished:
+            raise StackError("stack-incomplete", f"{path}: {unfinished}")
         raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
     check_attrs(attrs)
     images = _read_table(group, "images", path)
@@ -709,6 +784,38 @@ def open_stack(path, *, check: bool = True) -> Stack:
     if check:
         _check_complete(group, stack)
     return stack
+
+
+def journal_path(stack) -> Path:
+    """The journal of an ingest in progress, beside its stack (it names source files: an operator's file)."""
+    stack = Path(stack)
+    return stack.with_name(f"{stack.name}.journal")
+
+
+def unfinished_stack(path) -> str | None:
+    """What a Zarr group that a writer left unfinished is, and what to do with it; None for anything else (a
+    finished stack, results, a group that is not gpucnr's, no group at all)."""
+    path = Path(path)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        attrs = dict(group.attrs)
+    except Exception:  # noqa: BLE001 - not a Zarr group
+        return None
+    if "gpucnr_stack" in attrs or "gpucnr_results" in attrs:
+        return None
+    journal = journal_path(path)
+    if journal.is_file():
+        try:
+            with open(journal, encoding="utf-8") as fh:
+                command = json.loads(fh.readline())["command"]
+        except (OSError, ValueError, KeyError, TypeError):
+            command = f"gpucnr ingest SRC_DIR {path} ... --resume (with the options it started with)"
+        return (f"an interrupted ingest, not a stack yet: continue it with `{command}`, or delete {path.name} "
+                f"and {journal.name}")
+    if "buckets" in group or (not attrs and not list(group.keys())):
+        return (f"an unfinished stack (an interrupted write, without a journal to continue from): delete "
+                f"{path.name} and write it again")
+    return None
 
 
 def _array(group, name):

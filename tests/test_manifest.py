@@ -59,7 +59,7 @@ def test_image_rules():
     # NB: image 5 is inconsistent on purpose (a value but n_valid 0): n_valid, not the value, says "no valid roi"
     ds = results([2.0, 1.5, np.nextafter(1.5, 0), NAN, NAN, np.inf, 0.0, 5.0], [2, 1, 3, 0, -1, 1, 1, 0],
                  image=[7, 3, 9, 1, 4, 0, 12, 5])
-    m = manifest(ds, threshold=1.5)
+    m = manifest(ds, allow_incomplete=True, threshold=1.5)
     assert list(m.columns) == ["image", "decision", "reason", "cnr", "n_valid"]
     assert rows(m, "image", "decision", "reason", "cnr", "n_valid") == [
         (0, "keep", "cnr at or above threshold", np.inf, 1),
@@ -93,7 +93,7 @@ def test_roi_rules():
                  cnr=[[2.0, 1.5], [1.0, NAN], [np.inf, 0.5], [NAN, NAN], [NAN, 1.5]],
                  status=[[ok, ok], [ok, absent], [zero, failed], [nc, nc], [ok, ok]],
                  patient_id=["p", "p", "q", "q", "q"], instance_id=["i0", "i1", "i2", "i3", "i4"])
-    m = manifest(ds, threshold=1.5, level="roi")
+    m = manifest(ds, allow_incomplete=True, threshold=1.5, level="roi")
     assert list(m.columns) == ["patient_id", "instance_id", "image", "roi", "decision", "reason", "cnr", "status"]
     assert rows(m, "patient_id", "instance_id", "image", "roi", "decision", "reason", "cnr", "status") == [
         ("p", "i0", 10, 3, "keep", "cnr at or above threshold", 2.0, ok),
@@ -128,7 +128,7 @@ def grouped(**drop) -> xr.Dataset:
 
 
 def test_patient_rules():
-    m = manifest(grouped(), threshold=1.5, level="patient")
+    m = manifest(grouped(), allow_incomplete=True, threshold=1.5, level="patient")
     assert list(m.columns) == ["patient_id", "images", "n_images", "n_valid_images", "decision", "reason", "cnr"]
     assert rows(m, *m.columns) == [
         ("", "10", 1, 1, "flag", "missing patient_id", None),  # never merged with other id-less images
@@ -141,15 +141,16 @@ def test_patient_rules():
 
 
 def test_group_cnr_equal_to_the_threshold_is_kept():
-    m = manifest(grouped(), threshold=float(np.median([1.2, 1.6])), level="patient").set_index("patient_id")
+    m = manifest(grouped(), allow_incomplete=True, threshold=float(np.median([1.2, 1.6])),
+                 level="patient").set_index("patient_id")
     assert m.loc["p4", "decision"] == "keep" and m.loc["p4", "reason"] == "cnr at or above threshold"
     assert m.loc["p1", "decision"] == "keep"
-    above = manifest(grouped(), threshold=2.0001, level="patient").set_index("patient_id")
+    above = manifest(grouped(), allow_incomplete=True, threshold=2.0001, level="patient").set_index("patient_id")
     assert above.loc["p1", "decision"] == "drop"
 
 
 def test_study_rules():
-    m = manifest(grouped(), threshold=1.5, level="study")
+    m = manifest(grouped(), allow_incomplete=True, threshold=1.5, level="study")
     assert list(m.columns) == ["patient_id", "study_id", "images", "n_images", "n_valid_images", "decision",
                                "reason", "cnr"]
     assert rows(m, *m.columns) == [
@@ -165,7 +166,7 @@ def test_study_rules():
 
 
 def test_series_rules():
-    m = manifest(grouped(), threshold=1.5, level="series")
+    m = manifest(grouped(), allow_incomplete=True, threshold=1.5, level="series")
     assert list(m.columns) == ["patient_id", "study_id", "series_id", "images", "n_images", "n_valid_images",
                                "decision", "reason", "cnr"]
     got = rows(m, "patient_id", "study_id", "series_id", "images", "decision", "cnr")
@@ -183,7 +184,8 @@ def test_series_rules():
 
 
 def test_group_key_is_the_id_alone_without_coarser_ids():
-    m = manifest(grouped(patient_id=True, study_id=True), threshold=1.5, level="series")
+    m = manifest(grouped(patient_id=True, study_id=True), threshold=1.5, level="series",
+                 allow_incomplete=True)
     assert list(m.columns[:2]) == ["series_id", "images"]
     assert rows(m, "series_id", "images", "cnr") == [
         ("s1", "0 1 2", 2.0), ("s2", "3", 1.5), ("s3", "4", None), ("s4", "5", None), ("s5", "6", 1.2),
@@ -212,7 +214,7 @@ def test_absent_ids_are_empty_and_never_grouped():
 @pytest.mark.parametrize("level", ["image", "roi", "patient"])
 def test_no_images(level):
     ds = results([], [], cnr=np.zeros((0, 2)), status=np.zeros((0, 2)), roi=[1, 2], patient_id=np.array([], str))
-    m = manifest(ds, level=level)
+    m = manifest(ds, allow_incomplete=True, level=level)
     assert len(m) == 0
     assert "decision" in m.columns and "cnr" in m.columns
 
@@ -223,7 +225,7 @@ def test_cnr_is_nan_exactly_for_flags(level):
     ds["cnr"] = (("image", "roi"), np.column_stack([ds.cnr_median.values, ds.cnr_median.values]))
     ds["status"] = (("image", "roi"), np.where(np.isnan(ds.cnr.values), 1, 0).astype(np.int8))
     ds = ds.assign_coords(roi=[1, 2])
-    m = manifest(ds, level=level)
+    m = manifest(ds, allow_incomplete=True, level=level)
     assert (m["decision"] == "flag").tolist() == m["cnr"].isna().tolist()
     assert set(m["decision"]) == {"keep", "drop", "flag"}
 
@@ -241,8 +243,8 @@ def test_ordering_does_not_depend_on_storage_order(level):
     ds = ds.assign_coords(roi=[4, 2])
     perm = np.random.default_rng(1).permutation(ds.sizes["image"])
     assert not np.array_equal(perm, np.sort(perm))
-    first = manifest(ds, level=level)
-    shuffled = manifest(ds.isel(image=perm, roi=[1, 0]), level=level)
+    first = manifest(ds, allow_incomplete=True, level=level)
+    shuffled = manifest(ds.isel(image=perm, roi=[1, 0]), level=level, allow_incomplete=True)
     pd.testing.assert_frame_equal(first, shuffled)
     # NB: the order is by the ids present (coarsest first), then the global index (and the ROI id)
     keys = [c for c in ("patient_id", "study_id", "series_id") if c in first.columns]
@@ -266,7 +268,7 @@ def test_ordering_does_not_depend_on_storage_order(level):
 def test_level_without_its_id_column_is_an_error(level, column):
     ds = grouped(**{column: True})
     with pytest.raises(gpucnr.InputError, match=column):
-        manifest(ds, level=level)
+        manifest(ds, allow_incomplete=True, level=level)
 
 
 def test_bad_level_threshold_and_variables():

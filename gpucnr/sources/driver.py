@@ -3,15 +3,18 @@
 Two passes over the files, both in isolated worker processes (`workers.IsolatedPool`): a header scan
 (format by content, pseudonymous ids, declared sizes, duplicates), then decoding, in input order, straight
 into a `StackWriter`. Every file in ends up stored, skipped with a code, or a duplicate; the reasons and
-the paths go to the operator's files beside the stack, never into the stack itself.
+the paths go to the operator's files beside the stack, never into the stack itself. What each decoded file
+became is journaled beside the stack (`journal.Journal`), so that an interrupted ingest resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import logging
 import os
+import shlex
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,16 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import zarr
 
-from gpucnr.errors import InputError, OptionError
+from gpucnr.errors import InputError, Interrupted, OptionError
 from gpucnr.identifiers import refused_value
 from gpucnr.outputs import OutputError, csv_text, refuse_overlap, write_file
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
+from gpucnr.sources.journal import Journal, sources_digest
+from gpucnr.sources.problems import problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, TaskFailure
-from gpucnr.store import StackWriter
+from gpucnr.store import StackWriter, journal_path
 
 __all__ = ["IngestSummary", "ingest", "sidecar_paths"]
 
@@ -48,8 +54,10 @@ def sidecar_paths(stack) -> dict[str, Path]:
     """The operator's files beside a stack: the pseudonym key, the linkage file (image -> source path) and
     the skipped-files list. They sit outside the stack so that sharing a stack never shares them."""
     stack = Path(stack)
-    return {k: stack.with_name(f"{stack.name}.{k}{ext}") for k, ext in
-            (("key", ""), ("linkage", ".csv"), ("skipped", ".csv"))}
+    paths = {k: stack.with_name(f"{stack.name}.{k}{ext}") for k, ext in
+             (("key", ""), ("linkage", ".csv"), ("skipped", ".csv"))}
+    paths["journal"] = journal_path(stack)  # NB: while an ingest is in progress only
+    return paths
 
 
 @dataclass
@@ -70,13 +78,23 @@ class IngestSummary:
     masks: int = 0
     unlabelled_images: int = 0
     other_problems: dict[str, int] = field(default_factory=dict)
+    #: the denominators of the problems block and causes found in the data (see `problems.problem_groups`)
+    totals: dict = field(default_factory=dict)
+
+    def problem_groups(self) -> list:
+        """The problems of this ingest by kind (DESIGN §10); empty when it has none."""
+        return problem_groups(self.problems.to_dict("records"), self.totals)
+
+    def problems_text(self) -> str:
+        """The block `gpucnr ingest` ends with on stderr, exit status 3 ("" when there is no problem)."""
+        return problems_text(self.problem_groups(), self.skipped_list)
 
     def text(self) -> str:
         lines = [f"{self.stack}: {self.images} image(s) from {self.stored} file(s); {self.files_in} file(s) in, "
                  f"{sum(self.skipped.values())} skipped, {self.duplicates} duplicate(s)"]
         lines += [f"  skipped {code}: {n}" for code, n in sorted(self.skipped.items())]
         lines += [f"  {code}: {n}" for code, n in sorted(self.other_problems.items())]
-        if self.masks:
+        if self.masks or self.totals.get("mask_files"):
             lines.append(f"  mask files used: {self.masks}; images without labels: {self.unlabelled_images}")
         lines.append(f"  skipped-files list: {self.skipped_list}; linkage file: {self.linkage}")
         return "\n".join(lines)
@@ -85,7 +103,8 @@ class IngestSummary:
 def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None, rois=None, meta=None,
            color: str = "rec709", nonfinite: str = "skip", key_file=None, workers: int | None = None,
            max_image_mb: float = 512, follow_symlinks: bool = False, progress: bool = False,
-           file_timeout: float = 120.0, shard: int = 64, compressor: str = "blosc-zstd") -> IngestSummary:
+           file_timeout: float = 120.0, shard: int = 64, compressor: str = "blosc-zstd",
+           resume: bool = False) -> IngestSummary:
     """Ingest a folder of DICOM, PNG and TIFF files into a new stack.
 
     Parameters
@@ -124,10 +143,27 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         Seconds one file may take to scan or decode before its worker is killed.
     shard, compressor
         As `write_stack`.
+    resume : bool
+        Continue the ingest that was interrupted while writing `stack` (from its journal, ``<stack>.journal``)
+        instead of refusing an existing stack; the sources and options must be those it started with
+        (``resume-mismatch`` otherwise). The result equals an uninterrupted ingest. Without a stack at `stack`,
+        a new ingest starts.
 
     Returns
     -------
     IngestSummary
+        With the problems of DESIGN §10 by kind (`IngestSummary.problem_groups`, `problems_text`).
+
+    Raises
+    ------
+    InputError
+        A refusal before anything is written: a missing folder, an existing stack (without `resume`), a
+        `mask_pattern` (or `masks` folder) that matches no file, a malformed ROI or meta table.
+    ResumeError
+        ``resume-mismatch``: a resume with other sources, options or key, or of a stack that cannot be resumed.
+    gpucnr.errors.Interrupted
+        Ctrl-C or SIGTERM (a KeyboardInterrupt): worker processes are stopped, the journal keeps what was done,
+        and the message says how to continue.
     """
     src, stack = Path(src), Path(stack)
     if color not in COLOR_MODES:
@@ -138,8 +174,10 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         raise OptionError("max_image_mb and file_timeout must be > 0")
     if not src.is_dir():
         raise InputError(f"source folder {display_path(src)} does not exist or is not a folder")
-    if os.path.lexists(stack):  # NB: a symbolic link, even to nothing, is not followed to create a stack there
-        raise InputError(f"{display_path(stack)} already exists; ingest never overwrites a stack")
+    # NB: a symbolic link, even to nothing, is not followed to create a stack there
+    if os.path.lexists(stack) and not resume:
+        raise InputError(f"{display_path(stack)} already exists; ingest never overwrites a stack (--resume "
+                         "continues an interrupted ingest)")
     if not stack.absolute().parent.is_dir():
         raise InputError(f"the folder of {display_path(stack)} does not exist")
     for name, folder in (("masks", masks), ("seg", seg)):
@@ -156,21 +194,99 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     roi_table = None if rois is None else read_roi_csv(rois)  # NB: malformed tables fail before any decoding
     meta_table = None if meta is None else read_meta_csv(meta, [c for c in IMAGE_COLUMNS if c not in ID_COLUMNS])
     key_path = Path(key_file) if key_file is not None else side["key"]
-    key = load_or_create_key(key_path)
     # NB: the CPUs this process may use (containers, taskset), where the OS says; else all of them
     workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     max_bytes = int(max_image_mb * 2**20)
     options = {"color": color, "nonfinite": nonfinite}
 
     # NB: mask and SEG folders may sit inside SRC_DIR: their files are not images of the dataset
-    exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values()) if p is not None]
-    job = _Ingest(stack=stack, side=side, key=key, key_path=key_path, options=options, max_bytes=max_bytes,
+    exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values(), side["journal"],
+                           Path(f"{side['journal']}.partial")) if p is not None]
+    job = _Ingest(stack=stack, side=side, key=None, key_path=key_path, options=options, max_bytes=max_bytes,
                   progress=progress, roi_table=roi_table, meta_table=meta_table)
     job.find(src, masks, mask_pattern, follow_symlinks, exclude)
+    settings = {"src": src, "masks": masks, "mask_pattern": mask_pattern, "seg": seg, "rois": rois, "meta": meta,
+                "color": color, "nonfinite": nonfinite, "key_file": key_file, "max_image_mb": max_image_mb,
+                "file_timeout": file_timeout, "follow_symlinks": follow_symlinks, "shard": shard,
+                "compressor": compressor}
+    walked = {**job.walked, "seg": [] if seg is None else walk(seg, follow_symlinks=follow_symlinks)}
+    job.header = {"sources": sources_digest(walked, {"rois": rois, "meta": meta}),
+                  "options": _journal_options(settings), "command": _resume_command(stack, settings)}
+    resuming = resume and stack.exists()
+    if resuming and not key_path.is_file():
+        raise ResumeError(f"{display_path(stack)} cannot be resumed without its pseudonym key {key_path.name} "
+                          "(another key would give its images other pseudonyms); delete the stack and ingest again")
+    # NB: after every refusal of a new ingest (a refused ingest writes nothing); a resume reads the existing key
+    job.key = load_or_create_key(key_path)
+    # NB: a resume under another key would mix pseudonyms; the journal holds a digest of it, never the key
+    job.header["options"]["key"] = hashlib.sha256(b"gpucnr journal key\0" + job.key).hexdigest()
+    job.resumed = _resume_point(stack, side["journal"], job.header) if resuming else None
     with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout, memory_mb=_memory_mb(max_image_mb)) as pool:
-        job.scan(pool, seg, follow_symlinks)
-        return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
-                          seg is not None)
+        try:
+            job.scan(pool, seg, follow_symlinks)
+            return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
+                              seg is not None)
+        except KeyboardInterrupt as e:
+            job.meter.done()  # NB: the progress line ends before the interruption's line
+            raise Interrupted(job.interrupted(), e) from None
+
+
+def _journal_options(settings: dict) -> dict:
+    """The options that decide what an ingest stores (not --workers, --progress), comparable across runs:
+    paths absolute, and the pseudonym key by its SHA-256 (a resume with another key would mix pseudonyms)."""
+    out = {}
+    for name, value in settings.items():
+        out[name] = os.path.abspath(value) if isinstance(value, str | os.PathLike) and name not in (
+            "mask_pattern", "color", "nonfinite", "compressor") else value
+    return out
+
+
+def _resume_command(stack: Path, settings: dict) -> str:
+    """The command line that continues this ingest: its arguments as given, the options that differ from the
+    defaults, and --resume."""
+    defaults = {"color": "rec709", "nonfinite": "skip", "max_image_mb": 512, "file_timeout": 120, "shard": 64,
+                "compressor": "blosc-zstd", "follow_symlinks": False}
+    words = ["gpucnr", "ingest", display_path(settings["src"]), display_path(stack)]
+    for name, value in settings.items():
+        if name == "src" or value is None or defaults.get(name, None) == value:
+            continue
+        flag = "--" + name.replace("_", "-")
+        words += [flag] if value is True else [flag, display_path(value) if isinstance(value, Path) else
+                                               f"{value:g}" if isinstance(value, float) else str(value)]
+    return " ".join(shlex.quote(w) for w in [*words, "--resume"])
+
+
+class ResumeError(InputError):
+    """`gpucnr ingest --resume` that cannot continue: other sources or options, no journal, a finished stack."""
+
+    code = "resume-mismatch"
+
+
+def _resume_point(stack: Path, journal: Path, header: dict) -> dict:
+    """The journal of the interrupted ingest to continue, checked against this one's sources and options."""
+    try:
+        attrs = dict(zarr.open_group(str(stack), mode="r").attrs)
+    except Exception:  # noqa: BLE001 - not a Zarr group: not something ingest left
+        attrs = {}
+    if "gpucnr_stack" in attrs and not journal.is_file():
+        raise ResumeError(f"{display_path(stack)} is a complete stack: there is nothing to resume")
+    # NB: a stack with its journal still beside it was interrupted while finishing (after its tables, before its
+    # linkage file): the resume replays every file and closes it again
+    try:
+        old, records, flushed = Journal.read(journal)
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{display_path(stack)} cannot be resumed: its journal {journal.name} is missing or "
+                          f"unreadable ({type(e).__name__}); delete {stack.name} and ingest again") from None
+    changed = sorted(k for k in {*old.get("options", {}), *header["options"]}
+                     if old.get("options", {}).get(k) != header["options"].get(k))
+    if changed:
+        raise ResumeError(f"{display_path(stack)} was started with other options: "
+                          + ", ".join(f"{k}={old['options'].get(k)!r} (now {header['options'].get(k)!r})"
+                                      for k in changed) + f"; continue it with `{old.get('command')}`")
+    if old.get("sources") != header["sources"]:
+        raise ResumeError(f"the source files changed since {display_path(stack)} was started (files added, removed "
+                          f"or modified, by size or time); delete {stack.name} and {journal.name} and ingest again")
+    return {"records": records, "flushed": flushed}
 
 
 class _Ingest:
@@ -183,6 +299,8 @@ class _Ingest:
         self.duplicates = 0
         self.matcher: MaskMatcher | None = None
         self.mask_index: dict = {}
+        self.mask_dir = False
+        self.seg_files = 0
         self.meter = _Progress(self.progress)
 
     def problem(self, source: str, item: str, code: str, reason: str, encoding: str | None = None) -> None:
@@ -197,14 +315,25 @@ class _Ingest:
         """Walk the source (and mask) folders; mask files beside their images are not inputs."""
         self.exclude = exclude
         found = walk(src, follow_symlinks=follow_symlinks, exclude=exclude)
+        self.walked = {"src": found}
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
+            self.mask_dir = masks is not None
             if masks is None:
                 is_mask = [f.code is None and self.matcher.key(f.rel.rpartition("/")[2]) is not None for f in found]
                 self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
                 found = [f for f, m in zip(found, is_mask, strict=True) if not m]
             else:
-                self.mask_index = self.matcher.index(walk(masks, follow_symlinks=follow_symlinks, exclude=exclude))
+                self.walked["masks"] = walk(masks, follow_symlinks=follow_symlinks, exclude=exclude)
+                self.mask_index = self.matcher.index(self.walked["masks"])
+            if not self.mask_index:
+                # NB: a typo such as {stem}-mask.png for {stem}_mask.png would store every mask as an image
+                # (beside them) or label nothing: refused before anything is written.
+                where = (f"under --masks {display_path(masks)}" if masks is not None
+                         else f"beside the images under {display_path(src)}")
+                raise InputError(f"--mask-pattern {self.matcher.pattern!r} matches no file {where}; nothing was "
+                                 "written. Check it against one mask file's name (e.g. '{stem}_mask.png' for "
+                                 "'case.png' and 'case_mask.png')")
         self.found = found
         for f in found:
             if f.code is not None:
@@ -246,7 +375,6 @@ class _Ingest:
             for m in entries:
                 if m.rel not in used:
                     self.problem(m.rel, "mask", "mask-no-image", "no image file matches this mask's name")
-        self.used_masks = used
 
     def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool, exclude=()) -> tuple[dict, dict]:
         """({pseudonymous instance id: paths of the DICOM SEG objects that label it}, {readable SEG path: its
@@ -256,6 +384,7 @@ class _Ingest:
         if seg is None:
             return refs, rels
         files = walk(seg, follow_symlinks=follow_symlinks, exclude=exclude)
+        self.seg_files = len(files)
         for f in files:
             if f.code is not None:
                 self.problem(f.rel, "seg", f.code, f.reason)
@@ -270,68 +399,45 @@ class _Ingest:
         return refs, rels
 
     def decode(self, pool: IsolatedPool, *, shard: int, compressor: str, has_labels: bool) -> IngestSummary:
-        """Pass 2: decode in input order straight into the stack; then the tables, the linkage file and the
-        skipped-files list."""
+        """Pass 2: decode in input order straight into the stack, journaling each file (`journal`); then the
+        tables, the linkage file and the skipped-files list. A resumed ingest replays the journal's files whose
+        images are on disk and decodes the others."""
         sources = {f.rel for f in self.found}
         meta_rows = _meta_rows(self.meta_table, self.key, sources, self.problem)
-        stored = unlabelled = 0
         # NB: duplicates are decided here, in input order, against what was *stored*: a first copy that fails to
         # decode must not make a good second copy a "duplicate" (both are decoded; duplicates are rare).
-        stored_as: dict[str, str] = {}
-        link_rows: list[dict] = []
-        frame_of: dict[tuple[str, int], int] = {}
-        writer = StackWriter(self.stack, labels=has_labels, shard=shard, compressor=compressor)
+        self.stored_as: dict[str, str] = {}
+        self.link_rows: list[dict] = []
+        self.frame_of: dict[tuple[str, int], int] = {}
+        self.stored = self.unlabelled = self.masked = 0
+        self.labelled_by: set[str] = set()
+        start, journal, writer = self._open(has_labels, shard, compressor)
         try:
             self.meter.stage("decode", len(self.tasks))
+            self.meter.n = start
             # NB: decoded results wait in the driver until the files before them are done: their bytes in flight
             # are bounded (x3: colour and LUT images become float64), as well as their number.
-            outs = pool.imap((t[4] for t in self.tasks), costs=(3 * t[2]["declared_bytes"] for t in self.tasks),
+            todo = self.tasks[start:]
+            outs = pool.imap((t[4] for t in todo), costs=(3 * t[2]["declared_bytes"] for t in todo),
                              budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick)
-            for (k, f, rec, mask_rels, _), out in zip(self.tasks, outs, strict=True):
-                if isinstance(out, TaskFailure):
-                    self.skipped[out.code] += 1
-                    reason = out.reason
-                    if out.code.startswith("mask") and mask_rels:
-                        reason += f" (mask: {', '.join(mask_rels)})"  # NB: the operator's list names both files
-                    self.problem(f.rel, "file", out.code, reason)
-                    continue
-                dedup = rec.get("dedup")
-                if dedup is not None and dedup in stored_as:
-                    self.duplicates += 1
-                    what = "SOP instance" if rec["format"] == "dicom" else "bytes"
-                    self.problem(f.rel, "file", "duplicate", f"the same {what} as {stored_as[dedup]}, stored before it")
-                    continue
-                if dedup is not None:
-                    stored_as[dedup] = f.rel
-                if out.get("mask_problem"):
-                    code, reason = out["mask_problem"]
-                    # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
-                    self.problem(f.rel, "mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the "
-                                 "image is stored without labels")
-                stored += 1
-                labels = out["labels"]
-                if has_labels and labels is None:
-                    unlabelled += len(out["frames"])
-                for frame, entry in enumerate(out["frames"]):
-                    pixels = entry.pop("pixels")
-                    row = _image_row(rec, entry, frame, k, pixels.shape)
-                    row.update(meta_rows.get(f.rel, {}))
-                    source_index = writer.add(pixels, None if labels is None else labels[frame], row)
-                    frame_of[(f.rel, frame)] = source_index
-                    link_rows.append({"source_index": source_index, "frame": frame, "source": f.rel,
-                                      "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS},
-                                      "source_encoding": f.encoding})
-            table = _roi_rows(self.roi_table, frame_of, sources, self.problem)
+            for j, out in enumerate(outs, start):
+                record = self._decoded(j, out, meta_rows, writer)
+                journal.record(record)
+                self._apply(record)
+                self.decoded = j + 1
+            table = _roi_rows(self.roi_table, self.frame_of, sources, self.problem)
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
-                "files_in": len(self.found), "stored": stored, "skipped": dict(sorted(self.skipped.items())),
-                "duplicates": self.duplicates, "images": writer.n_images, "mask_files": len(self.used_masks),
-                "unlabelled_images": unlabelled, "other_problems": other, **self.options,
+                "files_in": len(self.found), "stored": self.stored, "skipped": dict(sorted(self.skipped.items())),
+                "duplicates": self.duplicates, "images": writer.n_images, "mask_files": len(self.labelled_by),
+                "unlabelled_images": self.unlabelled, "other_problems": other, **self.options,
                 "max_image_mb": self.max_bytes / 2**20, "linkage": self.side["linkage"].name,
                 "skipped_list": self.side["skipped"].name,
             }
             opened = writer.close(rois=table)
         except BaseException:
+            writer.abandon()  # NB: the shard being written completes and is journaled: a resume keeps it
+            journal.close()
             # NB: the list is kept even if the run fails, but a second failure writing it (a full disk) must not
             # mask the first, coded one
             with contextlib.suppress(Exception):
@@ -340,21 +446,145 @@ class _Ingest:
         _write_csv(self.side["skipped"], self.problems, _PROBLEM_COLUMNS)
         index_of = dict(zip(opened.images["source_index"].to_numpy(), opened.images["index"].to_numpy(),
                             strict=True))
+        link_rows = [dict(r) for r in self.link_rows]
         for r in link_rows:
             r["index"] = int(index_of[r.pop("source_index")])
         link_rows.sort(key=lambda r: r["index"])
         _write_csv(self.side["linkage"], link_rows, ["index", "frame", "source", "file_index", *ID_COLUMNS,
                                                      "source_encoding"])
+        journal.remove()  # NB: last: until the linkage file is written, the ingest is not complete
         self.meter.done()
         summary = IngestSummary(
-            stack=self.stack, files_in=len(self.found), stored=stored, skipped=dict(sorted(self.skipped.items())),
+            stack=self.stack, files_in=len(self.found), stored=self.stored, skipped=dict(sorted(self.skipped.items())),
             duplicates=self.duplicates, images=opened.n_images,
             problems=pd.DataFrame(self.problems, columns=_PROBLEM_COLUMNS), linkage=self.side["linkage"],
-            skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(self.used_masks),
-            unlabelled_images=unlabelled, other_problems=other)
+            skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(self.labelled_by),
+            unlabelled_images=self.unlabelled, other_problems=other,
+            totals={"files": len(self.found), "masked": self.masked, "seg_files": self.seg_files,
+                    "mask_files": sum(len(v) for v in self.mask_index.values()), "has_mask_dir": self.mask_dir,
+                    "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
+                    "meta_rows": 0 if self.meta_table is None else len(self.meta_table),
+                    "meta_rows_hint": _path_hint(self.meta_table, sources),
+                    "roi_rows_hint": _path_hint(self.roi_table, sources)})
         if summary.files_in != summary.stored + sum(summary.skipped.values()) + summary.duplicates:
             raise AssertionError("ingest lost track of a file")  # NB: the invariant of DESIGN §8, checked always
         return summary
+
+    def _open(self, has_labels: bool, shard: int, compressor: str):
+        """(the first task to decode, the journal, the stack writer): a new stack, or the interrupted one with
+        the journal's files replayed up to the first one with an image that is not on disk."""
+        if self.resumed is None:
+            self.decoded = 0
+            journal = Journal.create(self.side["journal"], self.header)  # NB: before the stack: it names it
+            writer = StackWriter(self.stack, labels=has_labels, shard=shard, compressor=compressor)
+            writer.on_written = journal.flushed
+            return 0, journal, writer
+        records, flushed = self.resumed["records"], self.resumed["flushed"]
+        start = len(records)
+        for j, record in enumerate(records):
+            if any(int(fr["row"]["position"]) >= flushed.get(fr["row"]["bucket"], 0) for fr in record["frames"]):
+                start = j
+                break
+        kept = records[:start]
+        for record in kept:
+            self._apply(record)
+        rows = [fr["row"] for record in kept for fr in record["frames"]]
+        labels = {v for record in kept for fr in record["frames"] for v in fr["labels"]}
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["bucket"]] = int(row["position"]) + 1
+        # NB: the journal is rewritten with what is kept, so that one interrupted twice resumes alike
+        journal = Journal.create(self.side["journal"], self.header,
+                                 [*kept, *({"flushed": b, "count": n // shard * shard} for b, n in counts.items())])
+        writer = StackWriter.resume(self.stack, rows=rows, label_ids=labels, labels=has_labels, shard=shard,
+                                    compressor=compressor)
+        writer.on_written = journal.flushed
+        self.decoded = start
+        return start, journal, writer
+
+    def _decoded(self, j: int, out, meta_rows: dict, writer: StackWriter) -> dict:
+        """What one decoded file became: its images go to `writer`; the rest is the journal record."""
+        k, f, rec, mask_rels, task = self.tasks[j]
+        record = {"j": j, "problems": [], "skip": None, "dup": False, "dedup": None, "masked": False,
+                  "labelled_by": [], "unlabelled": 0, "frames": []}
+
+        def problem(item: str, code: str, reason: str) -> None:
+            record["problems"].append({"source": f.rel, "item": item, "code": code, "reason": reason,
+                                       "source_encoding": f.encoding})
+            # NB: an operator message: the path is needed (its control characters escaped)
+            log.info("%s: %s %s: %s", display_path(f.rel), item, code, display_path(reason))
+
+        if isinstance(out, TaskFailure):
+            record["skip"] = out.code
+            reason = out.reason
+            if out.code.startswith("mask") and mask_rels:
+                reason += f" (mask: {', '.join(mask_rels)})"  # NB: the operator's list names both files
+            problem("file", out.code, reason)
+            return record
+        dedup = rec.get("dedup")
+        if dedup is not None and dedup in self.stored_as:
+            record["dup"] = True
+            what = "SOP instance" if rec["format"] == "dicom" else "bytes"
+            problem("file", "duplicate", f"the same {what} as {self.stored_as[dedup]}, stored before it")
+            return record
+        record["dedup"] = dedup
+        record["masked"] = bool(mask_rels or task[5])
+        if out.get("mask_problem"):
+            code, reason = out["mask_problem"]
+            # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
+            problem("mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the image is stored "
+                    "without labels")
+        else:
+            record["labelled_by"] = list(mask_rels)  # NB: "mask files used" = masks that labelled a stored image
+        labels = out["labels"]
+        if writer.labels and labels is None:
+            record["unlabelled"] = len(out["frames"])
+        for frame, entry in enumerate(out["frames"]):
+            pixels = entry.pop("pixels")
+            row = _image_row(rec, entry, frame, k, pixels.shape)
+            row.update(meta_rows.get(f.rel, {}))
+            plane = None if labels is None else labels[frame]
+            source_index = writer.add(pixels, plane, row)
+            ids = [] if plane is None else [int(v) for v in np.unique(plane) if v != 0]
+            record["frames"].append({"row": writer.rows[source_index], "labels": ids})
+        return record
+
+    def _apply(self, record: dict) -> None:
+        """Count one file's record (decoded now, or replayed from the journal)."""
+        k, f = self.tasks[record["j"]][:2]
+        self.problems.extend(record["problems"])
+        if record["skip"] is not None:
+            self.skipped[record["skip"]] += 1
+            return
+        if record["dup"]:
+            self.duplicates += 1
+            return
+        if record["dedup"] is not None:
+            self.stored_as[record["dedup"]] = f.rel
+        self.stored += 1
+        self.masked += record["masked"]
+        self.unlabelled += record["unlabelled"]
+        self.labelled_by.update(record["labelled_by"])
+        for frame, fr in enumerate(record["frames"]):
+            row = fr["row"]
+            self.frame_of[(f.rel, frame)] = int(row["source_index"])
+            self.link_rows.append({"source_index": int(row["source_index"]), "frame": frame, "source": f.rel,
+                                   "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS},
+                                   "source_encoding": f.encoding})
+
+    def interrupted(self) -> str:
+        """What an interrupted ingest did and how to continue it (the line `gpucnr ingest` ends with)."""
+        if self.resumed is None and not hasattr(self, "decoded"):
+            return (f"stopped while reading headers, before anything was stored; nothing was written but the key "
+                    f"({self.key_path.name}); run the same command again")
+        try:
+            _, _, flushed = Journal.read(self.side["journal"])
+        except (OSError, ValueError):
+            flushed = {}
+        done = (f"{self.decoded} of {len(self.tasks)} files decoded" if hasattr(self, "decoded") else
+                "stopped while reading headers")
+        return (f"{done}, {sum(flushed.values())} image(s) kept on disk in {display_path(self.stack)}; continue "
+                f"with `{self.header['command']}` (or delete {self.stack.name} and {self.side['journal'].name})")
 
 
 def _memory_mb(max_image_mb: float) -> int:
@@ -370,6 +600,37 @@ def _image_row(rec: dict, entry: dict, frame: int, file_index: int, shape) -> di
                 "slope": float(entry["slope"]), "intercept": float(entry["intercept"]),
                 "padding": float(entry["padding"]), "photometric": entry["photometric"], "color": entry["color"]})
     return row
+
+
+def _path_hint(table, sources: set[str]) -> str | None:
+    """Why most rows of a --meta / --rois table name no file under SRC_DIR, when their paths say so: absolute
+    or climbing out, relative to a folder above or below SRC_DIR, or another case. Never quotes a path (they
+    can hold names)."""
+    if table is None or not len(table):
+        return None
+    keys = [k if isinstance(k, str) else None for k in table["_key"]]
+    missed = [k for k in keys if k is None or k not in sources]
+    if len(missed) * 2 < len(keys):
+        return None
+    if all(k is None for k in missed):
+        return "the source column holds absolute paths or paths with '..'; they must be relative to SRC_DIR"
+    missed = [k for k in missed if k is not None]
+
+    def most(hits: int) -> bool:
+        return hits * 2 >= len(missed)
+
+    for cut in (1, 2, 3):
+        if most(sum(k.split("/", cut)[-1] in sources for k in missed if k.count("/") >= cut)):
+            return (f"the paths seem relative to the folder {cut} level(s) above SRC_DIR: drop their first {cut} "
+                    "folder(s), or pass that folder as SRC_DIR")
+    tails = {s.split("/", n)[-1] for s in sources for n in (1, 2, 3) if s.count("/") >= n}
+    if most(sum(k in tails for k in missed)):
+        return ("the paths seem relative to a folder inside SRC_DIR: write them from SRC_DIR itself, or pass "
+                "that folder as SRC_DIR")
+    lower = {s.lower() for s in sources}
+    if most(sum(k.lower() in lower for k in missed)):
+        return "the paths differ from the files' names in upper / lower case (paths are case-sensitive)"
+    return None
 
 
 def _meta_rows(table, key: bytes, sources: set[str], problem) -> dict[str, dict]:

@@ -124,7 +124,10 @@ class IsolatedPool:
         ours, theirs = socket.socketpair()
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr.sources.workers", str(theirs.fileno()), self.target,
                                  str(self.memory_mb or 0)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                # NB: a process group of its own: Ctrl-C in the terminal reaches the driver alone,
+                                # which stops the children (a child killed by it would read as decoder-crash)
+                                process_group=0)
         theirs.close()
         return {"proc": proc, "conn": Connection(ours.detach()), "queue": deque(), "deadline": None}
 
