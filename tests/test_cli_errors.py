@@ -127,7 +127,8 @@ def test_full_disk_keeps_the_stack_write_code(world, capsys, monkeypatch, tmp_pa
 
     monkeypatch.setattr(StackWriter, "_write", full)
     monkeypatch.setattr(gpucnr.sources.driver, "write_file", full)
-    check(capsys, ["ingest", str(world / "src"), str(tmp_path / "s.zarr"), "--workers", "1"], 2, "stack-write")
+    # NB: a full disk is the environment's failure after partial work: exit 4 (DESIGN §10), --resume continues
+    check(capsys, ["ingest", str(world / "src"), str(tmp_path / "s.zarr"), "--workers", "1"], 4, "stack-write")
 
 
 def test_the_real_entry_point(world, tmp_path):
