@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["GpucnrError", "InputError", "OptionError", "OptionTypeError", "RoiTableError", "ShapeMismatchError"]
+__all__ = ["GpucnrError", "InputError", "LabelRangeError", "OptionError", "OptionTypeError", "RoiTableError",
+           "ShapeMismatchError"]
 
 
 class GpucnrError(Exception):
@@ -28,6 +29,12 @@ class ShapeMismatchError(InputError):
     """Images and a label array of different shapes."""
 
     code = "shape-mismatch"
+
+
+class LabelRangeError(InputError):
+    """A label array holding ids beyond int64 (ROI ids are int64 everywhere: the ``roi`` dimension)."""
+
+    code = "label-range"
 
 
 class RoiTableError(InputError):

@@ -20,7 +20,19 @@ from gpucnr.kernels.moments import Sums, is_exact_integer
 __all__ = ["image_totals"]
 
 
-def image_totals(images, shift, valid_h, valid_w, border, padding):
+def native(a):
+    """`a` in native byte order, float16 as float32 (both exact): Numba compiles neither a big-endian nor a
+    half-precision loop, and the kernels' rule (docs/accuracy.md) is written for native types."""
+    if a is None:
+        return None
+    if a.dtype == np.float16:
+        return a.astype(np.float32)
+    if not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def image_totals(images, shift, valid_h, valid_w, border, padding, scale=None):
     """Same contract as `gpucnr.kernels.moments.image_totals` with region=None, for NumPy arrays.
 
     The images are split over `threads()` threads: the compiled loop releases the GIL.
@@ -29,15 +41,58 @@ def image_totals(images, shift, valid_h, valid_w, border, padding):
     if images.dtype == np.bool_:
         images = images.view(np.uint8)
     exact = is_exact_integer(np, images.dtype)
-    kernel = _exact_totals if exact else _float_totals
     shift = np.ascontiguousarray(shift, np.int64 if exact else np.float64)
     vh = np.ascontiguousarray(valid_h, np.int64)
     vw = np.ascontiguousarray(valid_w, np.int64)
     pad = np.ascontiguousarray(padding, np.float64)
-    parts = _split(images.shape[0], lambda a, b: kernel(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border),
-                                                         pad[a:b]))
+    if exact:
+        parts = _split(images.shape[0], lambda a, b: _exact_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b],
+                                                                   int(border), pad[a:b]))
+    else:
+        sc = np.ones(images.shape[0]) if scale is None else np.ascontiguousarray(scale, np.float64)
+        parts = _split(images.shape[0], lambda a, b: _float_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b],
+                                                                   int(border), pad[a:b], sc[a:b]))
     count, s1, s2, n_excluded = (np.concatenate([p[k] for p in parts]) for k in range(4))
     return Sums(n=count, s1=s1, s2=s2), n_excluded
+
+
+def image_range(images, valid_h, valid_w, padding):
+    """Same contract as `gpucnr.kernels.moments.image_range`, for NumPy arrays: one compiled pass."""
+    images = np.ascontiguousarray(images)
+    n = images.shape[0]
+    if images.dtype.kind == "f":
+        lo = np.full(n, np.inf, images.dtype)
+        hi = np.full(n, -np.inf, images.dtype)
+    else:
+        info = np.iinfo(images.dtype)
+        lo = np.full(n, info.max, images.dtype)
+        hi = np.full(n, info.min, images.dtype)
+    found = np.zeros(n, np.bool_)
+    vh = np.ascontiguousarray(valid_h, np.int64)
+    vw = np.ascontiguousarray(valid_w, np.int64)
+    pad = np.ascontiguousarray(padding, np.float64)
+    _split(n, lambda a, b: _range(images[a:b], vh[a:b], vw[a:b], pad[a:b], images.dtype.kind == "f", lo[a:b],
+                                  hi[a:b], found[a:b]))
+    return lo, hi, found
+
+
+@numba.njit(nogil=True, cache=True)
+def _range(images, valid_h, valid_w, padding, is_float, lo, hi, found):  # pragma: no cover - compiled
+    for i in range(images.shape[0]):
+        pad = padding[i]
+        has_pad = np.isfinite(pad)
+        for y in range(valid_h[i]):
+            for x in range(valid_w[i]):
+                v = images[i, y, x]
+                if is_float and not np.isfinite(v):
+                    continue
+                if has_pad and np.float64(v) == pad:
+                    continue
+                found[i] = True
+                if v < lo[i]:
+                    lo[i] = v
+                if v > hi[i]:
+                    hi[i] = v
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -109,7 +164,7 @@ def _exact_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
 
 
 @numba.njit(nogil=True, cache=True)
-def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: no cover - compiled
+def _float_totals(images, shift, valid_h, valid_w, border, padding, scale):  # pragma: no cover - compiled
     n = images.shape[0]
     count = np.zeros(n, np.int64)
     s1 = np.zeros(n, np.float64)
@@ -120,6 +175,7 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
         y0, y1 = border, max(vh - border, border)
         x0, x1 = border, max(vw - border, border)
         c = shift[i]
+        sc = scale[i]
         pad = padding[i]
         has_pad = np.isfinite(pad)
         for y in range(vh):
@@ -132,7 +188,7 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
                 if not np.isfinite(v) or (has_pad and v == pad):
                     n_excluded[i] += 1
                 elif inner_row and x0 <= x < x1:
-                    d = v - c
+                    d = (v - c) * sc
                     count[i] += 1
                     r1 += d
                     r2 += d * d
@@ -141,12 +197,13 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
     return count, s1, s2, n_excluded
 
 
-def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding):
+def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding, scale=None):
     """Same contract as `gpucnr.kernels.batch._window_pass`, for NumPy arrays: per cell, in compiled loops
     over its window, the ROI sums (two-pass for float images), the ROI pixels inside the valid region and
     the background window part (see `gpucnr.kernels.masks.WindowMasks`; ring sums two-pass for floats).
 
-    Returns ``(roi_sums, roi_shift, n_inside, part_sums, part_shift)`` like the portable path.
+    Returns ``(roi_sums, roi_centre, n_inside, part_sums, part_centre)`` like the portable path: the
+    centres are relative to the image's shift, in its scaled units (0 for integer images).
     """
     from gpucnr.kernels.masks import window_footprints
 
@@ -163,14 +220,19 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
     rest = (np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
             np.ascontiguousarray(padding, np.float64), int(params.border), mode, *_row_arrays(grow),
             *_row_arrays(keep_out), np.ascontiguousarray(shift, np.int64 if exact else np.float64))
-    kernel = _exact_windows if exact else _float_windows
+    if exact:
+        kernel = _exact_windows
+    else:
+        sc = np.ones(images.shape[0]) if scale is None else np.ascontiguousarray(scale, np.float64)
+        rest = (*rest, sc)
+        kernel = _float_windows
     # NB: cells are independent, so they are split over threads like the image pass.
     parts = _split(geometry[0].shape[0], lambda a, b: kernel(images, labels, has_labels,
                                                              *(g[a:b] for g in geometry), *rest))
     out = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
-    base = rest[-1][cells.image]
-    roi_shift, part_shift = (base, base) if exact else (base + out[7], base + out[8])
-    return Sums(out[0], out[1], out[2]), roi_shift, out[3], Sums(out[4], out[5], out[6]), part_shift
+    zero = np.zeros(geometry[0].shape[0], np.float64)
+    roi_centre, part_centre = (zero, zero) if exact else (out[7], out[8])
+    return Sums(out[0], out[1], out[2]), roi_centre, out[3], Sums(out[4], out[5], out[6]), part_centre
 
 
 def _row_arrays(rows):
@@ -337,7 +399,7 @@ def _is_bad(v, pad, has_pad):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w,
-                   padding, border, mode, grow_dy, grow_w, keep_dy, keep_w, shift):  # pragma: no cover
+                   padding, border, mode, grow_dy, grow_w, keep_dy, keep_w, shift, scale):  # pragma: no cover
     m = image.shape[0]
     out_n = np.zeros(m, np.int64)
     out_s1 = np.zeros(m, np.float64)
@@ -356,6 +418,7 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                                                     grow_dy, grow_w, keep_dy, keep_w, roi, part, hole, dist)
         # Pass 1: counts and sums about c. Pass 2: the ROI (and a ring, which is a whole background) about
         # its own mean; a complement part stays about c, since it is subtracted from the image totals.
+        sc = scale[i]
         roi_s1 = 0.0
         for yy in range(h):
             for xx in range(w):
@@ -368,7 +431,7 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                     inside_n[j] += 1
                 if _is_bad(v, pad, has_pad):
                     continue
-                d = v - c
+                d = (v - c) * sc
                 if in_roi:
                     out_n[j] += 1
                     roi_s1 += d
@@ -394,11 +457,11 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                 if _is_bad(v, pad, has_pad):
                     continue
                 if in_roi:
-                    d = v - c - mean
+                    d = (v - c) * sc - mean
                     out_s1[j] += d
                     out_s2[j] += d * d
                 if in_ring:
-                    d = v - c - ring_mean
+                    d = (v - c) * sc - ring_mean
                     part_s1[j] += d
                     part_s2[j] += d * d
     return out_n, out_s1, out_s2, inside_n, part_n, part_s1, part_s2, centre, part_centre
