@@ -198,7 +198,7 @@ def measure_batch(
         c = xp.take(shift, cells.image)
         inv = xp.take(plan.inv_scale, cells.image)
         mean_roi, mean_bg = c + md_roi * inv, c + md_bg * inv
-        var_roi, var_bg = (var_roi_s * inv) * inv, (var_bg_s * inv) * inv
+        var_roi, var_bg = _unscale(xp, var_roi_s, inv), _unscale(xp, var_bg_s, inv)
     out_of_range = xp.take(plan.out_of_range, cells.image)
     if bool(xp.any(out_of_range)):
         nan = xp.full(diff.shape, math.nan, dtype=f64, device=dev)
@@ -373,6 +373,16 @@ def _integer_cells(xp, roi: Sums, bg: Sums, cells, shift, plan, ddof: int, *, un
 
     return (n_r, put(mean_r, "mean_r"), put(var_r, "var_r"), n_b, put(mean_b, "mean_b"), put(var_b, "var_b"),
             put(diff, "diff"))
+
+
+def _unscale(xp, var, inv):
+    """``var * inv**2``: a variance back from the scaled units, inf where float64 cannot hold it (values near
+    1e308 have variances near 1e600), without an overflow warning."""
+    fmax = xp.finfo(xp.float64).max
+    big = xp.where(inv > 1, inv, xp.ones_like(inv))  # NB: only a scale-down (inv > 1) can overflow
+    over = var > (fmax / big) / big
+    safe = xp.where(over, xp.zeros_like(var), var)
+    return xp.where(over, xp.full_like(var, math.inf), (safe * inv) * inv)
 
 
 def _gather_sums(xp, sums: Sums, idx) -> Sums:
