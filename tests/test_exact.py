@@ -410,3 +410,17 @@ def test_every_integer_dtype_and_offset(dtype, offset):
     for sigma in (7, 2**61):
         images = int_images(18, dtype, offset, sigma, 3)
         check_all_paths(images, f"{dtype} offset {offset} sigma {sigma}")
+
+
+def test_limb_path_for_narrow_dtypes_and_its_pixel_bound(monkeypatch):
+    """The limb path and the host finish hold for any integer dtype (forced here by lowering the one-word
+    bound); an image needing limbs beyond their pixel bound (2**29, lowered here) gets numeric-range."""
+    from gpucnr.kernels import moments
+
+    monkeypatch.setattr(moments, "_NARROW", 1 << 20)
+    for dtype, offset in ((np.uint16, 40000), (np.int8, -100), (np.int32, 2**30), (np.uint64, 2**63 + 7)):
+        check_all_paths(int_images(19, dtype, offset, 20, 3), f"forced limbs {np.dtype(dtype)}")
+    monkeypatch.setattr(moments, "_LIMB_PIXELS", H * W)
+    images = int_images(20, np.uint16, 40000, 20, 3)
+    assert (run_measure(images)["status"] == NUMERIC_RANGE).all()
+    assert (run_batch(NP, images, False)["status"] == NUMERIC_RANGE).all()

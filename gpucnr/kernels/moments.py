@@ -16,6 +16,7 @@ _GRID = 32
 # coefficient of d**2 is below 2**34, so each sums exactly in int64 over regions of fewer than 2**29 pixels.
 _LIMB = 16
 _LIMB_MASK = (1 << _LIMB) - 1
+_LIMB_PIXELS = 1 << 29
 # One int64 word holds every sum of an image exactly when (pixels) * max|x - c|**2 stays below this.
 _NARROW = 1 << 62
 # Float images: |x - c| is scaled by a power of two into [2**-1, 2**_FLOAT_HIGH] when it lies outside
@@ -186,7 +187,14 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True) ->
     pixels = [h * w for h, w in zip(to_host(valid_h).tolist(), to_host(valid_w).tolist(), strict=True)]
     none = xp.zeros((n,), dtype=xp.bool, device=dev)
     if is_narrow_integer(xp, images.dtype):
-        return NumericPlan(none, None, None, [p * (_LIMB_MASK * _LIMB_MASK) >= _NARROW for p in pixels], None)
+        wide = [p * (_LIMB_MASK * _LIMB_MASK) >= _NARROW for p in pixels]
+        if any(wide):
+            # NB: images of 2**30 pixels or more; limb sums are exact below 2**29 pixels, so those are out of range.
+            out = [w and p >= _LIMB_PIXELS for w, p in zip(wide, pixels, strict=True)]
+            wide = [w and not o for w, o in zip(wide, out, strict=True)]
+            return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide,
+                               [int(v) for v in to_host(shift).tolist()])
+        return NumericPlan(none, None, None, wide, None)
     if fast and array_api_compat.is_numpy_namespace(xp):
         from gpucnr.kernels import _numpy_fast
 
@@ -203,6 +211,9 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True) ->
         out = [f and h - low >= 1 << 63 for f, low, h in zip(found_h, lo_h, hi_h, strict=True)]
         wide = [f and not o and p * max(h - ci, ci - low) ** 2 >= _NARROW
                 for f, o, p, ci, low, h in zip(found_h, out, pixels, c, lo_h, hi_h, strict=True)]
+        # NB: limb sums are exact over fewer than 2**29 pixels; a wide image of more is out of range.
+        out = [o or (w and p >= _LIMB_PIXELS) for o, w, p in zip(out, wide, pixels, strict=True)]
+        wide = [w and p < _LIMB_PIXELS for w, p in zip(wide, pixels, strict=True)]
         return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide, c)
     c = to_host(shift).tolist()
     lo_h = [float(v) for v in to_host(lo).tolist()]
