@@ -32,10 +32,11 @@ def native(a):
     return a
 
 
-def image_totals(images, shift, valid_h, valid_w, border, padding, scale=None):
+def image_totals(images, shift, valid_h, valid_w, border, padding, scale=None, *, with_range=False):
     """Same contract as `gpucnr.kernels.moments.image_totals` with region=None, for NumPy arrays.
 
-    The images are split over `threads()` threads: the compiled loop releases the GIL.
+    The images are split over `threads()` threads: the compiled loop releases the GIL. With `with_range`,
+    the same pass also returns ``(lo, hi, found)`` of `image_range` (float images: lo and hi in float64).
     """
     images = np.ascontiguousarray(images)
     if images.dtype == np.bool_:
@@ -45,15 +46,74 @@ def image_totals(images, shift, valid_h, valid_w, border, padding, scale=None):
     vh = np.ascontiguousarray(valid_h, np.int64)
     vw = np.ascontiguousarray(valid_w, np.int64)
     pad = np.ascontiguousarray(padding, np.float64)
+    n = images.shape[0]
+    found = np.zeros(n, np.bool_)
     if exact:
-        parts = _split(images.shape[0], lambda a, b: _exact_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b],
-                                                                   int(border), pad[a:b]))
+        info = np.iinfo(images.dtype)
+        lo, hi = np.full(n, info.max, images.dtype), np.full(n, info.min, images.dtype)
+        parts = _split(n, lambda a, b: _exact_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border), pad[a:b],
+                                                     with_range, lo[a:b], hi[a:b], found[a:b]))
     else:
-        sc = np.ones(images.shape[0]) if scale is None else np.ascontiguousarray(scale, np.float64)
-        parts = _split(images.shape[0], lambda a, b: _float_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b],
-                                                                   int(border), pad[a:b], sc[a:b]))
+        lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+        sc = np.ones(n) if scale is None else np.ascontiguousarray(scale, np.float64)
+        parts = _split(n, lambda a, b: _float_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border), pad[a:b],
+                                                     sc[a:b], lo[a:b], hi[a:b], found[a:b]))
     count, s1, s2, n_excluded = (np.concatenate([p[k] for p in parts]) for k in range(4))
+    if with_range:
+        return Sums(n=count, s1=s1, s2=s2), n_excluded, (lo, hi, found)
     return Sums(n=count, s1=s1, s2=s2), n_excluded
+
+
+def grid_median(images, valid_h, valid_w, padding):
+    """Same contract as `gpucnr.kernels.moments.image_shift`, for NumPy arrays: the usable pixels of the 32 x 32
+    grid gathered in a compiled loop, their lower median selected by NumPy's partition (measured: about 3x
+    faster than a compiled quickselect)."""
+    images = np.ascontiguousarray(images)
+    if images.dtype == np.bool_:
+        images = images.view(np.uint8)
+    n = images.shape[0]
+    size = _GRID * _GRID
+    buf = np.empty((n, size), images.dtype)
+    count = np.zeros(n, np.int64)
+    _grid_gather(images, np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
+                 np.ascontiguousarray(padding, np.float64), images.dtype.kind == "f", buf, count)
+    out = np.zeros(n, images.dtype)
+    full = count == size
+    if full.any():
+        out[full] = np.partition(buf[full], (size - 1) // 2, axis=1)[:, (size - 1) // 2]
+    for i in np.flatnonzero(~full & (count > 0)).tolist():
+        m = (int(count[i]) - 1) // 2
+        out[i] = np.partition(buf[i, : count[i]], m)[m]
+    return out.astype(np.float64 if images.dtype.kind == "f" else np.int64)
+
+
+_GRID = 32
+
+
+@numba.njit(nogil=True, cache=True)
+def _grid_gather(images, valid_h, valid_w, padding, is_float, buf, count):  # pragma: no cover - compiled
+    grid = 32
+    for i in range(images.shape[0]):
+        vh, vw = valid_h[i], valid_w[i]
+        pad = padding[i]
+        has_pad = np.isfinite(pad)
+        k = 0
+        for a in range(grid):
+            y = a * vh // grid
+            if y >= vh:
+                continue
+            for b in range(grid):
+                x = b * vw // grid
+                if x >= vw:
+                    continue
+                v = images[i, y, x]
+                if is_float and not np.isfinite(v):
+                    continue
+                if has_pad and np.float64(v) == pad:
+                    continue
+                buf[i, k] = v
+                k += 1
+        count[i] = k
 
 
 def image_range(images, valid_h, valid_w, padding):
@@ -117,7 +177,8 @@ def _split(n: int, fn):
 
 
 @numba.njit(nogil=True, cache=True)
-def _exact_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: no cover - compiled
+def _exact_totals(images, shift, valid_h, valid_w, border, padding, want_range, lo, hi,
+                  found):  # pragma: no cover - compiled
     n = images.shape[0]
     count = np.zeros(n, np.int64)
     s1 = np.zeros(n, np.int64)
@@ -134,15 +195,31 @@ def _exact_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
             for y in range(vh):
                 inner_row = y0 <= y < y1
                 for x in range(vw):
-                    v = np.int64(images[i, y, x])
-                    if v == pad:
+                    raw = images[i, y, x]
+                    v = np.int64(raw)
+                    if np.float64(raw) == pad:
                         n_excluded[i] += 1
-                    elif inner_row and x0 <= x < x1:
+                        continue
+                    if want_range:
+                        found[i] = True
+                        lo[i] = min(lo[i], raw)
+                        hi[i] = max(hi[i], raw)
+                    if inner_row and x0 <= x < x1:
                         d = v - c
                         count[i] += 1
                         s1[i] += d
                         s2[i] += d * d
         else:
+            if want_range and vh > 0 and vw > 0:
+                # NB: the range covers the whole valid region (ROIs may lie in the border frame).
+                found[i] = True
+                rlo, rhi = lo[i], hi[i]
+                for y in range(vh):
+                    row = images[i, y]
+                    for x in range(vw):
+                        rlo = min(rlo, row[x])
+                        rhi = max(rhi, row[x])
+                lo[i], hi[i] = rlo, rhi
             # Raw sums first (the loop vectorises best without the shift), re-centred exactly afterwards.
             a1 = np.int64(0)
             a2 = np.int64(0)
@@ -164,7 +241,8 @@ def _exact_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
 
 
 @numba.njit(nogil=True, cache=True)
-def _float_totals(images, shift, valid_h, valid_w, border, padding, scale):  # pragma: no cover - compiled
+def _float_totals(images, shift, valid_h, valid_w, border, padding, scale, lo, hi,
+                  found):  # pragma: no cover - compiled
     n = images.shape[0]
     count = np.zeros(n, np.int64)
     s1 = np.zeros(n, np.float64)
@@ -178,6 +256,7 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding, scale):  # p
         sc = scale[i]
         pad = padding[i]
         has_pad = np.isfinite(pad)
+        flo, fhi, seen = lo[i], hi[i], False
         for y in range(vh):
             inner_row = y0 <= y < y1
             # Row partial sums, then image sums: error ~ eps (W + H), not eps * H * W.
@@ -187,13 +266,20 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding, scale):  # p
                 v = np.float64(images[i, y, x])
                 if not np.isfinite(v) or (has_pad and v == pad):
                     n_excluded[i] += 1
-                elif inner_row and x0 <= x < x1:
+                    continue
+                seen = True
+                if v < flo:
+                    flo = v
+                if v > fhi:
+                    fhi = v
+                if inner_row and x0 <= x < x1:
                     d = (v - c) * sc
                     count[i] += 1
                     r1 += d
                     r2 += d * d
             s1[i] += r1
             s2[i] += r2
+        lo[i], hi[i], found[i] = flo, fhi, seen
     return count, s1, s2, n_excluded
 
 

@@ -23,6 +23,7 @@ from gpucnr.kernels.masks import (
     dilate,
     gather_window,
     is_exact_integer,
+    is_narrow_integer,
     iter_windows,
     label_boxes,
     roi_mask,
@@ -126,10 +127,21 @@ def measure_batch(
     padding = per_image(padding, math.nan, f64)
     polarity = per_image(polarity, 1.0, f64)
     exact = is_exact_integer(xp, images.dtype)
-    shift = image_shift(xp, images, valid_h, valid_w, padding)
+    shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
+    region = None
+    if params.background == "label":
+        region = xp.astype(lesions, xp.int64) == params.background_label
+    # NB: on NumPy the image pass also finds each image's range, so the plan costs no pass of its own; its
+    # sums (one int64 word, unscaled floats) stand unless the plan asks for limbs or a scale (rare).
+    early = None
+    if fast and region is None and array_api_compat.is_numpy_namespace(xp) and not is_narrow_integer(xp, images.dtype):
+        from gpucnr.kernels import _numpy_fast
+
+        early = _numpy_fast.image_totals(images, shift, valid_h, valid_w, params.border, padding, with_range=True)
     # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
     # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
-    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, fast=fast)
+    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, fast=fast,
+                         known_range=None if early is None else early[2])
     limbs, scale = plan.limbs, plan.scale
     # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
     fast_sums = fast and not limbs
@@ -138,13 +150,14 @@ def measure_batch(
     n_ids = int(roi_ids.shape[0])
     n_cells = n * n_ids
 
-    region = None
-    if params.background == "label":
-        region = xp.astype(lesions, xp.int64) == params.background_label
-    totals, region_centre, n_excluded = image_totals(
-        xp, images, shift, valid_h, valid_w, params.border, padding, region, fast=fast_sums, scale=scale,
-        limbs=limbs,
-    )
+    if early is not None and not (limbs or plan.scaled):
+        totals, n_excluded, _ = early
+        region_centre = None
+    else:
+        totals, region_centre, n_excluded = image_totals(
+            xp, images, shift, valid_h, valid_w, params.border, padding, region, fast=fast_sums, scale=scale,
+            limbs=limbs,
+        )
 
     if fast_sums and array_api_compat.is_numpy_namespace(xp) and cells.image.shape[0]:
         from gpucnr.kernels import _numpy_fast

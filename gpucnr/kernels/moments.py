@@ -89,9 +89,16 @@ class NumericPlan:
     wide: list
     shift: list | None
 
+    exponents: list | None = None
+
     @property
     def limbs(self) -> bool:
         return any(self.wide)
+
+    @property
+    def scaled(self) -> bool:
+        """Some float image of the batch is scaled (its x - c multiplied by a power of two other than 1)."""
+        return bool(self.exponents) and any(e != 0 for e in self.exponents)
 
 
 def accumulator_dtype(xp, dtype):
@@ -135,7 +142,7 @@ def _extreme(xp, dtype, high: bool):
     return xp.asarray(info.max if high else info.min, dtype=dtype)
 
 
-def image_shift(xp, images, valid_h, valid_w, padding):
+def image_shift(xp, images, valid_h, valid_w, padding, *, fast=True):
     """The shift c subtracted from every pixel of an image before its sums: the (lower) median of the usable
     pixels of a 32 x 32 grid spread over the valid region, computed in the images' own dtype — a value of
     the image itself, so |x - c| never exceeds the image's spread, and one near the bulk of its pixels.
@@ -149,6 +156,10 @@ def image_shift(xp, images, valid_h, valid_w, padding):
         int64 for integer images (uint64 shifts above 2**63 wrapped, see `shifted`), float64 otherwise;
         0 for an image with no usable grid pixel.
     """
+    if fast and array_api_compat.is_numpy_namespace(xp):
+        from gpucnr.kernels import _numpy_fast
+
+        return _numpy_fast.grid_median(images, valid_h, valid_w, padding)
     if images.dtype == xp.bool:
         images = xp.astype(images, xp.uint8)
     grid, good = _grid(xp, images, valid_h, valid_w, padding)
@@ -175,12 +186,13 @@ def image_range(xp, images, valid_h, valid_w, padding):
     return lo, hi, xp.any(good, axis=(1, 2))
 
 
-def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True) -> NumericPlan:
+def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True, known_range=None) -> NumericPlan:
     """Decide, per image, how its sums stay exact (docs/accuracy.md, "Exact arithmetic at the edges").
 
     Integer images of at most 16 bits need no look at their values. Wider integer images and float images
-    cost one pass for their range: its spread decides numeric-range, and max |x - c| decides between one
-    int64 word and limbs (integers) or the power of two that scales x - c (floats).
+    cost one pass for their range (or none: `known_range`, ``(lo, hi, found)`` from the NumPy image pass):
+    its spread decides numeric-range, and max |x - c| decides between one int64 word and limbs (integers) or
+    the power of two that scales x - c (floats).
     """
     n = images.shape[0]
     dev = array_api_compat.device(images)
@@ -195,7 +207,9 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True) ->
             return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide,
                                [int(v) for v in to_host(shift).tolist()])
         return NumericPlan(none, None, None, wide, None)
-    if fast and array_api_compat.is_numpy_namespace(xp):
+    if known_range is not None:
+        lo, hi, found = known_range
+    elif fast and array_api_compat.is_numpy_namespace(xp):
         from gpucnr.kernels import _numpy_fast
 
         lo, hi, found = _numpy_fast.image_range(images, valid_h, valid_w, padding)
@@ -226,7 +240,7 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True) ->
         exps.append(_scale_exponent(reach))
     scale = xp.asarray([math.ldexp(1.0, e) for e in exps], dtype=xp.float64, device=dev)
     inv = xp.asarray([math.ldexp(1.0, -e) for e in exps], dtype=xp.float64, device=dev)
-    return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), scale, inv, [False] * n, None)
+    return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), scale, inv, [False] * n, None, exps)
 
 
 def _scale_exponent(reach: float) -> int:
