@@ -424,3 +424,22 @@ def test_limb_path_for_narrow_dtypes_and_its_pixel_bound(monkeypatch):
     images = int_images(20, np.uint16, 40000, 20, 3)
     assert (run_measure(images)["status"] == NUMERIC_RANGE).all()
     assert (run_batch(NP, images, False)["status"] == NUMERIC_RANGE).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint64, np.int64, np.int32])
+def test_padding_of_wide_integers_on_both_paths(dtype):
+    """A padding value on a 64-bit image far from zero: both paths exclude the same pixels and agree."""
+    images = int_images(21, dtype, 2**62 if dtype != np.int32 else 2**30, 1000, 3)
+    pad_value = images[0, 0, 0]
+    images[0, :, -3:] = pad_value
+    padding = np.array([float(pad_value), np.nan])
+    n, (cx, cy, r) = 2, ROI
+    cols = {"image": [0, 1], "col": [0, 0], "kind": [0, 0], "cx": [cx] * n, "cy": [cy] * n, "r": [r] * n}
+    tab = {k: np.asarray(v, np.int64) for k, v in cols.items()}
+    outs = [measure_batch(NP, images, roi_ids=np.array([1], np.int64), params=Params(**OPTIONS), table=tab,
+                          padding=padding, fast=fast) for fast in (True, False)]
+    for k in ("n_roi", "n_bg", "status", "n_excluded"):
+        np.testing.assert_array_equal(outs[0][k], outs[1][k], err_msg=k)
+    for k in ("mean_roi", "var_roi", "mean_bg", "var_bg", "cnr"):
+        np.testing.assert_allclose(outs[0][k], outs[1][k], rtol=1e-12, err_msg=k)
+    assert outs[0]["n_excluded"][0] >= 3 * H

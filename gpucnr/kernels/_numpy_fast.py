@@ -460,8 +460,10 @@ def _exact_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                 in_part = mode != 0 and part[yy, xx]
                 if not (in_roi or in_part):
                     continue
-                v = np.int64(images[i, wy0 + yy, wx0 + xx])
-                bad = has_pad and v == pad
+                raw = images[i, wy0 + yy, wx0 + xx]
+                v = np.int64(raw)
+                # NB: compared in float64 like `masks.excluded_mask` (a uint64 above 2**63 wraps in int64).
+                bad = has_pad and np.float64(raw) == pad
                 if in_roi:
                     inside_n[j] += 1
                 if bad:
