@@ -49,19 +49,61 @@ def image_totals(images, shift, valid_h, valid_w, border, padding, scale=None, *
     n = images.shape[0]
     found = np.zeros(n, np.bool_)
     if exact:
-        info = np.iinfo(images.dtype)
-        lo, hi = np.full(n, info.max, images.dtype), np.full(n, info.min, images.dtype)
-        parts = _split(n, lambda a, b: _exact_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border), pad[a:b],
-                                                     with_range, lo[a:b], hi[a:b], found[a:b]))
-    else:
-        lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
-        sc = np.ones(n) if scale is None else np.ascontiguousarray(scale, np.float64)
-        parts = _split(n, lambda a, b: _float_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border), pad[a:b],
-                                                     sc[a:b], lo[a:b], hi[a:b], found[a:b]))
+        _, sums, n_excluded, found_range = integer_pass(images, vh, vw, border, pad, with_range=with_range,
+                                                        shift=shift)
+        return (sums, n_excluded, found_range) if with_range else (sums, n_excluded)
+    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+    sc = np.ones(n) if scale is None else np.ascontiguousarray(scale, np.float64)
+    parts = _split(n, lambda a, b: _float_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border), pad[a:b],
+                                                 sc[a:b], lo[a:b], hi[a:b], found[a:b]))
     count, s1, s2, n_excluded = (np.concatenate([p[k] for p in parts]) for k in range(4))
     if with_range:
         return Sums(n=count, s1=s1, s2=s2), n_excluded, (lo, hi, found)
     return Sums(n=count, s1=s1, s2=s2), n_excluded
+
+
+def integer_pass(images, valid_h, valid_w, border, padding, *, with_range, shift=None):
+    """Integer images, one compiled pass (threads over images): the shift (the grid median of
+    `moments.image_shift`, unless given), the image totals about it, excluded pixels and, with `with_range`,
+    ``(lo, hi, found)`` of `image_range`.
+
+    The sums are raw sums of x and x**2, re-centred exactly afterwards: s1 = a1 - k c, s2 = a2 - 2 c a1 + k c**2,
+    in wrapping int64 arithmetic, exact whenever the result fits (which `moments.plan_numerics` checks).
+    Returns ``(shift, totals, n_excluded, range or None)``.
+    """
+    images = np.ascontiguousarray(images)
+    if images.dtype == np.bool_:
+        images = images.view(np.uint8)
+    n = images.shape[0]
+    info = np.iinfo(images.dtype)
+    lo, hi = np.full(n, info.max, images.dtype), np.full(n, info.min, images.dtype)
+    found = np.zeros(n, np.bool_)
+    grid = np.empty((n, _GRID * _GRID), images.dtype)
+    grid_count = np.zeros(n, np.int64)
+    vh = np.ascontiguousarray(valid_h, np.int64)
+    vw = np.ascontiguousarray(valid_w, np.int64)
+    pad = np.ascontiguousarray(padding, np.float64)
+    parts = _split(n, lambda a, b: _exact_raw(images[a:b], vh[a:b], vw[a:b], int(border), pad[a:b], with_range,
+                                              lo[a:b], hi[a:b], found[a:b], grid[a:b], grid_count[a:b]))
+    count, a1, a2, n_excluded = (np.concatenate([p[k] for p in parts]) for k in range(4))
+    c = _median_rows(grid, grid_count).astype(np.int64) if shift is None else np.asarray(shift, np.int64)
+    # NB: NumPy's int64 array arithmetic wraps without a warning, like the compiled loop's.
+    s1 = a1 - count * c
+    s2 = a2 - 2 * c * a1 + count * c * c
+    return c, Sums(n=count, s1=s1, s2=s2), n_excluded, ((lo, hi, found) if with_range else None)
+
+
+def _median_rows(buf, count):
+    """The lower median of the first count[i] values of each row of `buf` (0 where count is 0)."""
+    n, size = buf.shape
+    out = np.zeros(n, buf.dtype)
+    full = count == size
+    if full.any():
+        out[full] = np.partition(buf[full], (size - 1) // 2, axis=1)[:, (size - 1) // 2]
+    for i in np.flatnonzero(~full & (count > 0)).tolist():
+        m = (int(count[i]) - 1) // 2
+        out[i] = np.partition(buf[i, : count[i]], m)[m]
+    return out
 
 
 def grid_median(images, valid_h, valid_w, padding):
@@ -77,14 +119,7 @@ def grid_median(images, valid_h, valid_w, padding):
     count = np.zeros(n, np.int64)
     _grid_gather(images, np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
                  np.ascontiguousarray(padding, np.float64), images.dtype.kind == "f", buf, count)
-    out = np.zeros(n, images.dtype)
-    full = count == size
-    if full.any():
-        out[full] = np.partition(buf[full], (size - 1) // 2, axis=1)[:, (size - 1) // 2]
-    for i in np.flatnonzero(~full & (count > 0)).tolist():
-        m = (int(count[i]) - 1) // 2
-        out[i] = np.partition(buf[i, : count[i]], m)[m]
-    return out.astype(np.float64 if images.dtype.kind == "f" else np.int64)
+    return _median_rows(buf, count).astype(np.float64 if images.dtype.kind == "f" else np.int64)
 
 
 _GRID = 32
@@ -177,26 +212,31 @@ def _split(n: int, fn):
 
 
 @numba.njit(nogil=True, cache=True)
-def _exact_totals(images, shift, valid_h, valid_w, border, padding, want_range, lo, hi,
-                  found):  # pragma: no cover - compiled
+def _exact_raw(images, valid_h, valid_w, border, padding, want_range, lo, hi, found, grid,
+               grid_count):  # pragma: no cover - compiled
+    """Integer images: count and raw sums of x and x**2 (int64, wrapping: exact modulo 2**64) over the
+    interior, excluded pixels, the range over the valid region (`want_range`) and, right after each image's
+    pass while it is in cache, its usable 32 x 32 grid pixels (for the shift, known only afterwards)."""
     n = images.shape[0]
     count = np.zeros(n, np.int64)
-    s1 = np.zeros(n, np.int64)
-    s2 = np.zeros(n, np.int64)
+    a1s = np.zeros(n, np.int64)
+    a2s = np.zeros(n, np.int64)
     n_excluded = np.zeros(n, np.int64)
+    g = 32
     for i in range(n):
         vh, vw = valid_h[i], valid_w[i]
         y0, y1 = border, max(vh - border, border)
         x0, x1 = border, max(vw - border, border)
-        c = shift[i]
         pad = padding[i]
-        if np.isfinite(pad):
+        has_pad = np.isfinite(pad)
+        a1 = np.int64(0)
+        a2 = np.int64(0)
+        if has_pad:
             # Padding pixels are skipped and counted; integer images have no non-finite pixels.
             for y in range(vh):
                 inner_row = y0 <= y < y1
                 for x in range(vw):
                     raw = images[i, y, x]
-                    v = np.int64(raw)
                     if np.float64(raw) == pad:
                         n_excluded[i] += 1
                         continue
@@ -205,10 +245,10 @@ def _exact_totals(images, shift, valid_h, valid_w, border, padding, want_range, 
                         lo[i] = min(lo[i], raw)
                         hi[i] = max(hi[i], raw)
                     if inner_row and x0 <= x < x1:
-                        d = v - c
+                        v = np.int64(raw)
                         count[i] += 1
-                        s1[i] += d
-                        s2[i] += d * d
+                        a1 += v
+                        a2 += v * v
         else:
             if want_range and vh > 0 and vw > 0:
                 # NB: the range covers the whole valid region (ROIs may lie in the border frame).
@@ -220,9 +260,7 @@ def _exact_totals(images, shift, valid_h, valid_w, border, padding, want_range, 
                         rlo = min(rlo, row[x])
                         rhi = max(rhi, row[x])
                 lo[i], hi[i] = rlo, rhi
-            # Raw sums first (the loop vectorises best without the shift), re-centred exactly afterwards.
-            a1 = np.int64(0)
-            a2 = np.int64(0)
+            # Raw sums (the loop vectorises best without a shift), re-centred exactly afterwards.
             for y in range(y0, y1):
                 row = images[i, y]
                 r1 = np.int64(0)
@@ -233,11 +271,25 @@ def _exact_totals(images, shift, valid_h, valid_w, border, padding, want_range, 
                     r2 += v * v
                 a1 += r1
                 a2 += r2
-            k = (y1 - y0) * (x1 - x0)
-            count[i] = k
-            s1[i] = a1 - k * c
-            s2[i] = a2 - 2 * c * a1 + k * c * c
-    return count, s1, s2, n_excluded
+            count[i] = (y1 - y0) * (x1 - x0)
+        a1s[i] = a1
+        a2s[i] = a2
+        k = 0
+        for a in range(g):
+            y = a * vh // g
+            if y >= vh:
+                continue
+            for b in range(g):
+                x = b * vw // g
+                if x >= vw:
+                    continue
+                raw = images[i, y, x]
+                if has_pad and np.float64(raw) == pad:
+                    continue
+                grid[i, k] = raw
+                k += 1
+        grid_count[i] = k
+    return count, a1s, a2s, n_excluded
 
 
 @numba.njit(nogil=True, cache=True)

@@ -127,17 +127,26 @@ def measure_batch(
     padding = per_image(padding, math.nan, f64)
     polarity = per_image(polarity, 1.0, f64)
     exact = is_exact_integer(xp, images.dtype)
-    shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
     region = None
     if params.background == "label":
         region = xp.astype(lesions, xp.int64) == params.background_label
-    # NB: on NumPy the image pass also finds each image's range, so the plan costs no pass of its own; its
-    # sums (one int64 word, unscaled floats) stand unless the plan asks for limbs or a scale (rare).
+    # NB: on NumPy the image pass also finds each image's range (and, for integer images, its grid median,
+    # gathered while the image is in cache), so neither costs a pass of its own; its sums (one int64 word,
+    # unscaled floats) stand unless the plan asks for limbs or a scale (rare).
     early = None
-    if fast and region is None and array_api_compat.is_numpy_namespace(xp) and not is_narrow_integer(xp, images.dtype):
+    if fast and region is None and array_api_compat.is_numpy_namespace(xp):
         from gpucnr.kernels import _numpy_fast
 
-        early = _numpy_fast.image_totals(images, shift, valid_h, valid_w, params.border, padding, with_range=True)
+        want_range = not is_narrow_integer(xp, images.dtype)
+        if exact:
+            shift, *early = _numpy_fast.integer_pass(images, valid_h, valid_w, params.border, padding,
+                                                     with_range=want_range)
+        else:
+            shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
+            early = _numpy_fast.image_totals(images, shift, valid_h, valid_w, params.border, padding,
+                                             with_range=True)
+    else:
+        shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
     # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
     # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
     plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, fast=fast,
