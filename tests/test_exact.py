@@ -443,3 +443,25 @@ def test_padding_of_wide_integers_on_both_paths(dtype):
     for k in ("mean_roi", "var_roi", "mean_bg", "var_bg", "cnr"):
         np.testing.assert_allclose(outs[0][k], outs[1][k], rtol=1e-12, err_msg=k)
     assert outs[0]["n_excluded"][0] >= 3 * H
+
+
+@pytest.mark.parametrize("background", ["complement", "ring", "complement-all", "label"])
+def test_wide_integers_in_every_background_mode(background):
+    """Limb sums through every background mode (window parts, the label region, the complement-all union),
+    both paths, against the plain reference (float64 two-pass: exact enough for values of 2**61)."""
+    from test_oracle import assert_matches, data_scale, run_measure, run_portable, run_reference
+
+    images = int_images(22, np.int64, 0, 2**61, 1, n=3)
+    labels = np.zeros(images.shape, np.int32)
+    labels[:, 7:13, 9:15] = 1
+    labels[:, 3:6, 3:8] = 2
+    opts = dict(background=background, footprint="cross", dilation=2, border=2, ring_gap=1, ring_width=3, ddof=1,
+                min_bg=5, definition="pooled", signed=False)
+    if background == "label":
+        labels[:, 14:19, :] = 9
+        opts["background_label"] = 9
+    case = dict(images=images, labels=labels, table=None, lesions=None, options=opts, padding=None)
+    expected = run_reference(case)
+    assert (expected[1]["status"] == 0).all()
+    assert_matches(run_measure(case), expected, f"measure {background}", data_scale(images))
+    assert_matches(run_portable(case), expected, f"portable {background}", data_scale(images))
