@@ -465,3 +465,36 @@ def test_wide_integers_in_every_background_mode(background):
     assert (expected[1]["status"] == 0).all()
     assert_matches(run_measure(case), expected, f"measure {background}", data_scale(images))
     assert_matches(run_portable(case), expected, f"portable {background}", data_scale(images))
+
+
+@pytest.mark.parametrize("power", [-1000, 1000, -1060])
+@pytest.mark.parametrize("background", ["complement", "ring", "complement-all", "label"])
+def test_float_scaling_in_every_background_mode(background, power):
+    """x * 2**power (exact for these values: near 1e-301, 1e301, and subnormal for -1060 where the scaled
+    values keep 14 bits) gives the CNR of x in every background mode, on both paths: the power-of-two scale
+    of the rule reaches window parts, the label region, the complement-all union and the direct background."""
+    from test_oracle import run_measure, run_portable
+
+    rng = np.random.default_rng(23)
+    unit = {-1060: 16, -1000: 2**30, 1000: 1}[power]
+    base = np.rint(rng.normal(1000.0, 20.0, (2, H, W))) * unit
+    base[:, 7:13, 9:15] += 60 * unit
+    labels = np.zeros(base.shape, np.int32)
+    labels[:, 7:13, 9:15] = 1
+    opts = dict(background=background, footprint="cross", dilation=2, border=2, ring_gap=1, ring_width=3, ddof=1,
+                min_bg=5, definition="pooled", signed=False)
+    if background == "label":
+        labels[:, 14:19, :] = 9
+        opts["background_label"] = 9
+    scaled = np.ldexp(base, power)
+    assert np.array_equal(np.ldexp(scaled, -power), base)  # the scaling itself is exact
+    runs = {}
+    for name, images in (("base", base), ("scaled", scaled)):
+        case = dict(images=images, labels=labels, table=None, lesions=None, options=opts, padding=None)
+        runs[name] = (run_measure(case)[1], run_portable(case)[1])
+    for k in range(2):
+        assert (runs["base"][k]["status"] == 0).all() and (runs["scaled"][k]["status"] == 0).all()
+        np.testing.assert_allclose(runs["scaled"][k]["cnr"], runs["base"][k]["cnr"], rtol=1e-12)
+        # NB: a subnormal mean holds no more than its 2**-1074 steps (2**-14 of the unscaled values here).
+        np.testing.assert_allclose(np.ldexp(runs["scaled"][k]["mean_bg"], -power), runs["base"][k]["mean_bg"],
+                                   rtol=1e-12, atol=2 * 2.0 ** min(0, -1074 - power))
