@@ -13,7 +13,7 @@ import xarray as xr
 
 from gpucnr._version import __version__
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
-from gpucnr.errors import InputError, ShapeMismatchError
+from gpucnr.errors import InputError, LabelRangeError, ShapeMismatchError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
@@ -29,6 +29,7 @@ STATUS_LEGEND = ", ".join(f"{v}={k}" for k, v in sorted(STATUS.items(), key=lamb
 # batches ran 2.5x slower than 64-image ones); the portable path's temporaries (a few 8-byte copies of the
 # batch, ~0.5 GB) bound it from above.
 _PIXELS_PER_BATCH = 1 << 24
+_INT64_MAX = (1 << 63) - 1
 
 
 def measure(
@@ -163,7 +164,21 @@ def _as_stack(a, what: str) -> _Stack:
         raise InputError(f"{what} must be integer, boolean or float, got dtype {a.dtype}")
     if kind == "b":
         a = a.astype(np.uint8) if lazy else namespace(a).astype(a, namespace(a).uint8)
+    a = _native(a)
     return _Stack(a, lazy)
+
+
+def _native(a):
+    """NumPy or Dask input in native byte order, float16 as float32: both conversions are exact, and the
+    compiled kernels (and CuPy) take neither a big-endian nor a half-precision array."""
+    dtype = getattr(a, "dtype", None)
+    if not isinstance(dtype, np.dtype):
+        return a
+    if dtype == np.float16:
+        return a.astype(np.float32)
+    if not dtype.isnative:
+        return a.astype(dtype.newbyteorder("="))
+    return a
 
 
 def _check_same_shape(stack: _Stack, other: _Stack, what: str) -> None:
@@ -281,6 +296,10 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
         if lab is not None and xp.isdtype(lab.dtype, "signed integer") and lab.size and int(xp.min(lab)) < 0:
             raise InputError(f"{name} of images {start}..{stop - 1} hold negative values; labels are >= 0 "
                              "(0 = no ROI)")
+        # NB: ROI ids are int64 (the roi dimension); a uint64 id above 2**63 - 1 would wrap to a negative one.
+        if lab is not None and lab.dtype == xp.uint64 and lab.size and int(xp.max(lab)) > _INT64_MAX:
+            raise LabelRangeError(f"{name} of images {start}..{stop - 1} hold ids above 2**63 - 1 "
+                                  f"(largest {int(xp.max(lab))}); ROI ids must fit in int64")
     batch_table = None
     if table is not None:
         lo, hi = np.searchsorted(table["image"].to_numpy(), [start, stop])

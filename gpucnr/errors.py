@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "Interrupted", "OptionError", "OptionTypeError",
-           "RoiTableError", "ShapeMismatchError", "Terminated", "console_text", "environment_error",
-           "raise_if_exhausted"]
+__all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "Interrupted", "LabelRangeError", "OptionError",
+           "OptionTypeError", "RoiTableError", "ShapeMismatchError", "Terminated", "console_text",
+           "environment_error", "raise_if_exhausted"]
 
 
 class GpucnrError(Exception):
@@ -32,6 +32,12 @@ class ShapeMismatchError(InputError):
     """Images and a label array of different shapes."""
 
     code = "shape-mismatch"
+
+
+class LabelRangeError(InputError):
+    """A label array holding ids beyond int64 (ROI ids are int64 everywhere: the ``roi`` dimension)."""
+
+    code = "label-range"
 
 
 class RoiTableError(InputError):

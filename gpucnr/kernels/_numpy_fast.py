@@ -20,24 +20,174 @@ from gpucnr.kernels.moments import Sums, is_exact_integer
 __all__ = ["image_totals"]
 
 
-def image_totals(images, shift, valid_h, valid_w, border, padding):
+def native(a):
+    """`a` in native byte order, float16 as float32 (both exact): Numba compiles neither a big-endian nor a
+    half-precision loop, and the kernels' rule (docs/accuracy.md) is written for native types."""
+    if a is None:
+        return None
+    if a.dtype == np.float16:
+        return a.astype(np.float32)
+    if not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def image_totals(images, shift, valid_h, valid_w, border, padding, scale=None, *, with_range=False):
     """Same contract as `gpucnr.kernels.moments.image_totals` with region=None, for NumPy arrays.
 
-    The images are split over `threads()` threads: the compiled loop releases the GIL.
+    The images are split over `threads()` threads: the compiled loop releases the GIL. With `with_range`,
+    the same pass also returns ``(lo, hi, found)`` of `image_range` (float images: lo and hi in float64).
     """
     images = np.ascontiguousarray(images)
     if images.dtype == np.bool_:
         images = images.view(np.uint8)
     exact = is_exact_integer(np, images.dtype)
-    kernel = _exact_totals if exact else _float_totals
     shift = np.ascontiguousarray(shift, np.int64 if exact else np.float64)
     vh = np.ascontiguousarray(valid_h, np.int64)
     vw = np.ascontiguousarray(valid_w, np.int64)
     pad = np.ascontiguousarray(padding, np.float64)
-    parts = _split(images.shape[0], lambda a, b: kernel(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border),
-                                                         pad[a:b]))
+    n = images.shape[0]
+    found = np.zeros(n, np.bool_)
+    if exact:
+        _, sums, n_excluded, found_range = integer_pass(images, vh, vw, border, pad, with_range=with_range,
+                                                        shift=shift)
+        return (sums, n_excluded, found_range) if with_range else (sums, n_excluded)
+    lo, hi = np.full(n, np.inf), np.full(n, -np.inf)
+    sc = np.ones(n) if scale is None else np.ascontiguousarray(scale, np.float64)
+    parts = _split(n, lambda a, b: _float_totals(images[a:b], shift[a:b], vh[a:b], vw[a:b], int(border), pad[a:b],
+                                                 sc[a:b], lo[a:b], hi[a:b], found[a:b]))
     count, s1, s2, n_excluded = (np.concatenate([p[k] for p in parts]) for k in range(4))
+    if with_range:
+        return Sums(n=count, s1=s1, s2=s2), n_excluded, (lo, hi, found)
     return Sums(n=count, s1=s1, s2=s2), n_excluded
+
+
+def integer_pass(images, valid_h, valid_w, border, padding, *, with_range, shift=None):
+    """Integer images, one compiled pass (threads over images): the shift (the grid median of
+    `moments.image_shift`, unless given), the image totals about it, excluded pixels and, with `with_range`,
+    ``(lo, hi, found)`` of `image_range`.
+
+    The sums are raw sums of x and x**2, re-centred exactly afterwards: s1 = a1 - k c, s2 = a2 - 2 c a1 + k c**2,
+    in wrapping int64 arithmetic, exact whenever the result fits (which `moments.plan_numerics` checks).
+    Returns ``(shift, totals, n_excluded, range or None)``.
+    """
+    images = np.ascontiguousarray(images)
+    if images.dtype == np.bool_:
+        images = images.view(np.uint8)
+    n = images.shape[0]
+    info = np.iinfo(images.dtype)
+    lo, hi = np.full(n, info.max, images.dtype), np.full(n, info.min, images.dtype)
+    found = np.zeros(n, np.bool_)
+    grid = np.empty((n, _GRID * _GRID), images.dtype)
+    grid_count = np.zeros(n, np.int64)
+    vh = np.ascontiguousarray(valid_h, np.int64)
+    vw = np.ascontiguousarray(valid_w, np.int64)
+    pad = np.ascontiguousarray(padding, np.float64)
+    parts = _split(n, lambda a, b: _exact_raw(images[a:b], vh[a:b], vw[a:b], int(border), pad[a:b], with_range,
+                                              lo[a:b], hi[a:b], found[a:b], grid[a:b], grid_count[a:b]))
+    count, a1, a2, n_excluded = (np.concatenate([p[k] for p in parts]) for k in range(4))
+    c = _median_rows(grid, grid_count).astype(np.int64) if shift is None else np.asarray(shift, np.int64)
+    # NB: NumPy's int64 array arithmetic wraps without a warning, like the compiled loop's.
+    s1 = a1 - count * c
+    s2 = a2 - 2 * c * a1 + count * c * c
+    return c, Sums(n=count, s1=s1, s2=s2), n_excluded, ((lo, hi, found) if with_range else None)
+
+
+def _median_rows(buf, count):
+    """The lower median of the first count[i] values of each row of `buf` (0 where count is 0)."""
+    n, size = buf.shape
+    out = np.zeros(n, buf.dtype)
+    full = count == size
+    if full.any():
+        out[full] = np.partition(buf[full], (size - 1) // 2, axis=1)[:, (size - 1) // 2]
+    for i in np.flatnonzero(~full & (count > 0)).tolist():
+        m = (int(count[i]) - 1) // 2
+        out[i] = np.partition(buf[i, : count[i]], m)[m]
+    return out
+
+
+def grid_median(images, valid_h, valid_w, padding):
+    """Same contract as `gpucnr.kernels.moments.image_shift`, for NumPy arrays: the usable pixels of the 32 x 32
+    grid gathered in a compiled loop, their lower median selected by NumPy's partition (measured: about 3x
+    faster than a compiled quickselect)."""
+    images = np.ascontiguousarray(images)
+    if images.dtype == np.bool_:
+        images = images.view(np.uint8)
+    n = images.shape[0]
+    size = _GRID * _GRID
+    buf = np.empty((n, size), images.dtype)
+    count = np.zeros(n, np.int64)
+    _grid_gather(images, np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
+                 np.ascontiguousarray(padding, np.float64), images.dtype.kind == "f", buf, count)
+    return _median_rows(buf, count).astype(np.float64 if images.dtype.kind == "f" else np.int64)
+
+
+_GRID = 32
+
+
+@numba.njit(nogil=True, cache=True)
+def _grid_gather(images, valid_h, valid_w, padding, is_float, buf, count):  # pragma: no cover - compiled
+    grid = 32
+    for i in range(images.shape[0]):
+        vh, vw = valid_h[i], valid_w[i]
+        pad = padding[i]
+        has_pad = np.isfinite(pad)
+        k = 0
+        for a in range(grid):
+            y = a * vh // grid
+            if y >= vh:
+                continue
+            for b in range(grid):
+                x = b * vw // grid
+                if x >= vw:
+                    continue
+                v = images[i, y, x]
+                if is_float and not np.isfinite(v):
+                    continue
+                if has_pad and np.float64(v) == pad:
+                    continue
+                buf[i, k] = v
+                k += 1
+        count[i] = k
+
+
+def image_range(images, valid_h, valid_w, padding):
+    """Same contract as `gpucnr.kernels.moments.image_range`, for NumPy arrays: one compiled pass."""
+    images = np.ascontiguousarray(images)
+    n = images.shape[0]
+    if images.dtype.kind == "f":
+        lo = np.full(n, np.inf, images.dtype)
+        hi = np.full(n, -np.inf, images.dtype)
+    else:
+        info = np.iinfo(images.dtype)
+        lo = np.full(n, info.max, images.dtype)
+        hi = np.full(n, info.min, images.dtype)
+    found = np.zeros(n, np.bool_)
+    vh = np.ascontiguousarray(valid_h, np.int64)
+    vw = np.ascontiguousarray(valid_w, np.int64)
+    pad = np.ascontiguousarray(padding, np.float64)
+    _split(n, lambda a, b: _range(images[a:b], vh[a:b], vw[a:b], pad[a:b], images.dtype.kind == "f", lo[a:b],
+                                  hi[a:b], found[a:b]))
+    return lo, hi, found
+
+
+@numba.njit(nogil=True, cache=True)
+def _range(images, valid_h, valid_w, padding, is_float, lo, hi, found):  # pragma: no cover - compiled
+    for i in range(images.shape[0]):
+        pad = padding[i]
+        has_pad = np.isfinite(pad)
+        for y in range(valid_h[i]):
+            for x in range(valid_w[i]):
+                v = images[i, y, x]
+                if is_float and not np.isfinite(v):
+                    continue
+                if has_pad and np.float64(v) == pad:
+                    continue
+                found[i] = True
+                if v < lo[i]:
+                    lo[i] = v
+                if v > hi[i]:
+                    hi[i] = v
 
 
 _POOL: ThreadPoolExecutor | None = None
@@ -62,35 +212,55 @@ def _split(n: int, fn):
 
 
 @numba.njit(nogil=True, cache=True)
-def _exact_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: no cover - compiled
+def _exact_raw(images, valid_h, valid_w, border, padding, want_range, lo, hi, found, grid,
+               grid_count):  # pragma: no cover - compiled
+    """Integer images: count and raw sums of x and x**2 (int64, wrapping: exact modulo 2**64) over the
+    interior, excluded pixels, the range over the valid region (`want_range`) and, right after each image's
+    pass while it is in cache, its usable 32 x 32 grid pixels (for the shift, known only afterwards)."""
     n = images.shape[0]
     count = np.zeros(n, np.int64)
-    s1 = np.zeros(n, np.int64)
-    s2 = np.zeros(n, np.int64)
+    a1s = np.zeros(n, np.int64)
+    a2s = np.zeros(n, np.int64)
     n_excluded = np.zeros(n, np.int64)
+    g = 32
     for i in range(n):
         vh, vw = valid_h[i], valid_w[i]
         y0, y1 = border, max(vh - border, border)
         x0, x1 = border, max(vw - border, border)
-        c = shift[i]
         pad = padding[i]
-        if np.isfinite(pad):
+        has_pad = np.isfinite(pad)
+        a1 = np.int64(0)
+        a2 = np.int64(0)
+        if has_pad:
             # Padding pixels are skipped and counted; integer images have no non-finite pixels.
             for y in range(vh):
                 inner_row = y0 <= y < y1
                 for x in range(vw):
-                    v = np.int64(images[i, y, x])
-                    if v == pad:
+                    raw = images[i, y, x]
+                    if np.float64(raw) == pad:
                         n_excluded[i] += 1
-                    elif inner_row and x0 <= x < x1:
-                        d = v - c
+                        continue
+                    if want_range:
+                        found[i] = True
+                        lo[i] = min(lo[i], raw)
+                        hi[i] = max(hi[i], raw)
+                    if inner_row and x0 <= x < x1:
+                        v = np.int64(raw)
                         count[i] += 1
-                        s1[i] += d
-                        s2[i] += d * d
+                        a1 += v
+                        a2 += v * v
         else:
-            # Raw sums first (the loop vectorises best without the shift), re-centred exactly afterwards.
-            a1 = np.int64(0)
-            a2 = np.int64(0)
+            if want_range and vh > 0 and vw > 0:
+                # NB: the range covers the whole valid region (ROIs may lie in the border frame).
+                found[i] = True
+                rlo, rhi = lo[i], hi[i]
+                for y in range(vh):
+                    row = images[i, y]
+                    for x in range(vw):
+                        rlo = min(rlo, row[x])
+                        rhi = max(rhi, row[x])
+                lo[i], hi[i] = rlo, rhi
+            # Raw sums (the loop vectorises best without a shift), re-centred exactly afterwards.
             for y in range(y0, y1):
                 row = images[i, y]
                 r1 = np.int64(0)
@@ -101,15 +271,30 @@ def _exact_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
                     r2 += v * v
                 a1 += r1
                 a2 += r2
-            k = (y1 - y0) * (x1 - x0)
-            count[i] = k
-            s1[i] = a1 - k * c
-            s2[i] = a2 - 2 * c * a1 + k * c * c
-    return count, s1, s2, n_excluded
+            count[i] = (y1 - y0) * (x1 - x0)
+        a1s[i] = a1
+        a2s[i] = a2
+        k = 0
+        for a in range(g):
+            y = a * vh // g
+            if y >= vh:
+                continue
+            for b in range(g):
+                x = b * vw // g
+                if x >= vw:
+                    continue
+                raw = images[i, y, x]
+                if has_pad and np.float64(raw) == pad:
+                    continue
+                grid[i, k] = raw
+                k += 1
+        grid_count[i] = k
+    return count, a1s, a2s, n_excluded
 
 
 @numba.njit(nogil=True, cache=True)
-def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: no cover - compiled
+def _float_totals(images, shift, valid_h, valid_w, border, padding, scale, lo, hi,
+                  found):  # pragma: no cover - compiled
     n = images.shape[0]
     count = np.zeros(n, np.int64)
     s1 = np.zeros(n, np.float64)
@@ -120,8 +305,10 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
         y0, y1 = border, max(vh - border, border)
         x0, x1 = border, max(vw - border, border)
         c = shift[i]
+        sc = scale[i]
         pad = padding[i]
         has_pad = np.isfinite(pad)
+        flo, fhi, seen = lo[i], hi[i], False
         for y in range(vh):
             inner_row = y0 <= y < y1
             # Row partial sums, then image sums: error ~ eps (W + H), not eps * H * W.
@@ -131,22 +318,30 @@ def _float_totals(images, shift, valid_h, valid_w, border, padding):  # pragma: 
                 v = np.float64(images[i, y, x])
                 if not np.isfinite(v) or (has_pad and v == pad):
                     n_excluded[i] += 1
-                elif inner_row and x0 <= x < x1:
-                    d = v - c
+                    continue
+                seen = True
+                if v < flo:
+                    flo = v
+                if v > fhi:
+                    fhi = v
+                if inner_row and x0 <= x < x1:
+                    d = (v - c) * sc
                     count[i] += 1
                     r1 += d
                     r2 += d * d
             s1[i] += r1
             s2[i] += r2
+        lo[i], hi[i], found[i] = flo, fhi, seen
     return count, s1, s2, n_excluded
 
 
-def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding):
+def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding, scale=None):
     """Same contract as `gpucnr.kernels.batch._window_pass`, for NumPy arrays: per cell, in compiled loops
     over its window, the ROI sums (two-pass for float images), the ROI pixels inside the valid region and
     the background window part (see `gpucnr.kernels.masks.WindowMasks`; ring sums two-pass for floats).
 
-    Returns ``(roi_sums, roi_shift, n_inside, part_sums, part_shift)`` like the portable path.
+    Returns ``(roi_sums, roi_centre, n_inside, part_sums, part_centre)`` like the portable path: the
+    centres are relative to the image's shift, in its scaled units (0 for integer images).
     """
     from gpucnr.kernels.masks import window_footprints
 
@@ -163,14 +358,19 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding)
     rest = (np.ascontiguousarray(valid_h, np.int64), np.ascontiguousarray(valid_w, np.int64),
             np.ascontiguousarray(padding, np.float64), int(params.border), mode, *_row_arrays(grow),
             *_row_arrays(keep_out), np.ascontiguousarray(shift, np.int64 if exact else np.float64))
-    kernel = _exact_windows if exact else _float_windows
+    if exact:
+        kernel = _exact_windows
+    else:
+        sc = np.ones(images.shape[0]) if scale is None else np.ascontiguousarray(scale, np.float64)
+        rest = (*rest, sc)
+        kernel = _float_windows
     # NB: cells are independent, so they are split over threads like the image pass.
     parts = _split(geometry[0].shape[0], lambda a, b: kernel(images, labels, has_labels,
                                                              *(g[a:b] for g in geometry), *rest))
     out = [np.concatenate([p[k] for p in parts]) for k in range(len(parts[0]))]
-    base = rest[-1][cells.image]
-    roi_shift, part_shift = (base, base) if exact else (base + out[7], base + out[8])
-    return Sums(out[0], out[1], out[2]), roi_shift, out[3], Sums(out[4], out[5], out[6]), part_shift
+    zero = np.zeros(geometry[0].shape[0], np.float64)
+    roi_centre, part_centre = (zero, zero) if exact else (out[7], out[8])
+    return Sums(out[0], out[1], out[2]), roi_centre, out[3], Sums(out[4], out[5], out[6]), part_centre
 
 
 def _row_arrays(rows):
@@ -312,8 +512,10 @@ def _exact_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                 in_part = mode != 0 and part[yy, xx]
                 if not (in_roi or in_part):
                     continue
-                v = np.int64(images[i, wy0 + yy, wx0 + xx])
-                bad = has_pad and v == pad
+                raw = images[i, wy0 + yy, wx0 + xx]
+                v = np.int64(raw)
+                # NB: compared in float64 like `masks.excluded_mask` (a uint64 above 2**63 wraps in int64).
+                bad = has_pad and np.float64(raw) == pad
                 if in_roi:
                     inside_n[j] += 1
                 if bad:
@@ -337,7 +539,7 @@ def _is_bad(v, pad, has_pad):  # pragma: no cover - compiled
 
 @numba.njit(nogil=True, cache=True)
 def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w,
-                   padding, border, mode, grow_dy, grow_w, keep_dy, keep_w, shift):  # pragma: no cover
+                   padding, border, mode, grow_dy, grow_w, keep_dy, keep_w, shift, scale):  # pragma: no cover
     m = image.shape[0]
     out_n = np.zeros(m, np.int64)
     out_s1 = np.zeros(m, np.float64)
@@ -356,6 +558,7 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                                                     grow_dy, grow_w, keep_dy, keep_w, roi, part, hole, dist)
         # Pass 1: counts and sums about c. Pass 2: the ROI (and a ring, which is a whole background) about
         # its own mean; a complement part stays about c, since it is subtracted from the image totals.
+        sc = scale[i]
         roi_s1 = 0.0
         for yy in range(h):
             for xx in range(w):
@@ -368,7 +571,7 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                     inside_n[j] += 1
                 if _is_bad(v, pad, has_pad):
                     continue
-                d = v - c
+                d = (v - c) * sc
                 if in_roi:
                     out_n[j] += 1
                     roi_s1 += d
@@ -394,11 +597,11 @@ def _float_windows(images, labels, has_labels, image, kind, cx, cy, r, y0, y1, x
                 if _is_bad(v, pad, has_pad):
                     continue
                 if in_roi:
-                    d = v - c - mean
+                    d = (v - c) * sc - mean
                     out_s1[j] += d
                     out_s2[j] += d * d
                 if in_ring:
-                    d = v - c - ring_mean
+                    d = (v - c) * sc - ring_mean
                     part_s1[j] += d
                     part_s2[j] += d * d
     return out_n, out_s1, out_s2, inside_n, part_n, part_s1, part_s2, centre, part_centre

@@ -6,6 +6,7 @@ import math
 
 import array_api_compat
 
+from gpucnr.backend import to_host
 from gpucnr.errors import InputError
 from gpucnr.kernels import histograms
 from gpucnr.kernels.cnr import (
@@ -23,6 +24,7 @@ from gpucnr.kernels.masks import (
     dilate,
     gather_window,
     is_exact_integer,
+    is_narrow_integer,
     iter_windows,
     label_boxes,
     roi_mask,
@@ -31,10 +33,15 @@ from gpucnr.kernels.masks import (
 )
 from gpucnr.kernels.moments import (
     Sums,
+    float_moments,
     image_shift,
     image_totals,
+    integer_difference,
+    integer_moments,
+    limbs_value,
     masked_sums,
-    moments,
+    narrow_from_limbs,
+    plan_numerics,
     shifted,
     two_pass,
 )
@@ -108,6 +115,7 @@ def measure_batch(
     dict of arrays
         `OUTPUT_CELL` variables of shape (n, L), `OUTPUT_IMAGE` variables of shape (n,), and ``roi_ids``.
     """
+    images, labels, lesions = (_entry(xp, a) for a in (images, labels, lesions))
     n, height, width = images.shape
     dev = array_api_compat.device(images)
     f64 = xp.float64
@@ -126,59 +134,105 @@ def measure_batch(
     # NB: the compiled kernels index with these values unchecked: nothing inconsistent gets past this line.
     _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity)
     exact = is_exact_integer(xp, images.dtype)
-    shift = image_shift(xp, images, valid_h, valid_w, padding)
+    region = None
+    if params.background == "label":
+        region = xp.astype(lesions, xp.int64) == params.background_label
+    # NB: on NumPy the image pass also finds each image's range (and, for integer images, its grid median,
+    # gathered while the image is in cache), so neither costs a pass of its own; its sums (one int64 word,
+    # unscaled floats) stand unless the plan asks for limbs or a scale (rare).
+    early = None
+    if fast and region is None and array_api_compat.is_numpy_namespace(xp):
+        from gpucnr.kernels import _numpy_fast
+
+        want_range = not is_narrow_integer(xp, images.dtype)
+        if exact:
+            shift, *early = _numpy_fast.integer_pass(images, valid_h, valid_w, params.border, padding,
+                                                     with_range=want_range)
+        else:
+            shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
+            early = _numpy_fast.image_totals(images, shift, valid_h, valid_w, params.border, padding,
+                                             with_range=True)
+    else:
+        shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
+    # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
+    # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
+    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, fast=fast,
+                         known_range=None if early is None else early[2])
+    limbs, scale = plan.limbs, plan.scale
+    # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
+    fast_sums = fast and not limbs
 
     cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast)
     n_ids = int(roi_ids.shape[0])
     n_cells = n * n_ids
 
-    region = None
-    if params.background == "label":
-        region = xp.astype(lesions, xp.int64) == params.background_label
-    totals, region_centre, n_excluded = image_totals(
-        xp, images, shift, valid_h, valid_w, params.border, padding, region, fast=fast
-    )
+    if early is not None and not (limbs or plan.scaled):
+        totals, n_excluded, _ = early
+        region_centre = None
+    else:
+        totals, region_centre, n_excluded = image_totals(
+            xp, images, shift, valid_h, valid_w, params.border, padding, region, fast=fast_sums, scale=scale,
+            limbs=limbs,
+        )
 
-    if fast and array_api_compat.is_numpy_namespace(xp) and cells.image.shape[0]:
+    if fast_sums and array_api_compat.is_numpy_namespace(xp) and cells.image.shape[0]:
         from gpucnr.kernels import _numpy_fast
 
-        roi_sums, roi_shift, n_inside, bg_window, window_shift = _numpy_fast.window_sums(
-            images, labels, cells, params, shift, valid_h, valid_w, padding
+        roi_sums, roi_rel, n_inside, bg_window, window_rel = _numpy_fast.window_sums(
+            images, labels, cells, params, shift, valid_h, valid_w, padding, scale
         )
     else:
-        roi_sums, roi_shift, n_inside, bg_window, window_shift = _window_pass(
-            xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact
+        roi_sums, roi_rel, n_inside, bg_window, window_rel = _window_pass(
+            xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact, scale=scale, limbs=limbs
         )
 
-    # Background sums per cell: image-level region (+/-) the cell's window part (DESIGN §4, §7).
-    bg_shift = xp.take(shift, cells.image) if exact else xp.take(xp.astype(shift, f64), cells.image)
+    # Background sums per cell: image-level region (+/-) the cell's window part (DESIGN §4, §7). Float sums
+    # are about the image's shift plus a centre ("rel", scaled units: 0 unless two-pass).
+    bg_rel = xp.zeros((cells.image.shape[0],), dtype=f64, device=dev)
     removed = None
     if params.background == "complement":
         bg = _gather_sums(xp, totals, cells.image) - bg_window
-        removed = bg_window.s2
+        removed = None if exact else bg_window.s2
     elif params.background == "ring":
-        # NB: the ring is all in the window; its float sums are two-pass there (window_shift).
-        bg, bg_shift = bg_window, window_shift
+        # NB: the ring is all in the window; its float sums are two-pass there (window_rel).
+        bg, bg_rel = bg_window, window_rel
     elif params.background == "label":
         bg = _gather_sums(xp, totals, cells.image)
         if region_centre is not None:
-            bg_shift = bg_shift + xp.take(region_centre, cells.image)
+            bg_rel = xp.take(region_centre, cells.image)
     else:
         union = _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                            shift, roi_ids)
+                            shift, roi_ids, scale=scale, limbs=limbs)
         bg = _gather_sums(xp, totals - union, cells.image)
-        removed = xp.take(union.s2, cells.image)
+        removed = None if exact else xp.take(union.s2, cells.image)
 
-    n_roi, mean_roi, var_roi = moments(xp, roi_sums, roi_shift, params.ddof, exact=exact)
-    n_bg, mean_bg, var_bg = moments(xp, bg, bg_shift, params.ddof, exact=exact)
-    if removed is not None and not exact:
-        idx = xp.nonzero(_ill_conditioned(xp, bg, removed, params.ddof))[0]
-        if idx.shape[0]:
-            direct, centre = _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h,
-                                                valid_w, padding, shift, roi_ids, idx)
-            _, mean_d, var_d = moments(xp, direct, xp.take(bg_shift, idx) + centre, params.ddof, exact=False)
-            mean_bg = _replace(xp, mean_bg, idx, mean_d)
-            var_bg = _replace(xp, var_bg, idx, var_d)
+    if exact:
+        n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff = _integer_cells(
+            xp, roi_sums, bg, cells, shift, plan, params.ddof, unsigned64=images.dtype == xp.uint64)
+        var_roi_s, var_bg_s = var_roi, var_bg
+    else:
+        n_roi, md_roi, var_roi_s = float_moments(xp, roi_sums, roi_rel, params.ddof)
+        n_bg, md_bg, var_bg_s = float_moments(xp, bg, bg_rel, params.ddof)
+        if removed is not None:
+            idx = xp.nonzero(_ill_conditioned(xp, bg, removed, params.ddof))[0]
+            if idx.shape[0]:
+                direct, centre = _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h,
+                                                    valid_w, padding, shift, roi_ids, idx, scale)
+                _, md_d, var_d = float_moments(xp, direct, xp.take(bg_rel, idx) + centre, params.ddof)
+                md_bg = _replace(xp, md_bg, idx, md_d)
+                var_bg_s = _replace(xp, var_bg_s, idx, var_d)
+        # NB: the contrast is formed from the means relative to the image's shift (no rounding of c enters it),
+        # the variances stay in the scaled units for the CNR, and only the reported moments are unscaled.
+        diff = md_roi - md_bg
+        c = xp.take(shift, cells.image)
+        inv = xp.take(plan.inv_scale, cells.image)
+        mean_roi, mean_bg = c + md_roi * inv, c + md_bg * inv
+        var_roi, var_bg = _unscale(xp, var_roi_s, inv), _unscale(xp, var_bg_s, inv)
+    out_of_range = xp.take(plan.out_of_range, cells.image)
+    if bool(xp.any(out_of_range)):
+        nan = xp.full(diff.shape, math.nan, dtype=f64, device=dev)
+        mean_roi, var_roi, mean_bg, var_bg, diff, var_roi_s, var_bg_s = (
+            xp.where(out_of_range, nan, v) for v in (mean_roi, var_roi, mean_bg, var_bg, diff, var_roi_s, var_bg_s))
     a = xp.take(slope, cells.image)
     b = xp.take(intercept, cells.image)
     mean_roi, mean_bg = mean_roi * a + b, mean_bg * a + b
@@ -189,8 +243,11 @@ def measure_batch(
                               roi_ids, n_roi, n_bg)
         zero_noise = xp.zeros(cnr.shape, dtype=xp.bool, device=dev)
     else:
+        # NB: the CNR is invariant to the slope a (and to the power-of-two scale): it is formed from the
+        # unscaled-by-a contrast and the scaled variances, the sign of a kept for signed CNRs.
+        contrast = xp.where(a < 0, -diff, diff)
         cnr, zero_noise = contrast_to_noise(
-            xp, mean_roi, var_roi, mean_bg, var_bg, params.definition,
+            xp, contrast, var_roi_s, xp.zeros_like(contrast), var_bg_s, params.definition,
             signed=params.signed, polarity=xp.take(polarity, cells.image),
         )
 
@@ -222,6 +279,7 @@ def measure_batch(
         zero_noise=dense(zero_noise, False),
         ddof=params.ddof,
         min_bg=params.min_bg,
+        numeric_range=dense(out_of_range, False),
     )
     out["status"] = status
     # NB: a cell without a valid status keeps its region moments but no CNR (DESIGN §4).
@@ -340,47 +398,121 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast=Tr
     return cells, grid, roi_ids
 
 
+def _entry(xp, a):
+    """An input as the kernels' rule takes it: booleans as uint8 and, on NumPy, native byte order and float16
+    as float32 (`_numpy_fast.native`); float16 as float32 on other backends too. Every conversion is exact."""
+    if a is None:
+        return None
+    if array_api_compat.is_numpy_namespace(xp):
+        from gpucnr.kernels import _numpy_fast
+
+        a = _numpy_fast.native(a)
+    elif getattr(xp, "float16", None) is not None and a.dtype == xp.float16:
+        a = xp.astype(a, xp.float32)
+    if a.dtype == xp.bool:
+        a = xp.astype(a, xp.uint8)
+    return a
+
+
+def _integer_cells(xp, roi: Sums, bg: Sums, cells, shift, plan, ddof: int, *, unsigned64: bool):
+    """Moments of every cell of an integer batch and its contrast mean_roi - mean_bg, from exact sums.
+
+    Narrow images: vectorised (`integer_moments`, `integer_difference`). Wide images (limb sums): exactly on
+    the host with Python integers, each value correctly rounded once — they are rare, and their cells few.
+    """
+    c = xp.take(shift, cells.image)
+    if plan.limbs:
+        roi_w, bg_w = narrow_from_limbs(xp, roi), narrow_from_limbs(xp, bg)
+    else:
+        roi_w, bg_w = roi, bg
+    n_r, mean_r, var_r, q_r, s1_r = integer_moments(xp, roi_w, c, ddof, unsigned64=unsigned64)
+    n_b, mean_b, var_b, q_b, s1_b = integer_moments(xp, bg_w, c, ddof, unsigned64=unsigned64)
+    diff = integer_difference(xp, n_r, q_r, s1_r, n_b, q_b, s1_b)
+    if not plan.limbs:
+        return n_r, mean_r, var_r, n_b, mean_b, var_b, diff
+    image = to_host(cells.image).tolist()
+    wide = [j for j, i in enumerate(image) if plan.wide[i]]
+    if not wide:
+        return n_r, mean_r, var_r, n_b, mean_b, var_b, diff
+    dev = array_api_compat.device(c)
+    idx = xp.asarray(wide, dtype=xp.int64, device=dev)
+    rows = {}
+    for name, sums in (("roi", roi), ("bg", bg)):
+        rows[name] = (to_host(xp.take(sums.n, idx)).tolist(), limbs_value(xp.take(sums.s1, idx, axis=0)),
+                      limbs_value(xp.take(sums.s2, idx, axis=0)))
+    nan = math.nan
+    new = {k: [] for k in ("mean_r", "var_r", "mean_b", "var_b", "diff")}
+    for k, j in enumerate(wide):
+        ci = plan.shift[image[j]]
+        for tag, (ns, s1s, s2s) in (("r", rows["roi"]), ("b", rows["bg"])):
+            n_, s1_, s2_ = int(ns[k]), s1s[k], s2s[k]
+            # NB: Python's int / int is correctly rounded, whatever the size of the integers.
+            new["mean_" + tag].append((ci * n_ + s1_) / n_ if n_ > 0 else nan)
+            new["var_" + tag].append((n_ * s2_ - s1_ * s1_) / (n_ * (n_ - ddof)) if n_ > ddof else nan)
+        nr, nb = int(rows["roi"][0][k]), int(rows["bg"][0][k])
+        sr, sb = rows["roi"][1][k], rows["bg"][1][k]
+        new["diff"].append((sr * nb - sb * nr) / (nr * nb) if nr > 0 and nb > 0 else nan)
+
+    def put(values, key):
+        return _replace(xp, values, idx, xp.asarray(new[key], dtype=xp.float64, device=dev))
+
+    return (n_r, put(mean_r, "mean_r"), put(var_r, "var_r"), n_b, put(mean_b, "mean_b"), put(var_b, "var_b"),
+            put(diff, "diff"))
+
+
+def _unscale(xp, var, inv):
+    """``var * inv**2``: a variance back from the scaled units, inf where float64 cannot hold it (values near
+    1e308 have variances near 1e600), without an overflow warning."""
+    fmax = xp.finfo(xp.float64).max
+    big = xp.where(inv > 1, inv, xp.ones_like(inv))  # NB: only a scale-down (inv > 1) can overflow
+    over = var > (fmax / big) / big
+    safe = xp.where(over, xp.zeros_like(var), var)
+    return xp.where(over, xp.full_like(var, math.inf), (safe * inv) * inv)
+
+
 def _gather_sums(xp, sums: Sums, idx) -> Sums:
-    return Sums(xp.take(sums.n, idx), xp.take(sums.s1, idx), xp.take(sums.s2, idx))
+    return Sums(xp.take(sums.n, idx), xp.take(sums.s1, idx, axis=0), xp.take(sums.s2, idx, axis=0))
 
 
-def _zeros_sums(xp, m, exact, dev) -> Sums:
+def _zeros_sums(xp, m, exact, dev, limbs=False) -> Sums:
     acc = xp.int64 if exact else xp.float64
-    return Sums(xp.zeros((m,), dtype=xp.int64, device=dev), xp.zeros((m,), dtype=acc, device=dev),
-                xp.zeros((m,), dtype=acc, device=dev))
+    s1_shape, s2_shape = ((m, 4), (m, 7)) if limbs else ((m,), (m,))
+    return Sums(xp.zeros((m,), dtype=xp.int64, device=dev), xp.zeros(s1_shape, dtype=acc, device=dev),
+                xp.zeros(s2_shape, dtype=acc, device=dev))
 
 
-def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact):
+def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact, *, scale=None,
+                 limbs=False):
     """ROI moments and the background window part of every cell, one size class at a time.
 
-    Returns ROI sums (relative to the returned per-cell shift), the count of ROI pixels inside the valid
-    region, and the window part of the background (see `WindowMasks.part`; zero where there is none).
+    Returns ROI sums (about the image's shift plus the returned per-cell centre, in scaled units: 0 but for
+    two-pass float sums), the count of ROI pixels inside the valid region, and the window part of the
+    background (see `WindowMasks.part`; zero where there is none) with its centre.
     """
     dev = array_api_compat.device(images)
     m = cells.image.shape[0]
-    roi_shift = xp.take(shift, cells.image) if exact else xp.take(xp.astype(shift, xp.float64), cells.image)
     if m == 0:
-        zero = _zeros_sums(xp, 0, exact, dev)
-        return zero, roi_shift, xp.zeros((0,), dtype=xp.int64, device=dev), zero, roi_shift
+        zero = _zeros_sums(xp, 0, exact, dev, limbs)
+        rel = xp.zeros((0,), dtype=xp.float64, device=dev)
+        return zero, rel, xp.zeros((0,), dtype=xp.int64, device=dev), zero, rel
     parts = []
     for wm in iter_windows(xp, images, labels, cells, params, valid_h, valid_w, padding):
-        c = xp.take(shift, xp.take(cells.image, wm.idx))[:, None, None]
-        d = shifted(xp, wm.window.values, c)
-        s = masked_sums(xp, d, wm.pixels)
-        sub_shift = part_shift = xp.take(roi_shift, wm.idx)
+        img = xp.take(cells.image, wm.idx)
+        c = xp.take(shift, img)[:, None, None]
+        d = shifted(xp, wm.window.values, c, None if scale is None else xp.take(scale, img)[:, None, None])
+        s = masked_sums(xp, d, wm.pixels, limbs=limbs)
+        roi_rel = part_rel = xp.zeros((wm.idx.shape[0],), dtype=xp.float64, device=dev)
         if not exact:
             # NB: two-pass ROI moments for float data: re-centre on the ROI's own mean, then sum again.
-            s, centre = two_pass(xp, d, wm.pixels, s)
-            sub_shift = sub_shift + centre
+            s, roi_rel = two_pass(xp, d, wm.pixels, s)
         inside = xp.sum(xp.astype(wm.roi, xp.int64), axis=(1, 2))
         if wm.part is None:
-            part = _zeros_sums(xp, wm.idx.shape[0], exact, dev)
+            part = _zeros_sums(xp, wm.idx.shape[0], exact, dev, limbs)
         else:
-            part = masked_sums(xp, d, wm.part)
+            part = masked_sums(xp, d, wm.part, limbs=limbs)
             if not exact and params.background == "ring":
-                part, centre = two_pass(xp, d, wm.part, part)
-                part_shift = part_shift + centre
-        parts.append((wm.idx, s, sub_shift, inside, part, part_shift))
+                part, part_rel = two_pass(xp, d, wm.part, part)
+        parts.append((wm.idx, s, roi_rel, inside, part, part_rel))
     return _scatter_parts(xp, parts)
 
 
@@ -393,21 +525,23 @@ def _scatter_parts(xp, parts):
 
     def cat(k, attr=None):
         vals = [getattr(p[k], attr) if attr else p[k] for p in parts]
-        return xp.take(xp.concat(vals), inverse)
+        return xp.take(xp.concat(vals, axis=0), inverse, axis=0)
 
     s = Sums(cat(1, "n"), cat(1, "s1"), cat(1, "s2"))
     part = Sums(cat(4, "n"), cat(4, "s1"), cat(4, "s2"))
     return s, cat(2), cat(3), part, cat(5)
 
 
-def _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, shift, roi_ids):
+def _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, shift, roi_ids, *,
+                scale=None, limbs=False):
     """complement-all: per image, sums over its dilated ROI union within the interior, shape (n,)."""
     n = images.shape[0]
     boxes = union_boxes(xp, cells, grid, lesions, n, int(roi_ids.shape[0]), valid_h, valid_w)
     everything = xp.arange(n, dtype=xp.int64, device=array_api_compat.device(images))
     win, dilated, base = union_masks(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w,
                                       padding, everything, boxes, roi_ids)
-    return masked_sums(xp, shifted(xp, win.values, shift[:, None, None]), dilated & base)
+    d = shifted(xp, win.values, shift[:, None, None], None if scale is None else scale[:, None, None])
+    return masked_sums(xp, d, dilated & base, limbs=limbs)
 
 
 def _ill_conditioned(xp, bg: Sums, removed_s2, ddof: int):
@@ -418,7 +552,7 @@ def _ill_conditioned(xp, bg: Sums, removed_s2, ddof: int):
 
 
 def _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, shift,
-                       roi_ids, idx):
+                       roi_ids, idx, scale):
     """Background of cells `idx` summed directly, two-pass, over a whole-image window (the rare exact path
     for float images; its cost is a full image per cell, so it runs only for ill-conditioned cells).
 
@@ -441,7 +575,7 @@ def _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h
         win, dilated, base = union_masks(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w,
                                           padding, sub.image, boxes, roi_ids)
         keep = base & ~dilated
-    d = shifted(xp, win.values, xp.astype(xp.take(shift, sub.image), xp.float64)[:, None, None])
+    d = shifted(xp, win.values, xp.take(shift, sub.image)[:, None, None], xp.take(scale, sub.image)[:, None, None])
     return two_pass(xp, d, keep, masked_sums(xp, d, keep))
 
 

@@ -27,6 +27,10 @@ STATUS = {
     "background-too-small": 4,
     "zero-noise": 5,
     "failed": 6,
+    # NB: an image whose values cannot be measured exactly by construction: an integer image whose spread
+    # (max - min) does not fit in 63 bits, a float image whose spread overflows float64 (DESIGN §10). It comes
+    # after the geometric statuses (they stay true whatever the values) and before zero-noise.
+    "numeric-range": 7,
 }
 
 
@@ -74,15 +78,17 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
     return value, zero_noise
 
 
-def cell_status(xp, *, present, n_roi_inside, n_roi, n_bg, zero_noise, ddof: int, min_bg: int):
+def cell_status(xp, *, present, n_roi_inside, n_roi, n_bg, zero_noise, ddof: int, min_bg: int,
+                numeric_range=None):
     """Status code per cell, the first that applies (DESIGN §4): absent, roi-outside, roi-too-small,
-    background-too-small, zero-noise, else ok. Returns an int8 array."""
+    background-too-small, numeric-range, zero-noise, else ok. Returns an int8 array."""
     code = xp.zeros(n_roi.shape, dtype=xp.int8)
     checks = (
         (~present, STATUS["absent"]),
         (n_roi_inside == 0, STATUS["roi-outside"]),
         (n_roi <= ddof, STATUS["roi-too-small"]),
         ((n_bg <= ddof) | (n_bg < min_bg), STATUS["background-too-small"]),
+        *(() if numeric_range is None else ((numeric_range, STATUS["numeric-range"]),)),
         (zero_noise, STATUS["zero-noise"]),
     )
     # NB: applied from the lowest precedence up, so that the first check that holds has the last word.

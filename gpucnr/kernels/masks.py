@@ -24,6 +24,7 @@ __all__ = [
     "excluded_mask",
     "gather_window",
     "is_exact_integer",
+    "is_narrow_integer",
     "iter_windows",
     "label_boxes",
     "roi_mask",
@@ -291,7 +292,13 @@ def _ceil_pow2(v: int) -> int:
 
 
 def is_exact_integer(xp, dtype) -> bool:
-    """Integer images of at most 16 bits: their shifted squares and sums are exact in int64 (DESIGN §4)."""
+    """Integer (and boolean) images: their shifted sums are exact integers (DESIGN §4, docs/accuracy.md)."""
+    return dtype == xp.bool or xp.isdtype(dtype, "integral")
+
+
+def is_narrow_integer(xp, dtype) -> bool:
+    """Integer images of at most 16 bits: |x - c| < 2**16 whatever the shift, so their sums of squares fit
+    in one int64 word without looking at the values (for images of fewer than 2**30 pixels)."""
     return dtype in (xp.bool, xp.int8, xp.uint8, xp.int16, xp.uint16)
 
 
