@@ -39,11 +39,11 @@ BACKEND_CODES = {"numpy": 0, "cupy": 1}
 # variable, DESIGN §10): 10^6 images x 1 ROI id make one shard file per variable.
 _CELLS_PER_CHUNK = 2**16
 _CHUNKS_PER_SHARD = 32
-# The driver rewrites the shards a finished batch touched at once while a rewrite costs less than
-# _SYNC_FLUSH_S (small results: every batch is committed as it finishes); beyond, in a background thread, as soon
-# as the last rewrite has cost at most a third of the time since it ended, and at least every 30 s; past
+# The driver rewrites the shards a finished batch touched at once while they hold at most _SYNC_FLUSH_BYTES
+# (every batch is committed as it finishes, as format 1 did); larger results are rewritten in a background thread
+# as soon as the last rewrite has cost at most a third of the time since it ended, and at least every 30 s; past
 # _MAX_PENDING_BYTES of buffered rows it waits for the rewrite in flight.
-_SYNC_FLUSH_S = 0.05
+_SYNC_FLUSH_BYTES = 4 * 2**20
 _FLUSH_COST_RATIO = 3.0
 _FLUSH_MAX_S = 30.0
 _MAX_PENDING_BYTES = 256 * 2**20
@@ -314,6 +314,9 @@ class ResultsWriter:
         self.backends = (np.full(self.committed.shape, -1, np.int8) if backends is None
                          else np.asarray(backends, np.int8).copy())
         self.on_commit = on_commit
+        # NB: what one commit rewrites at most: the first shard of every row variable (strings counted at 16 bytes)
+        self._small = sum(min(v.shard_rows, v.n_rows) * max(v.width, 1) * (16 if v.dtype is None else v.dtype.itemsize)
+                          for n, v in self.vars.items() if n in ROW_VARIABLES) <= _SYNC_FLUSH_BYTES
         self._pending: list = []
         self._pending_bytes = 0
         self.peak_bytes = 0
@@ -331,8 +334,9 @@ class ResultsWriter:
         self._pending_bytes += sum(v.nbytes for v in item[3].values())
         self.peak_bytes = max(self.peak_bytes, self._pending_bytes)
         busy = self._thread is not None and self._thread.is_alive()
-        if not busy and self._last_cost < _SYNC_FLUSH_S:
-            # NB: rewriting small shards costs less than a batch: commit each batch at once, as it finishes.
+        if self._small:
+            # NB: small shards cost less to rewrite than a batch to measure: each batch is committed at once, as
+            # it finishes (decided by size, not by timing, so that a loaded disk does not change the behaviour).
             self._start(background=False)
             return
         if busy and self._pending_bytes > _MAX_PENDING_BYTES:
