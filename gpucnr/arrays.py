@@ -95,6 +95,35 @@ def measure(
         Dims (image, roi). Variables n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, cnr, status,
         roi_name of dims (image, roi); cnr_median, n_valid, n_excluded of dims (image,). Every option
         is recorded in ``attrs``.
+
+    Notes
+    -----
+    The default definition is the article's [1]_, :math:`|\\mu_r - \\mu_b| / \\sqrt{\\sigma_r^2 + \\sigma_b^2}`
+    with the ROI r and its background b chosen as its ``select_roi`` and ``get_background`` do (square ROI,
+    background = the ROI dilated and a 5-px frame removed; ``ddof=1`` as its Python, 0 as its MATLAB).
+    ``definition="gcnr"`` is the generalised CNR of Rodriguez-Molares et al. [2]_, [3]_,
+    :math:`1 - \\sum_k \\min(p_r(k), p_b(k))` over a common binning of the two regions' values. Means and
+    variances are exact for integer images and shifted two-pass float64 otherwise (docs/accuracy.md).
+
+    References
+    ----------
+    .. [1] The CNR article gpucnr reproduces (the project's seed text, ``shared/seed/cnr-article.txt``):
+       CNR = |μ1 − μ2| / √(σ1² + σ2²), its ``select_roi``, ``get_background``, ``calculate_cnr`` and MATLAB
+       ``calculate_cnr_matlab``, and the multi-ROI median of its section 4.1.
+    .. [2] A. Rodriguez-Molares, O. M. H. Rindal, J. D'hooge, S.-E. Måsøy, A. Austeng and H. Torp, "The
+       generalized contrast-to-noise ratio," 2018 IEEE International Ultrasonics Symposium (IUS), 2018.
+    .. [3] A. Rodriguez-Molares et al., "The generalized contrast-to-noise ratio: a formal definition for lesion
+       detectability," IEEE Trans. Ultrason. Ferroelectr. Freq. Control 67(4), 745-759 (2020),
+       doi:10.1109/TUFFC.2019.2956855.
+
+    Examples
+    --------
+    >>> import gpucnr
+    >>> from gpucnr.phantom import make_phantom
+    >>> ph = make_phantom(4, (96, 96), seed=0)
+    >>> ds = gpucnr.measure(ph.images, ph.labels, backend="numpy")
+    >>> ds["cnr"].dims
+    ('image', 'roi')
     """
     params = Params(background=background, footprint=footprint, dilation=dilation, border=border,
                     ring_gap=ring_gap, ring_width=ring_width, background_label=background_label,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -217,14 +218,14 @@ class Stack:
 
 class _BlockReader:
     """The `dask.array.map_blocks` function of `Stack.to_xarray`: reads one block of images (or labels) of one
-    bucket through `Stack.read`. Pickled (to a distributed worker) as the stack's path and the bucket's name; the
-    worker opens the stack once, without re-checking it (the driver did)."""
+    bucket through `Stack.read`. Pickled (to a distributed worker) as the stack's path, fingerprint and the bucket's
+    name; a worker process opens each stack once, without re-checking it (the driver did)."""
 
     def __init__(self, stack: Stack, bucket: str, labels: bool):
         self._stack, self.path, self.bucket, self.labels = stack, str(Path(stack.path).absolute()), bucket, labels
 
     def __reduce__(self):
-        return (_reopen_reader, (self.path, self.bucket, self.labels))
+        return (_reopen_reader, (self.path, self._stack.fingerprint(), self.bucket, self.labels))
 
     def __call__(self, block_info=None):
         start, stop = block_info[None]["array-location"][0]
@@ -238,8 +239,15 @@ class _BlockReader:
                            None if crcs is None else crcs[:, 1])
 
 
-def _reopen_reader(path: str, bucket: str, labels: bool) -> _BlockReader:
-    return _BlockReader(open_stack(path, check=False), bucket, labels)
+def _reopen_reader(path: str, fingerprint: str, bucket: str, labels: bool) -> _BlockReader:
+    return _BlockReader(_opened(path, fingerprint), bucket, labels)
+
+
+@functools.lru_cache(maxsize=8)
+def _opened(path: str, fingerprint: str) -> Stack:
+    """One opened stack per (path, fingerprint) and process: a worker unpickles a reader per task."""
+    del fingerprint  # NB: only a cache key: a stack rewritten at the same path is opened afresh
+    return open_stack(path, check=False)
 
 
 class _ShardReader:
