@@ -178,6 +178,30 @@ def test_portable_path_runs_no_compiled_code(monkeypatch, background):
     assert_same(run_kernel(NP, batch, params, fast=True), expected, f"no Numba {params}")
 
 
+@pytest.mark.parametrize("name", FOOTPRINTS)
+def test_device_dilation_is_one_ndimage_call_with_the_same_footprint(monkeypatch, name):
+    """CuPy masks dilate in one `backend.ndimage_for` call (cupyx); its structuring element, checked here through
+    scipy.ndimage on NumPy masks, gives the row-run dilation's pixels exactly."""
+    from gpucnr.kernels import masks
+    from gpucnr.kernels.footprints import footprint_offsets, footprint_rows
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((3, 30, 34)) < 0.02
+    rows = footprint_rows(footprint_offsets(name, 4))
+    expected = masks.dilate(NP, mask, rows)
+    calls = []
+    real = masks.ndimage_for
+
+    def spy(x):
+        calls.append(x.shape)
+        return real(x)
+
+    monkeypatch.setattr(masks, "is_cupy", lambda x: True)
+    monkeypatch.setattr(masks, "ndimage_for", spy)
+    np.testing.assert_array_equal(masks.dilate(NP, mask, rows), expected)
+    assert calls == [mask.shape]
+
+
 def test_padding_and_extent_against_plain_numpy():
     """One cell checked by hand: padding pixels, NaNs and pixels beyond the valid extent are left out."""
     rng = np.random.default_rng(3)
