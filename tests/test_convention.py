@@ -74,3 +74,18 @@ def test_importing_gpucnr_changes_no_global_state():
     )
     env = {"MPLBACKEND": "svg", "PYTHONPATH": ":".join(sys.path)}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_layering_and_no_compiled_code_until_asked():
+    """backend imports no kernel; the kernels import no compiled code until an implementation is asked for (the
+    moments <-> _numpy_fast circle is gone); the compiled module imports on its own."""
+    code = (
+        "import sys\n"
+        "import gpucnr.backend\n"
+        "assert not [m for m in sys.modules if m.startswith('gpucnr.kernels')]\n"
+        "import gpucnr.kernels.batch, gpucnr.kernels.moments, gpucnr.arrays\n"
+        "assert 'numba' not in sys.modules and 'gpucnr.kernels._numpy_fast' not in sys.modules\n"
+    )
+    env = {"PYTHONPATH": ":".join(sys.path)}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+    subprocess.run([sys.executable, "-c", "import gpucnr.kernels._numpy_fast"], check=True, env=env, timeout=120)
