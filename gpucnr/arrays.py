@@ -392,11 +392,16 @@ def _run_on_client(client, tasks, window: int) -> list[dict]:
 
     first = [f for f in (submit() for _ in range(window)) if f is not None]
     pending = as_completed(first)
-    for fut in pending:
-        out[position.pop(fut)] = fut.result()
-        nxt = submit()
-        if nxt is not None:
-            pending.add(nxt)
+    try:
+        for fut in pending:
+            out[position.pop(fut)] = fut.result()
+            nxt = submit()
+            if nxt is not None:
+                pending.add(nxt)
+    except BaseException:
+        # NB: a failed block (or Ctrl-C) ends the call: the blocks still in flight are not left running.
+        client.cancel(list(position))
+        raise
     return out
 
 
