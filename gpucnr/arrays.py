@@ -56,8 +56,13 @@ def measure(
     Parameters
     ----------
     images : array, shape (H, W) or (n, H, W)
-        NumPy, CuPy, Dask or any array-API array, integer or float. A Dask array is rechunked to whole
-        images and processed block by block (never materialised whole).
+        NumPy, CuPy, Dask or any array-API array, integer or float, or an xarray.DataArray of one of them. A Dask
+        array is rechunked to whole images, its consecutive chunks merged to at least 2**24 pixels, and processed
+        block by block (never materialised whole), through the active ``dask.distributed`` client if there is
+        one (futures, a bounded number in flight), else the local scheduler. A DataArray of dims (image, y, x)
+        such as `gpucnr.Stack.to_xarray` returns lends its per-image coordinates ``valid_h``, ``valid_w``,
+        ``slope``, ``intercept``, ``padding`` and ``photometric`` to the measurement, as `gpucnr.run` takes them
+        from the stack, and its ``image`` coordinate to the results.
     rois : int array of the shape of `images`, or ROI table
         A label array (0 = none, k >= 1 = ROI id k) or a table (pandas DataFrame or dict of arrays) with
         columns image, roi, kind (square | disk), cx, cy, r (integer pixels) and optionally name.
@@ -90,10 +95,40 @@ def measure(
         Dims (image, roi). Variables n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, cnr, status,
         roi_name of dims (image, roi); cnr_median, n_valid, n_excluded of dims (image,). Every option
         is recorded in ``attrs``.
+
+    Notes
+    -----
+    The default definition is the article's [1]_, :math:`|\\mu_r - \\mu_b| / \\sqrt{\\sigma_r^2 + \\sigma_b^2}`
+    with the ROI r and its background b chosen as its ``select_roi`` and ``get_background`` do (square ROI,
+    background = the ROI dilated and a 5-px frame removed; ``ddof=1`` as its Python, 0 as its MATLAB).
+    ``definition="gcnr"`` is the generalised CNR of Rodriguez-Molares et al. [2]_, [3]_,
+    :math:`1 - \\sum_k \\min(p_r(k), p_b(k))` over a common binning of the two regions' values. Means and
+    variances are exact for integer images and shifted two-pass float64 otherwise (docs/accuracy.md).
+
+    References
+    ----------
+    .. [1] The CNR article gpucnr reproduces (the project's seed text, ``shared/seed/cnr-article.txt``):
+       CNR = |μ1 − μ2| / √(σ1² + σ2²), its ``select_roi``, ``get_background``, ``calculate_cnr`` and MATLAB
+       ``calculate_cnr_matlab``, and the multi-ROI median of its section 4.1.
+    .. [2] A. Rodriguez-Molares, O. M. H. Rindal, J. D'hooge, S.-E. Måsøy, A. Austeng and H. Torp, "The
+       generalized contrast-to-noise ratio," 2018 IEEE International Ultrasonics Symposium (IUS), 2018.
+    .. [3] A. Rodriguez-Molares et al., "The generalized contrast-to-noise ratio: a formal definition for lesion
+       detectability," IEEE Trans. Ultrason. Ferroelectr. Freq. Control 67(4), 745-759 (2020),
+       doi:10.1109/TUFFC.2019.2956855.
+
+    Examples
+    --------
+    >>> import gpucnr
+    >>> from gpucnr.phantom import make_phantom
+    >>> ph = make_phantom(4, (96, 96), seed=0)
+    >>> ds = gpucnr.measure(ph.images, ph.labels, backend="numpy")
+    >>> ds["cnr"].dims
+    ('image', 'roi')
     """
     params = Params(background=background, footprint=footprint, dilation=dilation, border=border,
                     ring_gap=ring_gap, ring_width=ring_width, background_label=background_label,
                     min_bg=min_bg, ddof=ddof, definition=definition, gcnr_bins=gcnr_bins, signed=signed)
+    per_image, index = _per_image(images)
     stack = _as_stack(images, "images")
     # NB: a Dask array runs where its chunks live (its _meta tells NumPy from CuPy).
     where = resolve_backend(backend, stack.data._meta if stack.lazy else stack.data)
@@ -112,10 +147,10 @@ def measure(
     # NB: a table fixes the ROI ids up front; a label array's ids are found batch by batch (no extra pass
     # over the labels) and the batches' columns are aligned on their union afterwards.
     roi_ids = None if table is None else np.unique(table["roi"].to_numpy()).astype(np.int64)
-    parts = _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where)
+    parts = _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where, per_image)
     roi_ids, values = _merge_batches(parts)
     names = _roi_names(table, roi_ids, stack.shape[0])
-    return results_dataset(values, np.arange(stack.shape[0]), roi_ids, names, params,
+    return results_dataset(values, np.arange(stack.shape[0]) if index is None else index, roi_ids, names, params,
                            backend=_backend_name(where, stack),
                            extra_attrs={"labels": "none" if labels is None else "given"})
 
@@ -152,6 +187,9 @@ class _Stack:
 
 
 def _as_stack(a, what: str) -> _Stack:
+    if isinstance(a, xr.DataArray):
+        # NB: its data as it is (a Dask array stays lazy); `_per_image` reads its per-image coordinates.
+        a = a.data
     lazy = isinstance(a, da.Array)
     if not lazy and not array_api_compat.is_array_api_obj(a):
         a = np.asarray(a)
@@ -188,6 +226,8 @@ def _check_same_shape(stack: _Stack, other: _Stack, what: str) -> None:
 
 def _as_rois(rois, stack: _Stack):
     """Split `rois` into a label stack or a normalised table."""
+    if isinstance(rois, xr.DataArray):
+        rois = rois.data
     is_array = isinstance(rois, da.Array) or array_api_compat.is_array_api_obj(rois)
     if is_array:
         labels = _as_stack(rois, "ROI labels")
@@ -233,8 +273,62 @@ def _roi_names(table, roi_ids, n: int) -> np.ndarray:
     return names.astype(str)
 
 
+#: Per-image coordinates of an xarray input (`gpucnr.Stack.to_xarray`'s) that the kernels use, as `gpucnr.run`
+#: uses the stack's per-image table.
+_PER_IMAGE = ("valid_h", "valid_w", "slope", "intercept", "padding")
+
+
+def _per_image(images):
+    """From an xarray.DataArray of dims (image, y, x): its per-image coordinates that the kernels take (valid
+    extent, rescale, padding, polarity from ``photometric``; host arrays) and its ``image`` coordinate (the global
+    image index, kept as the results' ``image``). ``(None, None)`` for other inputs."""
+    if not isinstance(images, xr.DataArray) or images.ndim != 3:
+        return None, None
+    coords = images.coords
+    out = {}
+    for name, dtype in zip(_PER_IMAGE, (np.int64, np.int64, np.float64, np.float64, np.float64), strict=True):
+        if name in coords and coords[name].dims == (images.dims[0],):
+            out[name] = np.asarray(coords[name].values, dtype)
+    if "photometric" in coords and coords["photometric"].dims == (images.dims[0],):
+        out["polarity"] = np.where(np.asarray(coords["photometric"].values).astype(str) == "MONOCHROME1", -1.0, 1.0)
+    index = None
+    if images.dims[0] in coords and np.asarray(coords[images.dims[0]].values).dtype.kind in "iu":
+        index = np.asarray(coords[images.dims[0]].values, np.int64)
+    return out or None, index
+
+
 def _batch_size(stack: _Stack) -> int:
     return max(1, _PIXELS_PER_BATCH // max(1, stack.shape[1] * stack.shape[2]))
+
+
+def _coalesced(chunks, plane: int) -> tuple[int, ...]:
+    """Consecutive image chunks merged until each holds at least 2**24 pixels (the last one may hold fewer):
+    never split, so a chunk of whole shards (`Stack.to_xarray`) stays whole within its batch.
+
+    NB: one-image chunks (``dask.array.from_zarr`` of a stack) cost the kernels' per-batch overhead once per
+    image: measured 70x slower than in memory on 512 images of 128**2 before they were merged (issue 19).
+    """
+    out, acc = [], 0
+    for c in chunks:
+        acc += int(c)
+        if acc * plane >= _PIXELS_PER_BATCH:
+            out.append(acc)
+            acc = 0
+    if acc or not out:
+        out.append(acc)
+    return tuple(out)
+
+
+def _active_client():
+    """The distributed client of this context (``with Client(...)``, ``get_client()``), or None."""
+    try:
+        from distributed import default_client
+    except ImportError:
+        return None
+    try:
+        return default_client()
+    except ValueError:
+        return None
 
 
 def _blocks(stack: _Stack, size: int):
@@ -246,11 +340,11 @@ def _blocks(stack: _Stack, size: int):
     yield from zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
 
 
-def _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where):
+def _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where, per_image=None):
     size = _batch_size(stack)
     if stack.lazy:
-        # NB: whole images per block; other lazy inputs follow the images' image chunks.
-        chunks = (stack.data.chunks[0], stack.shape[1], stack.shape[2])
+        # NB: whole images per block, consecutive blocks merged to >= 2**24 pixels; other lazy inputs follow.
+        chunks = (_coalesced(stack.data.chunks[0], stack.shape[1] * stack.shape[2]), stack.shape[1], stack.shape[2])
         stack = _Stack(stack.data.rechunk(chunks), True)
         roi_labels = _rechunk_like(roi_labels, chunks)
         lesions = _rechunk_like(lesions, chunks)
@@ -259,19 +353,68 @@ def _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where):
         table = table.sort_values("image", kind="stable")
     if not stack.lazy:
         # NB: one batch after another; within a batch the NumPy path spreads its image pass over threads.
-        return [_one_batch(stack.data[a:b, ...], _slice(roi_labels, a, b), _slice(lesions, a, b), table, a, b,
-                           roi_ids, params, where) for a, b in spans]
-    # Dask input: a few blocks at a time through the scheduler, so memory stays bounded by that window.
+        return [_one_batch(stack.data[a:b, ...], _slice(roi_labels, a, b), _slice(lesions, a, b),
+                           _rows(table, a, b), a, b, roi_ids, params, where, _span(per_image, a, b))
+                for a, b in spans]
+    # Dask input: one task per block; each carries only its own rows of the ROI table.
     tasks = [
-        dask.delayed(_one_batch)(stack.data[a:b, ...], _slice(roi_labels, a, b), _slice(lesions, a, b), table, a, b,
-                                 roi_ids, params, where)
+        dask.delayed(_one_batch, pure=True)(stack.data[a:b, ...], _slice(roi_labels, a, b), _slice(lesions, a, b),
+                                            _rows(table, a, b), a, b, roi_ids, params, where, _span(per_image, a, b))
         for a, b in spans
     ]
     window = max(2, 2 * (dask.config.get("num_workers", None) or 2))
+    client = _active_client()
+    if client is not None:
+        return _run_on_client(client, tasks, window)
+    # NB: a few blocks at a time through the local scheduler, so memory stays bounded by that window.
     out = []
     for i in range(0, len(tasks), window):
         out.extend(dask.compute(*tasks[i : i + window]))
     return out
+
+
+def _run_on_client(client, tasks, window: int) -> list[dict]:
+    """The tasks as futures of the active distributed client, at most `window` in flight (as `gpucnr.run` does):
+    results come back through `as_completed` and are put in block order."""
+    from distributed import as_completed
+
+    window = max(window, 2 * sum(client.nthreads().values()))
+    out: list[dict | None] = [None] * len(tasks)
+    todo = iter(enumerate(tasks))
+    position = {}
+
+    def submit():
+        for i, task in todo:
+            fut = client.compute(task)
+            position[fut] = i
+            return fut
+        return None
+
+    first = [f for f in (submit() for _ in range(window)) if f is not None]
+    pending = as_completed(first)
+    try:
+        for fut in pending:
+            out[position.pop(fut)] = fut.result()
+            nxt = submit()
+            if nxt is not None:
+                pending.add(nxt)
+    except BaseException:
+        # NB: a failed block (or Ctrl-C) ends the call: the blocks still in flight are not left running.
+        client.cancel(list(position))
+        raise
+    return out
+
+
+def _span(per_image, start: int, stop: int):
+    return None if per_image is None else {k: v[start:stop] for k, v in per_image.items()}
+
+
+def _rows(table, start: int, stop: int):
+    """The rows of a sorted ROI table that belong to images [start, stop) (global image numbers kept)."""
+    if table is None:
+        return None
+    lo, hi = np.searchsorted(table["image"].to_numpy(), [start, stop])
+    return table.iloc[lo:hi]
 
 
 def _rechunk_like(other: _Stack | None, chunks):
@@ -285,7 +428,7 @@ def _slice(s: _Stack | None, a: int, b: int):
     return None if s is None else s.data[a:b, ...]
 
 
-def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, where) -> dict:
+def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, where, per_image=None) -> dict:
     """Measure images [start, stop): move to the backend, run the kernels, return host arrays."""
     images = to_backend(images, where)
     xp = namespace(images)
@@ -302,8 +445,7 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
                                   f"(largest {int(xp.max(lab))}); ROI ids must fit in int64")
     batch_table = None
     if table is not None:
-        lo, hi = np.searchsorted(table["image"].to_numpy(), [start, stop])
-        rows = table.iloc[lo:hi]
+        rows = _rows(table, start, stop)
         cols = np.searchsorted(roi_ids, rows["roi"].to_numpy())
         batch_table = {
             "image": rows["image"].to_numpy() - start,
@@ -316,8 +458,9 @@ def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, whe
         batch_table = {k: xp.asarray(np.asarray(v, np.int64), device=array_api_compat.device(images))
                        for k, v in batch_table.items()}
     ids = None if roi_ids is None else xp.asarray(roi_ids, device=array_api_compat.device(images))
+    extras = {k: xp.asarray(v, device=array_api_compat.device(images)) for k, v in (per_image or {}).items()}
     out = measure_batch(xp, images, roi_ids=ids, params=params, labels=labels, table=batch_table,
-                        lesions=lesions)
+                        lesions=lesions, **extras)
     return {k: to_host(v) for k, v in out.items()}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
 import array_api_compat
@@ -14,6 +15,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "cupy_available",
+    "fast_path",
     "is_cupy",
     "namespace",
     "ndimage_for",
@@ -42,6 +44,27 @@ def cupy_available() -> bool:
         return bool(cupy.cuda.is_available())
     except Exception:  # noqa: BLE001 - driver errors mean no usable device
         return False
+
+
+def fast_path(xp) -> str | None:
+    """The compiled implementation the kernels use for arrays of namespace `xp`, by name (DESIGN §9).
+
+    Returns
+    -------
+    str or None
+        ``"numba-cpu"`` for NumPy when Numba is installed; None (the portable array-API path) otherwise.
+        ``"cuda"`` (numba-cuda device kernels for CuPy) is reserved for the device kernels: until they exist,
+        CuPy takes the portable path and this returns None for it.
+
+    Notes
+    -----
+    Only the name is decided here; `gpucnr.kernels.fastpath` maps it to the kernels' module (the backend
+    imports no kernel), and ``fast=False`` in the kernels means that no name is asked for at all.
+    """
+    # NB: find_spec, not an import: the name is decided without loading the compiler.
+    if array_api_compat.is_numpy_namespace(xp) and importlib.util.find_spec("numba") is not None:
+        return "numba-cpu"
+    return None
 
 
 def is_cupy(x: Any) -> bool:

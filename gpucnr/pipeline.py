@@ -99,9 +99,12 @@ def plan_batches(stack: Stack, batch: int | None) -> tuple[int, list[tuple[str, 
     return size, plan
 
 
-def run(stack, results, *, client=None, scheduler: str = "threads", workers: int | None = None,
+def run(stack, results, *, background: str = "complement", footprint: str = "cross", dilation: int = 5,
+        border: int = 5, ring_gap: int = 5, ring_width: int = 10, background_label: int | None = None,
+        min_bg: int = 30, ddof: int = 1, definition: str = "pooled", gcnr_bins: str | int = "auto",
+        signed: bool = False, client=None, scheduler: str = "threads", workers: int | None = None,
         batch: int | None = None, resume: bool = False, progress: bool = False, rois=None, backend: str = "auto",
-        group_columns=None, **options) -> xr.Dataset:
+        group_columns=None) -> xr.Dataset:
     """Measure every image of a stack into a results store, batch by batch, resumably.
 
     Parameters
@@ -131,8 +134,9 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         Per-image columns of the stack beyond the allow-list (`gpucnr.store.RESULT_COLUMNS`) to copy into the
         results for grouping (e.g. ``["site", "split"]``); names and values are screened (DESIGN §10,
         `gpucnr.identifiers`): a column that may identify a patient is refused.
-    **options
-        The measurement options of `gpucnr.measure` (background, footprint, dilation, ...).
+    background, footprint, dilation, border, ring_gap, ring_width, background_label, min_bg, ddof, definition, \
+gcnr_bins, signed
+        The measurement options, as `gpucnr.measure` takes them (DESIGN §4; recorded in the results' attributes).
 
     Returns
     -------
@@ -151,7 +155,9 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     if resume:
         require_results(results)
     groups = _group_columns(stack, group_columns)
-    params = Params(**options)
+    params = Params(background=background, footprint=footprint, dilation=dilation, border=border,
+                    ring_gap=ring_gap, ring_width=ring_width, background_label=background_label, min_bg=min_bg,
+                    ddof=ddof, definition=definition, gcnr_bins=gcnr_bins, signed=signed)
     where = resolve_backend(backend)
     table, use_labels = _roi_source(stack, rois)
     if table is None and not use_labels:

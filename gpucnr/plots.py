@@ -1,7 +1,8 @@
-"""Plots of a CNR audit, as PNG bytes (matplotlib, Agg backend): distribution, groups, the article's figure.
+"""Plots of a CNR audit, as PNG bytes (matplotlib): distribution, groups, the article's figure.
 
-Every function returns the bytes of one PNG, ready to embed (`gpucnr.report`) or to write to a file. The
-Agg backend is selected explicitly, so nothing here needs a display.
+Every function returns the bytes of one PNG, ready to embed (`gpucnr.report`) or to write to a file. Figures are
+`matplotlib.figure.Figure` objects rendered straight to PNG, never pyplot's: nothing here needs a display, and
+importing this module leaves the user's matplotlib backend and pyplot state alone.
 """
 
 from __future__ import annotations
@@ -10,12 +11,9 @@ import functools
 import io
 
 import matplotlib
-
-matplotlib.use("Agg")  # NB: before pyplot; a headless CI or a GPU node has no display
-
-import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
+from matplotlib.figure import Figure
 
 __all__ = ["DISPLAY_PERCENTILES", "distribution_figure", "group_boxplot", "image_values", "three_panel"]
 
@@ -38,13 +36,17 @@ def _literal(func):
     return wrapper
 
 
-def _png(fig) -> bytes:
+def _png(fig: Figure) -> bytes:
+    # NB: a bare Figure renders to PNG through Agg on its own; no pyplot figure manager holds it afterwards.
     buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
+    fig.savefig(buf, format="png", dpi=_DPI, bbox_inches="tight")
     return buf.getvalue()
+
+
+def _subplots(*grid, figsize, layout=None, **kw):
+    """pyplot.subplots without pyplot: a bare Figure (its own layout engine) and its axes."""
+    fig = Figure(figsize=figsize, layout=layout)
+    return fig, fig.subplots(*grid, **kw)
 
 
 def image_values(results: xr.Dataset) -> np.ndarray:
@@ -84,7 +86,7 @@ def distribution_figure(summary: xr.Dataset, thresholds=None, *, level: str = "i
     n = int(sub["count"].values)
     what = "image-level CNR (cnr_median per image)" if level == "image" else "ROI-level CNR (every valid ROI)"
 
-    fig, (ax_h, ax_e) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_h, ax_e) = _subplots(1, 2, figsize=(10, 3.8))
     ax_h.bar(low, counts, width=high - low, align="edge", color="0.55", edgecolor="0.3", linewidth=0.4)
     ax_h.set_xlabel("CNR")
     ax_h.set_ylabel("images" if level == "image" else "ROIs")
@@ -97,7 +99,7 @@ def distribution_figure(summary: xr.Dataset, thresholds=None, *, level: str = "i
     ax_e.set_xlabel("CNR")
     ax_e.set_ylabel("fraction <= CNR")
     ax_e.set_title("ECDF")
-    colours = plt.get_cmap("tab10")
+    colours = matplotlib.colormaps["tab10"]
     for k, t in enumerate(thresholds):
         for ax in (ax_h, ax_e):
             ax.axvline(t, color=colours(k % 10), linestyle="--", linewidth=1.2, label=f"CNR = {t:g}")
@@ -145,7 +147,7 @@ def group_boxplot(results: xr.Dataset, by: str | None = None, *, thresholds=()) 
         keys = _group_keys(np.asarray(results[by].values))
     names = sorted({k for k in keys if k != _MISSING}, key=str) + ([_MISSING] if _MISSING in set(keys) else [])
     data = [values[(keys == name) & np.isfinite(values)] for name in names]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(names) + 2), 4))
+    fig, ax = _subplots(figsize=(max(4.5, 1.1 * len(names) + 2), 4))
     positions = np.arange(1, len(names) + 1)
     shown = [i for i, d in enumerate(data) if d.size]
     if shown:
@@ -205,7 +207,7 @@ def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None) -> b
     roi_values = values[roi_mask & keep]
     bg_values = values[bg_mask & keep]
 
-    fig, (ax_i, ax_h, ax_b) = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.1, 1.2, 0.8]},
+    fig, (ax_i, ax_h, ax_b) = _subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.1, 1.2, 0.8]},
                                           layout="constrained")
     ax_i.imshow(_display(image), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
     overlay = np.zeros((*image.shape, 4))

@@ -124,7 +124,7 @@ def _check_range(cols, col, lo, hi, what):
         raise RoiTableError(f"ROI table row {row}: {col} = {v[row]} is not {what}")
 
 
-def sample_rois(lesion_masks, k: int = 5, r: int = 5, kind: str = "square", seed: int = 0, *,
+def sample_rois(lesion_masks, *, k: int = 5, r: int = 5, kind: str = "square", seed: int = 0,
                 start: int = 0) -> pd.DataFrame:
     """Draw up to `k` ROIs per image inside its lesion: the article's multi-ROI sampling (section 4.1).
 

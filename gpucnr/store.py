@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -137,6 +138,59 @@ class Stack:
                 cache[bucket.name] = values
         return cache[bucket.name]
 
+    def to_xarray(self, *, labels: bool = False) -> dict[str, Any]:
+        """Every bucket as a lazy xarray.DataArray of dims (image, y, x), chunked by whole shards.
+
+        Each chunk is read when computed, through the same checked reader as `run` (`Stack.read`: every chunk's
+        crc32c, and the one recorded for its position; a missing chunk is an error, never zeros), by
+        `dask.array.map_blocks`; nothing is read here. Coordinates: ``image`` (the global image index), ``y``,
+        ``x`` and the per-image table's columns of `RESULT_COLUMNS` along ``image`` (``valid_h``, ``valid_w``,
+        ``slope``, ``intercept``, ``padding``, pseudonymous ids, …; no free-form column).
+
+        Parameters
+        ----------
+        labels : bool
+            The label arrays instead of the images (a stack without labels raises ``InputError``).
+
+        Returns
+        -------
+        dict of str to xarray.DataArray
+            Keyed by bucket name (``<H>x<W>-<dtype>``), in the stack's bucket order.
+
+        Examples
+        --------
+        >>> arrays = open_stack("stack.zarr").to_xarray()           # doctest: +SKIP
+        >>> gpucnr.measure(arrays["64x64-uint16"], rois=...)      # doctest: +SKIP
+        """
+        import dask.array as da
+        import xarray as xr
+
+        if labels and not self.has_labels:
+            raise InputError(f"{self.path} holds no label arrays")
+        out = {}
+        table = self.images.set_index("index", drop=False)
+        for b in self.buckets:
+            arr = b.labels if labels else b.images
+            per = int((getattr(arr, "shards", None) or arr.chunks)[0])
+            n, height, width = (int(v) for v in arr.shape)
+            sizes = tuple(min(per, n - a) for a in range(0, n, per)) or (0,)
+            reader = _BlockReader(self, b.name, labels)
+            dtype = np.dtype(arr.dtype).newbyteorder("=")
+            # NB: map_blocks with chunks given builds one task per shard from block_info alone: no array is
+            # embedded in the graph, and a task reads only its own shard.
+            kind = "labels" if labels else "images"
+            data = da.map_blocks(reader, chunks=(sizes, (height,), (width,)), dtype=dtype,
+                                 meta=np.empty((0, 0, 0), dtype), name=f"gpucnr-{kind}-{b.name}-{self.fingerprint()}")
+            rows = table.loc[b.offset : b.offset + n - 1]
+            coords = {"image": np.arange(b.offset, b.offset + n, dtype=np.int64),
+                      "y": np.arange(height, dtype=np.int64), "x": np.arange(width, dtype=np.int64)}
+            for col in RESULT_COLUMNS:
+                if col in rows.columns and col != "index":
+                    coords[col] = ("image", rows[col].to_numpy())
+            out[b.name] = xr.DataArray(data, dims=("image", "y", "x"), coords=coords, name=kind,
+                                       attrs={"bucket": b.name, "stack": str(self.path)})
+        return out
+
     def read(self, bucket: Bucket, start: int, stop: int, *, labels: bool = True):
         """Images [start, stop) of `bucket` (and their labels), with coded errors for bad chunks: a chunk whose
         checksum is not the one recorded for its position (moved, swapped) is ``stack-damaged``."""
@@ -160,6 +214,40 @@ class Stack:
         except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
             raise StackError("corrupt-chunk", f"{name}: chunk(s) of images {start}..{stop - 1} cannot be decoded "
                              f"({type(e).__name__}); the stack is damaged there") from None
+
+
+class _BlockReader:
+    """The `dask.array.map_blocks` function of `Stack.to_xarray`: reads one block of images (or labels) of one
+    bucket through `Stack.read`. Pickled (to a distributed worker) as the stack's path, fingerprint and the bucket's
+    name; a worker process opens each stack once, without re-checking it (the driver did)."""
+
+    def __init__(self, stack: Stack, bucket: str, labels: bool):
+        self._stack, self.path, self.bucket, self.labels = stack, str(Path(stack.path).absolute()), bucket, labels
+
+    def __reduce__(self):
+        return (_reopen_reader, (self.path, self._stack.fingerprint(), self.bucket, self.labels))
+
+    def __call__(self, block_info=None):
+        start, stop = block_info[None]["array-location"][0]
+        stack = self._stack
+        bucket = next(b for b in stack.buckets if b.name == self.bucket)
+        if not self.labels:
+            return stack.read(bucket, start, stop, labels=False)[0]
+        # NB: the labels alone, checked like `Stack.read` checks them (against the recorded crc32c column 1).
+        crcs = stack.checksums(bucket)
+        return stack._read(bucket.labels, start, stop, f"buckets/{bucket.name}/labels",
+                           None if crcs is None else crcs[:, 1])
+
+
+def _reopen_reader(path: str, fingerprint: str, bucket: str, labels: bool) -> _BlockReader:
+    return _BlockReader(_opened(path, fingerprint), bucket, labels)
+
+
+@functools.lru_cache(maxsize=8)
+def _opened(path: str, fingerprint: str) -> Stack:
+    """One opened stack per (path, fingerprint) and process: a worker unpickles a reader per task."""
+    del fingerprint  # NB: only a cache key: a stack rewritten at the same path is opened afresh
+    return open_stack(path, check=False)
 
 
 class _ShardReader:
@@ -536,13 +624,17 @@ class StackWriter:
                                              chunks=(1, *canvas), shards=(self.shard, *canvas),
                                              compressors=_compressors(self.compressor, 4), fill_value=0,
                                              config=_WRITE, dimension_names=["image", "y", "x"])
+        # NB: every array carries dimension names, so xarray.open_datatree opens the stack (they do not enter the
+        # fingerprint: stacks written before keep theirs).
         written = self.group.create_array(f"buckets/{name}/written", shape=(0,), dtype="uint8",
-                                          chunks=(self.shard,), fill_value=0, config=_WRITE)
+                                          chunks=(self.shard,), fill_value=0, config=_WRITE,
+                                          dimension_names=["image"])
         # NB: the crc32c of each image and label chunk, recorded as it is written: readers compare every chunk
         # with the one recorded for its position, and the fingerprint hashes them (DESIGN §10).
         checksums = self.group.create_array(f"buckets/{name}/checksums", shape=(0, 2), dtype="uint32",
                                             chunks=(_CRC_ROWS, 2), fill_value=0, config=_WRITE,
-                                            compressors=[ZstdCodec(level=3), Crc32cCodec()])
+                                            compressors=[ZstdCodec(level=3), Crc32cCodec()],
+                                            dimension_names=["image", "array"])
         return {"name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": labels,
                 "written": written, "checksums": checksums, "count": 0, "pending": [], "pending_bytes": 0,
                 "inflight": None}
@@ -701,7 +793,9 @@ def _planes(images, what) -> list[np.ndarray]:
 
 
 def _write_table(group, name: str, table: pd.DataFrame) -> None:
-    """One 1-D array per column, one chunk each, zstd then crc32c (a damaged table must not read as data)."""
+    """One 1-D array per column, one chunk each, zstd then crc32c (a damaged table must not read as data); its
+    dimension is ``image`` for the per-image table (row i = global image i), ``row`` for others."""
+    dim = "image" if name == "images" else "row"
     for col in table.columns:
         values = table[col].to_numpy()
         dtype = str if values.dtype.kind in "OUST" else values.dtype
@@ -709,7 +803,7 @@ def _write_table(group, name: str, table: pd.DataFrame) -> None:
             values = values.astype(str)
         arr = group.create_array(f"tables/{name}/{col}", shape=values.shape, dtype=dtype,
                                  chunks=(max(len(values), 1),), compressors=[ZstdCodec(level=3), Crc32cCodec()],
-                                 config=_WRITE)
+                                 config=_WRITE, dimension_names=[dim])
         if len(values):
             arr[:] = values
 

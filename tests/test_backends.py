@@ -3,6 +3,8 @@ Dask and array-API input. Counts and status exactly, moments within 1e-12 relati
 
 from __future__ import annotations
 
+import sys
+
 import array_api_compat
 import numpy as np
 import pytest
@@ -139,6 +141,65 @@ def test_numpy_fast_equals_portable_with_padding_and_nan(case):
     excluded = host(fast["n_excluded"])
     assert excluded[0] >= batch["images"].shape[1] * 4  # the padded strip is excluded
     assert excluded[2] >= batch["valid_w"][2] * 3
+
+
+def test_fast_path_names_the_implementation():
+    """One place names the compiled implementation (DESIGN §9): Numba's CPU kernels for NumPy, none (the portable
+    path) for array-api-strict and, until the device kernels exist, for CuPy."""
+    import array_api_strict
+
+    from gpucnr.backend import fast_path
+
+    assert fast_path(NP) == "numba-cpu"
+    assert fast_path(array_api_strict) is None
+    assert fast_path(array_api_compat.array_namespace(array_api_strict.asarray([1]))) is None
+
+
+@pytest.mark.parametrize("background", BACKGROUNDS)
+def test_portable_path_runs_no_compiled_code(monkeypatch, background):
+    """fast=False means no compiled code anywhere: with the compiled module unimportable, the portable path still
+    measures and agrees with the compiled one, while fast=True fails loudly (so the block is real). Without
+    Numba, `fast_path` names nothing and fast=True is the portable path too."""
+    from gpucnr.backend import fast_path
+
+    batch = make_batch(11, np.float32, background, background in ("ring", "complement-all"), extras=True)
+    params = params_for(11, background)
+    expected = run_kernel(NP, batch, params, fast=True)
+    import gpucnr.kernels as kernels_pkg
+
+    # NB: None in sys.modules makes importlib refuse the module, whether or not it was imported before.
+    monkeypatch.setitem(sys.modules, "gpucnr.kernels._numpy_fast", None)
+    monkeypatch.delattr(kernels_pkg, "_numpy_fast", raising=False)
+    assert_same(run_kernel(NP, batch, params, fast=False), expected, f"portable, compiled module blocked {params}")
+    with pytest.raises(ImportError):
+        run_kernel(NP, batch, params, fast=True)
+    monkeypatch.setitem(sys.modules, "numba", None)
+    assert fast_path(NP) is None
+    assert_same(run_kernel(NP, batch, params, fast=True), expected, f"no Numba {params}")
+
+
+@pytest.mark.parametrize("name", FOOTPRINTS)
+def test_device_dilation_is_one_ndimage_call_with_the_same_footprint(monkeypatch, name):
+    """CuPy masks dilate in one `backend.ndimage_for` call (cupyx); its structuring element, checked here through
+    scipy.ndimage on NumPy masks, gives the row-run dilation's pixels exactly."""
+    from gpucnr.kernels import masks
+    from gpucnr.kernels.footprints import footprint_offsets, footprint_rows
+
+    rng = np.random.default_rng(4)
+    mask = rng.random((3, 30, 34)) < 0.02
+    rows = footprint_rows(footprint_offsets(name, 4))
+    expected = masks.dilate(NP, mask, rows)
+    calls = []
+    real = masks.ndimage_for
+
+    def spy(x):
+        calls.append(x.shape)
+        return real(x)
+
+    monkeypatch.setattr(masks, "is_cupy", lambda x: True)
+    monkeypatch.setattr(masks, "ndimage_for", spy)
+    np.testing.assert_array_equal(masks.dilate(NP, mask, rows), expected)
+    assert calls == [mask.shape]
 
 
 def test_padding_and_extent_against_plain_numpy():

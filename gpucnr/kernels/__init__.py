@@ -1,7 +1,8 @@
 """Pure, eager array math on one batch of images, written once for NumPy, CuPy and the array API.
 
 No Dask, no Zarr, no files and no NumPy import here (ruff's banned-api rule enforces the last), except
-in `_numpy_fast`, the one measured NumPy-specific fast path.
+in `_numpy_fast`, the one measured NumPy-specific fast path ("numba-cpu"). Which implementation runs is
+named by `gpucnr.backend.fast_path` and looked up in `fastpath`, nowhere else.
 """
 
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch

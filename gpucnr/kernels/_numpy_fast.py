@@ -1,4 +1,5 @@
-"""The NumPy fast path of `moments.image_totals`: one fused, compiled pass per image (Numba, GIL released).
+"""The "numba-cpu" kernels (`gpucnr.backend.fast_path`), e.g. `moments.image_totals` as one fused, compiled
+pass per image (Numba, GIL released).
 
 The portable path materialises whole-batch int64/float64 temporaries and makes several passes over them.
 This one reads each pixel once and keeps its running sums in registers: int64 for integer images (exact),
@@ -10,12 +11,14 @@ formulation (a cache-sized float64 buffer and two BLAS dots). It releases the GI
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
 
-from gpucnr.kernels.moments import Sums, is_exact_integer
+from gpucnr.kernels.masks import is_exact_integer
+from gpucnr.kernels.sums import Sums
 
 __all__ = ["image_totals"]
 
@@ -192,6 +195,8 @@ def _range(images, valid_h, valid_w, padding, is_float, lo, hi, found):  # pragm
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_SIZE = 0
+# NB: batches run on several threads at once; two of them growing the pool together would each build one.
+_POOL_LOCK = threading.Lock()
 
 
 def threads() -> int:
@@ -205,10 +210,13 @@ def _split(n: int, fn):
     k = min(threads(), n)
     if k <= 1:
         return [fn(0, n)]
-    if _POOL_SIZE < k:
-        _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=k, thread_name_prefix="gpucnr"), k
+    with _POOL_LOCK:
+        if _POOL_SIZE < k:
+            # NB: the smaller pool is left to finish what it runs (a concurrent caller may hold it).
+            _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=k, thread_name_prefix="gpucnr"), k
+        pool = _POOL
     bounds = [n * j // k for j in range(k + 1)]
-    return list(_POOL.map(lambda j: fn(bounds[j], bounds[j + 1]), range(k)))
+    return list(pool.map(lambda j: fn(bounds[j], bounds[j + 1]), range(k)))
 
 
 @numba.njit(nogil=True, cache=True)

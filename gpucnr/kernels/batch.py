@@ -15,6 +15,7 @@ from gpucnr.kernels.cnr import (
     contrast_to_noise,
     median_of_valid,
 )
+from gpucnr.kernels.fastpath import implementation, kernel
 from gpucnr.kernels.footprints import footprint_offsets, footprint_rows
 from gpucnr.kernels.masks import (
     KIND_DISK,
@@ -108,14 +109,17 @@ def measure_batch(
     polarity : float64 array, shape (n,), optional
         -1 for images displayed inverted (MONOCHROME1), else +1; used by ``signed``.
     fast : bool
-        Allow backend-specific fast paths (tests switch them off to check the portable path).
+        Use the compiled implementation that `gpucnr.backend.fast_path` names for `xp` ("numba-cpu" for
+        NumPy), if any. False: the portable array-API path, no compiled code at all (tests compare the two).
 
     Returns
     -------
     dict of arrays
         `OUTPUT_CELL` variables of shape (n, L), `OUTPUT_IMAGE` variables of shape (n,), and ``roi_ids``.
     """
-    images, labels, lesions = (_entry(xp, a) for a in (images, labels, lesions))
+    # NB: the one place the implementation is chosen; everything below asks `impl`, never the namespace.
+    impl = implementation(xp, fast=fast)
+    images, labels, lesions = (_entry(xp, a, impl) for a in (images, labels, lesions))
     n, height, width = images.shape
     dev = array_api_compat.device(images)
     f64 = xp.float64
@@ -141,28 +145,25 @@ def measure_batch(
     # gathered while the image is in cache), so neither costs a pass of its own; its sums (one int64 word,
     # unscaled floats) stand unless the plan asks for limbs or a scale (rare).
     early = None
-    if fast and region is None and array_api_compat.is_numpy_namespace(xp):
-        from gpucnr.kernels import _numpy_fast
-
-        want_range = not is_narrow_integer(xp, images.dtype)
+    fused = None if region is not None else kernel(impl, "integer_pass" if exact else "image_totals")
+    if fused is not None:
         if exact:
-            shift, *early = _numpy_fast.integer_pass(images, valid_h, valid_w, params.border, padding,
-                                                     with_range=want_range)
+            shift, *early = fused(images, valid_h, valid_w, params.border, padding,
+                                  with_range=not is_narrow_integer(xp, images.dtype))
         else:
-            shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
-            early = _numpy_fast.image_totals(images, shift, valid_h, valid_w, params.border, padding,
-                                             with_range=True)
+            shift = image_shift(xp, images, valid_h, valid_w, padding, impl=impl)
+            early = fused(images, shift, valid_h, valid_w, params.border, padding, with_range=True)
     else:
-        shift = image_shift(xp, images, valid_h, valid_w, padding, fast=fast)
+        shift = image_shift(xp, images, valid_h, valid_w, padding, impl=impl)
     # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
     # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
-    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, fast=fast,
+    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
                          known_range=None if early is None else early[2])
     limbs, scale = plan.limbs, plan.scale
     # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
-    fast_sums = fast and not limbs
+    sums_impl = None if limbs else impl
 
-    cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast)
+    cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl)
     n_ids = int(roi_ids.shape[0])
     n_cells = n * n_ids
 
@@ -171,19 +172,19 @@ def measure_batch(
         region_centre = None
     else:
         totals, region_centre, n_excluded = image_totals(
-            xp, images, shift, valid_h, valid_w, params.border, padding, region, fast=fast_sums, scale=scale,
+            xp, images, shift, valid_h, valid_w, params.border, padding, region, impl=sums_impl, scale=scale,
             limbs=limbs,
         )
 
-    if fast_sums and array_api_compat.is_numpy_namespace(xp) and cells.image.shape[0]:
-        from gpucnr.kernels import _numpy_fast
-
-        roi_sums, roi_rel, n_inside, bg_window, window_rel = _numpy_fast.window_sums(
+    windows = kernel(sums_impl, "window_sums")
+    if windows is not None and cells.image.shape[0]:
+        roi_sums, roi_rel, n_inside, bg_window, window_rel = windows(
             images, labels, cells, params, shift, valid_h, valid_w, padding, scale
         )
     else:
         roi_sums, roi_rel, n_inside, bg_window, window_rel = _window_pass(
-            xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact, scale=scale, limbs=limbs
+            xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact, scale=scale, limbs=limbs,
+            impl=impl,
         )
 
     # Background sums per cell: image-level region (+/-) the cell's window part (DESIGN §4, §7). Float sums
@@ -202,7 +203,7 @@ def measure_batch(
             bg_rel = xp.take(region_centre, cells.image)
     else:
         union = _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                            shift, roi_ids, scale=scale, limbs=limbs)
+                            shift, roi_ids, scale=scale, limbs=limbs, impl=impl)
         bg = _gather_sums(xp, totals - union, cells.image)
         removed = None if exact else xp.take(union.s2, cells.image)
 
@@ -217,7 +218,7 @@ def measure_batch(
             idx = xp.nonzero(_ill_conditioned(xp, bg, removed, params.ddof))[0]
             if idx.shape[0]:
                 direct, centre = _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h,
-                                                    valid_w, padding, shift, roi_ids, idx, scale)
+                                                    valid_w, padding, shift, roi_ids, idx, scale, impl=impl)
                 _, md_d, var_d = float_moments(xp, direct, xp.take(bg_rel, idx) + centre, params.ddof)
                 md_bg = _replace(xp, md_bg, idx, md_d)
                 var_bg_s = _replace(xp, var_bg_s, idx, var_d)
@@ -347,17 +348,16 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
         raise InputError("table has two rows for one (image, col)")
 
 
-def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast=True):
+def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None):
     """The present cells, the dense (n * L,) map from grid position to cell index (-1: absent), the ids."""
     n = images.shape[0]
     dev = array_api_compat.device(images)
     if labels is not None:
         exclude = params.background_label if params.background == "label" else None
         boxes = None
-        if fast and array_api_compat.is_numpy_namespace(xp):
-            from gpucnr.kernels import _numpy_fast
-
-            boxes = _numpy_fast.label_boxes(labels, roi_ids, valid_h, valid_w, exclude=exclude)
+        compiled = kernel(impl, "label_boxes")
+        if compiled is not None:
+            boxes = compiled(labels, roi_ids, valid_h, valid_w, exclude=exclude)
         if boxes is None:
             boxes = label_boxes(xp, labels, roi_ids, valid_h, valid_w, exclude=exclude)
         roi_ids, y0, y1, x0, x1 = boxes
@@ -398,15 +398,14 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, fast=Tr
     return cells, grid, roi_ids
 
 
-def _entry(xp, a):
-    """An input as the kernels' rule takes it: booleans as uint8 and, on NumPy, native byte order and float16
-    as float32 (`_numpy_fast.native`); float16 as float32 on other backends too. Every conversion is exact."""
+def _entry(xp, a, impl=None):
+    """An input as the kernels' rule takes it: booleans as uint8, float16 as float32 and, for a compiled
+    implementation that asks for it (numba-cpu's `native`), native byte order. Every conversion is exact."""
     if a is None:
         return None
-    if array_api_compat.is_numpy_namespace(xp):
-        from gpucnr.kernels import _numpy_fast
-
-        a = _numpy_fast.native(a)
+    native = kernel(impl, "native")
+    if native is not None:
+        a = native(a)
     elif getattr(xp, "float16", None) is not None and a.dtype == xp.float16:
         a = xp.astype(a, xp.float32)
     if a.dtype == xp.bool:
@@ -482,7 +481,7 @@ def _zeros_sums(xp, m, exact, dev, limbs=False) -> Sums:
 
 
 def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, padding, exact, *, scale=None,
-                 limbs=False):
+                 limbs=False, impl=None):
     """ROI moments and the background window part of every cell, one size class at a time.
 
     Returns ROI sums (about the image's shift plus the returned per-cell centre, in scaled units: 0 but for
@@ -500,18 +499,18 @@ def _window_pass(xp, images, labels, cells, params, shift, valid_h, valid_w, pad
         img = xp.take(cells.image, wm.idx)
         c = xp.take(shift, img)[:, None, None]
         d = shifted(xp, wm.window.values, c, None if scale is None else xp.take(scale, img)[:, None, None])
-        s = masked_sums(xp, d, wm.pixels, limbs=limbs)
+        s = masked_sums(xp, d, wm.pixels, limbs=limbs, impl=impl)
         roi_rel = part_rel = xp.zeros((wm.idx.shape[0],), dtype=xp.float64, device=dev)
         if not exact:
             # NB: two-pass ROI moments for float data: re-centre on the ROI's own mean, then sum again.
-            s, roi_rel = two_pass(xp, d, wm.pixels, s)
+            s, roi_rel = two_pass(xp, d, wm.pixels, s, impl=impl)
         inside = xp.sum(xp.astype(wm.roi, xp.int64), axis=(1, 2))
         if wm.part is None:
             part = _zeros_sums(xp, wm.idx.shape[0], exact, dev, limbs)
         else:
-            part = masked_sums(xp, d, wm.part, limbs=limbs)
+            part = masked_sums(xp, d, wm.part, limbs=limbs, impl=impl)
             if not exact and params.background == "ring":
-                part, part_rel = two_pass(xp, d, wm.part, part)
+                part, part_rel = two_pass(xp, d, wm.part, part, impl=impl)
         parts.append((wm.idx, s, roi_rel, inside, part, part_rel))
     return _scatter_parts(xp, parts)
 
@@ -533,7 +532,7 @@ def _scatter_parts(xp, parts):
 
 
 def _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, shift, roi_ids, *,
-                scale=None, limbs=False):
+                scale=None, limbs=False, impl=None):
     """complement-all: per image, sums over its dilated ROI union within the interior, shape (n,)."""
     n = images.shape[0]
     boxes = union_boxes(xp, cells, grid, lesions, n, int(roi_ids.shape[0]), valid_h, valid_w)
@@ -541,7 +540,7 @@ def _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid
     win, dilated, base = union_masks(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w,
                                       padding, everything, boxes, roi_ids)
     d = shifted(xp, win.values, shift[:, None, None], None if scale is None else scale[:, None, None])
-    return masked_sums(xp, d, dilated & base, limbs=limbs)
+    return masked_sums(xp, d, dilated & base, limbs=limbs, impl=impl)
 
 
 def _ill_conditioned(xp, bg: Sums, removed_s2, ddof: int):
@@ -552,7 +551,7 @@ def _ill_conditioned(xp, bg: Sums, removed_s2, ddof: int):
 
 
 def _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, shift,
-                       roi_ids, idx, scale):
+                       roi_ids, idx, scale, *, impl=None):
     """Background of cells `idx` summed directly, two-pass, over a whole-image window (the rare exact path
     for float images; its cost is a full image per cell, so it runs only for ill-conditioned cells).
 
@@ -576,7 +575,7 @@ def _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h
                                           padding, sub.image, boxes, roi_ids)
         keep = base & ~dilated
     d = shifted(xp, win.values, xp.take(shift, sub.image)[:, None, None], xp.take(scale, sub.image)[:, None, None])
-    return two_pass(xp, d, keep, masked_sums(xp, d, keep))
+    return two_pass(xp, d, keep, masked_sums(xp, d, keep, impl=impl), impl=impl)
 
 
 def _replace(xp, values, idx, new):

@@ -8,7 +8,7 @@ from typing import Any
 import array_api_compat
 from array_api_compat import device
 
-from gpucnr.backend import to_host
+from gpucnr.backend import is_cupy, ndimage_for, to_host
 from gpucnr.kernels.footprints import ball_offsets, footprint_offsets, footprint_rows, ring_metric
 
 __all__ = [
@@ -258,6 +258,14 @@ def dilate(xp, mask, rows: tuple[int, ...]):
     """
     radius = len(rows) // 2
     widest = max(rows)
+    if is_cupy(mask):
+        # NB: on a GPU every shifted OR below is a kernel launch (about 60 for a ring): one cupyx call instead.
+        # On the CPU the row runs stay: scipy.ndimage.binary_dilation tests every footprint pixel at every
+        # pixel, measured 6x (cross, r=5) to 14x (disk, r=15) slower on (1500, 40, 40) windows.
+        dx = xp.arange(-widest, widest + 1, dtype=xp.int64, device=device(mask))[None, :]
+        half = xp.asarray(rows, dtype=xp.int64, device=device(mask))[:, None]
+        structure = xp.abs(dx) <= half  # (2 radius + 1, 2 widest + 1): row dy is the run |dx| <= rows[dy]
+        return ndimage_for(mask).binary_dilation(mask, structure=structure[None, :, :])
     # NB: horizontal dilations by every half-width first (each one two shifted ORs from the previous),
     # then one vertical shift per footprint row: O(R) array operations instead of O(R^2) offsets.
     by_width = [mask]

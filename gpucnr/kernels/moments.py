@@ -9,7 +9,9 @@ from typing import Any
 import array_api_compat
 
 from gpucnr.backend import to_host
+from gpucnr.kernels.fastpath import kernel
 from gpucnr.kernels.masks import excluded_mask, is_exact_integer, is_narrow_integer
+from gpucnr.kernels.sums import Sums
 
 _GRID = 32
 # Limbs of 16 bits: |d| < 2**63 splits into three unsigned limbs and a signed top one; every per-pixel
@@ -42,28 +44,6 @@ __all__ = [
     "shifted",
     "two_pass",
 ]
-
-
-@dataclass
-class Sums:
-    """Counts and sums of d = x - c over one region per entry (arrays of one leading shape).
-
-    For integer images ``s1`` and ``s2`` are exact: int64 words, or (batches holding a wide image, see
-    `plan_numerics`) int64 limb sums along a trailing axis (4 for s1, 7 for s2; value = sum of limb k
-    times 2**(16 k), see `limbs_value`). Otherwise float64, in the image's scaled units. Sums of two
-    disjoint regions add, and a sub-region subtracts, which is how background = image totals minus window
-    sums is formed.
-    """
-
-    n: Any
-    s1: Any
-    s2: Any
-
-    def __add__(self, other: Sums) -> Sums:
-        return Sums(self.n + other.n, self.s1 + other.s1, self.s2 + other.s2)
-
-    def __sub__(self, other: Sums) -> Sums:
-        return Sums(self.n - other.n, self.s1 - other.s1, self.s2 - other.s2)
 
 
 @dataclass
@@ -142,7 +122,7 @@ def _extreme(xp, dtype, high: bool):
     return xp.asarray(info.max if high else info.min, dtype=dtype)
 
 
-def image_shift(xp, images, valid_h, valid_w, padding, *, fast=True):
+def image_shift(xp, images, valid_h, valid_w, padding, *, impl=None):
     """The shift c subtracted from every pixel of an image before its sums: the (lower) median of the usable
     pixels of a 32 x 32 grid spread over the valid region, computed in the images' own dtype — a value of
     the image itself, so |x - c| never exceeds the image's spread, and one near the bulk of its pixels.
@@ -150,16 +130,18 @@ def image_shift(xp, images, valid_h, valid_w, padding, *, fast=True):
     NB: DESIGN §4 names the first pixel of the border frame; that pixel can sit far from the background
     (air at -1000 HU around a body at 0 HU), and a shift far from the data costs float sums their accuracy.
 
+    impl : str, optional
+        The implementation named by `gpucnr.backend.fast_path` (None: the portable path).
+
     Returns
     -------
     array, shape (n,)
         int64 for integer images (uint64 shifts above 2**63 wrapped, see `shifted`), float64 otherwise;
         0 for an image with no usable grid pixel.
     """
-    if fast and array_api_compat.is_numpy_namespace(xp):
-        from gpucnr.kernels import _numpy_fast
-
-        return _numpy_fast.grid_median(images, valid_h, valid_w, padding)
+    compiled = kernel(impl, "grid_median")
+    if compiled is not None:
+        return compiled(images, valid_h, valid_w, padding)
     if images.dtype == xp.bool:
         images = xp.astype(images, xp.uint8)
     grid, good = _grid(xp, images, valid_h, valid_w, padding)
@@ -186,7 +168,7 @@ def image_range(xp, images, valid_h, valid_w, padding):
     return lo, hi, xp.any(good, axis=(1, 2))
 
 
-def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True, known_range=None) -> NumericPlan:
+def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, known_range=None) -> NumericPlan:
     """Decide, per image, how its sums stay exact (docs/accuracy.md, "Exact arithmetic at the edges").
 
     Integer images of at most 16 bits need no look at their values. Wider integer images and float images
@@ -209,10 +191,8 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, fast=True, kn
         return NumericPlan(none, None, None, wide, None)
     if known_range is not None:
         lo, hi, found = known_range
-    elif fast and array_api_compat.is_numpy_namespace(xp):
-        from gpucnr.kernels import _numpy_fast
-
-        lo, hi, found = _numpy_fast.image_range(images, valid_h, valid_w, padding)
+    elif kernel(impl, "image_range") is not None:
+        lo, hi, found = kernel(impl, "image_range")(images, valid_h, valid_w, padding)
     else:
         lo, hi, found = image_range(xp, images, valid_h, valid_w, padding)
     found_h = [bool(v) for v in to_host(found).tolist()]
@@ -256,21 +236,23 @@ def _scale_exponent(reach: float) -> int:
     return 0
 
 
-def masked_sums(xp, d, mask, axes=(-2, -1), *, limbs=False) -> Sums:
+def masked_sums(xp, d, mask, axes=(-2, -1), *, limbs=False, impl=None) -> Sums:
     """Counts and sums of `d` and `d`**2 over `mask` (exact in int64 for integer `d`).
 
-    Float sums on NumPy go through `_numpy_fast.masked_float_sums`: row by row in row-major order, so they
-    do not depend on how much padding surrounds the pixels (a window's size, an image's canvas, the other
-    images of a batch) — a pairwise sum regroups its terms when the array grows.
+    Float sums through a compiled implementation (`impl`, e.g. "numba-cpu"'s `masked_float_sums`) run row by
+    row in row-major order, so they do not depend on how much padding surrounds the pixels (a window's size, an
+    image's canvas, the other images of a batch) — a pairwise sum regroups its terms when the array grows. The
+    portable path sums with ``xp.sum`` (within rounding of the same value).
 
     limbs : bool
         Integer `d`: sums as 16-bit limb sums along a trailing axis (see `Sums`), exact for any |d| < 2**63.
+    impl : str, optional
+        The implementation named by `gpucnr.backend.fast_path` (None: the portable path).
     """
-    if (array_api_compat.is_numpy_namespace(xp) and xp.isdtype(d.dtype, "real floating")
+    compiled = kernel(impl, "masked_float_sums")
+    if (compiled is not None and xp.isdtype(d.dtype, "real floating")
             and tuple(axes) in ((-2, -1), (d.ndim - 2, d.ndim - 1)) and d.ndim >= 2):
-        from gpucnr.kernels import _numpy_fast
-
-        n, s1, s2 = _numpy_fast.masked_float_sums(d, mask)
+        n, s1, s2 = compiled(d, mask)
         return Sums(n=n, s1=s1, s2=s2)
     dm = xp.where(mask, d, xp.zeros((), dtype=d.dtype))
     n = xp.astype(xp.count_nonzero(mask, axis=axes), xp.int64)
@@ -310,7 +292,7 @@ def narrow_from_limbs(xp, sums: Sums) -> Sums:
     return Sums(sums.n, word(sums.s1), word(sums.s2))
 
 
-def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, region=None, *, fast=True, scale=None,
+def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, region=None, *, impl=None, scale=None,
                  limbs=False):
     """One pass over every image: sums over the interior (valid region minus the border frame).
 
@@ -326,9 +308,9 @@ def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, regi
         Padding value per image, NaN for none.
     region : bool array, shape (n, H, W), optional
         Further restrict the sums to these pixels (background="label").
-    fast : bool
-        Allow the NumPy fast path (`gpucnr.kernels._numpy_fast`) for NumPy arrays; tests turn it off to
-        check the portable path on the same data.
+    impl : str, optional
+        The implementation named by `gpucnr.backend.fast_path` (None: the portable path; tests compare both
+        on the same data).
     scale : float64 array, shape (n,), optional
         Float images: the power of two multiplying x - shift (`NumericPlan.scale`).
     limbs : bool
@@ -344,10 +326,9 @@ def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, regi
     n_excluded : int64 array, shape (n,)
         Excluded pixels (not finite, or padding) in the whole valid region.
     """
-    if fast and region is None and not limbs and array_api_compat.is_numpy_namespace(xp):
-        from gpucnr.kernels import _numpy_fast
-
-        totals, n_excluded = _numpy_fast.image_totals(images, shift, valid_h, valid_w, border, padding, scale)
+    compiled = None if region is not None or limbs else kernel(impl, "image_totals")
+    if compiled is not None:
+        totals, n_excluded = compiled(images, shift, valid_h, valid_w, border, padding, scale)
         return totals, None, n_excluded
     _, height, width = images.shape
     ys = xp.arange(height, dtype=xp.int64)[None, :, None]
@@ -362,14 +343,14 @@ def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, regi
     if region is not None:
         keep = keep & region
     d = shifted(xp, images, shift[:, None, None], None if scale is None else scale[:, None, None])
-    totals = masked_sums(xp, d, keep, axes=(1, 2), limbs=limbs)
+    totals = masked_sums(xp, d, keep, axes=(1, 2), limbs=limbs, impl=impl)
     if region is None or is_exact_integer(xp, images.dtype):
         return totals, None, n_excluded
-    totals, centre = two_pass(xp, d, keep, totals, axes=(1, 2))
+    totals, centre = two_pass(xp, d, keep, totals, axes=(1, 2), impl=impl)
     return totals, centre, n_excluded
 
 
-def two_pass(xp, d, mask, sums: Sums, axes=(-2, -1)):
+def two_pass(xp, d, mask, sums: Sums, axes=(-2, -1), *, impl=None):
     """Float data: sums about the region's own mean, given first-pass `sums` of `d` over `mask`.
 
     A region summed around a shift far from its own values (a background sharing its image with a bright
@@ -379,7 +360,7 @@ def two_pass(xp, d, mask, sums: Sums, axes=(-2, -1)):
     nf = xp.astype(sums.n, xp.float64)
     centre = sums.s1 / xp.where(sums.n > 0, nf, xp.ones_like(nf))
     shape = centre.shape + (1,) * len(axes)
-    return masked_sums(xp, d - xp.reshape(centre, shape), mask, axes=axes), centre
+    return masked_sums(xp, d - xp.reshape(centre, shape), mask, axes=axes, impl=impl), centre
 
 
 def float_moments(xp, sums: Sums, centre, ddof: int):
