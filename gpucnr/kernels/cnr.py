@@ -31,6 +31,9 @@ STATUS = {
     # (max - min) does not fit in 63 bits, a float image whose spread overflows float64 (DESIGN §10). It comes
     # after the geometric statuses (they stay true whatever the values) and before zero-noise.
     "numeric-range": 7,
+    # NB: a group of cells whose definition cannot be pooled from moments (gCNR is a histogram statistic):
+    # `gpucnr.aggregate` only (DESIGN §10).
+    "not-poolable": 9,
 }
 
 
