@@ -118,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stack", type=Path, help="STACK.zarr (gpucnr.write_stack / gpucnr ingest)")
     run.add_argument("results", type=Path, help="RESULTS.zarr to create (or continue with --resume)")
     run.add_argument("--rois", type=Path, default=None,
-                     help="CSV with columns image (global index), roi, kind, cx, cy, r [, name]")
+                     help="CSV with columns image (global index), roi, kind, cx, cy, r [, name], or the ingest's "
+                     "table: source [, channel] [, frame], roi, kind, cx, cy, r [, name] (sources matched through "
+                     "the linkage file)")
+    run.add_argument("--roi-source", choices=("auto", "labels", "table", "both"), default="auto",
+                     help="ROIs from the labels (masks), the ROI table, or both; auto (default): every source the "
+                     "stack has, in one run")
+    run.add_argument("--linkage", type=Path, default=None,
+                     help="linkage file for an ingest-style --rois table (default: STACK.zarr.linkage.csv)")
     run.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     run.add_argument("--scheduler", default="threads",
                      help="threads (default) | processes | synchronous | ADDRESS of a Dask distributed scheduler")
@@ -286,7 +293,7 @@ def _dispatch(args) -> int:
                                                  "definition", "gcnr_bins", "signed")}
         ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
                  workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
-                 group_columns=args.group_columns, **options)
+                 group_columns=args.group_columns, roi_source=args.roi_source, linkage=args.linkage, **options)
         print(summary_table(ds.load()), flush=True)
         failed = _failed_images(ds)
         if failed:

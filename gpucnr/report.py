@@ -333,7 +333,7 @@ def _image_masks(ds, stack, index: int, rois):
     roi_id = int(ds["roi"].values[j])
 
     a = ds.attrs
-    table = _roi_table(stack, rois) if a.get("roi_source", "table") == "table" else None
+    table = _roi_table(stack, rois) if a.get("roi_source", "table") in ("table", "both") else None
     if table is None and lab is None:
         raise ValueError("neither an ROI table nor labels to rebuild the ROI")
     roi_mask, union = _roi_masks(table, lab, index, roi_id, (h, w), a)
@@ -366,11 +366,13 @@ def _roi_masks(table, lab, index, roi_id, shape, attrs):
             union |= m
             if int(r["roi"]) == roi_id:
                 mask = m
-        if mask is None:
+        if mask is not None:
+            return mask, union
+        if lab is None or attrs.get("roi_source") != "both":
             raise ValueError(f"ROI {roi_id} of image {index} is not in the ROI table")
-        return mask, union
+    # NB: roi_source "both": a cell the table does not have is the labels' (the run refused ids from both)
     background_label = attrs.get("background_label")
-    union = (lab != 0) & (lab != background_label) if isinstance(background_label, int) else lab != 0
+    union |= (lab != 0) & (lab != background_label) if isinstance(background_label, int) else lab != 0
     return lab == roi_id, union
 
 

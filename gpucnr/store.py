@@ -639,6 +639,9 @@ class StackWriter:
         self.group.attrs.update({**self.attrs, "gpucnr_stack": STACK_FORMAT, "gpucnr_version": __version__,
                                  "n_images": n, "buckets": names, "shard": self.shard,
                                  "compressor": self.compressor, "roi_ids": sorted(roi_ids),
+                                 # NB: the labels' own ids, apart from the table's: a run measuring both sources
+                                 # names each id's source without reading a label chunk
+                                 "label_ids": sorted(self._label_ids) if self.labels else [],
                                  "has_labels": self.labels})
         return open_stack(self.path)
 
