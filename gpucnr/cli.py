@@ -295,12 +295,19 @@ def _dispatch(args) -> int:
                  workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
                  group_columns=args.group_columns, roi_source=args.roi_source, linkage=args.linkage, **options)
         print(summary_table(ds.load()), flush=True)
+        unmatched = len(ds.attrs.get("rois_unmatched", []))
+        if unmatched:
+            # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them
+            print(f"gpucnr: run completed with problems: {unmatched} --rois row(s) named no image of the stack "
+                  "[roi-no-image] (listed above); they were not measured", file=sys.stderr)
         failed = _failed_images(ds)
         if failed:
             print(f"gpucnr: run completed with problems: {failed} of {ds.sizes['image']} image(s) failed "
                   f"({100.0 * failed / max(ds.sizes['image'], 1):.1f} %, status 6 'failed'); `gpucnr info "
                   f"{args.results} --json` lists them with their reasons (failures); likely cause: damaged chunks "
                   "of the stack, or images that kill the process measuring them", file=sys.stderr)
+            return 3
+        if unmatched:
             return 3
     elif args.command == "report":
         from gpucnr.report import write_report

@@ -164,7 +164,7 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
     groups = _group_columns(stack, group_columns)
     params = Params(**options)
     where = resolve_backend(backend)
-    table, use_labels = _roi_source(stack, rois, roi_source, linkage)
+    table, use_labels, unmatched = _roi_source(stack, rois, roi_source, linkage)
     use_lesions = stack.has_labels and params.background in ("label", "complement-all")
     if params.background == "label" and not stack.has_labels:
         raise InputError("background='label' needs a stack with labels")
@@ -178,7 +178,7 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
              "stack_buckets": stack.bucket_digests(), "batch": size, "plan": _plan_attrs(stack, size, plan),
              "roi_source": "both" if table is not None and use_labels else "table" if table is not None else "labels",
              "roi_source_option": roi_source, "rois_fingerprint": table_fingerprint(table),
-             "status_codes": STATUS_LEGEND, "failures": [],
+             "status_codes": STATUS_LEGEND, "failures": [], "rois_unmatched": unmatched,
              "group_columns": groups}
     group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume, sources)
     names = _names(table, roi_ids, stack.n_images)
@@ -283,10 +283,11 @@ class RoiIdClashError(InputError):
 
 
 def _roi_source(stack: Stack, rois, choice: str = "auto", linkage=None):
-    """The ROI table (global image indices) or None, and whether the labels are ROIs too."""
+    """The ROI table (global image indices) or None, whether the labels are ROIs too, and the lines of an
+    ingest-style table that named no image."""
     if choice not in ROI_SOURCES:
         raise InputError(f"roi_source must be one of {ROI_SOURCES}, got {choice!r}")
-    table = None
+    table, unmatched = None, []
     if rois is not None:
         if choice == "labels":
             raise InputError("an ROI table was given (--rois) with --roi-source labels; leave out one of them")
@@ -294,6 +295,7 @@ def _roi_source(stack: Stack, rois, choice: str = "auto", linkage=None):
             rois = _read_rois_csv(rois)
         if _ingest_style(rois):
             rois = _link_rois(stack, rois, linkage)
+            unmatched = list(rois.attrs.get("unmatched_lines", []))
         table = blank_roi_names(normalize_table(rois, stack.n_images), "the ROI table of run(rois=)")
     elif stack.rois is not None and len(stack.rois) and choice != "labels":
         table = blank_roi_names(normalize_table(stack.rois, stack.n_images), f"{stack.path} tables/rois")
@@ -305,7 +307,7 @@ def _roi_source(stack: Stack, rois, choice: str = "auto", linkage=None):
     if table is None and not use_labels:
         raise InputError(f"{stack.path} has neither an ROI table nor labels; pass one with --rois (rois=), or "
                          "ingest masks with `gpucnr ingest --masks`")
-    return table, use_labels
+    return table, use_labels, unmatched
 
 
 def _read_rois_csv(path) -> pd.DataFrame:
@@ -365,7 +367,9 @@ def _link_rois(stack: Stack, rois, linkage=None) -> pd.DataFrame:
     out = df.loc[~missing].drop(columns=[c for c in ("source", "channel", "frame", "source_encoding")
                                           if c in df.columns])
     out.insert(0, "image", link["index"].to_numpy(np.int64)[pos[~missing]])
-    return out.reset_index(drop=True)
+    out = out.reset_index(drop=True)
+    out.attrs["unmatched_lines"] = [int(i) + 2 for i in np.flatnonzero(missing)]
+    return out
 
 
 def _label_ids(stack: Stack, params) -> np.ndarray:
