@@ -300,6 +300,8 @@ def _roi_source(stack: Stack, rois, choice: str = "auto", linkage=None):
     elif stack.rois is not None and len(stack.rois) and choice != "labels":
         table = blank_roi_names(normalize_table(stack.rois, stack.n_images), f"{stack.path} tables/rois")
     use_labels = stack.has_labels and choice != "table"
+    if choice == "auto" and table is not None and not len(_label_ids(stack, None)):
+        use_labels = False  # NB: a label array with no ROI in it (masks that matched nothing) adds no source
     if choice in ("table", "both") and table is None:
         raise InputError(f"--roi-source {choice}: {stack.path} has no ROI table; pass one with --rois (rois=)")
     if choice in ("labels", "both") and not stack.has_labels:
@@ -377,7 +379,7 @@ def _label_ids(stack: Stack, params) -> np.ndarray:
     older stacks record only the union."""
     # NB: within roi_ids, which the stack's checks and each batch's (check_label_ids) hold the labels to
     ids = np.intersect1d(np.asarray(stack.group.attrs.get("label_ids", stack.roi_ids), np.int64), stack.roi_ids)
-    if params.background == "label":
+    if params is not None and params.background == "label":
         ids = ids[ids != params.background_label]
     return ids
 
@@ -441,8 +443,8 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume
     verified, its damaged batches uncommitted so that they are recomputed."""
     if path.exists():
         if not resume:
-            raise ResultsError("results-exist", f"{path} exists; pass resume=True (--resume) to continue it, or "
-                               "remove it")
+            raise ResultsError("results-exist", f"{path} exists; continue it with `gpucnr run STACK {path} --resume` "
+                               "(in Python: resume=True), or remove it")
         return _resume(path, attrs, roi_ids)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
