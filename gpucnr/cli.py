@@ -329,8 +329,9 @@ def _dispatch(args) -> int:
             table = with_paths(table, args.results, args.stack)
         path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
         counts = table["decision"].value_counts().to_dict()
+        side = f" (provenance: {path.name}.json)" if path.suffix.lower() == ".csv" else ""
         print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
-                                                                   for k in ("keep", "drop", "flag")))
+                                                                   for k in ("keep", "drop", "flag")) + side)
         if counts.get("drop", 0) * 2 > len(table):
             print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
