@@ -29,6 +29,7 @@ from gpucnr.kernels.masks import KIND_DISK
 from gpucnr.kernels.params import Params
 from gpucnr.lifeline import watch_parent
 from gpucnr.outputs import refuse_overlap, require_results
+from gpucnr.progress import Progress
 from gpucnr.results import (
     RESULTS_FORMAT,
     ResultsError,
@@ -200,7 +201,8 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
                                start=start, stop=stop, global_start=g0, params=params,
                                roi_ids=tuple(int(v) for v in roi_ids), table=rows, use_labels=use_labels,
                                use_lesions=use_lesions, backend=where))
-    bar = _Progress(len(plan), int(committed.sum())) if progress else None
+    bar = Progress(progress, unit="batch")
+    bar.stage("run", len(plan), done=int(committed.sum()))
     log = os.environ.get("GPUCNR_BATCH_LOG")
 
     def committed_now(batches):
@@ -209,8 +211,7 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         if log:
             with open(log, "a") as fh:
                 fh.write("".join(f"{b}\n" for b in batches))
-        if bar:
-            bar.step(len(batches))
+        bar.update(len(batches))
 
     writer = ResultsWriter(results, committed=committed, backends=backends, on_commit=committed_now)
 
@@ -237,8 +238,7 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
         try:
             writer.close()
         finally:
-            if bar:
-                bar.close()
+            bar.done()
     if interrupted is not None:
         # NB: Ctrl-C / SIGTERM: the pool is stopped (_drain); committed batches stay, --resume does the rest
         raise Interrupted(f"{int(writer.committed.sum())} of {len(plan)} batches are committed in {results}; "
@@ -844,24 +844,3 @@ def failed_rows(spec: BatchSpec, code: str, reason: str) -> dict:
     out["n_excluded"] = np.full(n, -1, np.int64)
     out["failures"] = [{"image": spec.global_start + k, "code": code, "reason": reason} for k in range(n)]
     return out
-
-
-class _Progress:
-    """A plain progress bar on stderr (works the same with local schedulers and a distributed client)."""
-
-    def __init__(self, total: int, done: int):
-        self.total, self.done = total, done
-        self._draw()
-
-    def step(self, n: int = 1):
-        self.done += n
-        self._draw()
-
-    def _draw(self):
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} batches")
-        sys.stderr.flush()
-
-    def close(self):
-        sys.stderr.write("\n")
