@@ -132,3 +132,21 @@ def test_ingest_style_rois_through_the_linkage_file(tmp_path, stack, data, capsy
     for k in CELL:
         np.testing.assert_array_equal(a[k].values, b[k].values, err_msg=k)
     assert "source" not in a.variables and "scan/" not in str(dict(a.attrs))
+
+
+def test_the_report_draws_cells_of_both_sources_in_the_results_units(tmp_path, data, monkeypatch):
+    import gpucnr.report as report
+
+    images, labels, table = data
+    meta = pd.DataFrame({"slope": [2.0] * N, "intercept": [-1000.0] * N})
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, rois=table, meta=meta, shard=2)
+    gpucnr.run(stack, tmp_path / "r.zarr", backend="numpy")
+    drawn = []
+    real = report.three_panel
+    monkeypatch.setattr(report, "three_panel", lambda *a, **k: drawn.append((a[3], k)) or real(*a, **k))
+    text = report.write_report(tmp_path / "r.zarr", tmp_path / "rep", lowest=N).read_text()
+    assert "cannot draw" not in text and len(drawn) == N
+    assert {(k["slope"], k["intercept"]) for _, k in drawn} == {(2.0, -1000.0)}  # histograms in the results' units
+    captions = " ".join(c for c, _ in drawn)
+    assert "ROI 1 (lesion)" in captions and "ROI 1:" in captions  # a table cell (named) and a label cell
+    assert "1 : " not in text and "2 spot: " in text  # the valid ROIs with their names in the gallery's table
