@@ -405,7 +405,12 @@ def _refuse_clash(stack: Stack, table: pd.DataFrame, params) -> None:
     clashes = []
     for image, ids in rows.groupby("image")["roi"]:
         row = info.loc[int(image)]
-        _, lab = stack.read(buckets[row["bucket"]], int(row["position"]), int(row["position"]) + 1, labels=True)
+        try:
+            _, lab = stack.read(buckets[row["bucket"]], int(row["position"]), int(row["position"]) + 1, labels=True)
+        except StackError as e:
+            if e.code not in DATA_ERRORS:
+                raise
+            continue  # NB: a damaged chunk is the image's failure (status 6), found and recorded by its batch
         found = np.intersect1d(np.unique(lab[0, : int(row["valid_h"]), : int(row["valid_w"])]), ids.to_numpy())
         clashes += [(int(image), int(v)) for v in found]
         if len(clashes) >= 5:
