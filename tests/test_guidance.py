@@ -47,3 +47,16 @@ def test_measure_of_images_of_many_sizes_points_to_a_stack():
         gpucnr.measure([np.zeros((10, 10), np.uint16), np.zeros((12, 10), np.uint16)],
                        np.zeros((2, 10, 10), np.int32))
     assert "(10, 10), (12, 10)" in str(info.value) and "gpucnr.run" in str(info.value)
+
+
+def test_ingest_and_run_draw_one_kind_of_progress_bar(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "raw").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(tmp_path / "raw" / f"{i}.png")
+    assert main(["ingest", str(tmp_path / "raw"), str(tmp_path / "s.zarr"), "--workers", "1", "--progress"]) == 0
+    err = capsys.readouterr().err
+    # NB: tqdm's bar: count of the total, [elapsed<left, rate]
+    assert "scan: 100%" in err and "decode: 100%" in err and "3/3 [" in err, err
+    assert "file/s]" in err or "s/file]" in err, err  # NB: the rate, whichever way round tqdm shows it
