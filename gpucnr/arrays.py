@@ -192,6 +192,12 @@ def _as_stack(a, what: str) -> _Stack:
         a = a.data
     lazy = isinstance(a, da.Array)
     if not lazy and not array_api_compat.is_array_api_obj(a):
+        if isinstance(a, list | tuple) and len({np.shape(p) for p in a}) > 1:
+            shapes = sorted({tuple(np.shape(p)) for p in a})
+            raise InputError(f"{what} are of different sizes ({', '.join(map(str, shapes[:4]))}"
+                             f"{' ...' if len(shapes) > 4 else ''}); measure() takes images of one size. For images "
+                             "of many sizes, write them as a stack (gpucnr.write_stack(path, images, ...), which keeps "
+                             "each size) and measure it with gpucnr.run(path, results)")
         a = np.asarray(a)
     if a.ndim == 2:
         a = a[None, ...]

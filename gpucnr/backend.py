@@ -112,7 +112,9 @@ def resolve_backend(backend: str, data: Any = None) -> str:
         raise OptionError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cupy":
         if not (is_cupy(data) or cupy_available()):
-            raise BackendUnavailableError("backend='cupy' was requested but no CUDA device is available")
+            raise BackendUnavailableError("backend='cupy' was requested but no CUDA device is available: install "
+                                          "the cuda12 or cuda13 extra (pip install 'gpucnr[cuda12]') on a CUDA "
+                                          "machine, or use --backend numpy (backend='numpy')")
         return "cupy"
     if backend == "numpy":
         return "numpy"

@@ -118,7 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stack", type=Path, help="STACK.zarr (gpucnr.write_stack / gpucnr ingest)")
     run.add_argument("results", type=Path, help="RESULTS.zarr to create (or continue with --resume)")
     run.add_argument("--rois", type=Path, default=None,
-                     help="CSV with columns image (global index), roi, kind, cx, cy, r [, name]")
+                     help="CSV with columns image (global index), roi, kind, cx, cy, r [, name], or the ingest's "
+                     "table: source [, channel] [, frame], roi, kind, cx, cy, r [, name] (sources matched through "
+                     "the linkage file)")
+    run.add_argument("--roi-source", choices=("auto", "labels", "table", "both"), default="auto",
+                     help="ROIs from the labels (masks), the ROI table, or both; auto (default): every source the "
+                     "stack has, in one run")
+    run.add_argument("--linkage", type=Path, default=None,
+                     help="linkage file for an ingest-style --rois table (default: STACK.zarr.linkage.csv)")
     run.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     run.add_argument("--scheduler", default="threads",
                      help="threads (default) | processes | synchronous | ADDRESS of a Dask distributed scheduler")
@@ -286,14 +293,21 @@ def _dispatch(args) -> int:
                                                  "definition", "gcnr_bins", "signed")}
         ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
                  workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
-                 group_columns=args.group_columns, **options)
-        print(summary_table(ds.load()), flush=True)
+                 group_columns=args.group_columns, roi_source=args.roi_source, linkage=args.linkage, **options)
+        print(summary_table(ds.load(), title="gpucnr run"), flush=True)
+        unmatched = len(ds.attrs.get("rois_unmatched", []))
+        if unmatched:
+            # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them
+            print(f"gpucnr: run completed with problems: {unmatched} --rois row(s) named no image of the stack "
+                  "[roi-no-image] (listed above); they were not measured", file=sys.stderr)
         failed = _failed_images(ds)
         if failed:
             print(f"gpucnr: run completed with problems: {failed} of {ds.sizes['image']} image(s) failed "
                   f"({100.0 * failed / max(ds.sizes['image'], 1):.1f} %, status 6 'failed'); `gpucnr info "
                   f"{args.results} --json` lists them with their reasons (failures); likely cause: damaged chunks "
                   "of the stack, or images that kill the process measuring them", file=sys.stderr)
+            return 3
+        if unmatched:
             return 3
     elif args.command == "report":
         from gpucnr.report import write_report
@@ -315,8 +329,9 @@ def _dispatch(args) -> int:
             table = with_paths(table, args.results, args.stack)
         path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
         counts = table["decision"].value_counts().to_dict()
+        side = f" (provenance: {path.name}.json)" if path.suffix.lower() == ".csv" else ""
         print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
-                                                                   for k in ("keep", "drop", "flag")))
+                                                                   for k in ("keep", "drop", "flag")) + side)
         if counts.get("drop", 0) * 2 > len(table):
             print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "

@@ -129,7 +129,10 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         make_folder(out)
         new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen),
                           shard=stack.shard, compressor=stack.compressor)
-        after = run(new, results_out, backend=where, **_as_kwargs(params))
+        # NB: the same ROI sources as the original run (an attribute "labels", "table" or "both")
+        source = str(ds.attrs.get("roi_source", "auto"))
+        after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
+                    else "auto", **_as_kwargs(params))
     except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
         # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
         # same command refuse to start again
@@ -185,7 +188,7 @@ def _roi_rows(stack: Stack, attrs, chosen: np.ndarray) -> pd.DataFrame | None:
     table = None
     if stack.rois is not None and len(stack.rois):
         table = normalize_table(stack.rois, stack.n_images)
-    if source == "table" and (table is None or table_fingerprint(table) != attrs.get("rois_fingerprint")):
+    if source in ("table", "both") and (table is None or table_fingerprint(table) != attrs.get("rois_fingerprint")):
         # NB: run(rois=...) does not store its table; re-measuring without it would measure other ROIs.
         raise InputError("these results were measured with an ROI table passed to run(rois=...), not the "
                          "stack's; write the stack with that table to enhance it")

@@ -115,7 +115,8 @@ def _results(path: Path, verify: bool = False) -> dict:
     complete = bool(committed.all())
     report = {
         "kind": "results", "path": str(path), "format": fmt, "images": ds.sizes["image"],
-        "roi_ids": [int(v) for v in ds.roi.values], "batches": int(committed.size),
+        "roi_ids": [int(v) for v in ds.roi.values], "roi_source": ds.attrs.get("roi_source"),
+        "batches": int(committed.size),
         "committed": int(committed.sum()), "complete": complete, "verified": verify and fmt == RESULTS_FORMAT,
         "damaged": damaged, "damaged_batches": sorted({b for d in damaged for b in (d["batches"] or [])}),
         "status_counts": counts, "parameters": params, "backend": ds.attrs.get("backend"),
@@ -124,7 +125,9 @@ def _results(path: Path, verify: bool = False) -> dict:
         # NB: DESIGN §10: damaged or incomplete results are a problem (exit 3)
         "exit_code": 3 if damaged or not complete else 0,
     }
-    lines = [f"results {path}: {report['images']} images x {len(report['roi_ids'])} ROI id(s) {report['roi_ids']}",
+    source = {"both": "labels and ROI table"}.get(report["roi_source"], report["roi_source"])
+    lines = [f"results {path}: {report['images']} images x {len(report['roi_ids'])} ROI id(s) {report['roi_ids']}"
+             + (f" (ROIs from the {source})" if source else ""),
              f"  batches committed: {report['committed']}/{report['batches']}"
              f"{'' if report['complete'] else ' (incomplete: gpucnr run --resume continues)'}"]
     if damaged:

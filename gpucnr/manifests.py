@@ -1,7 +1,9 @@
 """The keep/drop manifest: one decision per image, ROI, series, study or patient, for a training loader's join.
 
-A manifest is a pandas.DataFrame built from results (DESIGN §6) by `manifest`, written by `write_manifest` as CSV
-(with a leading ``# `` comment block) or Parquet (key-value metadata), and read back by `read_manifest`.
+A manifest is a pandas.DataFrame built from results (DESIGN §6) by `manifest`, written by `write_manifest` as a plain
+CSV (``pandas.read_csv`` opens it as it is) with its provenance in a JSON sidecar (``keep.csv.json``), or as Parquet
+(provenance in the file's key-value metadata), and read back by `read_manifest` (which also reads the CSVs with a
+leading ``# `` comment block that gpucnr wrote before December 2026).
 
 Only the pseudonymous id columns (``patient_id``, ``study_id``, ``series_id``, ``instance_id``) and the global
 image index identify a row: no other per-image column of the results, no ROI name, no failure message ever
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from numbers import Real
 from pathlib import Path
 
@@ -27,8 +28,8 @@ from gpucnr.outputs import OutputError, csv_text, csv_untext, refuse_overlap, wr
 from gpucnr.results import open_results, require_complete, results_stack
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
-__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "manifest_inputs", "read_manifest",
-           "with_paths", "write_manifest"]
+__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "manifest_inputs",
+           "manifest_sidecar", "read_manifest", "with_paths", "write_manifest"]
 
 #: Units a manifest can decide on, finest first.
 LEVELS = ("image", "roi", "series", "study", "patient")
@@ -51,10 +52,9 @@ _STR_COLUMNS = (*ID_COLUMNS, "images", "decision", "reason")
 # results; all of them read as "" in a manifest, and an image with no id is never merged into one group.
 _MISSING_ID = ("", "nan", "NaN", "None", "<NA>")
 _STATUS_NAME = {code: name for name, code in STATUS.items()}
-_FORMAT = 1
+_FORMAT = 2
 _MAGIC = "# gpucnr manifest"
 _PARQUET_KEY = b"gpucnr_manifest"
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
 def manifest(results, threshold: float = 1.5, level: str = "image", *,
@@ -351,10 +351,11 @@ def write_manifest(df: pd.DataFrame, path, *, inputs=()) -> Path:
         A frame from `manifest` (or a row subset of it: pandas keeps ``df.attrs`` through selections). Its
         ``attrs`` are the metadata: threshold, level, gpucnr version, the run's parameters.
     path : str or Path
-        ``.csv``: a leading comment block of ``# key: value`` lines (value in JSON; the run's parameters as
-        ``run.<name>``), after a first line ``# gpucnr manifest``, then the table with a header row.
+        ``.csv``: the table with a header row and nothing else, so that a plain ``pandas.read_csv(path)`` (or a
+        spreadsheet) opens it; the metadata goes, as JSON, to the sidecar ``<path>.json`` (``keep.csv`` ->
+        ``keep.csv.json``: ``manifest_format``, ``threshold``, ``level``, ``gpucnr_version``, ``run``).
         ``.parquet`` / ``.pq``: the table, with the metadata as JSON under the key ``gpucnr_manifest`` of the
-        file's key-value metadata (needs pyarrow). The file is written beside its final name and renamed into
+        file's key-value metadata (needs pyarrow). Each file is written beside its final name and renamed into
         place, so a reader never sees half a manifest.
 
     inputs : iterable of (label, path)
@@ -378,16 +379,17 @@ def write_manifest(df: pd.DataFrame, path, *, inputs=()) -> Path:
     if foreign:
         raise InputError(f"not manifest columns: {foreign}; a manifest carries the pseudonymous ids only")
     meta = _metadata(df)
-    refuse_overlap(inputs, [("manifest", path)])
+    outputs = [("manifest", path)] + ([("manifest sidecar", manifest_sidecar(path))] if suffix == ".csv" else [])
+    refuse_overlap(inputs, outputs)
     # NB: a manifest with source paths is as private as the linkage file it joined
     private = any(c in df.columns for c in ("source", "sources"))
     try:
         if suffix == ".csv":
-            lines = [_MAGIC, *(_comment(k, v) for k, v in meta.items() if k != "run"),
-                     *(_comment(f"run.{k}", v) for k, v in meta["run"].items())]
+            # NB: the sidecar first: a manifest never stands without its provenance
+            write_file(manifest_sidecar(path), lambda fh: fh.write(json.dumps(meta, indent=1) + "\n"),
+                       what="manifest sidecar", private=private)
 
             def fill(fh):
-                fh.write("\n".join(lines) + "\n")
                 # NB: floats are written with repr precision by default, so values round-trip exactly; text cells
                 # are kept from spreadsheet formulas (outputs.csv_text)
                 safe = df.copy()
@@ -406,10 +408,10 @@ def write_manifest(df: pd.DataFrame, path, *, inputs=()) -> Path:
         raise OutputError("output-write", f"the manifest {path} could not be written ({e.strerror or e})") from None
 
 
-def _comment(key: str, value) -> str:
-    # NB: a key with odd characters is written as a JSON string, so the first ": " always ends the key.
-    shown = key if _PLAIN_KEY.fullmatch(key) else json.dumps(key)
-    return f"# {shown}: {json.dumps(value)}"
+def manifest_sidecar(path) -> Path:
+    """The JSON file beside a CSV manifest that holds its metadata: ``keep.csv`` -> ``keep.csv.json``."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
 
 
 def _pyarrow():
@@ -428,7 +430,8 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
     Parameters
     ----------
     path : str or Path
-        A ``.csv`` or ``.parquet`` / ``.pq`` manifest.
+        A ``.csv`` manifest with its ``.csv.json`` sidecar, a ``.parquet`` / ``.pq`` one, or a ``.csv`` that
+        gpucnr wrote before December 2026 (metadata in a leading ``# `` comment block).
 
     Returns
     -------
@@ -447,25 +450,7 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        meta: dict = {"run": {}}
-        header = 0
-        with open(path, encoding="utf-8", newline="") as fh:
-            for line in fh:
-                if not line.startswith("#"):
-                    break
-                header += 1
-                text = line.rstrip("\n")
-                if header == 1:
-                    if text != _MAGIC:
-                        raise InputError(f"{path} is not a gpucnr manifest (no {_MAGIC!r} first line)")
-                    continue
-                key, value = _parse_comment(text[2:])
-                if key.startswith("run."):
-                    meta["run"][key[4:]] = value
-                else:
-                    meta[key] = value
-        if header == 0:
-            raise InputError(f"{path} is not a gpucnr manifest (no {_MAGIC!r} first line)")
+        meta, header = _csv_metadata(path)
         # NB: ids are text even when they look like numbers ("007", "1e5"), and "" is a missing id, not NaN.
         df = pd.read_csv(path, skiprows=header, keep_default_na=False, na_values={"cnr": ["", "nan", "NaN"]},
                          dtype={**dict.fromkeys(_STR_COLUMNS, str), **dict.fromkeys(_INT_COLUMNS, np.int64),
@@ -485,6 +470,44 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
         raise InputError(f"a manifest is read from .csv or .parquet, not {path.suffix or 'no suffix'!r}")
     df.attrs = meta
     return df, meta
+
+
+def _csv_metadata(path: Path) -> tuple[dict, int]:
+    """A CSV manifest's metadata and the number of lines before its header: the sidecar's (format 2), or the
+    leading comment block of a manifest written before December 2026."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        first = fh.readline()
+    if not first.startswith("#"):
+        side = manifest_sidecar(path)
+        try:
+            meta = json.loads(side.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{path} is not a gpucnr manifest: it has no sidecar {side.name} (the threshold, level "
+                             "and run parameters; pandas.read_csv reads the table alone)") from None
+        except (OSError, ValueError) as e:
+            raise InputError(f"{side} cannot be read as a manifest's metadata ({type(e).__name__})") from None
+        if not isinstance(meta, dict) or "manifest_format" not in meta:
+            raise InputError(f"{side} is not the metadata of a gpucnr manifest")
+        meta.setdefault("run", {})
+        return meta, 0
+    meta: dict = {"run": {}}
+    header = 0
+    with open(path, encoding="utf-8", newline="") as fh:
+        for line in fh:
+            if not line.startswith("#"):
+                break
+            header += 1
+            text = line.rstrip("\n")
+            if header == 1:
+                if text != _MAGIC:
+                    raise InputError(f"{path} is not a gpucnr manifest (no {_MAGIC!r} first line)")
+                continue
+            key, value = _parse_comment(text[2:])
+            if key.startswith("run."):
+                meta["run"][key[4:]] = value
+            else:
+                meta[key] = value
+    return meta, header
 
 
 def _parse_comment(text: str) -> tuple[str, object]:

@@ -24,10 +24,12 @@ from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
 from gpucnr.errors import EnvironmentFailure, InputError, Interrupted
 from gpucnr.identifiers import blank_roi_names, check_columns
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
-from gpucnr.kernels.cnr import STATUS
+from gpucnr.kernels.cnr import STATUS, median_of_valid
+from gpucnr.kernels.masks import KIND_DISK
 from gpucnr.kernels.params import Params
 from gpucnr.lifeline import watch_parent
 from gpucnr.outputs import refuse_overlap, require_results
+from gpucnr.progress import Progress
 from gpucnr.results import (
     RESULTS_FORMAT,
     ResultsError,
@@ -104,7 +106,7 @@ def run(stack, results, *, background: str = "complement", footprint: str = "cro
         min_bg: int = 30, ddof: int = 1, definition: str = "pooled", gcnr_bins: str | int = "auto",
         signed: bool = False, client=None, scheduler: str = "threads", workers: int | None = None,
         batch: int | None = None, resume: bool = False, progress: bool = False, rois=None, backend: str = "auto",
-        group_columns=None) -> xr.Dataset:
+        group_columns=None, roi_source: str = "auto", linkage=None) -> xr.Dataset:
     """Measure every image of a stack into a results store, batch by batch, resumably.
 
     Parameters
@@ -127,8 +129,18 @@ def run(stack, results, *, background: str = "complement", footprint: str = "cro
     progress : bool
         A progress bar on stderr.
     rois : ROI table or CSV path, optional
-        Columns image (global index), roi, kind, cx, cy, r [, name]. Default: the stack's ROI table, else its
-        labels.
+        Columns image (global index), roi, kind, cx, cy, r [, name]; or the table `gpucnr ingest --rois` reads
+        (source [, channel] [, frame], roi, kind, cx, cy, r [, name]), its sources matched to images through the
+        stack's linkage file (rows that match no image are listed in a warning and left out). It replaces the
+        stack's own ROI table. Default: the stack's ROI table.
+    roi_source : {"auto", "labels", "table", "both"}
+        Where the ROIs come from: ``auto`` (default) measures every source the stack has, its labels and the ROI
+        table, in one run (``both`` requires both); ``labels`` or ``table`` measures one of them. Ids keep their
+        values; an image with the same id from both sources is refused (``roi-id-clash``). The ``roi_source``
+        coordinate along ``roi`` says where each id came from (labels, table or both).
+    linkage : str or Path, optional
+        The linkage file that maps an ingest-style `rois` table's sources to images (default: the one beside
+        the stack, ``STACK.zarr.linkage.csv``); read only for such a table.
     backend : {"auto", "numpy", "cupy"}
     group_columns : sequence of str, optional
         Per-image columns of the stack beyond the allow-list (`gpucnr.store.RESULT_COLUMNS`) to copy into the
@@ -159,22 +171,23 @@ gcnr_bins, signed
                     ring_gap=ring_gap, ring_width=ring_width, background_label=background_label, min_bg=min_bg,
                     ddof=ddof, definition=definition, gcnr_bins=gcnr_bins, signed=signed)
     where = resolve_backend(backend)
-    table, use_labels = _roi_source(stack, rois)
-    if table is None and not use_labels:
-        raise InputError(f"{stack.path} has neither an ROI table nor labels; pass rois=")
+    table, use_labels, unmatched = _roi_source(stack, rois, roi_source, linkage)
     use_lesions = stack.has_labels and params.background in ("label", "complement-all")
     if params.background == "label" and not stack.has_labels:
         raise InputError("background='label' needs a stack with labels")
-    roi_ids = _roi_ids(stack, table, use_labels, params)
+    roi_ids, sources = _roi_ids(stack, table, use_labels, params)
     size, plan = plan_batches(stack, batch)
+    if table is not None and use_labels:
+        _refuse_clash(stack, table, params)
     fingerprint = stack.fingerprint()
     attrs = {**params.as_attrs(), "backend": where, "stack_path": stack_relative(stack.path, results),
              "stack_fingerprint": fingerprint, "stack_fingerprint_version": FINGERPRINT_VERSION,
              "stack_buckets": stack.bucket_digests(), "batch": size, "plan": _plan_attrs(stack, size, plan),
-             "roi_source": "table" if table is not None else "labels",
-             "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": [],
+             "roi_source": "both" if table is not None and use_labels else "table" if table is not None else "labels",
+             "roi_source_option": roi_source, "rois_fingerprint": table_fingerprint(table),
+             "status_codes": STATUS_LEGEND, "failures": [], "rois_unmatched": unmatched,
              "group_columns": groups}
-    group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
+    group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume, sources)
     names = _names(table, roi_ids, stack.n_images)
     # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
     stack_path = str(Path(stack.path).resolve())
@@ -194,7 +207,8 @@ gcnr_bins, signed
                                start=start, stop=stop, global_start=g0, params=params,
                                roi_ids=tuple(int(v) for v in roi_ids), table=rows, use_labels=use_labels,
                                use_lesions=use_lesions, backend=where))
-    bar = _Progress(len(plan), int(committed.sum())) if progress else None
+    bar = Progress(progress, unit="batch")
+    bar.stage("run", len(plan), done=int(committed.sum()))
     log = os.environ.get("GPUCNR_BATCH_LOG")
 
     def committed_now(batches):
@@ -203,8 +217,7 @@ gcnr_bins, signed
         if log:
             with open(log, "a") as fh:
                 fh.write("".join(f"{b}\n" for b in batches))
-        if bar:
-            bar.step(len(batches))
+        bar.update(len(batches))
 
     writer = ResultsWriter(results, committed=committed, backends=backends, on_commit=committed_now)
 
@@ -231,8 +244,7 @@ gcnr_bins, signed
         try:
             writer.close()
         finally:
-            if bar:
-                bar.close()
+            bar.done()
     if interrupted is not None:
         # NB: Ctrl-C / SIGTERM: the pool is stopped (_drain); committed batches stay, --resume does the rest
         raise Interrupted(f"{int(writer.committed.sum())} of {len(plan)} batches are committed in {results}; "
@@ -266,27 +278,154 @@ def _group_columns(stack: Stack, names) -> list[str]:
     return extra
 
 
-def _roi_source(stack: Stack, rois):
-    """The ROI table (global image indices) or None, and whether labels are the ROIs."""
+#: Where a run's ROIs may come from (`run(roi_source=...)`, `gpucnr run --roi-source`).
+ROI_SOURCES = ("auto", "labels", "table", "both")
+
+
+class RoiIdClashError(InputError):
+    """An image has the same ROI id from its labels and from the ROI table (DESIGN §4: an id means one thing)."""
+
+    code = "roi-id-clash"
+
+
+def _roi_source(stack: Stack, rois, choice: str = "auto", linkage=None):
+    """The ROI table (global image indices) or None, whether the labels are ROIs too, and the lines of an
+    ingest-style table that named no image."""
+    if choice not in ROI_SOURCES:
+        raise InputError(f"roi_source must be one of {ROI_SOURCES}, got {choice!r}")
+    table, unmatched = None, []
     if rois is not None:
+        if choice == "labels":
+            raise InputError("an ROI table was given (--rois) with --roi-source labels; leave out one of them")
         if isinstance(rois, str | Path):
-            try:
-                rois = pd.read_csv(rois)
-            except (OSError, ValueError) as e:
-                raise InputError(f"cannot read the ROI table {rois}: {e}") from None
-        return blank_roi_names(normalize_table(rois, stack.n_images), "the ROI table of run(rois=)"), False
-    if stack.rois is not None and len(stack.rois):
-        return blank_roi_names(normalize_table(stack.rois, stack.n_images), f"{stack.path} tables/rois"), False
-    return None, stack.has_labels
+            rois = _read_rois_csv(rois)
+        if _ingest_style(rois):
+            rois = _link_rois(stack, rois, linkage)
+            unmatched = list(rois.attrs.get("unmatched_lines", []))
+        table = blank_roi_names(normalize_table(rois, stack.n_images), "the ROI table of run(rois=)")
+    elif stack.rois is not None and len(stack.rois) and choice != "labels":
+        table = blank_roi_names(normalize_table(stack.rois, stack.n_images), f"{stack.path} tables/rois")
+    use_labels = stack.has_labels and choice != "table"
+    if choice == "auto" and table is not None and not len(_label_ids(stack, None)):
+        use_labels = False  # NB: a label array with no ROI in it (masks that matched nothing) adds no source
+    if choice in ("table", "both") and table is None:
+        raise InputError(f"--roi-source {choice}: {stack.path} has no ROI table; pass one with --rois (rois=)")
+    if choice in ("labels", "both") and not stack.has_labels:
+        raise InputError(f"--roi-source {choice}: {stack.path} has no labels (masks); use --roi-source table")
+    if table is None and not use_labels:
+        raise InputError(f"{stack.path} has neither an ROI table nor labels; pass one with --rois (rois=), or "
+                         "ingest masks with `gpucnr ingest --masks`")
+    return table, use_labels, unmatched
 
 
-def _roi_ids(stack, table, use_labels, params) -> np.ndarray:
-    if table is not None:
-        return np.unique(table["roi"].to_numpy()).astype(np.int64)
-    ids = stack.roi_ids
-    if params.background == "label":
+def _read_rois_csv(path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype={"source": str}, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the ROI table {path}: {e}") from None
+
+
+def _ingest_style(rois) -> bool:
+    """An ROI table keyed by source file (as `gpucnr ingest --rois` reads) rather than by global image index."""
+    columns = rois.columns if isinstance(rois, pd.DataFrame) else list(rois)
+    return "source" in columns and "image" not in columns
+
+
+def _link_rois(stack: Stack, rois, linkage=None) -> pd.DataFrame:
+    """An ingest-style ROI table (source [, channel] [, frame], roi, kind, cx, cy, r [, name]) with its sources
+    mapped to global image indices through the linkage file (read here on explicit request: the table names
+    files). Only the index enters the results; rows that name no image are listed in a warning, as at ingest."""
+    from gpucnr.outputs import csv_untext
+    from gpucnr.sources.driver import sidecar_paths
+
+    path = Path(linkage) if linkage is not None else sidecar_paths(stack.path)["linkage"]
+    if not path.exists():
+        raise InputError(f"an ROI table with a source column needs the linkage file of the stack to find its "
+                         f"images; {path} does not exist (stacks made by `gpucnr ingest` have one; else pass "
+                         "--linkage PATH, or give the table an image column: the global index `gpucnr info` shows)")
+    try:
+        link = pd.read_csv(path, dtype={"source": str}, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read the linkage file {path}: {e}") from None
+    if not {"index", "source"} <= set(link.columns):
+        raise InputError(f"{path} is not a linkage file (columns index, frame, source, ...)")
+    df = pd.DataFrame(rois).reset_index(drop=True).copy()
+    keys = ["source", *(c for c in ("channel", "frame") if c in link.columns)]
+    link = link.assign(source=link["source"].map(csv_untext))
+    for c in keys[1:]:
+        link[c] = pd.to_numeric(link[c], errors="coerce").fillna(0).astype(np.int64)
+        df[c] = (pd.to_numeric(df[c].replace("", 0), errors="coerce") if c in df.columns else 0)
+    df["source"] = df["source"].astype(str).str.strip().map(csv_untext)
+    bad = df[keys[1:]].isna().any(axis=1) if len(keys) > 1 else pd.Series(False, index=df.index)
+    df.loc[bad, keys[1:]] = -1
+    for c in keys[1:]:
+        df[c] = df[c].astype(np.int64)
+    index = pd.MultiIndex.from_frame(link[keys])
+    pos = index.get_indexer(pd.MultiIndex.from_frame(df[keys]))
+    if stack.n_images and len(link) and int(link["index"].max()) >= stack.n_images:
+        raise InputError(f"{path} names images beyond the {stack.n_images} of {stack.path}: it is the linkage file "
+                         "of another stack")
+    missing = pos < 0
+    if missing.any():
+        lines = [int(i) + 2 for i in np.flatnonzero(missing)]
+        shown = ", ".join(map(str, lines[:10])) + (" ..." if len(lines) > 10 else "")
+        print(f"gpucnr: warning: {len(lines)} of {len(df)} ROI row(s) name no image of {stack.path} "
+              f"[roi-no-image]: line(s) {shown} of the ROI table; they are left out (sources are paths relative "
+              "to the ingest's SRC_DIR, as in the linkage file)", file=sys.stderr)
+    out = df.loc[~missing].drop(columns=[c for c in ("source", "channel", "frame", "source_encoding")
+                                          if c in df.columns])
+    out.insert(0, "image", link["index"].to_numpy(np.int64)[pos[~missing]])
+    out = out.reset_index(drop=True)
+    out.attrs["unmatched_lines"] = [int(i) + 2 for i in np.flatnonzero(missing)]
+    return out
+
+
+def _label_ids(stack: Stack, params) -> np.ndarray:
+    """The ids of the stack's labels: recorded apart from the ROI table's since December 2026 (``label_ids``);
+    older stacks record only the union."""
+    # NB: within roi_ids, which the stack's checks and each batch's (check_label_ids) hold the labels to
+    ids = np.intersect1d(np.asarray(stack.group.attrs.get("label_ids", stack.roi_ids), np.int64), stack.roi_ids)
+    if params is not None and params.background == "label":
         ids = ids[ids != params.background_label]
-    return ids.astype(np.int64)
+    return ids
+
+
+def _roi_ids(stack, table, use_labels, params) -> tuple[np.ndarray, np.ndarray]:
+    """The ``roi`` dimension (sorted union of the sources' ids) and where each id came from."""
+    from_table = np.unique(table["roi"].to_numpy()).astype(np.int64) if table is not None else np.empty(0, np.int64)
+    from_labels = _label_ids(stack, params) if use_labels else np.empty(0, np.int64)
+    ids = np.union1d(from_table, from_labels).astype(np.int64)
+    in_t, in_l = np.isin(ids, from_table), np.isin(ids, from_labels)
+    sources = np.where(in_t & in_l, "both", np.where(in_t, "table", "labels"))
+    return ids, sources
+
+
+def _refuse_clash(stack: Stack, table: pd.DataFrame, params) -> None:
+    """`RoiIdClashError` if an image has an id both in its labels and in the ROI table. Only the labels of images
+    whose table ids are label ids of the stack are read (nothing else of the stack)."""
+    rows = table[np.isin(table["roi"].to_numpy(), _label_ids(stack, params))]
+    if not len(rows):
+        return
+    info = stack.images.set_index("index")
+    buckets = {b.name: b for b in stack.buckets}
+    clashes = []
+    for image, ids in rows.groupby("image")["roi"]:
+        row = info.loc[int(image)]
+        try:
+            _, lab = stack.read(buckets[row["bucket"]], int(row["position"]), int(row["position"]) + 1, labels=True)
+        except StackError as e:
+            if e.code not in DATA_ERRORS:
+                raise
+            continue  # NB: a damaged chunk is the image's failure (status 6), found and recorded by its batch
+        found = np.intersect1d(np.unique(lab[0, : int(row["valid_h"]), : int(row["valid_w"])]), ids.to_numpy())
+        clashes += [(int(image), int(v)) for v in found]
+        if len(clashes) >= 5:
+            break
+    if clashes:
+        shown = ", ".join(f"image {i} roi {r}" for i, r in clashes[:5]) + (" ..." if len(clashes) >= 5 else "")
+        raise RoiIdClashError(f"the labels and the ROI table both give an ROI id to one image ({shown}); "
+                              "an id must mean one ROI: choose one source with --roi-source labels or --roi-source "
+                              "table (run(roi_source=...)), or renumber the table's ids")
 
 
 def table_fingerprint(table) -> str:
@@ -310,18 +449,19 @@ def _names(table, roi_ids, n) -> np.ndarray:
     return names.astype(str)
 
 
-def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume):
+def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume, sources=None):
     """The results group, its committed flags and batch backends: new, or (resume) checked against this run and
     verified, its damaged batches uncommitted so that they are recomputed."""
     if path.exists():
         if not resume:
-            raise ResultsError("results-exist", f"{path} exists; pass resume=True (--resume) to continue it, or "
-                               "remove it")
+            raise ResultsError("results-exist", f"{path} exists; continue it with `gpucnr run STACK {path} --resume` "
+                               "(in Python: resume=True), or remove it")
         return _resume(path, attrs, roi_ids)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
     group = create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table,
-                           batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs)
+                           batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs,
+                           roi_coords=None if sources is None else {"roi_source": sources})
     n = len(plan)
     return group, np.zeros(n, np.int8), np.full(n, -1, np.int8)
 
@@ -628,28 +768,79 @@ def _measure(spec: BatchSpec) -> dict:
     info = stack.images.iloc[spec.global_start : spec.global_start + spec.stop - spec.start]
     images, labels = stack.read(bucket, spec.start, spec.stop, labels=spec.use_labels or spec.use_lesions)
     where = spec.backend
+    ids = np.asarray(spec.roi_ids, np.int64)
+    both = spec.use_labels and spec.table is not None
+    rows = None if spec.table is None else {k: np.asarray(v, np.int64) for k, v in spec.table.items()}
+    lesions = labels if spec.use_lesions else None
+    if both and spec.params.background == "complement-all" and len(rows["image"]):
+        # NB: complement-all removes every ROI of both sources: the label cells' union gets the table's ROIs as
+        # lesions (the table cells' union has the labels as lesions already)
+        lesions_of_labels = _with_table_rois(labels, rows, ids, info)
+    else:
+        lesions_of_labels = lesions
     images = to_backend(images, where)
     xp = namespace(images)
-    labels = None if labels is None else to_backend(labels, where)
-    roi_ids = xp.asarray(np.asarray(spec.roi_ids, np.int64))
-    table = None
-    if spec.table is not None:
-        table = {k: xp.asarray(np.asarray(v, np.int64)) for k, v in spec.table.items()}
     polarity = np.where(info["photometric"].astype(str).to_numpy() == "MONOCHROME1", -1.0, 1.0)
-    out = measure_batch(
-        xp, images, roi_ids=None if spec.use_labels else roi_ids, params=spec.params,
-        labels=labels if spec.use_labels else None, table=table,
-        lesions=labels if spec.use_lesions else None,
-        valid_h=info["valid_h"].to_numpy(np.int64), valid_w=info["valid_w"].to_numpy(np.int64),
-        slope=info["slope"].to_numpy(np.float64), intercept=info["intercept"].to_numpy(np.float64),
-        padding=info["padding"].to_numpy(np.float64), polarity=polarity,
-    )
-    host = {k: to_host(v) for k, v in out.items()}
+    common = {"params": spec.params, "valid_h": info["valid_h"].to_numpy(np.int64),
+              "valid_w": info["valid_w"].to_numpy(np.int64), "slope": info["slope"].to_numpy(np.float64),
+              "intercept": info["intercept"].to_numpy(np.float64), "padding": info["padding"].to_numpy(np.float64),
+              "polarity": polarity}
+
+    def device(a):
+        return None if a is None else to_backend(a, where)
+
+    parts = []
     if spec.use_labels:
+        out = measure_batch(xp, images, roi_ids=None, labels=device(labels), lesions=device(lesions_of_labels),
+                            **common)
+        host = {k: to_host(v) for k, v in out.items()}
         check_label_ids(host["roi_ids"], spec.roi_ids, f"buckets/{spec.bucket}/labels", spec.start, spec.stop)
-        host = align_columns(host, np.asarray(spec.roi_ids, np.int64))
+        parts.append(align_columns(host, ids))
+    if rows is not None and (not both or len(rows["image"])):
+        table = {k: xp.asarray(v) for k, v in rows.items()}
+        out = measure_batch(xp, images, roi_ids=xp.asarray(ids), table=table, lesions=device(lesions), **common)
+        parts.append({k: to_host(v) for k, v in out.items()})
+    host = parts[0] if len(parts) == 1 else _merge_sources(parts[0], parts[1], spec)
     host["failures"] = []
     return host
+
+
+def _with_table_rois(labels: np.ndarray, rows: dict, ids: np.ndarray, info: pd.DataFrame) -> np.ndarray:
+    """`labels` with the table's ROIs drawn where they hold 0 (value: the ROI id), within each valid extent:
+    square x in [cx - r, cx + r), y in [cy - r, cy + r); disk (x - cx)^2 + (y - cy)^2 <= r^2 (DESIGN §4)."""
+    out = np.array(labels, copy=True)
+    vh, vw = info["valid_h"].to_numpy(np.int64), info["valid_w"].to_numpy(np.int64)
+    for i, col, kind, cx, cy, r in zip(rows["image"], rows["col"], rows["kind"], rows["cx"], rows["cy"], rows["r"],
+                                       strict=True):
+        disk = int(kind) == KIND_DISK
+        y0, y1 = max(cy - r, 0), min(cy + r + disk, vh[i])
+        x0, x1 = max(cx - r, 0), min(cx + r + disk, vw[i])
+        if y1 <= y0 or x1 <= x0:
+            continue
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        shape = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r) if disk else np.ones((y1 - y0, x1 - x0), bool)
+        window = out[i, y0:y1, x0:x1]
+        window[shape & (window == 0)] = ids[col]
+    return out
+
+
+def _merge_sources(by_labels: dict, by_table: dict, spec: BatchSpec) -> dict:
+    """One batch's cells from its labels and from the ROI table, on the same columns; each cell comes from the one
+    source that has it (the run refused images where both do), and cnr_median is over both."""
+    absent = STATUS["absent"]
+    from_table = by_table["status"] != absent
+    clash = from_table & (by_labels["status"] != absent)
+    if clash.any():
+        # NB: checked before the run started; a stack that changed under it could still get here
+        image, col = (int(v[0]) for v in np.nonzero(clash))
+        raise RoiIdClashError(f"image {spec.global_start + image} has ROI id {spec.roi_ids[col]} in its labels and "
+                              "in the ROI table; choose one with --roi-source labels or --roi-source table")
+    out = {k: np.where(from_table, by_table[k], by_labels[k]) for k in OUTPUT_CELL}
+    out["cnr_median"], out["n_valid"] = median_of_valid(namespace(out["cnr"]), out["cnr"], out["status"],
+                                                        signed=spec.params.signed)
+    out["n_excluded"] = by_labels["n_excluded"]
+    out["roi_ids"] = by_table["roi_ids"]
+    return {k: to_host(v) for k, v in out.items()}
 
 
 def failed_rows(spec: BatchSpec, code: str, reason: str) -> dict:
@@ -664,24 +855,3 @@ def failed_rows(spec: BatchSpec, code: str, reason: str) -> dict:
     out["n_excluded"] = np.full(n, -1, np.int64)
     out["failures"] = [{"image": spec.global_start + k, "code": code, "reason": reason} for k in range(n)]
     return out
-
-
-class _Progress:
-    """A plain progress bar on stderr (works the same with local schedulers and a distributed client)."""
-
-    def __init__(self, total: int, done: int):
-        self.total, self.done = total, done
-        self._draw()
-
-    def step(self, n: int = 1):
-        self.done += n
-        self._draw()
-
-    def _draw(self):
-        width = 30
-        filled = int(width * self.done / max(self.total, 1))
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} batches")
-        sys.stderr.flush()
-
-    def close(self):
-        sys.stderr.write("\n")

@@ -120,7 +120,7 @@ def _group_keys(values: np.ndarray) -> np.ndarray:
 
 
 @_literal
-def group_boxplot(results: xr.Dataset, by: str | None = None, *, thresholds=()) -> bytes:
+def group_boxplot(results: xr.Dataset, by: str | None = None, *, thresholds=(), groups=None) -> bytes:
     """Box plots of the per-image CNR (``cnr_median`` of images with a valid ROI) by the groups of a column.
 
     Parameters
@@ -132,11 +132,14 @@ def group_boxplot(results: xr.Dataset, by: str | None = None, *, thresholds=()) 
         one box of the whole dataset.
     thresholds : sequence of float
         Drawn as horizontal dashed lines.
+    groups : sequence of str, optional
+        The group values to draw, in this order (a report draws the largest groups and the outliers; the rest
+        goes to its tables); default every group. A group without a finite value gets no slot.
 
     Returns
     -------
     bytes
-        A PNG.
+        A PNG, at most about 1,100 px wide.
     """
     values = image_values(results)
     if by is None:
@@ -145,22 +148,34 @@ def group_boxplot(results: xr.Dataset, by: str | None = None, *, thresholds=()) 
         if by not in results.variables or results[by].dims != ("image",):
             raise ValueError(f"by={by!r} is not a per-image column of the results")
         keys = _group_keys(np.asarray(results[by].values))
-    names = sorted({k for k in keys if k != _MISSING}, key=str) + ([_MISSING] if _MISSING in set(keys) else [])
+    if groups is None:
+        names = sorted({k for k in keys if k != _MISSING}, key=str) + ([_MISSING] if _MISSING in set(keys) else [])
+    else:
+        names = [str(g) for g in groups]
     data = [values[(keys == name) & np.isfinite(values)] for name in names]
-    fig, ax = _subplots(figsize=(max(4.5, 1.1 * len(names) + 2), 4))
+    # NB: no slot for an empty group: it is in the report's tables, with its count
+    names, data = [n for n, d in zip(names, data, strict=True) if d.size], [d for d in data if d.size]
+    # NB: capped width: a figure wider than a screen is scaled down by the browser until nothing can be read
+    fig, ax = _subplots(figsize=(min(11.0, max(4.5, 0.75 * len(names) + 2)), 4))
     positions = np.arange(1, len(names) + 1)
-    shown = [i for i, d in enumerate(data) if d.size]
-    if shown:
-        ax.boxplot([data[i] for i in shown], positions=positions[shown], widths=0.6, showfliers=True)
+    if names:
+        ax.boxplot(data, positions=positions, widths=0.6, showfliers=True)
+    else:
+        ax.text(0.5, 0.5, "no finite value", ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks(positions)
-    ax.set_xticklabels([f"{name}\n(n={d.size})" for name, d in zip(names, data, strict=True)],
-                       rotation=30 if len(names) > 6 else 0, fontsize="small")
+    ax.set_xticklabels([f"{_short(name)}\n(n={d.size})" for name, d in zip(names, data, strict=True)],
+                       rotation=30 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center",
+                       fontsize="small")
     ax.set_xlim(0.4, len(names) + 0.6)
     for t in thresholds:
         ax.axhline(float(t), color="tab:red", linestyle="--", linewidth=0.9)
     ax.set_ylabel("image CNR (cnr_median)")
     ax.set_title(f"Image CNR by {by}" if by else "Image CNR")
     return _png(fig)
+
+
+def _short(text: str, limit: int = 18) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _display(image: np.ndarray) -> np.ndarray:
@@ -176,7 +191,8 @@ def _display(image: np.ndarray) -> np.ndarray:
 
 
 @_literal
-def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None) -> bytes:
+def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None, slope: float = 1.0,
+                intercept: float = 0.0, unit: str | None = None) -> bytes:
     """The article's figure: the image with ROI (red) and background (blue), their histograms and box plots.
 
     Parameters
@@ -187,12 +203,18 @@ def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None) -> b
     title : str
     exclude : 2-D bool array, optional
         Pixels excluded from the measurement (padding, non-finite); left out of the histograms and box plots.
+    slope, intercept : float
+        The image's modality rescale: the histograms and box plots show ``stored * slope + intercept``, the
+        units of the results' means (HU for CT), as the run applies it to the moments.
+    unit : str, optional
+        The axis label of those values (default: "stored pixel value" when the rescale is the identity, else
+        "value (stored x slope + intercept)").
 
     Returns
     -------
     bytes
         A PNG. The image panel is normalised to its 1-99 % percentiles for display; the histograms and box
-        plots show the stored values, on which the CNR was computed (the figure says so).
+        plots show the values in the results' units (the figure says so).
     """
     image = np.asarray(image)
     roi_mask = np.asarray(roi_mask, bool)
@@ -204,6 +226,14 @@ def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None) -> b
     keep = np.isfinite(values)
     if exclude is not None:
         keep &= ~np.asarray(exclude, bool)
+    slope, intercept = float(slope), float(intercept)
+    identity = slope == 1.0 and intercept == 0.0
+    if unit is None:
+        unit = "stored pixel value" if identity else "value (stored x slope + intercept)"
+
+    def rescale(v):
+        return v * slope + intercept
+
     roi_values = values[roi_mask & keep]
     bg_values = values[bg_mask & keep]
 
@@ -227,20 +257,22 @@ def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None) -> b
             bins = np.arange(lo - 0.5, hi + step + 0.5, step)
         else:
             bins = np.histogram_bin_edges(both, bins=50, range=(lo, hi if hi > lo else lo + 1))
+        # NB: binned on the stored values (whole numbers of them), shown in the results' units
+        bins = np.sort(rescale(np.asarray(bins, np.float64)))
         if bg_values.size:
-            ax_h.hist(bg_values, bins=bins, density=True, color="tab:blue", alpha=0.55,
+            ax_h.hist(rescale(bg_values), bins=bins, density=True, color="tab:blue", alpha=0.55,
                       label=f"background (n={bg_values.size})")
         if roi_values.size:
-            ax_h.hist(roi_values, bins=bins, density=True, color="tab:red", alpha=0.55,
+            ax_h.hist(rescale(roi_values), bins=bins, density=True, color="tab:red", alpha=0.55,
                       label=f"ROI (n={roi_values.size})")
         ax_h.legend(fontsize="small")
     else:
         ax_h.text(0.5, 0.5, "no pixel", ha="center", va="center", transform=ax_h.transAxes)
-    ax_h.set_xlabel("stored pixel value")
+    ax_h.set_xlabel(unit)
     ax_h.set_ylabel("density")
     ax_h.set_title("Intensity histograms", fontsize="small")
 
-    groups = [(name, v) for name, v in (("ROI", roi_values), ("background", bg_values)) if v.size]
+    groups = [(name, rescale(v)) for name, v in (("ROI", roi_values), ("background", bg_values)) if v.size]
     if groups:
         box = ax_b.boxplot([v for _, v in groups], widths=0.6, showfliers=False, patch_artist=True)
         for patch, (name, _) in zip(box["boxes"], groups, strict=True):
@@ -248,10 +280,11 @@ def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None) -> b
             patch.set_alpha(0.5)
         ax_b.set_xticks(range(1, len(groups) + 1))
         ax_b.set_xticklabels([name for name, _ in groups])
-    ax_b.set_ylabel("stored pixel value")
+    ax_b.set_ylabel(unit)
     ax_b.set_title("Box plots", fontsize="small")
 
     fig.suptitle(title)
-    fig.supxlabel("CNR was computed on the stored pixel values; the image is shown with the 1-99 % "
-             "percentile normalisation for display only.", fontsize="small", style="italic")
+    where = "the stored pixel values" if identity else f"stored values x {slope:g} + {intercept:g} (modality units)"
+    fig.supxlabel(f"Histograms and box plots: {where}, as the run measured them; the image is shown with the 1-99 % "
+                  "percentile normalisation for display only.", fontsize="small", style="italic")
     return _png(fig)

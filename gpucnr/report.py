@@ -39,10 +39,15 @@ __all__ = ["lowest_images", "roi_and_background", "write_report"]
 
 _PARAMETERS = ("background", "footprint", "dilation", "border", "ring_gap", "ring_width", "background_label",
                "min_bg", "ddof", "definition", "gcnr_bins", "signed")
+#: Groups drawn in a report's box plot (the largest ones, then the outliers); every group is in its tables.
+MAX_GROUPS_DRAWN = 12
+#: Tables longer than this are collapsed (a <details> the reader opens), so the page stays readable at 400 groups.
+_OPEN_ROWS = 30
 _CSS = """
-body{font-family:sans-serif;margin:2em;max-width:1200px;color:#222}
-table{border-collapse:collapse;margin:0.5em 0 1.5em}
-th,td{border:1px solid #bbb;padding:3px 8px;text-align:right}
+body{font-family:sans-serif;margin:2em auto;padding:0 1em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:0.5em 0 1.5em;max-width:100%}
+th,td{border:1px solid #bbb;padding:3px 8px;text-align:right;overflow-wrap:anywhere}
+details{margin:0.5em 0 1.5em}summary{cursor:pointer;color:#035}
 th{background:#eee}td.l,th.l{text-align:left}
 tr.primary td{font-weight:bold}
 img{max-width:100%}
@@ -98,9 +103,11 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
     summary = summarize(ds, thresholds, columns or None)
     values = image_values(ds)
 
-    parts = [_summary_section(ds, summary, primary), _distribution_section(summary, thresholds),
-             _groups_section(ds, summary, columns, thresholds, primary),
-             _thresholds_section(summary, primary),
+    one_roi = _one_roi_per_image(ds)
+    shown = _shown_groups(summary, columns)
+    parts = [_summary_section(ds, summary, primary, one_roi), _distribution_section(summary, thresholds, one_roi),
+             _groups_section(ds, summary, columns, thresholds, primary, shown),
+             _thresholds_section(summary, primary, one_roi, shown),
              _lowest_section(ds, values, source, stack, int(lowest), rois),
              _parameters_section(ds, source)]
     title = "gpucnr CNR report"
@@ -117,7 +124,40 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
 # --- sections ----------------------------------------------------------------------------------------------------
 
 
-def _summary_section(ds, summary, primary) -> str:
+def _one_roi_per_image(ds) -> bool:
+    """Every image has at most one valid ROI: the ROI level repeats the image level, and is not shown twice."""
+    n_valid = np.asarray(ds["n_valid"].values)
+    return ds.sizes.get("roi", 0) <= 1 or not n_valid.size or int(n_valid.max()) <= 1
+
+
+def _shown_groups(summary, columns) -> dict:
+    """Per grouping column, the group values a box plot draws: the `MAX_GROUPS_DRAWN` largest groups with a finite
+    value, and the outliers (image level) beyond them; the rest is in the tables."""
+    out = {}
+    by = np.asarray(summary["group_by"].values).astype(str)
+    value = np.asarray(summary["group_value"].values).astype(object).astype(str)
+    img = summary.sel(level="image")
+    count = np.asarray(img["count"].values)
+    size = np.asarray(summary["n_images"].values)
+    outlier = np.asarray(img["outlier"].values, bool)
+    for col in columns:
+        idx = [i for i in np.flatnonzero(by == col) if count[i] > 0]
+        idx.sort(key=lambda i: (-size[i], value[i]))
+        chosen = idx[:MAX_GROUPS_DRAWN]
+        chosen += [i for i in idx[MAX_GROUPS_DRAWN:] if outlier[i]][:MAX_GROUPS_DRAWN // 2]
+        out[col] = [value[i] for i in chosen]
+    return out
+
+
+def _collapsible(header: str, rows: list[str], label: str) -> str:
+    """A table, collapsed into a <details> the reader opens when it has more than `_OPEN_ROWS` rows."""
+    table = f"<table>{header}{''.join(rows)}</table>"
+    if len(rows) <= _OPEN_ROWS:
+        return table
+    return f"<details><summary>{_e(label)} ({len(rows)} rows)</summary>{table}</details>"
+
+
+def _summary_section(ds, summary, primary, one_roi=False) -> str:
     rows = []
     s = summary.sel(group="all")
     rows.append(("images", int(s["n_images"].values), ""))
@@ -136,6 +176,13 @@ def _summary_section(ds, summary, primary) -> str:
         frac.append(f"{_f(x['fraction_below'].values)} [{_f(x['fraction_below_low'].values)}, "
                     f"{_f(x['fraction_below_high'].values)}] ({int(x['n_below'].values)})")
     rows.append((f"fraction below CNR {primary:g} [95 % Wilson] (count)", *frac))
+    if one_roi:
+        # NB: one ROI per image: the ROI level is the image level, shown once
+        body = "".join(f"<tr><td class=\"l\">{_e(a)}</td><td>{_e(b)}</td></tr>" for a, b, _ in rows)
+        return ("<section id=\"summary\"><h2>Summary</h2>"
+                "<p>One value per image: the CNR of its ROI (each image has at most one valid ROI, so the ROI level "
+                "is the image level). Images without a valid ROI are counted, not dropped.</p>"
+                f"<table><tr><th class=\"l\"></th><th>image level</th></tr>{body}</table></section>")
     body = "".join(f"<tr><td class=\"l\">{_e(a)}</td><td>{_e(b)}</td><td>{_e(c)}</td></tr>" for a, b, c in rows)
     return ("<section id=\"summary\"><h2>Summary</h2>"
             "<p>Image level: one value per image, its median CNR over its valid ROIs (images without a valid ROI "
@@ -144,39 +191,57 @@ def _summary_section(ds, summary, primary) -> str:
             f"{body}</table></section>")
 
 
-def _distribution_section(summary, thresholds) -> str:
+def _distribution_section(summary, thresholds, one_roi=False) -> str:
     image = _img(distribution_figure(summary, thresholds, level="image"), "Histogram and ECDF of image CNR")
-    roi = _img(distribution_figure(summary, thresholds, level="roi"), "Histogram and ECDF of ROI CNR")
+    roi = "" if one_roi else (
+        f"<figure>{_img(distribution_figure(summary, thresholds, level='roi'), 'Histogram and ECDF of ROI CNR')}"
+        "<figcaption>ROI-level CNR.</figcaption></figure>")
     return ("<section id=\"distribution\"><h2>Distribution</h2>"
             f"<figure>{image}<figcaption>Image-level CNR; dashed lines: thresholds.</figcaption></figure>"
-            f"<figure>{roi}<figcaption>ROI-level CNR.</figcaption></figure></section>")
+            f"{roi}</section>")
 
 
-def _groups_section(ds, summary, columns, thresholds, primary) -> str:
+def _groups_section(ds, summary, columns, thresholds, primary, shown=None) -> str:
+    shown = shown or {}
     figures = []
     for col in columns or [None]:
-        png = group_boxplot(ds, col, thresholds=[primary])
+        groups = shown.get(col)
+        png = group_boxplot(ds, col, thresholds=[primary], groups=groups)
         caption = f"Image CNR by {col}" if col else "Image CNR (no grouping column given)"
+        n_groups = int((np.asarray(summary["group_by"].values).astype(str) == str(col)).sum()) if col else 0
+        if col and groups is not None and len(groups) < n_groups:
+            caption += (f": the {len(groups)} largest groups and outliers of {n_groups} (the table below has every "
+                        "group)")
         figures.append(f"<figure>{_img(png, caption)}<figcaption>{_e(caption)}</figcaption></figure>")
     rows = []
-    for g in summary["group"].values:
+    # NB: "all" first, then the largest groups: the groups a reader looks for first
+    size = np.asarray(summary["n_images"].values)
+    order = sorted(range(summary.sizes["group"]), key=lambda i: (i != 0, -size[i], i))
+    for g in summary["group"].values[order]:
         s = summary.sel(group=g, level="image")
         rows.append("<tr>" + "".join([
             f"<td class=\"l\">{_e(g)}</td>", f"<td>{int(s['n_images'].values)}</td>",
             f"<td>{int(s['count'].values)}</td>", f"<td>{_e(_f(s['quantiles'].sel(quantile=0.5).values))}</td>",
             f"<td>{_e(_f(s['outlier_score'].values))}</td>",
             f"<td>{'yes' if bool(s['outlier'].values) else ''}</td>"]) + "</tr>")
-    table = ("<table><tr><th class=\"l\">group</th><th>images</th><th>finite</th><th>median CNR</th>"
-             "<th>outlier score</th><th>outlier</th></tr>" + "".join(rows) + "</table>")
+    table = _collapsible("<tr><th class=\"l\">group</th><th>images</th><th>finite</th><th>median CNR</th>"
+                         "<th>outlier score</th><th>outlier</th></tr>", rows, "Every group, largest first")
     return (f"<section id=\"groups\"><h2>Groups</h2>{''.join(figures)}"
             f"<p>Outlier rule: {_e(summary.attrs.get('outlier_rule', ''))}.</p>{table}</section>")
 
 
-def _thresholds_section(summary, primary) -> str:
+def _thresholds_section(summary, primary, one_roi=False, shown=None) -> str:
     tables = []
-    for level in ("image", "roi"):
-        rows = []
-        for g in summary["group"].values:
+    by = np.asarray(summary["group_by"].values).astype(str)
+    value = np.asarray(summary["group_value"].values).astype(object).astype(str)
+    labels = summary["group"].values
+    size = np.asarray(summary["n_images"].values)
+    order = sorted(range(len(labels)), key=lambda i: (i != 0, -size[i], i))
+    drawn = {(c, v) for c, vs in (shown or {}).items() for v in vs}
+    for level in ("image",) if one_roi else ("image", "roi"):
+        rows, main = [], []
+        for i in order:
+            g = labels[i]
             for t in summary["threshold"].values:
                 s = summary.sel(group=g, level=level, threshold=t)
                 cls = " class=\"primary\"" if float(t) == float(primary) else ""
@@ -185,9 +250,16 @@ def _thresholds_section(summary, primary) -> str:
                             f"<td>{_e(_f(s['fraction_below'].values))}</td>"
                             f"<td>{_e(_f(s['fraction_below_low'].values))} - "
                             f"{_e(_f(s['fraction_below_high'].values))}</td></tr>")
-        tables.append(f"<h3>{_e(level.upper() if level == 'roi' else level.capitalize())} level</h3>"
-                      "<table><tr><th class=\"l\">group</th><th>threshold</th><th>below</th><th>finite</th>"
-                      "<th>fraction below</th><th>95 % Wilson interval</th></tr>" + "".join(rows) + "</table>")
+                if i == 0 or (by[i], value[i]) in drawn:
+                    main.append(rows[-1])
+        header = ("<tr><th class=\"l\">group</th><th>threshold</th><th>below</th><th>finite</th>"
+                  "<th>fraction below</th><th>95 % Wilson interval</th></tr>")
+        body = f"<table>{header}{''.join(rows)}</table>"
+        if len(rows) > _OPEN_ROWS:
+            # NB: the whole dataset and the groups the box plots draw stay open; every group is one click away
+            body = (f"<table>{header}{''.join(main)}</table><details><summary>Every group ({len(rows)} rows)"
+                    f"</summary><table>{header}{''.join(rows)}</table></details>")
+        tables.append(f"<h3>{_e(level.upper() if level == 'roi' else level.capitalize())} level</h3>{body}")
     return ("<section id=\"thresholds\"><h2>Thresholds</h2><p>Fraction of finite CNR values strictly below each "
             f"threshold, by group; the primary threshold ({_e(f'{primary:g}')}) is in bold.</p>"
             + "".join(tables) + "</section>")
@@ -201,10 +273,10 @@ def _lowest_section(ds, values, source, stack, lowest, rois) -> str:
             "image's median; masks recomputed from the run's parameters, for display.</p>")
     ids = _id_columns(ds)
     listing = "".join(
-        f"<tr><td>{i}</td><td>{_e(_f(values[i]))}</td>"
+        f"<tr><td>{i}</td><td>{_e(_f(values[i]))}</td><td class=\"l\">{_e(_valid_rois(ds, i))}</td>"
         + "".join(f"<td class=\"l\">{_e(ds[c].values[i])}</td>" for c in ids) + "</tr>" for i in picks)
-    table = ("<table><tr><th>image</th><th>CNR (median)</th>" + "".join(f"<th class=\"l\">{_e(c)}</th>" for c in ids)
-             + f"</tr>{listing}</table>")
+    table = ("<table><tr><th>image</th><th>CNR (median)</th><th class=\"l\">valid ROIs (id name: CNR)</th>"
+             + "".join(f"<th class=\"l\">{_e(c)}</th>" for c in ids) + f"</tr>{listing}</table>")
     opened, why = _find_stack(ds, source, stack)
     if opened is None:
         return head + f"<p class=\"note\">{_e(why)}</p>{table}</section>"
@@ -213,14 +285,36 @@ def _lowest_section(ds, values, source, stack, lowest, rois) -> str:
         caption = f"image {i}, image CNR {_f(values[i])}"
         try:
             roi_id, cnr, image, roi_mask, bg_mask, exclude = _image_masks(ds, opened, i, rois)
-            caption += f"; ROI {roi_id}: CNR {_f(cnr)}"
-            png = three_panel(image, roi_mask, bg_mask, caption, exclude=exclude)
+            name = _roi_name(ds, i, roi_id)
+            caption += f"; ROI {roi_id}{f' ({name})' if name else ''}: CNR {_f(cnr)}"
+            row = opened.images.loc[opened.images["index"] == i].iloc[0]
+            # NB: the histograms in the results' units (HU for CT): the run applies slope and intercept
+            png = three_panel(image, roi_mask, bg_mask, caption, exclude=exclude, slope=float(row["slope"]),
+                              intercept=float(row["intercept"]))
             body = _img(png, caption)
         except (GpucnrError, ValueError, KeyError, IndexError) as e:
             body = f"<p class=\"note\">{_e(f'cannot draw image {i}: {e}')}</p>"
         figures.append(f"<figure class=\"lowest\" data-image=\"{i}\">{body}<figcaption>{_e(caption)}"
                        "</figcaption></figure>")
     return head + table + "".join(figures) + "</section>"
+
+
+def _roi_name(ds, image: int, roi_id: int) -> str:
+    if "roi_name" not in ds.variables:
+        return ""
+    col = int(np.searchsorted(np.asarray(ds["roi"].values), roi_id))
+    return str(np.asarray(ds["roi_name"].values, dtype=object)[image, col])
+
+
+def _valid_rois(ds, image: int) -> str:
+    """The valid ROIs of an image, ``id name: CNR`` (names as the ROI table gave them; labels have none)."""
+    status = np.asarray(ds["status"].values[image])
+    cnr = np.asarray(ds["cnr"].values[image], np.float64)
+    names = (np.asarray(ds["roi_name"].values, dtype=object)[image] if "roi_name" in ds.variables
+             else [""] * status.size)
+    ids = np.asarray(ds["roi"].values)
+    return ", ".join(f"{int(ids[j])}{' ' + str(names[j]) if str(names[j]) else ''}: {_f(cnr[j])}"
+                     for j in np.flatnonzero(status == 0))
 
 
 def _parameters_section(ds, source) -> str:
@@ -333,7 +427,7 @@ def _image_masks(ds, stack, index: int, rois):
     roi_id = int(ds["roi"].values[j])
 
     a = ds.attrs
-    table = _roi_table(stack, rois) if a.get("roi_source", "table") == "table" else None
+    table = _roi_table(stack, rois) if a.get("roi_source", "table") in ("table", "both") else None
     if table is None and lab is None:
         raise ValueError("neither an ROI table nor labels to rebuild the ROI")
     roi_mask, union = _roi_masks(table, lab, index, roi_id, (h, w), a)
@@ -366,11 +460,13 @@ def _roi_masks(table, lab, index, roi_id, shape, attrs):
             union |= m
             if int(r["roi"]) == roi_id:
                 mask = m
-        if mask is None:
+        if mask is not None:
+            return mask, union
+        if lab is None or attrs.get("roi_source") != "both":
             raise ValueError(f"ROI {roi_id} of image {index} is not in the ROI table")
-        return mask, union
+    # NB: roi_source "both": a cell the table does not have is the labels' (the run refused ids from both)
     background_label = attrs.get("background_label")
-    union = (lab != 0) & (lab != background_label) if isinstance(background_label, int) else lab != 0
+    union |= (lab != 0) & (lab != background_label) if isinstance(background_label, int) else lab != 0
     return lab == roi_id, union
 
 

@@ -215,7 +215,8 @@ def _read_block(var: _Var, s: int, k: int, cache: dict) -> np.ndarray:
 
 
 # --- creation ----------------------------------------------------------------------------------------------
-def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, batches, attrs: dict):
+def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, batches, attrs: dict,
+                   roi_coords: dict | None = None):
     """Write the template: every variable sharded and filled with NaN (floats), -1 (integers) or "" (names),
     every shard file present, nothing committed.
 
@@ -230,6 +231,8 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
         Global image ranges of the batches; ``committed`` and ``batch_backend`` have one entry per batch.
     attrs : dict
         Parameters and provenance.
+    roi_coords : dict of name -> array of shape (L,), optional
+        Coordinates along ``roi`` (``roi_source``: where each id came from).
 
     Returns
     -------
@@ -263,11 +266,15 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
     for col in image_table.columns:
         if col != "index":
             _coord(group, col, image_table[col].to_numpy(), "image")
+    roi_coords = dict(roi_coords or {})
+    for col, values in roi_coords.items():
+        _coord(group, col, values, "roi")
     _coord(group, "batch_start", bounds[:, 0], "batch")
     _coord(group, "batch_stop", bounds[:, 1], "batch")
     group.attrs.update({"gpucnr_results": RESULTS_FORMAT, "gpucnr_version": __version__, **attrs,
                         "batch_backend_codes": BACKEND_CODES,
-                        "coordinates": " ".join(c for c in image_table.columns if c != "index")})
+                        "coordinates": " ".join([*(c for c in image_table.columns if c != "index"),
+                                                 *roi_coords])})
     # NB: every shard file exists from the start, so a missing one is damage, never "not computed yet".
     for name in (*ROW_VARIABLES, *BATCH_VARIABLES):
         var = _var(group, path, name)
@@ -723,6 +730,9 @@ def _run_options(attrs) -> str:
             continue
         flag = "--" + name.replace("_", "-")
         out += f" {flag}" if value is True else "" if value is False else f" {flag} {value}"
+    source = attrs.get("roi_source_option", "auto")
+    if source in ("labels", "table", "both"):
+        out += f" --roi-source {source}"  # NB: the sources are compared on --resume, as the parameters
     batch = attrs.get("batch")
     # NB: the batch size is compared on --resume too; the stored (rounded) size reproduces itself
     return out + (f" --batch {int(batch)}" if isinstance(batch, int | np.integer) else "")

@@ -731,6 +731,9 @@ class StackWriter:
         self.group.attrs.update({**self.attrs, "gpucnr_stack": STACK_FORMAT, "gpucnr_version": __version__,
                                  "n_images": n, "buckets": names, "shard": self.shard,
                                  "compressor": self.compressor, "roi_ids": sorted(roi_ids),
+                                 # NB: the labels' own ids, apart from the table's: a run measuring both sources
+                                 # names each id's source without reading a label chunk
+                                 "label_ids": sorted(self._label_ids) if self.labels else [],
                                  "has_labels": self.labels})
         return open_stack(self.path)
 
@@ -840,16 +843,27 @@ def open_stack(path, *, check: bool = True) -> Stack:
         that cannot be read). Each names the array and the chunk.
     """
     path = Path(path)
+    if not os.path.lexists(path):
+        raise StackError("stack-schema", f"{path} does not exist (a stack is made by `gpucnr ingest SRC_DIR "
+                         f"{path.name}` or gpucnr.write_stack)")
     try:
         group = zarr.open_group(str(path), mode="r")
     except Exception as e:  # noqa: BLE001 - anything zarr raises here means not a readable stack
         raise_if_exhausted(e)  # NB: out of memory or threads is the machine's failure, not the stack's
+        if path.is_dir() and not (path / "zarr.json").exists():
+            # NB: the first thing a new user tries: `gpucnr run` on the folder of images itself
+            raise StackError("stack-schema", f"{path} is a folder, not a gpucnr stack; a folder of images is "
+                             f"ingested first: `gpucnr ingest {path} STACK.zarr`, then `gpucnr run STACK.zarr "
+                             "RESULTS.zarr`") from None
         raise StackError("stack-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
     attrs = dict(group.attrs)
     if attrs.get("gpucnr_stack") not in READABLE_STACK_FORMATS:
         unfinished = unfinished_stack(path)
         if unfinished:
             raise StackError("stack-incomplete", f"{path}: {unfinished}")
+        if "gpucnr_results" in attrs:
+            raise StackError("stack-schema", f"{path} are gpucnr results, not a stack: `gpucnr run STACK.zarr "
+                             f"RESULTS.zarr` measures a stack; results are read by `gpucnr report|filter|info {path}`")
         raise StackError("stack-schema", f"{path} is not a gpucnr stack (format {attrs.get('gpucnr_stack')!r})")
     check_attrs(attrs)
     images = _read_table(group, "images", path)

@@ -8,6 +8,7 @@ index differs from the input position and only a join on the global index lines 
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -331,12 +332,15 @@ def test_csv_round_trip(tmp_path, level):
     m = manifest(tricky(), threshold=1.5, level=level)
     path = write_manifest(m, tmp_path / "m.csv")
     text = path.read_text()
-    head = [line for line in text.splitlines() if line.startswith("#")]
-    assert text.startswith("# gpucnr manifest\n")
-    assert "# threshold: 1.5" in head and f'# level: "{level}"' in head
-    assert f'# gpucnr_version: "{gpucnr.__version__}"' in head
-    assert '# run.background: "complement"' in head and "# run.dilation: 5" in head
-    assert "Doe_John" not in text and "failures" not in text  # failure messages name files: never written
+    # issue 13: a plain CSV that pandas opens as it is; the provenance is in the sidecar m.csv.json
+    assert not any(line.startswith("#") for line in text.splitlines())
+    plain = pd.read_csv(path)
+    assert list(plain.columns) == list(m.columns) and len(plain) == len(m)
+    side = json.loads((tmp_path / "m.csv.json").read_text())
+    assert side["threshold"] == 1.5 and side["level"] == level and side["gpucnr_version"] == gpucnr.__version__
+    assert side["run"]["background"] == "complement" and side["run"]["dilation"] == 5
+    both = text + (tmp_path / "m.csv.json").read_text()
+    assert "Doe_John" not in both and "failures" not in both  # failure messages name files: never written
     df, meta = read_manifest(path)
     pd.testing.assert_frame_equal(df, m)
     assert meta == df.attrs
@@ -347,6 +351,31 @@ def test_csv_round_trip(tmp_path, level):
     assert run["weird key: with colon"] == "x\ny" and run["nested"] == {"a": [1, 2.5, None]}
     # a read manifest writes again, byte for byte
     assert write_manifest(df, tmp_path / "again.csv").read_text() == text
+    assert (tmp_path / "again.csv.json").read_text() == (tmp_path / "m.csv.json").read_text()
+
+
+def _old_csv(m: pd.DataFrame, path) -> None:
+    """A manifest as gpucnr wrote it before issue 13: a ``# `` comment block, then the table."""
+    meta = m.attrs
+    lines = ["# gpucnr manifest", *(f"# {k}: {json.dumps(v)}" for k, v in meta.items() if k != "run"),
+             *(f"# {k if k.isidentifier() else json.dumps(k)}: {json.dumps(v)}"
+               for k, v in (("run." + k, v) for k, v in meta["run"].items()))]
+    with open(path, "w", newline="") as fh:
+        fh.write("\n".join(lines) + "\n")
+        m.to_csv(fh, index=False, lineterminator="\n")
+
+
+def test_old_commented_csv_still_reads_and_a_lost_sidecar_is_named(tmp_path):
+    m = manifest(tricky(), threshold=1.5, level="image")
+    m.attrs["run"] = {k: v for k, v in m.attrs["run"].items() if k not in ("weird key: with colon", "nan_attr")}
+    _old_csv(m, tmp_path / "old.csv")
+    df, meta = read_manifest(tmp_path / "old.csv")
+    pd.testing.assert_frame_equal(df, m)
+    assert meta["threshold"] == 1.5 and meta["run"]["background"] == "complement"
+    write_manifest(m, tmp_path / "new.csv")
+    (tmp_path / "new.csv.json").unlink()
+    with pytest.raises(gpucnr.InputError, match=r"new\.csv\.json"):
+        read_manifest(tmp_path / "new.csv")
 
 
 @pytest.mark.parametrize("level", ["image", "roi", "study", "patient"])

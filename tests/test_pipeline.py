@@ -143,6 +143,17 @@ def stacks(tmp_path_factory, datasets):
     return get
 
 
+def run_(stack, results, **kw):
+    """`gpucnr.run` measuring one ROI source, as these tests mean it: the "table" stacks hold lesion labels and an
+    ROI table of the same ids (the labels are the lesions of DESIGN §4), which ``roi_source="auto"`` measures
+    together and refuses (roi-id-clash, tested in test_roi_sources.py); a stack with a table measures the table."""
+    if "roi_source" not in kw:
+        opened = gpucnr.open_stack(stack) if isinstance(stack, str | Path) else stack
+        has_table = kw.get("rois") is not None or (opened.rois is not None and len(opened.rois))
+        kw["roi_source"] = "table" if has_table else "auto"
+    return gpucnr.run(stack, results, **kw)
+
+
 def load(path):
     return open_results(path).load()
 
@@ -210,7 +221,7 @@ CASES = [
 @pytest.mark.parametrize(("kind", "dtype", "options", "batch", "scheduler"), CASES)
 def test_run_equals_measure(tmp_path, stacks, datasets, kind, dtype, options, batch, scheduler):
     stack = stacks(kind, dtype)
-    ds = gpucnr.run(stack, tmp_path / "r.zarr", scheduler=scheduler, workers=2, batch=batch, backend="numpy",
+    ds = run_(stack, tmp_path / "r.zarr", scheduler=scheduler, workers=2, batch=batch, backend="numpy",
                     **options)
     assert_matches(ds, reference(datasets(dtype), kind, **options))
     size, plan = plan_batches(gpucnr.open_stack(stack), batch)
@@ -231,7 +242,7 @@ def test_run_equals_measure_float32_without_padding(tmp_path, datasets, kind, op
                d.rois[d.rois["image"].isin(keep)].assign(image=lambda t: t["image"].map(keep.index)))
     stack = gpucnr.write_stack(tmp_path / "s.zarr", sub.images, labels=sub.labels,
                                rois=sub.rois if kind == "table" else None, shard=SHARD)
-    ds = gpucnr.run(stack, tmp_path / "r.zarr", scheduler="threads", workers=2, backend="numpy", **options)
+    ds = run_(stack, tmp_path / "r.zarr", scheduler="threads", workers=2, backend="numpy", **options)
     assert_matches(ds, reference(sub, kind, **options))
 
 
@@ -242,15 +253,15 @@ def test_run_equals_measure_float32_without_padding(tmp_path, datasets, kind, op
 ])
 def test_batch_size_does_not_change_results(tmp_path, stacks, kind, dtype, options):
     stack = stacks(kind, dtype)
-    small = gpucnr.run(stack, tmp_path / "small.zarr", batch=SHARD, backend="numpy", **options).load()
-    large = gpucnr.run(stack, tmp_path / "large.zarr", batch=100, backend="numpy", **options).load()
+    small = run_(stack, tmp_path / "small.zarr", batch=SHARD, backend="numpy", **options).load()
+    large = run_(stack, tmp_path / "large.zarr", batch=100, backend="numpy", **options).load()
     assert small.sizes["batch"] == 4 and large.sizes["batch"] == 2
     for k in (*CELL, *IMAGE):
         np.testing.assert_array_equal(small[k].to_numpy(), large[k].to_numpy(), err_msg=k, strict=True)
 
 
 def test_run_with_processes_equals_measure(tmp_path, stacks, datasets):
-    ds = gpucnr.run(stacks("table", "uint16"), tmp_path / "r.zarr", scheduler="processes", workers=2,
+    ds = run_(stacks("table", "uint16"), tmp_path / "r.zarr", scheduler="processes", workers=2,
                     backend="numpy", background="complement-all")
     assert_matches(ds, reference(datasets("uint16"), "table", background="complement-all"))
 
@@ -263,13 +274,13 @@ def test_run_with_a_distributed_client_and_an_address(tmp_path, stacks, datasets
     try:
         client = distributed.Client(cluster)
         try:
-            ds = gpucnr.run(stack, tmp_path / "client.zarr", client=client, backend="numpy", progress=True,
+            ds = run_(stack, tmp_path / "client.zarr", client=client, backend="numpy", progress=True,
                             background="ring")
             assert_matches(ds, ref)
             n_batches = ds.sizes["batch"]
-            assert f"{n_batches}/{n_batches} batches" in capsys.readouterr().err
+            assert f"{n_batches}/{n_batches} [" in capsys.readouterr().err
             # the same cluster by its address (run opens and closes its own client)
-            ds = gpucnr.run(stack, tmp_path / "address.zarr", scheduler=cluster.scheduler_address, backend="numpy",
+            ds = run_(stack, tmp_path / "address.zarr", scheduler=cluster.scheduler_address, backend="numpy",
                             background="ring")
             assert_matches(ds, ref)
         finally:
@@ -314,7 +325,7 @@ def test_results_record_parameters_and_provenance(tmp_path, datasets):
     d = datasets("uint16")
     stack = gpucnr.write_stack(tmp_path / "data" / "s.zarr", d.images, rois=d.rois, shard=SHARD)
     options = {"background": "ring", "ring_gap": 2, "ring_width": 6, "ddof": 0, "min_bg": 10, "signed": True}
-    ds = gpucnr.run(stack, tmp_path / "data" / "out" / "r.zarr", batch=7, backend="numpy", **options)
+    ds = run_(stack, tmp_path / "data" / "out" / "r.zarr", batch=7, backend="numpy", **options)
     want = Params(**options).as_attrs()
     assert {k: ds.attrs[k] for k in want} == want
     assert ds.attrs["stack_path"] == os.path.join("..", "s.zarr")
@@ -343,7 +354,7 @@ def test_rois_from_a_csv_override_the_stack_table(tmp_path, stacks, datasets):
             rows.append({"image": g, "roi": 11, "kind": "disk", "cx": 20, "cy": 20, "r": 2, "name": "spot"})
     csv = pd.DataFrame(rows, columns=["image", "roi", "kind", "cx", "cy", "r", "name"])
     csv.to_csv(tmp_path / "rois.csv", index=False)
-    ds = gpucnr.run(stack_path, tmp_path / "r.zarr", rois=tmp_path / "rois.csv", batch=8, backend="numpy")
+    ds = run_(stack_path, tmp_path / "r.zarr", rois=tmp_path / "rois.csv", batch=8, backend="numpy")
     by_position = csv.assign(image=source[csv["image"].to_numpy()])
     ref = reference(d, "table", rois=by_position)
     assert ref[0].tolist() == [4, 11]
@@ -364,11 +375,11 @@ def test_resume_computes_nothing_twice(tmp_path, stacks, monkeypatch):
     results = tmp_path / "r.zarr"
     log = tmp_path / "batches.log"
     monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
-    first = gpucnr.run(stack, results, scheduler="threads", workers=2, backend="numpy").load()
+    first = run_(stack, results, scheduler="threads", workers=2, backend="numpy").load()
     n_batches = first.sizes["batch"]
     assert sorted(log_lines(log)) == list(range(n_batches))
 
-    again = gpucnr.run(stack, results, resume=True, backend="numpy")
+    again = run_(stack, results, resume=True, backend="numpy")
     assert len(log_lines(log)) == n_batches, "a resumed complete run computed batches"
     assert_same_results(first, again)
 
@@ -382,7 +393,7 @@ def test_resume_computes_nothing_twice(tmp_path, stacks, monkeypatch):
     spoiled = int(first["batch_start"][0])
     group["mean_bg"][spoiled] = 123.0  # a committed batch is never rewritten
     log.unlink()
-    out = gpucnr.run(stack, results, resume=True, scheduler="synchronous", backend="numpy").load()
+    out = run_(stack, results, resume=True, scheduler="synchronous", backend="numpy").load()
     assert sorted(log_lines(log)) == [1, 3]
     assert out["mean_bg"].to_numpy()[spoiled, 0] == 123.0
     out["mean_bg"].values[spoiled] = first["mean_bg"].values[spoiled]
@@ -394,7 +405,7 @@ def test_a_crash_leaves_committed_batches_and_a_template(tmp_path, stacks, monke
     import gpucnr.pipeline as pipeline
 
     stack = stacks("labels", "uint16")
-    full = gpucnr.run(stack, tmp_path / "full.zarr", scheduler="synchronous", backend="numpy").load()
+    full = run_(stack, tmp_path / "full.zarr", scheduler="synchronous", backend="numpy").load()
     real = pipeline.measure_spec
 
     def crashing(spec):
@@ -405,7 +416,7 @@ def test_a_crash_leaves_committed_batches_and_a_template(tmp_path, stacks, monke
     monkeypatch.setattr(pipeline, "measure_spec", crashing)
     results = tmp_path / "r.zarr"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        gpucnr.run(stack, results, scheduler="synchronous", backend="numpy")
+        run_(stack, results, scheduler="synchronous", backend="numpy")
     part = load(results)
     committed = part["committed"].to_numpy()
     assert committed.tolist() == [1 if k < crash_at else 0 for k in range(full.sizes["batch"])]
@@ -418,7 +429,7 @@ def test_a_crash_leaves_committed_batches_and_a_template(tmp_path, stacks, monke
     monkeypatch.undo()
     log = tmp_path / "batches.log"
     monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
-    out = gpucnr.run(stack, results, resume=True, backend="numpy")
+    out = run_(stack, results, resume=True, backend="numpy")
     assert sorted(log_lines(log)) == list(range(crash_at, full.sizes["batch"]))
     assert_same_results(full, out)
 
@@ -426,18 +437,18 @@ def test_a_crash_leaves_committed_batches_and_a_template(tmp_path, stacks, monke
 def test_resume_refuses_other_parameters_or_another_stack(tmp_path, stacks, datasets):
     stack = stacks("table", "uint16")
     results = tmp_path / "r.zarr"
-    first = gpucnr.run(stack, results, backend="numpy", ddof=1)
+    first = run_(stack, results, backend="numpy", ddof=1)
     attrs = dict(first.attrs)
 
     with pytest.raises(ResultsError) as err:
-        gpucnr.run(stack, results, backend="numpy")
+        run_(stack, results, backend="numpy")
     assert err.value.code == "results-exist"
 
     refused = [({"ddof": 0}, "ddof"), ({"background": "ring"}, "background"), ({"batch": 8}, "batch"),
                ({"footprint": "disk"}, "footprint"), ({"signed": True}, "signed")]
     for options, name in refused:
         with pytest.raises(ResultsError) as err:
-            gpucnr.run(stack, results, resume=True, backend="numpy", **options)
+            run_(stack, results, resume=True, backend="numpy", **options)
         assert err.value.code == "resume-mismatch", options
         assert name in str(err.value)
 
@@ -446,7 +457,7 @@ def test_resume_refuses_other_parameters_or_another_stack(tmp_path, stacks, data
                                rois=d.rois.assign(r=d.rois["r"] - 1), shard=SHARD)
     assert other.fingerprint() != attrs["stack_fingerprint"]
     with pytest.raises(ResultsError) as err:
-        gpucnr.run(other, results, resume=True, backend="numpy")
+        run_(other, results, resume=True, backend="numpy")
     assert err.value.code == "resume-mismatch"
     assert "fingerprint" in str(err.value)
     # nothing refused touched the results
@@ -493,7 +504,7 @@ def test_padding_never_enters_a_statistic(tmp_path, kind, dtype, options):
     stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, rois=table if kind == "table" else None,
                                shard=2)
     assert len(stack.buckets) == 3
-    ds = gpucnr.run(stack, tmp_path / "r.zarr", backend="numpy", **options).load()
+    ds = run_(stack, tmp_path / "r.zarr", backend="numpy", **options).load()
     src = ds["source_index"].to_numpy()
     valid = zip(ds["valid_h"].to_numpy().tolist(), ds["valid_w"].to_numpy().tolist(), strict=True)
     assert list(valid) == [images[s].shape for s in src]
@@ -517,8 +528,8 @@ def test_slope_and_intercept_rescale_moments_not_cnr(tmp_path, datasets):
     plain = gpucnr.write_stack(tmp_path / "plain.zarr", d.images, rois=d.rois, shard=SHARD)
     scaled = gpucnr.write_stack(tmp_path / "scaled.zarr", d.images, rois=d.rois, shard=SHARD,
                                 meta=pd.DataFrame({"slope": slope, "intercept": intercept}))
-    a = gpucnr.run(plain, tmp_path / "a.zarr", backend="numpy").load()
-    b = gpucnr.run(scaled, tmp_path / "b.zarr", backend="numpy").load()
+    a = run_(plain, tmp_path / "a.zarr", backend="numpy").load()
+    b = run_(scaled, tmp_path / "b.zarr", backend="numpy").load()
     src = b["source_index"].to_numpy()
     np.testing.assert_array_equal(src, a["source_index"].to_numpy())
     s, c = slope[src][:, None], intercept[src][:, None]
@@ -542,15 +553,15 @@ def test_monochrome1_flips_the_sign_of_a_signed_cnr(tmp_path, datasets):
     flip = np.where(photometric[gpucnr.open_stack(inverted.path).images["source_index"].to_numpy()]
                     == "MONOCHROME1", -1.0, 1.0)[:, None]
     assert (flip < 0).any() and (flip > 0).any()
-    a = gpucnr.run(plain, tmp_path / "a.zarr", backend="numpy", signed=True).load()
-    b = gpucnr.run(inverted, tmp_path / "b.zarr", backend="numpy", signed=True).load()
+    a = run_(plain, tmp_path / "a.zarr", backend="numpy", signed=True).load()
+    b = run_(inverted, tmp_path / "b.zarr", backend="numpy", signed=True).load()
     assert (a["cnr"].to_numpy() > 0).all()  # bright lesions on MONOCHROME2
     np.testing.assert_array_equal(b["cnr"].to_numpy(), a["cnr"].to_numpy() * flip)
     assert strings(b["photometric"].to_numpy()) == \
         photometric[b["source_index"].to_numpy()].tolist()
     # unsigned: the photometric interpretation changes nothing
-    a = gpucnr.run(plain, tmp_path / "a2.zarr", backend="numpy").load()
-    b = gpucnr.run(inverted, tmp_path / "b2.zarr", backend="numpy").load()
+    a = run_(plain, tmp_path / "a2.zarr", backend="numpy").load()
+    b = run_(inverted, tmp_path / "b2.zarr", backend="numpy").load()
     np.testing.assert_array_equal(b["cnr"].to_numpy(), a["cnr"].to_numpy())
 
 
@@ -587,11 +598,12 @@ def test_cli_run_progress_resume_info_and_errors(tmp_path, stacks, datasets, cap
     log = tmp_path / "batches.log"
     monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
     options = ["--background", "ring", "--footprint", "disk", "--ddof", "0", "--backend", "numpy"]
-    argv = ["run", str(stack), str(results), *options, "--batch", "8", "--scheduler", "synchronous"]
+    argv = ["run", str(stack), str(results), *options, "--batch", "8", "--scheduler", "synchronous",
+            "--roi-source", "table"]
     assert main([*argv, "--progress"]) == 0
     captured = capsys.readouterr()
-    assert "\r[" in captured.err and "2/2 batches" in captured.err
-    assert "CNR mean" in captured.out
+    assert "2/2 [" in captured.err and ("batch/s]" in captured.err or "s/batch]" in captured.err)  # NB: tqdm
+    assert "CNR mean" in captured.out and captured.out.startswith("gpucnr run: ")  # NB: not "gpucnr demo:"
     ds = load(results)
     assert_matches(ds, reference(datasets("uint16"), "table", background="ring", footprint="disk", ddof=0))
     assert ds.attrs["batch"] == 8
@@ -614,7 +626,7 @@ def test_cli_run_progress_resume_info_and_errors(tmp_path, stacks, datasets, cap
     assert report["committed"] == 1 and report["complete"] is False
     log.unlink()
     assert main([*argv, "--resume", "--progress"]) == 0
-    assert "2/2 batches" in capsys.readouterr().err
+    assert "2/2" in capsys.readouterr().err
     assert log_lines(log) == [1]
     assert info_json(results, capsys)["complete"] is True
     assert_same_results(ds, load(results))
@@ -638,7 +650,7 @@ def test_cli_rois_csv(tmp_path, stacks, datasets, capsys):
     glob = d.rois.assign(image=np.argsort(source)[d.rois["image"].to_numpy()], r=3, kind="square")
     glob.to_csv(tmp_path / "rois.csv", index=False)
     argv = ["run", str(stack_path), str(tmp_path / "r.zarr"), "--rois", str(tmp_path / "rois.csv"),
-            "--backend", "numpy", "--background", "complement-all"]
+            "--backend", "numpy", "--background", "complement-all", "--roi-source", "table"]
     assert main(argv) == 0
     capsys.readouterr()
     ds = load(tmp_path / "r.zarr")
@@ -669,12 +681,12 @@ def test_resume_refuses_another_roi_table(tmp_path, stacks, datasets, monkeypatc
     monkeypatch.setattr(pipeline, "measure_spec", lambda spec: real(spec) if spec.index == 0 else 1 / 0)
     # NB: a failure that is not the data's stops the run after two more tries (DESIGN §10), naming the cause.
     with pytest.raises(pipeline.RunEnvironmentError, match="ZeroDivisionError"):
-        gpucnr.run(stack, tmp_path / "r.zarr", rois=a, scheduler="synchronous", backend="numpy")
+        run_(stack, tmp_path / "r.zarr", rois=a, scheduler="synchronous", backend="numpy")
     monkeypatch.undo()
     with pytest.raises(gpucnr.ResultsError) as err:
-        gpucnr.run(stack, tmp_path / "r.zarr", rois=b, resume=True, backend="numpy")
+        run_(stack, tmp_path / "r.zarr", rois=b, resume=True, backend="numpy")
     assert err.value.code == "resume-mismatch" and "rois_fingerprint" in str(err.value)
-    done = gpucnr.run(stack, tmp_path / "r.zarr", rois=a, resume=True, backend="numpy").load()
+    done = run_(stack, tmp_path / "r.zarr", rois=a, resume=True, backend="numpy").load()
     assert done["committed"].values.all()
 
 
@@ -682,11 +694,11 @@ def test_a_stack_rewritten_at_the_same_path_is_read_afresh(tmp_path, datasets):
     d = datasets("uint16")
     path = tmp_path / "s.zarr"
     gpucnr.write_stack(path, d.images, rois=d.rois, shard=SHARD)
-    first = gpucnr.run(path, tmp_path / "r1.zarr", scheduler="synchronous", backend="numpy").load()
+    first = run_(path, tmp_path / "r1.zarr", scheduler="synchronous", backend="numpy").load()
     shutil.rmtree(path)
     meta = pd.DataFrame({"slope": np.full(len(d.images), 2.0)})
     gpucnr.write_stack(path, d.images, rois=d.rois, meta=meta, shard=SHARD)
-    second = gpucnr.run(path, tmp_path / "r2.zarr", scheduler="synchronous", backend="numpy").load()
+    second = run_(path, tmp_path / "r2.zarr", scheduler="synchronous", backend="numpy").load()
     ok = first["status"].values == 0
     np.testing.assert_allclose(second["mean_roi"].values[ok], 2 * first["mean_roi"].values[ok], rtol=1e-12)
 
@@ -712,13 +724,13 @@ def test_a_damaged_image_alone_in_its_batch_fails_alone_and_once(tmp_path):
     bucket = stack.buckets[0].name
     _flip_image_chunk(path, n - 1, bucket)
     _flip_image_chunk(path, 1, bucket)
-    ds = gpucnr.run(path, tmp_path / "r.zarr", scheduler="synchronous", backend="numpy").load()
+    ds = run_(path, tmp_path / "r.zarr", scheduler="synchronous", backend="numpy").load()
     failed = sorted(int(i) for i in np.flatnonzero((ds["status"].values == 6).any(axis=1)))
     assert failed == [1, n - 1]
     assert sorted(f["image"] for f in ds.attrs["failures"]) == [1, n - 1]
     group = zarr.open_group(str(tmp_path / "r.zarr"), mode="r+")
     group["committed"][:] = 0  # as if every batch had to be redone
-    again = gpucnr.run(path, tmp_path / "r.zarr", resume=True, backend="numpy").load()
+    again = run_(path, tmp_path / "r.zarr", resume=True, backend="numpy").load()
     assert sorted(f["image"] for f in again.attrs["failures"]) == [1, n - 1]
 
 
@@ -731,7 +743,7 @@ def test_results_carry_no_free_form_meta_column(tmp_path, datasets):
     gpucnr.write_stack(path, d.images, rois=d.rois, meta=meta[["modality"]], shard=SHARD)
     # NB: a stack may still hold such a column (an unscreened --meta): written behind write_stack's back
     _write_table(zarr.open_group(str(path), mode="r+"), "images", meta[["patient_name"]])
-    ds = gpucnr.run(path, tmp_path / "r.zarr", backend="numpy")
+    ds = run_(path, tmp_path / "r.zarr", backend="numpy")
     assert "patient_name" not in ds.variables and "modality" in ds.coords
     text = " ".join(p.read_text(errors="ignore") for p in (tmp_path / "r.zarr").rglob("zarr.json"))
     assert "Doe^John" not in text and "patient_name" not in text
@@ -747,7 +759,7 @@ def test_cli_bad_option_is_a_coded_error(tmp_path, stacks, capsys):
 
 def test_cli_filter_writes_a_manifest(tmp_path, stacks, capsys):
     results = tmp_path / "r.zarr"
-    gpucnr.run(stacks("table", "uint16"), results, backend="numpy")
+    run_(stacks("table", "uint16"), results, backend="numpy")
     out = tmp_path / "m.csv"
     assert main(["filter", str(results), "--threshold", "2.0", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -765,7 +777,7 @@ def test_cli_report_and_enhance(tmp_path, capsys):
     stack = tmp_path / "s.zarr"
     gpucnr.write_stack(stack, ph.images, rois=ph.rois, shard=SHARD)
     results = tmp_path / "r.zarr"
-    gpucnr.run(stack, results, backend="numpy")
+    run_(stack, results, backend="numpy")
     assert main(["report", str(results), str(tmp_path / "rep"), "--thresholds", "1.0,1.5", "--lowest", "3"]) == 0
     html = (tmp_path / "rep" / "report.html").read_text()
     assert html.count('class="lowest"') == 3 and "report:" in capsys.readouterr().out

@@ -71,7 +71,8 @@ def made(tmp_path_factory):
     # NB: write_stack refuses an identifying column (issue 11); a stack may still hold one (an unscreened --meta)
     _write_table(zarr.open_group(str(root / "stack"), mode="r+"), "images",
                  pd.DataFrame({"patient_name": [f"Doe^Secret{i}" for i in range(14)]}))
-    results = gpucnr.run(root / "stack", root / "res.zarr", scheduler="synchronous", group_columns=["site"])
+    results = gpucnr.run(root / "stack", root / "res.zarr", scheduler="synchronous", group_columns=["site"],
+                         roi_source="table")  # NB: the labels are the lesions of the table's ROIs (same ids)
     report = write_report(root / "res.zarr", root / "out", by="site", lowest=LOWEST)
     return root, results, report
 

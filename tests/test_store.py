@@ -546,7 +546,7 @@ def test_truncated_shard_is_a_corrupt_chunk_on_read(tmp_path, phantom):
 def clean_results(tmp_path_factory, phantom):
     base = tmp_path_factory.mktemp("clean")
     write(base / "s.zarr", phantom)
-    return gpucnr.run(base / "s.zarr", base / "r.zarr", scheduler="synchronous").load()
+    return gpucnr.run(base / "s.zarr", base / "r.zarr", scheduler="synchronous", roi_source="table").load()
 
 
 @pytest.mark.parametrize(("damage", "scheduler"), [(flip_byte, "synchronous"), (flip_byte, "threads"),
@@ -556,7 +556,7 @@ def test_run_over_a_damaged_shard_fails_only_its_images(tmp_path, phantom, clean
     write(path, phantom)
     bad = damage(path, 9)
     bad = [bad] if isinstance(bad, int) else bad
-    ds = gpucnr.run(path, tmp_path / "r.zarr", scheduler=scheduler, workers=2).load()
+    ds = gpucnr.run(path, tmp_path / "r.zarr", scheduler=scheduler, workers=2, roi_source="table").load()
     failed = gpucnr.STATUS["failed"]
     status = ds["status"].to_numpy()
     assert sorted(np.flatnonzero((status == failed).any(axis=1)).tolist()) == bad

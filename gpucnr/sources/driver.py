@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import shlex
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import zarr
 from gpucnr.errors import InputError, Interrupted, OptionError
 from gpucnr.identifiers import refused_value
 from gpucnr.outputs import OutputError, csv_text, refuse_overlap, write_file
+from gpucnr.progress import Progress
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
 from gpucnr.sources.journal import Journal, sources_digest
@@ -301,7 +301,7 @@ class _Ingest:
         self.mask_index: dict = {}
         self.mask_dir = False
         self.seg_files = 0
-        self.meter = _Progress(self.progress)
+        self.meter = Progress(self.progress, unit="file")
 
     def problem(self, source: str, item: str, code: str, reason: str, encoding: str | None = None) -> None:
         # NB: a walked file's name holds "%" only when percent-encoded (files.source_name); a table row's text is
@@ -413,8 +413,7 @@ class _Ingest:
         self.labelled_by: set[str] = set()
         start, journal, writer = self._open(has_labels, shard, compressor)
         try:
-            self.meter.stage("decode", len(self.tasks))
-            self.meter.n = start
+            self.meter.stage("decode", len(self.tasks), done=start)
             # NB: decoded results wait in the driver until the files before them are done: their bytes in flight
             # are bounded (x3: colour and LUT images become float64), as well as their number.
             todo = self.tasks[start:]
@@ -703,31 +702,3 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     except OSError as e:
         why = e.strerror or type(e).__name__
         raise OutputError("output-write", f"{display_path(path)} could not be written ({why})") from None
-
-
-class _Progress:
-    """One progress line on stderr, updated in place (only with progress=True)."""
-
-    def __init__(self, on: bool):
-        self.on, self.total, self.n, self.name = on, 0, 0, ""
-
-    def stage(self, name: str, total: int) -> None:
-        if self.on and self.name:
-            print(file=sys.stderr)
-        self.name, self.n, self.total = name, 0, total
-        self._show()
-
-    def tick(self) -> None:
-        self.n += 1
-        if self.on and (self.n == self.total or self.n % 50 == 0):
-            self._show()
-
-    def _show(self) -> None:
-        if self.on:
-            print(f"\r{self.name}: {self.n}/{self.total} files", end="", file=sys.stderr, flush=True)
-
-    def done(self) -> None:
-        if self.on:
-            print(file=sys.stderr)
-
-

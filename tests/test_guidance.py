@@ -1,0 +1,62 @@
+"""Issue 13: errors that suggest the next step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpucnr
+import gpucnr.backend
+from gpucnr.cli import main
+from gpucnr.phantom import make_phantom
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("guide")
+    ph = make_phantom(4, (64, 64), lesions=1, seed=2)
+    gpucnr.write_stack(root / "s.zarr", ph.images, rois=ph.rois, shard=2)
+    gpucnr.run(root / "s.zarr", root / "r.zarr", backend="numpy", scheduler="synchronous")
+    (root / "raw").mkdir()
+    (root / "raw" / "a.dcm").write_bytes(b"\0" * 200)
+    return root
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["run", "{w}/raw", "{w}/x.zarr"], "`gpucnr ingest {w}/raw STACK.zarr`"),
+    (["run", "{w}/r.zarr", "{w}/x.zarr"], "are gpucnr results, not a stack"),
+    (["run", "{w}/nothing.zarr", "{w}/x.zarr"], "does not exist"),
+    (["run", "{w}/s.zarr", "{w}/r.zarr"], "`gpucnr run STACK {w}/r.zarr --resume`"),
+])
+def test_run_says_what_to_do_next(world, capsys, argv, expected):
+    assert main([a.format(w=world) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert expected.format(w=world) in err and len(err.strip().splitlines()) == 1, err
+    assert "resume=True (" not in err
+
+
+def test_cupy_without_a_gpu_names_the_extra(world, capsys, monkeypatch):
+    monkeypatch.setattr(gpucnr.backend, "cupy_available", lambda: False)
+    assert main(["run", str(world / "s.zarr"), str(world / "y.zarr"), "--backend", "cupy"]) == 2
+    err = capsys.readouterr().err
+    assert "cuda12" in err and "--backend numpy" in err
+
+
+def test_measure_of_images_of_many_sizes_points_to_a_stack():
+    with pytest.raises(gpucnr.InputError, match="write_stack") as info:
+        gpucnr.measure([np.zeros((10, 10), np.uint16), np.zeros((12, 10), np.uint16)],
+                       np.zeros((2, 10, 10), np.int32))
+    assert "(10, 10), (12, 10)" in str(info.value) and "gpucnr.run" in str(info.value)
+
+
+def test_ingest_and_run_draw_one_kind_of_progress_bar(tmp_path, capsys):
+    from PIL import Image
+
+    (tmp_path / "raw").mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((32, 32), 40 * i, np.uint8)).save(tmp_path / "raw" / f"{i}.png")
+    assert main(["ingest", str(tmp_path / "raw"), str(tmp_path / "s.zarr"), "--workers", "1", "--progress"]) == 0
+    err = capsys.readouterr().err
+    # NB: tqdm's bar: count of the total, [elapsed<left, rate]
+    assert "scan: 100%" in err and "decode: 100%" in err and "3/3 [" in err, err
+    assert "file/s]" in err or "s/file]" in err, err  # NB: the rate, whichever way round tqdm shows it
