@@ -175,3 +175,30 @@ def test_manifest_at_case_level_decides_on_the_pooled_cnr(tmp_path, capsys):
     assert table["decision"].tolist() == want.tolist()
     with pytest.raises(gpucnr.InputError, match="case"):
         gpucnr.manifest(ds.drop_vars("case"), level="case")
+
+
+def test_summarize_gains_the_case_level_when_results_have_cases():
+    images, labels, case = volumes(13)
+    ds = gpucnr.measure(images, labels, min_bg=5, backend="numpy")
+    assert list(gpucnr.summarize(ds)["level"].values) == ["image", "roi"]
+    with_case = ds.assign_coords(case=("image", case), site=("image", np.where(case == "case2", "b", "a")))
+    summary = gpucnr.summarize(with_case, by="site")
+    assert list(summary["level"].values) == ["image", "roi", "case"]
+    pooled = gpucnr.aggregate(with_case, by="case")["cnr_median"].values
+    got = summary.sel(level="case")
+    assert got["count"].sel(group="all").item() == CASES
+    np.testing.assert_allclose(got["mean"].sel(group="all").item(), pooled.mean(), rtol=1e-12)
+    assert got["count"].sel(group="site=a").item() == 2 and got["count"].sel(group="site=b").item() == 1
+
+
+def test_the_report_shows_the_case_level(tmp_path):
+    import pandas as pd
+
+    images, labels, case = volumes(17)
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, meta=pd.DataFrame({"case": case}),
+                               shard=4)
+    gpucnr.run(stack, tmp_path / "r.zarr", min_bg=5, backend="numpy")
+    from gpucnr.report import write_report
+
+    html = write_report(tmp_path / "r.zarr", tmp_path / "report").read_text()
+    assert "Case level" in html and "pooled CNR" in html
