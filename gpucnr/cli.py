@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
     filt.add_argument("results", type=Path, help="RESULTS.zarr")
     filt.add_argument("--threshold", type=float, default=1.5, help="drop below this CNR (default 1.5)")
-    filt.add_argument("--level", choices=("image", "roi", "series", "study", "patient"), default="image")
+    filt.add_argument("--level", choices=("image", "roi", "case", "series", "study", "patient"), default="image",
+                      help="unit of a row; case: decided on the pooled CNR of the case's cells (gpucnr.aggregate)")
     filt.add_argument("--with-paths", action="store_true",
                       help="join source paths from the stack's linkage file (stacks made by `gpucnr ingest`)")
     filt.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")

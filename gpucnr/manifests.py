@@ -32,7 +32,7 @@ __all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manife
            "manifest_sidecar", "read_manifest", "with_paths", "write_manifest"]
 
 #: Units a manifest can decide on, finest first.
-LEVELS = ("image", "roi", "series", "study", "patient")
+LEVELS = ("image", "roi", "case", "series", "study", "patient")
 _LEVEL_ID = {"series": "series_id", "study": "study_id", "patient": "patient_id"}
 
 KEEP, DROP, FLAG = "keep", "drop", "flag"
@@ -44,10 +44,11 @@ NOT_COMPUTED = "not-computed"
 REASONS = (BELOW, AT_OR_ABOVE, NO_VALID)
 
 #: Every column a manifest may have; `write_manifest` refuses any other (DESIGN §8: pseudonymous ids only).
-COLUMNS = (*ID_COLUMNS, "image", "roi", "images", "n_images", "n_valid_images", "decision", "reason", "cnr",
+# NB: `case` is a pseudonym too (a keyed id of the volume file and channel, or the series id)
+COLUMNS = (*ID_COLUMNS, "case", "image", "roi", "images", "n_images", "n_valid_images", "decision", "reason", "cnr",
            "status", "n_valid")
 _INT_COLUMNS = ("image", "roi", "status", "n_valid", "n_images", "n_valid_images")
-_STR_COLUMNS = (*ID_COLUMNS, "images", "decision", "reason")
+_STR_COLUMNS = (*ID_COLUMNS, "case", "images", "decision", "reason")
 # NB: what an absent id becomes once a stack table's NaN / None went through ``astype(str)`` on the way to the
 # results; all of them read as "" in a manifest, and an image with no id is never merged into one group.
 _MISSING_ID = ("", "nan", "NaN", "None", "<NA>")
@@ -71,7 +72,7 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
     threshold : float
         Minimum acceptable CNR. A unit is dropped when its CNR is strictly below it, so a CNR equal to the
         threshold is kept. NaN is refused; +-inf are allowed (drop all / keep all measured units).
-    level : {"image", "roi", "series", "study", "patient"}
+    level : {"image", "roi", "case", "series", "study", "patient"}
         The unit of a row.
 
         - ``image``: the CNR is ``cnr_median``; flag (reason ``"no valid roi"``) when ``n_valid == 0``, flag
@@ -80,6 +81,11 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
           the image; the CNR is the cell's ``cnr`` (as stored: absolute unless the run was ``signed``); a cell
           whose status is not ok is flagged with the status name of `gpucnr.STATUS` (``"absent"``,
           ``"zero-noise"``, ``"failed"``, ...).
+        - ``case``: one row per value of the results' ``case`` column (a NIfTI volume and channel, a DICOM series,
+          a 2-D file), decided on the *pooled* CNR of `gpucnr.aggregate` (the moments of all the case's cells
+          pooled per ROI id, then the median over its valid ROI ids): ``cnr`` is that value, ``n_valid`` the
+          number of valid ROI ids; flag ``"no valid roi"`` when none, ``"not-computed"`` when a cell of the case
+          was never computed; an image without a case gets its own row, flagged ``"missing case"``.
         - ``series`` / ``study`` / ``patient``: a unit is keyed by its id *and the coarser ids present*
           (a series by patient_id, study_id, series_id), so an id reused under two patients makes two units.
           Its CNR is ``numpy.median`` of its images' ``cnr_median`` over the images with a valid ROI; flag
@@ -141,6 +147,8 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
     image = np.asarray(ds["image"].values, np.int64)
     if level == "roi":
         df = _roi_rows(ds, id_values, image, threshold)
+    elif level == "case":
+        df = _case_rows(ds, image, threshold)
     else:
         _require(ds, ("cnr_median", "n_valid"), ("image",))
         frame = pd.DataFrame({**id_values, "image": image,
@@ -215,6 +223,38 @@ def _roi_rows(ds: xr.Dataset, id_values: dict, image: np.ndarray, threshold: flo
                        "image": np.repeat(image, n_roi), "roi": np.tile(roi, n), "decision": decision,
                        "reason": reason, "cnr": value, "status": status})
     return _finish(df, [*id_values, "image", "roi"])
+
+
+def _case_rows(ds: xr.Dataset, image: np.ndarray, threshold: float) -> pd.DataFrame:
+    """One row per case, decided on the pooled CNR (`gpucnr.aggregate`)."""
+    from gpucnr.pooling import aggregate
+
+    if "case" not in ds.coords and "case" not in ds.data_vars:
+        raise InputError("level 'case' needs the per-image column 'case' (NIfTI volumes and DICOM series have one "
+                         "after `gpucnr ingest`), which these results do not have")
+    pooled = aggregate(ds, by="case")
+    case = _id_strings(ds["case"].values).to_numpy()
+    frame = pd.DataFrame({"case": case, "image": image}).sort_values("image", kind="stable")
+    lost = frame["case"] == ""
+    grouped = frame[~lost].groupby("case", sort=True)["image"]
+    names = pooled["case"].values.astype(str)
+    status = np.asarray(pooled["status"].values).reshape(len(names), -1)
+    not_computed = (status == STATUS["not-computed"]).any(axis=1)
+    n_valid = np.asarray(pooled["n_valid"].values, np.int64)
+    cnr = np.asarray(pooled["cnr_median"].values, np.float64)
+    usable = (n_valid > 0) & ~not_computed & ~np.isnan(cnr)
+    decision, reason, value = _decide(cnr, usable, np.where(not_computed, NOT_COMPUTED, NO_VALID), threshold)
+    images = grouped.agg(lambda v: " ".join(map(str, v))).reindex(names)
+    df = pd.DataFrame({"case": names, "images": images.to_numpy(), "n_images": pooled["n_images"].values,
+                       "first": grouped.min().reindex(names).to_numpy(), "decision": decision, "reason": reason,
+                       "cnr": value, "n_valid": n_valid})
+    if lost.any():
+        alone = frame[lost]
+        df = pd.concat([df, pd.DataFrame({"case": "", "images": alone["image"].astype(str), "n_images": 1,
+                                          "first": alone["image"], "decision": FLAG, "reason": "missing case",
+                                          "cnr": np.nan, "n_valid": 0})], ignore_index=True)
+    df = _finish(df, ["case", "first"])
+    return df[["case", "images", "n_images", "decision", "reason", "cnr", "n_valid"]]
 
 
 def _group_rows(frame: pd.DataFrame, ids: list[str], level: str, threshold: float) -> pd.DataFrame:

@@ -176,6 +176,11 @@ def _summary_section(ds, summary, primary, one_roi=False) -> str:
         frac.append(f"{_f(x['fraction_below'].values)} [{_f(x['fraction_below_low'].values)}, "
                     f"{_f(x['fraction_below_high'].values)}] ({int(x['n_below'].values)})")
     rows.append((f"fraction below CNR {primary:g} [95 % Wilson] (count)", *frac))
+    if "case" in summary["level"].values:
+        c = s.sel(level="case", threshold=primary)
+        value = (f"{_f(c['fraction_below'].values)} [{_f(c['fraction_below_low'].values)}, "
+                 f"{_f(c['fraction_below_high'].values)}] ({int(c['n_below'].values)} of {int(c['count'].values)})")
+        rows.append((f"cases below CNR {primary:g}, pooled CNR (gpucnr.aggregate) [95 % Wilson]", value, ""))
     if one_roi:
         # NB: one ROI per image: the ROI level is the image level, shown once
         body = "".join(f"<tr><td class=\"l\">{_e(a)}</td><td>{_e(b)}</td></tr>" for a, b, _ in rows)
@@ -238,7 +243,10 @@ def _thresholds_section(summary, primary, one_roi=False, shown=None) -> str:
     size = np.asarray(summary["n_images"].values)
     order = sorted(range(len(labels)), key=lambda i: (i != 0, -size[i], i))
     drawn = {(c, v) for c, vs in (shown or {}).items() for v in vs}
-    for level in ("image",) if one_roi else ("image", "roi"):
+    levels = ["image"] if one_roi else ["image", "roi"]
+    if "case" in summary["level"].values:
+        levels.append("case")  # NB: one pooled CNR per case (gpucnr.aggregate), counted in its first image's group
+    for level in levels:
         rows, main = [], []
         for i in order:
             g = labels[i]

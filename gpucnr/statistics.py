@@ -21,6 +21,8 @@ __all__ = ["LEVELS", "MISSING", "OUTLIER_K", "QUANTILES", "WILSON_Z", "summarize
 
 #: The two levels summarised: one value per image (its cnr_median), one per valid (image, roi) cell.
 LEVELS = ("image", "roi")
+#: The level added when the results have a per-image ``case`` column: one pooled CNR per case (`gpucnr.aggregate`).
+CASE_LEVEL = "case"
 #: Quantile probabilities reported (numpy's default "linear" method).
 QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
 #: Two-sided 95 % normal quantile, Φ⁻¹(0.975), used by the Wilson score interval.
@@ -64,7 +66,9 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     Returns
     -------
     xarray.Dataset
-        Dimensions: ``level`` (2: "image", "roi"), ``group`` (G), ``quantile`` (7), ``bin`` (`bins`),
+        Dimensions: ``level`` ("image", "roi", and "case" when the results have a per-image ``case`` column:
+        each case's pooled CNR from `gpucnr.aggregate`, counted in the groups of its first image), ``group``
+        (G), ``quantile`` (7), ``bin`` (`bins`),
         ``edge`` (`bins` + 1), ``threshold`` (T).
 
         Coordinates: ``level``; ``group`` (label: "all", or "<column>=<value>", or "<column>=(missing)");
@@ -129,18 +133,21 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "image": (image_values, np.arange(n_images)),
         "roi": (roi_values, ok_rows),
     }
+    if CASE_LEVEL in ds.variables and ds[CASE_LEVEL].dims == ("image",):
+        per_level[CASE_LEVEL] = _case_values(ds)
+    levels = list(per_level)
     # NB: keep only finite values once, with the image that owns each, so every group is a cheap mask.
     for level, (values, owner) in per_level.items():
         finite = np.isfinite(values)
         per_level[level] = (values[finite], owner[finite])
 
-    everything = np.concatenate([per_level[level][0] for level in LEVELS])
+    everything = np.concatenate([per_level[level][0] for level in levels])
     edges = np.histogram_bin_edges(everything, bins=bins)
 
     labels, group_by, group_value, masks = _groups(ds, columns, n_images)
     n_groups = len(labels)
     n_thr = thr.size
-    shape = (len(LEVELS), n_groups)
+    shape = (len(levels), n_groups)
     out = {
         "count": np.zeros(shape, np.int64),
         "mean": np.full(shape, np.nan),
@@ -152,7 +159,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "fraction_below_low": np.full((*shape, n_thr), np.nan),
         "fraction_below_high": np.full((*shape, n_thr), np.nan),
     }
-    for li, level in enumerate(LEVELS):
+    for li, level in enumerate(levels):
         values, owner = per_level[level]
         for gi, mask in enumerate(masks):
             sample = np.sort(values[mask[owner]])
@@ -196,7 +203,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "outlier_score": (("level", "group"), score),
     }
     coords = {
-        "level": list(LEVELS),
+        "level": levels,
         "group": np.asarray(labels, dtype=object),
         "group_by": ("group", np.asarray(group_by, dtype=object)),
         "group_value": ("group", np.asarray(group_value, dtype=object)),
@@ -219,6 +226,20 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "gpucnr_version": __version__,
     })
     return summary
+
+
+def _case_values(ds: xr.Dataset):
+    """(pooled CNR of every case, the first image of each case): a case counts in the groups of its first image."""
+    from gpucnr.pooling import aggregate
+
+    pooled = aggregate(ds, by=CASE_LEVEL)
+    names = [str(v) for v in pooled[CASE_LEVEL].values.tolist()]
+    first: dict[str, int] = {}
+    for i, value in enumerate(ds[CASE_LEVEL].values.tolist()):
+        first.setdefault(str(value), i)
+    values = np.where(np.asarray(pooled["n_valid"].values) > 0, np.asarray(pooled["cnr_median"].values, float),
+                      np.nan)
+    return values, np.asarray([first[n] for n in names], np.int64)
 
 
 def wilson_interval(k, n, z: float = WILSON_Z):

@@ -137,3 +137,68 @@ def test_aggregate_of_run_results_by_a_named_group_column(tmp_path):
         site=("image", case)), by="site")
     np.testing.assert_array_equal(out["n_roi"].values, direct["n_roi"].values)
     np.testing.assert_allclose(out["cnr"].values, direct["cnr"].values, rtol=1e-12, equal_nan=True)
+
+
+def test_manifest_at_case_level_decides_on_the_pooled_cnr(tmp_path, capsys):
+    import pandas as pd
+
+    from gpucnr.cli import main
+
+    images, labels, case = volumes(11)
+    ds = gpucnr.measure(images, labels, min_bg=5, backend="numpy").assign_coords(case=("image", case))
+    pooled = gpucnr.aggregate(ds, by="case")
+    threshold = float(np.sort(pooled["cnr_median"].values)[1])  # the middle case sits exactly on it: kept
+    df = gpucnr.manifest(ds, threshold=threshold, level="case")
+    assert df["case"].tolist() == ["case0", "case1", "case2"]
+    want = np.where(pooled["cnr_median"].values < threshold, "drop", "keep")
+    assert df["decision"].tolist() == want.tolist() and (df["decision"] == "keep").sum() == 2
+    np.testing.assert_array_equal(df["cnr"].to_numpy(), pooled["cnr_median"].values)
+    assert df["n_images"].tolist() == [SLICES] * CASES
+    assert df["images"].iloc[1] == " ".join(str(i) for i in range(SLICES, 2 * SLICES))
+
+    status = ds["status"].values.copy()
+    status[SLICES, 0] = STATUS["not-computed"]
+    blank = case.copy()
+    blank[-1] = ""
+    odd = ds.assign(status=(("image", "roi"), status)).assign_coords(case=("image", blank))
+    df = gpucnr.manifest(odd, threshold=threshold, level="case", allow_incomplete=True)
+    assert df.set_index("images").loc[str(CASES * SLICES - 1), "reason"] == "missing case"
+    assert df.set_index("case").loc["case1", "reason"] == "not-computed"
+
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, meta=pd.DataFrame({"case": case}),
+                               shard=4)
+    gpucnr.run(stack, tmp_path / "r.zarr", min_bg=5, backend="numpy")
+    capsys.readouterr()
+    assert main(["filter", str(tmp_path / "r.zarr"), "--level", "case", "--threshold", str(threshold),
+                 "--out", str(tmp_path / "keep.csv")]) == 0
+    table = pd.read_csv(tmp_path / "keep.csv")
+    assert table["decision"].tolist() == want.tolist()
+    with pytest.raises(gpucnr.InputError, match="case"):
+        gpucnr.manifest(ds.drop_vars("case"), level="case")
+
+
+def test_summarize_gains_the_case_level_when_results_have_cases():
+    images, labels, case = volumes(13)
+    ds = gpucnr.measure(images, labels, min_bg=5, backend="numpy")
+    assert list(gpucnr.summarize(ds)["level"].values) == ["image", "roi"]
+    with_case = ds.assign_coords(case=("image", case), site=("image", np.where(case == "case2", "b", "a")))
+    summary = gpucnr.summarize(with_case, by="site")
+    assert list(summary["level"].values) == ["image", "roi", "case"]
+    pooled = gpucnr.aggregate(with_case, by="case")["cnr_median"].values
+    got = summary.sel(level="case")
+    assert got["count"].sel(group="all").item() == CASES
+    np.testing.assert_allclose(got["mean"].sel(group="all").item(), pooled.mean(), rtol=1e-12)
+    assert got["count"].sel(group="site=a").item() == 2 and got["count"].sel(group="site=b").item() == 1
+
+
+def test_the_report_shows_the_case_level(tmp_path):
+    import pandas as pd
+
+    images, labels, case = volumes(17)
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, meta=pd.DataFrame({"case": case}),
+                               shard=4)
+    gpucnr.run(stack, tmp_path / "r.zarr", min_bg=5, backend="numpy")
+    from gpucnr.report import write_report
+
+    html = write_report(tmp_path / "r.zarr", tmp_path / "report").read_text()
+    assert "Case level" in html and "pooled CNR" in html
