@@ -169,7 +169,7 @@ def run(stack, results, *, client=None, scheduler: str = "threads", workers: int
              "rois_fingerprint": table_fingerprint(table), "status_codes": STATUS_LEGEND, "failures": [],
              "group_columns": groups}
     group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume)
-    names = _names(table, roi_ids, stack.n_images)
+    names = _names(table, roi_ids, stack.n_images, None if table is not None else stack.group.attrs.get("label_names"))
     # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
     stack_path = str(Path(stack.path).resolve())
     specs = []
@@ -297,8 +297,10 @@ def _kernel_table(rows: pd.DataFrame, roi_ids, g0: int) -> dict:
             "r": rows["r"].to_numpy()}
 
 
-def _names(table, roi_ids, n) -> np.ndarray:
+def _names(table, roi_ids, n, label_names=None) -> np.ndarray:
     names = np.full((n, len(roi_ids)), "", dtype=object)
+    for j, roi in enumerate(roi_ids):  # NB: labels as ROIs: the names ingest read from a dataset.json
+        names[:, j] = (label_names or {}).get(str(int(roi)), "")
     if table is not None and len(table):
         names[table["image"].to_numpy(), np.searchsorted(roi_ids, table["roi"].to_numpy())] = table["name"].to_numpy()
     return names.astype(str)

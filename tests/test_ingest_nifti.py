@@ -284,3 +284,57 @@ def test_summary_counts_and_case_of_2d_files(tmp_path):
     assert len(set(cases)) == 2 and all(len(c) == 20 for c in cases)
     assert pd.isna(done.stack.images["spacing_z"]).all()
     json.dumps(dict(done.stack.group.attrs)["ingest"])
+
+
+# --- layouts ----------------------------------------------------------------------------------------------------
+
+
+def _nii(path, arr, affine=None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(nib.Nifti1Image(arr, _affine(SPACING) if affine is None else affine), path)
+
+
+def test_layouts_are_recognised_without_flags(tmp_path):
+    """nnU-Net raw (two channels), MSD (4-D), imagesTs, BraTS 2023 hyphenated names, a label file without an
+    image, dataset.json in both spellings and AppleDouble files: labels found by the layout alone, label names
+    into roi_name, region lists ignored and said so."""
+    rng = np.random.default_rng(4)
+    lab = _labels(rng, SHAPE)
+    nn = tmp_path / "src" / "Dataset001_Tumour"
+    for case in ("a", "b"):
+        for ch in range(2):
+            _nii(nn / "imagesTr" / f"{case}_{ch:04d}.nii.gz", _volume(rng, np.int16, SHAPE))
+        _nii(nn / "labelsTr" / f"{case}.nii.gz", lab)
+    _nii(nn / "labelsTr" / "orphan.nii.gz", lab)
+    _nii(nn / "imagesTs" / "c_0000.nii.gz", _volume(rng, np.int16, SHAPE))
+    (nn / "imagesTr" / "._a_0000.nii.gz").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+    (nn / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "edema": 1, "enhancing": 2,
+                                                            "whole tumor": [1, 2]}}))
+    msd = tmp_path / "src" / "Task01_BrainTumour"
+    _nii(msd / "imagesTr" / "m.nii.gz", _volume(rng, np.float32, (*SHAPE, 3)))
+    _nii(msd / "labelsTr" / "m.nii.gz", lab)
+    (msd / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "edema", "2": "enhancing"}}))
+    brats = tmp_path / "src" / "BraTS-GLI-00000-000"
+    for seq in ("t1c", "t2f"):
+        _nii(brats / f"BraTS-GLI-00000-000-{seq}.nii.gz", _volume(rng, np.int16, SHAPE))
+    _nii(brats / "BraTS-GLI-00000-000-seg.nii.gz", lab)
+    done = ingest(tmp_path / "src", tmp_path / "s.zarr")
+    s = done.summary
+    n = SHAPE[2]
+    # NB: 4 nnU-Net channel files + 1 test file + 1 MSD file + 2 BraTS channels; the AppleDouble file is skipped
+    assert (s.stored, s.images) == (8, (4 + 1 + 3 + 2) * n)
+    assert s.skipped == {"not-an-image": 3}  # NB: the AppleDouble file and the two dataset.json
+    assert s.masks == 4 and s.unlabelled_images == n  # NB: imagesTs
+    codes = s.problems[s.problems["item"] != "file"][["source", "code"]].to_numpy().tolist()
+    assert ["Dataset001_Tumour/labelsTr/orphan.nii.gz", "mask-no-image"] in codes
+    assert ["Dataset001_Tumour/dataset.json", "label-regions"] in codes
+    stack = done.stack
+    assert dict(stack.group.attrs)["label_names"] == {"1": "edema", "2": "enhancing"}
+    _, plane = done.read(done.index("Dataset001_Tumour/imagesTr/b_0001.nii.gz", 2))
+    assert set(np.unique(plane)) == {0, 1, 2}
+    m = done.linkage[done.linkage["source"] == "Task01_BrainTumour/imagesTr/m.nii.gz"]
+    assert sorted(set(m["channel"])) == [0, 1, 2] and m["case"].nunique() == 3
+    _, plane = done.read(done.index("BraTS-GLI-00000-000/BraTS-GLI-00000-000-t2f.nii.gz", 1))
+    assert plane.any()
+    res = gpucnr.run(stack.path, tmp_path / "r.zarr", workers=WORKERS, dilation=1, border=1, min_bg=5).load()
+    assert set(np.unique(res["roi_name"].to_numpy())) == {"edema", "enhancing"}

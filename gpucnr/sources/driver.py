@@ -30,6 +30,7 @@ from gpucnr.outputs import OutputError, csv_text, refuse_overlap, write_file
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
 from gpucnr.sources.journal import Journal, sources_digest
+from gpucnr.sources.layouts import Layout, detect, label_names
 from gpucnr.sources.problems import problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
@@ -246,7 +247,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         try:
             job.scan(pool, seg, follow_symlinks)
             return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
-                              seg is not None)
+                              seg is not None or bool(job.layout.labels_of))
         except KeyboardInterrupt as e:
             job.meter.done()  # NB: the progress line ends before the interruption's line
             raise Interrupted(job.interrupted(), e) from None
@@ -323,6 +324,8 @@ class _Ingest:
         self.mask_index: dict = {}
         self.mask_dir = False
         self.seg_files = 0
+        self.layout = Layout()
+        self.label_names: dict[int, str] = {}
         self.meter = _Progress(self.progress)
 
     def problem(self, source: str, item: str, code: str, reason: str, encoding: str | None = None) -> None:
@@ -356,11 +359,43 @@ class _Ingest:
                 raise InputError(f"--mask-pattern {self.matcher.pattern!r} matches no file {where}; nothing was "
                                  "written. Check it against one mask file's name (e.g. '{stem}_mask.png' for "
                                  "'case.png' and 'case_mask.png')")
+        else:
+            # NB: without --masks / --mask-pattern, label maps of known layouts (nnU-Net, MSD, BraTS) label their
+            # images and are not images themselves
+            self.layout = detect(found)
+            found = [f for f in found if f.rel not in self.layout.label_sources]
         self.found = found
         for f in found:
             if f.code is not None:
                 self.skipped[f.code] += 1
                 self.problem(f.rel, "file", f.code, f.reason)
+        for source, item, code, reason in self.layout.notes:
+            self.problem(source, item, code, reason)
+        if self.layout.labels_of:
+            self._label_names(found)
+
+    def _label_names(self, found) -> None:
+        """Label names from the dataset.json files of the source folder (screened like ROI names)."""
+        for f in found:
+            if f.code is not None or f.rel.rpartition("/")[2] != "dataset.json":
+                continue
+            try:
+                with open(f.path, "rb") as fh:
+                    text = fh.read(2**24).decode("utf-8", "replace")
+            except OSError as e:
+                self.problem(f.rel, "dataset.json", "label-regions", f"cannot be read ({type(e).__name__})")
+                continue
+            names, notes = label_names(text)
+            for note in notes:
+                self.problem(f.rel, "dataset.json", "label-regions", note)
+            for k, name in sorted(names.items()):
+                if refused_value(name) is not None:
+                    self.problem(f.rel, "dataset.json", "roi-name", f"the name of label {k} may identify a "
+                                 "patient; it is stored blank")
+                    name = ""
+                if self.label_names.get(k, name) != name:
+                    name = ""  # NB: two dataset.json files that disagree: no name rather than a wrong one
+                self.label_names[k] = name
 
     def scan(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> None:
         """Pass 1: headers of every candidate file, SEG references, mask matching."""
@@ -385,6 +420,8 @@ class _Ingest:
                 folder, _, name = f.rel.rpartition("/")
                 mask_files = self.mask_index.get((folder, self.matcher.image_key(name)), [])
                 used.update(m.rel for m in mask_files)
+            else:
+                mask_files = self.layout.labels_of.get(f.rel, [])
             segs = sorted(seg_refs.get(rec.get("instance_id"), ())) if rec["format"] == "dicom" else []
             self.tasks.append((k, f, rec, [m.rel for m in mask_files],
                                ("decode_file", str(f.path), rec, self.options, [str(m.path) for m in mask_files],
@@ -457,8 +494,10 @@ class _Ingest:
                 "unlabelled_images": self.unlabelled, "other_problems": other, **self.options,
                 "max_image_mb": self.max_bytes / 2**20, "max_volume_mb": self.max_volume_bytes / 2**20,
                 "linkage": self.side["linkage"].name,
-                "skipped_list": self.side["skipped"].name,
+                "skipped_list": self.side["skipped"].name, "layouts": self.layout.kinds,
             }
+            if self.label_names:
+                writer.attrs["label_names"] = {str(k): v for k, v in sorted(self.label_names.items())}
             opened = writer.close(rois=table)
         except BaseException:
             writer.abandon()  # NB: the shard being written completes and is journaled: a resume keeps it
@@ -487,7 +526,8 @@ class _Ingest:
             unlabelled_images=self.unlabelled, other_problems=other, skipped_frames=self.skipped_frames,
             totals={"files": len(self.found), "frames": opened.n_images + self.skipped_frames,
                     "masked": self.masked, "seg_files": self.seg_files,
-                    "mask_files": sum(len(v) for v in self.mask_index.values()), "has_mask_dir": self.mask_dir,
+                    "mask_files": sum(len(v) for v in self.mask_index.values()) + len(self.layout.label_sources),
+                    "has_mask_dir": self.mask_dir,
                     "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
                     "meta_rows": 0 if self.meta_table is None else len(self.meta_table),
                     "meta_rows_hint": _path_hint(self.meta_table, sources),

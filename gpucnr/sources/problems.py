@@ -55,7 +55,8 @@ def is_problem(row: dict) -> bool:
     if item == "file":
         name = source.rpartition("/")[2]
         return code in FILE_PROBLEMS and not name.startswith("._") and name not in _LITTER
-    return code not in ("duplicate", "symlink", "empty-file", "not-an-image", "no-pixel-data", "color")
+    return code not in ("duplicate", "symlink", "empty-file", "not-an-image", "no-pixel-data", "color",
+                        "label-regions")
 
 
 @dataclass
