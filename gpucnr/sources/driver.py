@@ -242,8 +242,10 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     # NB: a resume under another key would mix pseudonyms; the journal holds a digest of it, never the key
     job.header["options"]["key"] = hashlib.sha256(b"gpucnr journal key\0" + job.key).hexdigest()
     job.resumed = _resume_point(stack, side["journal"], job.header) if resuming else None
-    memory_mb = _memory_mb(max_image_mb, max_volume_mb)
-    with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout, memory_mb=memory_mb) as pool:
+    # NB: a file may use 8 x --max-image-mb + 1 GiB; a volume asks for more by its declared size (tasks.py)
+    with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout,
+                      memory_mb=_memory_mb(max_image_mb, max_volume_mb),
+                      task_memory_mb=_memory_mb(max_image_mb)) as pool:
         try:
             job.scan(pool, seg, follow_symlinks)
             return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or

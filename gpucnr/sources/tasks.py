@@ -17,6 +17,7 @@ from gpucnr.sources import dicom, nifti, raster
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import pseudonym
 from gpucnr.sources.rois import read_masks, read_seg
+from gpucnr.sources.workers import allow_memory
 
 __all__ = ["decode_file", "run", "scan_file", "scan_seg", "sniff"]
 
@@ -104,6 +105,8 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
         if record["format"] == "dicom":
             frames = dicom.decode(path, record, options)
         elif record["format"] == "nifti":
+            # NB: the volume as stored, its slices and their pickled copy for the driver, + the label map
+            allow_memory(3 * record["declared_bytes"] / 2**20 + 1024)
             frames = nifti.decode(path, record, options)
         else:
             frames = raster.decode(path, record, options)
