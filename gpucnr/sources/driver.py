@@ -618,8 +618,8 @@ class _Ingest:
             row["channel"] = channel
             row["case"] = self._case(rec, f.rel, channel)
             row.update(meta_rows.get(f.rel, {}))
-            plane = None if labels is None else labels[pos]
-            if writer.labels and labels is None:
+            plane = entry.pop("label", None) if labels is None else labels[pos]
+            if writer.labels and plane is None:
                 record["unlabelled"] += 1
             source_index = writer.add(pixels, plane, row)
             ids = [] if plane is None else [int(v) for v in np.unique(plane) if v != 0]

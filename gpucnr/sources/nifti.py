@@ -222,9 +222,11 @@ def reorient(data: np.ndarray, ornt) -> np.ndarray:
 
 
 def slice_of(ras: np.ndarray, k: int, channel: int | None = None) -> np.ndarray:
-    """Slice `k` of a RAS+ volume as shown radiologically: ``image[row, col] = vol[I-1-col, J-1-row, k]``."""
+    """Slice `k` of a RAS+ volume as shown radiologically: ``image[row, col] = vol[I-1-col, J-1-row, k]``.
+
+    A view: pickling it for the driver copies one slice at a time, so a worker never holds the volume twice."""
     plane = ras[:, :, k] if channel is None else ras[:, :, k, channel]
-    return np.ascontiguousarray(plane[::-1, ::-1].T)
+    return plane[::-1, ::-1].T
 
 
 def decode(path, record: dict, options: dict) -> list[dict]:
@@ -291,6 +293,10 @@ def read_labels(path, record: dict) -> list[np.ndarray]:
         raise Skip("mask-labels", "the label map holds negative values")
     if data.size and data.max() > np.iinfo(np.int32).max:
         raise Skip("mask-labels", "the label map holds values beyond 2**31 - 1")
+    if data.dtype.kind not in "iu" or data.dtype.itemsize > 4:
+        data = data.astype(np.int32)  # NB: in range (checked above); stored as int32 by the writer anyway
     ras = reorient(data, record["ornt"])
-    planes = [slice_of(ras, k).astype(np.int32) for k in range(record["slices"])]
+    # NB: views in the label map's own integer dtype (the writer stores int32); the list repeats them per channel
+    # and pickle sends each once
+    planes = [slice_of(ras, k) for k in range(record["slices"])]
     return planes * record["channels"]

@@ -17,7 +17,7 @@ from gpucnr.sources import dicom, nifti, raster
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import pseudonym
 from gpucnr.sources.rois import read_masks, read_seg
-from gpucnr.sources.workers import allow_memory
+from gpucnr.sources.workers import Streamed, allow_memory
 
 __all__ = ["decode_file", "run", "scan_file", "scan_seg", "sniff"]
 
@@ -105,7 +105,7 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
         if record["format"] == "dicom":
             frames = dicom.decode(path, record, options)
         elif record["format"] == "nifti":
-            # NB: the volume as stored, its slices and their pickled copy for the driver, + the label map
+            # NB: the volume as stored (inflated through a buffer of its size), its label map, parts in flight
             allow_memory(3 * record["declared_bytes"] / 2**20 + 1024)
             frames = nifti.decode(path, record, options)
         else:
@@ -124,10 +124,19 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
     except MemoryError:
         # NB: a mask must never cost its image: past the shape checks, only a hostile stream gets here
         problem = ("mask-unreadable", "reading the mask exceeded the per-file memory limit")
+    if record["format"] == "nifti":
+        # NB: a volume's slices (and label planes) stay views of it and go to the driver a few at a time
+        if labels is not None:
+            for f, plane in zip(frames, labels, strict=True):
+                f["label"] = plane
+        return Streamed({"frames": frames, "labels": None, "mask_problem": problem}, "frames", _frame_bytes)
     for f in frames:
-        if "pixels" in f:
-            f["pixels"] = np.ascontiguousarray(f["pixels"])
+        f["pixels"] = np.ascontiguousarray(f["pixels"])
     return {"frames": frames, "labels": labels, "mask_problem": problem}
+
+
+def _frame_bytes(frame: dict) -> int:
+    return sum(frame[k].nbytes for k in ("pixels", "label") if frame.get(k) is not None)
 
 
 def _volume_labels(record: dict, masks: list, segs: list):

@@ -23,7 +23,33 @@ from multiprocessing.connection import Connection, wait
 from gpucnr.errors import GpucnrError
 from gpucnr.sources.outcomes import CODES
 
-__all__ = ["IsolatedPool", "TaskFailure"]
+__all__ = ["IsolatedPool", "Streamed", "TaskFailure", "allow_memory"]
+
+#: bytes of a streamed result's items per message
+_PART_BYTES = 32 * 2**20
+
+
+class Streamed:
+    """A task's result sent to the driver in parts: the list ``head[key]`` goes a few items at a time (about
+    32 MiB per message, by `sizeof`), then the rest of `head`; the driver gets `head` whole. A worker never pickles
+    a whole volume at once."""
+
+    __slots__ = ("head", "key", "sizeof")
+
+    def __init__(self, head: dict, key: str, sizeof: Callable[[object], int]):
+        self.head, self.key, self.sizeof = head, key, sizeof
+
+    def send(self, conn) -> None:
+        items, part, size = self.head.pop(self.key), [], 0
+        for item in items:
+            part.append(item)
+            size += self.sizeof(item)
+            if size >= _PART_BYTES:
+                conn.send(("part", part))
+                part, size = [], 0
+        if part:
+            conn.send(("part", part))
+        conn.send(("ok", ("streamed", self.key, self.head)))
 
 
 class TaskFailure:
@@ -88,7 +114,10 @@ def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None 
                 if me._LIMITS is not None:
                     # NB: a task's allowance ends with it
                     resource.setrlimit(resource.RLIMIT_AS, (me._LIMITS[2], me._LIMITS[1]))
-            conn.send(("ok", result))
+            if isinstance(result, me.Streamed):  # NB: the class tasks import, not this __main__'s
+                result.send(conn)
+            else:
+                conn.send(("ok", result))
         except MemoryError:
             conn.send(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -161,7 +190,7 @@ class IsolatedPool:
                                 # which stops the children (a child killed by it would read as decoder-crash)
                                 process_group=0)
         theirs.close()
-        return {"proc": proc, "conn": Connection(ours.detach()), "queue": deque(), "deadline": None}
+        return {"proc": proc, "conn": Connection(ours.detach()), "queue": deque(), "deadline": None, "parts": []}
 
     def _ready(self, slot: dict) -> dict:
         """Wait for a started child's handshake; a child that cannot even start is an error of the install."""
@@ -264,8 +293,18 @@ class IsolatedPool:
                         self._fail(k, TaskFailure("decoder-crash", f"the worker process died (exit code {code}) "
                                                   "while reading the file"), pending, retry)
                         continue
+                    if msg[0] == "part":
+                        # NB: a streamed result (`Streamed`): its items arrive before its head; the task goes on
+                        slot["parts"].extend(msg[1])
+                        slot["deadline"] = time.monotonic() + self.timeout
+                        continue
                     i, _ = slot["queue"].popleft()
-                    pending[i] = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
+                    parts, slot["parts"] = slot["parts"], []
+                    if msg[0] == "ok" and isinstance(msg[1], tuple) and msg[1][:1] == ("streamed",):
+                        _, key, head = msg[1]
+                        pending[i] = {**head, key: parts}
+                    else:
+                        pending[i] = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
                     slot["deadline"] = time.monotonic() + self.timeout
                 elif time.monotonic() >= slot["deadline"]:
                     self._fail(k, TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s"),
