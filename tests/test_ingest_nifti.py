@@ -338,3 +338,38 @@ def test_layouts_are_recognised_without_flags(tmp_path):
     assert plane.any()
     res = gpucnr.run(stack.path, tmp_path / "r.zarr", workers=WORKERS, dilation=1, border=1, min_bg=5).load()
     assert set(np.unique(res["roi_name"].to_numpy())) == {"edema", "enhancing"}
+
+
+def test_resume_of_an_interrupted_volume_ingest(tmp_path, monkeypatch):
+    """Interrupted (Ctrl-C) after two volumes, with shards of 4 slices on disk mid-volume: --resume re-reads the
+    partly stored volume and ends with the stack, linkage and skipped list of an uninterrupted ingest."""
+    import gpucnr.sources.journal as journal
+    from gpucnr.errors import Interrupted
+
+    src = tmp_path / "src"
+    rng = np.random.default_rng(7)
+    for n in range(4):
+        _nii(src / f"v{n}.nii.gz", _volume(rng, np.int16, SHAPE))
+    key = tmp_path / "k.key"
+    (tmp_path / "ref").mkdir()
+    ref = ingest(src, tmp_path / "ref" / "s.zarr", shard=4, key_file=key)
+    seen = []
+    original = journal.Journal.record
+
+    def record(self, entry):
+        original(self, entry)
+        seen.append(entry)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(journal.Journal, "record", record)
+    stack = tmp_path / "s.zarr"
+    with pytest.raises(Interrupted):
+        gpucnr.ingest(src, stack, shard=4, key_file=key, workers=WORKERS)
+    monkeypatch.setattr(journal.Journal, "record", original)
+    done = ingest(src, stack, shard=4, key_file=key, resume=True)
+    assert done.stack.fingerprint() == ref.stack.fingerprint()
+    pd.testing.assert_frame_equal(done.stack.images, ref.stack.images)
+    for ext in (".linkage.csv", ".skipped.csv"):
+        assert (stack.with_name(stack.name + ext).read_text()
+                == ref.summary.stack.with_name(ref.summary.stack.name + ext).read_text())
