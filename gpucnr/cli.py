@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="messages of gpucnr's own loggers on stderr (default warning)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ing = sub.add_parser("ingest", help="DICOM / PNG / TIFF files (+ masks, SEG, ROI CSV) -> a stack")
+    ing = sub.add_parser("ingest", help="DICOM / PNG / TIFF / JPEG / NIfTI files (+ masks, SEG, ROI CSV) -> a stack")
     ing.add_argument("src", type=Path, help="SRC_DIR, walked recursively; formats are told by content")
     ing.add_argument("stack", type=Path, help="STACK.zarr to create (key, linkage and skipped lists go beside it)")
     ing.add_argument("--masks", type=Path, default=None, help="MASK_DIR mirroring SRC_DIR (pattern {stem}.*)")
@@ -96,7 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--key-file", type=Path, default=None,
                      help="pseudonym key shared across stacks (created if missing; default: STACK.zarr.key)")
     ing.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: CPUs)")
-    ing.add_argument("--max-image-mb", type=float, default=512, help="largest declared image, MiB (default 512)")
+    ing.add_argument("--max-image-mb", type=float, default=512,
+                     help="largest declared image (one slice of a volume), MiB (default 512)")
+    ing.add_argument("--max-volume-mb", type=float, default=4096,
+                     help="largest declared NIfTI volume (all slices and channels), MiB (default 4096)")
+    ing.add_argument("--mask-threshold", type=float, default=None, metavar="T",
+                     help="binarise mask files: 1 where the value exceeds T (lossy JPEG masks)")
     ing.add_argument("--file-timeout", type=float, default=120, help="seconds per file before it is skipped")
     ing.add_argument("--shard", type=_positive_int, default=64, help="images per shard = per batch of a run")
     ing.add_argument("--compressor", choices=COMPRESSORS, default="blosc-zstd")
@@ -267,6 +272,7 @@ def _dispatch(args) -> int:
         summary = ingest(args.src, args.stack, masks=args.masks, mask_pattern=args.mask_pattern, seg=args.seg,
                          rois=args.rois, meta=args.meta, color=args.color, nonfinite=args.nonfinite,
                          key_file=args.key_file, workers=args.workers, max_image_mb=args.max_image_mb,
+                         max_volume_mb=args.max_volume_mb, mask_threshold=args.mask_threshold,
                          follow_symlinks=args.follow_symlinks, progress=args.progress,
                          file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor,
                          resume=args.resume)

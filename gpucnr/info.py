@@ -80,7 +80,9 @@ def _stack(path: Path) -> dict:
         skipped = ingest.get("skipped", {})
         lines.append(f"  ingest: {ingest['files_in']} file(s) in = {ingest['stored']} stored + "
                      f"{sum(skipped.values())} skipped + {ingest['duplicates']} duplicate(s); "
-                     f"{ingest['images']} image(s) stored")
+                     f"{ingest['images']} image(s) stored" + (
+                         f" = frames of the stored files - {ingest['skipped_frames']} skipped frame(s) (listed by "
+                         "source, channel and frame)" if ingest.get("skipped_frames") else ""))
         lines += [f"    skipped {code}: {n}" for code, n in skipped.items()]
         lines += [f"    {code}: {n}" for code, n in ingest.get("other_problems", {}).items()]
     lines.append(f"  complete: {'yes' if problem is None else 'NO — ' + problem}")

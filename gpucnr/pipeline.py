@@ -188,7 +188,8 @@ gcnr_bins, signed
              "status_codes": STATUS_LEGEND, "failures": [], "rois_unmatched": unmatched,
              "group_columns": groups}
     group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume, sources)
-    names = _names(table, roi_ids, stack.n_images)
+    # NB: label ids named by the dataset.json ingest read; a table's own names win for its cells
+    names = _names(table, roi_ids, stack.n_images, stack.group.attrs.get("label_names") if use_labels else None)
     # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
     stack_path = str(Path(stack.path).resolve())
     specs = []
@@ -442,8 +443,10 @@ def _kernel_table(rows: pd.DataFrame, roi_ids, g0: int) -> dict:
             "r": rows["r"].to_numpy()}
 
 
-def _names(table, roi_ids, n) -> np.ndarray:
+def _names(table, roi_ids, n, label_names=None) -> np.ndarray:
     names = np.full((n, len(roi_ids)), "", dtype=object)
+    for j, roi in enumerate(roi_ids):  # NB: labels as ROIs: the names ingest read from a dataset.json
+        names[:, j] = (label_names or {}).get(str(int(roi)), "")
     if table is not None and len(table):
         names[table["image"].to_numpy(), np.searchsorted(roi_ids, table["roi"].to_numpy())] = table["name"].to_numpy()
     return names.astype(str)

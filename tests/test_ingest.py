@@ -33,7 +33,7 @@ SHAPE = (40, 48)
 CELL = ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr", "status")
 IMAGE = ("cnr_median", "n_valid", "n_excluded")
 LINKAGE_COLUMNS = ["index", "frame", "source", "file_index", "patient_id", "study_id", "series_id", "instance_id",
-                   "source_encoding"]
+                   "source_encoding", "channel", "case"]
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def check(summary, canaries=()) -> Ingested:
     done = Ingested(summary, canaries)
     linkage = done.linkage
     assert list(linkage.columns) == ["index", "frame", "source", "file_index", "patient_id", "study_id", "series_id",
-                                     "instance_id", "source_encoding"]
+                                     "instance_id", "source_encoding", "channel", "case"]
     assert len(linkage) == summary.images  # images = the frames of the stored files
     assert sorted(linkage["index"]) == list(range(summary.images))
     assert linkage["source"].nunique() == summary.stored

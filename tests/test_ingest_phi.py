@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import gzip
 import hashlib
 import hmac
 import json
@@ -65,6 +66,44 @@ def _name(n: int, ext: str = "dcm") -> str:
     return f"{FILENAME}_{n}/{FILENAME}_{n}.{ext}"
 
 
+#: identifying text a NIfTI header (descrip, aux_file, db_name, intent_name, an ecode-2 DICOM extension) and a JPEG
+#: (EXIF owner, dates and GPS, COM and XMP segments) carry
+VOLUME_CANARIES = ["PHI_CANARY_NiftiDescrip", "PHI_CANARY_AuxFile", "PHI_CANARY_DbNam", "PHI_CANARY_Inte",
+                   "PHI_CANARY_NiftiDicomExt", "PHI_CANARY_JpegOwner", "PHI_CANARY_JpegComment",
+                   "PHI_CANARY_JpegXmp", "1987:06:05 04:03:02"]
+
+
+def _phi_nifti(path: Path) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    vol = np.stack([_noisy(np.int16, 300, 20).T[:, ::-1]] * 2, axis=-1)
+    img = nib.Nifti1Image(vol, np.diag([0.7, 0.7, 3.0, 1.0]))
+    hdr = img.header
+    hdr["descrip"] = b"PHI_CANARY_NiftiDescrip"
+    hdr["aux_file"] = b"PHI_CANARY_AuxFile"
+    hdr["db_name"] = b"PHI_CANARY_DbNam"
+    hdr.set_intent("estimate", name="PHI_CANARY_Inte")
+    hdr.extensions.append(nib.nifti1.Nifti1Extension(2, b"PatientName=PHI_CANARY_NiftiDicomExt\x00" * 2))
+    nib.save(img, str(path))
+
+
+def _phi_jpeg(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x013B] = "PHI_CANARY_JpegOwner"  # NB: Artist
+    exif[0x0132] = "1987:06:05 04:03:02"  # NB: DateTime
+    exif[0x0112] = 6  # NB: Orientation "rotate 90": never applied
+    gps = exif.get_ifd(0x8825)
+    gps[2] = (52.0, 31.0, 12.0)
+    gps[1] = "N"
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><dc:creator>PHI_CANARY_JpegXmp</dc:creator></x:xmpmeta>'
+    Image.fromarray(_noisy(np.uint8, 90, 9)).save(path, "JPEG", quality=95, exif=exif,
+                                                   comment=b"PHI_CANARY_JpegComment", xmp=xmp)
+
+
 def build_dataset(root: Path) -> dict:
     """The canary folder, its ROI and meta CSVs; returns the paths and every identifying value written."""
     src = root / "src"
@@ -81,7 +120,9 @@ def build_dataset(root: Path) -> dict:
     ct_uid = str(head.SOPInstanceUID)
     write_dicom(src / _name(5), _noisy(np.int16, 0, 50), canary=True, sop_uid=ct_uid)  # a duplicate instance
     write_raster(src / _name(6, "png"), _noisy(np.uint8, 60, 8))
-    tags = set(CANARY_VALUES) | {META_PATIENT}
+    _phi_nifti(src / _name(7, "nii.gz"))
+    _phi_jpeg(src / _name(8, "jpg"))
+    tags = set(CANARY_VALUES) | {META_PATIENT} | set(VOLUME_CANARIES)
     for path in sorted(src.rglob("*.dcm")):
         tags.update(canary_strings(path))
     rois = root / "rois.csv"
@@ -97,7 +138,8 @@ def build_dataset(root: Path) -> dict:
     with open(meta, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["source", "site", "patient_id"])
-        for n, ext in ((0, "dcm"), (1, "dcm"), (2, "dcm"), (3, "dcm"), (6, "png"), (98, "dcm")):
+        for n, ext in ((0, "dcm"), (1, "dcm"), (2, "dcm"), (3, "dcm"), (6, "png"), (7, "nii.gz"), (8, "jpg"),
+                       (98, "dcm")):
             w.writerow([_name(n, ext), "siteA" if n % 2 else "siteB", f"{META_PATIENT}_{n}"])
     uids = {t for t in tags if re.fullmatch(r"[0-9.]+", t) and t.count(".") > 2}
     return {"src": src, "rois": rois, "meta": meta, "tags": sorted(tags), "uids": uids, "ct_uid": ct_uid,
@@ -211,12 +253,17 @@ def phi_run(tmp_path_factory):
 
 
 def test_ingest_outcome(phi_run):
-    """The canary folder ingests as designed: four DICOM files and the PNG stored (7 images), the truncated one
-    skipped, the duplicate recognised; ids in the stack are HMAC pseudonyms under the stack's key."""
+    """The canary folder ingests as designed: four DICOM files, the PNG, the JPEG and the 2-slice NIfTI stored (10
+    images), the truncated one skipped, the duplicate recognised; ids in the stack are HMAC pseudonyms under the
+    stack's key."""
     summary = phi_run["calls"]["ingest"]["stdout"]
-    assert "7 image(s) from 5 file(s); 7 file(s) in, 1 skipped, 1 duplicate(s)" in summary, summary
+    assert "10 image(s) from 7 file(s); 9 file(s) in, 1 skipped, 1 duplicate(s)" in summary, summary
     stack = gpucnr.open_stack(phi_run["stack"])
-    assert stack.n_images == 7
+    assert stack.n_images == 10
+    for canary in VOLUME_CANARIES:
+        blob = (phi_run["src"] / _name(8, "jpg")).read_bytes() + gzip.decompress(
+            (phi_run["src"] / _name(7, "nii.gz")).read_bytes())
+        assert canary.encode() in blob, f"the canary {canary} is in the input"
     key = bytes.fromhex(sidecars(phi_run["stack"])["key"].read_text().strip())
     assert pseudonym(key, "study", phi_run["ct_study"]) in set(stack.images["study_id"])
     for col in ("patient_id", "study_id", "series_id", "instance_id"):

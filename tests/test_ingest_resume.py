@@ -55,7 +55,9 @@ def dataset(tmp_path_factory):
     (root / "rois.csv").write_text("source,roi,kind,cx,cy,r\n" + "".join(
         f"s{i // 10}/img{i:03d}.png,{1 + i % 2},disk,18,15,4\n" for i in range(1, N, 4)))
     options = ["--mask-pattern", "{stem}_mask.png", "--meta", root / "meta.csv", "--rois", root / "rois.csv",
-               "--shard", SHARD, "--workers", 1]
+               "--shard", SHARD, "--workers", 1,
+               # NB: one key for the reference and the resumed stacks: every image's `case` is a keyed pseudonym
+               "--key-file", root / "shared.key"]
     ref = root / "ref" / "stack.zarr"  # NB: the stacks' names are in their attributes: the same name, elsewhere
     ref.parent.mkdir()
     proc = cli("ingest", src, ref, *options)

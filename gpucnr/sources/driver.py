@@ -30,6 +30,7 @@ from gpucnr.progress import Progress
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
 from gpucnr.sources.journal import Journal, sources_digest
+from gpucnr.sources.layouts import Layout, detect, label_names
 from gpucnr.sources.problems import problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
@@ -43,7 +44,8 @@ log = logging.getLogger("gpucnr.ingest")
 #: per-image columns that ingest writes; a --meta column may not reuse them
 IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
                  "photometric", "source_index", "frame", "rows", "columns", "format", "color", "modality",
-                 "manufacturer", "model", "spacing_y", "spacing_x", "file_index", *ID_COLUMNS)
+                 "manufacturer", "model", "spacing_y", "spacing_x", "spacing_z", "orientation", "case", "channel",
+                 "file_index", *ID_COLUMNS)
 _PROBLEM_COLUMNS = ["source", "item", "code", "reason", "source_encoding"]
 _TASKS = "gpucnr.sources.tasks:run"
 #: decoded bytes the driver may hold for files still waiting on an earlier one
@@ -63,7 +65,7 @@ def sidecar_paths(stack) -> dict[str, Path]:
 @dataclass
 class IngestSummary:
     """What `ingest` did. files_in == stored + sum(skipped.values()) + duplicates, and images == the frames of
-    the stored files, always."""
+    the stored files - skipped_frames, always."""
 
     stack: Path
     files_in: int
@@ -78,6 +80,8 @@ class IngestSummary:
     masks: int = 0
     unlabelled_images: int = 0
     other_problems: dict[str, int] = field(default_factory=dict)
+    #: slices of stored volumes that were not stored (``--nonfinite skip`` decides per slice)
+    skipped_frames: int = 0
     #: the denominators of the problems block and causes found in the data (see `problems.problem_groups`)
     totals: dict = field(default_factory=dict)
 
@@ -94,6 +98,9 @@ class IngestSummary:
                  f"{sum(self.skipped.values())} skipped, {self.duplicates} duplicate(s)"]
         lines += [f"  skipped {code}: {n}" for code, n in sorted(self.skipped.items())]
         lines += [f"  {code}: {n}" for code, n in sorted(self.other_problems.items())]
+        if self.skipped_frames:
+            lines.append(f"  frames of stored files skipped (listed by source, channel and frame): "
+                         f"{self.skipped_frames}")
         if self.masks or self.totals.get("mask_files"):
             lines.append(f"  mask files used: {self.masks}; images without labels: {self.unlabelled_images}")
         lines.append(f"  skipped-files list: {self.skipped_list}; linkage file: {self.linkage}")
@@ -102,7 +109,8 @@ class IngestSummary:
 
 def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None, rois=None, meta=None,
            color: str = "rec709", nonfinite: str = "skip", key_file=None, workers: int | None = None,
-           max_image_mb: float = 512, follow_symlinks: bool = False, progress: bool = False,
+           max_image_mb: float = 512, max_volume_mb: float = 4096, mask_threshold: float | None = None,
+           follow_symlinks: bool = False, progress: bool = False,
            file_timeout: float = 120.0, shard: int = 64, compressor: str = "blosc-zstd",
            resume: bool = False) -> IngestSummary:
     """Ingest a folder of DICOM, PNG and TIFF files into a new stack.
@@ -129,13 +137,22 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     color : {"rec709", "bt601", "skip"}
         Colour to gray (float64): rec709 = scikit-image's rgb2gray, as the article; skip = skip with a code.
     nonfinite : {"skip", "exclude"}
-        Images with NaN/inf pixels: skip with a code, or store them (the kernels exclude those pixels).
+        Images with NaN/inf pixels: skip with a code, or store them (the kernels exclude those pixels). Decided
+        per slice of a volume: a skipped slice is listed by (source, channel, frame), its volume's other slices
+        are stored.
     key_file : path, optional
         Pseudonym key to use (created if missing), to share pseudonyms across stacks.
     workers : int, optional
         Worker processes (default: CPUs).
     max_image_mb : float
-        The most MiB a file's declared pixels may take; also bounds each worker's memory.
+        The most MiB a file's declared pixels may take (one slice of a NIfTI volume); also bounds each worker's
+        memory.
+    max_volume_mb : float
+        The most MiB a NIfTI file's declared voxels may take (all its slices and channels), refused from its
+        header before any voxel is read.
+    mask_threshold : float, optional
+        Binarise every mask file: 1 where its value (the mean of its colour channels) exceeds this, else 0 — for
+        masks saved as lossy JPEG (e.g. Kvasir-SEG), which the anti-aliasing rule refuses otherwise.
     follow_symlinks : bool
     progress : bool
         A progress line on stderr.
@@ -170,8 +187,10 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         raise OptionError(f"color must be one of {COLOR_MODES}, got {color!r}")
     if nonfinite not in ("skip", "exclude"):
         raise OptionError(f"nonfinite must be skip or exclude, got {nonfinite!r}")
-    if not max_image_mb > 0 or not file_timeout > 0:
-        raise OptionError("max_image_mb and file_timeout must be > 0")
+    if not max_image_mb > 0 or not file_timeout > 0 or not max_volume_mb > 0:
+        raise OptionError("max_image_mb, max_volume_mb and file_timeout must be > 0")
+    if mask_threshold is not None and not np.isfinite(mask_threshold):
+        raise OptionError("mask_threshold must be a finite number")
     if not src.is_dir():
         raise InputError(f"source folder {display_path(src)} does not exist or is not a folder")
     # NB: a symbolic link, even to nothing, is not followed to create a stack there
@@ -197,16 +216,18 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     # NB: the CPUs this process may use (containers, taskset), where the OS says; else all of them
     workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     max_bytes = int(max_image_mb * 2**20)
-    options = {"color": color, "nonfinite": nonfinite}
+    options = {"color": color, "nonfinite": nonfinite, "mask_threshold": mask_threshold}
 
     # NB: mask and SEG folders may sit inside SRC_DIR: their files are not images of the dataset
     exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values(), side["journal"],
                            Path(f"{side['journal']}.partial")) if p is not None]
     job = _Ingest(stack=stack, side=side, key=None, key_path=key_path, options=options, max_bytes=max_bytes,
-                  progress=progress, roi_table=roi_table, meta_table=meta_table)
+                  progress=progress, roi_table=roi_table, meta_table=meta_table,
+                  max_volume_bytes=int(max_volume_mb * 2**20))
     job.find(src, masks, mask_pattern, follow_symlinks, exclude)
     settings = {"src": src, "masks": masks, "mask_pattern": mask_pattern, "seg": seg, "rois": rois, "meta": meta,
                 "color": color, "nonfinite": nonfinite, "key_file": key_file, "max_image_mb": max_image_mb,
+                "max_volume_mb": max_volume_mb, "mask_threshold": mask_threshold,
                 "file_timeout": file_timeout, "follow_symlinks": follow_symlinks, "shard": shard,
                 "compressor": compressor}
     walked = {**job.walked, "seg": [] if seg is None else walk(seg, follow_symlinks=follow_symlinks)}
@@ -221,11 +242,14 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     # NB: a resume under another key would mix pseudonyms; the journal holds a digest of it, never the key
     job.header["options"]["key"] = hashlib.sha256(b"gpucnr journal key\0" + job.key).hexdigest()
     job.resumed = _resume_point(stack, side["journal"], job.header) if resuming else None
-    with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout, memory_mb=_memory_mb(max_image_mb)) as pool:
+    # NB: a file may use 8 x --max-image-mb + 1 GiB; a volume asks for more by its declared size (tasks.py)
+    with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout,
+                      memory_mb=_memory_mb(max_image_mb, max_volume_mb),
+                      task_memory_mb=_memory_mb(max_image_mb)) as pool:
         try:
             job.scan(pool, seg, follow_symlinks)
             return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
-                              seg is not None)
+                              seg is not None or bool(job.layout.labels_of))
         except KeyboardInterrupt as e:
             job.meter.done()  # NB: the progress line ends before the interruption's line
             raise Interrupted(job.interrupted(), e) from None
@@ -244,7 +268,8 @@ def _journal_options(settings: dict) -> dict:
 def _resume_command(stack: Path, settings: dict) -> str:
     """The command line that continues this ingest: its arguments as given, the options that differ from the
     defaults, and --resume."""
-    defaults = {"color": "rec709", "nonfinite": "skip", "max_image_mb": 512, "file_timeout": 120, "shard": 64,
+    defaults = {"color": "rec709", "nonfinite": "skip", "max_image_mb": 512, "max_volume_mb": 4096,
+                "file_timeout": 120, "shard": 64,
                 "compressor": "blosc-zstd", "follow_symlinks": False}
     words = ["gpucnr", "ingest", display_path(settings["src"]), display_path(stack)]
     for name, value in settings.items():
@@ -301,6 +326,8 @@ class _Ingest:
         self.mask_index: dict = {}
         self.mask_dir = False
         self.seg_files = 0
+        self.layout = Layout()
+        self.label_names: dict[int, str] = {}
         self.meter = Progress(self.progress, unit="file")
 
     def problem(self, source: str, item: str, code: str, reason: str, encoding: str | None = None) -> None:
@@ -334,17 +361,50 @@ class _Ingest:
                 raise InputError(f"--mask-pattern {self.matcher.pattern!r} matches no file {where}; nothing was "
                                  "written. Check it against one mask file's name (e.g. '{stem}_mask.png' for "
                                  "'case.png' and 'case_mask.png')")
+        else:
+            # NB: without --masks / --mask-pattern, label maps of known layouts (nnU-Net, MSD, BraTS) label their
+            # images and are not images themselves
+            self.layout = detect(found)
+            found = [f for f in found if f.rel not in self.layout.label_sources]
         self.found = found
         for f in found:
             if f.code is not None:
                 self.skipped[f.code] += 1
                 self.problem(f.rel, "file", f.code, f.reason)
+        for source, item, code, reason in self.layout.notes:
+            self.problem(source, item, code, reason)
+        if self.layout.labels_of:
+            self._label_names(found)
+
+    def _label_names(self, found) -> None:
+        """Label names from the dataset.json files of the source folder (screened like ROI names)."""
+        for f in found:
+            if f.code is not None or f.rel.rpartition("/")[2] != "dataset.json":
+                continue
+            try:
+                with open(f.path, "rb") as fh:
+                    text = fh.read(2**24).decode("utf-8", "replace")
+            except OSError as e:
+                self.problem(f.rel, "dataset.json", "label-regions", f"cannot be read ({type(e).__name__})")
+                continue
+            names, notes = label_names(text)
+            for note in notes:
+                self.problem(f.rel, "dataset.json", "label-regions", note)
+            for k, name in sorted(names.items()):
+                if refused_value(name) is not None:
+                    self.problem(f.rel, "dataset.json", "roi-name", f"the name of label {k} may identify a "
+                                 "patient; it is stored blank")
+                    name = ""
+                if self.label_names.get(k, name) != name:
+                    name = ""  # NB: two dataset.json files that disagree: no name rather than a wrong one
+                self.label_names[k] = name
 
     def scan(self, pool: IsolatedPool, seg, follow_symlinks: bool) -> None:
         """Pass 1: headers of every candidate file, SEG references, mask matching."""
         candidates = [(k, f) for k, f in enumerate(self.found) if f.code is None]
         self.meter.stage("scan", len(candidates))
-        headers = pool.imap((("scan_file", str(f.path), self.key, self.max_bytes) for _, f in candidates),
+        headers = pool.imap((("scan_file", str(f.path), self.key, self.max_bytes, self.max_volume_bytes)
+                             for _, f in candidates),
                             on_done=self.meter.tick)
         kept = []
         for (k, f), rec in zip(candidates, headers, strict=True):
@@ -362,6 +422,8 @@ class _Ingest:
                 folder, _, name = f.rel.rpartition("/")
                 mask_files = self.mask_index.get((folder, self.matcher.image_key(name)), [])
                 used.update(m.rel for m in mask_files)
+            else:
+                mask_files = self.layout.labels_of.get(f.rel, [])
             segs = sorted(seg_refs.get(rec.get("instance_id"), ())) if rec["format"] == "dicom" else []
             self.tasks.append((k, f, rec, [m.rel for m in mask_files],
                                ("decode_file", str(f.path), rec, self.options, [str(m.path) for m in mask_files],
@@ -409,7 +471,7 @@ class _Ingest:
         self.stored_as: dict[str, str] = {}
         self.link_rows: list[dict] = []
         self.frame_of: dict[tuple[str, int], int] = {}
-        self.stored = self.unlabelled = self.masked = 0
+        self.stored = self.unlabelled = self.masked = self.skipped_frames = 0
         self.labelled_by: set[str] = set()
         start, journal, writer = self._open(has_labels, shard, compressor)
         try:
@@ -428,11 +490,15 @@ class _Ingest:
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
                 "files_in": len(self.found), "stored": self.stored, "skipped": dict(sorted(self.skipped.items())),
-                "duplicates": self.duplicates, "images": writer.n_images, "mask_files": len(self.labelled_by),
+                "duplicates": self.duplicates, "images": writer.n_images, "skipped_frames": self.skipped_frames,
+                "mask_files": len(self.labelled_by),
                 "unlabelled_images": self.unlabelled, "other_problems": other, **self.options,
-                "max_image_mb": self.max_bytes / 2**20, "linkage": self.side["linkage"].name,
-                "skipped_list": self.side["skipped"].name,
+                "max_image_mb": self.max_bytes / 2**20, "max_volume_mb": self.max_volume_bytes / 2**20,
+                "linkage": self.side["linkage"].name,
+                "skipped_list": self.side["skipped"].name, "layouts": self.layout.kinds,
             }
+            if self.label_names:
+                writer.attrs["label_names"] = {str(k): v for k, v in sorted(self.label_names.items())}
             opened = writer.close(rois=table)
         except BaseException:
             writer.abandon()  # NB: the shard being written completes and is journaled: a resume keeps it
@@ -450,7 +516,7 @@ class _Ingest:
             r["index"] = int(index_of[r.pop("source_index")])
         link_rows.sort(key=lambda r: r["index"])
         _write_csv(self.side["linkage"], link_rows, ["index", "frame", "source", "file_index", *ID_COLUMNS,
-                                                     "source_encoding"])
+                                                     "source_encoding", "channel", "case"])
         journal.remove()  # NB: last: until the linkage file is written, the ingest is not complete
         self.meter.done()
         summary = IngestSummary(
@@ -458,9 +524,11 @@ class _Ingest:
             duplicates=self.duplicates, images=opened.n_images,
             problems=pd.DataFrame(self.problems, columns=_PROBLEM_COLUMNS), linkage=self.side["linkage"],
             skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(self.labelled_by),
-            unlabelled_images=self.unlabelled, other_problems=other,
-            totals={"files": len(self.found), "masked": self.masked, "seg_files": self.seg_files,
-                    "mask_files": sum(len(v) for v in self.mask_index.values()), "has_mask_dir": self.mask_dir,
+            unlabelled_images=self.unlabelled, other_problems=other, skipped_frames=self.skipped_frames,
+            totals={"files": len(self.found), "frames": opened.n_images + self.skipped_frames,
+                    "masked": self.masked, "seg_files": self.seg_files,
+                    "mask_files": sum(len(v) for v in self.mask_index.values()) + len(self.layout.label_sources),
+                    "has_mask_dir": self.mask_dir,
                     "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
                     "meta_rows": 0 if self.meta_table is None else len(self.meta_table),
                     "meta_rows_hint": _path_hint(self.meta_table, sources),
@@ -505,7 +573,7 @@ class _Ingest:
         """What one decoded file became: its images go to `writer`; the rest is the journal record."""
         k, f, rec, mask_rels, task = self.tasks[j]
         record = {"j": j, "problems": [], "skip": None, "dup": False, "dedup": None, "masked": False,
-                  "labelled_by": [], "unlabelled": 0, "frames": []}
+                  "labelled_by": [], "unlabelled": 0, "frames": [], "skipped_frames": 0}
 
         def problem(item: str, code: str, reason: str) -> None:
             record["problems"].append({"source": f.rel, "item": item, "code": code, "reason": reason,
@@ -536,17 +604,35 @@ class _Ingest:
         else:
             record["labelled_by"] = list(mask_rels)  # NB: "mask files used" = masks that labelled a stored image
         labels = out["labels"]
-        if writer.labels and labels is None:
-            record["unlabelled"] = len(out["frames"])
-        for frame, entry in enumerate(out["frames"]):
+        for pos, entry in enumerate(out["frames"]):
+            channel, frame = int(entry.get("channel", 0)), int(entry.get("frame", pos))
+            if "skip" in entry:
+                # NB: one slice of a volume (--nonfinite skip): listed by (source, channel, frame), the rest stored
+                code, reason = entry["skip"]
+                problem(f"channel {channel} frame {frame}", code, reason)
+                record["skipped_frames"] += 1
+                continue
             pixels = entry.pop("pixels")
             row = _image_row(rec, entry, frame, k, pixels.shape)
+            row["channel"] = channel
+            row["case"] = self._case(rec, f.rel, channel)
             row.update(meta_rows.get(f.rel, {}))
-            plane = None if labels is None else labels[frame]
+            plane = entry.pop("label", None) if labels is None else labels[pos]
+            if writer.labels and plane is None:
+                record["unlabelled"] += 1
             source_index = writer.add(pixels, plane, row)
             ids = [] if plane is None else [int(v) for v in np.unique(plane) if v != 0]
             record["frames"].append({"row": writer.rows[source_index], "labels": ids})
         return record
+
+    def _case(self, rec: dict, rel: str, channel: int) -> str:
+        """The image's `case` (DESIGN §9): a DICOM series by its pseudonymous id, a NIfTI volume by a pseudonym
+        of its file and channel, any other file by a pseudonym of its name."""
+        if rec["format"] == "dicom" and rec.get("series_id"):
+            return rec["series_id"]
+        if rec["format"] == "nifti":
+            return pseudonym(self.key, "case", f"{rel}\0{channel}")
+        return pseudonym(self.key, "case", rel)
 
     def _apply(self, record: dict) -> None:
         """Count one file's record (decoded now, or replayed from the journal)."""
@@ -564,12 +650,16 @@ class _Ingest:
         self.masked += record["masked"]
         self.unlabelled += record["unlabelled"]
         self.labelled_by.update(record["labelled_by"])
-        for frame, fr in enumerate(record["frames"]):
+        self.skipped_frames += record.get("skipped_frames", 0)
+        for fr in record["frames"]:
             row = fr["row"]
-            self.frame_of[(f.rel, frame)] = int(row["source_index"])
+            frame, channel = int(row["frame"]), int(row.get("channel", 0))
+            if channel == 0:
+                # NB: ROI table rows name (source, frame): the first channel of a 4-D volume
+                self.frame_of[(f.rel, frame)] = int(row["source_index"])
             self.link_rows.append({"source_index": int(row["source_index"]), "frame": frame, "source": f.rel,
                                    "file_index": k, **{c: row.get(c, "") for c in ID_COLUMNS},
-                                   "source_encoding": f.encoding})
+                                   "source_encoding": f.encoding, "channel": channel, "case": row.get("case", "")})
 
     def interrupted(self) -> str:
         """What an interrupted ingest did and how to continue it (the line `gpucnr ingest` ends with)."""
@@ -586,16 +676,18 @@ class _Ingest:
                 f"with `{self.header['command']}` (or delete {self.stack.name} and {self.side['journal'].name})")
 
 
-def _memory_mb(max_image_mb: float) -> int:
+def _memory_mb(max_image_mb: float, max_volume_mb: float = 0) -> int:
     """A worker's memory budget: the largest allowed image several times over (decoded, converted to float64,
-    pickled for the driver) plus room for the decoders themselves."""
-    return int(8 * max_image_mb + 1024)
+    pickled for the driver), or the largest allowed volume three times (as stored, its slices, pickled), plus
+    room for the decoders themselves."""
+    return int(max(8 * max_image_mb, 3 * max_volume_mb) + 1024)
 
 
 def _image_row(rec: dict, entry: dict, frame: int, file_index: int, shape) -> dict:
     row = {c: rec.get(c, "") for c in ("format", "modality", "manufacturer", "model", *ID_COLUMNS)}
     row.update({"frame": frame, "rows": int(shape[0]), "columns": int(shape[1]), "file_index": file_index,
                 "spacing_y": float(rec.get("spacing_y", np.nan)), "spacing_x": float(rec.get("spacing_x", np.nan)),
+                "spacing_z": float(rec.get("spacing_z", np.nan)), "orientation": rec.get("orientation", ""),
                 "slope": float(entry["slope"]), "intercept": float(entry["intercept"]),
                 "padding": float(entry["padding"]), "photometric": entry["photometric"], "color": entry["color"]})
     return row

@@ -38,6 +38,7 @@ CODES = {
     "mask-no-image": "a mask file whose name matches no image",
     "roi-no-image": "an ROI table row names no stored image (or a frame it does not have)",
     "meta-no-image": "a --meta row names no file under SRC_DIR",
+    "label-regions": "dataset.json label entries not used as names (region lists such as 'whole tumor': [1, 2, 3])",
     "roi-name": "an ROI name that may identify a patient (DESIGN §10's value rule); the ROI is kept, its name blanked",
 }
 

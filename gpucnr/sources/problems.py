@@ -55,7 +55,8 @@ def is_problem(row: dict) -> bool:
     if item == "file":
         name = source.rpartition("/")[2]
         return code in FILE_PROBLEMS and not name.startswith("._") and name not in _LITTER
-    return code not in ("duplicate", "symlink", "empty-file", "not-an-image", "no-pixel-data", "color")
+    return code not in ("duplicate", "symlink", "empty-file", "not-an-image", "no-pixel-data", "color",
+                        "label-regions")
 
 
 @dataclass
@@ -76,16 +77,19 @@ class Group:
 
 def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
     """The problems of an ingest, in kinds: files, refused masks, masks without an image, SEG objects, ROI rows,
-    meta rows. `totals` holds the denominators: files, masked (images with a mask or SEG to apply), mask_files,
+    meta rows. `totals` holds the denominators: files, frames (slices of the stored files),
+    masked (images with a mask or SEG to apply), mask_files,
     seg_files, roi_rows, meta_rows, has_mask_dir (whether masks came from --masks), and KIND_hint: a cause
     found in the data itself (e.g. meta paths relative to a folder above SRC_DIR) that replaces the generic one."""
-    kinds = {"files": Counter(), "masked": Counter(), "mask_files": Counter(), "seg_files": Counter(),
+    kinds = {"files": Counter(), "frames": Counter(),
+             "masked": Counter(), "mask_files": Counter(), "seg_files": Counter(),
              "roi_rows": Counter(), "meta_rows": Counter()}
     for row in problems:
         if not is_problem(row):
             continue
         item, code = row["item"], row["code"]
-        kind = ("files" if item == "file" else "mask_files" if code == "mask-no-image" else
+        kind = ("files" if item == "file" else "frames" if item.startswith("channel ") else
+                "mask_files" if code == "mask-no-image" else
                 "masked" if item == "mask" else "seg_files" if item == "seg" else
                 "roi_rows" if item.startswith("rois") else "meta_rows")
         kinds[kind][code] += 1
@@ -99,7 +103,8 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
         "meta_rows": "the source column must hold paths relative to SRC_DIR (as the skipped list and the "
                      "linkage file write them), not to another folder",
     }
-    what = {"files": "image files skipped", "masked": "images whose mask or SEG was refused (stored unlabelled)",
+    what = {"files": "image files skipped", "frames": "slices of stored volumes skipped",
+            "masked": "images whose mask or SEG was refused (stored unlabelled)",
             "mask_files": "mask files matching no image", "seg_files": "DICOM SEG objects not used",
             "roi_rows": "ROI table rows naming no stored image", "meta_rows": "meta table rows naming no file"}
     groups = []

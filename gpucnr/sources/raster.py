@@ -1,7 +1,9 @@
-"""PNG and TIFF images and mask files (Pillow), read inside worker processes.
+"""PNG, TIFF and JPEG images and mask files (Pillow), read inside worker processes.
 
 Gray images keep their stored values and dtype; colour goes through `colour.to_gray`; palette images are
-expanded through their palette first. Multi-page TIFFs give one image per page.
+expanded through their palette first. Multi-page TIFFs give one image per page. JPEG: baseline and progressive
+8-bit (gray, RGB; CMYK is refused as ``unsupported-format``), its EXIF orientation never applied (masks are not
+rotated either); nothing of its EXIF, COM or XMP segments is read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from gpucnr.sources.outcomes import Skip
 
 __all__ = ["MAGIC", "decode", "read_pages", "scan"]
 
-MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
+MAGIC = {b"\x89PNG\r\n\x1a\n": "png", b"II*\x00": "tiff", b"MM\x00*": "tiff", b"\xff\xd8\xff": "jpeg"}
 #: Pillow mode -> bits per pixel once decoded (1-bit pages decode to a byte per pixel), for the declared size
 #: (checked before any page is decoded)
 _BITS = {"1": 8, "L": 8, "P": 8, "LA": 16, "PA": 16, "I;16": 16, "I;16B": 16, "I;16L": 16, "I;16N": 16, "I": 32,

@@ -126,12 +126,20 @@ def _npy_pages(path, shapes) -> list[tuple[str, np.ndarray, None]]:
     return [("npy", p, None) for p in planes]
 
 
-def read_masks(paths: list, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
+def _threshold(arr: np.ndarray, threshold: float) -> np.ndarray:
+    """A mask page binarised: 1 where its gray value (the mean of its colour channels) exceeds `threshold`."""
+    if arr.ndim == 3:
+        arr = arr[..., :3].astype(np.float64).mean(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
+    return (arr > threshold).astype(np.int32)
+
+
+def read_masks(paths: list, shapes: list[tuple[int, int]], *, threshold: float | None = None) -> list[np.ndarray]:
     """Labels (int32, one per frame) from the mask files of one image, merged; `shapes` are the frames'.
 
     Mask files are PNG/TIFF images or NumPy ``.npy`` label arrays (told by content). Each holds one page (or
     array plane) per frame (or one page for all frames of a single-frame image). Raises `Skip`
-    with ``mask-unreadable``, ``mask-shape``, ``mask-labels`` or ``mask-overlap``.
+    with ``mask-unreadable``, ``mask-shape``, ``mask-labels`` or ``mask-overlap``. With `threshold`
+    (``--mask-threshold``: lossy JPEG masks) every mask is binarised, 1 where its value exceeds it.
     """
     from gpucnr.sources.raster import read_pages
 
@@ -147,7 +155,7 @@ def read_masks(paths: list, shapes: list[tuple[int, int]]) -> list[np.ndarray]:
         if len(pages) != len(shapes):
             raise Skip("mask-shape", f"{what} has {len(pages)} page(s), the image {len(shapes)} frame(s)")
         for f, (mode, arr, _) in enumerate(pages):
-            labels = _labels(mode, arr, what)
+            labels = _labels(mode, arr, what) if threshold is None else _threshold(arr, threshold)
             if labels.shape != shapes[f]:
                 raise Skip("mask-shape", f"{what} is {labels.shape[1]}x{labels.shape[0]} px, the image "
                            f"{shapes[f][1]}x{shapes[f][0]} px" + (f" (frame {f})" if len(shapes) > 1 else ""))

@@ -7,14 +7,17 @@ file except through a pseudonym or a sanitised descriptive field).
 from __future__ import annotations
 
 import logging
+import os
 import warnings
+import zlib
 
 import numpy as np
 
-from gpucnr.sources import dicom, raster
+from gpucnr.sources import dicom, nifti, raster
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import pseudonym
 from gpucnr.sources.rois import read_masks, read_seg
+from gpucnr.sources.workers import Streamed, allow_memory
 
 __all__ = ["decode_file", "run", "scan_file", "scan_seg", "sniff"]
 
@@ -40,10 +43,11 @@ def _silence() -> None:
 
 
 def sniff(path) -> str:
-    """"dicom", "png" or "tiff" from the first bytes; never from the extension."""
+    """"dicom", "png", "tiff", "jpeg", "nifti1" or "nifti2" (gzip or not) from the first bytes; never from the
+    extension."""
     try:
         with open(path, "rb") as fh:
-            head = fh.read(132)
+            head = fh.read(544)
     except OSError as e:
         raise Skip("unreadable", f"the file cannot be read ({type(e).__name__})") from None
     if not head:
@@ -53,14 +57,39 @@ def sniff(path) -> str:
     for magic, fmt in raster.MAGIC.items():
         if head.startswith(magic):
             return fmt
-    raise Skip("not-an-image", "neither DICOM Part 10 (preamble + 'DICM'), PNG nor TIFF by content")
+    named = os.path.basename(os.fsdecode(path)).lower()
+    if head.startswith(nifti.GZIP):
+        try:
+            head = nifti.gzip_head(path)
+        except (OSError, EOFError, zlib.error) as e:
+            # NB: the name only chooses between a problem and a non-image: the format is the content's
+            code = "decode-error" if named.endswith((".nii.gz", ".gz")) else "not-an-image"
+            raise Skip(code, f"a gzip stream that cannot be inflated ({type(e).__name__})") from None
+        gz = True
+    else:
+        gz = False
+    k = nifti.kind(head)
+    if k in ("nifti1", "nifti2"):
+        return k + (".gz" if gz else "")
+    if k == "pair":
+        raise Skip("unsupported-format", "a NIfTI / Analyze header of a .hdr/.img pair (convert it to .nii)")
+    if head.startswith(b"NRRD"):
+        raise Skip("unsupported-format", "an NRRD file (.nrrd): not read yet; convert it to NIfTI")
+    if head.lstrip().startswith((b"ObjectType", b"NDims")) or named.endswith((".mha", ".mhd")):
+        raise Skip("unsupported-format", "a MetaImage file (.mha/.mhd): not read yet; convert it to NIfTI")
+    if gz and named.endswith((".nii.gz", ".nii")):
+        raise Skip("bad-header", "a gzip file named as NIfTI whose content is not a NIfTI header")
+    raise Skip("not-an-image", "neither DICOM Part 10, PNG, TIFF, JPEG nor NIfTI by content")
 
 
-def scan_file(path, key: bytes, max_bytes: int) -> dict:
-    """Header record of one file (see dicom.scan / raster.scan)."""
+def scan_file(path, key: bytes, max_bytes: int, max_volume_bytes: int | None = None) -> dict:
+    """Header record of one file (see dicom.scan / raster.scan / nifti.scan)."""
     _silence()
     fmt = sniff(path)
     try:
+        if fmt.startswith("nifti"):
+            return nifti.scan(path, key, max_bytes, max_volume_bytes or 4096 * 2**20, 1 if fmt[5] == "1" else 2,
+                              fmt.endswith(".gz"))
         return dicom.scan(path, key, max_bytes) if fmt == "dicom" else raster.scan(path, key, max_bytes)
     except OSError as e:
         raise Skip("unreadable", f"the file cannot be read ({type(e).__name__})") from None
@@ -75,27 +104,55 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
     try:
         if record["format"] == "dicom":
             frames = dicom.decode(path, record, options)
+        elif record["format"] == "nifti":
+            # NB: the volume as stored (inflated through a buffer of its size), its label map, parts in flight
+            allow_memory(3 * record["declared_bytes"] / 2**20 + 1024)
+            frames = nifti.decode(path, record, options)
         else:
             frames = raster.decode(path, record, options)
     except OSError as e:
         raise Skip("unreadable", f"the file cannot be read ({type(e).__name__})") from None
-    shapes = [f["pixels"].shape for f in frames]
+    shapes = [f["pixels"].shape if "pixels" in f else (record["rows"], record["columns"]) for f in frames]
     labels, problem = None, None
     try:
-        labels = _image_labels(path, record, shapes, masks, segs)
+        if record["format"] == "nifti":
+            labels = _volume_labels(record, masks, segs)
+        else:
+            labels = _image_labels(path, record, shapes, masks, segs, options.get("mask_threshold"))
     except Skip as e:
         problem = (e.code, e.reason)  # NB: the image is still stored, unlabelled; the driver lists the problem
     except MemoryError:
         # NB: a mask must never cost its image: past the shape checks, only a hostile stream gets here
         problem = ("mask-unreadable", "reading the mask exceeded the per-file memory limit")
+    if record["format"] == "nifti":
+        # NB: a volume's slices (and label planes) stay views of it and go to the driver a few at a time
+        if labels is not None:
+            for f, plane in zip(frames, labels, strict=True):
+                f["label"] = plane
+        return Streamed({"frames": frames, "labels": None, "mask_problem": problem}, "frames", _frame_bytes)
     for f in frames:
         f["pixels"] = np.ascontiguousarray(f["pixels"])
     return {"frames": frames, "labels": labels, "mask_problem": problem}
 
 
-def _image_labels(path, record: dict, shapes, masks: list, segs: list):
+def _frame_bytes(frame: dict) -> int:
+    return sum(frame[k].nbytes for k in ("pixels", "label") if frame.get(k) is not None)
+
+
+def _volume_labels(record: dict, masks: list, segs: list):
+    """Labels of a NIfTI volume's slices (every channel) from its one label map (None without one)."""
+    if segs:
+        raise Skip("seg-unreadable", "DICOM SEG objects label DICOM images only")
+    if not masks:
+        return None
+    if len(masks) > 1:
+        raise Skip("mask-overlap", f"{len(masks)} label maps match one volume; give it one")
+    return nifti.read_labels(masks[0], record)
+
+
+def _image_labels(path, record: dict, shapes, masks: list, segs: list, threshold=None):
     """Labels of an image's frames from its mask files and DICOM SEG objects (None when it has neither)."""
-    labels = read_masks(masks, shapes) if masks else None
+    labels = read_masks(masks, shapes, threshold=threshold) if masks else None
     if segs:
         if record["format"] != "dicom":
             raise Skip("seg-unreadable", "DICOM SEG objects label DICOM images only")

@@ -23,7 +23,33 @@ from multiprocessing.connection import Connection, wait
 from gpucnr.errors import GpucnrError
 from gpucnr.sources.outcomes import CODES
 
-__all__ = ["IsolatedPool", "TaskFailure"]
+__all__ = ["IsolatedPool", "Streamed", "TaskFailure", "allow_memory"]
+
+#: bytes of a streamed result's items per message
+_PART_BYTES = 32 * 2**20
+
+
+class Streamed:
+    """A task's result sent to the driver in parts: the list ``head[key]`` goes a few items at a time (about
+    32 MiB per message, by `sizeof`), then the rest of `head`; the driver gets `head` whole. A worker never pickles
+    a whole volume at once."""
+
+    __slots__ = ("head", "key", "sizeof")
+
+    def __init__(self, head: dict, key: str, sizeof: Callable[[object], int]):
+        self.head, self.key, self.sizeof = head, key, sizeof
+
+    def send(self, conn) -> None:
+        items, part, size = self.head.pop(self.key), [], 0
+        for item in items:
+            part.append(item)
+            size += self.sizeof(item)
+            if size >= _PART_BYTES:
+                conn.send(("part", part))
+                part, size = [], 0
+        if part:
+            conn.send(("part", part))
+        conn.send(("ok", ("streamed", self.key, self.head)))
 
 
 class TaskFailure:
@@ -38,10 +64,27 @@ class TaskFailure:
         return f"TaskFailure({self.code!r}, {self.reason!r})"
 
 
-def _child(conn, target: str, memory_mb: int | None) -> None:
+#: (address space after the imports, the hard limit, the default soft limit) in a child with a memory limit
+_LIMITS: tuple[int, int, int] | None = None
+
+
+def allow_memory(mb: float) -> None:
+    """Let the current task use up to `mb` MiB beyond the imports (at most the pool's `memory_mb`); the child
+    returns to the pool's `task_memory_mb` after the task. A no-op outside a limited child."""
+    if _LIMITS is None:
+        return
+    import resource
+
+    base, hard, _ = _LIMITS
+    resource.setrlimit(resource.RLIMIT_AS, (min(hard, base + int(mb * 2**20)), hard))
+
+
+def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None = None) -> None:
     """Child main loop: receive (function args), run, send ("ok", value) or ("skip", code, reason)."""
     import warnings
 
+    # NB: this runs as __main__; tasks see the limits through the module they import
+    me = importlib.import_module("gpucnr.sources.workers")
     warnings.simplefilter("ignore")  # NB: readers' warnings can quote header values; stderr is not for them
     base = _vm_bytes() if memory_mb else None
     if base is not None:
@@ -49,8 +92,11 @@ def _child(conn, target: str, memory_mb: int | None) -> None:
 
         # NB: relative to what the interpreter and its imports already reserve, so the limit bounds the task.
         importlib.import_module(target.partition(":")[0])
-        limit = _vm_bytes() + memory_mb * 2**20
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        base = _vm_bytes()
+        hard = base + memory_mb * 2**20
+        soft = base + min(memory_mb, task_memory_mb or memory_mb) * 2**20
+        me._LIMITS = (base, hard, soft)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     module_name, _, func_name = target.partition(":")
     func = getattr(importlib.import_module(module_name), func_name)
     conn.send("ready")
@@ -62,7 +108,16 @@ def _child(conn, target: str, memory_mb: int | None) -> None:
         if args is None:
             return
         try:
-            conn.send(("ok", func(*args)))
+            try:
+                result = func(*args)
+            finally:
+                if me._LIMITS is not None:
+                    # NB: a task's allowance ends with it
+                    resource.setrlimit(resource.RLIMIT_AS, (me._LIMITS[2], me._LIMITS[1]))
+            if isinstance(result, me.Streamed):  # NB: the class tasks import, not this __main__'s
+                result.send(conn)
+            else:
+                conn.send(("ok", result))
         except MemoryError:
             conn.send(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
@@ -104,11 +159,16 @@ class IsolatedPool:
     timeout : float
         Seconds one task may take before its process is killed (``decode-timeout``).
     memory_mb : int or None
-        Address space a task may add to what the child holds after importing `target` (``out-of-memory``).
+        Address space a task may add to what the child holds after importing `target` (``out-of-memory``), at
+        most: a task asks for it with `allow_memory` (a volume, by its declared size).
+    task_memory_mb : int or None
+        What a task may add without asking (default `memory_mb`).
     """
 
-    def __init__(self, target: str, *, workers: int, timeout: float, memory_mb: int | None = None):
+    def __init__(self, target: str, *, workers: int, timeout: float, memory_mb: int | None = None,
+                 task_memory_mb: int | None = None):
         self.target, self.workers, self.timeout, self.memory_mb = target, max(1, workers), timeout, memory_mb
+        self.task_memory_mb = task_memory_mb
         self._slots: list[dict] = []
 
     def __enter__(self):
@@ -123,13 +183,14 @@ class IsolatedPool:
         # child's stderr is discarded: native decoders and readers may print header values there.
         ours, theirs = socket.socketpair()
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr.sources.workers", str(theirs.fileno()), self.target,
-                                 str(self.memory_mb or 0)], pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                                 str(self.memory_mb or 0), str(self.task_memory_mb or 0)],
+                                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 # NB: a process group of its own: Ctrl-C in the terminal reaches the driver alone,
                                 # which stops the children (a child killed by it would read as decoder-crash)
                                 process_group=0)
         theirs.close()
-        return {"proc": proc, "conn": Connection(ours.detach()), "queue": deque(), "deadline": None}
+        return {"proc": proc, "conn": Connection(ours.detach()), "queue": deque(), "deadline": None, "parts": []}
 
     def _ready(self, slot: dict) -> dict:
         """Wait for a started child's handshake; a child that cannot even start is an error of the install."""
@@ -232,8 +293,18 @@ class IsolatedPool:
                         self._fail(k, TaskFailure("decoder-crash", f"the worker process died (exit code {code}) "
                                                   "while reading the file"), pending, retry)
                         continue
+                    if msg[0] == "part":
+                        # NB: a streamed result (`Streamed`): its items arrive before its head; the task goes on
+                        slot["parts"].extend(msg[1])
+                        slot["deadline"] = time.monotonic() + self.timeout
+                        continue
                     i, _ = slot["queue"].popleft()
-                    pending[i] = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
+                    parts, slot["parts"] = slot["parts"], []
+                    if msg[0] == "ok" and isinstance(msg[1], tuple) and msg[1][:1] == ("streamed",):
+                        _, key, head = msg[1]
+                        pending[i] = {**head, key: parts}
+                    else:
+                        pending[i] = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
                     slot["deadline"] = time.monotonic() + self.timeout
                 elif time.monotonic() >= slot["deadline"]:
                     self._fail(k, TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s"),
@@ -251,4 +322,5 @@ class IsolatedPool:
 
 
 if __name__ == "__main__":
-    _child(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]) or None)
+    _child(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]) or None,
+           int(sys.argv[4]) if len(sys.argv) > 4 else None)
