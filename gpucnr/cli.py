@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.add_argument("--verify", action="store_true",
-                      help="results: decode every chunk and check committed rows, not only indexes and checksums")
+                      help="read and decode every chunk: results (and check committed rows), or a stack's images and "
+                           "labels (each against the checksum recorded for its position)")
     return parser
 
 
@@ -219,10 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # NB: a command that had written nothing worth continuing: say so in one line, no traceback.
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        done = {"report": "no report was written (report.html is written whole, at the end)",
-                "filter": "no manifest was written (it is written whole, at the end)"}.get(
-                    args.command, f"`gpucnr {args.command}` stopped before it had written anything to continue from")
-        print(f"gpucnr: interrupted ({name}): {done}; run the same command again", file=sys.stderr)
+        done = {"report": "no report was written (report.html is written whole, at the end); run the same "
+                          "command again",
+                "filter": "no manifest was written (it is written whole, at the end); run the same command again",
+                # NB: a run interrupted after its last commit (or before its first) ends here: say where to look
+                "run": f"`gpucnr info {getattr(args, 'results', 'RESULTS')}` says what is committed; the same "
+                       "command with --resume continues (without it, if nothing was written)",
+                "ingest": f"`gpucnr info {getattr(args, 'stack', 'STACK')}` says what was stored; the same command "
+                          "with --resume continues an interrupted ingest"}.get(
+                    args.command, f"`gpucnr {args.command}` stopped before it had written anything to continue "
+                                  "from; run the same command again")
+        print(f"gpucnr: interrupted ({name}): {console_text(done)}", file=sys.stderr)
         return 143 if name == "SIGTERM" else 130
     except BrokenPipeError:
         # NB: the reader of stdout went away; Python would complain again when it flushes stdout at exit.
@@ -281,8 +289,8 @@ def _dispatch(args) -> int:
         if problems:
             print(problems, file=sys.stderr)
         if summary.images == 0:
-            print("gpucnr: error [no-image] no image was stored; the skipped list says why, file by file",
-                  file=sys.stderr)
+            print(f"gpucnr: error [no-image] no image was stored, so no stack was kept; the skipped list "
+                  f"{console_text(summary.skipped_list)} says why, file by file", file=sys.stderr)
             return 2
         return 3 if problems else 0
     if args.command == "demo":

@@ -72,6 +72,15 @@ def _remove_previous(path: Path) -> None:
     if "gpucnr_stack" not in attrs and "gpucnr_results" not in attrs:
         raise OutputError("output-exists", f"{path} exists and is not a gpucnr stack or results (or is a symbolic "
                           "link); not replacing it")
+    # NB: an ingested stack (its counts, or its key / linkage / skipped files beside it) is a user's data, never a
+    # previous demo's: replacing it would leave its linkage file to be joined to phantom results
+    beside = sorted(p.name for p in path.parent.glob(f"{path.name}.*"))
+    if "gpucnr_results" in attrs and attrs.get("stack_path") != "stack.zarr":
+        raise OutputError("output-exists", f"{path} are results of another stack ({attrs.get('stack_path')}), not a "
+                          "previous demo's; not replacing them: choose another --out")
+    if "ingest" in attrs or beside:
+        raise OutputError("output-exists", f"{path} is an ingested stack ({', '.join(beside) or 'ingest counts'}), "
+                          "not a previous demo's; not replacing it: choose another --out")
     shutil.rmtree(path)
 
 

@@ -11,7 +11,15 @@ import zarr
 from gpucnr.errors import GpucnrError
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
-from gpucnr.results import RESULTS_FORMAT, results_format, verify_results
+from gpucnr.results import (
+    RESULTS_FORMAT,
+    damage_text,
+    damage_where,
+    repair_hint,
+    results_format,
+    resume_command,
+    verify_results,
+)
 from gpucnr.store import open_stack, unfinished_stack
 
 __all__ = ["describe"]
@@ -33,20 +41,20 @@ def describe(path, *, verify: bool = False) -> dict:
         attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     except Exception:  # noqa: BLE001 - not a Zarr group: say so below
         attrs = {}
-    if "gpucnr_stack" in attrs:
-        return _stack(path)
-    if "gpucnr_results" in attrs:
-        return _results(path, verify)
     unfinished = unfinished_stack(path)
     if unfinished:
         return {"kind": "unfinished-stack", "path": str(path), "complete": False, "problem": unfinished,
                 "text": f"{path}: {unfinished}", "exit_code": 2}
+    if "gpucnr_stack" in attrs:
+        return _stack(path, verify)
+    if "gpucnr_results" in attrs:
+        return _results(path, verify)
     report = {"kind": "unknown", "path": str(path), "exit_code": 2}
     report["text"] = f"{path}: neither a gpucnr stack nor gpucnr results"
     return report
 
 
-def _stack(path: Path) -> dict:
+def _stack(path: Path, verify: bool = False) -> dict:
     problem = None
     try:
         stack = open_stack(path)
@@ -86,9 +94,32 @@ def _stack(path: Path) -> dict:
         lines += [f"    skipped {code}: {n}" for code, n in skipped.items()]
         lines += [f"    {code}: {n}" for code, n in ingest.get("other_problems", {}).items()]
     lines.append(f"  complete: {'yes' if problem is None else 'NO — ' + problem}")
+    if verify and problem is None:
+        report["damaged"] = _read_every_chunk(stack)
+        report["verified"] = True
+        report["exit_code"] = 3 if report["damaged"] else 0
+        lines.append(f"  checked: every image and label chunk read and decoded (--verify): "
+                     f"{len(report['damaged'])} damaged")
+        lines += [f"    {d}" for d in report["damaged"][:20]]
     lines.append(f"  fingerprint {str(report['fingerprint'])[:16]}")
     report["text"] = "\n".join(lines)
     return report
+
+
+def _read_every_chunk(stack) -> list[str]:
+    """Read every shard of every bucket through the checked reader; the coded error of each that fails (a chunk
+    that fails its checksum, decodes to the wrong size, or is not the one recorded for its position)."""
+    from gpucnr.store import StackError
+
+    damaged = []
+    for b in stack.buckets:
+        for lo in range(0, b.size, stack.shard):
+            hi = min(lo + stack.shard, b.size)
+            try:
+                stack.read(b, lo, hi, labels=True)
+            except StackError as e:
+                damaged.append(str(e))
+    return damaged
 
 
 def _fingerprint(stack) -> str | None:
@@ -101,20 +132,32 @@ def _fingerprint(stack) -> str | None:
 
 def _results(path: Path, verify: bool = False) -> dict:
     fmt = results_format(path)
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     damaged = []
-    if fmt == RESULTS_FORMAT:
-        check = verify_results(path, decode=verify)
-        damaged = check["damaged"]
-        committed = check["committed"]
-    else:
-        committed = np.asarray(zarr.open_group(str(path), mode="r")["committed"][:])
-    ds = xr.open_zarr(str(path), consolidated=False, mask_and_scale=False)
+    try:
+        if fmt == RESULTS_FORMAT:
+            check = verify_results(path, decode=verify)
+            damaged = check["damaged"]
+            committed = check["committed"]
+        else:
+            committed = np.asarray(zarr.open_group(str(path), mode="r")["committed"][:])
+        ds = xr.open_zarr(str(path), consolidated=False, mask_and_scale=False) if committed is not None else None
+    except Exception as e:  # noqa: BLE001 - unreadable metadata or batch table: reported, never raised
+        damaged = damaged or [{"array": "results", "batches": None, "reason": f"cannot be read ({type(e).__name__})"}]
+        committed, ds = None, None
+    if ds is None:
+        report = {"kind": "results", "path": str(path), "format": fmt, "complete": False, "damaged": damaged,
+                  "damaged_batches": [], "exit_code": 3}
+        report["text"] = "\n".join([f"results {path}: DAMAGED beyond a batch — {damage_text(path, damaged)}",
+                                     f"  {repair_hint(path, damaged, attrs)}"])
+        return report
     status = ds["status"].to_numpy() if not damaged else np.asarray([], np.int8)
     names = {v: k for k, v in STATUS.items()}
     counts = {names.get(int(v), str(v)): int(c) for v, c in zip(*np.unique(status, return_counts=True), strict=True)}
     params = {k: ds.attrs.get(k) for k in Params().as_attrs()}
     failures = list(ds.attrs.get("failures", []))
     complete = bool(committed.all())
+    failed = len({int(f["image"]) for f in failures})
     report = {
         "kind": "results", "path": str(path), "format": fmt, "images": ds.sizes["image"],
         "roi_ids": [int(v) for v in ds.roi.values], "roi_source": ds.attrs.get("roi_source"),
@@ -124,25 +167,27 @@ def _results(path: Path, verify: bool = False) -> dict:
         "status_counts": counts, "parameters": params, "backend": ds.attrs.get("backend"),
         "stack_path": ds.attrs.get("stack_path"), "stack_fingerprint": ds.attrs.get("stack_fingerprint"),
         "gpucnr_version": ds.attrs.get("gpucnr_version"), "failures": failures,
-        # NB: DESIGN §10: damaged or incomplete results are a problem (exit 3)
-        "exit_code": 3 if damaged or not complete else 0,
+        # NB: DESIGN §10: damaged or incomplete results, and images that failed (status 6), are problems (exit 3)
+        "exit_code": 3 if damaged or not complete or failed else 0,
     }
     source = {"both": "labels and ROI table"}.get(report["roi_source"], report["roi_source"])
+    resume = resume_command(attrs, path)
     lines = [f"results {path}: {report['images']} images x {len(report['roi_ids'])} ROI id(s) {report['roi_ids']}"
              + (f" (ROIs from the {source})" if source else ""),
              f"  batches committed: {report['committed']}/{report['batches']}"
-             f"{'' if report['complete'] else ' (incomplete: gpucnr run --resume continues)'}"]
+             f"{'' if report['complete'] else f' (incomplete: `{resume}` continues)'}"]
     if damaged:
-        lines.append(f"  DAMAGED: {len(report['damaged_batches'])} batch(es) "
-                     f"{_ranges(report['damaged_batches'])}; gpucnr run STACK RESULTS --resume recomputes them")
-        lines += [f"    {d['array']}: {d['reason']}" for d in damaged[:20]]
+        lines.append(f"  DAMAGED: {len(report['damaged_batches'])} batch(es) {_ranges(report['damaged_batches'])}; "
+                     f"{repair_hint(path, damaged, attrs)}")
+        lines += [f"    {d['array']} ({damage_where(d)}): {d['reason']}" for d in damaged[:20]]
         if len(damaged) > 20:
             lines.append(f"    ... {len(damaged) - 20} more (--json lists all)")
     else:
         lines.append("  cells by status: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     lines += [f"  checked: {'every chunk decoded (--verify)' if report['verified'] else 'indexes and checksums'}"
               if fmt == RESULTS_FORMAT else "  format 1: no checksums to check (rerun to get format 2)",
-              f"  failed images: {len(failures)}",
+              f"  failed images: {failed}" + (" (a problem: `gpucnr info RESULTS --json` lists them with their "
+                                             "reasons)" if failed else ""),
               "  parameters: " + ", ".join(f"{k}={v}" for k, v in params.items()),
               f"  backend {report['backend']}; gpucnr {report['gpucnr_version']}",
               f"  stack {report['stack_path']} (fingerprint {str(report['stack_fingerprint'])[:16]})"]

@@ -76,6 +76,7 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
         The unit of a row.
 
         - ``image``: the CNR is ``cnr_median``; flag (reason ``"no valid roi"``) when ``n_valid == 0``, flag
+          (``"failed"``) when the image could not be processed (status 6 in every cell), flag
           (``"not-computed"``) when the row was never written (``n_valid < 0``, an interrupted run).
         - ``roi``: one row per (image, roi) cell of the results grid, including cells whose ROI is absent from
           the image; the CNR is the cell's ``cnr`` (as stored: absolute unless the run was ``signed``); a cell
@@ -153,12 +154,20 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
         _require(ds, ("cnr_median", "n_valid"), ("image",))
         frame = pd.DataFrame({**id_values, "image": image,
                               "cnr": np.asarray(ds["cnr_median"].values, np.float64),
-                              "n_valid": np.asarray(ds["n_valid"].values, np.int64)})
+                              "n_valid": np.asarray(ds["n_valid"].values, np.int64),
+                              "failed": _failed_images(ds)})
         df = _image_rows(frame, ids, threshold) if level == "image" else _group_rows(frame, ids, level, threshold)
     df.attrs = {"manifest_format": _FORMAT, "threshold": threshold, "level": level, "gpucnr_version": __version__,
                 "allow_incomplete": bool(allow_incomplete), "not_computed_images": missing,
                 "run": {str(k): _plain(v) for k, v in ds.attrs.items() if k != "failures"}}
     return df
+
+
+def _failed_images(ds: xr.Dataset) -> np.ndarray:
+    """Images whose every cell is status 6 (failed: the image could not be processed)."""
+    if "status" not in ds.variables or ds["status"].ndim != 2 or not ds.sizes.get("roi", 0):
+        return np.zeros(ds.sizes["image"], bool)
+    return (np.asarray(ds["status"].values) == STATUS["failed"]).all(axis=1)
 
 
 def _require(ds: xr.Dataset, names, dims) -> None:
@@ -201,7 +210,9 @@ def _image_rows(frame: pd.DataFrame, ids: list[str], threshold: float) -> pd.Dat
     cnr = frame["cnr"].to_numpy()
     n_valid = frame["n_valid"].to_numpy()
     usable = (n_valid > 0) & ~np.isnan(cnr)
-    decision, reason, value = _decide(cnr, usable, np.where(n_valid < 0, NOT_COMPUTED, NO_VALID), threshold)
+    # NB: an image that could not be processed says so ("failed", status 6), not "no valid roi"
+    why = np.where(n_valid < 0, NOT_COMPUTED, np.where(frame["failed"].to_numpy(), "failed", NO_VALID))
+    decision, reason, value = _decide(cnr, usable, why, threshold)
     df = pd.DataFrame({**{c: frame[c] for c in ids}, "image": frame["image"], "decision": decision,
                        "reason": reason, "cnr": value, "n_valid": n_valid})
     return _finish(df, [*ids, "image"])

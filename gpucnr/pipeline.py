@@ -44,7 +44,7 @@ from gpucnr.results import (
 )
 from gpucnr.roitable import normalize_table
 from gpucnr.stackcheck import check_label_ids
-from gpucnr.store import FINGERPRINT_VERSION, RESULT_COLUMNS, Stack, StackError, open_stack
+from gpucnr.store import FINGERPRINT_VERSION, RESULT_COLUMNS, Stack, StackError, open_stack, unfinished_stack
 
 __all__ = ["SCHEDULERS", "RunEnvironmentError", "plan_batches", "run", "table_fingerprint"]
 
@@ -161,7 +161,11 @@ gcnr_bins, signed
         Ctrl-C or SIGTERM (a KeyboardInterrupt): the pool is stopped; the message names the batches committed and
         the ``gpucnr run ... --resume`` that continues.
     """
-    stack = stack if isinstance(stack, Stack) else open_stack(stack)
+    if not isinstance(stack, Stack):
+        unfinished = unfinished_stack(stack)
+        if unfinished:
+            raise StackError("stack-incomplete", f"{stack}: {unfinished}")
+        stack = open_stack(stack)
     refuse_overlap([("stack", stack.path), ("ROI table", rois if isinstance(rois, str | Path) else None)],
                    [("results", results)])
     if resume:
@@ -187,7 +191,16 @@ gcnr_bins, signed
              "roi_source_option": roi_source, "rois_fingerprint": table_fingerprint(table),
              "status_codes": STATUS_LEGEND, "failures": [], "rois_unmatched": unmatched,
              "group_columns": groups}
-    group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume, sources)
+    # NB: a scheduler address is reached before anything is written: a typo is refused, not a template left behind
+    remote = _connect(scheduler) if client is None and scheduler not in SCHEDULERS else None
+    client = client if remote is None else remote
+    try:
+        group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume,
+                                                     sources)
+    except BaseException:
+        if remote is not None:
+            remote.close()
+        raise
     # NB: label ids named by the dataset.json ingest read; a table's own names win for its cells
     names = _names(table, roi_ids, stack.n_images, stack.group.attrs.get("label_names") if use_labels else None)
     # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
@@ -246,6 +259,8 @@ gcnr_bins, signed
             writer.close()
         finally:
             bar.done()
+            if remote is not None:
+                remote.close()
     if interrupted is not None:
         # NB: Ctrl-C / SIGTERM: the pool is stopped (_drain); committed batches stay, --resume does the rest
         raise Interrupted(f"{int(writer.committed.sum())} of {len(plan)} batches are committed in {results}; "
@@ -493,8 +508,6 @@ def _resume(path: Path, attrs: dict, roi_ids):
     if changed:
         raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
                            + ", ".join(f"{k}={old.get(k)!r} (now {attrs[k]!r})" for k in changed))
-    if list(np.asarray(group["roi"][:])) != list(roi_ids):
-        raise ResultsError("resume-mismatch", f"{path} has other ROI ids")
     removed = shardfiles.remove_leftovers(path)
     if removed:
         logger.info("%s: removed %d temporary file(s) a killed run left", path, removed)
@@ -503,6 +516,8 @@ def _resume(path: Path, attrs: dict, roi_ids):
     if untied:
         raise ResultsError("results-damaged", damage_text(path, untied) + "; this cannot be recomputed by batch: "
                            "rerun into a new results folder")
+    if list(np.asarray(group["roi"][:])) != list(roi_ids):
+        raise ResultsError("resume-mismatch", f"{path} has other ROI ids")
     committed = report["committed"].copy()
     if report["damaged_batches"]:
         logger.warning(damage_text(path, report["damaged"]) + "; recomputing those batches")
@@ -511,13 +526,24 @@ def _resume(path: Path, attrs: dict, roi_ids):
 
 
 # --- execution ---------------------------------------------------------------------------------------------
+def _connect(address: str):
+    """A client of the Dask scheduler at `address`, or a coded refusal naming it (a typo, a scheduler not
+    running, the distributed extra missing)."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise InputError(f"--scheduler {address!r} is neither {', '.join(SCHEDULERS)} nor usable as the address of "
+                         "a Dask scheduler without the distributed extra (pip install 'gpucnr[distributed]')") from None
+    try:
+        return Client(address, timeout="20s")
+    except (OSError, TimeoutError, ValueError, TypeError) as e:
+        raise InputError(f"cannot reach a Dask scheduler at {address!r} ({type(e).__name__}: {e or 'no detail'}); "
+                         f"--scheduler takes {', '.join(SCHEDULERS)} or the address of a running scheduler "
+                         "(e.g. tcp://127.0.0.1:8786)") from None
+
+
 def _execute(specs, finish, *, client, scheduler, workers):
     attempts = _Attempts()
-    if client is None and scheduler not in SCHEDULERS:
-        from distributed import Client
-
-        with Client(scheduler) as remote:
-            return _execute_distributed(specs, finish, remote, attempts)
     if client is not None:
         return _execute_distributed(specs, finish, client, attempts)
     if scheduler == "synchronous":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
+import logging
 import os
 from pathlib import Path
 
@@ -300,8 +301,11 @@ def _lowest_section(ds, values, source, stack, lowest, rois) -> str:
             png = three_panel(image, roi_mask, bg_mask, caption, exclude=exclude, slope=float(row["slope"]),
                               intercept=float(row["intercept"]))
             body = _img(png, caption)
-        except (GpucnrError, ValueError, KeyError, IndexError) as e:
-            body = f"<p class=\"note\">{_e(f'cannot draw image {i}: {e}')}</p>"
+        except (GpucnrError, ValueError, KeyError, IndexError, OSError) as e:
+            # NB: a shard file that cannot be read (deleted, unreadable) is named by its error, never its path
+            why = f"its stack chunk cannot be read ({e.strerror or type(e).__name__})" if isinstance(e, OSError) else e
+            body = f"<p class=\"note\">{_e(f'cannot draw image {i}: {why}')}</p>"
+            logging.getLogger("gpucnr.report").warning("the report cannot draw image %d: %s", i, why)
         figures.append(f"<figure class=\"lowest\" data-image=\"{i}\">{body}<figcaption>{_e(caption)}"
                        "</figcaption></figure>")
     return head + table + "".join(figures) + "</section>"
@@ -395,11 +399,14 @@ def _find_stack(ds, source, stack):
             return None, ("The stack was not found: the results are not on disk and no stack was given; no "
                           "figure can be drawn.")
         if not where.exists():
-            return None, (f"The stack was not found (looked for {where.name!r} next to the results); pass "
-                          "stack= to draw the figures.")
+            why = (f"The stack was not found (looked for {where.name!r} next to the results); give it with "
+                   "--stack (stack= in Python) to draw the figures.")
+            logging.getLogger("gpucnr.report").warning(why)
+            return None, why
         try:
             opened = open_stack(where, check=False)
         except GpucnrError as e:
+            logging.getLogger("gpucnr.report").warning("the report draws no image: %s", e)
             return None, f"The stack was not found or cannot be opened ({e}); no figure can be drawn."
     expected = ds.attrs.get("stack_fingerprint")
     if expected and opened.fingerprint() != expected:

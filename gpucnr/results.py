@@ -482,13 +482,25 @@ def verify_results(path, *, decode: bool = False) -> dict:
     path = Path(path)
     group = zarr.open_group(str(path), mode="r")
     damaged = []
-    for name in sorted(group.array_keys()):
+    coordinates = str(group.attrs.get("coordinates", "")).split()
+    # NB: the arrays the results must have, found by name (a deleted zarr.json hides an array from a listing)
+    for name in sorted({*_listed(group), "image", "roi", "batch_start", "batch_stop", *coordinates}):
         if name in ROW_VARIABLES or name in BATCH_VARIABLES:
             continue
         try:
             np.asarray(group[name][:])
         except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for damaged bytes
-            damaged.append({"array": name, "batches": None, "reason": f"cannot be decoded ({type(e).__name__})"})
+            damaged.append({"array": name, "batches": None, "reason": f"cannot be read ({type(e).__name__})"})
+    for name in (*ROW_VARIABLES, *BATCH_VARIABLES):
+        try:
+            group[name]
+        except Exception as e:  # noqa: BLE001 - a missing or unreadable zarr.json: KeyError, JSONDecodeError
+            damaged.append({"array": name, "batches": None,
+                            "reason": f"its metadata (zarr.json) is missing or unreadable ({type(e).__name__})"})
+    if any(d["batches"] is None and d["array"] in (*ROW_VARIABLES, *BATCH_VARIABLES, "batch_start", "batch_stop")
+           for d in damaged):
+        # NB: without an array's layout, or the batch table, nothing can be tied to batches or checked further
+        return {"committed": None, "backends": None, "damaged": damaged, "damaged_batches": []}
     try:
         starts = np.asarray(group["batch_start"][:], np.int64)
         stops = np.asarray(group["batch_stop"][:], np.int64)
@@ -532,6 +544,13 @@ def verify_results(path, *, decode: bool = False) -> dict:
     bad_batches = sorted({b for d in damaged for b in (d["batches"] or [])})
     return {"committed": committed, "backends": flags["batch_backend"], "damaged": damaged,
             "damaged_batches": bad_batches}
+
+
+def _listed(group) -> list[str]:
+    try:
+        return list(group.array_keys())
+    except Exception:  # noqa: BLE001 - an unreadable member's metadata: checked by name above
+        return []
 
 
 def _scan(var: _Var, *, decode: bool):
@@ -588,16 +607,27 @@ def _inconsistent(status, flags, rows, starts, stops) -> list[dict]:
             for b, ims in sorted(by_batch.items())]
 
 
+def damage_where(d: dict) -> str:
+    """Where one damage lies: "whole array", "batch 3", "batches 0..5"."""
+    if d["batches"] is None:
+        return "whole array"
+    if len(d["batches"]) == 1:
+        return f"batch {d['batches'][0]}"
+    return f"batches {d['batches'][0]}..{d['batches'][-1]}"
+
+
 def damage_text(path, damaged: list[dict], *, limit: int = 5) -> str:
     """One line naming the damaged arrays and batches."""
-    parts = []
-    for d in damaged[:limit]:
-        where = "whole array" if d["batches"] is None else (
-            f"batch {d['batches'][0]}" if len(d["batches"]) == 1 else
-            f"batches {d['batches'][0]}..{d['batches'][-1]}")
-        parts.append(f"{d['array']} ({where}): {d['reason']}")
+    parts = [f"{d['array']} ({damage_where(d)}): {d['reason']}" for d in damaged[:limit]]
     more = f" (+{len(damaged) - limit} more)" if len(damaged) > limit else ""
-    return f"{path} are damaged: " + "; ".join(parts) + more
+    return f"the results {path} are damaged: " + "; ".join(parts) + more
+
+
+def repair_hint(path, damaged: list[dict], attrs) -> str:
+    """What to do: the exact `--resume` command when batches can be recomputed, else a new run."""
+    if any(d["batches"] is None for d in damaged):
+        return "this cannot be recomputed by batch: rerun into a new results folder"
+    return f"`{resume_command(dict(attrs), path)}` recomputes the damaged batches"
 
 
 def results_format(path) -> int | None:
@@ -635,9 +665,13 @@ def open_results(path) -> xr.Dataset:
     if fmt == RESULTS_FORMAT:
         report = verify_results(path)
         if report["damaged"]:
-            raise ResultsError("results-damaged", damage_text(path, report["damaged"]) +
-                               "; `gpucnr run STACK RESULTS --resume` recomputes damaged batches")
-    ds = xr.open_zarr(str(path), consolidated=False, mask_and_scale=False)
+            raise ResultsError("results-damaged", damage_text(path, report["damaged"]) + "; "
+                               + repair_hint(path, report["damaged"], group.attrs))
+    try:
+        ds = xr.open_zarr(str(path), consolidated=False, mask_and_scale=False)
+    except Exception as e:  # noqa: BLE001 - format 1 has no check of its own: any unreadable member is damage
+        raise ResultsError("results-damaged", f"the results {path} cannot be read ({type(e).__name__}); rerun into "
+                           "a new results folder") from None
     coords = [c for c in str(ds.attrs.get("coordinates", "")).split() if c in ds]
     extra = [c for c in ("batch_start", "batch_stop", "batch_backend") if c in ds]
     return ds.set_coords([*coords, *extra])
@@ -656,7 +690,8 @@ def results_stack(ds: xr.Dataset, results_path, stack=None):
 
     if stack is None:
         if results_path is None or "stack_path" not in ds.attrs:
-            raise InputError("cannot locate the stack of these results; pass stack=")
+            raise InputError("cannot locate the stack of these results: give it with --stack STACK.zarr (stack= in "
+                             "Python)")
         stack = Path(results_path).resolve().parent / str(ds.attrs["stack_path"])
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
     expected = ds.attrs.get("stack_fingerprint")

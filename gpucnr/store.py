@@ -909,9 +909,11 @@ def unfinished_stack(path) -> str | None:
         attrs = dict(group.attrs)
     except Exception:  # noqa: BLE001 - not a Zarr group
         return None
-    if "gpucnr_stack" in attrs or "gpucnr_results" in attrs:
+    if "gpucnr_results" in attrs:
         return None
     journal = journal_path(path)
+    # NB: the journal is removed last: beside it, even a group with a stack's attributes is an ingest that stopped
+    # while closing (its linkage file may be missing)
     if journal.is_file():
         try:
             with open(journal, encoding="utf-8") as fh:
@@ -920,6 +922,8 @@ def unfinished_stack(path) -> str | None:
             command = f"gpucnr ingest SRC_DIR {path} ... --resume (with the options it started with)"
         return (f"an interrupted ingest, not a stack yet: continue it with `{command}`, or delete {path.name} "
                 f"and {journal.name}")
+    if "gpucnr_stack" in attrs:
+        return None
     if "buckets" in group or (not attrs and not list(group.keys())):
         return (f"an unfinished stack (an interrupted write, without a journal to continue from): delete "
                 f"{path.name} and write it again")

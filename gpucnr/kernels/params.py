@@ -63,7 +63,8 @@ class Params:
             raise OptionError("ring_width must be >= 1")
         if self.background == "label":
             if self.background_label is None:
-                raise OptionError("background='label' needs background_label= (no default)")
+                raise OptionError("background 'label' needs a background label: --background-label N "
+                                  "(background_label=N in Python; there is no default)")
             _int("background_label", self.background_label)
             if self.background_label == 0:
                 raise OptionError("background_label must not be 0 (0 means 'no label')")

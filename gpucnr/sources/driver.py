@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import shlex
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,6 +239,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         raise ResumeError(f"{display_path(stack)} cannot be resumed without its pseudonym key {key_path.name} "
                           "(another key would give its images other pseudonyms); delete the stack and ingest again")
     # NB: after every refusal of a new ingest (a refused ingest writes nothing); a resume reads the existing key
+    new_key = not key_path.exists()
     job.key = load_or_create_key(key_path)
     # NB: a resume under another key would mix pseudonyms; the journal holds a digest of it, never the key
     job.header["options"]["key"] = hashlib.sha256(b"gpucnr journal key\0" + job.key).hexdigest()
@@ -248,11 +250,19 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
                       task_memory_mb=_memory_mb(max_image_mb)) as pool:
         try:
             job.scan(pool, seg, follow_symlinks)
-            return job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
-                              seg is not None or bool(job.layout.labels_of))
+            summary = job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or
+                                 seg is not None or bool(job.layout.labels_of))
         except KeyboardInterrupt as e:
             job.meter.done()  # NB: the progress line ends before the interruption's line
             raise Interrupted(job.interrupted(), e) from None
+    if summary.images == 0 and not resuming:
+        # NB: a stack of no image is of no use and would block the same command once the folder is right: this
+        # call's own outputs go (a key it created too), all but the skipped list, which says why file by file
+        shutil.rmtree(stack, ignore_errors=True)
+        side["linkage"].unlink(missing_ok=True)
+        if new_key:
+            key_path.unlink(missing_ok=True)
+    return summary
 
 
 def _journal_options(settings: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
@@ -111,6 +112,8 @@ def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
             out.append(found(path, "unreadable", f"cannot be examined ({type(e).__name__})"))
             continue
         if stat.S_ISDIR(st.st_mode):
+            if _gpucnr_store(path):
+                continue  # NB: a stack or results an earlier ingest or run left inside SRC_DIR: never an input
             ident = (st.st_dev, st.st_ino)
             if ident in seen_dirs:
                 out.append(found(path, "symlink-loop", "a folder reached a second time through a "
@@ -119,10 +122,38 @@ def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
             seen_dirs.add(ident)
             pending.append(listing(path))
         elif stat.S_ISREG(st.st_mode):
+            if _side_file(path):
+                continue  # NB: a stack's key, linkage, skipped list or journal: gpucnr's own output, not an input
             out.append(found(path))
         else:
             out.append(found(path, "not-an-image", "not a regular file (device, pipe or socket)"))
     return out
+
+
+#: The suffixes of the files gpucnr writes beside a stack (`sidecar_paths`): outputs, never inputs.
+_SIDE_SUFFIXES = (".key", ".linkage.csv", ".skipped.csv", ".journal")
+
+
+def _side_file(path: Path) -> bool:
+    """True for a file beside a folder it names that is a Zarr group: a stack's key, linkage, skipped list or
+    journal (an interrupted ingest's stack may not carry gpucnr's attributes yet)."""
+    for suffix in _SIDE_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            if (path.with_name(path.name[: -len(suffix)]) / "zarr.json").is_file():
+                return True
+    return False
+
+
+def _gpucnr_store(folder: Path) -> bool:
+    """True for a Zarr group whose attributes make it a gpucnr stack or results (its metadata says so)."""
+    meta = folder / "zarr.json"
+    if not meta.is_file():
+        return False
+    try:
+        attrs = json.loads(meta.read_bytes()[: 2**20]).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and ("gpucnr_stack" in attrs or "gpucnr_results" in attrs)
 
 
 def _ident(path: Path) -> tuple[int, int]:

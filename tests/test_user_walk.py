@@ -1,0 +1,129 @@
+"""A new user's walk (README only) found these; each is a regression test."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import zarr
+from PIL import Image
+
+import gpucnr
+from gpucnr.cli import main
+from gpucnr.kernels import STATUS
+from gpucnr.phantom import make_phantom
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("walk")
+    ph = make_phantom(24, (64, 64), lesions=1, radius=4, seed=2)
+    stack = gpucnr.write_stack(root / "stack.zarr", ph.images, rois=ph.rois, shard=8)
+    gpucnr.run(stack, root / "results.zarr", backend="numpy")
+    return root
+
+
+def _copy(run_dir, tmp_path):
+    for name in ("stack.zarr", "results.zarr"):
+        shutil.copytree(run_dir / name, tmp_path / name)
+    return tmp_path / "stack.zarr", tmp_path / "results.zarr"
+
+
+def _coded(capsys, argv, code):
+    capsys.readouterr()
+    assert main(argv) == code, argv
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return captured
+
+
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_results_array_metadata_lost_is_results_damaged(run_dir, tmp_path, capsys, damage):
+    stack, results = _copy(run_dir, tmp_path)
+    meta = results / "cnr" / "zarr.json"
+    if damage == "deleted":
+        meta.unlink()
+    else:
+        meta.write_bytes(meta.read_bytes()[:40])
+    with pytest.raises(gpucnr.ResultsError, match="results-damaged") as err:
+        gpucnr.open_results(results)
+    assert "cnr" in str(err.value) and "new results folder" in str(err.value)
+    assert "DAMAGED" in _coded(capsys, ["info", str(results)], 3).out
+    err = _coded(capsys, ["filter", str(results), "--out", str(tmp_path / "k.csv")], 2).err
+    assert err.startswith("gpucnr: error [results-damaged]")
+    assert _coded(capsys, ["run", str(stack), str(results), "--resume"], 2).err.startswith(
+        "gpucnr: error [results-damaged]")
+
+
+def test_a_scheduler_typo_is_refused_before_anything_is_written(run_dir, tmp_path, capsys):
+    err = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r.zarr"), "--scheduler", "bogus"], 2).err
+    assert "[bad-input] cannot reach a Dask scheduler at 'bogus'" in err
+    assert not (tmp_path / "r.zarr").exists()
+
+
+def test_damage_messages_give_the_exact_resume_command(run_dir, tmp_path, capsys):
+    stack, results = _copy(run_dir, tmp_path)
+    shard = next(p for p in (results / "cnr_median" / "c").rglob("*") if p.is_file())
+    raw = bytearray(shard.read_bytes())
+    raw[3] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    err = _coded(capsys, ["filter", str(results), "--out", str(tmp_path / "k.csv")], 2).err
+    assert f"gpucnr run {stack} {results} --resume" in err
+
+
+def test_demo_never_replaces_an_ingested_stack(run_dir, tmp_path, capsys):
+    stack, _ = _copy(run_dir, tmp_path)
+    (tmp_path / "stack.zarr.linkage.csv").write_text("index,frame,source\n")
+    err = _coded(capsys, ["demo", "--out", str(tmp_path), "-n", "4", "--size", "64"], 2).err
+    assert "[output-exists]" in err and "ingested stack" in err
+    assert gpucnr.open_stack(stack).n_images == 24
+
+
+def test_info_verify_reads_every_stack_chunk(run_dir, tmp_path, capsys):
+    stack, _ = _copy(run_dir, tmp_path)
+    assert "0 damaged" in _coded(capsys, ["info", str(stack), "--verify"], 0).out
+    shard = next(p for p in (stack / "buckets" / "64x64-uint16" / "images" / "c").rglob("*") if p.is_file())
+    raw = bytearray(shard.read_bytes())
+    raw[20] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    out = _coded(capsys, ["info", str(stack), "--verify"], 3).out
+    assert "1 damaged" in out and "corrupt-chunk" in out
+
+
+def test_a_journal_beside_a_stack_is_an_interrupted_ingest(run_dir, tmp_path, capsys):
+    stack, _ = _copy(run_dir, tmp_path)
+    (tmp_path / "stack.zarr.journal").write_text('{"command": "gpucnr ingest SRC stack.zarr --resume"}\n')
+    assert "interrupted ingest" in _coded(capsys, ["info", str(stack)], 2).out
+    err = _coded(capsys, ["run", str(stack), str(tmp_path / "r2.zarr")], 2).err
+    assert "[stack-incomplete]" in err and "--resume" in err
+
+
+def test_failed_images_are_failed_in_the_manifest_and_a_problem_for_info(run_dir, tmp_path, capsys):
+    ds = gpucnr.open_results(run_dir / "results.zarr").load()
+    status = ds["status"].values.copy()
+    status[3] = STATUS["failed"]
+    n_valid = ds["n_valid"].values.copy()
+    n_valid[3] = 0
+    broken = ds.assign(status=(("image", "roi"), status), n_valid=(("image",), n_valid))
+    df = gpucnr.manifest(broken, threshold=1.5)
+    assert df.set_index("image").loc[3, "reason"] == "failed"
+    _, results = _copy(run_dir, tmp_path)
+    group = zarr.open_group(str(results), mode="r+")
+    group.attrs["failures"] = [{"image": 3, "code": "corrupt-chunk", "reason": "test"}]
+    assert "failed images: 1 (a problem" in _coded(capsys, ["info", str(results)], 3).out
+
+
+def test_ingest_walks_past_stores_and_side_files_and_keeps_nothing_of_an_empty_folder(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    _coded(capsys, ["ingest", str(src), str(tmp_path / "e.zarr")], 2)
+    assert not (tmp_path / "e.zarr").exists() and not (tmp_path / "e.zarr.key").exists()
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(src / f"img{k}.png")
+    _coded(capsys, ["ingest", str(src), str(src / "inside.zarr")], 0)
+    assert (src / "inside.zarr.linkage.csv").exists()
+    out = _coded(capsys, ["ingest", str(src), str(tmp_path / "other.zarr")], 0).out
+    assert gpucnr.open_stack(tmp_path / "other.zarr").n_images == 3
+    assert "3 file(s) in" in out
