@@ -146,21 +146,14 @@ def write_file(path, fill: Callable, *, what: str = "file", private: bool = Fals
     A symbolic link at `path` is replaced, never followed; a failure leaves `path` as it was and no temporary
     file behind.
     """
-    path = Path(path)
-    folder = _folder(path, what)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=folder)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
+
+    def into(tmp: str) -> None:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8", "newline": ""})) as fh:
             fill(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600 if private else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return write_path(path, into, what=what, private=private)
 
 
 def write_path(path, fill: Callable[[str], None], *, what: str = "file", private: bool = False) -> Path:
