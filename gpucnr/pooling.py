@@ -97,7 +97,8 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     -------
     xarray.Dataset
         Dims (`by`, roi): ``n_roi``, ``mean_roi``, ``var_roi``, ``n_bg``, ``mean_bg``, ``var_bg``, ``cnr``,
-        ``status``; dims (`by`): ``n_images``, ``cnr_median``, ``n_valid``. Status as for images, and: −1 when a cell
+        ``status``, ``roi_name`` (the first name the group's cells give the id);
+        dims (`by`): ``n_images``, ``cnr_median``, ``n_valid``. Status as for images, and: −1 when a cell
         of the group was never computed, 6 when one failed, 7 when one is out of numeric range, 9 ``not-poolable``
         for gCNR (a histogram statistic, not a function of moments).
 
@@ -141,11 +142,12 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     counts = {k: np.zeros(shape, np.int64) for k in ("not-computed", "failed", "numeric-range", "outside")}
     n_images = np.bincount(code_of[code_of >= 0], minlength=n_groups).astype(np.int64)
     polarity = np.zeros(n_groups, np.int64)  # NB: bit 1 = a MONOCHROME2 image, bit 2 = a MONOCHROME1 one
+    roi_name = np.full(shape, "", dtype=object)  # NB: the first name a group's cells give each ROI id
     photometric = (np.array([str(v) for v in ds["photometric"].values.tolist()]) if "photometric" in ds.coords
                    else None)
     for lo in range(0, ds.sizes["image"], _BLOCK):
-        part = ds.isel(image=slice(lo, lo + _BLOCK))[["n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg",
-                                                      "status"]].load()
+        wanted = ["n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "status"]
+        part = ds.isel(image=slice(lo, lo + _BLOCK))[wanted + (["roi_name"] if "roi_name" in ds else [])].load()
         c = code_of[lo : lo + _BLOCK]
         status = part["status"].values
         n_r, n_b = part["n_roi"].values, part["n_bg"].values
@@ -164,6 +166,12 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
             rows, cols = np.nonzero(mask & (c >= 0)[:, None])
             np.add.at(hit, (c[rows], cols), 1)
             counts[key] += hit
+        if "roi_name" in part:
+            names_block = np.asarray(part["roi_name"].values).astype(object)
+            rows, cols = np.nonzero((names_block != "") & (c >= 0)[:, None])
+            for r, col in zip(rows.tolist(), cols.tolist(), strict=True):
+                if roi_name[c[r], col] == "":
+                    roi_name[c[r], col] = str(names_block[r, col])
         if photometric is not None:
             inverted = photometric[lo : lo + _BLOCK] == "MONOCHROME1"
             for bit, sel in ((1, ~inverted), (2, inverted)):
@@ -198,6 +206,7 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     out = xr.Dataset(
         {"n_roi": (cell, n_roi), "mean_roi": (cell, mean_roi), "var_roi": (cell, var_roi), "n_bg": (cell, n_bg),
          "mean_bg": (cell, mean_bg), "var_bg": (cell, var_bg), "cnr": (cell, cnr), "status": (cell, status),
+         "roi_name": (cell, roi_name.astype(str)),
          "n_images": (group, n_images), "cnr_median": (group, median), "n_valid": (group, n_valid)},
         coords={by: names, "roi": ds["roi"].values},
     )

@@ -127,3 +127,23 @@ def test_ingest_walks_past_stores_and_side_files_and_keeps_nothing_of_an_empty_f
     out = _coded(capsys, ["ingest", str(src), str(tmp_path / "other.zarr")], 0).out
     assert gpucnr.open_stack(tmp_path / "other.zarr").n_images == 3
     assert "3 file(s) in" in out
+
+
+def test_a_12_bit_jpeg_extended_file_without_its_decoder_is_an_unsupported_transfer_syntax(tmp_path, monkeypatch):
+    """A plain install decodes JPEG extended with Pillow, 8-bit only: pydicom's 12-bit JPEG-lossy.dcm is skipped
+    as unsupported-transfer-syntax (pointing to the jpeg-gpl extra), not as a decode-error."""
+    import pydicom.pixels
+    from pydicom.data import get_testdata_file
+
+    from gpucnr.sources import dicom
+
+    real = pydicom.pixels.get_decoder
+
+    class PillowOnly:
+        def __init__(self, decoder):
+            self.is_available, self.available_plugins = decoder.is_available, ("pillow",)
+
+    monkeypatch.setattr(pydicom.pixels, "get_decoder", lambda ts: PillowOnly(real(ts)))
+    with pytest.raises(dicom.Skip) as skip:
+        dicom.scan(get_testdata_file("JPEG-lossy.dcm"), b"k" * 32, 2**30)
+    assert skip.value.code == "unsupported-transfer-syntax" and "jpeg-gpl" in str(skip.value)

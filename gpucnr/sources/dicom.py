@@ -197,7 +197,13 @@ def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_byte
         from pydicom.pixels import get_decoder
 
         try:
-            available = get_decoder(ts).is_available
+            decoder = get_decoder(ts)
+            available = decoder.is_available
+            # NB: Pillow, the one decoder of a plain install for JPEG extended, decodes 8-bit samples only: a
+            # 12-bit JPEG extended file would fail to decode; it is the transfer syntax that is unsupported
+            if (available and ts == "1.2.840.10008.1.2.4.51" and set(decoder.available_plugins) <= {"pillow"}
+                    and (_int(ds, "BitsStored") or bits) > 8):
+                available = False
         except NotImplementedError:
             available = False
         if not available:
