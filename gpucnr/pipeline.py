@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import multiprocessing
@@ -40,6 +41,7 @@ from gpucnr.results import (
     results_format,
     resume_command,
     stack_relative,
+    uncommit,
     verify_results,
 )
 from gpucnr.roitable import normalize_table
@@ -522,6 +524,9 @@ def _resume(path: Path, attrs: dict, roi_ids):
     if report["damaged_batches"]:
         logger.warning(damage_text(path, report["damaged"]) + "; recomputing those batches")
         committed[report["damaged_batches"]] = 0
+        # NB: on disk before any row is rewritten: a rewrite fills a damaged chunk, and a resume cut off after it
+        # must not leave the other batches of that chunk committed over fill values
+        uncommit(path, committed, report["damaged_batches"])
     return group, committed, report["backends"]
 
 
@@ -588,14 +593,16 @@ class _Attempts:
     under the run) and a results-write error stop it at once, as they are."""
 
     def __init__(self):
-        self.counts: dict[int, int] = {}
+        self.counts: dict[tuple, int] = {}
 
     def failed(self, spec: BatchSpec, error: BaseException) -> None:
         """Return to try `spec` again; raise to stop the run."""
         if isinstance(error, ResultsError) or (isinstance(error, StackError)
                                                and error.code in ("stack-changed", "stack-schema")):
             raise error  # NB: the stack's or the results', not an image's and not the environment's
-        n = self.counts[spec.index] = self.counts.get(spec.index, 0) + 1
+        # NB: a batch and each of its single-image reruns are counted apart
+        key = (spec.index, spec.global_start, spec.stop - spec.start)
+        n = self.counts[key] = self.counts.get(key, 0) + 1
         what = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         logger.warning("batch %d (images %d..%d): %s (attempt %d)", spec.index, spec.global_start,
                        spec.global_start + spec.stop - spec.start - 1, what, n)
@@ -717,6 +724,11 @@ def _execute_distributed(specs, finish, client, attempts: _Attempts):
             try:
                 attempts.failed(spec, e)
             except BaseException:
+                # NB: the run stops: batches already finished are kept (nothing computed is lost), the rest cancelled
+                for other, other_spec in list(futures.items()):
+                    if other.status == "finished":
+                        with contextlib.suppress(Exception):
+                            finish(other_spec, other.result())
                 client.cancel(list(futures))
                 raise
             again = client.submit(measure_spec, spec, pure=False)
@@ -770,11 +782,7 @@ def measure_spec(spec: BatchSpec) -> dict:
     """Read one batch, measure it, return small host arrays and its per-image failures: an image whose
     chunk cannot be read gets status 6 (failed) and a failure entry; the rest of the batch its results."""
     try:
-        return _measure(spec)
-    except InputError as e:
-        # NB: everything measure_batch's entry checks comes from the stack here (the ROI table was validated)
-        raise StackError("stack-schema", f"buckets/{spec.bucket}, images {spec.start}..{spec.stop - 1}: "
-                         f"{e.reason}") from None
+        return _measure_checked(spec)
     except StackError as e:
         if e.code not in DATA_ERRORS:
             raise  # NB: not the data's fault: the driver retries the batch, then stops the run
@@ -783,12 +791,21 @@ def measure_spec(spec: BatchSpec) -> dict:
     parts = []
     for single in _per_image(spec):
         try:
-            parts.append(_measure(single))
+            parts.append(_measure_checked(single))
         except StackError as e:
             if e.code not in DATA_ERRORS:
                 raise
             parts.append(failed_rows(single, e.code, e.reason))
     return _concat(parts)
+
+
+def _measure_checked(spec: BatchSpec) -> dict:
+    try:
+        return _measure(spec)
+    except InputError as e:
+        # NB: everything measure_batch's entry checks comes from the stack here (the ROI table was validated)
+        raise StackError("stack-schema", f"buckets/{spec.bucket}, images {spec.start}..{spec.stop - 1}: "
+                         f"{e.reason}") from None
 
 
 def _measure(spec: BatchSpec) -> dict:

@@ -156,9 +156,9 @@ def _write_shard(var: _Var, s: int, blocks: dict) -> None:
     shardfiles.write_durably(var.file(s), _shard_parts(var, s, blocks))
 
 
-def _shard_parts(var: _Var, s: int, blocks: dict) -> list[bytes]:
+def _shard_parts(var: _Var, s: int, blocks: dict, guard=None) -> list[bytes]:
     """The bytes of shard `s` of `var`: inner chunks in `blocks` (k -> array) encoded anew, every other one copied
-    as it is on disk (or filled when it is absent or fails its check)."""
+    as it is on disk (or filled when it is absent or fails its check, after `guard(var, lo, hi)` allowed it)."""
     old, index = None, None
     if blocks.keys() != set(range(var.used_inner(s))):
         try:
@@ -173,16 +173,21 @@ def _shard_parts(var: _Var, s: int, blocks: dict) -> list[bytes]:
         elif k in blocks:
             chunks.append(var.encode(blocks[k]))
         else:
-            chunks.append(_old_chunk(var, old, index, k))
+            chunks.append(_old_chunk(var, old, index, k, s, guard))
     return shardfiles.assemble(chunks)
 
 
-def _prepare_shard(var: _Var, s: int, blocks: dict) -> tuple[Path, Path]:
+def _prepare_shard(var: _Var, s: int, blocks: dict, guard=None) -> tuple[Path, Path]:
     path = var.file(s)
-    return shardfiles.prepare(path, _shard_parts(var, s, blocks)), path
+    return shardfiles.prepare(path, _shard_parts(var, s, blocks, guard)), path
 
 
-def _old_chunk(var: _Var, old, index, k: int) -> bytes:
+def _chunk_rows(var: _Var, s: int, k: int) -> tuple[int, int]:
+    lo = s * var.shard_rows + k * var.rows
+    return lo, min(lo + var.rows, var.n_rows)
+
+
+def _old_chunk(var: _Var, old, index, k: int, s: int = 0, guard=None) -> bytes:
     if index is not None:
         try:
             chunk = shardfiles.checked_chunk(old, index, k)
@@ -190,12 +195,15 @@ def _old_chunk(var: _Var, old, index, k: int) -> bytes:
             chunk = None
         if chunk is not None:
             return bytes(chunk)
-    # NB: a chunk that is absent or damaged holds no committed row here: --resume uncommitted its batches.
+    # NB: a chunk that is absent or damaged may be filled only where no committed row lies (--resume uncommitted
+    # the batches of the damage it found); `guard` refuses otherwise
+    if guard is not None:
+        guard(var, *_chunk_rows(var, s, k))
     return var.encode(var.filled())
 
 
-def _read_block(var: _Var, s: int, k: int, cache: dict) -> np.ndarray:
-    """Inner chunk k of shard s as an array; fill values when it is absent or fails its check."""
+def _read_block(var: _Var, s: int, k: int, cache: dict, guard=None) -> np.ndarray:
+    """Inner chunk k of shard s as an array; fill values when it is absent or fails its check (after `guard`)."""
     if s not in cache:
         try:
             data = memoryview(var.file(s).read_bytes())
@@ -211,6 +219,8 @@ def _read_block(var: _Var, s: int, k: int, cache: dict) -> np.ndarray:
                 return block.copy() if not block.flags.writeable else block
         except ValueError:
             pass
+    if guard is not None:
+        guard(var, *_chunk_rows(var, s, k))
     return var.filled()
 
 
@@ -318,6 +328,8 @@ class ResultsWriter:
         group = zarr.open_group(str(self.path), mode="r")
         self.vars = {name: _var(group, self.path, name) for name in (*ROW_VARIABLES, *BATCH_VARIABLES)}
         self.committed = np.asarray(committed, np.int8).copy()
+        self.starts = np.asarray(group["batch_start"][:], np.int64)
+        self.stops = np.asarray(group["batch_stop"][:], np.int64)
         self.backends = (np.full(self.committed.shape, -1, np.int8) if backends is None
                          else np.asarray(backends, np.int8).copy())
         self.on_commit = on_commit
@@ -408,9 +420,10 @@ class ResultsWriter:
         # Rows first: every shard that holds them written to a temporary file and fsynced (in parallel: the disk
         # commits concurrent fsyncs together), renamed into place, folders fsynced; then the same for the batches'
         # backend and committed entries. A crash at any point loses only batches whose flags are not yet renamed.
-        jobs = [(var, s, blocks) for var in (self.vars[n] for n in ROW_VARIABLES)
-                for s, blocks in self._blocks(var, items).items()]
         batches = [it[0] for it in items]
+        guard = self._guard(batches)
+        jobs = [(var, s, blocks, guard) for var in (self.vars[n] for n in ROW_VARIABLES)
+                for s, blocks in self._blocks(var, items, guard).items()]
         for batch, *_, code in items:
             self.backends[batch] = code
         self._publish(jobs)
@@ -426,7 +439,23 @@ class ResultsWriter:
             shardfiles.publish(tmp, path)
         list(self._pool.map(shardfiles.sync_folder, sorted({path.parent for _, path in prepared})))
 
-    def _blocks(self, var: _Var, items) -> dict:
+    def _guard(self, batches):
+        """A check for chunks found absent or damaged while writing: filling one is refused when it holds rows of
+        a committed batch other than `batches` (damage that appeared after the run, or its resume, checked)."""
+
+        def guard(var: _Var, lo: int, hi: int) -> None:
+            keep = self.committed.astype(bool)
+            keep[batches] = False
+            # NB: batches cover the images in order, contiguously: one flag per batch repeated over its rows
+            rows = np.repeat(keep, self.stops - self.starts)
+            if rows[lo:hi].any():
+                raise ResultsError("results-damaged", f"the results {self.path}: {var.name} rows {lo}..{hi - 1} of "
+                                   "committed batches were found damaged while rows beside them were written; "
+                                   "nothing was written over them: the same run with --resume recomputes them")
+
+        return guard
+
+    def _blocks(self, var: _Var, items, guard=None) -> dict:
         """{shard: {inner chunk: block}} of the chunks these rows touch, read-modify-written in memory."""
         shards: dict = {}
         cache: dict = {}
@@ -440,7 +469,7 @@ class ResultsWriter:
                 hi = min(stop, chunk_lo + var.rows)
                 blocks = shards.setdefault(s, {})
                 if k not in blocks:
-                    blocks[k] = _read_block(var, s, k, cache)
+                    blocks[k] = _read_block(var, s, k, cache, guard)
                 part = values[row - start : hi - start]
                 if var.cols:
                     blocks[k][row - chunk_lo : hi - chunk_lo, : var.width] = part
@@ -451,17 +480,26 @@ class ResultsWriter:
 
     def _batch_jobs(self, name: str, values: np.ndarray, batches) -> list:
         var = self.vars[name]
-        jobs = []
-        for s in sorted({b // var.shard_rows for b in batches}):
-            blocks = {}
-            for k in range(var.used_inner(s)):
-                lo = s * var.shard_rows + k * var.rows
-                block = var.filled()
-                part = values[lo : lo + var.rows]
-                block[: len(part)] = part
-                blocks[k] = block
-            jobs.append((var, s, blocks))
-        return jobs
+        return [(var, s, _whole_shard(var, values, s)) for s in sorted({b // var.shard_rows for b in batches})]
+
+
+def uncommit(path, committed: np.ndarray, batches) -> None:
+    """Write `committed` (int8 flags, those of `batches` cleared) durably, before any of their rows is rewritten."""
+    var = _var(zarr.open_group(str(path), mode="r"), Path(path), "committed")
+    for s in sorted({int(b) // var.shard_rows for b in batches}):
+        _write_shard(var, s, _whole_shard(var, np.asarray(committed, np.int8), s))
+
+
+def _whole_shard(var: _Var, values: np.ndarray, s: int) -> dict:
+    """Every inner chunk of shard `s` of a per-batch variable, from the whole array `values` held in memory."""
+    blocks = {}
+    for k in range(var.used_inner(s)):
+        lo = s * var.shard_rows + k * var.rows
+        block = var.filled()
+        part = values[lo : lo + var.rows]
+        block[: len(part)] = part
+        blocks[k] = block
+    return blocks
 
 
 # --- checking and reading ----------------------------------------------------------------------------------

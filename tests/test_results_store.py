@@ -339,3 +339,45 @@ def test_buffered_background_commits_give_the_same_results(data, tmp_path, monke
     ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", scheduler="threads", workers=2, backend="numpy").load()
     _same(ds, data["ref"], what="background commits")
     assert sorted(int(v) for v in log.read_text().split()) == list(range(N // SHARD))
+
+
+def test_a_resume_clears_the_flags_of_damaged_batches_on_disk_before_rewriting_rows(data, tmp_path, monkeypatch):
+    """Review finding: the first rewrite fills a damaged chunk; a resume cut off right after it must not leave the
+    chunk's other batches committed over fill values."""
+    from gpucnr import results as results_module
+
+    results = _copy(data, tmp_path)
+    _flip(_shard(results, "cnr"), 3)
+    real = results_module.ResultsWriter._batch_jobs
+
+    def no_flags(self, name, values, batches):
+        if name == "committed":
+            raise OSError(28, "No space left on device")
+        return real(self, name, values, batches)
+
+    monkeypatch.setattr(results_module.ResultsWriter, "_batch_jobs", no_flags)
+    with pytest.raises(ResultsError, match="results-write"):
+        _resume(data, results)
+    monkeypatch.undo()
+    flags = np.asarray(zarr.open_group(str(results), mode="r")["committed"][:])
+    assert not flags.any(), f"batches left committed over rewritten rows: {flags}"
+    _same(_resume(data, results), data["ref"], what="a resume cut off, then resumed again")
+
+
+def test_damage_met_while_writing_next_to_committed_rows_stops_the_run(data, tmp_path, monkeypatch):
+    """Review finding: a chunk found damaged during a run is never filled over rows of committed batches."""
+    from gpucnr import results as results_module
+
+    results = _copy(data, tmp_path)
+    group = zarr.open_group(str(results), mode="r+")
+    flags = np.asarray(group["committed"][:])
+    flags[-1] = 0
+    group["committed"][:] = flags  # the last batch to do; its rows share the (only) cnr chunk with the others
+    _flip(_shard(results, "cnr"), 3)
+    monkeypatch.setattr(results_module, "verify_results", lambda path, decode=False: {
+        "committed": flags, "backends": np.zeros_like(flags), "damaged": [], "damaged_batches": []})
+    import gpucnr.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "verify_results", results_module.verify_results)
+    with pytest.raises(ResultsError, match="results-damaged"):
+        gpucnr.run(data["stack"], results, resume=True, scheduler="synchronous", backend="numpy")
