@@ -43,6 +43,7 @@ from gpucnr.results import (
     stack_relative,
     uncommit,
     verify_results,
+    write_error,
 )
 from gpucnr.roitable import normalize_table
 from gpucnr.stackcheck import check_label_ids
@@ -247,7 +248,7 @@ gcnr_bins, signed
                 # NB: this batch's entries replace any a crashed attempt left: a resume never duplicates them.
                 group.attrs["failures"] = kept + list(out.get("failures", []))
         except OSError as e:
-            raise _write_error(results, e) from e
+            raise write_error(results, e) from e
         writer.put(spec.index, g0, g1, {**out, "roi_name": names[g0:g1]}, spec.backend)
 
     interrupted = None
@@ -268,13 +269,6 @@ gcnr_bins, signed
         raise Interrupted(f"{int(writer.committed.sum())} of {len(plan)} batches are committed in {results}; "
                           f"continue with `{resume_command(dict(group.attrs), results)}`", interrupted) from None
     return open_results(results)
-
-
-def _write_error(results, e: OSError) -> ResultsError:
-    # NB: a full disk (or a quota) while writing: the batches committed so far stay readable, and --resume
-    # redoes the rest; say so instead of ending in a bare EFBIG/ENOSPC traceback.
-    return ResultsError("results-write", f"could not write to {results}: {e.strerror or e}; committed batches "
-                        "are intact, rerun with --resume when there is room")
 
 
 def _plan_attrs(stack: Stack, size: int, plan) -> dict:

@@ -406,8 +406,7 @@ class ResultsWriter:
         except OSError as e:
             # NB: a full disk (or a quota): the batches committed so far stay readable and --resume redoes the
             # rest; say so instead of ending in a bare EFBIG/ENOSPC traceback.
-            error = ResultsError("results-write", f"could not write to {self.path}: {e.strerror or e}; committed "
-                                 "batches are intact, rerun with --resume when there is room")
+            error = write_error(self.path, e)
             error.__cause__ = e
             self._error = error
         except BaseException as e:  # noqa: BLE001 - handed to the driver's thread by _raise
@@ -481,6 +480,13 @@ class ResultsWriter:
     def _batch_jobs(self, name: str, values: np.ndarray, batches) -> list:
         var = self.vars[name]
         return [(var, s, _whole_shard(var, values, s)) for s in sorted({b // var.shard_rows for b in batches})]
+
+
+def write_error(path, e: OSError) -> ResultsError:
+    """The coded error of a results write that failed (a full disk, a quota): what was committed stays readable
+    and --resume redoes the rest; said so instead of a bare EFBIG/ENOSPC traceback."""
+    return ResultsError("results-write", f"could not write to {path}: {e.strerror or e}; committed batches are "
+                        "intact, rerun with --resume when there is room")
 
 
 def uncommit(path, committed: np.ndarray, batches) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicomfactory import write_raster
+from signals import interrupt_when
 
 import gpucnr
 from gpucnr.phantom import make_phantom
@@ -127,22 +128,8 @@ def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches:
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
                                 stderr=fh, env={**os.environ, "GPUCNR_BATCH_LOG": str(log), "GPUCNR_MARK": mark},
                                 start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            if log.exists() and log.read_text().count("\n") >= batches:
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, f"ended before it could be interrupted:\n{err.read_text()}"
-        # NB: Ctrl-C in a terminal signals the whole foreground process group, workers included; kill, the driver
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    rc = interrupt_when(proc, lambda: log.exists() and log.read_text().count("\n") >= batches, sig, timeout=120,
+                        what=err.read_text)
     time.sleep(0.5)
     return rc, err.read_text(), _children_of_mark(mark)
 

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from dicomfactory import write_raster
+from signals import interrupt_when
 from test_exit_codes import _children_of_mark
 
 import gpucnr
@@ -76,24 +77,9 @@ def _start_and_stop(cmd: list, stack: Path, sig: int, flushes: int, log: Path) -
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
                                 stderr=fh, env={**os.environ, "GPUCNR_MARK": mark}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + WAIT_S
-        while proc.poll() is None and time.monotonic() < deadline:
-            journal = _journal(stack)
-            if journal.exists() and journal.read_text().count('"flushed"') >= flushes:
-                break
-            time.sleep(0.001)
-        assert proc.poll() is None, f"the ingest ended before it was interrupted:\n{log.read_text()}"
-        # NB: Ctrl-C in a terminal signals the whole foreground process group, workers included; kill, the driver
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
-        rc = proc.wait(timeout=WAIT_S)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    journal = _journal(stack)
+    rc = interrupt_when(proc, lambda: journal.exists() and journal.read_text().count('"flushed"') >= flushes, sig,
+                        timeout=WAIT_S, what=log.read_text)
     if sig != signal.SIGKILL:  # NB: workers of a killed driver notice when they next read from it
         time.sleep(0.5)
         assert not _children_of_mark(mark), "worker processes outlived the interrupted ingest"
