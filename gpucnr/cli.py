@@ -16,7 +16,12 @@ from gpucnr.kernels.cnr import DEFINITIONS
 from gpucnr.kernels.footprints import FOOTPRINTS
 from gpucnr.kernels.params import BACKGROUNDS
 from gpucnr.sources.colour import COLOR_MODES
-from gpucnr.store import COMPRESSORS
+
+# NB: every import above is plain Python (no NumPy, Zarr, pandas, SciPy, Dask, xarray, Matplotlib, Numba):
+# `gpucnr --help` starts at once, and each command imports what it needs when it runs (issue 18; tested in
+# tests/test_cli_startup.py). gpucnr.store imports Zarr, so its compressor names are repeated here, and the test
+# checks that they are store.COMPRESSORS.
+_COMPRESSORS = ("blosc-zstd", "zstd")
 
 __all__ = ["build_parser", "main"]
 
@@ -104,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="binarise mask files: 1 where the value exceeds T (lossy JPEG masks)")
     ing.add_argument("--file-timeout", type=float, default=120, help="seconds per file before it is skipped")
     ing.add_argument("--shard", type=_positive_int, default=64, help="images per shard = per batch of a run")
-    ing.add_argument("--compressor", choices=COMPRESSORS, default="blosc-zstd")
+    ing.add_argument("--compressor", choices=_COMPRESSORS, default="blosc-zstd")
     ing.add_argument("--follow-symlinks", action="store_true")
     ing.add_argument("--progress", action="store_true", help="progress line on stderr")
     ing.add_argument("--resume", action="store_true",

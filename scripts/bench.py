@@ -54,12 +54,12 @@ def best(fn, repeat):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory",
-                                                                        "ingest", "ingest-nifti"),
+                                                                        "ingest", "ingest-nifti", "startup"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
                              "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 small DICOM "
                              "files, workers=2, vs a plain pydicom loop), ingest-nifti (100 gzip NIfTI volumes "
                              "of SIZE x SIZE x SIZE/2 int16, workers=2, vs a plain nibabel load-and-sum loop; "
-                             "default size 256)")
+                             "default size 256), startup (`import gpucnr.cli` and `gpucnr --help` vs `import numpy`)")
     parser.add_argument("--n", type=int, default=None, help="images (default 256; pipeline: 1024)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
@@ -71,7 +71,8 @@ def main(argv=None):
     if args.quick:
         args.n, args.repeat = 64, 3
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
-     "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti}[args.part](args)
+     "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti,
+     "startup": bench_startup}[args.part](args)
 
 
 def bench_kernels(args):
@@ -361,6 +362,49 @@ def bench_ingest_nifti(args):
           f"{args.n / t_plain:.2f} | 1 |")
     print(f"| `gpucnr.ingest(..., workers=2)` (scan + decode + stack + linkage) | {t_ours:.2f} | "
           f"{args.n / t_ours:.2f} | {t_plain / t_ours:.2f}x |")
+
+
+def bench_startup(args):
+    """Start-up of the command line against `import numpy`, each in a fresh interpreter, interleaved rounds:
+    the import alone (``-X importtime``'s cumulative microseconds of the top module) and the whole process (wall
+    time of ``python -c ...``, interpreter start-up included)."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    cases = {"import numpy": "import numpy", "import gpucnr.cli": "import gpucnr.cli",
+             "gpucnr --help": "import sys; sys.argv = ['gpucnr', '--help']; import runpy; "
+                              "runpy.run_module('gpucnr', run_name='__main__')",
+             "python -c pass": "pass"}
+    imports: dict[str, list[float]] = {}
+    walls: dict[str, list[float]] = {}
+    for _ in range(max(args.repeat, 5)):
+        for name, code in cases.items():
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], capture_output=True, env=env)
+            walls.setdefault(name, []).append(time.perf_counter() - t0)
+            top = code.split()[1] if code.startswith("import ") and ";" not in code else None
+            if top:
+                err = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True,
+                                     text=True, env=env).stderr
+                # NB: the last line naming the module itself is its cumulative import time (children included)
+                line = [ln for ln in err.splitlines() if ln.rstrip().endswith(f"| {top}")][-1]
+                imports.setdefault(name, []).append(int(line.split("|")[1]) / 1e6)
+    imp = {k: min(v) for k, v in imports.items()}
+    wall = {k: min(v) for k, v in walls.items()}
+    base = wall["python -c pass"]
+    print(f"gpucnr {gpucnr.__version__}; best of {len(walls['import numpy'])} interleaved rounds, a fresh interpreter "
+          "each")
+    print()
+    print("| | import (ms, -X importtime) | vs import numpy | process (ms) | process − `python -c pass` (ms) | "
+          "vs import numpy |")
+    print("|---|---:|---:|---:|---:|---:|")
+    n_proc = wall["import numpy"] - base
+    for name in ("import numpy", "import gpucnr.cli", "gpucnr --help"):
+        i = imp.get(name)
+        cols = f"{i * 1e3:.1f} | {i / imp['import numpy']:.2f}x" if i is not None else "– | –"
+        print(f"| {name} | {cols} | {wall[name] * 1e3:.0f} | {(wall[name] - base) * 1e3:.0f} | "
+              f"{(wall[name] - base) / n_proc:.2f}x |")
+    print(f"| python -c pass | – | – | {base * 1e3:.0f} | 0 | – |")
 
 
 if __name__ == "__main__":

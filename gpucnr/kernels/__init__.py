@@ -5,10 +5,19 @@ in `_numpy_fast`, the one measured NumPy-specific fast path ("numba-cpu"). Which
 named by `gpucnr.backend.fast_path` and looked up in `fastpath`, nowhere else.
 """
 
-from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
-from gpucnr.kernels.cnr import DEFINITIONS, STATUS
-from gpucnr.kernels.footprints import FOOTPRINTS, footprint_offsets
-from gpucnr.kernels.params import BACKGROUNDS, Params
+# NB: names resolve on first use (PEP 562): the CLI reads the option names of `cnr`, `footprints` and `params`
+# (plain Python) without `batch` pulling in NumPy, SciPy and the array backends (issue 18: `gpucnr --help`).
+_WHERE = {
+    "BACKGROUNDS": "gpucnr.kernels.params",
+    "DEFINITIONS": "gpucnr.kernels.cnr",
+    "FOOTPRINTS": "gpucnr.kernels.footprints",
+    "OUTPUT_CELL": "gpucnr.kernels.batch",
+    "OUTPUT_IMAGE": "gpucnr.kernels.batch",
+    "STATUS": "gpucnr.kernels.cnr",
+    "Params": "gpucnr.kernels.params",
+    "footprint_offsets": "gpucnr.kernels.footprints",
+    "measure_batch": "gpucnr.kernels.batch",
+}
 
 __all__ = [
     "BACKGROUNDS",
@@ -21,3 +30,17 @@ __all__ = [
     "footprint_offsets",
     "measure_batch",
 ]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gpucnr.kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

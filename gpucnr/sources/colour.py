@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["COLOR_MODES", "to_gray"]
 
@@ -14,6 +17,8 @@ COLOR_MODES = (*WEIGHTS, "skip")
 
 def to_gray(rgb: np.ndarray, mode: str) -> np.ndarray:
     """(..., 3) colour samples -> float64 luminance wr·R + wg·G + wb·B (alpha, if any, already dropped)."""
+    import numpy as np  # NB: here, not at the top: the CLI reads COLOR_MODES without importing NumPy
+
     wr, wg, wb = WEIGHTS[mode]
     # NB: one channel at a time in float64: never a float64 copy of all three channels of a large image.
     f64 = np.float64

@@ -1,0 +1,82 @@
+"""A command line that starts at once (issue 18): `gpucnr --help` and `import gpucnr.cli` import no heavy library;
+each command imports what it needs when it runs. Checked through sys.modules of a fresh interpreter (not a timing:
+`scripts/bench.py startup` measures the time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+#: What a command line must not import before a command runs (NumPy: the budget is 3 × its import time).
+HEAVY = ("numpy", "zarr", "pandas", "scipy", "dask", "xarray", "matplotlib", "numba", "numcodecs", "pydicom", "nibabel",
+         "PIL", "cupy", "distributed")
+
+# NB: runs `python -m gpucnr ARGS` in this interpreter (runpy), then reports the top-level packages it imported.
+_PROBE = """
+import json, runpy, sys
+sys.argv = ["gpucnr", *json.loads(sys.argv[1])]
+code = None
+try:
+    runpy.run_module("gpucnr", run_name="__main__", alter_sys=True)
+except SystemExit as e:
+    code = e.code
+print(json.dumps({"code": code, "modules": sorted({m.split(".")[0] for m in sys.modules})}))
+"""
+
+
+def _probe(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _heavy(modules) -> list[str]:
+    return sorted(set(modules) & set(HEAVY))
+
+
+def test_import_cli_imports_no_heavy_library():
+    code = "import gpucnr.cli, json, sys; print(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    modules = {m.split(".")[0] for m in json.loads(proc.stdout)}
+    assert "gpucnr" in modules
+    assert _heavy(modules) == []
+
+
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("ingest", "--help"), ("run", "--help"),
+                                  ("filter", "--help"), ("report", "--help"), ("info", "--help"),
+                                  ("enhance", "--help"), ("demo", "--help")], ids=" ".join)
+def test_help_imports_no_heavy_library(args):
+    out = _probe(*args)
+    assert out["code"] == 0
+    assert _heavy(out["modules"]) == []
+
+
+def test_a_command_imports_what_it_needs_when_it_runs(tmp_path):
+    """The probe sees imports: `info` on a missing path is a coded error after its module (and Zarr) loaded."""
+    out = _probe("info", str(tmp_path / "missing.zarr"))
+    assert out["code"] == 2
+    assert "zarr" in out["modules"]
+
+
+def test_cli_choices_are_the_library_names():
+    """The CLI repeats the stack's compressor names (gpucnr.store imports Zarr); every option's choices must be the
+    library's own."""
+    from gpucnr.cli import build_parser
+    from gpucnr.kernels import BACKGROUNDS, DEFINITIONS, FOOTPRINTS
+    from gpucnr.sources.colour import COLOR_MODES
+    from gpucnr.store import COMPRESSORS
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    choices = {(name, a.dest): tuple(a.choices) for name, p in sub.choices.items() for a in p._actions if a.choices}
+    assert choices[("ingest", "compressor")] == tuple(COMPRESSORS)
+    assert choices[("ingest", "color")] == tuple(COLOR_MODES)
+    for command in ("run",):
+        assert choices[(command, "background")] == tuple(BACKGROUNDS)
+        assert choices[(command, "footprint")] == tuple(FOOTPRINTS)
+        assert choices[(command, "definition")] == tuple(DEFINITIONS)
