@@ -19,7 +19,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from gpucnr import shardfiles
+from gpucnr import chunks, shardfiles
 from gpucnr._version import __version__
 from gpucnr.backend import to_host
 from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError, raise_if_exhausted
@@ -37,7 +37,6 @@ READABLE_STACK_FORMATS = (1, 2)
 FINGERPRINT_VERSION = 2
 #: Compressors a stack may use (docs/performance.md has the measurement behind the default).
 COMPRESSORS = ("blosc-zstd", "zstd")
-_CANVAS = 64
 _CRC_ROWS = 2**16
 _PENDING_BYTES = 256 * 2**20
 _WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
@@ -361,26 +360,22 @@ class _ShardWriter:
     read these shards back through zarr."""
 
     def __init__(self, folder: Path, array, compressor: str):
-        import numcodecs
-
         self.folder, self.array = folder, array
         self.per_shard = int(array.shards[0])
-        self.encoder = (numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
-                        if compressor == "blosc-zstd" else numcodecs.Zstd(level=3))
+        self.encoder = chunks.encoder(compressor)
 
-    def write(self, s: int, block: np.ndarray) -> None:
-        """Shard `s` from `block` (its first images; the rest of the shard is empty)."""
-        little = block.astype(block.dtype.newbyteorder("<"), copy=False)
-        chunks = [shardfiles.with_crc(self.encoder.encode(np.ascontiguousarray(little[k])))
-                  for k in range(len(little))]
-        parts = shardfiles.assemble(chunks + [None] * (self.per_shard - len(chunks)))
+    def write(self, s: int, block) -> None:
+        """Shard `s` from `block` (its first images; the rest of the shard is empty): an array of planes, or a
+        list of planes and chunks already encoded (`chunks.encode_image`, by ingest's workers)."""
+        encoded = [item if isinstance(item, bytes) else chunks.encode_plane(item, self.encoder) for item in block]
+        parts = shardfiles.assemble(encoded + [None] * (self.per_shard - len(encoded)))
         path = Path(self.folder, self.array.metadata.encode_chunk_key((s, 0, 0)))
         # NB: a reader never sees half a shard; no fsync: the written manifest, written after, decides completeness
         shardfiles.publish(shardfiles.prepare(path, parts, fsync=False), path)
 
 
 def _canvas(shape) -> tuple[int, int]:
-    return tuple(int(math.ceil(s / _CANVAS) * _CANVAS) for s in shape)
+    return chunks.canvas(shape)
 
 
 def _compressors(name: str, itemsize: int):
@@ -607,6 +602,37 @@ class StackWriter:
             self._flush(b)
         return source
 
+    def add_encoded(self, encoded: dict, meta: dict | None = None) -> int:
+        """Add one image whose chunks were encoded elsewhere (`chunks.encode_image`: by ingest's worker
+        processes, so that compression runs beside the decoders); as `add` otherwise. Its canvas, compressor and
+        label planes must be this stack's."""
+        shape, dtype = tuple(encoded["shape"]), np.dtype(encoded["dtype"]).newbyteorder("=")
+        i = len(self._rows)
+        if len(shape) != 2:
+            raise InputError(f"image {i} must be 2-D, got shape {shape}")
+        _check_row(np.broadcast_to(np.uint8(0), shape), meta or {}, i)  # NB: the shape alone, no pixels
+        box = _canvas(shape)
+        blosc = self.compressor == "blosc-zstd"
+        if (dtype.kind not in "iuf" or tuple(encoded["canvas"]) != box or encoded["compressor"] != self.compressor
+                or (encoded["labels"] is not None) != self.labels or not isinstance(encoded["image"], bytes)
+                # NB: a blosc header holds the uncompressed size (bytes 4..8): the chunk must fill the canvas
+                or (blosc and int.from_bytes(encoded["image"][4:8], "little") != box[0] * box[1] * dtype.itemsize)):
+            raise InputError(f"image {i}: encoded chunks that do not fit this stack (canvas, compressor or labels)")
+        if encoded.get("has_labels") and not self.labels:
+            raise InputError("this stack was opened without labels")
+        key = (_canvas(shape), dtype.str)
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = self._new_bucket(*key)
+        self._label_ids.update(int(v) for v in encoded["label_ids"])
+        self._rows.append({"bucket": b["name"], "position": b["count"] + len(b["pending"]), "valid_h": shape[0],
+                           "valid_w": shape[1], "source_index": i, **(meta or {})})
+        b["pending"].append(encoded)
+        b["pending_bytes"] += len(encoded["image"]) + len(encoded["labels"] or b"")
+        if len(b["pending"]) == self.shard or b["pending_bytes"] >= _PENDING_BYTES:
+            self._flush(b)
+        return i
+
     @property
     def n_images(self) -> int:
         return len(self._rows)
@@ -646,13 +672,21 @@ class StackWriter:
         if b["inflight"] is not None:
             self._wait(b)  # NB: raises the previous shard's write error here, in the caller
         a, z = b["count"], b["count"] + m
-        block = np.zeros((m, *b["canvas"]), b["dtype"])
-        lab_block = np.zeros((m, *b["canvas"]), np.int32) if self.labels else None
-        for k, (image, labels) in enumerate(b["pending"]):
-            h, w = image.shape
-            block[k, :h, :w] = image
-            if labels is not None:
-                lab_block[k, :h, :w] = labels
+        if any(isinstance(p, dict) for p in b["pending"]):
+            # NB: chunks encoded by ingest's workers go to the shard file as they are; planes are encoded there
+            block = [p["image"] if isinstance(p, dict) else _on_canvas(p[0], b["canvas"], b["dtype"])
+                     for p in b["pending"]]
+            lab_block = None if not self.labels else [
+                p["labels"] if isinstance(p, dict) else _on_canvas(p[1], b["canvas"], np.int32)
+                for p in b["pending"]]
+        else:
+            block = np.zeros((m, *b["canvas"]), b["dtype"])
+            lab_block = np.zeros((m, *b["canvas"]), np.int32) if self.labels else None
+            for k, (image, labels) in enumerate(b["pending"]):
+                h, w = image.shape
+                block[k, :h, :w] = image
+                if labels is not None:
+                    lab_block[k, :h, :w] = labels
         b["inflight"] = self._io.submit(self._write, b, a, z, block, lab_block)
         b["count"] = z
         b["pending"], b["pending_bytes"] = [], 0
@@ -678,6 +712,11 @@ class StackWriter:
                 _ShardWriter(self.path / f"buckets/{b['name']}/{kind}", b[kind], self.compressor).write(
                     a // self.shard, data)
             else:
+                if isinstance(data, list):  # NB: a shard continued after an early flush is merged by zarr: planes
+                    dtype = b["dtype"] if kind == "images" else np.dtype(np.int32)
+                    codec = chunks.encoder(self.compressor)
+                    data = np.stack([chunks.decode_chunk(d, b["canvas"], dtype, codec) if isinstance(d, bytes)
+                                     else d for d in data])
                 b[kind][a:z] = data
         crcs = np.zeros((z - a, 2), np.uint32)
         for col, kind in enumerate(("images", "labels")):
@@ -766,6 +805,14 @@ def _screen_meta(meta: pd.DataFrame, key_file) -> pd.DataFrame:
     numeric = [c for c in free if c in _NUMERIC_META and pd.api.types.is_numeric_dtype(meta[c])]
     check_columns(meta.drop(columns=numeric), free, "meta")  # NB: names of all, values of the rest
     return meta
+
+
+def _on_canvas(plane, shape, dtype) -> np.ndarray:
+    """`plane` at the top left of a zero canvas of `shape` (None: all zeros)."""
+    out = np.zeros(shape, dtype)
+    if plane is not None:
+        out[: plane.shape[0], : plane.shape[1]] = plane
+    return out
 
 
 def _check_row(image: np.ndarray, meta: dict, i: int) -> None:

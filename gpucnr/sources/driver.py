@@ -484,12 +484,14 @@ class _Ingest:
         self.stored = self.unlabelled = self.masked = self.skipped_frames = 0
         self.labelled_by: set[str] = set()
         start, journal, writer = self._open(has_labels, shard, compressor)
+        # NB: the workers compress each image into the stack's chunks (in parallel); the driver writes the bytes
+        encode = {"compressor": compressor, "labelled": has_labels}
         try:
             self.meter.stage("decode", len(self.tasks), done=start)
             # NB: decoded results wait in the driver until the files before them are done: their bytes in flight
             # are bounded (x3: colour and LUT images become float64), as well as their number.
             todo = self.tasks[start:]
-            outs = pool.imap((t[4] for t in todo), costs=(3 * t[2]["declared_bytes"] for t in todo),
+            outs = pool.imap(((*t[4], encode) for t in todo), costs=(3 * t[2]["declared_bytes"] for t in todo),
                              budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick)
             for j, out in enumerate(outs, start):
                 record = self._decoded(j, out, meta_rows, writer)
@@ -622,11 +624,19 @@ class _Ingest:
                 problem(f"channel {channel} frame {frame}", code, reason)
                 record["skipped_frames"] += 1
                 continue
-            pixels = entry.pop("pixels")
-            row = _image_row(rec, entry, frame, k, pixels.shape)
+            encoded = entry.pop("encoded", None)
+            pixels = None if encoded is not None else entry.pop("pixels")
+            row = _image_row(rec, entry, frame, k, pixels.shape if encoded is None else encoded["shape"])
             row["channel"] = channel
             row["case"] = self._case(rec, f.rel, channel)
             row.update(meta_rows.get(f.rel, {}))
+            if encoded is not None:
+                # NB: compressed by the worker (tasks.decode_file): the writer stores its chunks as they are
+                if writer.labels and not encoded["has_labels"]:
+                    record["unlabelled"] += 1
+                source_index = writer.add_encoded(encoded, row)
+                record["frames"].append({"row": writer.rows[source_index], "labels": list(encoded["label_ids"])})
+                continue
             plane = entry.pop("label", None) if labels is None else labels[pos]
             if writer.labels and plane is None:
                 record["unlabelled"] += 1

@@ -11,15 +11,19 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from gpucnr.errors import InputError, RoiTableError
-from gpucnr.identifiers import refused_name
-from gpucnr.roitable import MAX_COORDINATE
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import ID_COLUMNS
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# NB: pandas, gpucnr.identifiers and gpucnr.roitable (SciPy) are imported by the table readers, which run in the
+# driver: the worker processes import this module for its mask readers and start faster without them (issue 18).
 
 __all__ = ["MaskMatcher", "match_source", "read_masks", "read_meta_csv", "read_roi_csv", "read_seg"]
 
@@ -246,6 +250,10 @@ def read_roi_csv(path) -> pd.DataFrame:
     """The ROI CSV (columns source, [frame,] roi, kind, cx, cy, r [, name]) validated up front, before any
     decoding: a malformed table fails at once (`RoiTableError` naming the line); rows are matched to images
     after ingest. Adds ``_line`` (1-based, the header is line 1) and ``_key`` (the safe source path, or None)."""
+    import pandas as pd
+
+    from gpucnr.roitable import MAX_COORDINATE
+
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)
@@ -297,6 +305,10 @@ def read_roi_csv(path) -> pd.DataFrame:
 def read_meta_csv(path, reserved) -> pd.DataFrame:
     """The --meta CSV: a ``source`` column (path relative to SRC_DIR) and per-image columns joined at ingest.
     Columns that clash with the stack's own (`reserved`) are refused up front."""
+    import pandas as pd
+
+    from gpucnr.identifiers import refused_name
+
     path = Path(path)
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False)

@@ -6,6 +6,7 @@ file except through a pseudonym or a sanitised descriptive field).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -13,6 +14,7 @@ import zlib
 
 import numpy as np
 
+from gpucnr import chunks
 from gpucnr.sources import dicom, nifti, raster
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import pseudonym
@@ -95,10 +97,13 @@ def scan_file(path, key: bytes, max_bytes: int, max_volume_bytes: int | None = N
         raise Skip("unreadable", f"the file cannot be read ({type(e).__name__})") from None
 
 
-def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> dict:
+def decode_file(path, record: dict, options: dict, masks: list, segs: list, encode: dict | None = None) -> dict:
     """Frames of one file, with labels from its mask files or DICOM SEG objects when it has any.
 
     Returns {"frames": [per-frame dicts of dicom.decode / raster.decode], "labels": list of int32 arrays or None}.
+    With `encode` ({"compressor": ..., "labelled": bool}, the stack's), each frame's pixels and label plane come
+    back as the stack's encoded chunks instead (``frame["encoded"]``, `gpucnr.chunks.encode_image`; ``labels`` is
+    then None): compression runs here, in parallel, and the driver only writes bytes.
     """
     _silence()
     try:
@@ -129,13 +134,45 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list) -> d
         if labels is not None:
             for f, plane in zip(frames, labels, strict=True):
                 f["label"] = plane
-        return Streamed({"frames": frames, "labels": None, "mask_problem": problem}, "frames", _frame_bytes)
+        prepare = None if encode is None else functools.partial(_encode_frame, encode)
+        return Streamed({"frames": frames, "labels": None, "mask_problem": problem}, "frames", _frame_bytes,
+                        prepare)
+    if encode is not None:
+        for pos, f in enumerate(frames):
+            if "pixels" in f:
+                f["label"] = None if labels is None else labels[pos]
+                _encode_frame(encode, f)
+        return {"frames": frames, "labels": None, "mask_problem": problem}
     for f in frames:
         f["pixels"] = np.ascontiguousarray(f["pixels"])
     return {"frames": frames, "labels": labels, "mask_problem": problem}
 
 
+_codecs: dict = {}
+
+
+def _encode_frame(encode: dict, frame: dict) -> dict:
+    """A frame's pixels (and ``label`` plane) as the stack's chunks, in place: ``frame["encoded"]``."""
+    if "pixels" not in frame:
+        return frame  # NB: a skipped slice carries no pixels
+    compressor = encode["compressor"]
+    codec = _codecs.get(compressor)
+    if codec is None:
+        import numcodecs
+
+        numcodecs.blosc.use_threads = False  # NB: the worker processes are the parallelism; blosc threads would
+        codec = _codecs[compressor] = chunks.encoder(compressor)  # compete with them for the same cores
+    try:
+        frame["encoded"] = chunks.encode_image(frame.pop("pixels"), frame.pop("label", None), compressor=compressor,
+                                               labelled=encode["labelled"], codec=codec)
+    except ValueError as e:
+        raise Skip("decode-error", f"the decoded image cannot be stored ({e})") from None
+    return frame
+
+
 def _frame_bytes(frame: dict) -> int:
+    if "encoded" in frame:
+        return len(frame["encoded"]["image"]) + len(frame["encoded"]["labels"] or b"")
     return sum(frame[k].nbytes for k in ("pixels", "label") if frame.get(k) is not None)
 
 

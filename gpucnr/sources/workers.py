@@ -32,16 +32,22 @@ _PART_BYTES = 32 * 2**20
 class Streamed:
     """A task's result sent to the driver in parts: the list ``head[key]`` goes a few items at a time (about
     32 MiB per message, by `sizeof`), then the rest of `head`; the driver gets `head` whole. A worker never pickles
-    a whole volume at once."""
+    a whole volume at once. `prepare`, if given, turns each item into what is sent just before it goes (e.g. its
+    pixels into compressed chunks), so that only one part of prepared items exists at a time."""
 
-    __slots__ = ("head", "key", "sizeof")
+    __slots__ = ("head", "key", "prepare", "sizeof")
 
-    def __init__(self, head: dict, key: str, sizeof: Callable[[object], int]):
-        self.head, self.key, self.sizeof = head, key, sizeof
+    def __init__(self, head: dict, key: str, sizeof: Callable[[object], int],
+                 prepare: Callable[[object], object] | None = None):
+        self.head, self.key, self.sizeof, self.prepare = head, key, sizeof, prepare
 
     def send(self, conn) -> None:
         items, part, size = self.head.pop(self.key), [], 0
-        for item in items:
+        while items:
+            # NB: each item leaves the list as it is sent: the worker drops what the driver already has
+            item = items.pop(0)
+            if self.prepare is not None:
+                item = self.prepare(item)
             part.append(item)
             size += self.sizeof(item)
             if size >= _PART_BYTES:
