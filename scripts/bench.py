@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,8 +57,9 @@ def main(argv=None):
     parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory",
                                                                         "ingest", "ingest-nifti", "startup"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
-                             "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 small DICOM "
-                             "files, workers=2, vs a plain pydicom loop), ingest-nifti (100 gzip NIfTI volumes "
+                             "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 DICOM "
+                             "files of SIZE x SIZE, 500 PNG, 500 TIFF, workers=2, vs plain pydicom and Pillow loops), "
+                             "ingest-nifti (100 gzip NIfTI volumes "
                              "of SIZE x SIZE x SIZE/2 int16, workers=2, vs a plain nibabel load-and-sum loop; "
                              "default size 256), startup (`import gpucnr.cli` and `gpucnr --help` vs `import numpy`)")
     parser.add_argument("--n", type=int, default=None, help="images (default 256; pipeline: 1024)")
@@ -284,40 +286,114 @@ def _dicom_folder(folder: Path, n: int, size: int) -> int:
     return total
 
 
+def _raster_folder(folder: Path, n: int, size: int, fmt: str) -> int:
+    """`n` 16-bit gray PNG or TIFF files (CT-like noise); returns their bytes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    total = 0
+    for i in range(n):
+        path = folder / f"{i // 100:03d}" / f"{i:05d}.{fmt.lower()}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.normal(1000, 20, (size, size)).astype(np.uint16)).save(path, format=fmt)
+        total += path.stat().st_size
+    return total
+
+
+def _cpu() -> float:
+    """CPU seconds of this process and of its finished children (ingest's workers are waited for)."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def bench_ingest(args):
-    """`gpucnr ingest` (workers=2: header scan + decode in isolated processes, streaming into the stack) vs the
-    plain loop ``pydicom.dcmread(f).pixel_array`` over the same files (which writes nothing)."""
+    """`gpucnr.ingest(..., workers=2)` (header scan + decode + compression in isolated worker processes, streaming
+    into the stack) against plain single-process loops over the same, page-cached files, which write nothing:
+    ``pydicom.dcmread(f).pixel_array`` for DICOM (2000 files of 512x512 int16 by default), ``np.asarray(
+    Image.open(f))`` for PNG and TIFF (a quarter as many files); and `ingest` + `run` (one square ROI per image)
+    against the plain DICOM loop alone. Wall time is the ratio the issue sets (2 workers against one process);
+    CPU seconds (driver + workers) say what the ratio would be on an idle machine, where wall time on a shared
+    one says little."""
     import pydicom
+    from PIL import Image
 
-    size = 128 if args.size == 512 else args.size
+    size, n = args.size, args.n
+    n_raster = max(1, n // 4)
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp, "src")
-        nbytes = _dicom_folder(src, args.n, size)
-        files = sorted(src.rglob("*.dcm"))
+        folders = {"DICOM": Path(tmp, "dicom"), "PNG": Path(tmp, "png"), "TIFF": Path(tmp, "tiff")}
+        nbytes = {"DICOM": _dicom_folder(folders["DICOM"], n, size)}
+        for fmt in ("PNG", "TIFF"):
+            nbytes[fmt] = _raster_folder(folders[fmt], n_raster, size, fmt)
+        files = {k: sorted(p for p in v.rglob("*") if p.is_file()) for k, v in folders.items()}
+        rois = Path(tmp, "rois.csv")
+        c = size // 2
+        rois.write_text("source,roi,kind,cx,cy,r\n" + "".join(
+            f"{f.relative_to(folders['DICOM']).as_posix()},1,square,{c},{c},{max(2, size // 25)}\n"
+            for f in files["DICOM"]))
+        k = [0]
 
-        def plain():
-            for f in files:
+        def fresh(name):
+            k[0] += 1
+            return Path(tmp, f"{name}{k[0]}.zarr")
+
+        def plain_dicom():
+            for f in files["DICOM"]:
                 pydicom.dcmread(f).pixel_array  # noqa: B018 - the decode is the point
 
-        def ours(k=[0]):  # noqa: B006 - a fresh stack per round
-            k[0] += 1
-            gpucnr.ingest(src, Path(tmp, f"stack{k[0]}.zarr"), workers=2)
+        def plain_pillow(fmt):
+            for f in files[fmt]:
+                with Image.open(f) as im:
+                    np.asarray(im)
 
-        plain()  # warm the page cache for both
-        times: dict[str, list[float]] = {}
+        def ours(fmt):
+            gpucnr.ingest(folders[fmt], fresh("stack"), workers=2)
+
+        def ours_and_run():
+            stack = fresh("stack")
+            gpucnr.ingest(folders["DICOM"], stack, workers=2, rois=rois)
+            gpucnr.run(stack, fresh("results"), workers=2, backend="numpy", scheduler="threads")
+
+        cases = {"plain DICOM": plain_dicom, "ingest DICOM": lambda: ours("DICOM"),
+                 "plain PNG": lambda: plain_pillow("PNG"), "ingest PNG": lambda: ours("PNG"),
+                 "plain TIFF": lambda: plain_pillow("TIFF"), "ingest TIFF": lambda: ours("TIFF"),
+                 "ingest + run DICOM": ours_and_run}
+        for fn in (plain_dicom, lambda: plain_pillow("PNG"), lambda: plain_pillow("TIFF")):
+            fn()  # NB: warms the page cache for every measurement
+        wall: dict[str, list[float]] = {}
+        cpu: dict[str, list[float]] = {}
         for _ in range(max(1, min(args.repeat, 3))):
-            for key, fn in (("plain", plain), ("ours", ours)):
-                times.setdefault(key, []).append(best(fn, 1))
-    t_plain, t_ours = min(times["plain"]), min(times["ours"])
-    mb = nbytes / 2**20
-    print(f"gpucnr {gpucnr.__version__}; {args.n} DICOM files of {size}x{size} int16 ({mb:.1f} MiB), explicit VR LE")
+            for key, fn in cases.items():
+                c0, t0 = _cpu(), time.perf_counter()
+                fn()
+                wall.setdefault(key, []).append(time.perf_counter() - t0)
+                cpu.setdefault(key, []).append(_cpu() - c0)
+            for old in Path(tmp).glob("*.zarr*"):  # NB: stacks and results of the round: disk, not memory
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+    t = {k: min(v) for k, v in wall.items()}
+    u = {k: min(v) for k, v in cpu.items()}
+    print(f"gpucnr {gpucnr.__version__}; {n} DICOM files of {size}x{size} int16 ({nbytes['DICOM'] / 2**20:.0f} MiB, "
+          f"explicit VR LE), {n_raster} PNG and {n_raster} TIFF files of {size}x{size} uint16; workers=2; best of "
+          f"{len(wall['plain DICOM'])} interleaved rounds")
     print()
-    print("| | s | images/s | MB/s | ratio |")
-    print("|---|---:|---:|---:|---:|")
-    print(f"| plain loop `pydicom.dcmread(f).pixel_array` (1 process, writes nothing) | {t_plain:.2f} | "
-          f"{args.n / t_plain:.0f} | {mb / t_plain:.1f} | 1 |")
-    print(f"| `gpucnr.ingest(..., workers=2)` (scan + decode + stack + linkage) | {t_ours:.2f} | {args.n / t_ours:.0f} "
-          f"| {mb / t_ours:.1f} | {t_plain / t_ours:.2f}x |")
+    print("| | files | wall s | files/s | ratio (wall) | CPU s | ratio (CPU) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows = [("plain loop `pydicom.dcmread(f).pixel_array` (1 process, writes nothing)", "plain DICOM", "plain DICOM",
+             n),
+            ("`gpucnr.ingest` DICOM (scan + decode + compress + stack + linkage)", "ingest DICOM", "plain DICOM", n),
+            ("`gpucnr.ingest` + `gpucnr.run` DICOM (1 square ROI per image)", "ingest + run DICOM", "plain DICOM", n),
+            ("plain loop `np.asarray(Image.open(f))` PNG", "plain PNG", "plain PNG", n_raster),
+            ("`gpucnr.ingest` PNG", "ingest PNG", "plain PNG", n_raster),
+            ("plain loop `np.asarray(Image.open(f))` TIFF", "plain TIFF", "plain TIFF", n_raster),
+            ("`gpucnr.ingest` TIFF", "ingest TIFF", "plain TIFF", n_raster)]
+    for label, key, base, count in rows:
+        print(f"| {label} | {count} | {t[key]:.2f} | {count / t[key]:.0f} | {t[base] / t[key]:.2f}x | {u[key]:.2f} | "
+              f"{u[base] / u[key]:.2f}x |")
+    print()
+    print("targets (issue 18): ingest >= 0.7x its plain loop (DICOM, PNG, TIFF); ingest + run >= 0.5x the plain DICOM "
+          "loop; ratio (CPU) = plain CPU / (driver + workers CPU): above 0.5 means 2 idle cores would beat the loop")
+
 
 def bench_ingest_nifti(args):
     """`gpucnr ingest` of gzip NIfTI volumes (workers=2: each volume inflated once, reoriented, sliced into the
