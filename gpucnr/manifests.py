@@ -339,7 +339,8 @@ PATH_COLUMNS = ("source", "frame", "source_encoding", "sources")
 def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
     """`df` (from `manifest`) joined with the linkage file that `gpucnr ingest` wrote beside the stack.
 
-    Image and ROI rows get ``source`` (the file's path relative to the ingest's SRC_DIR) and ``frame``; group
+    Image and ROI rows get ``source`` (the file's path relative to the ingest's SRC_DIR), ``channel`` (a 4-D NIfTI
+    volume's channel; 0 for others) and ``frame``; group
     rows get ``sources`` (a JSON list, in the order of ``images``). Source paths can carry names: this is
     only ever done on explicit request (`gpucnr filter --with-paths`).
 
@@ -365,6 +366,11 @@ def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:
         found = out["image"].isin(link.index)
         out["source"] = np.where(found, link["source"].reindex(out["image"]).to_numpy(), "")
         out["frame"] = np.where(found, link["frame"].reindex(out["image"]).to_numpy(), -1)
+        if "channel" in link.columns:
+            # NB: images are keyed by (source, channel, frame) (DESIGN §10): a 4-D NIfTI file's channels share
+            # source and frame, so without it the rows of its channels could not be told apart
+            channel = pd.to_numeric(link["channel"], errors="coerce").fillna(0).astype(np.int64)
+            out["channel"] = np.where(found, channel.reindex(out["image"]).to_numpy(), -1)
         if "source_encoding" in link.columns:  # NB: "percent" for a name written percent-encoded (DESIGN §10)
             out["source_encoding"] = np.where(found, link["source_encoding"].reindex(out["image"]).to_numpy(), "")
     else:

@@ -373,3 +373,24 @@ def test_resume_of_an_interrupted_volume_ingest(tmp_path, monkeypatch):
     for ext in (".linkage.csv", ".skipped.csv"):
         assert (stack.with_name(stack.name + ext).read_text()
                 == ref.summary.stack.with_name(ref.summary.stack.name + ext).read_text())
+
+
+def test_with_paths_names_the_channel_of_a_4d_volume(tmp_path):
+    """`gpucnr filter --with-paths` on a 4-D volume: its channels share source and frame; the `channel` column tells
+    their rows apart, as the linkage file does (issue 14, DESIGN §10: images are keyed by (source, channel, frame))."""
+    from gpucnr.manifests import with_paths
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "Task02_Heart"
+    vol = np.stack([_volume(rng, np.int16, SHAPE) for _ in range(2)], axis=-1)
+    _nii(src / "imagesTr" / "h.nii.gz", vol)
+    _nii(src / "labelsTr" / "h.nii.gz", _labels(rng, SHAPE))
+    done = ingest(src, tmp_path / "s.zarr")
+    results = tmp_path / "r.zarr"
+    gpucnr.run(done.stack.path, results, workers=WORKERS, dilation=1, border=1, min_bg=5)
+    table = with_paths(gpucnr.manifest(results, threshold=1.5), results)
+    assert len(table) == 2 * SHAPE[2]
+    link = done.linkage.set_index("index")
+    assert (table["channel"].to_numpy() == link.loc[table["image"], "channel"].to_numpy()).all()
+    assert sorted(table["channel"].unique()) == [0, 1]
+    assert not table.duplicated(["source", "channel", "frame"]).any()
