@@ -16,6 +16,7 @@ import xarray as xr
 
 from gpucnr._version import __version__
 from gpucnr.errors import InputError, OptionError
+from gpucnr.grouping import segments
 
 __all__ = ["LEVELS", "MISSING", "OUTLIER_K", "QUANTILES", "WILSON_Z", "summarize", "wilson_interval"]
 
@@ -136,7 +137,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     if CASE_LEVEL in ds.variables and ds[CASE_LEVEL].dims == ("image",):
         per_level[CASE_LEVEL] = _case_values(ds)
     levels = list(per_level)
-    # NB: keep only finite values once, with the image that owns each, so every group is a cheap mask.
+    # NB: keep only finite values once, with the image that owns each (its group codes give the value's groups).
     for level, (values, owner) in per_level.items():
         finite = np.isfinite(values)
         per_level[level] = (values[finite], owner[finite])
@@ -144,7 +145,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     everything = np.concatenate([per_level[level][0] for level in levels])
     edges = np.histogram_bin_edges(everything, bins=bins)
 
-    labels, group_by, group_value, masks = _groups(ds, columns, n_images)
+    labels, group_by, group_value, groupings = _groups(ds, columns, n_images)
     n_groups = len(labels)
     n_thr = thr.size
     shape = (len(levels), n_groups)
@@ -155,39 +156,46 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "histogram": np.zeros((*shape, bins), np.int64),
         "ecdf": np.full((*shape, edges.size), np.nan),
         "n_below": np.zeros((*shape, n_thr), np.int64),
-        "fraction_below": np.full((*shape, n_thr), np.nan),
-        "fraction_below_low": np.full((*shape, n_thr), np.nan),
-        "fraction_below_high": np.full((*shape, n_thr), np.nan),
     }
+    # NB: one sort per (level, grouping column) gives every group's statistics at once (issue 17): no per-group
+    # mask, so the cost is that of the values, not values × groups.
     for li, level in enumerate(levels):
         values, owner = per_level[level]
-        for gi, mask in enumerate(masks):
-            sample = np.sort(values[mask[owner]])
-            n = sample.size
-            out["count"][li, gi] = n
-            out["histogram"][li, gi] = np.histogram(sample, bins=edges)[0]
-            # NB: searchsorted on the sorted sample: "left" counts values strictly below each threshold (the
-            # issue's rule), "right" counts values <= each edge (the ECDF's definition).
-            below = np.searchsorted(sample, thr, side="left")
-            out["n_below"][li, gi] = below
-            low, high = wilson_interval(below, n)
-            out["fraction_below_low"][li, gi] = low
-            out["fraction_below_high"][li, gi] = high
-            if n:
-                # NB: guarded, so an empty group gives NaN without numpy's empty-slice RuntimeWarning.
-                out["mean"][li, gi] = sample.mean()
-                out["quantiles"][li, gi] = np.quantile(sample, QUANTILES)
-                out["ecdf"][li, gi] = np.searchsorted(sample, edges, side="right") / n
-                out["fraction_below"][li, gi] = below / n
+        for codes, offset, size in groupings:
+            seg = segments(values, codes[owner], size)
+            cols = slice(offset, offset + size)
+            out["count"][li, cols] = seg.count
+            out["mean"][li, cols] = seg.mean()
+            out["quantiles"][li, cols] = seg.quantile(QUANTILES)
+            # NB: numpy.histogram's bins are half-open [e_i, e_i+1), the last one closed: counts strictly below
+            # each edge, differenced, and the last bin takes the values equal to the last edge too.
+            lt = seg.count_at_or_below(edges, strict=True)
+            le = seg.count_at_or_below(edges)
+            hist = np.diff(lt, axis=1)
+            hist[:, -1] += le[:, -1] - lt[:, -1]
+            out["histogram"][li, cols] = hist
+            # NB: "strict" counts values strictly below each threshold (the issue's rule), the ECDF counts <= edge.
+            out["n_below"][li, cols] = seg.count_at_or_below(thr, strict=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["ecdf"][li, cols] = np.where(seg.count[:, None] > 0, le / np.maximum(seg.count, 1)[:, None],
+                                                 np.nan)
+    count = out["count"][..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["fraction_below"] = np.where(count > 0, out["n_below"] / np.maximum(count, 1), np.nan)
+    out["fraction_below_low"], out["fraction_below_high"] = wilson_interval(out["n_below"], count)
 
     medians = out["quantiles"][:, :, QUANTILES.index(0.5)]
     outlier, score = _outliers(medians, np.asarray(group_by))
 
-    in_group = np.stack(masks)  # (group, image); never empty: "all" is always there
-    n_no_valid = (in_group & (n_valid == 0)[None, :]).sum(axis=1).astype(np.int64)
+    n_in, n_no_valid, n_not_computed = (np.zeros(n_groups, np.int64) for _ in range(3))
+    for codes, offset, size in groupings:
+        cols = slice(offset, offset + size)
+        n_in[cols] = np.bincount(codes, minlength=size)
+        n_no_valid[cols] = np.bincount(codes[n_valid == 0], minlength=size)
+        n_not_computed[cols] = np.bincount(codes[n_valid < 0], minlength=size)
     data = {
-        "n_images": (("group",), in_group.sum(axis=1).astype(np.int64)),
-        "n_not_computed": (("group",), (in_group & (n_valid < 0)[None, :]).sum(axis=1).astype(np.int64)),
+        "n_images": (("group",), n_in),
+        "n_not_computed": (("group",), n_not_computed),
         # NB: an image without a valid ROI contributes to neither level; the count is the same for both.
         "n_no_valid_roi": (("level", "group"), np.broadcast_to(n_no_valid, shape).copy()),
         "count": (("level", "group"), out["count"]),
@@ -330,32 +338,49 @@ def _is_missing(value) -> bool:
 
 
 def _groups(ds: xr.Dataset, columns: list[str], n_images: int):
-    """Group labels, their column and value, and one boolean image mask per group ("all" first)."""
-    labels, group_by, group_value, masks = ["all"], ["all"], ["all"], [np.ones(n_images, bool)]
+    """Group labels, their column and value, and per grouping ("all" first, then each column of `columns`) the
+    group code of every image (int64 (n_images,)), the position of its first group among the labels and its
+    number of groups."""
+    labels, group_by, group_value = ["all"], ["all"], ["all"]
+    groupings = [(np.zeros(n_images, np.int64), 0, 1)]
     for name in columns:
-        raw = np.asarray(ds[name].values)
-        values = raw.astype(object)
-        missing = np.fromiter((_is_missing(v) for v in values), bool, count=values.size)
-        present = values[~missing]
-        keys = [_scalar(v) for v in present]
-        try:
-            distinct = sorted(set(keys))
-        except TypeError:
-            # NB: a column mixing types (numbers and text) has no natural order; text order is deterministic.
-            distinct = sorted(set(keys), key=str)
-        key_of = np.empty(values.size, dtype=object)
-        key_of[~missing] = keys
-        for key in distinct:
-            labels.append(f"{name}={key}")
-            group_by.append(name)
-            group_value.append(str(key))
-            masks.append(~missing & (key_of == key))
-        if missing.any():
-            labels.append(f"{name}={MISSING}")
-            group_by.append(name)
-            group_value.append(MISSING)
-            masks.append(missing)
-    return labels, group_by, group_value, masks
+        codes, values = column_codes(ds[name].values)
+        groupings.append((codes, len(labels), len(values)))
+        labels += [f"{name}={v}" for v in values]
+        group_by += [name] * len(values)
+        group_value += values
+    return labels, group_by, group_value, groupings
+
+
+def column_codes(raw) -> tuple[np.ndarray, list[str]]:
+    """Group code of each value of a per-image column and the groups' values as text, in summarize's order.
+
+    Parameters
+    ----------
+    raw : array (n,)
+        The column's values, of any dtype.
+
+    Returns
+    -------
+    codes : int64 array (n,)
+        The group of each value: distinct values sorted (text order for a column mixing numbers and text),
+        then ``"(missing)"`` last for NaN, None, "" and their text forms after a Zarr round trip.
+    values : list of str
+        The group values as text, ``"(missing)"`` for the missing group (present only if a value is missing).
+    """
+    values = np.asarray(raw).astype(object)
+    missing = np.fromiter((_is_missing(v) for v in values), bool, count=values.size)
+    keys = [_scalar(v) for v in values[~missing]]
+    try:
+        distinct = sorted(set(keys))
+    except TypeError:
+        # NB: a column mixing types (numbers and text) has no natural order; text order is deterministic.
+        distinct = sorted(set(keys), key=str)
+    # NB: a dict keyed by value, as `set` groups them (1 and 1.0 are one group): one lookup per image.
+    index = {key: i for i, key in enumerate(distinct)}
+    codes = np.full(values.size, len(distinct), np.int64)
+    codes[~missing] = np.fromiter((index[k] for k in keys), np.int64, count=len(keys))
+    return codes, [str(k) for k in distinct] + ([MISSING] if missing.any() else [])
 
 
 def _scalar(value):
