@@ -159,7 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
     filt.add_argument("results", type=Path, help="RESULTS.zarr")
-    filt.add_argument("--threshold", type=float, default=1.5, help="drop below this CNR (default 1.5)")
+    filt.add_argument("--threshold", type=float, default=None,
+                      help="drop below this CNR: the same as --rule abs:T (default: abs:1.5)")
+    filt.add_argument("--rule", default=None,
+                      help="where each group is cut: abs:T (drop CNR < T; default abs:1.5), quantile:P (drop CNR < "
+                      "the group's P-quantile; groups of fewer than 1/P units drop nothing), mad:K (drop CNR < "
+                      "median - K x 1.4826 x MAD; a MAD of 0 drops nothing); flagged units stay out of the statistics")
+    filt.add_argument("--by", type=_names, default=None,
+                      help="per-image columns whose values define the groups of --rule, e.g. modality or "
+                      "modality,site (default: one group); the cut of each group goes to the manifest's metadata")
     filt.add_argument("--level", choices=("image", "roi", "case", "series", "study", "patient"), default="image",
                       help="unit of a row; case: decided on the pooled CNR of the case's cells (gpucnr.aggregate)")
     filt.add_argument("--with-paths", action="store_true",
@@ -338,7 +346,7 @@ def _dispatch(args) -> int:
     elif args.command == "filter":
         from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
 
-        table = manifest(args.results, threshold=args.threshold, level=args.level,
+        table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
                          allow_incomplete=args.allow_incomplete)
         if args.with_paths:
             table = with_paths(table, args.results, args.stack)
@@ -348,10 +356,14 @@ def _dispatch(args) -> int:
         print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")) + side)
         if counts.get("drop", 0) * 2 > len(table):
-            print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
+            print(f"gpucnr: warning: rule {table.attrs['rule']} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
                   "on what is left, check the background mode and the threshold: docs/accuracy.md, \"Choosing a "
                   "background and a threshold\", and the report's threshold table", file=sys.stderr)
+        cut = [c for c in table.attrs.get("cuts", []) if c["dropped"]]
+        if args.by or table.attrs["rule"].split(":")[0] != "abs":
+            print(f"rule {table.attrs['rule']}: {len(table.attrs['cuts'])} group(s), {len(cut)} with a unit dropped "
+                  f"(each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
 

@@ -17,6 +17,7 @@ import xarray as xr
 from gpucnr._version import __version__
 from gpucnr.errors import InputError, OptionError
 from gpucnr.grouping import segments
+from gpucnr.rules import MAD_SCALE, parse_rule
 
 __all__ = ["LEVELS", "MISSING", "OUTLIER_K", "QUANTILES", "WILSON_Z", "summarize", "wilson_interval"]
 
@@ -30,8 +31,6 @@ QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
 WILSON_Z = 1.959963984540054
 #: A group is an outlier when |median − median of medians| > OUTLIER_K × MAD_SCALE × MAD.
 OUTLIER_K = 3.0
-#: Makes the MAD a consistent estimator of the standard deviation under normality (1 / Φ⁻¹(0.75)).
-MAD_SCALE = 1.4826
 #: Name of the group that collects images whose grouping value is missing.
 MISSING = "(missing)"
 # NB: the stack's and the results' table writers store text columns with ``astype(str)``, so a missing value
@@ -40,7 +39,12 @@ MISSING = "(missing)"
 _MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>", "NaT"})
 
 
-def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 50) -> xr.Dataset:
+#: The rules `summarize` shows by default, beside the absolute thresholds (issue 16).
+DEFAULT_RULES = ("quantile:0.05", "mad:3")
+
+
+def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 50,
+              rules=DEFAULT_RULES) -> xr.Dataset:
     """Summarise the CNR of a whole dataset, overall and per group of a per-image column.
 
     Two levels are summarised. ``image``: one value per image, its ``cnr_median``, taken as NaN when the image
@@ -63,6 +67,10 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     bins : int
         Number of histogram bins. The edges are shared by both levels and all groups: `bins` equal bins over
         the finite range of all values of the dataset (``numpy.histogram_bin_edges``).
+    rules : sequence of str or gpucnr.rules.Rule
+        Filtering rules (``"abs:T"``, ``"quantile:P"``, ``"mad:K"``; `gpucnr.manifest`'s ``rule``) whose cut is
+        shown for every level and group: R of them, in the given order. The cut of a group comes from its finite
+        values, as `gpucnr.manifest` with ``by=`` that column computes it at the image level.
 
     Returns
     -------
@@ -70,7 +78,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         Dimensions: ``level`` ("image", "roi", and "case" when the results have a per-image ``case`` column:
         each case's pooled CNR from `gpucnr.aggregate`, counted in the groups of its first image), ``group``
         (G), ``quantile`` (7), ``bin`` (`bins`),
-        ``edge`` (`bins` + 1), ``threshold`` (T).
+        ``edge`` (`bins` + 1), ``threshold`` (T), ``rule`` (R; coordinate: the rules as text, e.g. "mad:3").
 
         Coordinates: ``level``; ``group`` (label: "all", or "<column>=<value>", or "<column>=(missing)");
         ``group_by`` (group,) the column ("all" for the whole dataset); ``group_value`` (group,) the value as
@@ -99,8 +107,12 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
           column, |median − median of the group medians| / (1.4826 × MAD of the group medians); flagged when
           the deviation exceeds 3 × 1.4826 × MAD (a zero MAD flags any deviation, score inf). Groups with
           no finite value, and "all", have score NaN and are never flagged.
+        - ``rule_cut`` (level, group, rule): where the rule cuts the group (NaN where it drops nothing: a
+          quantile's group smaller than 1/P, a MAD of 0, no finite value).
+        - ``rule_n_below`` (level, group, rule): finite values strictly below the cut (what the rule drops).
 
-        Attributes: ``thresholds`` (list of float), ``by`` (list of str, empty without grouping), ``bins``,
+        Attributes: ``thresholds`` (list of float), ``by`` (list of str, empty without grouping), ``rules``
+        (list of str), ``bins``,
         ``quantile_method``, ``wilson_z``, ``outlier_rule``, ``gpucnr_version``.
 
     Raises
@@ -109,9 +121,12 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         A variable the summary needs is missing, or a `by` column is not a per-image column.
     OptionError
         `thresholds` empty or not finite, or `bins` not a positive integer.
+    RuleError
+        ``bad-rule``: a rule that is not one of the accepted forms.
     """
     ds = _as_results(results)
     thr = _thresholds(thresholds)
+    rule_list = [parse_rule(r) for r in ([rules] if isinstance(rules, str) else list(rules))]
     bins = _bins(bins)
     columns = _by(by)
     for name in columns:
@@ -156,6 +171,8 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "histogram": np.zeros((*shape, bins), np.int64),
         "ecdf": np.full((*shape, edges.size), np.nan),
         "n_below": np.zeros((*shape, n_thr), np.int64),
+        "rule_cut": np.full((*shape, len(rule_list)), np.nan),
+        "rule_n_below": np.zeros((*shape, len(rule_list)), np.int64),
     }
     # NB: one sort per (level, grouping column) gives every group's statistics at once (issue 17): no per-group
     # mask, so the cost is that of the values, not values × groups.
@@ -176,6 +193,10 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
             out["histogram"][li, cols] = hist
             # NB: "strict" counts values strictly below each threshold (the issue's rule), the ECDF counts <= edge.
             out["n_below"][li, cols] = seg.count_at_or_below(thr, strict=True)
+            for ri, rule in enumerate(rule_list):
+                cut = rule.cuts(seg)
+                out["rule_cut"][li, cols, ri] = cut
+                out["rule_n_below"][li, cols, ri] = seg.count_below(cut)
             with np.errstate(invalid="ignore", divide="ignore"):
                 out["ecdf"][li, cols] = np.where(seg.count[:, None] > 0, le / np.maximum(seg.count, 1)[:, None],
                                                  np.nan)
@@ -207,6 +228,8 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "fraction_below": (("level", "group", "threshold"), out["fraction_below"]),
         "fraction_below_low": (("level", "group", "threshold"), out["fraction_below_low"]),
         "fraction_below_high": (("level", "group", "threshold"), out["fraction_below_high"]),
+        "rule_cut": (("level", "group", "rule"), out["rule_cut"]),
+        "rule_n_below": (("level", "group", "rule"), out["rule_n_below"]),
         "outlier": (("level", "group"), outlier),
         "outlier_score": (("level", "group"), score),
     }
@@ -221,11 +244,13 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "bin_high": ("bin", edges[1:]),
         "edge": edges,
         "threshold": thr,
+        "rule": np.asarray([str(r) for r in rule_list], dtype=object),
     }
     summary = xr.Dataset(data, coords=coords)
     summary.attrs.update({
         "thresholds": [float(t) for t in thr],
         "by": list(columns),
+        "rules": [str(r) for r in rule_list],
         "bins": bins,
         "quantile_method": "linear",
         "wilson_z": WILSON_Z,
