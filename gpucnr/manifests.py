@@ -247,9 +247,15 @@ class _Decider:
             per_column.append(column_codes(ds[name].values))
         if per_column:
             # NB: the groups are the value combinations present, ordered as the columns' values are
+            # (one flat code per combination, unique in 1-D: the C order of the codes is that order)
+            dims = [len(values) for _, values in per_column]
             stacked = np.stack([codes for codes, _ in per_column], axis=1)
-            keys, self.codes = np.unique(stacked, axis=0, return_inverse=True)
-            self.codes = self.codes.reshape(-1).astype(np.int64)
+            if math.prod(dims) < 2**62:
+                present, inverse = np.unique(np.ravel_multi_index(stacked.T, dims), return_inverse=True)
+                keys = np.stack(np.unravel_index(present, dims), axis=1)
+            else:  # NB: too many combinations for one int64 code: unique rows (slower, same order)
+                keys, inverse = np.unique(stacked, axis=0, return_inverse=True)
+            self.codes = inverse.reshape(-1).astype(np.int64)
             self.labels = [{c: per_column[j][1][k] for j, (c, k) in enumerate(zip(columns, key, strict=True))}
                            for key in keys.tolist()]
         else:

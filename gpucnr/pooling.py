@@ -169,9 +169,11 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         if "roi_name" in part:
             names_block = np.asarray(part["roi_name"].values).astype(object)
             rows, cols = np.nonzero((names_block != "") & (c >= 0)[:, None])
-            for r, col in zip(rows.tolist(), cols.tolist(), strict=True):
-                if roi_name[c[r], col] == "":
-                    roi_name[c[r], col] = str(names_block[r, col])
+            # NB: the first named cell of each (group, roi) in image order, all groups at once: np.unique's first
+            # index of each flat (group, roi) cell, in the row-major order of the block's cells
+            cells, first = np.unique(c[rows] * width + cols, return_index=True)
+            empty = roi_name.ravel()[cells] == ""
+            roi_name.ravel()[cells[empty]] = [str(v) for v in names_block[rows[first[empty]], cols[first[empty]]]]
         if photometric is not None:
             inverted = photometric[lo : lo + _BLOCK] == "MONOCHROME1"
             for bit, sel in ((1, ~inverted), (2, inverted)):

@@ -178,8 +178,9 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     # mask, so the cost is that of the values, not values × groups.
     for li, level in enumerate(levels):
         values, owner = per_level[level]
+        by_value = np.argsort(values, kind="stable")
         for codes, offset, size in groupings:
-            seg = segments(values, codes[owner], size)
+            seg = segments(values, codes[owner], size, by_value=by_value)
             cols = slice(offset, offset + size)
             out["count"][li, cols] = seg.count
             out["mean"][li, cols] = seg.mean()
@@ -393,19 +394,24 @@ def column_codes(raw) -> tuple[np.ndarray, list[str]]:
     values : list of str
         The group values as text, ``"(missing)"`` for the missing group (present only if a value is missing).
     """
-    values = np.asarray(raw).astype(object)
-    missing = np.fromiter((_is_missing(v) for v in values), bool, count=values.size)
-    keys = [_scalar(v) for v in values[~missing]]
+    # NB: pandas' hash table factorises the column in C; the Python-level rules (missing spellings, one group for
+    # equal values of any dtype) then run once per distinct value, not once per image.
+    first, uniques = pd.factorize(np.asarray(raw).astype(object), use_na_sentinel=True)
+    uniques = list(uniques)
+    missing = np.array([_is_missing(v) for v in uniques], bool)
+    keys = [_scalar(v) for v, m in zip(uniques, missing, strict=True) if not m]
     try:
         distinct = sorted(set(keys))
     except TypeError:
         # NB: a column mixing types (numbers and text) has no natural order; text order is deterministic.
         distinct = sorted(set(keys), key=str)
-    # NB: a dict keyed by value, as `set` groups them (1 and 1.0 are one group): one lookup per image.
+    # NB: a dict keyed by value, as `set` groups them (1 and 1.0 are one group)
     index = {key: i for i, key in enumerate(distinct)}
-    codes = np.full(values.size, len(distinct), np.int64)
-    codes[~missing] = np.fromiter((index[k] for k in keys), np.int64, count=len(keys))
-    return codes, [str(k) for k in distinct] + ([MISSING] if missing.any() else [])
+    remap = np.full(len(uniques) + 1, len(distinct), np.int64)  # NB: the last slot: pandas' NA sentinel (-1)
+    remap[np.flatnonzero(~missing)] = [index[k] for k in keys]
+    codes = remap[first]
+    has_missing = bool(missing.any() or (first < 0).any())
+    return codes, [str(k) for k in distinct] + ([MISSING] if has_missing else [])
 
 
 def _scalar(value):

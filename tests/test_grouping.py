@@ -108,3 +108,77 @@ def test_summarize_equals_a_per_group_loop(seed):
             else:
                 assert np.isnan(x["quantiles"].values).all() and np.isnan(float(x["mean"]))
                 assert np.isnan(x["ecdf"].values).all() and np.isnan(x["fraction_below"].values).all()
+
+
+def moment_results(n=300, seed=0) -> xr.Dataset:
+    """Results with moments (what aggregate pools), ROI names on some cells only, absent ROIs, failed and never
+    computed cells, and a ``site`` column with tiny groups and missing values."""
+    from gpucnr.kernels.cnr import STATUS
+
+    rng = np.random.default_rng(seed)
+    shape = (n, 3)
+    n_roi = rng.integers(1, 60, shape)
+    n_roi[rng.random(shape) < 0.2] = 0  # absent
+    n_bg = rng.integers(40, 400, shape)
+    mean_roi, mean_bg = np.round(rng.normal(300, 30, shape)), np.round(rng.normal(100, 10, shape))  # ties
+    var_roi, var_bg = rng.gamma(4, 100, shape), rng.gamma(4, 100, shape)
+    var_roi[n_roi == 1] = np.nan
+    status = np.where(n_roi == 0, STATUS["absent"], 0).astype(np.int8)
+    status[rng.random(shape) < 0.03] = STATUS["failed"]
+    status[rng.random(n) < 0.02] = STATUS["not-computed"]
+    names = np.where(rng.random(shape) < 0.5, rng.choice(np.array(["liver", "kidney", "spleen"], dtype=object),
+                                                          shape), "")
+    names[n_roi == 0] = ""
+    site = np.array([f"s{int(v)}" for v in np.minimum(rng.zipf(1.5, n), 40)], dtype=object)
+    site[rng.random(n) < 0.05] = None
+    cell = ("image", "roi")
+    return xr.Dataset(
+        {"n_roi": (cell, n_roi), "mean_roi": (cell, mean_roi), "var_roi": (cell, var_roi), "n_bg": (cell, n_bg),
+         "mean_bg": (cell, mean_bg), "var_bg": (cell, var_bg), "cnr": (cell, np.full(shape, np.nan)),
+         "status": (cell, status), "roi_name": (cell, names.astype(str)),
+         "cnr_median": (("image",), np.full(n, np.nan)), "n_valid": (("image",), np.zeros(n, np.int64))},
+        coords={"image": np.arange(n), "roi": [1, 2, 3], "site": ("image", site)},
+        attrs={"ddof": 1, "min_bg": 30, "definition": "pooled"},
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_aggregate_equals_a_per_group_loop(seed, monkeypatch):
+    from gpucnr import pooling
+    from gpucnr.kernels.cnr import STATUS
+
+    ds = moment_results(seed=seed)
+    monkeypatch.setattr(pooling, "_BLOCK", 64)  # NB: groups spread over several blocks
+    out = pooling.aggregate(ds, by="site")
+    site = pd.Series(ds["site"].values, dtype=object)
+    present = sorted(site.dropna().unique())
+    assert list(out["site"].values) == present and out.attrs["images_without_group"] == site.isna().sum()
+    st = ds["status"].values
+    for value in present:
+        mask = (site == value).to_numpy()
+        got = out.sel(site=value)
+        assert int(got["n_images"]) == mask.sum()
+        for j in range(3):
+            use = mask & (ds["n_roi"].values[:, j] > 0) & (st[:, j] != STATUS["failed"]) & \
+                (st[:, j] != STATUS["not-computed"])
+            for side in ("roi", "bg"):
+                n = ds[f"n_{side}"].values[use, j].astype(float)
+                mean = ds[f"mean_{side}"].values[use, j]
+                m2 = np.where(n > 1, ds[f"var_{side}"].values[use, j] * (n - 1), 0.0)
+                total = n.sum()
+                assert int(got[f"n_{side}"][j]) == total
+                if total:
+                    centre = (n * mean).sum() / total
+                    np.testing.assert_allclose(float(got[f"mean_{side}"][j]), centre, rtol=1e-12)
+                    if total > 1:
+                        want = (m2.sum() + (n * (mean - centre) ** 2).sum()) / (total - 1)
+                        np.testing.assert_allclose(float(got[f"var_{side}"][j]), want, rtol=1e-9)
+            named = [x for x in ds["roi_name"].values[mask, j] if x]
+            assert str(got["roi_name"][j].values) == (named[0] if named else "")
+            if (mask & (st[:, j] == STATUS["not-computed"])).any():
+                assert int(got["status"][j]) == STATUS["not-computed"]
+            elif (mask & (st[:, j] == STATUS["failed"])).any():
+                assert int(got["status"][j]) == STATUS["failed"]
+        # the whole group's result equals aggregating its images alone
+        alone = pooling.aggregate(ds.isel(image=np.flatnonzero(mask)), by="site")
+        xr.testing.assert_allclose(got.drop_vars("site"), alone.isel(site=0).drop_vars("site"), rtol=1e-12)
