@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--by", type=_names, default=None,
                      help="per-image columns to group by, e.g. modality,site (a meta column such as site is in the "
                      "results only if `gpucnr run --group-columns` named it)")
+    rep.add_argument("--rule", action="append", default=None,
+                     help="a filtering rule whose cut per group the thresholds section shows (repeat for several): "
+                     "abs:T, quantile:P, mad:K (default: quantile:0.05 and mad:3)")
     rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
     rep.add_argument("--open", action="store_true", help="open the report in a browser")
@@ -337,7 +340,7 @@ def _dispatch(args) -> int:
 
         path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
                             by=args.by, stack=args.stack, lowest=args.lowest,
-                            allow_incomplete=args.allow_incomplete)
+                            allow_incomplete=args.allow_incomplete, **({"rules": args.rule} if args.rule else {}))
         print(f"report: {path}")
         if args.open:
             import webbrowser

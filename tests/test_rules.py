@@ -295,3 +295,14 @@ def test_cli_refuses_malformed_rules_with_exit_2(measured_stack, tmp_path, args)
     assert "Traceback" not in done.stderr and not out.exists()
     if "mad:3" not in args:
         assert "[bad-rule]" in done.stderr and "quantile:P" in done.stderr and "mad:K" in done.stderr
+
+
+def test_cli_report_shows_rules_and_refuses_a_malformed_one(measured_stack, tmp_path):
+    done = _cli("report", measured_stack / "r.zarr", tmp_path / "rep", "--by", "modality", "--rule", "mad:2",
+                "--rule", "quantile:0.1", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "Where each rule cuts" in html and "mad:2" in html and "quantile:0.1" in html
+    bad = _cli("report", measured_stack / "r.zarr", tmp_path / "bad", "--rule", "mad:x", cwd=tmp_path)
+    assert bad.returncode == 2 and "[bad-rule]" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
