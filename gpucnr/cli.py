@@ -181,7 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     enh = sub.add_parser("enhance", help="the article's low-CNR hook: enhance images below a threshold, re-measure")
     enh.add_argument("results", type=Path, help="RESULTS.zarr")
-    enh.add_argument("--threshold", type=float, default=1.5)
+    enh.add_argument("--threshold", type=float, default=None, help="enhance below this CNR (default 1.5)")
+    enh.add_argument("--rule", default=None,
+                     help="instead of --threshold: enhance what `gpucnr filter --rule RULE` drops (abs:T, quantile:P, "
+                     "mad:K)")
+    enh.add_argument("--by", type=_names, default=None, help="per-image columns whose groups --rule cuts apart")
     enh.add_argument("--method", choices=("median", "gaussian"), default="median")
     enh.add_argument("--size", type=_positive_int, default=3, help="median window (pixels)")
     enh.add_argument("--sigma", type=float, default=1.0, help="Gaussian sigma (pixels)")
@@ -372,8 +376,10 @@ def _dispatch(args) -> int:
 
         ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
                      sigma=args.sigma, stack=args.stack, backend=args.backend,
-                     allow_incomplete=args.allow_incomplete)
-        print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
+                     allow_incomplete=args.allow_incomplete, rule=args.rule, by=args.by)
+        rule = ds.attrs["rule"]
+        what = f"below {ds.attrs['threshold']:g}" if rule.startswith("abs:") else f"dropped by {rule}"
+        print(f"{ds.sizes['image']} image(s) {what} enhanced ({args.method}) into "
               f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
         if ds.sizes["image"]:
             print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "
