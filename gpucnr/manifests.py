@@ -371,19 +371,18 @@ def _group_rows(frame: pd.DataFrame, ids: list[str], level: str, decide: _Decide
     rows = []
     grouped = frame[~lost]
     if len(grouped):
-        by = [grouped[k] for k in key]
         ok = usable[~lost]
-        agg = pd.DataFrame({
-            "images": grouped.groupby(by, sort=True)["image"].agg(lambda s: " ".join(map(str, s))),
-            "n_images": grouped.groupby(by, sort=True)["image"].size(),
-            "n_valid_images": ok.groupby(by, sort=True).sum(),
-            "first": grouped.groupby(by, sort=True)["image"].min(),
+        # NB: one groupby (one factorisation of the keys) for every column of the units
+        work = grouped.assign(_ok=ok, _not_computed=grouped["n_valid"] < 0, _value=grouped["cnr"].where(ok),
+                              _text=grouped["image"].astype(str))
+        agg = work.groupby(key, sort=True).agg(
+            images=("_text", " ".join), n_images=("image", "size"), n_valid_images=("_ok", "sum"),
+            first=("image", "min"),
             # NB: the position of the first image, whose group (`by` columns) the unit is in
-            "pos": grouped.groupby(by, sort=True)["pos"].first(),
-            "not_computed": (grouped["n_valid"] < 0).groupby(by, sort=True).any(),
+            pos=("pos", "first"), not_computed=("_not_computed", "any"),
             # NB: pandas' group median skips NaN and averages the two middle values, as numpy.median does.
-            "cnr": grouped["cnr"].where(ok).groupby(by, sort=True).median(),
-        }).reset_index()
+            cnr=("_value", "median"),
+        ).reset_index()
         cnr = agg["cnr"].to_numpy(np.float64)
         valid = agg["n_valid_images"].to_numpy() > 0
         not_computed = agg["not_computed"].to_numpy(bool)
