@@ -335,12 +335,14 @@ def _case_rows(ds: xr.Dataset, image: np.ndarray, decide: _Decider) -> pd.DataFr
                          "after `gpucnr ingest`), which these results do not have")
     pooled = aggregate(ds, by="case")
     case = _id_strings(ds["case"].values).to_numpy()
-    frame = pd.DataFrame({"case": case, "image": image, "pos": np.arange(image.size)})
-    frame = frame.sort_values("image", kind="stable")
+    frame = pd.DataFrame({"case": case, "image": image}).sort_values("image", kind="stable")
     lost = frame["case"] == ""
     grouped = frame[~lost].groupby("case", sort=True)["image"]
-    # NB: a case is in the group of its first image (smallest global index)
-    first_pos = frame[~lost].groupby("case", sort=True)["pos"].first()
+    # NB: a case is in the group of its first image (smallest global index), keyed as aggregate names its cases
+    # (str of the value: a text "None" left by a Zarr round trip is a case there)
+    keyed = pd.DataFrame({"key": [str(v) for v in np.asarray(ds["case"].values).tolist()], "image": image,
+                          "pos": np.arange(image.size)}).sort_values("image", kind="stable")
+    first_pos = keyed.groupby("key", sort=False)["pos"].first()
     names = pooled["case"].values.astype(str)
     status = np.asarray(pooled["status"].values).reshape(len(names), -1)
     not_computed = (status == STATUS["not-computed"]).any(axis=1)
