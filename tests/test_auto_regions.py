@@ -411,3 +411,28 @@ def test_run_auto_equals_measure_auto_and_results_stay_checked(tmp_path):
     assert any(d["array"] == "var_air" for d in verify_results(tmp_path / "r.zarr")["damaged"])
     with pytest.raises(ResultsError, match="results-damaged"):
         gpucnr.open_results(tmp_path / "r.zarr")
+
+
+def test_report_gallery_draws_the_automatic_regions(tmp_path, monkeypatch):
+    from gpucnr import report
+
+    ph = make_body_phantom(4, (64, 64), tissue_cnr=(3, 9), seed=23, dtype="uint16")
+    stack = gpucnr.write_stack(tmp_path / "stack.zarr", ph.images)
+    gpucnr.run(stack, tmp_path / "r.zarr", rois="auto", backend="numpy")
+    drawn = []
+    three_panel = report.three_panel
+
+    def spy(image, roi_mask, bg_mask, caption, **kw):
+        drawn.append((roi_mask, bg_mask))
+        return three_panel(image, roi_mask, bg_mask, caption, **kw)
+
+    monkeypatch.setattr(report, "three_panel", spy)
+    ds = gpucnr.open_results(tmp_path / "r.zarr").load()
+    page = report.write_report(tmp_path / "r.zarr", tmp_path / "rep", lowest=4).read_text()
+    assert "cannot draw" not in page and len(drawn) == 4
+    regions = gpucnr.auto_regions(ph.images, backend="numpy")
+    for (roi_mask, bg_mask), i in zip(drawn, report.lowest_images(ds["cnr_median"].values, 4), strict=True):
+        # the drawn masks hold exactly the pixels the run measured for the cell shown
+        counts = {(int(np.count_nonzero(roi_mask)), int(np.count_nonzero(bg_mask)))}
+        assert counts <= {(int(ds["n_roi"].values[i, j]), int(ds["n_bg"].values[i, j])) for j in (0, 1)}
+        assert np.array_equal(roi_mask, regions[i] >= 2) or np.array_equal(roi_mask, regions[i] == REGION_UPPER)
