@@ -436,3 +436,12 @@ def test_report_gallery_draws_the_automatic_regions(tmp_path, monkeypatch):
         counts = {(int(np.count_nonzero(roi_mask)), int(np.count_nonzero(bg_mask)))}
         assert counts <= {(int(ds["n_roi"].values[i, j]), int(ds["n_bg"].values[i, j])) for j in (0, 1)}
         assert np.array_equal(roi_mask, regions[i] >= 2) or np.array_equal(roi_mask, regions[i] == REGION_UPPER)
+
+
+def test_enhance_remeasures_auto_results_with_the_automatic_regions(tmp_path):
+    ph = make_body_phantom(4, (64, 64), tissue_cnr=(1.2, 6), seed=24)
+    stack = gpucnr.write_stack(tmp_path / "stack.zarr", ph.images)
+    gpucnr.run(stack, tmp_path / "r.zarr", rois="auto", backend="numpy")
+    out = gpucnr.enhance(tmp_path / "r.zarr", tmp_path / "enh", threshold=1000.0, method="median", backend="numpy")
+    after = gpucnr.open_results(tmp_path / "enh" / "results.zarr")
+    assert after.attrs["roi_source"] == "auto" and out.sizes["image"] == after.sizes["image"] >= 1
