@@ -132,8 +132,9 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
           by single spaces: ``df["images"].str.split().explode().astype(int)`` gives one row per image),
           ``n_images`` and ``n_valid_images`` (images with a valid ROI);
         - ``decision`` ("keep", "drop", "flag"), ``reason`` (stable text, see above; ``"cnr below threshold"``
-          or ``"cnr at or above threshold"`` for drop and keep), ``cnr`` (float, the CNR that decided; NaN
-          exactly when the decision is flag);
+          or ``"cnr at or above threshold"`` for drop and keep, the threshold being the unit's group cut under
+          any rule; ``"no cut in group"`` for a keep where the rule sets none), ``cnr`` (float, the CNR that
+          decided; NaN exactly when the decision is flag);
         - ``n_valid`` (image level) or ``status`` (roi level).
 
         Rows are sorted by the ids present (coarsest first), then by the global image index (the first one for
