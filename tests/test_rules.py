@@ -311,3 +311,23 @@ def test_cli_report_shows_rules_and_refuses_a_malformed_one(measured_stack, tmp_
     html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert "Where each rule cuts" in html and "mad:2" in html and "quantile:0.1" in html
     assert "mad:3" not in html  # the rules given replace the default ones
+
+
+def test_patient_level_rules_group_each_patient_by_its_first_image():
+    ds = messy(seed=7, n=240)
+    rng = np.random.default_rng(7)
+    patient = np.array([f"p{k:03d}" for k in rng.integers(0, 60, ds.sizes["image"])], dtype=object)
+    ds = ds.assign_coords(patient_id=("image", patient))
+    for rule in ("quantile:0.2", "mad:1"):
+        m = manifest(ds, rule=rule, by="modality", level="patient", allow_incomplete=True)
+        frame = pd.DataFrame({"patient": patient, "cnr": ds["cnr_median"].values, "n_valid": ds["n_valid"].values,
+                              "modality": ds["modality"].values}).reset_index()
+        ok = frame["n_valid"] > 0
+        per = pd.DataFrame({
+            "cnr": frame["cnr"].where(ok).groupby(frame["patient"]).median(),
+            "usable": ok.groupby(frame["patient"]).any() & ~(frame["n_valid"] < 0).groupby(frame["patient"]).any(),
+            # the group of a patient: the modality of its first image (smallest global index)
+            "group": frame.sort_values("index").groupby("patient")["modality"].first(),
+        })
+        m = m.set_index("patient_id").loc[per.index].reset_index()
+        check(m, per["cnr"].to_numpy(), per["usable"].to_numpy(), per["group"].to_numpy(), rule, ["patient_id"])
