@@ -298,6 +298,18 @@ def test_mriqc_signed_keeps_the_sign_and_polarity():
     assert (a["cnr"].values > 0).all()
 
 
+def test_mriqc_is_not_poolable():
+    # NB: MRIQC's noise term holds each image's own air variance, which pooled ROI/background moments lack
+    ph = make_body_phantom(4, (96, 96), tissue_cnr=5, seed=3)
+    ds = gpucnr.measure(ph.images, "auto", definition="mriqc", backend="numpy")
+    ds = ds.assign_coords(case=("image", ["a", "a", "b", "b"]))
+    assert (ds["status"].values == STATUS["ok"]).any()
+    pooled = gpucnr.aggregate(ds, by="case")
+    ok_somewhere = (ds["status"].values == STATUS["ok"]).reshape(2, 2, -1).any(axis=1)
+    assert (pooled["status"].values[ok_somewhere] == STATUS["not-poolable"]).all()
+    assert np.isnan(pooled["cnr"].values).all()
+
+
 def test_options_that_contradict_the_automatic_regions_are_coded_errors():
     ph = make_phantom(2, (64, 64), seed=0)
     with pytest.raises(OptionError, match="mriqc"):
