@@ -432,7 +432,7 @@ def _metadata(df: pd.DataFrame) -> dict:
 
 
 #: columns that `with_paths` adds: the operator's link back to the files, never written without asking
-PATH_COLUMNS = ("source", "frame", "source_encoding", "sources")
+PATH_COLUMNS = ("source", "channel", "frame", "source_encoding", "sources")
 
 
 def with_paths(df: pd.DataFrame, results_path, stack=None) -> pd.DataFrame:

@@ -394,3 +394,6 @@ def test_with_paths_names_the_channel_of_a_4d_volume(tmp_path):
     assert (table["channel"].to_numpy() == link.loc[table["image"], "channel"].to_numpy()).all()
     assert sorted(table["channel"].unique()) == [0, 1]
     assert not table.duplicated(["source", "channel", "frame"]).any()
+    written = gpucnr.write_manifest(table, tmp_path / "m.csv")  # NB: a manifest column, written and read back
+    back, _ = gpucnr.read_manifest(written)
+    assert back["channel"].astype(int).tolist() == table["channel"].tolist()
