@@ -81,6 +81,30 @@ def test_chunks_encoded_in_workers_are_the_writers_own(tmp_path, compressor):
                                       0 if labels is None else labels)
 
 
+def test_encoded_chunks_of_a_shard_flushed_early_are_merged_by_zarr(tmp_path, monkeypatch):
+    """A bucket whose pending bytes pass the writer's limit is flushed before its shard is full, and the rest of the
+    shard is merged through zarr: encoded chunks are decoded back for that path; the pixels are the same."""
+    import gpucnr.store as store
+
+    monkeypatch.setattr(store, "_PENDING_BYTES", 1)  # NB: every image flushes its shard early
+    rng = np.random.default_rng(5)
+    images = [(rng.integers(0, 3000, (70, 90)).astype(np.uint16), rng.integers(0, 3, (70, 90)).astype(np.int32))
+              for _ in range(5)]
+    with StackWriter(tmp_path / "s.zarr", labels=True, shard=4, compressor="blosc-zstd") as w:
+        for k, (img, labels) in enumerate(images):
+            if k % 2:
+                w.add(img, labels, {})
+            else:
+                w.add_encoded(chunks.encode_image(img, labels, compressor="blosc-zstd", labelled=True), {})
+        w.close()
+    stack = gpucnr.open_stack(tmp_path / "s.zarr")
+    (bucket,) = stack.buckets
+    pixels, labels = stack.read(bucket, 0, 5)
+    for k, (img, lab) in enumerate(images):
+        np.testing.assert_array_equal(np.asarray(pixels[k])[:70, :90], img)
+        np.testing.assert_array_equal(np.asarray(labels[k])[:70, :90], lab)
+
+
 def test_encoded_chunks_that_do_not_fit_the_stack_are_refused(tmp_path):
     img = np.arange(64 * 64, dtype=np.int16).reshape(64, 64)
     with StackWriter(tmp_path / "s.zarr", labels=False, shard=4, compressor="blosc-zstd") as w:
