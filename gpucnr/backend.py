@@ -68,19 +68,20 @@ def fast_path(xp) -> str | None:
     # NB: find_spec, not an import: the name is decided without loading the compiler.
     if array_api_compat.is_cupy_namespace(xp) and importlib.util.find_spec("numba_cuda") is not None:
         return "cuda"
-    if array_api_compat.is_numpy_namespace(xp):
-        if simulated_device():
-            return "cuda"
-        if importlib.util.find_spec("numba") is not None:
-            return "numba-cpu"
+    if simulated_device() and (array_api_compat.is_numpy_namespace(xp)
+                               or array_api_compat.is_array_api_strict_namespace(xp)):
+        return "cuda"
+    if array_api_compat.is_numpy_namespace(xp) and importlib.util.find_spec("numba") is not None:
+        return "numba-cpu"
     return None
 
 
 def simulated_device() -> bool:
     """The test mode ``GPUCNR_CUDA_SIM=1``: ``backend="cupy"`` runs the device kernels in numba's CUDA simulator
     on NumPy arrays (NUMBA_ENABLE_CUDASIM=1 must be set before numba.cuda is first imported). It proves the
-    kernels' logic on a CPU, not CuPy's; in this mode every NumPy batch of the process takes the device
-    kernels ("cuda"), so a test compares it with the NumPy path by switching the variable."""
+    kernels' logic on a CPU, not CuPy's; in this mode every NumPy (and array-api-strict: a test counts their host
+    reads) batch of the process takes the device kernels ("cuda"), so a test compares it with the NumPy path by
+    switching the variable."""
     return os.environ.get("GPUCNR_CUDA_SIM") == "1"
 
 

@@ -32,7 +32,7 @@ import array_api_compat
 import numpy as np
 from numba import cuda
 
-from gpucnr.backend import BackendUnavailableError
+from gpucnr.backend import BackendUnavailableError, to_host
 from gpucnr.kernels.masks import is_exact_integer, window_footprints
 from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
@@ -70,7 +70,7 @@ def native(a):
     if a is None:
         return None
     xp = array_api_compat.array_namespace(a)
-    if a.dtype == xp.float16:
+    if getattr(xp, "float16", None) is not None and a.dtype == xp.float16:
         return xp.astype(a, xp.float32)
     if isinstance(a, np.ndarray) and not a.dtype.isnative:
         return a.astype(a.dtype.newbyteorder("="))
@@ -88,7 +88,11 @@ def _stream():
 
 def _launch(kern, grid, block, *args):
     """Launch `kern` on CuPy's current stream after checking that every array argument lives on the device."""
-    if not _SIM:
+    if _SIM:
+        # NB: the simulator's device arrays are NumPy arrays, or array-api-strict arrays (whose every host read
+        # a test can count), handed over as the NumPy buffer they wrap (shared: the kernel's writes land there).
+        args = tuple(getattr(a, "_array", a) for a in args)
+    else:
         for a in args:
             # NB: numba copies a host array to the device and back without a word; that is a bug here.
             assert not hasattr(a, "shape") or hasattr(a, "__cuda_array_interface__"), (
@@ -299,7 +303,7 @@ def _image_pass(images, shift, valid_h, valid_w, border, padding, scale, with_ra
         # keep int64 bounds (their values all fit).
         wide = images.dtype in (xp.int64, xp.uint64)
         rdt = images.dtype if wide else xp.int64
-        info = np.iinfo(images.dtype if wide else np.int64)
+        info = xp.iinfo(images.dtype if wide else xp.int64)
         lo = xp.full((n,), info.max, dtype=rdt, device=dev)
         hi = xp.full((n,), info.min, dtype=rdt, device=dev)
         s1 = xp.zeros((n,), dtype=xp.int64, device=dev)
@@ -580,13 +584,15 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
     blocks = max(1, min(m, _MAX_CELL_BLOCKS))
     # NB: the per-row distances (non-box ROIs with a window part) and the float masks live in one window-sized
     # slot per block, reused cell after cell: the one host read of this pass sizes them.
+    h_max = w_max = 0
+    has_dist = False
     if m:
-        h_max = int(xp.max(cells.y1 - cells.y0)) + 2 * reach
-        w_max = int(xp.max(cells.x1 - cells.x0)) + 2 * reach
-    else:
-        h_max = w_max = 0
+        sizes = xp.stack([xp.max(cells.y1 - cells.y0), xp.max(cells.x1 - cells.x0),
+                          xp.astype(xp.any(cells.kind != 0), xp.int64)])
+        h_max, w_max, non_box = to_host(sizes).tolist()
+        h_max, w_max = h_max + 2 * reach, w_max + 2 * reach
+        has_dist = mode != 0 and bool(non_box)
     area = max(1, h_max * w_max)
-    has_dist = mode != 0 and not bool(xp.all(cells.kind == 0)) if m else False
     dist = xp.zeros((blocks, area if has_dist else 1), dtype=xp.int32, device=dev)
     lab = labels if labels is not None else xp.zeros((1, 1, 1), dtype=xp.int64, device=dev)
     geometry = [xp.astype(getattr(cells, k), xp.int64) for k in ("image", "kind", "cx", "cy", "r", "y0", "y1", "x0",

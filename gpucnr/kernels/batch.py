@@ -230,7 +230,7 @@ def measure_batch(
         mean_roi, mean_bg = c + md_roi * inv, c + md_bg * inv
         var_roi, var_bg = _unscale(xp, var_roi_s, inv), _unscale(xp, var_bg_s, inv)
     out_of_range = xp.take(plan.out_of_range, cells.image)
-    if bool(xp.any(out_of_range)):
+    if plan.any_out_of_range:
         nan = xp.full(diff.shape, math.nan, dtype=f64, device=dev)
         mean_roi, var_roi, mean_bg, var_bg, diff, var_roi_s, var_bg_s = (
             xp.where(out_of_range, nan, v) for v in (mean_roi, var_roi, mean_bg, var_bg, diff, var_roi_s, var_bg_s))
@@ -293,7 +293,13 @@ def measure_batch(
 
 
 def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity):
-    """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images."""
+    """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images.
+
+    Shapes and dtypes are checked on the host as they come; the checks of values are gathered and read from the
+    device together, in one transfer (a GPU batch pays one synchronisation for them, not one per check). The
+    first failing check, in the order written, is the error raised.
+    """
+    pending = []  # (0-d bool array: the check fails, message)
     if images.ndim != 3:
         raise InputError(f"images must be (n, H, W), got shape {tuple(images.shape)}")
     n, height, width = (int(v) for v in images.shape)
@@ -301,14 +307,12 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
                     ("polarity", polarity)):
         if tuple(v.shape) != (n,):
             raise InputError(f"{name} has shape {tuple(v.shape)} for {n} images")
-    for name, v, top in (("valid_h", valid_h, height), ("valid_w", valid_w, width)):
-        if n and bool(xp.any((v < 1) | (v > top))):
-            raise InputError(f"{name} must lie in [1, {top}] (the images' extent)")
-    for name, v in (("slope", slope), ("intercept", intercept), ("polarity", polarity)):
-        if n and not bool(xp.all(xp.isfinite(v))):
-            raise InputError(f"{name} must be finite")
-    if n and bool(xp.any(slope == 0)):
-        raise InputError("slope must be != 0")
+    if n:
+        for name, v, top in (("valid_h", valid_h, height), ("valid_w", valid_w, width)):
+            pending.append((xp.any((v < 1) | (v > top)), f"{name} must lie in [1, {top}] (the images' extent)"))
+        for name, v in (("slope", slope), ("intercept", intercept), ("polarity", polarity)):
+            pending.append((~xp.all(xp.isfinite(v)), f"{name} must be finite"))
+        pending.append((xp.any(slope == 0), "slope must be != 0"))
     if (labels is None) == (table is None):
         raise InputError("give the ROIs as exactly one of labels= and table=")
     if roi_ids is None and labels is None:
@@ -316,36 +320,41 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
     if roi_ids is not None:
         if roi_ids.ndim != 1 or not xp.isdtype(roi_ids.dtype, "integral"):
             raise InputError("roi_ids must be a 1-D integer array")
-        if roi_ids.shape[0] > 1 and bool(xp.any(roi_ids[1:] <= roi_ids[:-1])):
-            raise InputError("roi_ids must be sorted and unique")
+        if roi_ids.shape[0] > 1:
+            pending.append((xp.any(roi_ids[1:] <= roi_ids[:-1]), "roi_ids must be sorted and unique"))
     for name, lab in (("labels", labels), ("lesions", lesions)):
         if lab is None:
             continue
         if tuple(lab.shape) != tuple(images.shape) or not xp.isdtype(lab.dtype, "integral"):
             raise InputError(f"{name} must be integers of the images' shape {tuple(images.shape)}, got "
                              f"{tuple(lab.shape)} {lab.dtype}")
-        if xp.isdtype(lab.dtype, "signed integer") and lab.size and int(xp.min(lab)) < 0:
-            raise InputError(f"{name} hold negative values; labels are >= 0 (0 = no ROI)")
-    if table is None:
+        if xp.isdtype(lab.dtype, "signed integer") and lab.size:
+            pending.append((xp.min(lab) < 0, f"{name} hold negative values; labels are >= 0 (0 = no ROI)"))
+    if table is not None:
+        columns = ("image", "col", "kind", "cx", "cy", "r")
+        if any(c not in table for c in columns):
+            raise InputError(f"table needs the columns {columns}")
+        m = table["image"].shape[0] if table["image"].ndim == 1 else -1
+        if any(table[c].ndim != 1 or table[c].shape[0] != m or not xp.isdtype(table[c].dtype, "integral")
+               for c in columns):
+            raise InputError("table columns must be 1-D integer arrays of one length")
+        if m:
+            n_ids = int(roi_ids.shape[0])
+            for c, lo, hi in (("image", 0, n - 1), ("col", 0, n_ids - 1), ("kind", 0, KIND_DISK),
+                              ("r", 0, _MAX_COORDINATE), ("cx", -_MAX_COORDINATE, _MAX_COORDINATE),
+                              ("cy", -_MAX_COORDINATE, _MAX_COORDINATE)):
+                v = table[c]
+                pending.append((xp.any((v < lo) | (v > hi)), f"table column {c} must lie in [{lo}, {hi}]"))
+            if m > 1:
+                # NB: (image, col) keys of rows out of range may collide; that error comes first above.
+                key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
+                pending.append((xp.any(key[1:] == key[:-1]), "table has two rows for one (image, col)"))
+    if not pending:
         return
-    columns = ("image", "col", "kind", "cx", "cy", "r")
-    if any(c not in table for c in columns):
-        raise InputError(f"table needs the columns {columns}")
-    m = table["image"].shape[0] if table["image"].ndim == 1 else -1
-    if any(table[c].ndim != 1 or table[c].shape[0] != m or not xp.isdtype(table[c].dtype, "integral")
-           for c in columns):
-        raise InputError("table columns must be 1-D integer arrays of one length")
-    if not m:
-        return
-    n_ids = int(roi_ids.shape[0])
-    for c, lo, hi in (("image", 0, n - 1), ("col", 0, n_ids - 1), ("kind", 0, KIND_DISK), ("r", 0, _MAX_COORDINATE),
-                      ("cx", -_MAX_COORDINATE, _MAX_COORDINATE), ("cy", -_MAX_COORDINATE, _MAX_COORDINATE)):
-        v = table[c]
-        if bool(xp.any((v < lo) | (v > hi))):
-            raise InputError(f"table column {c} must lie in [{lo}, {hi}]")
-    key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
-    if m > 1 and bool(xp.any(key[1:] == key[:-1])):
-        raise InputError("table has two rows for one (image, col)")
+    failed = to_host(xp.stack([xp.reshape(c, ()) for c, _ in pending])).tolist()
+    for bad, (_, message) in zip(failed, pending, strict=True):
+        if bad:
+            raise InputError(message)
 
 
 def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None):

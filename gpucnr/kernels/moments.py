@@ -70,6 +70,8 @@ class NumericPlan:
     shift: list | None
 
     exponents: list | None = None
+    #: Some image of the batch is out of range (known on the host when the plan is made: no device read).
+    any_out_of_range: bool = True
 
     @property
     def limbs(self) -> bool:
@@ -178,7 +180,9 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
     """
     n = images.shape[0]
     dev = array_api_compat.device(images)
-    pixels = [h * w for h, w in zip(to_host(valid_h).tolist(), to_host(valid_w).tolist(), strict=True)]
+    # NB: one host read for both extents (on a GPU, one synchronisation).
+    extents = to_host(xp.stack([xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64)])).tolist()
+    pixels = [h * w for h, w in zip(extents[0], extents[1], strict=True)]
     none = xp.zeros((n,), dtype=xp.bool, device=dev)
     if is_narrow_integer(xp, images.dtype):
         wide = [p * (_LIMB_MASK * _LIMB_MASK) >= _NARROW for p in pixels]
@@ -187,8 +191,8 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
             out = [w and p >= _LIMB_PIXELS for w, p in zip(wide, pixels, strict=True)]
             wide = [w and not o for w, o in zip(wide, out, strict=True)]
             return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide,
-                               [int(v) for v in to_host(shift).tolist()])
-        return NumericPlan(none, None, None, wide, None)
+                               [int(v) for v in to_host(shift).tolist()], any_out_of_range=any(out))
+        return NumericPlan(none, None, None, wide, None, any_out_of_range=False)
     if known_range is not None:
         lo, hi, found = known_range
     elif kernel(impl, "image_range") is not None:
@@ -208,7 +212,7 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
         # NB: limb sums are exact over fewer than 2**29 pixels; a wide image of more is out of range.
         out = [o or (w and p >= _LIMB_PIXELS) for o, w, p in zip(out, wide, pixels, strict=True)]
         wide = [w and p < _LIMB_PIXELS for w, p in zip(wide, pixels, strict=True)]
-        return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide, c)
+        return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide, c, any_out_of_range=any(out))
     c = to_host(shift).tolist()
     lo_h = [float(v) for v in to_host(lo).tolist()]
     hi_h = [float(v) for v in to_host(hi).tolist()]
@@ -220,7 +224,8 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
         exps.append(_scale_exponent(reach))
     scale = xp.asarray([math.ldexp(1.0, e) for e in exps], dtype=xp.float64, device=dev)
     inv = xp.asarray([math.ldexp(1.0, -e) for e in exps], dtype=xp.float64, device=dev)
-    return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), scale, inv, [False] * n, None, exps)
+    return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), scale, inv, [False] * n, None, exps,
+                       any_out_of_range=any(out))
 
 
 def _scale_exponent(reach: float) -> int:
