@@ -252,3 +252,108 @@ def test_gcnr_memory_is_linear_in_the_batch_not_cells_times_the_largest_region()
         tracemalloc.stop()
     assert peak < 30 * images.nbytes, f"peak {peak / 1e6:.0f} MB for {images.nbytes / 1e6:.0f} MB of images"
     assert np.isfinite(out["cnr"][0, 0]) and 0 <= out["cnr"][0, 0] <= 1
+
+
+# ------------------------------------------------------------------------------------- launches and host reads
+
+
+@pytest.fixture
+def counting(sim, monkeypatch):
+    """array-api-strict arrays standing for device arrays (the simulated kernels take the NumPy buffer they wrap),
+    with every host read counted: ``__bool__/__int__/__float__/__index__``, host transfers (``__dlpack__``,
+    ``__array__``) and data-dependent shapes (nonzero, unique_*, boolean indexing) — each one a device->host
+    synchronisation on a GPU. Yields ``(xps, counts)``; ``counts["launches"]`` counts the kernel launches."""
+    xps = pytest.importorskip("array_api_strict")
+    from array_api_strict._array_object import Array
+
+    counts = {"sync": 0, "launches": 0}
+
+    def spy(name):
+        real = getattr(Array, name)
+
+        def wrapper(self, *args, **kwargs):
+            counts["sync"] += 1
+            return real(self, *args, **kwargs)
+
+        return wrapper
+
+    for name in ("__bool__", "__int__", "__float__", "__index__", "__dlpack__", "__array__"):
+        if hasattr(Array, name):
+            monkeypatch.setattr(Array, name, spy(name))
+    real_getitem = Array.__getitem__
+
+    def getitem(self, key):
+        keys = key if isinstance(key, tuple) else (key,)
+        if any(isinstance(k, Array) and k.dtype == xps.bool for k in keys):
+            counts["sync"] += 1
+        return real_getitem(self, key)
+
+    monkeypatch.setattr(Array, "__getitem__", getitem)
+    for name in ("nonzero", "unique_all", "unique_counts", "unique_inverse", "unique_values"):
+        real = getattr(xps, name)
+
+        def data_dependent(*args, _real=real, **kwargs):
+            counts["sync"] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(xps, name, data_dependent)
+    real_launch = sim._launch
+
+    def launch(*args):
+        counts["launches"] += 1
+        return real_launch(*args)
+
+    monkeypatch.setattr(sim, "_launch", launch)
+    return xps, counts
+
+
+def _counted_batch(xps, counts, rois: str, background: str, definition: str, n_rois: int, dtype=np.uint16):
+    rng = np.random.default_rng(0)
+    n, h, w = 3, 20, 22
+    host = rng.integers(0, 4000, (n, h, w)).astype(dtype) if dtype != np.float64 else rng.normal(0, 1, (n, h, w))
+    options = dict(background=background, definition=definition, min_bg=5)
+    labels = table = lesions = None
+    if background == "label":
+        options["background_label"] = 9
+    if rois == "labels":
+        lab = np.zeros((n, h, w), np.int32)
+        for k in range(n_rois):
+            lab[:, 2 + (k % 4) * 4: 4 + (k % 4) * 4, 2 + (k // 4) * 3: 4 + (k // 4) * 3] = k + 1
+        lab[:, 18:, :] = 9 if background == "label" else 0
+        labels = xps.asarray(lab)
+        roi_ids = xps.asarray(np.arange(1, n_rois + 1, dtype=np.int64))
+        lesions = labels if background == "label" else None
+    else:
+        rows = np.array([(i, k, k % 2, 3 + (k % 5) * 3, 3 + (k // 5) * 3, 2) for i in range(n) for k in range(n_rois)])
+        table = {c: xps.asarray(rows[:, j].astype(np.int64)) for j, c in enumerate(("image", "col", "kind", "cx", "cy",
+                                                                                    "r"))}
+        roi_ids = xps.asarray(np.arange(n_rois, dtype=np.int64))
+        if background == "label":
+            lesions = xps.asarray(np.broadcast_to(np.where(np.arange(h)[:, None] >= 18, 9, 0), (n, h, w)).astype(
+                np.int32))
+    counts.update(sync=0, launches=0)
+    measure_batch(xps, xps.asarray(host), roi_ids=roi_ids, params=Params(**options), labels=labels, table=table,
+                  lesions=lesions)
+    return dict(counts)
+
+
+@pytest.mark.parametrize("background", BACKGROUNDS)
+@pytest.mark.parametrize("rois", ["table", "labels"])
+def test_launches_and_host_reads_per_batch(counting, rois, background):
+    """Per batch: at most 12 kernel launches, and host reads that do not grow with the number of ROI ids (2 vs 8 ids),
+    for label arrays and ROI tables. Measured here (integer images, a moment definition), and held as ceilings:
+    4 host reads for a table with the complement or ring background (the input checks, the plan's extents, the
+    shift's padding test, the window sizes), one more for a label array (its present cells: a nonzero), more for
+    the label and complement-all backgrounds. NB: the issue's target of 2 is not reached yet, and complement-all
+    with a table still reads once per ROI id (its union mask is built id by id): see docs/gpu.md."""
+    xps, counts = counting
+    few = _counted_batch(xps, counts, rois, background, "pooled", 2)
+    many = _counted_batch(xps, counts, rois, background, "pooled", 8)
+    assert 1 <= few["launches"] <= 12 and 1 <= many["launches"] <= 12, (few, many)
+    if background == "complement-all" and rois == "table":
+        assert many["sync"] > few["sync"]  # known: one read per id (if this fails, it was fixed: tighten the test)
+        return
+    assert few["sync"] == many["sync"], (few, many)
+    ceiling = {("table", "complement"): 4, ("table", "ring"): 4, ("table", "label"): 5, ("labels", "complement"): 5,
+               ("labels", "ring"): 5, ("labels", "complement-all"): 8, ("labels", "label"): 6}[rois, background]
+    assert few["sync"] <= ceiling, few
