@@ -59,6 +59,9 @@ if os.environ.get("GPUCNR_CUDA_SIM") == "1" and not _SIM:
 THREADS = 4 if _SIM else 256
 _MAX_ROW_GROUPS = 2 if _SIM else 64
 _MAX_CELL_BLOCKS = 2 if _SIM else 4096
+# The window pass keeps one window-sized slot (int32 distances, int8 masks) per block: at most this many
+# entries in all (64 MB of distances), so a batch holding one very large ROI runs fewer blocks, not more memory.
+_SLOT_ENTRIES = 1 << 24
 
 #: Kernel launches since import (a counter on the launch dispatchers, read by tests and scripts/gpu_check.py).
 LAUNCHES = {"count": 0}
@@ -581,7 +584,6 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
     reach = params.reach if mode else 0
     exact = is_exact_integer(xp, images.dtype)
     m = int(cells.image.shape[0])
-    blocks = max(1, min(m, _MAX_CELL_BLOCKS))
     # NB: the per-row distances (non-box ROIs with a window part) and the float masks live in one window-sized
     # slot per block, reused cell after cell: the one host read of this pass sizes them.
     h_max = w_max = 0
@@ -593,6 +595,7 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
         h_max, w_max = h_max + 2 * reach, w_max + 2 * reach
         has_dist = mode != 0 and bool(non_box)
     area = max(1, h_max * w_max)
+    blocks = max(1, min(m, _MAX_CELL_BLOCKS, _SLOT_ENTRIES // area))
     dist = xp.zeros((blocks, area if has_dist else 1), dtype=xp.int32, device=dev)
     lab = labels if labels is not None else xp.zeros((1, 1, 1), dtype=xp.int64, device=dev)
     geometry = [xp.astype(getattr(cells, k), xp.int64) for k in ("image", "kind", "cx", "cy", "r", "y0", "y1", "x0",
