@@ -309,7 +309,7 @@ def counting(sim, monkeypatch):
 
 def _counted_batch(xps, counts, rois: str, background: str, definition: str, n_rois: int, dtype=np.uint16):
     rng = np.random.default_rng(0)
-    n, h, w = 3, 20, 22
+    n, h, w = 2, 18, 18
     host = rng.integers(0, 4000, (n, h, w)).astype(dtype) if dtype != np.float64 else rng.normal(0, 1, (n, h, w))
     options = dict(background=background, definition=definition, min_bg=5)
     labels = table = lesions = None
@@ -319,7 +319,7 @@ def _counted_batch(xps, counts, rois: str, background: str, definition: str, n_r
         lab = np.zeros((n, h, w), np.int32)
         for k in range(n_rois):
             lab[:, 2 + (k % 4) * 4: 4 + (k % 4) * 4, 2 + (k // 4) * 3: 4 + (k // 4) * 3] = k + 1
-        lab[:, 18:, :] = 9 if background == "label" else 0
+        lab[:, 16:, :] = 9 if background == "label" else 0
         labels = xps.asarray(lab)
         roi_ids = xps.asarray(np.arange(1, n_rois + 1, dtype=np.int64))
         lesions = labels if background == "label" else None
@@ -329,7 +329,7 @@ def _counted_batch(xps, counts, rois: str, background: str, definition: str, n_r
                                                                                     "r"))}
         roi_ids = xps.asarray(np.arange(n_rois, dtype=np.int64))
         if background == "label":
-            lesions = xps.asarray(np.broadcast_to(np.where(np.arange(h)[:, None] >= 18, 9, 0), (n, h, w)).astype(
+            lesions = xps.asarray(np.broadcast_to(np.where(np.arange(h)[:, None] >= 16, 9, 0), (n, h, w)).astype(
                 np.int32))
     counts.update(sync=0, launches=0)
     measure_batch(xps, xps.asarray(host), roi_ids=roi_ids, params=Params(**options), labels=labels, table=table,
@@ -337,23 +337,34 @@ def _counted_batch(xps, counts, rois: str, background: str, definition: str, n_r
     return dict(counts)
 
 
+#: Host reads per batch measured on this path (moment definitions), held as ceilings; (table, complement|ring) on
+#: integer images meets the issue's target of 2. Keys: (ROI source, background, integer images).
+HOST_READS = {
+    ("table", "complement", True): 2, ("table", "ring", True): 2, ("table", "label", True): 3,
+    ("labels", "complement", True): 3, ("labels", "ring", True): 3, ("labels", "complement-all", True): 6,
+    ("labels", "label", True): 4,
+    ("table", "complement", False): 4, ("table", "ring", False): 3, ("table", "label", False): 4,
+    ("labels", "complement", False): 5, ("labels", "ring", False): 4, ("labels", "complement-all", False): 8,
+    ("labels", "label", False): 5,
+}
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float64], ids=["uint16", "float64"])
 @pytest.mark.parametrize("background", BACKGROUNDS)
 @pytest.mark.parametrize("rois", ["table", "labels"])
-def test_launches_and_host_reads_per_batch(counting, rois, background):
-    """Per batch: at most 12 kernel launches, and host reads that do not grow with the number of ROI ids (2 vs 8 ids),
-    for label arrays and ROI tables. Measured here (integer images, a moment definition), and held as ceilings:
-    4 host reads for a table with the complement or ring background (the input checks, the plan's extents, the
-    shift's padding test, the window sizes), one more for a label array (its present cells: a nonzero), more for
-    the label and complement-all backgrounds. NB: the issue's target of 2 is not reached yet, and complement-all
-    with a table still reads once per ROI id (its union mask is built id by id): see docs/gpu.md."""
+def test_launches_and_host_reads_per_batch(counting, rois, background, dtype):
+    """Per batch: at most 12 kernel launches, and host reads that do not grow with the number of ROI ids (2 vs 5
+    ids), for label arrays and ROI tables. Integer images with an ROI table and the complement or ring background
+    take 2 host reads (the input checks with the valid extents, the window sizes); label arrays add one (their
+    present cells), float images the plan's range and the ill-conditioned test. NB: the issue's target of 2 is
+    not reached elsewhere yet, and complement-all with a table still reads once per ROI id (its union mask is
+    built id by id): see docs/gpu.md."""
     xps, counts = counting
-    few = _counted_batch(xps, counts, rois, background, "pooled", 2)
-    many = _counted_batch(xps, counts, rois, background, "pooled", 8)
+    few = _counted_batch(xps, counts, rois, background, "pooled", 2, dtype)
+    many = _counted_batch(xps, counts, rois, background, "pooled", 5, dtype)
     assert 1 <= few["launches"] <= 12 and 1 <= many["launches"] <= 12, (few, many)
     if background == "complement-all" and rois == "table":
         assert many["sync"] > few["sync"]  # known: one read per id (if this fails, it was fixed: tighten the test)
         return
     assert few["sync"] == many["sync"], (few, many)
-    ceiling = {("table", "complement"): 4, ("table", "ring"): 4, ("table", "label"): 5, ("labels", "complement"): 5,
-               ("labels", "ring"): 5, ("labels", "complement-all"): 8, ("labels", "label"): 6}[rois, background]
-    assert few["sync"] <= ceiling, few
+    assert few["sync"] <= HOST_READS[rois, background, dtype == np.uint16], few

@@ -114,20 +114,25 @@ def _row_groups(height: int) -> int:
 
 
 @cuda.jit(device=True, inline=True)
-def _tree_sum(buf, value):  # pragma: no cover - compiled
-    """Sum of `value` over the block's threads, in a fixed order (a binary tree over thread ids)."""
+def _tree_sum(buf, a, b, c, d):  # pragma: no cover - compiled
+    """Sums of a, b, c and d over the block's threads, in a fixed order (a binary tree over thread ids), through
+    the (4, THREADS) shared `buf`; four at a time, so a block pays one tree's barriers for them."""
     t = cuda.threadIdx.x
-    buf[t] = value
+    buf[0, t] = a
+    buf[1, t] = b
+    buf[2, t] = c
+    buf[3, t] = d
     cuda.syncthreads()
     step = THREADS // 2
     while step > 0:
         if t < step:
-            buf[t] += buf[t + step]
+            for k in range(4):
+                buf[k, t] += buf[k, t + step]
         cuda.syncthreads()
         step //= 2
-    total = buf[0]
+    ra, rb, rc, rd = buf[0, 0], buf[1, 0], buf[2, 0], buf[3, 0]
     cuda.syncthreads()
-    return total
+    return ra, rb, rc, rd
 
 
 @cuda.jit(device=True, inline=True)
@@ -229,7 +234,7 @@ def _float_pass(images, shift, valid_h, valid_w, border, padding, scale, count, 
     groups = cuda.gridDim.y
     b = cuda.blockIdx.y
     t = cuda.threadIdx.x
-    buf = cuda.shared.array(THREADS, np.float64)
+    buf = cuda.shared.array((4, THREADS), np.float64)
     for i in range(cuda.blockIdx.x, images.shape[0], cuda.gridDim.x):
         vh, vw = valid_h[i], valid_w[i]
         y0, y1 = border, max(vh - border, border)
@@ -267,8 +272,7 @@ def _float_pass(images, shift, valid_h, valid_w, border, padding, scale, count, 
             cuda.atomic.min(lo, i, flo)
             cuda.atomic.max(hi, i, fhi)
             found[i] = 1
-        p1 = _tree_sum(buf, r1)
-        p2 = _tree_sum(buf, r2)
+        p1, p2, _, _ = _tree_sum(buf, r1, r2, 0.0, 0.0)
         if t == 0:
             part_s1[i, b] = p1
             part_s2[i, b] = p2
@@ -463,8 +467,8 @@ def _float_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid
     carries the masks from the first pass to the second."""
     slot = cuda.blockIdx.x
     t = cuda.threadIdx.x
-    fbuf = cuda.shared.array(THREADS, np.float64)
-    ibuf = cuda.shared.array(THREADS, np.int64)
+    fbuf = cuda.shared.array((4, THREADS), np.float64)
+    ibuf = cuda.shared.array((4, THREADS), np.int64)
     for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
         i = image[j]
         vh, vw = valid_h[i], valid_w[i]
@@ -518,12 +522,8 @@ def _float_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid
                 p1 += d
                 p2 += d * d
             flags[slot, q] = f
-        n_roi = _tree_sum(ibuf, rn)
-        n_part = _tree_sum(ibuf, pn)
-        inside = _tree_sum(ibuf, inn)
-        s_roi = _tree_sum(fbuf, r1)
-        s_part = _tree_sum(fbuf, p1)
-        q_part = _tree_sum(fbuf, p2)
+        n_roi, n_part, inside, _ = _tree_sum(ibuf, rn, pn, inn, np.int64(0))
+        s_roi, s_part, q_part, _ = _tree_sum(fbuf, r1, p1, p2, 0.0)
         mean = s_roi / n_roi if n_roi > 0 else 0.0
         ring_mean = s_part / n_part if (mode == 2 and n_part > 0) else 0.0
         # Pass 2 over the flagged pixels: the ROI (and a ring) about its own mean.
@@ -546,11 +546,9 @@ def _float_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid
                 e = d - ring_mean
                 g1 += e
                 g2 += e * e
-        s1 = _tree_sum(fbuf, r1)
-        s2 = _tree_sum(fbuf, r2)
+        s1, s2, g1, g2 = _tree_sum(fbuf, r1, r2, g1, g2)
         if mode == 2:
-            s_part = _tree_sum(fbuf, g1)
-            q_part = _tree_sum(fbuf, g2)
+            s_part, q_part = g1, g2
         if t == 0:
             out_n[j] = n_roi
             out_s1[j] = s1

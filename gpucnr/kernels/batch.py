@@ -136,7 +136,8 @@ def measure_batch(
     padding = per_image(padding, math.nan, f64)
     polarity = per_image(polarity, 1.0, f64)
     # NB: the compiled kernels index with these values unchecked: nothing inconsistent gets past this line.
-    _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity)
+    extents = _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept,
+                            polarity)
     exact = is_exact_integer(xp, images.dtype)
     region = None
     if params.background == "label":
@@ -158,7 +159,7 @@ def measure_batch(
     # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
     # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
     plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
-                         known_range=None if early is None else early[2])
+                         known_range=None if early is None else early[2], extents=extents)
     limbs, scale = plan.limbs, plan.scale
     # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
     sums_impl = None if limbs else impl
@@ -296,8 +297,13 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
     """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images.
 
     Shapes and dtypes are checked on the host as they come; the checks of values are gathered and read from the
-    device together, in one transfer (a GPU batch pays one synchronisation for them, not one per check). The
-    first failing check, in the order written, is the error raised.
+    device together, in one transfer (a GPU batch pays one synchronisation for them, not one per check), with
+    the valid extents. The first failing check, in the order written, is the error raised.
+
+    Returns
+    -------
+    list of two lists of int
+        ``valid_h`` and ``valid_w`` on the host (for `plan_numerics`).
     """
     pending = []  # (0-d bool array: the check fails, message)
     if images.ndim != 3:
@@ -349,12 +355,13 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
                 # NB: (image, col) keys of rows out of range may collide; that error comes first above.
                 key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
                 pending.append((xp.any(key[1:] == key[:-1]), "table has two rows for one (image, col)"))
-    if not pending:
-        return
-    failed = to_host(xp.stack([xp.reshape(c, ()) for c, _ in pending])).tolist()
+    words = [xp.astype(xp.stack([xp.reshape(c, ()) for c, _ in pending]), xp.int64)] if pending else []
+    read = to_host(xp.concat([*words, xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64)])).tolist()
+    failed = read[: len(pending)]
     for bad, (_, message) in zip(failed, pending, strict=True):
         if bad:
             raise InputError(message)
+    return [read[len(pending): len(pending) + n], read[len(pending) + n:]]
 
 
 def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None):

@@ -310,7 +310,7 @@ def is_narrow_integer(xp, dtype) -> bool:
     return dtype in (xp.bool, xp.int8, xp.uint8, xp.int16, xp.uint16)
 
 
-def excluded_mask(xp, values, padding):
+def excluded_mask(xp, values, padding, *, look=True):
     """Pixels left out of every region: not finite, or equal to the image's padding value.
 
     Parameters
@@ -318,13 +318,16 @@ def excluded_mask(xp, values, padding):
     values : array, shape (..., h, w)
     padding : float64 array broadcastable to `values`
         The DICOM pixel padding value per image, NaN where the image has none.
+    look : bool
+        Read from the device whether any image has a padding value, and skip the comparison when none has
+        (a whole-image operation saved); False: always compare (small arrays, no host read).
     """
     if is_exact_integer(xp, values.dtype):
         bad = xp.zeros(values.shape, dtype=xp.bool, device=array_api_compat.device(values))
     else:
         bad = ~xp.isfinite(values)
     has_pad = xp.isfinite(padding)
-    if bool(xp.any(has_pad)):
+    if not look or bool(xp.any(has_pad)):
         # NB: compare in float64, where every <= 32-bit stored value and the padding value are exact.
         bad = bad | (has_pad & (xp.astype(values, xp.float64) == padding))
     return bad
