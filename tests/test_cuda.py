@@ -368,3 +368,16 @@ def test_launches_and_host_reads_per_batch(counting, rois, background, dtype):
         return
     assert few["sync"] == many["sync"], (few, many)
     assert few["sync"] <= HOST_READS[rois, background, dtype == np.uint16], few
+
+
+def test_simulated_kernels_from_several_host_threads(sim, monkeypatch):
+    """The pipeline measures batches on several threads: simulated launches from two threads at once must not mix
+    (the simulator swaps module globals during a launch; `_cuda` serialises them)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [make_case(seed, "disk", "ring", n=2, size=(12, 16)) for seed in (0, 1, 2, 3)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(run_batch, cases))
+    monkeypatch.setenv("GPUCNR_CUDA_SIM", "0")
+    for case, result in zip(cases, got, strict=True):
+        assert_same_as_numpy(result, run_batch(case), "threads")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 # NB: before numba.cuda is imported: the kernels run on CuPy's stream, which orders them with CuPy's own work;
 # numba's default would synchronise the device on every foreign array it is handed.
@@ -63,6 +64,10 @@ _MAX_CELL_BLOCKS = 2 if _SIM else 4096
 # entries in all (64 MB of distances), so a batch holding one very large ROI runs fewer blocks, not more memory.
 _SLOT_ENTRIES = 1 << 24
 
+# NB: the simulator swaps module globals while a kernel runs, so two kernels simulated at once from two host
+# threads (the pipeline's batch threads) would see each other's thread ids: one at a time.
+_SIM_LOCK = threading.Lock()
+
 #: Kernel launches since import (a counter on the launch dispatchers, read by tests and scripts/gpu_check.py).
 LAUNCHES = {"count": 0}
 
@@ -101,6 +106,10 @@ def _launch(kern, grid, block, *args):
             assert not hasattr(a, "shape") or hasattr(a, "__cuda_array_interface__"), (
                 f"a host array ({type(a).__name__}) was passed to device kernel {kern.__name__}")
     LAUNCHES["count"] += 1
+    if _SIM:
+        with _SIM_LOCK:
+            kern[grid, block, 0](*args)
+        return
     kern[grid, block, _stream()](*args)
 
 
