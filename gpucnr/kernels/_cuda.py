@@ -27,7 +27,11 @@ import threading
 
 # NB: before numba.cuda is imported: the kernels run on CuPy's stream, which orders them with CuPy's own work;
 # numba's default would synchronise the device on every foreign array it is handed.
-os.environ.setdefault("NUMBA_CUDA_ARRAY_INTERFACE_SYNC", "0")
+if "NUMBA_CUDA_ARRAY_INTERFACE_SYNC" not in os.environ:
+    os.environ["NUMBA_CUDA_ARRAY_INTERFACE_SYNC"] = "0"
+    _SYNC_CHOSEN = False
+else:
+    _SYNC_CHOSEN = True
 
 import array_api_compat
 import numpy as np
@@ -40,6 +44,14 @@ from gpucnr.kernels.sums import Sums
 
 __all__ = ["LAUNCHES", "image_range", "image_totals", "integer_pass", "label_boxes", "native",
            "signatures", "simulated", "window_sums"]
+
+
+if not _SYNC_CHOSEN:
+    # NB: numba.cuda may have been imported (and its configuration read) before gpucnr; the user's own choice,
+    # made in the environment, stands.
+    from numba.cuda.core import config as _config
+
+    _config.CUDA_ARRAY_INTERFACE_SYNC = 0
 
 
 def simulated() -> bool:
