@@ -379,14 +379,19 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=No
         roi_ids, y0, y1, x0, x1 = boxes
         n_ids = int(roi_ids.shape[0])
         present = y1 > y0
-        idx = xp.nonzero(present)[0]
+        if impl == "cuda":
+            # NB: every (image, id) is a cell, absent ones with an empty box (the device kernels skip them, `grid`
+            # leaves them out): a nonzero's data-dependent shape would cost the batch a host read.
+            idx = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
+        else:
+            idx = xp.nonzero(present)[0]
         image = idx // max(n_ids, 1)
         col = idx % max(n_ids, 1)
         zero = xp.zeros_like(idx)
         cells = Cells(image=image, col=col, kind=xp.full_like(idx, KIND_LABEL), cx=zero, cy=zero,
                       r=xp.take(roi_ids, col), y0=xp.take(y0, idx), y1=xp.take(y1, idx),
                       x0=xp.take(x0, idx), x1=xp.take(x1, idx))
-        rank = xp.cumulative_sum(xp.astype(present, xp.int64)) - 1
+        rank = idx if impl == "cuda" else xp.cumulative_sum(xp.astype(present, xp.int64)) - 1
         grid = xp.where(present, rank, xp.full_like(rank, -1))
         return cells, grid, roi_ids
     n_ids = int(roi_ids.shape[0])
