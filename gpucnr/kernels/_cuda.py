@@ -42,7 +42,7 @@ from gpucnr.kernels.masks import is_exact_integer, window_footprints
 from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
 
-__all__ = ["LAUNCHES", "image_range", "image_totals", "integer_pass", "label_boxes", "native",
+__all__ = ["LAUNCHES", "finish_cells", "image_range", "image_totals", "integer_pass", "label_boxes", "native",
            "signatures", "simulated", "window_sums"]
 
 
@@ -722,6 +722,119 @@ def label_boxes(labels, roi_ids, valid_h, valid_w, *, exclude=None):
     return (ids, *cols)
 
 
+# ------------------------------------------------------------------------------------------ CNR and status
+
+#: `definition` codes of `_finish`.
+_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4}
+
+
+@cuda.jit
+def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi_s, var_bg_s, slope, polarity,
+            n_inside, out_of_range, given, definition, signed, ddof, min_bg, o_n_roi, o_mean_roi, o_var_roi, o_n_bg,
+            o_mean_bg, o_var_bg, o_cnr, o_status):  # pragma: no cover - compiled
+    """Per (image, roi) grid position q: the cell's moments scattered to q (fills where absent), its CNR under
+    the definition (`cnr.contrast_to_noise`, operation for operation; gCNR values `given`), and its status
+    (`cnr.cell_status`); a CNR is kept only where the status is ok or zero-noise."""
+    nan = math.nan
+    for q in range(cuda.grid(1), grid.shape[0], cuda.gridsize(1)):
+        j = grid[q]
+        if j < 0:
+            o_n_roi[q] = 0
+            o_n_bg[q] = 0
+            o_mean_roi[q] = nan
+            o_var_roi[q] = nan
+            o_mean_bg[q] = nan
+            o_var_bg[q] = nan
+            o_cnr[q] = nan
+            o_status[q] = 1
+            continue
+        nr, nb = n_roi[j], n_bg[j]
+        o_n_roi[q] = nr
+        o_n_bg[q] = nb
+        o_mean_roi[q] = mean_roi[j]
+        o_var_roi[q] = var_roi[j]
+        o_mean_bg[q] = mean_bg[j]
+        o_var_bg[q] = var_bg[j]
+        zero = False
+        if definition == 4:
+            value = given[j]
+        else:
+            vr, vb = var_roi_s[j], var_bg_s[j]
+            if definition == 0:
+                noise2 = vr + vb
+            elif definition == 1:
+                noise2 = vb
+            elif definition == 2:
+                noise2 = vr
+            else:
+                noise2 = (vr + vb) / 2
+            d = -diff[j] if slope[j] < 0 else diff[j]
+            zero = noise2 == 0
+            if zero:
+                value = math.inf if d != 0 else nan
+            else:
+                value = abs(d) / math.sqrt(noise2)
+            if signed:
+                if d < 0:
+                    value = -value
+                value = value * polarity[j]
+        if n_inside[j] == 0:
+            code = 2
+        elif nr <= ddof:
+            code = 3
+        elif nb <= ddof or nb < min_bg:
+            code = 4
+        elif out_of_range[j]:
+            code = 7
+        elif zero:
+            code = 5
+        else:
+            code = 0
+        o_status[q] = code
+        o_cnr[q] = value if code == 0 or code == 5 else nan
+
+
+def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slope, polarity, n_inside, out_of_range,
+                 given=None):
+    """The (n, L) outputs of `batch.measure_batch` but the per-image ones, in one launch: `moments` = (n_roi,
+    mean_roi, var_roi, n_bg, mean_bg, var_bg) per cell, the scaled variances and contrast for the CNR, the
+    cells' slope and polarity, ROI pixels inside the valid region, numeric-range flags and, for gCNR, its values
+    (`given`). Same formulas, operation for operation, as the portable path (tests compare them)."""
+    xp = array_api_compat.array_namespace(grid)
+    dev = array_api_compat.device(grid)
+    cells = n * n_ids
+    f64 = xp.float64
+    outs = [xp.zeros((cells,), dtype=xp.int64, device=dev)] + [xp.zeros((cells,), dtype=f64, device=dev)
+                                                                 for _ in range(2)]
+    outs += [xp.zeros((cells,), dtype=xp.int64, device=dev)] + [xp.zeros((cells,), dtype=f64, device=dev)
+                                                                  for _ in range(3)]
+    status = xp.zeros((cells,), dtype=xp.int8, device=dev)
+    m = int(moments[0].shape[0])
+    if given is None:
+        given = xp.zeros((max(m, 1),), dtype=f64, device=dev)
+    if cells:
+        if m == 0:
+            # NB: no cell at all: one-element stand-ins, never read (every grid position is absent).
+            one_i = xp.zeros((1,), dtype=xp.int64, device=dev)
+            one_f = xp.zeros((1,), dtype=f64, device=dev)
+            moments = (one_i, one_f, one_f, one_i, one_f, one_f)
+            diff = var_roi_s = var_bg_s = slope = polarity = one_f
+            n_inside = one_i
+            out_of_range = xp.zeros((1,), dtype=xp.bool, device=dev)
+        ints = (xp.astype(moments[0], xp.int64), xp.astype(moments[3], xp.int64))
+        floats = [xp.astype(v, f64) for v in (moments[1], moments[2], moments[4], moments[5], diff, var_roi_s,
+                                              var_bg_s, slope, polarity)]
+        _launch(_finish, max(1, min(-(-cells // THREADS), 4096)), THREADS, xp.astype(grid, xp.int64), ints[0],
+                floats[0], floats[1], ints[1], floats[2], floats[3], *floats[4:], xp.astype(n_inside, xp.int64),
+                xp.astype(out_of_range, xp.int8), xp.astype(given, f64), _DEFINITIONS[params.definition],
+                bool(params.signed), int(params.ddof), int(params.min_bg), *outs, status)
+    names = ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr")
+    order = (outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6])
+    out = {k: xp.reshape(v, (n, n_ids)) for k, v in zip(names, order, strict=True)}
+    out["status"] = xp.reshape(status, (n, n_ids))
+    return out
+
+
 #: Every kernel with the argument types it is compiled for (`numba.cuda.compile_ptx` in the tests): one
 #: signature per image dtype and per label dtype the kernels meet after `batch._entry`.
 IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
@@ -739,8 +852,10 @@ def signatures():
     i2 = types.Array(types.int32, 2, "A")
     b2 = types.Array(types.int8, 2, "A")
     out = {"_int_pass": [], "_float_pass": [], "_float_finish": [(f2, f2, f1, f1)], "_int_windows": [],
-           "_float_windows": [], "_label_boxes": [], "_boxes_finish": [(types.Array(types.int64, 3, "A"), a1, a1,
-                                                                         a1, a1)]}
+           "_float_windows": [], "_label_boxes": [],
+           "_boxes_finish": [(types.Array(types.int64, 3, "A"), a1, a1, a1, a1)],
+           "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, types.int64, types.boolean,
+                        types.int64, types.int64, a1, f1, f1, a1, f1, f1, f1, i8)]}
     i64, b = types.int64, types.boolean
     for name in IMAGE_DTYPES:
         dt = getattr(types, name)

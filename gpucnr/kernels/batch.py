@@ -240,6 +240,20 @@ def measure_batch(
     mean_roi, mean_bg = mean_roi * a + b, mean_bg * a + b
     var_roi, var_bg = var_roi * (a * a), var_bg * (a * a)
 
+    finish = kernel(impl, "finish_cells")
+    if finish is not None:
+        # NB: the device path forms CNR, status and the dense (n, L) grid in one kernel (same formulas as below).
+        given = None
+        if params.definition == "gcnr":
+            given = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
+                                    roi_ids, n_roi, n_bg)
+        out = finish(n, n_ids, grid, params, (n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg), diff, var_roi_s,
+                     var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given)
+        out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], out["status"], signed=params.signed)
+        out["n_excluded"] = n_excluded
+        out["roi_ids"] = roi_ids
+        return out
+
     if params.definition == "gcnr":
         cnr = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
                               roi_ids, n_roi, n_bg)
