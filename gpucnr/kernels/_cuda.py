@@ -835,6 +835,10 @@ def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slo
     return out
 
 
+#: The definitions `finish_cells` forms (others take the portable step).
+finish_cells.definitions = tuple(_DEFINITIONS)
+
+
 #: Every kernel with the argument types it is compiled for (`numba.cuda.compile_ptx` in the tests): one
 #: signature per image dtype and per label dtype the kernels meet after `batch._entry`.
 IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")

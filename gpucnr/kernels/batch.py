@@ -241,7 +241,7 @@ def measure_batch(
     var_roi, var_bg = var_roi * (a * a), var_bg * (a * a)
 
     finish = kernel(impl, "finish_cells")
-    if finish is not None:
+    if finish is not None and params.definition in finish.definitions:
         # NB: the device path forms CNR, status and the dense (n, L) grid in one kernel (same formulas as below).
         given = None
         if params.definition == "gcnr":
