@@ -82,7 +82,10 @@ def measure(
         Backgrounds with fewer pixels get status background-too-small.
     ddof : int
         Delta degrees of freedom of the variances (1: article's Python; 0: its MATLAB).
-    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "viqa"}
+        "viqa" reproduces vIQA's CNR, ``(mu_r - mu_b) / sigma_b`` with the population standard deviation and
+        the sign of the difference (in modality units, never flipped by the display polarity): it sets
+        ``ddof=0, signed=True`` whatever was given, recorded in the attribute ``definition_forces``.
     gcnr_bins : "auto" or int
     signed : bool
         Keep the sign of mean_roi - mean_bg.

@@ -14,6 +14,8 @@ __all__ = ["aggregate", "pool_moments"]
 
 #: Images read at a time: memory stays bounded by this many rows of the results, whatever their size.
 _BLOCK = 2**16
+#: Definitions whose sign never follows the display polarity (they reproduce tools that see stored arrays).
+_POLARITY_FREE = ("viqa",)
 
 
 def pool_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -182,7 +184,7 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     with np.errstate(invalid="ignore", divide="ignore"):
         var_roi = np.where(n_roi > ddof, m2_roi / (n_roi - ddof), np.nan)
         var_bg = np.where(n_bg > ddof, m2_bg / (n_bg - ddof), np.nan)
-    if signed and (polarity == 3).any():
+    if signed and definition not in _POLARITY_FREE and (polarity == 3).any():
         bad = names[polarity == 3][:3].tolist()
         raise InputError(f"a signed CNR cannot be pooled over groups mixing MONOCHROME1 and MONOCHROME2 images "
                          f"(e.g. {bad}); aggregate unsigned results")

@@ -6,6 +6,7 @@ import math
 
 __all__ = [
     "DEFINITIONS",
+    "FORCED",
     "STATUS",
     "cell_status",
     "contrast_to_noise",
@@ -15,7 +16,15 @@ __all__ = [
 ]
 
 #: Names accepted by ``definition=`` (DESIGN §4).
-DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr")
+DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "viqa")
+
+#: Definitions that reproduce a peer tool and so fix options whatever the user gave; `Params` applies them and
+#: records them in the results' attributes (``definition_forces``).
+FORCED = {
+    # NB: vIQA's contrast_to_noise_ratio is (np.mean(signal) - np.mean(background)) / np.std(background): the
+    # population standard deviation and the sign of the difference (viqa 3.0.1, viqa/nr_metrics/cnr.py).
+    "viqa": {"ddof": 0, "signed": True},
+}
 
 #: Status codes of an (image, roi) cell, in order of precedence after "not computed" (DESIGN §4).
 STATUS = {
@@ -44,9 +53,10 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
     ----------
     mean_roi, var_roi, mean_bg, var_bg : float64 arrays, one shape
         Region moments in modality units.
-    definition : {"pooled", "background", "roi", "pooled-mean"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "viqa"}
         ``|mr - mb| / sqrt(vr + vb)`` (the article's), ``/ sqrt(vb)``, ``/ sqrt(vr)``,
-        ``/ sqrt((vr + vb) / 2)``.
+        ``/ sqrt((vr + vb) / 2)``; "viqa" is vIQA's ``(mr - mb) / sqrt(vb)``, always signed and never flipped
+        by `polarity` (vIQA sees the array's own values, not the display).
     signed : bool
         Keep sign(mr - mb) times `polarity` instead of the absolute value.
     polarity : float64 array broadcastable to the moments
@@ -67,6 +77,8 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
         noise2 = var_bg
     elif definition == "roi":
         noise2 = var_roi
+    elif definition == "viqa":
+        noise2 = var_bg
     else:
         raise ValueError(f"not a moment definition: {definition!r}")
     diff = mean_roi - mean_bg
@@ -76,6 +88,8 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
     inf = xp.full_like(value, math.inf)
     nan = xp.full_like(value, math.nan)
     value = xp.where(zero_noise, xp.where(diff != 0, inf, nan), value)
+    if definition == "viqa":
+        return xp.where(diff < 0, -value, value), zero_noise
     if signed:
         value = xp.where(diff < 0, -value, value) * polarity
     return value, zero_noise
