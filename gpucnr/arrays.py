@@ -82,9 +82,11 @@ def measure(
         Backgrounds with fewer pixels get status background-too-small.
     ddof : int
         Delta degrees of freedom of the variances (1: article's Python; 0: its MATLAB).
-    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "viqa"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "viqa", "mrqy"}
         "viqa" reproduces vIQA's CNR, ``(mu_r - mu_b) / sigma_b`` with the population standard deviation and
-        the sign of the difference (in modality units, never flipped by the display polarity): it sets
+        the sign of the difference (in modality units, never flipped by the display polarity). "mrqy" reproduces
+        MRQy's and RadQy's, ``mean(P_r - P_b) / std(P_b)`` over their 5x5 patches next to the maximum of each
+        region's zero-filled image, on stored values (quirks kept: `gpucnr.kernels.patches`). Both set
         ``ddof=0, signed=True`` whatever was given, recorded in the attribute ``definition_forces``.
     gcnr_bins : "auto" or int
     signed : bool

@@ -15,7 +15,9 @@ __all__ = ["aggregate", "pool_moments"]
 #: Images read at a time: memory stays bounded by this many rows of the results, whatever their size.
 _BLOCK = 2**16
 #: Definitions whose sign never follows the display polarity (they reproduce tools that see stored arrays).
-_POLARITY_FREE = ("viqa",)
+_POLARITY_FREE = ("viqa", "mrqy")
+#: Definitions that are not functions of region moments: their groups get status 9 not-poolable.
+_NOT_POOLABLE = ("gcnr", "mrqy")
 
 
 def pool_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -102,7 +104,8 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         ``status``, ``roi_name`` (the first name the group's cells give the id);
         dims (`by`): ``n_images``, ``cnr_median``, ``n_valid``. Status as for images, and: −1 when a cell
         of the group was never computed, 6 when one failed, 7 when one is out of numeric range, 9 ``not-poolable``
-        for gCNR (a histogram statistic, not a function of moments).
+        for gCNR (a histogram statistic) and MRQy's CNR (a statistic of two 5x5 patches), not functions of
+        moments.
 
     Raises
     ------
@@ -189,7 +192,7 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         raise InputError(f"a signed CNR cannot be pooled over groups mixing MONOCHROME1 and MONOCHROME2 images "
                          f"(e.g. {bad}); aggregate unsigned results")
     sign = np.where(polarity == 2, -1.0, 1.0)[:, None]
-    if definition == "gcnr":
+    if definition in _NOT_POOLABLE:
         cnr, zero_noise = np.full(shape, np.nan), np.zeros(shape, bool)
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -198,7 +201,7 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     status = cell_status(np, present=(n_roi > 0) | (counts["outside"] > 0), n_roi_inside=n_roi, n_roi=n_roi,
                          n_bg=n_bg, zero_noise=zero_noise, ddof=ddof, min_bg=min_bg,
                          numeric_range=counts["numeric-range"] > 0)
-    if definition == "gcnr":
+    if definition in _NOT_POOLABLE:
         status = np.where(status == STATUS["ok"], np.int8(STATUS["not-poolable"]), status)
     status = np.where(counts["failed"] > 0, np.int8(STATUS["failed"]), status)
     status = np.where(counts["not-computed"] > 0, np.int8(STATUS["not-computed"]), status).astype(np.int8)

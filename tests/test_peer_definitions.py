@@ -200,6 +200,137 @@ def test_viqa_ignores_display_polarity_but_keeps_the_slope_sign():
     np.testing.assert_allclose(negative["cnr"], -flat["cnr"], rtol=1e-12)
 
 
+
+# ------------------------------------------------------------------------------------------ MRQy / RadQy
+
+
+def mrqy_patch(img, patch_size):
+    """MRQy 0.0.3, mrqy/QCF.py, patch() verbatim (RadQy 2025.3.2's radqy/radqy.py has the same function)."""
+    h = int(np.floor(patch_size / 2))
+    U = np.pad(img, pad_width=5, mode="constant")
+    [a, b] = np.where(img == np.max(img))
+    a = a[0]
+    b = b[0]
+    return U[a : a + 2 * h + 1, b : b + 2 * h + 1]
+
+
+def mrqy_cnr(F, B):
+    """MRQy 0.0.3, mrqy/QCF.py, cnr(F, B, c, f, b) verbatim; F = mask * img and B = (1 - mask) * img there."""
+    fore_patch = mrqy_patch(F, 5)
+    back_patch = mrqy_patch(B, 5)
+    return np.nanmean(fore_patch - back_patch) / np.nanstd(back_patch)
+
+
+def mrqy_expected(batch, params, roi_ids):
+    n, n_ids = batch["images"].shape[0], len(roi_ids)
+    status = np.full((n, n_ids), STATUS["absent"], np.int8)
+    cnr = np.full((n, n_ids), np.nan)
+    for (i, j), (vals, roi, bg, inside) in cell_regions(batch, params, roi_ids).items():
+        # NB: their F and B: the stored values in the region, zeros elsewhere (np.where: no 0 * NaN)
+        F, B = np.where(roi, vals, 0.0), np.where(bg, vals, 0.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = mrqy_cnr(F, B)
+        zero = np.nanstd(mrqy_patch(B, 5)) == 0
+        status[i, j] = plain_status(inside, int(roi.sum()), int(bg.sum()), zero, ddof=0, min_bg=params.min_bg)
+        if status[i, j] in (STATUS["ok"], STATUS["zero-noise"]):
+            cnr[i, j] = value
+    return dict(status=status, cnr=cnr)
+
+
+@pytest.mark.parametrize("case", VIQA_CASES, ids=case_id)
+def test_mrqy_against_its_source(xp, case):
+    seed, dtype, background, use_table = case
+    batch = make_batch(seed + 50, dtype, background, use_table, extras=seed % 2 == 1)
+    params = random_params(seed + 50, background, "mrqy")
+    assert (params.ddof, params.signed) == (0, True)
+    out = run_kernel(xp, batch, params, fast=False)
+    expected = mrqy_expected(batch, params, host(out["roi_ids"]).tolist())
+    assert_against(out, expected, f"{xp.__name__} portable {params}")
+    assert_against(run_kernel(xp, batch, params, fast=True), expected, f"{xp.__name__} fast {params}")
+    assert (expected["status"] == 0).any()
+
+
+def test_mrqy_small_chunks_equal_one_chunk(monkeypatch):
+    """Cells processed a few at a time (the memory bound) give the values of one pass."""
+    from gpucnr.kernels import patches
+
+    batch = make_batch(3, np.float32, "complement-all", True, extras=True)
+    params = Params(background="complement-all", definition="mrqy", min_bg=5)
+    whole = run_kernel(NP, batch, params)
+    monkeypatch.setattr(patches, "_CHUNK_PIXELS", 1)
+    np.testing.assert_array_equal(run_kernel(NP, batch, params)["cnr"], whole["cnr"])
+
+
+def quirk_image():
+    """One 20x24 image whose ROI (label 1) has a tie for its maximum and whose background has a known maximum."""
+    img = np.full((1, 20, 24), 10, np.int16)
+    img[0, 1::2, ::3] = 4  # texture, so the patches are not constant
+    labels = np.zeros(img.shape, np.int32)
+    labels[0, 8:14, 9:15] = 1
+    img[0, 10, 12] = img[0, 12, 10] = 90  # a tie in the ROI: row-major first is (10, 12)
+    img[0, 16, 20] = 70  # the background's maximum
+    return img, labels
+
+
+def test_mrqy_quirks_by_hand():
+    """The patch is the 5x5 block above-left of the first maximum (their pad of 5 with h = 2), zeros outside the
+    region, ddof 0: checked against numbers written out by hand."""
+    img, labels = quirk_image()
+    ds = gpucnr.measure(img, labels, definition="mrqy", dilation=0, border=0, backend="numpy")
+    vals = img[0].astype(np.float64)
+    roi = labels[0] == 1
+    p_f = np.where(roi, vals, 0)[5:10, 7:12]  # rows 10-5..10-1, cols 12-5..12-1
+    p_b = np.where(~roi, vals, 0)[11:16, 15:20]
+    assert p_f[-1, -1] == 10 and p_f[0, 0] == 0  # the block holds ROI pixels and zeros, not the maximum itself
+    expected = (p_f - p_b).mean() / p_b.std()
+    np.testing.assert_allclose(float(ds["cnr"][0, 0]), expected, rtol=1e-12)
+    assert ds.attrs["definition_forces"] == "ddof=0 signed=True"
+
+
+def test_mrqy_statuses_on_degenerate_inputs():
+    img, labels = quirk_image()
+    ids_img = np.concatenate([img] * 4)
+    lab = np.concatenate([labels] * 4)
+    ids_img[1] = 7  # constant image: background patch constant -> zero-noise, and equal patches -> NaN
+    ids_img[2, :, :] = -5  # all negative: their maximum of F is 0, at the first pixel outside the ROI
+    ids_img[2, 1::2, ::3] = -9
+    lab[3] = 0
+    lab[3, 0, 0] = 1  # a 1-pixel ROI in the corner: measured (ddof 0), its patch all padding
+    ds = gpucnr.measure(ids_img, lab, definition="mrqy", dilation=0, border=0, min_bg=30, backend="numpy")
+    status = ds["status"].values[:, 0].tolist()
+    assert status == [STATUS["ok"], STATUS["zero-noise"], STATUS["ok"], STATUS["ok"]]
+    assert np.isnan(ds["cnr"].values[1, 0])
+    # image 2: F's maximum is 0 at (0, 0) (outside the ROI), its patch all padding; B's is 0 at the ROI's first
+    # pixel (8, 9), its patch the background above-left of it
+    roi = lab[2] == 1
+    p_b = np.where(~roi, ids_img[2], 0)[3:8, 4:9].astype(np.float64)
+    np.testing.assert_allclose(float(ds["cnr"][2, 0]), -p_b.mean() / p_b.std(), rtol=1e-12)
+    F, B = np.where(roi, ids_img[2], 0), np.where(~roi, ids_img[2], 0)
+    np.testing.assert_allclose(float(ds["cnr"][2, 0]), mrqy_cnr(F, B), rtol=1e-12)
+    # image 3: the corner ROI's patch is all padding, B's maximum is the first 10 at (0, 1)
+    F, B = np.where(lab[3] == 1, ids_img[3], 0), np.where(lab[3] != 1, ids_img[3], 0)
+    np.testing.assert_allclose(float(ds["cnr"][3, 0]), mrqy_cnr(F, B), rtol=1e-12)
+    small = gpucnr.measure(ids_img[:1], labels, definition="mrqy", dilation=0, border=0, min_bg=10_000,
+                           backend="numpy")
+    assert int(small["status"][0, 0]) == STATUS["background-too-small"] and np.isnan(float(small["cnr"][0, 0]))
+    outside = gpucnr.measure(ids_img[:1], {"image": [0], "roi": [1], "kind": ["square"], "cx": [-40], "cy": [5],
+                                           "r": [3]}, definition="mrqy", backend="numpy")
+    assert int(outside["status"][0, 0]) == STATUS["roi-outside"]
+    nan_roi = ids_img[:1].astype(np.float64)
+    nan_roi[labels == 1] = np.nan
+    gone = gpucnr.measure(nan_roi, labels, definition="mrqy", backend="numpy")
+    assert int(gone["status"][0, 0]) == STATUS["roi-too-small"]
+
+
+def test_mrqy_is_not_poolable():
+    img, labels = quirk_image()
+    ds = gpucnr.measure(np.concatenate([img] * 4), np.concatenate([labels] * 4), definition="mrqy", dilation=0,
+                        border=0, backend="numpy")
+    assert (ds["status"].values == STATUS["ok"]).all()
+    out = gpucnr.aggregate(ds.assign_coords(case=("image", ["a", "a", "b", "b"])), by="case")
+    assert (out["status"].values == STATUS["not-poolable"]).all() and np.isnan(out["cnr"].values).all()
+
+
 def test_viqa_aggregates_over_mixed_polarity_into_the_union_formula():
     """aggregate pools vIQA's moments (ddof 0) into (mu_r - mu_b) / sigma_b of the union of the group's pixels,
     and, its sign not following the display, pools MONOCHROME1 with MONOCHROME2 images (a signed gpucnr CNR is
@@ -236,3 +367,32 @@ def test_viqa_results_enhance_with_the_forced_options(tmp_path):
     assert out.sizes["image"] == 2 and out.attrs["ddof"] == 0 and out.attrs["definition_forces"] == "ddof=0 signed=True"
     after = gpucnr.open_results(tmp_path / "enh" / "results.zarr")
     assert (after.attrs["definition"], after.attrs["ddof"], after.attrs["signed"]) == ("viqa", 0, True)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.mark.parametrize("definition", ["mrqy", "viqa"])
+def test_cli_run_with_a_peer_definition(tmp_path, capsys, definition):
+    """`gpucnr run --definition mrqy|viqa` on a stack: the results equal gpucnr.measure's on the same pixels and
+    record the forced options; `filter` reads them."""
+    from gpucnr.cli import main
+
+    batch = make_batch(21, np.uint16, "complement", False)
+    images, labels = batch["images"], batch["labels"]
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, shard=2)
+    assert main(["run", str(stack.path), str(tmp_path / "r.zarr"), "--definition", definition, "--ddof", "1",
+                 "--min-bg", "5", "--backend", "numpy"]) == 0
+    ds = gpucnr.open_results(tmp_path / "r.zarr")
+    assert (ds.attrs["definition"], ds.attrs["ddof"], ds.attrs["signed"]) == (definition, 0, True)
+    assert ds.attrs["definition_forces"] == "ddof=0 signed=True"
+    ref = gpucnr.measure(images, labels, definition=definition, min_bg=5, backend="numpy")
+    np.testing.assert_array_equal(ds["status"].values, ref["status"].values)
+    np.testing.assert_allclose(ds["cnr"].values, ref["cnr"].values, rtol=1e-12, equal_nan=True)
+    assert (ds["status"].values == 0).any()
+    params = Params(definition=definition, min_bg=5)
+    expected = (mrqy_expected if definition == "mrqy" else viqa_expected)(batch, params, ds.roi.values.tolist())
+    assert_against({"status": ds["status"].values, "cnr": ds["cnr"].values}, expected, "cli")
+    capsys.readouterr()
+    assert main(["filter", str(tmp_path / "r.zarr"), "--threshold", "0", "--out", str(tmp_path / "keep.csv")]) == 0
+    assert (tmp_path / "keep.csv").stat().st_size > 0

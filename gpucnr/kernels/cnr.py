@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 #: Names accepted by ``definition=`` (DESIGN §4).
-DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "viqa")
+DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "viqa", "mrqy")
 
 #: Definitions that reproduce a peer tool and so fix options whatever the user gave; `Params` applies them and
 #: records them in the results' attributes (``definition_forces``).
@@ -24,6 +24,9 @@ FORCED = {
     # NB: vIQA's contrast_to_noise_ratio is (np.mean(signal) - np.mean(background)) / np.std(background): the
     # population standard deviation and the sign of the difference (viqa 3.0.1, viqa/nr_metrics/cnr.py).
     "viqa": {"ddof": 0, "signed": True},
+    # NB: MRQy's cnr is np.nanmean(fore_patch - back_patch) / np.nanstd(back_patch): signed, ddof 0 (mrqy 0.0.3,
+    # mrqy/QCF.py; gpucnr/kernels/patches.py). ddof 0 also lets a 1-pixel ROI be measured, as MRQy does.
+    "mrqy": {"ddof": 0, "signed": True},
 }
 
 #: Status codes of an (image, roi) cell, in order of precedence after "not computed" (DESIGN §4).
@@ -40,7 +43,8 @@ STATUS = {
     # (max - min) does not fit in 63 bits, a float image whose spread overflows float64 (DESIGN §10). It comes
     # after the geometric statuses (they stay true whatever the values) and before zero-noise.
     "numeric-range": 7,
-    # NB: a group of cells whose definition cannot be pooled from moments (gCNR is a histogram statistic):
+    # NB: a group of cells whose definition cannot be pooled from moments (gCNR is a histogram statistic, MRQy's
+    # CNR a statistic of two 5x5 patches):
     # `gpucnr.aggregate` only (DESIGN §10).
     "not-poolable": 9,
 }

@@ -34,9 +34,9 @@ class Params:
         Fewer background pixels than this give status background-too-small.
     ddof : int
         Delta degrees of freedom of both variances (1: the article's Python, 0: its MATLAB).
-    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "viqa"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "viqa", "mrqy"}
         A definition that reproduces a peer tool fixes ``ddof`` and ``signed`` whatever was given
-        (`gpucnr.kernels.cnr.FORCED`; "viqa": ddof 0, signed), recorded by `as_attrs`.
+        (`gpucnr.kernels.cnr.FORCED`; "viqa" and "mrqy": ddof 0, signed), recorded by `as_attrs`.
     gcnr_bins : "auto" or int
     signed : bool
     """
