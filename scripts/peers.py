@@ -288,7 +288,7 @@ def otsu_masks(folder: Path, mask_dir: Path) -> None:
 
 
 def run_helper(python: Path, code: str, files: list[str], out_csv: Path, *extra: str) -> pd.DataFrame:
-    script = out_csv.with_suffix(".py")
+    script = out_csv.with_name(out_csv.stem + "_helper.py")  # NB: never a package's name (viqa.py)
     script.write_text(textwrap.dedent(code))
     subprocess.run([str(python), str(script), "\n".join(files), str(out_csv), *extra], check=True)
     return pd.read_csv(out_csv)
