@@ -123,13 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="measure every image of a stack into resumable results")
     run.add_argument("stack", type=Path, help="STACK.zarr (gpucnr.write_stack / gpucnr ingest)")
     run.add_argument("results", type=Path, help="RESULTS.zarr to create (or continue with --resume)")
-    run.add_argument("--rois", type=Path, default=None,
+    run.add_argument("--rois", default=None, metavar="CSV|auto",
                      help="CSV with columns image (global index), roi, kind, cx, cy, r [, name], or the ingest's "
                      "table: source [, channel] [, frame], roi, kind, cx, cy, r [, name] (sources matched through "
-                     "the linkage file)")
-    run.add_argument("--roi-source", choices=("auto", "labels", "table", "both"), default="auto",
+                     "the linkage file); or the keyword auto: the automatic regions of every image (air, body, two "
+                     "tissue classes; cells 1 foreground and 2 tissue; the stack's labels and ROI table are not "
+                     "read). A file named auto is ./auto")
+    run.add_argument("--roi-source", choices=("auto", "labels", "table", "both"), default=None,
                      help="ROIs from the labels (masks), the ROI table, or both; auto (default): every source the "
-                     "stack has, in one run")
+                     "stack has, in one run. Not with --rois auto")
+    run.add_argument("--edge", type=_nonneg_int, default=2,
+                     help="with --rois auto: width (px) of the band removed where two regions meet (default 2)")
     run.add_argument("--linkage", type=Path, default=None,
                      help="linkage file for an ingest-style --rois table (default: STACK.zarr.linkage.csv)")
     run.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
@@ -307,9 +311,16 @@ def _dispatch(args) -> int:
         options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
                                                  "ring_width", "background_label", "min_bg", "ddof",
                                                  "definition", "gcnr_bins", "signed")}
-        ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
-                 workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
-                 group_columns=args.group_columns, roi_source=args.roi_source, linkage=args.linkage, **options)
+        # NB: the keyword auto is the automatic regions; any other text (./auto too) is the path of a table
+        auto = args.rois == "auto"
+        if auto and args.roi_source is not None:
+            print(f"gpucnr: error [bad-option] --rois auto measures the automatic regions only; --roi-source "
+                  f"{args.roi_source} cannot be combined with it", file=sys.stderr)
+            return 2
+        ds = run(args.stack, args.results, rois="auto" if auto else None if args.rois is None else Path(args.rois),
+                 backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
+                 resume=args.resume, progress=args.progress, group_columns=args.group_columns,
+                 roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
         print(summary_table(ds.load(), title="gpucnr run"), flush=True)
         unmatched = len(ds.attrs.get("rois_unmatched", []))
         if unmatched:

@@ -131,8 +131,12 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
                           shard=stack.shard, compressor=stack.compressor)
         # NB: the same ROI sources as the original run (an attribute "labels", "table" or "both")
         source = str(ds.attrs.get("roi_source", "auto"))
-        after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
-                    else "auto", **_as_kwargs(params))
+        if source == "auto" and "edge" in ds.attrs:
+            # NB: rois="auto" results: the automatic regions of the enhanced images, found again
+            after = run(new, results_out, backend=where, rois="auto", edge=int(ds.attrs["edge"]), **_as_kwargs(params))
+        else:
+            after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
+                        else "auto", **_as_kwargs(params))
     except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
         # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
         # same command refuse to start again

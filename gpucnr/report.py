@@ -9,8 +9,9 @@ run's parameters (results attributes): ROIs from the stack's ROI table (square, 
 backgrounds ``complement`` (ROI dilated by the footprint ``dilation`` times / with radius ``dilation``, its
 complement), ``complement-all`` (the same around the union of the image's ROIs and labels), ``ring``
 (distance transforms: L1 for cross, L-infinity for square, Euclidean for the disks) and ``label``; the
-border frame of the valid region and excluded pixels (non-finite, padding value) are removed. They are for
-display: the CNR values come from the results, never from these masks.
+border frame of the valid region and excluded pixels (non-finite, padding value) are removed; for results of
+``rois="auto"``, the automatic regions found again as the run found them (body against air, upper tissue class
+against the lower). They are for display: the CNR values come from the results, never from these masks.
 """
 
 from __future__ import annotations
@@ -442,6 +443,14 @@ def _image_masks(ds, stack, index: int, rois):
     roi_id = int(ds["roi"].values[j])
 
     a = ds.attrs
+    values = image.astype(np.float64)
+    exclude = ~np.isfinite(values)
+    padding = row.get("padding", np.nan)
+    if padding is not None and np.isfinite(float(padding)):
+        exclude |= values == float(padding)
+    if a.get("roi_source") == "auto":
+        roi_mask, bg_mask = _auto_masks(images[:1], row, a, roi_id)
+        return roi_id, float(cnr[j]), image, roi_mask[:h, :w], bg_mask[:h, :w] & ~exclude, exclude
     table = _roi_table(stack, rois) if a.get("roi_source", "table") in ("table", "both") else None
     if table is None and lab is None:
         raise ValueError("neither an ROI table nor labels to rebuild the ROI")
@@ -449,13 +458,31 @@ def _image_masks(ds, stack, index: int, rois):
     if lab is not None:
         union |= lab != 0
     bg_mask = roi_and_background(roi_mask, a, union=union, labels=lab)
-
-    values = image.astype(np.float64)
-    exclude = ~np.isfinite(values)
-    padding = row.get("padding", np.nan)
-    if padding is not None and np.isfinite(float(padding)):
-        exclude |= values == float(padding)
     return roi_id, float(cnr[j]), image, roi_mask, bg_mask & ~exclude, exclude
+
+
+def _auto_masks(images, row, attrs, roi_id: int):
+    """ROI and background of an automatic cell (rois="auto"), the regions found again as the run found them
+    (`gpucnr.kernels.regions.find_regions` on NumPy, the image's valid extent, padding, polarity and slope, the
+    run's edge, min_bg and ddof): cell 1 the body against the air, cell 2 the upper tissue class against the lower."""
+    import array_api_compat
+
+    from gpucnr.kernels.regions import AUTO_ROI_IDS, REGION_AIR, REGION_BODY, REGION_LOWER, REGION_UPPER, find_regions
+
+    def one(v, dtype):
+        return np.asarray([v], dtype)
+
+    photometric = str(row.get("photometric", "MONOCHROME2"))
+    labels, _ = find_regions(array_api_compat.array_namespace(images), np.asarray(images),
+                             valid_h=one(row["valid_h"], np.int64), valid_w=one(row["valid_w"], np.int64),
+                             padding=one(row.get("padding", np.nan), np.float64),
+                             polarity=one(-1.0 if photometric == "MONOCHROME1" else 1.0, np.float64),
+                             slope=one(row.get("slope", 1.0), np.float64), edge=int(attrs.get("edge", 2)),
+                             min_bg=int(attrs.get("min_bg", 30)), ddof=int(attrs.get("ddof", 1)))
+    labels = np.asarray(labels)[0]
+    if roi_id == AUTO_ROI_IDS[0]:
+        return labels >= REGION_BODY, labels == REGION_AIR
+    return labels == REGION_UPPER, labels == REGION_LOWER
 
 
 def _roi_table(stack, rois):

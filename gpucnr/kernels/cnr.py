@@ -16,7 +16,7 @@ __all__ = [
 ]
 
 #: Names accepted by ``definition=`` (DESIGN §4).
-DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "viqa", "mrqy")
+DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc", "viqa", "mrqy")
 
 #: Definitions that reproduce a peer tool and so fix options whatever the user gave; `Params` applies them and
 #: records them in the results' attributes (``definition_forces``).
@@ -43,6 +43,8 @@ STATUS = {
     # (max - min) does not fit in 63 bits, a float image whose spread overflows float64 (DESIGN §10). It comes
     # after the geometric statuses (they stay true whatever the values) and before zero-noise.
     "numeric-range": 7,
+    # NB: rois="auto" did not find the cell's regions (no air, no body, or not two tissue classes) (DESIGN §10).
+    "region-not-found": 8,
     # NB: a group of cells whose definition cannot be pooled from moments (gCNR is a histogram statistic, MRQy's
     # CNR a statistic of two 5x5 patches):
     # `gpucnr.aggregate` only (DESIGN §10).
@@ -50,21 +52,25 @@ STATUS = {
 }
 
 
-def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *, signed: bool, polarity):
+def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *, signed: bool, polarity,
+                      var_air=None):
     """CNR of every cell under a moment definition.
 
     Parameters
     ----------
     mean_roi, var_roi, mean_bg, var_bg : float64 arrays, one shape
         Region moments in modality units.
-    definition : {"pooled", "background", "roi", "pooled-mean", "viqa"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "mriqc", "viqa"}
         ``|mr - mb| / sqrt(vr + vb)`` (the article's), ``/ sqrt(vb)``, ``/ sqrt(vr)``,
-        ``/ sqrt((vr + vb) / 2)``; "viqa" is vIQA's ``(mr - mb) / sqrt(vb)``, always signed and never flipped
-        by `polarity` (vIQA sees the array's own values, not the display).
+        ``/ sqrt((vr + vb) / 2)``, ``/ sqrt(var_air + vr + vb)`` (MRIQC's); "viqa" is vIQA's
+        ``(mr - mb) / sqrt(vb)``, always signed and never flipped by `polarity` (vIQA sees the array's own values,
+        not the display).
     signed : bool
         Keep sign(mr - mb) times `polarity` instead of the absolute value.
     polarity : float64 array broadcastable to the moments
         +1, or -1 for images displayed inverted (MONOCHROME1).
+    var_air : float64 array broadcastable to the moments, optional
+        ``definition="mriqc"`` only (required there): the air variance, 0 where the image has no air.
 
     Returns
     -------
@@ -83,6 +89,8 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
         noise2 = var_roi
     elif definition == "viqa":
         noise2 = var_bg
+    elif definition == "mriqc" and var_air is not None:
+        noise2 = var_air + var_roi + var_bg  # MRIQC's CNR, |mu_1 - mu_2| / sqrt(var_air + var_1 + var_2)
     else:
         raise ValueError(f"not a moment definition: {definition!r}")
     diff = mean_roi - mean_bg

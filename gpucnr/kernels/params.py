@@ -34,7 +34,7 @@ class Params:
         Fewer background pixels than this give status background-too-small.
     ddof : int
         Delta degrees of freedom of both variances (1: the article's Python, 0: its MATLAB).
-    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "viqa", "mrqy"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc", "viqa", "mrqy"}
         A definition that reproduces a peer tool fixes ``ddof`` and ``signed`` whatever was given
         (`gpucnr.kernels.cnr.FORCED`; "viqa" and "mrqy": ddof 0, signed), recorded by `as_attrs`.
     gcnr_bins : "auto" or int
