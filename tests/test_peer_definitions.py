@@ -396,3 +396,35 @@ def test_cli_run_with_a_peer_definition(tmp_path, capsys, definition):
     capsys.readouterr()
     assert main(["filter", str(tmp_path / "r.zarr"), "--threshold", "0", "--out", str(tmp_path / "keep.csv")]) == 0
     assert (tmp_path / "keep.csv").stat().st_size > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint16"])
+def test_peer_definitions_on_the_automatic_regions(dtype):
+    """With rois="auto" the peer definitions measure the automatic regions' pixel sets: cell 1 the body (labels >= 2)
+    against the air (1), cell 2 the upper tissue (4) against the lower (3), as gpucnr.auto_regions returns them;
+    images without air get region-not-found on cell 1."""
+    from gpucnr.phantom import make_body_phantom
+
+    ph = make_body_phantom(4, (64, 72), tissue_cnr=(2.0, 8.0), noise=20.0, dtype=dtype, seed=3)
+    images = np.concatenate([ph.images, make_body_phantom(1, (64, 72), with_air=False, dtype=dtype,
+                                                          seed=4).images])
+    regions = np.asarray(gpucnr.auto_regions(images, backend="numpy"))
+    mrqy = gpucnr.measure(images, "auto", definition="mrqy", backend="numpy")
+    viqa = gpucnr.measure(images, "auto", definition="viqa", backend="numpy")
+    assert mrqy.attrs["definition_forces"] == viqa.attrs["definition_forces"] == "ddof=0 signed=True"
+    for i in range(images.shape[0]):
+        vals = images[i].astype(np.float64)
+        for j, (roi, bg) in enumerate(((regions[i] >= 2, regions[i] == 1), (regions[i] == 4, regions[i] == 3))):
+            status = int(mrqy["status"][i, j])
+            if not bg.any():
+                assert status == int(viqa["status"][i, j]) == STATUS["region-not-found"]
+                continue
+            assert int(viqa["status"][i, j]) == STATUS["ok"], (i, j)
+            np.testing.assert_allclose(float(viqa["cnr"][i, j]), viqa_cnr(vals[roi], vals[bg]), rtol=1e-9)
+            F, B = np.where(roi, vals, 0.0), np.where(bg, vals, 0.0)
+            # NB: a background maximum at the region's top-left rim puts MRQy's patch outside it: all zeros
+            constant = np.std(mrqy_patch(B, 5)) == 0
+            assert status == (STATUS["zero-noise"] if constant else STATUS["ok"]), (i, j)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.testing.assert_allclose(float(mrqy["cnr"][i, j]), mrqy_cnr(F, B), rtol=1e-9)
+    assert int(mrqy["status"][4, 0]) == STATUS["region-not-found"]
