@@ -267,9 +267,13 @@ def make_speed_set(folder: Path, count: int) -> Path:
 
 
 def make_subset(src: Path, folder: Path, count: int) -> Path:
-    folder.mkdir(parents=True)
-    for f in sorted(src.glob("*.dcm"))[:count]:
-        shutil.copy(f, folder / f.name)
+    """The first `count` files, one subfolder per patient: MRQy's grouping by PatientID assumes a patient's files
+    come one after another in os.walk's (directory) order, which a flat folder does not keep; with folders it
+    takes the folder as the patient (-r True)."""
+    for k, f in enumerate(sorted(src.glob("*.dcm"))[:count]):
+        patient = folder / f"speed{k // 12:04d}"
+        patient.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, patient / f.name)
     return folder
 
 
@@ -278,10 +282,11 @@ def otsu_masks(folder: Path, mask_dir: Path) -> None:
     from PIL import Image
     from skimage.filters import threshold_otsu
 
-    mask_dir.mkdir(parents=True, exist_ok=True)
-    for f in sorted(folder.glob("*.dcm")):
+    for f in sorted(folder.rglob("*.dcm")):
         img = pydicom.dcmread(f).pixel_array
-        Image.fromarray(np.where(img > threshold_otsu(img), 1, 2).astype(np.uint8)).save(mask_dir / f"{f.stem}.png")
+        out = mask_dir / f.relative_to(folder).with_suffix(".png")  # NB: ingest's --masks mirrors the folders
+        out.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.where(img > threshold_otsu(img), 1, 2).astype(np.uint8)).save(out)
 
 
 # ------------------------------------------------------------------------------------------ the peers
@@ -342,12 +347,13 @@ def timed(cmd: list[str], cwd: Path) -> float:
 
 def time_radqy(python: Path, folder: Path, cwd: Path) -> tuple[int, float]:
     radqy_cwd(cwd, python)
-    return len(list(folder.glob("*.dcm"))), timed([str(python.parent / "radqy"), "out", str(folder.resolve())], cwd)
+    return len(list(folder.rglob("*.dcm"))), timed([str(python.parent / "radqy"), "out", str(folder.resolve())], cwd)
 
 
 def time_mrqy(python: Path, folder: Path, cwd: Path) -> tuple[int, float]:
     cwd.mkdir(parents=True)
-    return len(list(folder.glob("*.dcm"))), timed([str(python), "-m", "mrqy.QC", "out", str(folder.resolve())], cwd)
+    return len(list(folder.rglob("*.dcm"))), timed([str(python), "-m", "mrqy.QC", "out", str(folder.resolve()),
+                                                    "-r", "True"], cwd)
 
 
 # ------------------------------------------------------------------------------------------ gpucnr
@@ -398,7 +404,7 @@ def gpucnr_own(folder, work: Path, regions: str, definitions: list[str]) -> pd.D
 def time_gpucnr(folder: Path, work: Path, regions: str) -> tuple[int, float]:
     """Wall time of `gpucnr ingest` + `gpucnr run --definition mrqy` (Otsu masks, if used, written before)."""
     work.mkdir(parents=True)
-    n = len(list(folder.glob("*.dcm")))
+    n = len(list(folder.rglob("*.dcm")))
     if regions == "otsu":
         otsu_masks(folder, work / "masks")
         ingest = ["ingest", str(folder), str(work / "s.zarr"), "--masks", str(work / "masks")]
