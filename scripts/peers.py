@@ -146,13 +146,16 @@ def main(argv=None) -> int:
     # 3. whole-process speed
     speed_dir = make_speed_set(work / "speed", args.speed_files)
     subset = make_subset(speed_dir, work / "speed-subset", args.peer_speed_files)
+    load = os.getloadavg()[1]
     speed = {
         "RadQy (CLI)": time_radqy(python, subset, work / "radqy-speed"),
         "MRQy (CLI)": time_mrqy(python, subset, work / "mrqy-speed"),
         "gpucnr ingest + run": time_gpucnr(subset, work / "g-subset", own_regions),
     }
     big = time_gpucnr(speed_dir, work / "g-speed", own_regions)
-    write_report(args, table, speed, big, own_regions, radqy_file)
+    # NB: the machine's 5-minute load average before and after: timings on shared cores mean little without it
+    load = (load, os.getloadavg()[1])
+    write_report(args, table, speed, big, own_regions, radqy_file, load)
     print(f"wrote {args.out}")
     return 0
 
@@ -431,8 +434,9 @@ def rho(table: pd.DataFrame, column: str) -> dict:
     return out
 
 
-def write_report(args, table, speed, big, regions, radqy_file) -> None:
-    own = "`--rois auto`" if regions == "auto" else "a two-class Otsu mask (label 1 above the threshold, 2 below)"
+def write_report(args, table, speed, big, regions, radqy_file, load) -> None:
+    own = ("`--rois auto`, cell 1 `foreground` (the body against the air)" if regions == "auto"
+           else "a two-class Otsu mask (label 1 above the threshold, 2 below)")
     table = table.sort_values(["source", "noise"]).reset_index(drop=True)
     ours, mrqy = table["theirs_mrqy"].to_numpy(float), table["mrqy_cnr"].to_numpy(float)
     finite = np.isfinite(ours) & np.isfinite(mrqy)
@@ -516,6 +520,8 @@ def write_report(args, table, speed, big, regions, radqy_file) -> None:
         "thumbnails, MRQy's per-metric re-segmentation); gpucnr is `gpucnr ingest` + `gpucnr run --definition "
         "mrqy` on NumPy" + (" with `--rois auto`." if regions == "auto" else
                             ", with the Otsu mask files given to ingest (writing them is not timed)."),
+        "",
+        f"5-minute load average of the machine: {load[0]:.1f} before, {load[1]:.1f} after.",
         "",
         "| tool | files | seconds | images/s |",
         "|---|---|---|---|",
