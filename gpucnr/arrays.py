@@ -581,7 +581,8 @@ def auto_regions(images, *, edge: int = DEFAULT_EDGE, min_bg: int = 30, ddof: in
 
     Notes
     -----
-    Per image, on its backend: a 256-bin histogram over [min, max] of the valid values in display polarity;
+    Per image, on its backend: a 256-bin histogram over [min, max] of the valid values in display polarity, after a
+    3 x 3 median filter (the classes are found on the filtered values; the cells measure the stored ones);
     Otsu's two- and three-class thresholds (exhaustive, ties to the first maximum as scikit-image); the body as the
     largest 4-connected component above the air threshold with its holes filled; specks merged into what surrounds
     them; the `edge` band removed where regions meet (`gpucnr.kernels.regions`). docs/choosing.md measures how the

@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--by", type=_names, default=None,
                      help="per-image columns to group by, e.g. modality,site (a meta column such as site is in the "
                      "results only if `gpucnr run --group-columns` named it)")
+    rep.add_argument("--rule", action="append", default=None,
+                     help="a filtering rule whose cut per group the thresholds section shows (repeat for several): "
+                     "abs:T, quantile:P, mad:K (default: quantile:0.05 and mad:3)")
     rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
     rep.add_argument("--open", action="store_true", help="open the report in a browser")
@@ -164,7 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
     filt.add_argument("results", type=Path, help="RESULTS.zarr")
-    filt.add_argument("--threshold", type=float, default=1.5, help="drop below this CNR (default 1.5)")
+    filt.add_argument("--threshold", type=float, default=None,
+                      help="drop below this CNR: the same as --rule abs:T (default: abs:1.5)")
+    filt.add_argument("--rule", default=None,
+                      help="where each group is cut: abs:T (drop CNR < T; default abs:1.5), quantile:P (drop CNR < "
+                      "the group's P-quantile; groups of fewer than 1/P units drop nothing), mad:K (drop CNR < "
+                      "median - K x 1.4826 x MAD; a MAD of 0 drops nothing); flagged units stay out of the statistics")
+    filt.add_argument("--by", type=_names, default=None,
+                      help="per-image columns whose values define the groups of --rule, e.g. modality or "
+                      "modality,site (default: one group); the cut of each group goes to the manifest's metadata")
     filt.add_argument("--level", choices=("image", "roi", "case", "series", "study", "patient"), default="image",
                       help="unit of a row; case: decided on the pooled CNR of the case's cells (gpucnr.aggregate)")
     filt.add_argument("--with-paths", action="store_true",
@@ -175,7 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     enh = sub.add_parser("enhance", help="the article's low-CNR hook: enhance images below a threshold, re-measure")
     enh.add_argument("results", type=Path, help="RESULTS.zarr")
-    enh.add_argument("--threshold", type=float, default=1.5)
+    enh.add_argument("--threshold", type=float, default=None, help="enhance below this CNR (default 1.5)")
+    enh.add_argument("--rule", default=None,
+                     help="instead of --threshold: enhance what `gpucnr filter --rule RULE` drops (abs:T, quantile:P, "
+                     "mad:K)")
+    enh.add_argument("--by", type=_names, default=None, help="per-image columns whose groups --rule cuts apart")
     enh.add_argument("--method", choices=("median", "gaussian"), default="median")
     enh.add_argument("--size", type=_positive_int, default=3, help="median window (pixels)")
     enh.add_argument("--sigma", type=float, default=1.0, help="Gaussian sigma (pixels)")
@@ -341,7 +356,7 @@ def _dispatch(args) -> int:
 
         path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
                             by=args.by, stack=args.stack, lowest=args.lowest,
-                            allow_incomplete=args.allow_incomplete)
+                            allow_incomplete=args.allow_incomplete, **({"rules": args.rule} if args.rule else {}))
         print(f"report: {path}")
         if args.open:
             import webbrowser
@@ -350,7 +365,7 @@ def _dispatch(args) -> int:
     elif args.command == "filter":
         from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
 
-        table = manifest(args.results, threshold=args.threshold, level=args.level,
+        table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
                          allow_incomplete=args.allow_incomplete)
         if args.with_paths:
             table = with_paths(table, args.results, args.stack)
@@ -360,17 +375,23 @@ def _dispatch(args) -> int:
         print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")) + side)
         if counts.get("drop", 0) * 2 > len(table):
-            print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
+            print(f"gpucnr: warning: rule {table.attrs['rule']} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
                   "on what is left, check the background mode and the threshold: docs/accuracy.md, \"Choosing a "
                   "background and a threshold\", and the report's threshold table", file=sys.stderr)
+        cut = [c for c in table.attrs.get("cuts", []) if c["dropped"]]
+        if args.by or table.attrs["rule"].split(":")[0] != "abs":
+            print(f"rule {table.attrs['rule']}: {len(table.attrs['cuts'])} group(s), {len(cut)} with a unit dropped "
+                  f"(each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
 
         ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
                      sigma=args.sigma, stack=args.stack, backend=args.backend,
-                     allow_incomplete=args.allow_incomplete)
-        print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
+                     allow_incomplete=args.allow_incomplete, rule=args.rule, by=args.by)
+        rule = ds.attrs["rule"]
+        what = f"below {ds.attrs['threshold']:g}" if rule.startswith("abs:") else f"dropped by {rule}"
+        print(f"{ds.sizes['image']} image(s) {what} enhanced ({args.method}) into "
               f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
         if ds.sizes["image"]:
             print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "

@@ -16,8 +16,10 @@ __all__ = ["aggregate", "pool_moments"]
 _BLOCK = 2**16
 #: Definitions whose sign never follows the display polarity (they reproduce tools that see stored arrays).
 _POLARITY_FREE = ("viqa", "mrqy")
-#: Definitions that are not functions of region moments: their groups get status 9 not-poolable.
-_NOT_POOLABLE = ("gcnr", "mrqy")
+#: Definitions whose CNR is not a function of the pooled ROI and background moments: gCNR (a histogram
+#: statistic), MRIQC's (it adds each image's air variance) and MRQy's (two 5x5 patches); their groups get status 9
+#: not-poolable.
+_NOT_POOLABLE = ("gcnr", "mriqc", "mrqy")
 
 
 def pool_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -104,8 +106,8 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         ``status``, ``roi_name`` (the first name the group's cells give the id);
         dims (`by`): ``n_images``, ``cnr_median``, ``n_valid``. Status as for images, and: −1 when a cell
         of the group was never computed, 6 when one failed, 7 when one is out of numeric range, 9 ``not-poolable``
-        for gCNR (a histogram statistic) and MRQy's CNR (a statistic of two 5x5 patches), not functions of
-        moments.
+        for gCNR (a histogram statistic, not a function of moments), MRIQC's CNR (its air term is each
+        image's own air region, which the cells' moments do not carry) and MRQy's (a statistic of two 5x5 patches).
 
     Raises
     ------
@@ -174,9 +176,11 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         if "roi_name" in part:
             names_block = np.asarray(part["roi_name"].values).astype(object)
             rows, cols = np.nonzero((names_block != "") & (c >= 0)[:, None])
-            for r, col in zip(rows.tolist(), cols.tolist(), strict=True):
-                if roi_name[c[r], col] == "":
-                    roi_name[c[r], col] = str(names_block[r, col])
+            # NB: the first named cell of each (group, roi) in image order, all groups at once: np.unique's first
+            # index of each flat (group, roi) cell, in the row-major order of the block's cells
+            cells, first = np.unique(c[rows] * width + cols, return_index=True)
+            empty = roi_name.ravel()[cells] == ""
+            roi_name.ravel()[cells[empty]] = [str(v) for v in names_block[rows[first[empty]], cols[first[empty]]]]
         if photometric is not None:
             inverted = photometric[lo : lo + _BLOCK] == "MONOCHROME1"
             for bit, sel in ((1, ~inverted), (2, inverted)):

@@ -24,9 +24,9 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import gpucnr  # noqa: E402
-from gpucnr.kernels.regions import histograms, otsu_thresholds  # noqa: E402
-from gpucnr.phantom import make_body_phantom  # noqa: E402
+import gpucnr
+from gpucnr.kernels.regions import histograms, otsu_thresholds
+from gpucnr.phantom import make_body_phantom
 
 XP = array_api_compat.array_namespace(np.empty(0))
 

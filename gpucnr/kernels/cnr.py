@@ -89,7 +89,9 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
         noise2 = var_roi
     elif definition == "viqa":
         noise2 = var_bg
-    elif definition == "mriqc" and var_air is not None:
+    elif definition == "mriqc":
+        if var_air is None:
+            raise ValueError("definition 'mriqc' needs var_air, the air variance (rois='auto' measures it)")
         noise2 = var_air + var_roi + var_bg  # MRIQC's CNR, |mu_1 - mu_2| / sqrt(var_air + var_1 + var_2)
     else:
         raise ValueError(f"not a moment definition: {definition!r}")

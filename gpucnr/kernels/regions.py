@@ -1,10 +1,11 @@
 """Automatic regions (``rois="auto"``): air, body and two tissue classes of every image of a batch, on its backend.
 
 For sets with no annotations (DESIGN §9). Per image, on the valid pixels (inside the valid extent, finite, not
-the padding value), in display polarity (MONOCHROME1 and a negative slope flip the values, so air is the darkest):
+the padding value), in display polarity (MONOCHROME1 and a negative slope flip the values, so air is the darkest),
+after a 3 x 3 median filter (the classes are found on it; the cells measure the stored values):
 
-1. a 256-bin histogram over [min, max] of the valid values, binned as ``numpy.histogram`` bins them, built on the
-   backend; Otsu's two-class threshold t0 and the three-class thresholds t1 < t2 on it, exhaustively, the first
+1. a 256-bin histogram over [min, max] of the valid (filtered) values, binned as ``numpy.histogram`` bins them, built
+   on the backend; Otsu's two-class threshold t0 and the three-class thresholds t1 < t2 on it, exhaustively, the first
    maximum winning ties (as ``skimage.filters.threshold_otsu`` / ``threshold_multiotsu``);
 2. the air threshold: t1 when it is the three-class threshold nearer t0 (air | lower tissue | upper tissue), else t2
    (the three classes split the dark side in two: a body of weak internal contrast; the tissue split is then a
@@ -82,6 +83,9 @@ AUTO_BINS = 256
 DEFAULT_EDGE = 2
 #: Images of the three-class search per step: its table is (images, 256, 256) float64.
 _OTSU_CHUNK = 32
+#: Side of the median filter the classes are found on (measured in docs/choosing.md: the regions then follow the
+#: anatomy, not the noise, so a noise ladder changes the pixels' values more than which pixels are measured).
+_MEDIAN = 3
 
 
 def check_auto_options(params: Params, *, auto: bool) -> None:
@@ -274,6 +278,23 @@ def _small(xp, mask, size: int):
     return (lab > 0) & (xp.reshape(xp.take(sizes, xp.reshape(lab, (-1,))), mask.shape) < size)
 
 
+def _median(xp, v, valid):
+    """`v` through a `_MEDIAN` x `_MEDIAN` median filter within each plane, invalid pixels first set to their image's
+    smallest valid value (so the valid region's edge is not pulled towards an arbitrary fill)."""
+    n = v.shape[0]
+    inf = xp.full_like(v, math.inf)
+    floor = xp.min(xp.reshape(xp.where(valid, v, inf), (n, -1)), axis=1) if v.size else xp.zeros((n,), dtype=v.dtype)
+    floor = xp.where(xp.isfinite(floor), floor, xp.zeros_like(floor))
+    filled = xp.where(valid, v, floor[:, None, None])
+    footprint = [[[False] * _MEDIAN] * _MEDIAN, [[True] * _MEDIAN] * _MEDIAN, [[False] * _MEDIAN] * _MEDIAN]
+    nd = ndimage_for(v)
+    dev = array_api_compat.device(v)
+    if is_cupy(v) or array_api_compat.is_numpy_array(v):
+        return nd.median_filter(filled, footprint=xp.asarray(footprint, dtype=xp.bool, device=dev), mode="nearest")
+    host = nd.median_filter(to_host(filled), footprint=to_host(xp.asarray(footprint, dtype=xp.bool)), mode="nearest")
+    return xp.asarray(host, device=dev)
+
+
 def _largest(xp, mask):
     """The largest component of each plane of `mask` (ties: the smallest label, the first in raster order)."""
     n, height, width = mask.shape
@@ -371,6 +392,7 @@ def find_regions(xp, images, *, valid_h=None, valid_w=None, padding=None, polari
     direction = polarity * xp.where(slope < 0, -xp.ones_like(slope), xp.ones_like(slope))
     raw = xp.astype(images, f64)
     v = xp.where(valid, raw * direction[:, None, None], xp.zeros_like(raw))
+    v = _median(xp, v, valid)
 
     counts, edges, ok = histograms(xp, v, valid)
     t0 = otsu_thresholds(xp, counts, edges, 2)[:, 0]
