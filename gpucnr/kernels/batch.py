@@ -8,7 +8,7 @@ import array_api_compat
 
 from gpucnr.backend import to_host
 from gpucnr.errors import InputError
-from gpucnr.kernels import histograms
+from gpucnr.kernels import histograms, patches
 from gpucnr.kernels.cnr import (
     STATUS,
     cell_status,
@@ -258,6 +258,10 @@ def measure_batch(
         cnr = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
                               roi_ids, n_roi, n_bg)
         zero_noise = xp.zeros(cnr.shape, dtype=xp.bool, device=dev)
+    elif params.definition == "mrqy":
+        # NB: a pixel statistic (5x5 patches at each region's maximum), on the stored values as MRQy reads them
+        cnr, zero_noise = patches.mrqy(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
+                                       roi_ids)
     else:
         # NB: the CNR is invariant to the slope a (and to the power-of-two scale): it is formed from the
         # unscaled-by-a contrast and the scaled variances, the sign of a kept for signed CNRs.
