@@ -64,8 +64,8 @@ def check(m, cnr, usable, group, rule, unit_order):
     no_cut = usable & np.isnan(unit_cut)
     np.testing.assert_array_equal((m["reason"] == "no cut in group").to_numpy(), no_cut)
     # the metadata's cut of each group equals pandas'
-    # NB: one by-column here, or none (the group "all")
-    cuts = {next(iter(c["group"].values()), "all"): c for c in m.attrs["cuts"]}
+    # NB: one by-column here (and at roi level the ROI id after it), or none (the group "all")
+    cuts = {"".join(c["group"].values()) or "all": c for c in m.attrs["cuts"]}
     assert set(cuts) == set(cut.index)
     for name, want in cut.items():
         entry = cuts[name]
@@ -112,13 +112,16 @@ def test_no_by_is_one_group_and_the_default_is_abs_1_5():
     pd.testing.assert_frame_equal(default, manifest(ds, rule="abs:1.5", allow_incomplete=True))
 
 
-def test_roi_level_rules_use_ok_cells_grouped_by_their_image():
+def test_roi_level_rules_use_ok_cells_grouped_by_their_image_and_roi_id():
+    # NB: each ROI id is a quantity of its own (rois="auto": foreground and tissue): one id never cuts another
     ds = messy(seed=3)
     m = manifest(ds, rule="quantile:0.1", by="modality", level="roi", allow_incomplete=True)
     n_roi = ds.sizes["roi"]
     cnr = ds["cnr"].values.ravel()
     usable = (ds["status"].values.ravel() == 0) & ~np.isnan(cnr)
-    group = np.repeat(group_text(ds["modality"].values), n_roi)
+    group = np.char.add(np.repeat(group_text(ds["modality"].values), n_roi).astype(str),
+                        np.tile(ds["roi"].values.astype(str), ds.sizes["image"]))
+    assert {c["group"]["roi"] for c in m.attrs["cuts"]} == {str(r) for r in ds["roi"].values}
     m = m.assign(_order=m["image"] * 100 + m["roi"]).sort_values("_order")
     check(m.drop(columns="_order"), cnr, usable, group, "quantile:0.1", ["image", "roi"])
 
