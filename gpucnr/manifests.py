@@ -114,8 +114,8 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
         Per-image columns of the results (``modality``, ``site``...) whose combined values define the groups; a
         missing value is its own value ``"(missing)"``. No `by`: one group, the whole set. A roi row belongs to
         its image's group *and its ROI id* (each id is cut on its own values: ``rois="auto"``'s ``tissue`` cell
-        never by its ``foreground`` cell's); a case, series, study or patient to the group of its first image (smallest global
-        index).
+        never by its ``foreground`` cell's); a case, series, study or patient to the group of its first image
+        (smallest global index).
     allow_incomplete : bool
         Decide on results that an interrupted run left incomplete (their missing images are flagged
         ``"not-computed"``); without it they are refused (`gpucnr.results.require_complete`). ``df.attrs``
