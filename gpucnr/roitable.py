@@ -53,7 +53,9 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
         except ValueError as e:
             raise RoiTableError(f"ROI table columns have different lengths: {e}") from None
     else:
-        raise RoiTableError(f"an ROI table must be a pandas DataFrame or a dict of arrays, got {type(table).__name__}")
+        hint = " (automatic regions: rois='auto', lower case)" if isinstance(table, str) else ""
+        raise RoiTableError(f"an ROI table must be a pandas DataFrame or a dict of arrays, got "
+                            f"{type(table).__name__}{hint}")
     missing = [c for c in _COLUMNS if c not in df.columns]
     if missing:
         raise RoiTableError(f"ROI table lacks column(s) {missing}; it needs {list(_COLUMNS)} [+ name]")
