@@ -377,12 +377,16 @@ def _dispatch(args) -> int:
         if counts.get("drop", 0) * 2 > len(table):
             print(f"gpucnr: warning: rule {table.attrs['rule']} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
-                  "on what is left, check the background mode and the threshold: docs/accuracy.md, \"Choosing a "
-                  "background and a threshold\", and the report's threshold table", file=sys.stderr)
+                  "on what is left, check the background mode and the rule: docs/choosing.md and the report's "
+                  "threshold table", file=sys.stderr)
         cut = [c for c in table.attrs.get("cuts", []) if c["dropped"]]
+        # NB: a group the rule cannot cut (too small for the quantile, MAD 0) must not read as a clean group
+        uncut = [c for c in table.attrs.get("cuts", []) if c["cut"] is None and c["units"]]
         if args.by or table.attrs["rule"].split(":")[0] != "abs":
-            print(f"rule {table.attrs['rule']}: {len(table.attrs['cuts'])} group(s), {len(cut)} with a unit dropped "
-                  f"(each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
+            print(f"rule {table.attrs['rule']}: {len(table.attrs['cuts'])} group(s), {len(cut)} with a unit dropped"
+                  + (f", {len(uncut)} with no cut (too few units or no spread: nothing there is judged)"
+                     if uncut else "")
+                  + f" (each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
 

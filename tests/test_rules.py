@@ -334,3 +334,12 @@ def test_patient_level_rules_group_each_patient_by_its_first_image():
         })
         m = m.set_index("patient_id").loc[per.index].reset_index()
         check(m, per["cnr"].to_numpy(), per["usable"].to_numpy(), per["group"].to_numpy(), rule, ["patient_id"])
+
+
+def test_cli_filter_says_when_a_group_has_no_cut(measured_stack, tmp_path, capsys):
+    from gpucnr.cli import main
+
+    # NB: 12 images per modality, fewer than 1/0.05 = 20: the quantile rule judges nothing, and must say so
+    assert main(["filter", str(measured_stack / "r.zarr"), "--rule", "quantile:0.05", "--by", "modality",
+                 "--out", str(tmp_path / "keep.csv")]) == 0
+    assert "2 group(s), 0 with a unit dropped, 2 with no cut" in capsys.readouterr().out
