@@ -128,7 +128,7 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         images, labels = _filtered(stack, chosen, method, param, where)
         make_folder(out)
         new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen),
-                          shard=stack.shard, compressor=stack.compressor)
+                          shard=stack.group.attrs.get("shard_size", stack.shard), compressor=stack.compressor)
         # NB: the same ROI sources as the original run (an attribute "labels", "table" or "both")
         source = str(ds.attrs.get("roi_source", "auto"))
         after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")

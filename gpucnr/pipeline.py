@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import multiprocessing
 import os
 import sys
@@ -47,9 +48,18 @@ from gpucnr.results import (
 )
 from gpucnr.roitable import normalize_table
 from gpucnr.stackcheck import check_label_ids
-from gpucnr.store import FINGERPRINT_VERSION, RESULT_COLUMNS, Stack, StackError, open_stack, unfinished_stack
+from gpucnr.store import (
+    FINGERPRINT_VERSION,
+    RESULT_COLUMNS,
+    Stack,
+    StackError,
+    format_size,
+    open_stack,
+    parse_size,
+    unfinished_stack,
+)
 
-__all__ = ["SCHEDULERS", "RunEnvironmentError", "plan_batches", "run", "table_fingerprint"]
+__all__ = ["BATCH_PIXELS", "SCHEDULERS", "RunEnvironmentError", "plan_batches", "run", "table_fingerprint"]
 
 #: Local schedulers; anything else given as ``scheduler`` is the address of a Dask distributed scheduler.
 SCHEDULERS = ("threads", "processes", "synchronous")
@@ -89,19 +99,46 @@ class BatchSpec:
     backend: str
 
 
-def plan_batches(stack: Stack, batch: int | None) -> tuple[int, list[tuple[str, int, int, int]]]:
-    """Batches of whole images of one bucket: ``(size, [(bucket, start, stop, global_start), ...])``.
+#: A batch's default size: the smallest whole number of shards holding at least 2^24 pixels (DESIGN §9, §10).
+BATCH_PIXELS = 2**24
 
-    `batch` defaults to the stack's shard size; other values are rounded to a multiple of it (at least one
-    shard), so a batch never splits a shard.
+
+def plan_batches(stack: Stack, batch: int | str | None = None) -> tuple[dict[str, int],
+                                                                      list[tuple[str, int, int, int]]]:
+    """Batches of whole shards of one bucket: ``({bucket: images per batch}, [(bucket, start, stop,
+    global_start), ...])``.
+
+    Parameters
+    ----------
+    stack : Stack
+    batch : int or str, optional
+        Images (an int, ``"64"`` or ``"64i"``: rounded to the nearest multiple of the bucket's shard, at least one
+        shard) or pixels (``"16M"`` = 2^24 px, ``"16777216px"``: the smallest whole number of shards holding at
+        least that many pixels of the bucket's canvas). Default: ``16M`` (`BATCH_PIXELS`). Never more shards than
+        the bucket has.
+
+    Raises
+    ------
+    gpucnr.store.SizeError
+        ``bad-size``: `batch` is neither images nor pixels.
     """
-    shard = stack.shard
-    size = shard if batch is None else max(shard, round(batch / shard) * shard)
-    plan = []
+    kind, n = parse_size(f"{BATCH_PIXELS}px" if batch is None else batch)
+    sizes, plan = {}, []
     for b in stack.buckets:
+        shard = b.shard
+        if kind == "images":
+            shards = max(1, round(n / shard))
+        else:
+            shards = max(1, math.ceil(n / (shard * _canvas_pixels(b))))
+        size = min(shards, max(1, math.ceil(b.size / shard))) * shard
+        sizes[b.name] = size
         for start in range(0, b.size, size):
             plan.append((b.name, start, min(start + size, b.size), b.offset + start))
-    return size, plan
+    return sizes, plan
+
+
+def _canvas_pixels(bucket) -> int:
+    return int(bucket.images.shape[1]) * int(bucket.images.shape[2])
 
 
 def run(stack, results, *, background: str = "complement", footprint: str = "cross", dilation: int = 5,
@@ -125,8 +162,11 @@ def run(stack, results, *, background: str = "complement", footprint: str = "cro
         Local pool of per-batch computations (bounded: 2 x workers in flight), or a distributed scheduler.
     workers : int, optional
         Local pool size (default: the CPU count).
-    batch : int, optional
-        Images per batch (default the stack's shard; rounded to a multiple of it).
+    batch : int or str, optional
+        Images per batch (``64``, ``"64i"``: rounded to a multiple of the bucket's shard) or pixels (``"16M"`` =
+        2^24 px: the smallest whole number of shards holding at least that many); default ``16M`` per bucket
+        (`plan_batches`). The plan is stored per bucket and compared on `resume`; a resume without `batch`
+        continues with the one the results were started with.
     resume : bool
         Skip committed batches of existing results; refuses a different stack (fingerprint) or parameters.
     progress : bool
@@ -183,13 +223,15 @@ gcnr_bins, signed
     if params.background == "label" and not stack.has_labels:
         raise InputError("background='label' needs a stack with labels")
     roi_ids, sources = _roi_ids(stack, table, use_labels, params)
-    size, plan = plan_batches(stack, batch)
+    batch = _batch_option(results, batch, resume)
+    sizes, plan = plan_batches(stack, batch)
     if table is not None and use_labels:
         _refuse_clash(stack, table, params)
     fingerprint = stack.fingerprint()
     attrs = {**params.as_attrs(), "backend": where, "stack_path": stack_relative(stack.path, results),
              "stack_fingerprint": fingerprint, "stack_fingerprint_version": FINGERPRINT_VERSION,
-             "stack_buckets": stack.bucket_digests(), "batch": size, "plan": _plan_attrs(stack, size, plan),
+             "stack_buckets": stack.bucket_digests(), "batch": _batch_text(batch),
+             "plan": _plan_attrs(stack, sizes, plan),
              "roi_source": "both" if table is not None and use_labels else "table" if table is not None else "labels",
              "roi_source_option": roi_source, "rois_fingerprint": table_fingerprint(table),
              "status_codes": STATUS_LEGEND, "failures": [], "rois_unmatched": unmatched,
@@ -198,8 +240,7 @@ gcnr_bins, signed
     remote = _connect(scheduler) if client is None and scheduler not in SCHEDULERS else None
     client = client if remote is None else remote
     try:
-        group, committed, backends = _open_or_create(Path(results), stack, roi_ids, size, plan, attrs, resume,
-                                                     sources)
+        group, committed, backends = _open_or_create(Path(results), stack, roi_ids, plan, attrs, resume, sources)
     except BaseException:
         if remote is not None:
             remote.close()
@@ -271,12 +312,36 @@ gcnr_bins, signed
     return open_results(results)
 
 
-def _plan_attrs(stack: Stack, size: int, plan) -> dict:
+def _plan_attrs(stack: Stack, sizes: dict, plan) -> dict:
     """The batch plan per bucket, stored with the results and compared on --resume."""
-    out = {b.name: {"images_per_batch": size, "batches": 0} for b in stack.buckets}
+    out = {b.name: {"images_per_batch": sizes[b.name], "batches": 0} for b in stack.buckets}
     for bucket, *_ in plan:
         out[bucket]["batches"] += 1
     return out
+
+
+def _batch_text(batch) -> str:
+    """`batch` as stored in the results' ``batch`` attribute: `format_size` of the size asked for."""
+    return format_size(*parse_size(f"{BATCH_PIXELS}px" if batch is None else batch))
+
+
+def _batch_option(results, batch, resume: bool):
+    """The batch size of this run: `batch` (checked now, before anything is written), or, for a resume that names
+    none, the one the results were started with (their stored ``batch``: a resume continues the same plan)."""
+    if batch is not None:
+        parse_size(batch)
+        return batch
+    if resume and Path(results).exists():
+        try:
+            stored = zarr.open_group(str(results), mode="r").attrs.get("batch")
+        except Exception:  # noqa: BLE001 - not readable results: _resume refuses them with its own reason
+            return None
+        # NB: results before December 2026 stored images per batch as a number; parse_size reads both spellings
+        if isinstance(stored, int | str) and not isinstance(stored, bool):
+            with contextlib.suppress(InputError):
+                parse_size(stored)
+                return stored
+    return None
 
 
 def _group_columns(stack: Stack, names) -> list[str]:
@@ -463,7 +528,7 @@ def _names(table, roi_ids, n, label_names=None) -> np.ndarray:
     return names.astype(str)
 
 
-def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume, sources=None):
+def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None):
     """The results group, its committed flags and batch backends: new, or (resume) checked against this run and
     verified, its damaged batches uncommitted so that they are recomputed."""
     if path.exists():
@@ -478,6 +543,12 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, size, plan, attrs, resume
                            roi_coords=None if sources is None else {"roi_source": sources})
     n = len(plan)
     return group, np.zeros(n, np.int8), np.full(n, -1, np.int8)
+
+
+def _plan_text(entry) -> str:
+    if not isinstance(entry, dict):
+        return "absent"
+    return f"{entry.get('batches')} batch(es) of {entry.get('images_per_batch')} images"
 
 
 def _resume(path: Path, attrs: dict, roi_ids):
@@ -499,8 +570,17 @@ def _resume(path: Path, attrs: dict, roi_ids):
                 else "its tables or metadata differ")
         raise ResultsError("resume-mismatch", f"{path} was computed from a different stack: {what} (fingerprint "
                            f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]})")
-    changed = [k for k in (*Params().as_attrs(), "batch", "plan", "roi_source", "rois_fingerprint")
-               if old.get(k) != attrs[k]]
+    changed = [k for k in (*Params().as_attrs(), "roi_source", "rois_fingerprint") if old.get(k) != attrs[k]]
+    if old.get("plan") != attrs["plan"]:
+        # NB: compared per bucket, so the message names the buckets whose batches would differ (the spelling of
+        # --batch may differ: 64 and 64i, or a pixel size giving the same shards, plan alike)
+        before, now = old.get("plan") or {}, attrs["plan"]
+        differ = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        raise ResultsError("resume-mismatch", f"{path} was computed with another batch plan (--batch "
+                           f"{old.get('batch')!r}, now {attrs['batch']!r}): bucket(s) "
+                           + ", ".join(f"{k} {_plan_text(before.get(k))} (now {_plan_text(now.get(k))})"
+                                       for k in differ)
+                           + "; resume without --batch, or with the one it started with")
     if changed:
         raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
                            + ", ".join(f"{k}={old.get(k)!r} (now {attrs[k]!r})" for k in changed))

@@ -113,12 +113,12 @@ def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, a
 
     Notes
     -----
-    Checked: each bucket's array has the canvas its name says and the stack's shard size; ``index`` = 0..N-1
-    in stored order (the order every reader slices by); per row, ``bucket`` and ``position`` equal what the
-    index says (so positions are unique and in range per bucket); 1 <= valid_h, valid_w <= the bucket's canvas;
-    slope finite and != 0, intercept finite; ``source_index`` a permutation of 0..N-1; the ROI table's columns,
-    kinds, images, radii and coordinates (`normalize_table`), and its ids: among ``roi_ids``, and equal to them
-    when the stack has no labels.
+    Checked: each bucket's array has the canvas its name says and the shard size the stack records for it;
+    ``index`` = 0..N-1 in stored order (the order every reader slices by); per row, ``bucket`` and ``position``
+    equal what the index says (so positions are unique and in range per bucket); 1 <= valid_h, valid_w <= the
+    bucket's canvas; slope finite and != 0, intercept finite; ``source_index`` a permutation of 0..N-1; the ROI
+    table's columns, kinds, images, radii and coordinates (`normalize_table`), and its ids: among ``roi_ids``, and
+    equal to them when the stack has no labels.
     """
     names = attrs["buckets"]
     n = len(images)
@@ -130,9 +130,10 @@ def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, a
         if len(shape) != 3 or shape[1:] != canvas:
             raise _fail(f"buckets/{name}/images has shape {shape}; its name says a {canvas[0]}x{canvas[1]} canvas")
         stored = getattr(arrays[name], "shards", None)
-        if stored is not None and int(stored[0]) != attrs["shard"]:
-            raise _fail(f"buckets/{name}/images has shards of {int(stored[0])} images; the stack says "
-                        f"{attrs['shard']}")
+        # NB: stacks sized by pixels record each bucket's shard (``shards``); older ones one for all (``shard``)
+        per = attrs["shards"].get(name) if isinstance(attrs.get("shards"), dict) else attrs["shard"]
+        if stored is not None and int(stored[0]) != per:
+            raise _fail(f"buckets/{name}/images has shards of {int(stored[0])} images; the stack says {per}")
     _check_images(images, names, arrays)
     roi_ids = np.asarray(attrs.get("roi_ids", []), np.int64)
     if rois is not None:
