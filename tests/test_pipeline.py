@@ -200,7 +200,7 @@ def test_plan_batches_rounds_to_shards_and_never_crosses_a_bucket(stacks):
     # of 4 images is 16384 px at 64x64 and 32768 px at 64x128)
     for batch, sizes in (("16384px", (4, 4)), ("16385px", (8, 4)), ("32K", (8, 4)), ("32769px", (8, 8)),
                          ("1px", (4, 4)), (None, (8, 8)), ("16M", (8, 8))):
-        assert plan_batches(stack, batch)[0] == dict(zip(("64x64-uint16", "64x128-uint16"), sizes)), batch
+        assert plan_batches(stack, batch)[0] == dict(zip(("64x64-uint16", "64x128-uint16"), sizes, strict=True)), batch
     assert plan_batches(stack, "16385px")[1] == [("64x64-uint16", 0, 6, 0), ("64x128-uint16", 0, 4, 6),
                                                  ("64x128-uint16", 4, 5, 10)]
 
