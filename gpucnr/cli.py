@@ -323,7 +323,8 @@ def _dispatch(args) -> int:
         ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
                  workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
                  group_columns=args.group_columns, roi_source=args.roi_source, linkage=args.linkage, **options)
-        print(summary_table(ds.load(), title="gpucnr run"), flush=True)
+        # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
+        print(summary_table(ds, title="gpucnr run"), flush=True)
         unmatched = len(ds.attrs.get("rois_unmatched", []))
         if unmatched:
             # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them

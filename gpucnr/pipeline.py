@@ -245,8 +245,9 @@ gcnr_bins, signed
         if remote is not None:
             remote.close()
         raise
-    # NB: label ids named by the dataset.json ingest read; a table's own names win for its cells
-    names = _names(table, roi_ids, stack.n_images, stack.group.attrs.get("label_names") if use_labels else None)
+    # NB: label ids named by the dataset.json ingest read; a table's own names win for its cells. Built batch by
+    # batch (`_Names`): a dense (images, ids) array of strings would be the largest thing a big run holds.
+    names = _Names(table, roi_ids, stack.group.attrs.get("label_names") if use_labels else None)
     # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
     stack_path = str(Path(stack.path).resolve())
     specs = []
@@ -290,7 +291,7 @@ gcnr_bins, signed
                 group.attrs["failures"] = kept + list(out.get("failures", []))
         except OSError as e:
             raise write_error(results, e) from e
-        writer.put(spec.index, g0, g1, {**out, "roi_name": names[g0:g1]}, spec.backend)
+        writer.put(spec.index, g0, g1, {**out, "roi_name": names.rows(g0, g1)}, spec.backend)
 
     interrupted = None
     try:
@@ -519,13 +520,28 @@ def _kernel_table(rows: pd.DataFrame, roi_ids, g0: int) -> dict:
             "r": rows["r"].to_numpy()}
 
 
-def _names(table, roi_ids, n, label_names=None) -> np.ndarray:
-    names = np.full((n, len(roi_ids)), "", dtype=object)
-    for j, roi in enumerate(roi_ids):  # NB: labels as ROIs: the names ingest read from a dataset.json
-        names[:, j] = (label_names or {}).get(str(int(roi)), "")
-    if table is not None and len(table):
-        names[table["image"].to_numpy(), np.searchsorted(roi_ids, table["roi"].to_numpy())] = table["name"].to_numpy()
-    return names.astype(str)
+class _Names:
+    """``roi_name(image, roi)`` of a run, one batch of rows at a time: each id's label name (the names ingest read
+    from a dataset.json), overridden by the ROI table's own name for its cells."""
+
+    def __init__(self, table, roi_ids, label_names=None):
+        # NB: labels as ROIs: the names ingest read from a dataset.json
+        self.base = np.array([(label_names or {}).get(str(int(roi)), "") for roi in roi_ids], dtype=object)
+        if table is not None and len(table):
+            order = np.argsort(table["image"].to_numpy(), kind="stable")
+            self.image = table["image"].to_numpy()[order]
+            self.col = np.searchsorted(roi_ids, table["roi"].to_numpy()[order])
+            self.name = table["name"].to_numpy()[order]
+        else:
+            self.image = None
+
+    def rows(self, g0: int, g1: int) -> np.ndarray:
+        """The names of images [g0, g1): str array of shape (g1 - g0, ids)."""
+        out = np.tile(self.base, (g1 - g0, 1))
+        if self.image is not None:
+            lo, hi = np.searchsorted(self.image, [g0, g1])
+            out[self.image[lo:hi] - g0, self.col[lo:hi]] = self.name[lo:hi]
+        return out.astype(str)
 
 
 def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None):

@@ -134,6 +134,14 @@ def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, a
         per = attrs["shards"].get(name) if isinstance(attrs.get("shards"), dict) else attrs["shard"]
         if stored is not None and int(stored[0]) != per:
             raise _fail(f"buckets/{name}/images has shards of {int(stored[0])} images; the stack says {per}")
+    shards = attrs.get("shards")
+    if shards is not None:
+        values = list(shards.values()) if isinstance(shards, dict) else []
+        if (not isinstance(shards, dict) or sorted(shards) != sorted(names)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+                or attrs["shard"] != max(values, default=attrs["shard"])):
+            raise _fail(f"the attribute shards ({shards!r}) does not give each bucket a shard size, the largest "
+                        f"being the attribute shard ({attrs['shard']})")
     _check_images(images, names, arrays)
     roi_ids = np.asarray(attrs.get("roi_ids", []), np.int64)
     if rois is not None:

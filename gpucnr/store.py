@@ -963,12 +963,9 @@ class _Rows(Sequence):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         out = {"bucket": self._names[self._bucket[i]], **{k: int(v[i]) for k, v in self._fixed.items()}}
-        for k, column in self._meta.items():
-            v = column[i]
-            # NB: a NaN entry is a key the row lacked or a NaN it held: both read back as absent, and both give
-            # NaN in `frame` again (ingest's journal replays these dicts)
-            if not (isinstance(v, float) and math.isnan(v)):
-                out[k] = v
+        # NB: a key the row lacked reads as NaN (as `frame` holds it); replayed (ingest's journal) it gives the
+        # same frame, a column that only ever held NaN included
+        out.update({k: column[i] for k, column in self._meta.items()})
         return out
 
     def frame(self) -> pd.DataFrame:

@@ -827,3 +827,18 @@ def test_cli_report_and_enhance(tmp_path, capsys):
     below = int((load(results)["cnr_median"].values < 1.5).sum())
     assert f"{below} image(s) below 1.5 enhanced" in capsys.readouterr().out
     assert (tmp_path / "enh" / "results.zarr").exists() == (below > 0)
+
+
+def test_cli_run_summary_comes_from_cnr_median_and_the_committed_flags(tmp_path, stacks, capsys):
+    """The summary `gpucnr run` prints: its counts equal the results' own (valid images from cnr_median, batches from
+    the committed flags), read without loading every variable."""
+    results = tmp_path / "r.zarr"
+    argv = ["run", str(stacks("table", "uint16")), str(results), "--backend", "numpy", "--roi-source", "table",
+            "--batch", "4i", "--scheduler", "synchronous"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    ds = load(results)
+    valid = int(np.isfinite(ds["cnr_median"].to_numpy()).sum())
+    lines = {line[:28].strip(): line[28:].strip() for line in out.splitlines() if len(line) > 28}
+    assert lines["images with a valid ROI"] == str(valid)
+    assert lines["batches committed"] == f"{int(ds['committed'].sum())} of {ds.sizes['batch']}" == "4 of 4"
