@@ -653,13 +653,14 @@ def _execute(specs, finish, *, client, scheduler, workers):
         return None
     workers = workers or os.cpu_count() or 1
     if scheduler == "threads":
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        with ThreadPoolExecutor(max_workers=workers, initializer=_one_batch_per_core, initargs=(workers,)) as pool:
             return _drain(pool, specs, finish, workers, attempts)
     ctx = multiprocessing.get_context("spawn")
     queue = list(specs)
     while queue:
         try:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                                     initargs=(workers,)) as pool:
                 _drain(pool, queue, finish, workers, attempts)
             queue = []
         except _PoolBroken as broken:
@@ -745,13 +746,24 @@ def _drain(pool, specs, finish, workers, attempts: _Attempts):
         raise
 
 
-def _worker_init() -> None:
+def _worker_init(workers: int = 1) -> None:
     """A local pool's worker process: it exits with its parent (`watch_parent`), and leaves Ctrl-C (sent to the
     whole terminal's process group) to the driver, which stops it."""
     import signal
 
     watch_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _one_batch_per_core(workers)
+
+
+def _one_batch_per_core(workers: int) -> None:
+    """A worker (thread or process) of a local pool of `workers`: with two or more, the pool spreads batches over
+    the cores already, so this worker's compiled loops run on its own thread. Measured (20,000 images of 64x64, 2
+    cores): splitting every batch again over a shared pool of the same cores made the run 1.65x slower."""
+    if workers > 1:
+        from gpucnr.kernels._numpy_fast import set_thread_limit
+
+        set_thread_limit(1)
 
 
 def _keep_finished(flying: dict, finish) -> None:
