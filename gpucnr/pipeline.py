@@ -382,7 +382,7 @@ def _roi_source(stack: Stack, rois, choice: str = "auto", linkage=None):
             unmatched = list(rois.attrs.get("unmatched_lines", []))
         table = blank_roi_names(normalize_table(rois, stack.n_images), "the ROI table of run(rois=)")
     elif stack.rois is not None and len(stack.rois) and choice != "labels":
-        table = blank_roi_names(normalize_table(stack.rois, stack.n_images), f"{stack.path} tables/rois")
+        table = blank_roi_names(stack.normalized_rois(), f"{stack.path} tables/rois")
     use_labels = stack.has_labels and choice != "table"
     if choice == "auto" and table is not None and not len(_label_ids(stack, None)):
         use_labels = False  # NB: a label array with no ROI in it (masks that matched nothing) adds no source

@@ -97,7 +97,7 @@ def check_attrs(attrs: dict) -> None:
         raise _fail("the attribute roi_ids must hold sorted, unique ids >= 1")
 
 
-def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, arrays: dict) -> None:
+def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, arrays: dict) -> pd.DataFrame | None:
     """Raise ``stack-schema`` unless the tables agree with the attributes (`check_attrs` first) and the arrays.
 
     Parameters
@@ -145,7 +145,7 @@ def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, a
     _check_images(images, names, arrays)
     roi_ids = np.asarray(attrs.get("roi_ids", []), np.int64)
     if rois is not None:
-        _check_rois(rois, n, roi_ids, exact=not attrs.get("has_labels"))
+        return _check_rois(rois, n, roi_ids, exact=not attrs.get("has_labels"))
     elif not attrs.get("has_labels") and len(roi_ids):
         raise _fail(f"the attribute roi_ids lists {len(roi_ids)} id(s), but the stack has neither labels nor an "
                     "ROI table")
@@ -196,7 +196,7 @@ def _check_images(images: pd.DataFrame, names: list, arrays: dict) -> None:
         raise _fail(f"{where}/source_index is not a permutation of 0..{n - 1}")
 
 
-def _check_rois(rois: pd.DataFrame, n: int, roi_ids: np.ndarray, *, exact: bool) -> None:
+def _check_rois(rois: pd.DataFrame, n: int, roi_ids: np.ndarray, *, exact: bool) -> pd.DataFrame:
     from gpucnr.errors import RoiTableError
     from gpucnr.roitable import normalize_table
 
@@ -215,6 +215,7 @@ def _check_rois(rois: pd.DataFrame, n: int, roi_ids: np.ndarray, *, exact: bool)
     if exact and not np.array_equal(ids, roi_ids):
         raise _fail(f"the attribute roi_ids ({roi_ids[:5].tolist()}...) is not the ROI table's ids "
                     f"({ids[:5].tolist()}...), and the stack has no labels")
+    return table
 
 
 def check_label_ids(found, roi_ids, where: str, start: int, stop: int) -> None:

@@ -65,11 +65,17 @@ def main(argv=None):
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (best one kept)")
     parser.add_argument("--quick", action="store_true", help="64 images, 3 rounds")
+    parser.add_argument("--sizes", default=None,
+                        help="pipeline: image sides to compare, e.g. 64,256,512,1024 (each a stack of --gb of raw "
+                             "pixels, default shards and batches) against the bare read of the same stack")
+    parser.add_argument("--gb", type=float, default=2.0, help="pipeline --sizes: raw pixels per size, GB (default 2)")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100}.get(args.part, 256)
     if args.quick:
         args.n, args.repeat = 64, 3
+    if args.part == "pipeline" and args.sizes:
+        return bench_pipeline_sizes(args)
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
      "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti}[args.part](args)
 
@@ -183,6 +189,101 @@ def bench_pipeline(args):
     print(f"| bare Dask read+decode (`da.from_zarr(...).sum()`, 2 threads) | {t_bare * 1e3:.3f} | 1 |")
     print(f"| `gpucnr.run` end to end (threads, 2 workers) | {t_ours * 1e3:.3f} | {t_bare / t_ours:.2f}x of bare |")
     print(f"| article loop reading the same images (zarr) | {t_art * 1e3:.2f} | gpucnr {t_art / t_ours:.0f}x faster |")
+
+
+def _streamed_phantoms(n, size, block_bytes=2**27):
+    """`n` phantom images of size x size uint16 and their ROI table (3 square ROIs r=5 each), the images as a
+    generator of batches: a block of ~128 MiB of distinct phantoms repeated (decode and compute cost the same per
+    image; generating 2 GB of phantoms would take minutes), never all in memory."""
+    block = max(1, min(n, block_bytes // (size * size * 2)))
+    ph = make_phantom(block, (size, size), lesions=3, radius=max(6, size // 20), margin=max(8, size // 25), seed=0)
+    base = ph.rois.assign(kind="square", r=5)
+    reps = -(-n // block)
+    rois = pd.concat([base.assign(image=base["image"] + k * block) for k in range(reps)], ignore_index=True)
+    rois = rois[rois["image"] < n].reset_index(drop=True)
+
+    def images():
+        for k in range(reps):
+            yield ph.images[: min(block, n - k * block)]
+
+    return images(), rois
+
+
+def bench_pipeline_sizes(args):
+    """`gpucnr run` end to end against the bare read (`Stack.read` over every shard on 2 threads, nothing computed)
+    of the same stack, per image size; both measured side by side in interleaved rounds, best round kept. Each size
+    is a stack of `--gb` of raw pixels with the default shards (~2^22 px) and batches (~2^24 px). Kernel time is
+    what `measure_batch` took during the run (summed over its 2 workers, halved); the fixed cost per batch is
+    (run - bare read - kernel time) / batches."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpucnr import pipeline
+
+    sizes = [int(v) for v in args.sizes.split(",")]
+    rows = []
+    kernel = [0.0]
+    real = pipeline.measure_batch
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            kernel[0] += time.perf_counter() - t0
+
+    pipeline.measure_batch = timed
+    tmp = Path(tempfile.mkdtemp(prefix="gpucnr-bench-"))
+    try:
+        for size in sizes:
+            n = max(1, int(args.gb * 1e9 // (size * size * 2)))
+            stack_path = tmp / f"s{size}.zarr"
+            images, rois = _streamed_phantoms(n, size)
+            stack = gpucnr.write_stack(stack_path, images, rois=rois)
+            bucket = stack.buckets[0]
+
+            def bare(stack=stack, bucket=bucket, threads=2):
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(lambda a: stack.read(bucket, a, min(a + bucket.shard, bucket.size), labels=False),
+                                  range(0, bucket.size, bucket.shard)))
+
+            def ours(k=[0], stack_path=stack_path):  # noqa: B006 - a fresh results path per round
+                k[0] += 1
+                out = tmp / f"r{k[0]}.zarr"
+                kernel[0] = 0.0
+                ds = gpucnr.run(stack_path, out, scheduler="threads", workers=2, backend="numpy")
+                batches = ds.sizes["batch"]
+                shutil.rmtree(out)
+                return batches, kernel[0] / 2
+
+            ours()  # warm-up: compile the kernels, fill the page cache
+            t_bare, t_one, t_run = [], [], []
+            for _ in range(args.repeat):
+                t_bare.append(best(bare, 1))
+                t_one.append(best(lambda: bare(threads=1), 1))
+                t0 = time.perf_counter()
+                batches, t_kernel = ours()
+                t_run.append((time.perf_counter() - t0, t_kernel))
+            run_best, kernel_best = min(t_run)
+            stored = sum(f.stat().st_size for f in stack_path.rglob("*") if f.is_file())
+            files = sum(1 for f in stack_path.rglob("*") if f.is_file())
+            rows.append((size, n, n * size * size * 2, stored, files, bucket.shard, batches, min(t_bare), min(t_one),
+                         run_best, kernel_best))
+            shutil.rmtree(stack_path)
+    finally:
+        pipeline.measure_batch = real
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"gpucnr {gpucnr.__version__}; phantom stacks of {args.gb:g} GB raw uint16 per size, 3 square ROIs r=5 per "
+          f"image, default shards and batches; threads=2; best of {args.repeat} interleaved rounds")
+    print()
+    print("| size | images | raw GB | stored GB | files | images/shard | batches | bare read s (2 threads) | "
+          "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel in rows:
+        # NB: against the faster of the two bare reads: 2 threads of Stack.read contend for the GIL on small images
+        fixed = (t_run - min(t_bare, t_one) - t_kernel) / batches * 1e3
+        print(f"| {size}x{size} | {n} | {raw / 1e9:.2f} | {stored / 1e9:.2f} | {files} | {shard} | {batches} | "
+              f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} |")
 
 
 def bench_compressors(args):
