@@ -54,12 +54,18 @@ def best(fn, repeat):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory",
-                                                                        "ingest", "ingest-nifti"),
+                                                                        "ingest", "ingest-nifti", "scale"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
                              "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 small DICOM "
                              "files, workers=2, vs a plain pydicom loop), ingest-nifti (100 gzip NIfTI volumes "
                              "of SIZE x SIZE x SIZE/2 int16, workers=2, vs a plain nibabel load-and-sum loop; "
-                             "default size 256)")
+                             "default size 256), scale (write, run, summarize by 10^4 sites, filter, report at "
+                             "--scale-n images of 64x64 uint16 against a tenth of them: time ratio, peak RSS, files; "
+                             "minutes at 10^6, never part of make test)")
+    parser.add_argument("--scale-n", type=int, default=100_000, help="scale: the larger N (default 10^5)")
+    parser.add_argument("--scale-dir", default=None, help="scale: where the stacks go (default a temporary folder)")
+    parser.add_argument("--step-timeout", type=float, default=3600, help="scale: seconds per step before it is "
+                        "stopped and reported as such")
     parser.add_argument("--n", type=int, default=None, help="images (default 256; pipeline: 1024)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
@@ -77,7 +83,8 @@ def main(argv=None):
     if args.part == "pipeline" and args.sizes:
         return bench_pipeline_sizes(args)
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
-     "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti}[args.part](args)
+     "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti,
+     "scale": bench_scale}[args.part](args)
 
 
 def bench_kernels(args):
@@ -284,6 +291,98 @@ def bench_pipeline_sizes(args):
         fixed = (t_run - min(t_bare, t_one) - t_kernel) / batches * 1e3
         print(f"| {size}x{size} | {n} | {raw / 1e9:.2f} | {stored / 1e9:.2f} | {files} | {shard} | {batches} | "
               f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} |")
+
+
+_SCALE_STEP = r"""
+import json, sys, time
+from pathlib import Path
+sys.path.insert(0, {scripts!r})
+step, root, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+stack, results = root / "stack.zarr", root / "results.zarr"
+t0 = time.perf_counter()
+extra = {{}}
+if step == "write":
+    import numpy as np, pandas as pd, gpucnr
+    from bench import _streamed_phantoms
+    images, rois = _streamed_phantoms(n, 64)
+    rois = rois[rois["roi"] == 1]
+    # NB: 10^4 sites (a name screened like any meta column: no run of 6 digits)
+    meta = pd.DataFrame({{"site": pd.Series(np.arange(n) % 10_000).map("s{{:04d}}".format)}})
+    gpucnr.write_stack(stack, images, rois=rois, meta=meta)
+elif step == "summarize":
+    import gpucnr
+    out = gpucnr.summarize(results, by="site")
+    extra["groups"] = int(out.sizes.get("group", 0)) if hasattr(out, "sizes") else None
+else:
+    from gpucnr.cli import main
+    argv = {{"run": ["run", str(stack), str(results), "--group-columns", "site", "--workers", "2",
+                    "--backend", "numpy"],
+            "filter": ["filter", str(results), "--out", str(root / "manifest.csv")],
+            "report": ["report", str(results), str(root / "report")]}}[step]
+    rc = main(argv)
+    if rc not in (0, 3):
+        raise SystemExit(f"{{step}} exited {{rc}}")
+elapsed = time.perf_counter() - t0
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({{"step": step, "s": elapsed, "rss_mb": hwm / 1024, **extra}}))
+"""
+
+
+def bench_scale(args):
+    """The whole flow at `--scale-n` images of 64x64 uint16 and at a tenth of them: each step (streaming
+    write_stack, `gpucnr run --group-columns site`, `summarize(by="site")` over 10^4 sites, `gpucnr filter`,
+    `gpucnr report`) in its own process, timed, its peak RSS (VmHWM) read; then the time ratio, the stack's and the
+    results' file counts and the report's size. One round: minutes at 10^6 on 2 cores."""
+    import json
+    import shutil
+    import subprocess
+
+    steps = ("write", "run", "summarize", "filter", "report")
+    code = _SCALE_STEP.format(scripts=str(Path(__file__).resolve().parent))
+    table = {}
+    base = Path(args.scale_dir) if args.scale_dir else Path(tempfile.mkdtemp(prefix="gpucnr-scale-"))
+    for n in (args.scale_n // 10, args.scale_n):
+        root = base / f"n{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        row = {}
+        for step in steps:
+            try:
+                done = subprocess.run([sys.executable, "-c", code, step, str(root), str(n)], capture_output=True,
+                                      text=True, timeout=args.step_timeout)
+                out = done.stdout.strip().splitlines()
+                row[step] = json.loads(out[-1]) if done.returncode == 0 and out else {
+                    "error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            except subprocess.TimeoutExpired:
+                row[step] = {"error": f"stopped after {args.step_timeout:.0f} s"}
+            print(n, step, row[step], flush=True)
+        files = {name: sum(1 for f in (root / name).rglob("*") if f.is_file())
+                 for name in ("stack.zarr", "results.zarr")}
+        report = root / "report" / "report.html"
+        row["files"] = files
+        row["report_mb"] = report.stat().st_size / 2**20 if report.exists() else None
+        table[n] = row
+        if not args.scale_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    small, large = args.scale_n // 10, args.scale_n
+    print()
+    print(f"gpucnr {gpucnr.__version__}; {small} and {large} phantom images of 64x64 uint16, 1 ROI each, 10^4 sites; "
+          "each step its own process, workers=2")
+    print()
+    print(f"| step | s at {small} | s at {large} | ratio (<= 11) | peak RSS MB at {small} | peak RSS MB at {large} |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for step in steps:
+        a, b = table[small][step], table[large][step]
+        if "error" in a or "error" in b:
+            print(f"| {step} | {a.get('s', a.get('error'))} | {b.get('s', b.get('error'))} | | | |")
+            continue
+        print(f"| {step} | {a['s']:.1f} | {b['s']:.1f} | {b['s'] / a['s']:.1f} | {a['rss_mb']:.0f} | "
+              f"{b['rss_mb']:.0f} |")
+    for n in (small, large):
+        report = table[n]["report_mb"]
+        print(f"\nN = {n}: stack files {table[n]['files']['stack.zarr']} (<= 5,000), results files "
+              f"{table[n]['files']['results.zarr']} (<= 500), report "
+              + (f"{report:.2f} MB (<= 5)" if report is not None else "not written"))
 
 
 def bench_compressors(args):
