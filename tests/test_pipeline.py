@@ -842,3 +842,27 @@ def test_cli_run_summary_comes_from_cnr_median_and_the_committed_flags(tmp_path,
     lines = {line[:28].strip(): line[28:].strip() for line in out.splitlines() if len(line) > 28}
     assert lines["images with a valid ROI"] == str(valid)
     assert lines["batches committed"] == f"{int(ds['committed'].sum())} of {ds.sizes['batch']}" == "4 of 4"
+
+
+def test_resume_compares_the_plan_per_bucket_and_reads_older_batch_numbers(tmp_path, stacks):
+    """The plan is stored per bucket; a resume names the buckets whose batches would differ, continues the stored
+    plan without --batch, and reads the number of images results before December 2026 recorded as ``batch``."""
+    stack = stacks("table", "uint16")
+    results = tmp_path / "r.zarr"
+    first = run_(stack, results, batch=SHARD, backend="numpy", scheduler="synchronous")
+    plan = first.attrs["plan"]
+    assert plan == {"64x64-uint16": {"images_per_batch": 4, "batches": 2},
+                    "64x128-uint16": {"images_per_batch": 4, "batches": 2}}
+    with pytest.raises(ResultsError) as err:
+        run_(stack, results, resume=True, batch="16385px", backend="numpy")
+    assert err.value.code == "resume-mismatch"
+    assert "64x64-uint16 2 batch(es) of 4 images (now 1 batch(es) of 8 images)" in str(err.value)
+    assert "64x128-uint16" not in str(err.value)  # NB: its plan is the same (16385 px are one shard of 64x128)
+    group = zarr.open_group(str(results), mode="r+")
+    group.attrs["batch"] = SHARD  # NB: as results before pixel-sized batches recorded it
+    again = run_(stack, results, resume=True, backend="numpy")
+    assert again.attrs["plan"] == plan
+    assert_same_results(first.load(), again.load())
+    with pytest.raises(ResultsError) as err:
+        run_(stack, results, resume=True, batch="8i", backend="numpy")
+    assert err.value.code == "resume-mismatch" and "64x128-uint16" in str(err.value)
