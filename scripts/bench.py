@@ -304,7 +304,8 @@ extra = {{}}
 if step == "write":
     import numpy as np, pandas as pd, gpucnr
     from bench import _streamed_phantoms
-    images, rois = _streamed_phantoms(n, 64)
+    # NB: blocks of 8 MiB: make_phantom's float64 intermediates of a 128 MiB block alone peak near 2 GB
+    images, rois = _streamed_phantoms(n, 64, block_bytes=2**23)
     rois = rois[rois["roi"] == 1]
     # NB: 10^4 sites (a name screened like any meta column: no run of 6 digits)
     meta = pd.DataFrame({{"site": pd.Series(np.arange(n) % 10_000).map("s{{:04d}}".format)}})
