@@ -66,6 +66,8 @@ def main(argv=None):
     parser.add_argument("--scale-dir", default=None, help="scale: where the stacks go (default a temporary folder)")
     parser.add_argument("--step-timeout", type=float, default=3600, help="scale: seconds per step before it is "
                         "stopped and reported as such")
+    parser.add_argument("--rss-limit-mb", type=int, default=4096, help="scale: a step whose RSS passes this is "
+                        "stopped and reported as such (default 4096)")
     parser.add_argument("--n", type=int, default=None, help="images (default 256; pipeline: 1024)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
@@ -294,10 +296,23 @@ def bench_pipeline_sizes(args):
 
 
 _SCALE_STEP = r"""
-import json, sys, time
+import json, os, sys, threading, time
 from pathlib import Path
 sys.path.insert(0, {scripts!r})
-step, root, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+step, root, n, limit_kb = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) * 1024
+
+
+def guard():
+    # NB: a step that outgrows the limit is stopped before it takes the shared machine's memory
+    while True:
+        rss = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")][0]
+        if rss > limit_kb:
+            print(f"stopped: peak RSS over {{limit_kb // 1024}} MB", file=sys.stderr, flush=True)
+            os._exit(3)
+        time.sleep(0.2)
+
+
+threading.Thread(target=guard, daemon=True).start()
 stack, results = root / "stack.zarr", root / "results.zarr"
 t0 = time.perf_counter()
 extra = {{}}
@@ -349,8 +364,8 @@ def bench_scale(args):
         row = {}
         for step in steps:
             try:
-                done = subprocess.run([sys.executable, "-c", code, step, str(root), str(n)], capture_output=True,
-                                      text=True, timeout=args.step_timeout)
+                done = subprocess.run([sys.executable, "-c", code, step, str(root), str(n), str(args.rss_limit_mb)],
+                                      capture_output=True, text=True, timeout=args.step_timeout)
                 out = done.stdout.strip().splitlines()
                 row[step] = json.loads(out[-1]) if done.returncode == 0 and out else {
                     "error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
