@@ -131,8 +131,11 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
                           shard=stack.group.attrs.get("shard_size", stack.shard), compressor=stack.compressor)
         # NB: the same ROI sources as the original run (an attribute "labels", "table" or "both")
         source = str(ds.attrs.get("roi_source", "auto"))
+        # NB: and the original run's batch size (images or pixels, as it was given)
+        batch = ds.attrs.get("batch")
         after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
-                    else "auto", **_as_kwargs(params))
+                    else "auto", batch=batch if isinstance(batch, int | str) and not isinstance(batch, bool) else None,
+                    **_as_kwargs(params))
     except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
         # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
         # same command refuse to start again
