@@ -13,13 +13,23 @@ import xarray as xr
 
 from gpucnr._version import __version__
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
-from gpucnr.errors import InputError, LabelRangeError, ShapeMismatchError
+from gpucnr.errors import InputError, LabelRangeError, OptionError, OptionTypeError, ShapeMismatchError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.kernels.params import Params
+from gpucnr.kernels.regions import (
+    AUTO_IMAGE,
+    AUTO_ROI_IDS,
+    AUTO_ROI_NAMES,
+    DEFAULT_EDGE,
+    NOISE_SOURCES,
+    check_auto_options,
+    find_regions,
+    measure_auto,
+)
 from gpucnr.roitable import normalize_table
 
-__all__ = ["STATUS_LEGEND", "align_columns", "measure", "results_dataset"]
+__all__ = ["STATUS_LEGEND", "align_columns", "auto_regions", "is_auto", "measure", "results_dataset"]
 
 #: Human-readable status codes, stored in every result's attributes.
 STATUS_LEGEND = ", ".join(f"{v}={k}" for k, v in sorted(STATUS.items(), key=lambda kv: kv[1]))
@@ -50,6 +60,7 @@ def measure(
     gcnr_bins: str | int = "auto",
     signed: bool = False,
     backend: str = "auto",
+    edge: int = DEFAULT_EDGE,
 ) -> xr.Dataset:
     """Measure the CNR of every (image, ROI) of a stack.
 
@@ -63,9 +74,14 @@ def measure(
         such as `gpucnr.Stack.to_xarray` returns lends its per-image coordinates ``valid_h``, ``valid_w``,
         ``slope``, ``intercept``, ``padding`` and ``photometric`` to the measurement, as `gpucnr.run` takes them
         from the stack, and its ``image`` coordinate to the results.
-    rois : int array of the shape of `images`, or ROI table
+    rois : int array of the shape of `images`, ROI table, or "auto"
         A label array (0 = none, k >= 1 = ROI id k) or a table (pandas DataFrame or dict of arrays) with
-        columns image, roi, kind (square | disk), cx, cy, r (integer pixels) and optionally name.
+        columns image, roi, kind (square | disk), cx, cy, r (integer pixels) and optionally name. ``"auto"``:
+        the automatic regions of every image (`gpucnr.auto_regions`; DESIGN §9): two cells with fixed ids,
+        1 ``foreground`` (the body against the air) and 2 ``tissue`` (the upper tissue class against the lower),
+        and per image the air moments ``n_air``, ``mean_air``, ``var_air`` and ``noise_source``. Only the
+        default `background` is legal with it (its backgrounds are the air and the lower class; `footprint`,
+        `dilation`, `border` and the ring options do not apply), and `labels` is refused.
     background : {"complement", "ring", "complement-all", "label"}
         How the background of an ROI is chosen (DESIGN §4). ``complement`` is the article's.
     footprint : {"cross", "disk", "matlab-disk", "square"}
@@ -82,19 +98,24 @@ def measure(
         Backgrounds with fewer pixels get status background-too-small.
     ddof : int
         Delta degrees of freedom of the variances (1: article's Python; 0: its MATLAB).
-    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc"}
+        ``mriqc`` (rois="auto" only): MRIQC's |μ1 − μ2| / √(σ_air² + σ1² + σ2²) on the tissue cell, with the
+        image's air variance (without it where the image has no air: ``noise_source`` "tissue"); the foreground
+        cell, whose background is the air, counts the air variance once (the pooled formula).
     gcnr_bins : "auto" or int
     signed : bool
         Keep the sign of mean_roi - mean_bg.
     backend : {"auto", "numpy", "cupy"}
         Where the kernels run. "cupy" without a GPU raises; nothing falls back silently.
+    edge : int
+        rois="auto" only: width (px) of the band removed where two automatic regions meet (default 2).
 
     Returns
     -------
     xarray.Dataset
         Dims (image, roi). Variables n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, cnr, status,
-        roi_name of dims (image, roi); cnr_median, n_valid, n_excluded of dims (image,). Every option
-        is recorded in ``attrs``.
+        roi_name of dims (image, roi); cnr_median, n_valid, n_excluded of dims (image,) (and, for rois="auto",
+        n_air, mean_air, var_air, noise_source). Every option is recorded in ``attrs``.
 
     Notes
     -----
@@ -128,10 +149,22 @@ def measure(
     params = Params(background=background, footprint=footprint, dilation=dilation, border=border,
                     ring_gap=ring_gap, ring_width=ring_width, background_label=background_label,
                     min_bg=min_bg, ddof=ddof, definition=definition, gcnr_bins=gcnr_bins, signed=signed)
+    auto = is_auto(rois)
+    check_auto_options(params, auto=auto)
+    edge = check_edge(edge, auto=auto)
     per_image, index = _per_image(images)
     stack = _as_stack(images, "images")
     # NB: a Dask array runs where its chunks live (its _meta tells NumPy from CuPy).
     where = resolve_backend(backend, stack.data._meta if stack.lazy else stack.data)
+    if auto:
+        if labels is not None:
+            raise InputError("rois='auto' finds its own regions and backgrounds: drop labels=")
+        parts = _run_batches(stack, None, None, None, None, params, where, per_image, auto=edge)
+        values = {k: np.concatenate([p[k] for p in parts]) for k in (*OUTPUT_CELL, *OUTPUT_IMAGE, *AUTO_IMAGE)}
+        names = np.tile(np.asarray(AUTO_ROI_NAMES, dtype=str), (stack.shape[0], 1))
+        return results_dataset(values, np.arange(stack.shape[0]) if index is None else index,
+                               np.asarray(AUTO_ROI_IDS, np.int64), names, params, backend=_backend_name(where, stack),
+                               extra_attrs={"labels": "none", "roi_source": "auto", "edge": edge})
     roi_labels, table = _as_rois(rois, stack)
     lesions = None if labels is None else _as_stack(labels, "labels")
     if lesions is not None:
@@ -160,7 +193,7 @@ def results_dataset(values: dict, image_index, roi_ids, names, params: Params, *
     """Assemble kernel outputs (host arrays) into the results Dataset of DESIGN §6."""
     cell = ("image", "roi")
     data = {k: (cell, values[k]) for k in OUTPUT_CELL}
-    data.update({k: (("image",), values[k]) for k in OUTPUT_IMAGE})
+    data.update({k: (("image",), values[k]) for k in (*OUTPUT_IMAGE, *AUTO_IMAGE) if k in values})
     data["roi_name"] = (cell, names)
     ds = xr.Dataset(data, coords={"image": np.asarray(image_index, np.int64), "roi": np.asarray(roi_ids, np.int64)})
     ds.attrs.update(params.as_attrs())
@@ -346,7 +379,7 @@ def _blocks(stack: _Stack, size: int):
     yield from zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)
 
 
-def _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where, per_image=None):
+def _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where, per_image=None, auto=None):
     size = _batch_size(stack)
     if stack.lazy:
         # NB: whole images per block, consecutive blocks merged to >= 2**24 pixels; other lazy inputs follow.
@@ -360,12 +393,13 @@ def _run_batches(stack, roi_labels, lesions, table, roi_ids, params, where, per_
     if not stack.lazy:
         # NB: one batch after another; within a batch the NumPy path spreads its image pass over threads.
         return [_one_batch(stack.data[a:b, ...], _slice(roi_labels, a, b), _slice(lesions, a, b),
-                           _rows(table, a, b), a, b, roi_ids, params, where, _span(per_image, a, b))
+                           _rows(table, a, b), a, b, roi_ids, params, where, _span(per_image, a, b), auto)
                 for a, b in spans]
     # Dask input: one task per block; each carries only its own rows of the ROI table.
     tasks = [
         dask.delayed(_one_batch, pure=True)(stack.data[a:b, ...], _slice(roi_labels, a, b), _slice(lesions, a, b),
-                                            _rows(table, a, b), a, b, roi_ids, params, where, _span(per_image, a, b))
+                                            _rows(table, a, b), a, b, roi_ids, params, where, _span(per_image, a, b),
+                                            auto)
         for a, b in spans
     ]
     window = max(2, 2 * (dask.config.get("num_workers", None) or 2))
@@ -434,10 +468,16 @@ def _slice(s: _Stack | None, a: int, b: int):
     return None if s is None else s.data[a:b, ...]
 
 
-def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, where, per_image=None) -> dict:
-    """Measure images [start, stop): move to the backend, run the kernels, return host arrays."""
+def _one_batch(images, labels, lesions, table, start, stop, roi_ids, params, where, per_image=None,
+               auto=None) -> dict:
+    """Measure images [start, stop): move to the backend, run the kernels, return host arrays. `auto`: the edge of
+    the automatic regions (rois="auto"), else None."""
     images = to_backend(images, where)
     xp = namespace(images)
+    if auto is not None:
+        extras = {k: xp.asarray(v, device=array_api_compat.device(images)) for k, v in (per_image or {}).items()}
+        return auto_host({k: to_host(v) for k, v in measure_auto(xp, images, params=params, edge=auto,
+                                                                  **extras).items()})
     labels = _alongside(labels, images, xp, where)
     lesions = _alongside(lesions, images, xp, where)
     for name, lab in (("ROI labels", labels), ("labels", lesions)):
@@ -484,3 +524,100 @@ def _backend_name(where: str, stack: _Stack) -> str:
     if where != "native":
         return where
     return array_api_compat.array_namespace(stack.data).__name__
+
+
+def is_auto(rois) -> bool:
+    """True for the keyword ``"auto"`` (the automatic regions); a path such as ``Path("auto")`` names a file."""
+    return isinstance(rois, str) and rois == "auto"
+
+
+def check_edge(edge, *, auto: bool) -> int:
+    """The `edge` option as an int: >= 0, and other than the default only with the automatic regions."""
+    if isinstance(edge, bool) or not isinstance(edge, int | np.integer):
+        raise OptionTypeError(f"edge must be an integer, got {edge!r}")
+    if edge < 0:
+        raise OptionError(f"edge must be >= 0, got {edge}")
+    if not auto and edge != DEFAULT_EDGE:
+        raise OptionError("edge applies to the automatic regions only (rois='auto', --rois auto)")
+    return int(edge)
+
+
+def auto_host(out: dict) -> dict:
+    """Host outputs of `measure_auto` with ``noise_source`` as text (`NOISE_SOURCES`)."""
+    out = dict(out)
+    out["noise_source"] = np.asarray(NOISE_SOURCES, dtype=object)[np.asarray(out["noise_source"], np.int64)].astype(str)
+    return out
+
+
+def auto_regions(images, *, edge: int = DEFAULT_EDGE, min_bg: int = 30, ddof: int = 1, backend: str = "auto"):
+    """The automatic regions of every image, as `gpucnr.measure(images, "auto")` finds and measures them.
+
+    Parameters
+    ----------
+    images : array, shape (H, W) or (n, H, W)
+        As `gpucnr.measure` takes them: NumPy, CuPy, Dask or array-API arrays, or an xarray.DataArray whose
+        per-image coordinates (``valid_h``, ``valid_w``, ``padding``, ``slope``, ``photometric``:
+        `gpucnr.Stack.to_xarray`) tell the valid extent, the padding value and the display polarity.
+    edge : int
+        Width (px, L1) of the band removed wherever two regions meet (default 2).
+    min_bg, ddof : int
+        A region is found when it keeps at least ``max(min_bg, ddof + 1)`` pixels (as `gpucnr.measure`).
+    backend : {"auto", "numpy", "cupy"}
+
+    Returns
+    -------
+    int8 array, shape (n, H, W)
+        In the input's array type (a Dask array stays lazy, chunked by whole images; an xarray.DataArray gives
+        its data's type): 0 none (invalid pixels, the edge band, bright objects outside the body), 1 air (outside
+        the body), 2 body in no tissue class (internal air such as lungs, the band between the classes),
+        3 the lower tissue class, 4 the upper tissue class. The body (cell ``foreground``'s ROI) is every value
+        >= 2; cell ``tissue`` is 4 against 3. An image without air has no 1 (it is all body); a region
+        that was not found keeps its pixels but its cells get status 8 ``region-not-found``.
+
+    Notes
+    -----
+    Per image, on its backend: a 256-bin histogram over [min, max] of the valid values in display polarity, after a
+    3 x 3 median filter (the classes are found on the filtered values; the cells measure the stored ones);
+    Otsu's two- and three-class thresholds (exhaustive, ties to the first maximum as scikit-image); the body as the
+    largest 4-connected component above the air threshold with its holes filled; specks merged into what surrounds
+    them; the `edge` band removed where regions meet (`gpucnr.kernels.regions`). docs/choosing.md measures how the
+    tissue CNR follows noise, and its bias when the classes overlap.
+
+    Examples
+    --------
+    >>> import gpucnr
+    >>> from gpucnr.phantom import make_body_phantom
+    >>> ph = make_body_phantom(2, (96, 96), seed=0)
+    >>> regions = gpucnr.auto_regions(ph.images, backend="numpy")
+    >>> sorted(int(v) for v in np.unique(regions))
+    [0, 1, 2, 3, 4]
+    """
+    edge = check_edge(edge, auto=True)
+    Params(min_bg=min_bg, ddof=ddof)  # NB: validated as measure() validates them
+    per_image, _ = _per_image(images)
+    stack = _as_stack(images, "images")
+    where = resolve_backend(backend, stack.data._meta if stack.lazy else stack.data)
+
+    def block(data, per):
+        data = to_backend(data, where)
+        xp = namespace(data)
+        dev = array_api_compat.device(data)
+        extras = {k: xp.asarray(v, device=dev) for k, v in (per or {}).items()
+                  if k in ("valid_h", "valid_w", "padding", "polarity", "slope")}
+        labels, _ = find_regions(xp, data, edge=edge, min_bg=min_bg, ddof=ddof, **extras)
+        return labels
+
+    if not stack.lazy:
+        size = _batch_size(stack)
+        parts = [block(stack.data[a:b, ...], _span(per_image, a, b)) for a, b in _blocks(stack, size)]
+        if not parts:
+            return np.zeros(stack.shape, np.int8)
+        xp = namespace(parts[0])
+        return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
+    data = stack.data.rechunk((stack.data.chunks[0], stack.shape[1], stack.shape[2]))
+    bounds = np.cumsum((0, *data.chunks[0]))
+    blocks = [da.from_delayed(dask.delayed(block, pure=True)(data[a:b, ...], _span(per_image, a, b)),
+                              shape=(b - a, stack.shape[1], stack.shape[2]), dtype=np.int8,
+                              meta=data._meta.astype(np.int8))
+              for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)]
+    return da.concatenate(blocks, axis=0) if blocks else data.astype(np.int8)

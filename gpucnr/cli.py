@@ -134,13 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="measure every image of a stack into resumable results")
     run.add_argument("stack", type=Path, help="STACK.zarr (gpucnr.write_stack / gpucnr ingest)")
     run.add_argument("results", type=Path, help="RESULTS.zarr to create (or continue with --resume)")
-    run.add_argument("--rois", type=Path, default=None,
+    run.add_argument("--rois", default=None, metavar="CSV|auto",
                      help="CSV with columns image (global index), roi, kind, cx, cy, r [, name], or the ingest's "
                      "table: source [, channel] [, frame], roi, kind, cx, cy, r [, name] (sources matched through "
-                     "the linkage file)")
-    run.add_argument("--roi-source", choices=("auto", "labels", "table", "both"), default="auto",
+                     "the linkage file); or the keyword auto: the automatic regions of every image (air, body, two "
+                     "tissue classes; cells 1 foreground and 2 tissue; the stack's labels and ROI table are not "
+                     "read). A file named auto is ./auto")
+    run.add_argument("--roi-source", choices=("auto", "labels", "table", "both"), default=None,
                      help="ROIs from the labels (masks), the ROI table, or both; auto (default): every source the "
-                     "stack has, in one run")
+                     "stack has, in one run. Not with --rois auto")
+    run.add_argument("--edge", type=_nonneg_int, default=2,
+                     help="with --rois auto: width (px) of the band removed where two regions meet (default 2)")
     run.add_argument("--linkage", type=Path, default=None,
                      help="linkage file for an ingest-style --rois table (default: STACK.zarr.linkage.csv)")
     run.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
@@ -166,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--by", type=_names, default=None,
                      help="per-image columns to group by, e.g. modality,site (a meta column such as site is in the "
                      "results only if `gpucnr run --group-columns` named it)")
+    rep.add_argument("--rule", action="append", default=None,
+                     help="a filtering rule whose cut per group the thresholds section shows (repeat for several): "
+                     "abs:T, quantile:P, mad:K (default: quantile:0.05 and mad:3)")
     rep.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     rep.add_argument("--lowest", type=_nonneg_int, default=12, help="images in the lowest-CNR gallery")
     rep.add_argument("--open", action="store_true", help="open the report in a browser")
@@ -173,7 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     filt = sub.add_parser("filter", help="keep/drop/flag manifest for training, from results")
     filt.add_argument("results", type=Path, help="RESULTS.zarr")
-    filt.add_argument("--threshold", type=float, default=1.5, help="drop below this CNR (default 1.5)")
+    filt.add_argument("--threshold", type=float, default=None,
+                      help="drop below this CNR: the same as --rule abs:T (default: abs:1.5)")
+    filt.add_argument("--rule", default=None,
+                      help="where each group is cut: abs:T (drop CNR < T; default abs:1.5), quantile:P (drop CNR < "
+                      "the group's P-quantile; groups of fewer than 1/P units drop nothing), mad:K (drop CNR < "
+                      "median - K x 1.4826 x MAD; a MAD of 0 drops nothing); flagged units stay out of the statistics")
+    filt.add_argument("--by", type=_names, default=None,
+                      help="per-image columns whose values define the groups of --rule, e.g. modality or "
+                      "modality,site (default: one group); the cut of each group goes to the manifest's metadata")
     filt.add_argument("--level", choices=("image", "roi", "case", "series", "study", "patient"), default="image",
                       help="unit of a row; case: decided on the pooled CNR of the case's cells (gpucnr.aggregate)")
     filt.add_argument("--with-paths", action="store_true",
@@ -184,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     enh = sub.add_parser("enhance", help="the article's low-CNR hook: enhance images below a threshold, re-measure")
     enh.add_argument("results", type=Path, help="RESULTS.zarr")
-    enh.add_argument("--threshold", type=float, default=1.5)
+    enh.add_argument("--threshold", type=float, default=None, help="enhance below this CNR (default 1.5)")
+    enh.add_argument("--rule", default=None,
+                     help="instead of --threshold: enhance what `gpucnr filter --rule RULE` drops (abs:T, quantile:P, "
+                     "mad:K)")
+    enh.add_argument("--by", type=_names, default=None, help="per-image columns whose groups --rule cuts apart")
     enh.add_argument("--method", choices=("median", "gaussian"), default="median")
     enh.add_argument("--size", type=_positive_int, default=3, help="median window (pixels)")
     enh.add_argument("--sigma", type=float, default=1.0, help="Gaussian sigma (pixels)")
@@ -320,9 +339,16 @@ def _dispatch(args) -> int:
         options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
                                                  "ring_width", "background_label", "min_bg", "ddof",
                                                  "definition", "gcnr_bins", "signed")}
-        ds = run(args.stack, args.results, rois=args.rois, backend=args.backend, scheduler=args.scheduler,
-                 workers=args.workers, batch=args.batch, resume=args.resume, progress=args.progress,
-                 group_columns=args.group_columns, roi_source=args.roi_source, linkage=args.linkage, **options)
+        # NB: the keyword auto is the automatic regions; any other text (./auto too) is the path of a table
+        auto = args.rois == "auto"
+        if auto and args.roi_source is not None:
+            print(f"gpucnr: error [bad-option] --rois auto measures the automatic regions only; --roi-source "
+                  f"{args.roi_source} cannot be combined with it", file=sys.stderr)
+            return 2
+        ds = run(args.stack, args.results, rois="auto" if auto else None if args.rois is None else Path(args.rois),
+                 backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
+                 resume=args.resume, progress=args.progress, group_columns=args.group_columns,
+                 roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
         # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
         print(summary_table(ds, title="gpucnr run"), flush=True)
         unmatched = len(ds.attrs.get("rois_unmatched", []))
@@ -344,7 +370,7 @@ def _dispatch(args) -> int:
 
         path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
                             by=args.by, stack=args.stack, lowest=args.lowest,
-                            allow_incomplete=args.allow_incomplete)
+                            allow_incomplete=args.allow_incomplete, **({"rules": args.rule} if args.rule else {}))
         print(f"report: {path}")
         if args.open:
             import webbrowser
@@ -353,7 +379,7 @@ def _dispatch(args) -> int:
     elif args.command == "filter":
         from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
 
-        table = manifest(args.results, threshold=args.threshold, level=args.level,
+        table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
                          allow_incomplete=args.allow_incomplete)
         if args.with_paths:
             table = with_paths(table, args.results, args.stack)
@@ -363,17 +389,23 @@ def _dispatch(args) -> int:
         print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")) + side)
         if counts.get("drop", 0) * 2 > len(table):
-            print(f"gpucnr: warning: threshold {args.threshold:g} drops {counts['drop']} of {len(table)} "
+            print(f"gpucnr: warning: rule {table.attrs['rule']} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
                   "on what is left, check the background mode and the threshold: docs/accuracy.md, \"Choosing a "
                   "background and a threshold\", and the report's threshold table", file=sys.stderr)
+        cut = [c for c in table.attrs.get("cuts", []) if c["dropped"]]
+        if args.by or table.attrs["rule"].split(":")[0] != "abs":
+            print(f"rule {table.attrs['rule']}: {len(table.attrs['cuts'])} group(s), {len(cut)} with a unit dropped "
+                  f"(each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
 
         ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
                      sigma=args.sigma, stack=args.stack, backend=args.backend,
-                     allow_incomplete=args.allow_incomplete)
-        print(f"{ds.sizes['image']} image(s) below {args.threshold} enhanced ({args.method}) into "
+                     allow_incomplete=args.allow_incomplete, rule=args.rule, by=args.by)
+        rule = ds.attrs["rule"]
+        what = f"below {ds.attrs['threshold']:g}" if rule.startswith("abs:") else f"dropped by {rule}"
+        print(f"{ds.sizes['image']} image(s) {what} enhanced ({args.method}) into "
               f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
         if ds.sizes["image"]:
             print(f"CNR before: median {float(ds.cnr_before.median()):.3f}; after: median "

@@ -36,8 +36,9 @@ _VARIABLES = ("cnr_before", "cnr_after", "delta")
 _STRUCTURAL = ("index", "bucket", "position", "valid_h", "valid_w", "source_index")
 
 
-def enhance(results, out, *, threshold: float = 1.5, method: str = "median", size: int = 3, sigma: float = 1.0,
-            stack=None, backend: str = "auto", allow_incomplete: bool = False) -> xr.Dataset:
+def enhance(results, out, *, threshold: float | None = None, method: str = "median", size: int = 3,
+            sigma: float = 1.0, stack=None, backend: str = "auto", allow_incomplete: bool = False, rule=None,
+            by=None) -> xr.Dataset:
     """Enhance the images whose CNR is below `threshold`, write them as a new stack and re-measure them.
 
     Parameters
@@ -47,10 +48,13 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     out : str or Path
         Folder (created if needed) that receives ``enhanced.zarr`` (the stack) and ``results.zarr`` (its run);
         neither may exist.
-    threshold : float
+    threshold : float, optional
         Images whose ``cnr_median`` is strictly below it are enhanced: exactly the ``"drop"`` decisions of
         ``gpucnr.manifest(results, threshold, level="image")`` (flagged images, without a valid ROI or never
-        computed, are not enhanced).
+        computed, are not enhanced). Default 1.5 when no `rule` is given.
+    rule, by : optional
+        Instead of `threshold`: the images that ``gpucnr.manifest(results, level="image", rule=rule, by=by)``
+        drops (``"quantile:0.05"``, ``"mad:3"``, ``"abs:1.5"``; `by` the per-image columns of the groups).
     method : {"median", "gaussian"}
         ``median``: ``scipy.ndimage.median_filter(size=size)``; ``gaussian``:
         ``scipy.ndimage.gaussian_filter(sigma=sigma)`` (their ``cupyx.scipy.ndimage`` namesakes on the GPU),
@@ -76,7 +80,8 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         Along ``image`` (the original global index, ascending): ``cnr_before`` and ``cnr_after`` (the
         ``cnr_median`` of the original run and of the re-measurement) and ``delta`` = after - before;
         coordinate ``enhanced_index`` (the image's global index in ``enhanced.zarr``). ``attrs`` hold
-        ``method``, its parameter (``size`` or ``sigma``), ``threshold``, ``dtype``, ``backend``, the
+        ``method``, its parameter (``size`` or ``sigma``), ``rule`` (e.g. ``"abs:1.5"``), ``threshold`` (T of an
+        ``abs`` rule, NaN for another), ``dtype``, ``backend``, the
         measurement parameters of both runs under their results-attribute names (``background``,
         ``footprint``, ... : identical in both), ``enhanced_stack`` and ``enhanced_results`` (paths; ``"none"``
         when nothing was enhanced) and ``note`` (see `NOTE`). No image below the threshold: the same
@@ -101,7 +106,7 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
     are restored to it after filtering so the re-measurement still excludes them; their neighbours, however,
     mix in the padding value, and a non-finite pixel spreads through a Gaussian window.
     """
-    method, param = _check_options(method, size, sigma, threshold)
+    method, param = _check_options(method, size, sigma, 1.5 if threshold is None else threshold)
     where = resolve_backend(backend)
     ds, results_path = (results, None) if isinstance(results, xr.Dataset) else (open_results(results), results)
     require_complete(ds, allow_incomplete=allow_incomplete, command="enhance", results_path=results_path)
@@ -111,9 +116,11 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
                    [("enhanced stack", out / "enhanced.zarr"), ("enhanced results", out / "results.zarr")],
                    into=[("output folder", out)])
     params = _run_params(ds.attrs)
-    decisions = manifest(ds, threshold, level="image", allow_incomplete=allow_incomplete)
+    decisions = manifest(ds, threshold, level="image", rule=rule, by=by, allow_incomplete=allow_incomplete)
     chosen = np.sort(decisions.loc[decisions["decision"] == DROP, "image"].to_numpy(np.int64))
-    attrs = {"method": method, **param, "threshold": float(threshold), "dtype": "float64", "backend": where,
+    cut = decisions.attrs["threshold"]
+    attrs = {"method": method, **param, "rule": decisions.attrs["rule"],
+             "threshold": float("nan") if cut is None else float(cut), "dtype": "float64", "backend": where,
              "note": NOTE, **params.as_attrs(), "enhanced_stack": "none", "enhanced_results": "none"}
     if not len(chosen):
         empty = {v: ("image", np.empty(0, np.float64)) for v in _VARIABLES}
@@ -133,9 +140,14 @@ def enhance(results, out, *, threshold: float = 1.5, method: str = "median", siz
         source = str(ds.attrs.get("roi_source", "auto"))
         # NB: and the original run's batch size (images or pixels, as it was given)
         batch = ds.attrs.get("batch")
-        after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
-                    else "auto", batch=batch if isinstance(batch, int | str) and not isinstance(batch, bool) else None,
-                    **_as_kwargs(params))
+        batch = batch if isinstance(batch, int | str) and not isinstance(batch, bool) else None
+        if source == "auto" and "edge" in ds.attrs:
+            # NB: rois="auto" results: the automatic regions of the enhanced images, found again
+            after = run(new, results_out, backend=where, rois="auto", edge=int(ds.attrs["edge"]), batch=batch,
+                        **_as_kwargs(params))
+        else:
+            after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
+                        else "auto", batch=batch, **_as_kwargs(params))
     except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
         # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
         # same command refuse to start again

@@ -171,7 +171,8 @@ def _results(path: Path, verify: bool = False) -> dict:
         # NB: DESIGN §10: damaged or incomplete results, and images that failed (status 6), are problems (exit 3)
         "exit_code": 3 if damaged or not complete or failed else 0,
     }
-    source = {"both": "labels and ROI table"}.get(report["roi_source"], report["roi_source"])
+    source = {"both": "labels and ROI table", "auto": f"automatic regions, edge {attrs.get('edge', 2)} px"}.get(
+        report["roi_source"], report["roi_source"])
     resume = resume_command(attrs, path)
     lines = [f"results {path}: {report['images']} images x {len(report['roi_ids'])} ROI id(s) {report['roi_ids']}"
              + (f" (ROIs from the {source})" if source else ""),

@@ -23,9 +23,11 @@ import xarray as xr
 
 from gpucnr._version import __version__
 from gpucnr.errors import InputError
+from gpucnr.grouping import segments
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.outputs import OutputError, csv_text, csv_untext, refuse_overlap, write_file, write_path
 from gpucnr.results import open_results, require_complete, results_stack
+from gpucnr.rules import DEFAULT_RULE, Rule, parse_rule
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
 __all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "manifest_inputs",
@@ -40,8 +42,10 @@ BELOW = "cnr below threshold"
 AT_OR_ABOVE = "cnr at or above threshold"
 NO_VALID = "no valid roi"
 NOT_COMPUTED = "not-computed"
-#: Reasons other than these three are a status name of `gpucnr.STATUS` (roi level) or ``missing <id column>``.
-REASONS = (BELOW, AT_OR_ABOVE, NO_VALID)
+#: A usable unit kept because its group's rule sets no cut (a quantile of a group too small, a MAD of 0).
+NO_CUT = "no cut in group"
+#: Reasons other than these four are a status name of `gpucnr.STATUS` (roi level) or ``missing <id column>``.
+REASONS = (BELOW, AT_OR_ABOVE, NO_VALID, NO_CUT)
 
 #: Every column a manifest may have; `write_manifest` refuses any other (DESIGN §8: pseudonymous ids only).
 # NB: `case` is a pseudonym too (a keyed id of the volume file and channel, or the series id)
@@ -58,9 +62,9 @@ _MAGIC = "# gpucnr manifest"
 _PARQUET_KEY = b"gpucnr_manifest"
 
 
-def manifest(results, threshold: float = 1.5, level: str = "image", *,
+def manifest(results, threshold: float | None = None, level: str = "image", *, rule=None, by=None,
              allow_incomplete: bool = False) -> pd.DataFrame:
-    """Decide keep / drop / flag for every unit of `level`, from the CNR of a run.
+    """Decide keep / drop / flag for every unit of `level`, from the CNR of a run and a rule applied per group.
 
     Parameters
     ----------
@@ -69,8 +73,9 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
         ``cnr_median`` and ``n_valid`` along ``image`` (image and group levels), ``cnr`` and ``status`` along
         (``image``, ``roi``) (roi level), the global image index as the ``image`` coordinate, and optional
         pseudonymous id coordinates along ``image``.
-    threshold : float
-        Minimum acceptable CNR. A unit is dropped when its CNR is strictly below it, so a CNR equal to the
+    threshold : float, optional
+        Minimum acceptable CNR: the same as ``rule="abs:<threshold>"`` (kept for compatibility; give `threshold`
+        or `rule`, not both). A unit is dropped when its CNR is strictly below it, so a CNR equal to the
         threshold is kept. NaN is refused; +-inf are allowed (drop all / keep all measured units).
     level : {"image", "roi", "case", "series", "study", "patient"}
         The unit of a row.
@@ -93,6 +98,23 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
           ``"no valid roi"`` when none has one, ``"not-computed"`` when any image's row was never written
           (the decision could still change). An image whose id of that level is missing (empty) gets its own
           row, flagged ``"missing <column>"``, instead of being merged with other id-less images.
+    rule : str or gpucnr.rules.Rule, optional
+        Where each group is cut, as text (the command line's ``--rule``); default ``"abs:1.5"``:
+
+        - ``"abs:T"``: drop CNR < T (T any number but NaN), the same for every group;
+        - ``"quantile:P"`` (0 < P < 1): drop CNR < ``numpy.quantile(group, P, method="linear")``; a group of fewer
+          than 1/P units drops nothing;
+        - ``"mad:K"`` (K >= 0): drop CNR < median − K · 1.4826 · MAD (MAD = median |CNR − median|, numpy's
+          median); a group whose MAD is 0 drops nothing.
+
+        A group's statistics use the finite CNR of its usable units only (flagged units — no valid ROI, failed,
+        not computed, non-ok cells — are left out). A usable unit of a group with no cut is kept with reason
+        ``"no cut in group"``.
+    by : str or sequence of str, optional
+        Per-image columns of the results (``modality``, ``site``...) whose combined values define the groups; a
+        missing value is its own value ``"(missing)"``. No `by`: one group, the whole set. A roi row belongs to
+        its image's group; a case, series, study or patient to the group of its first image (smallest global
+        index).
     allow_incomplete : bool
         Decide on results that an interrupted run left incomplete (their missing images are flagged
         ``"not-computed"``); without it they are refused (`gpucnr.results.require_complete`). ``df.attrs``
@@ -110,31 +132,44 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
           by single spaces: ``df["images"].str.split().explode().astype(int)`` gives one row per image),
           ``n_images`` and ``n_valid_images`` (images with a valid ROI);
         - ``decision`` ("keep", "drop", "flag"), ``reason`` (stable text, see above; ``"cnr below threshold"``
-          or ``"cnr at or above threshold"`` for drop and keep), ``cnr`` (float, the CNR that decided; NaN
-          exactly when the decision is flag);
+          or ``"cnr at or above threshold"`` for drop and keep, the threshold being the unit's group cut under
+          any rule; ``"no cut in group"`` for a keep where the rule sets none), ``cnr`` (float, the CNR that
+          decided; NaN exactly when the decision is flag);
         - ``n_valid`` (image level) or ``status`` (roi level).
 
         Rows are sorted by the ids present (coarsest first), then by the global image index (the first one for
         a group) and the ROI id: the order does not depend on the storage order of the results. ``df.attrs``
-        holds the metadata that `write_manifest` writes: ``manifest_format``, ``threshold``, ``level``,
-        ``gpucnr_version`` (of the manifest's writer), ``run`` (every attribute of the results but
-        ``failures``, whose messages name files).
+        holds the metadata that `write_manifest` writes: ``manifest_format``, ``rule`` (e.g. ``"mad:3"``),
+        ``threshold`` (T of an ``abs`` rule, else None), ``by`` (list of columns), ``cuts`` (one entry per group,
+        in the order of its values: ``group`` {column: value as text}, ``cut`` (None where the rule drops nothing),
+        ``units`` (finite CNR of usable units in the group's statistics), ``dropped``), ``level``,
+        ``gpucnr_version`` (of the manifest's writer), ``run`` (every attribute of the results but ``failures``,
+        whose messages name files). Group values are per-image columns of the results, which are screened at
+        run time (DESIGN §10); they go to the metadata only, never to a row.
 
     Raises
     ------
     InputError
-        An unknown level, a threshold that is not a real number, results without the variables the level
-        needs, or a series/study/patient level whose id column the results do not have (add it to the stack's
-        ``meta``).
+        An unknown level, a threshold that is not a real number, both `threshold` and `rule`, a `by` that is
+        not a per-image column, results without the variables the level needs, or a series/study/patient
+        level whose id column the results do not have (add it to the stack's ``meta``).
+    RuleError
+        ``bad-rule``: `rule` is not one of the accepted forms (`gpucnr.rules.RULE_FORMS`).
     ResultsError
         ``results-incomplete``: images never computed and not `allow_incomplete`.
     """
     if level not in LEVELS:
         raise InputError(f"level must be one of {LEVELS}, got {level!r}")
-    if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold):
-        raise InputError(f"threshold must be a real number (not NaN), got {threshold!r}")
-    threshold = float(threshold)
+    if threshold is not None and rule is not None:
+        raise InputError(f"give threshold or rule, not both (threshold={threshold!r} is rule 'abs:{threshold}')")
+    if threshold is not None:
+        if isinstance(threshold, bool) or not isinstance(threshold, Real) or math.isnan(threshold):
+            raise InputError(f"threshold must be a real number (not NaN), got {threshold!r}")
+        rule = Rule("abs", float(threshold))
+    rule = DEFAULT_RULE if rule is None else parse_rule(rule)
+    columns = _by_columns(by)
     ds = results if isinstance(results, xr.Dataset) else open_results(results)
+    decide = _Decider(rule, ds, columns)
     missing = require_complete(ds, allow_incomplete=allow_incomplete, command="filter",
                                results_path=None if isinstance(results, xr.Dataset) else results)
     ids = [c for c in ID_COLUMNS if c in ds.variables]
@@ -147,17 +182,19 @@ def manifest(results, threshold: float = 1.5, level: str = "image", *,
     id_values = {col: _id_strings(ds[col].values) for col in ids}
     image = np.asarray(ds["image"].values, np.int64)
     if level == "roi":
-        df = _roi_rows(ds, id_values, image, threshold)
+        df = _roi_rows(ds, id_values, image, decide)
     elif level == "case":
-        df = _case_rows(ds, image, threshold)
+        df = _case_rows(ds, image, decide)
     else:
         _require(ds, ("cnr_median", "n_valid"), ("image",))
         frame = pd.DataFrame({**id_values, "image": image,
                               "cnr": np.asarray(ds["cnr_median"].values, np.float64),
                               "n_valid": np.asarray(ds["n_valid"].values, np.int64),
                               "failed": _failed_images(ds)})
-        df = _image_rows(frame, ids, threshold) if level == "image" else _group_rows(frame, ids, level, threshold)
-    df.attrs = {"manifest_format": _FORMAT, "threshold": threshold, "level": level, "gpucnr_version": __version__,
+        df = _image_rows(frame, ids, decide) if level == "image" else _group_rows(frame, ids, level, decide)
+    df.attrs = {"manifest_format": _FORMAT, "rule": str(rule),
+                "threshold": rule.value if rule.kind == "abs" else None, "by": columns, "cuts": decide.table,
+                "level": level, "gpucnr_version": __version__,
                 "allow_incomplete": bool(allow_incomplete), "not_computed_images": missing,
                 "run": {str(k): _plain(v) for k, v in ds.attrs.items() if k != "failures"}}
     return df
@@ -185,13 +222,66 @@ def _id_strings(values) -> pd.Series:
     return s.astype(str).where(~missing, "").astype(str)
 
 
-def _decide(cnr: np.ndarray, usable: np.ndarray, flag_reason: np.ndarray, threshold: float):
-    """decision, reason and deciding CNR: strictly below the threshold drops; unusable units are flagged."""
-    below = usable & (cnr < threshold)
-    decision = np.where(usable, np.where(below, DROP, KEEP), FLAG)
-    reason = np.where(usable, np.where(below, BELOW, AT_OR_ABOVE), flag_reason)
-    # NB: a flagged unit was not decided by a CNR; NaN says so even where a partial value exists.
-    return decision, reason, np.where(usable, cnr, np.nan)
+def _by_columns(by) -> list[str]:
+    if by is None:
+        return []
+    columns = [by] if isinstance(by, str) else list(by) if isinstance(by, list | tuple) else None
+    if not columns or not all(isinstance(c, str) and c for c in columns) or len(set(columns)) != len(columns):
+        raise InputError(f"by must be a column name or a list of distinct column names, got {by!r}")
+    return columns
+
+
+class _Decider:
+    """Applies a rule per group: the groups of the results' images by the `by` columns, each group's cut computed in
+    one pass over the usable units (`gpucnr.grouping`), and the table of cuts for the manifest's metadata."""
+
+    def __init__(self, rule: Rule, ds: xr.Dataset, columns: list[str]):
+        from gpucnr.statistics import column_codes
+
+        self.rule, self.columns, self.table = rule, columns, []
+        n = ds.sizes["image"]
+        per_column = []
+        for name in columns:
+            if name not in ds.variables or ds[name].dims != ("image",):
+                found = sorted(str(c) for c in ds.variables if ds[c].dims == ("image",) and c != "image")
+                raise InputError(f"by={name!r} is not a per-image column of the results; they have {found}")
+            per_column.append(column_codes(ds[name].values))
+        if per_column:
+            # NB: the groups are the value combinations present, ordered as the columns' values are
+            # (one flat code per combination, unique in 1-D: the C order of the codes is that order)
+            dims = [len(values) for _, values in per_column]
+            stacked = np.stack([codes for codes, _ in per_column], axis=1)
+            if math.prod(dims) < 2**62:
+                present, inverse = np.unique(np.ravel_multi_index(stacked.T, dims), return_inverse=True)
+                keys = np.stack(np.unravel_index(present, dims), axis=1)
+            else:  # NB: too many combinations for one int64 code: unique rows (slower, same order)
+                keys, inverse = np.unique(stacked, axis=0, return_inverse=True)
+            self.codes = inverse.reshape(-1).astype(np.int64)
+            self.labels = [{c: per_column[j][1][k] for j, (c, k) in enumerate(zip(columns, key, strict=True))}
+                           for key in keys.tolist()]
+        else:
+            self.codes, self.labels = np.zeros(n, np.int64), [{}]
+
+    def __call__(self, cnr, usable, flag_reason, owner):
+        """decision, reason and deciding CNR of units with CNR `cnr` (float (U,)), `usable` (bool (U,)), the reason
+        of the unusable ones, and `owner` (int (U,)): the position of the image whose group the unit is in."""
+        cnr = np.asarray(cnr, np.float64)
+        usable = np.asarray(usable, bool)
+        group = self.codes[np.asarray(owner, np.int64)] if len(owner) else np.zeros(0, np.int64)
+        stat = usable & np.isfinite(cnr)  # NB: flagged units stay out of the group statistics
+        seg = segments(cnr[stat], group[stat], len(self.labels))
+        cut = self.rule.cuts(seg)
+        unit_cut = cut[group]
+        below = usable & (cnr < unit_cut)
+        decision = np.where(usable, np.where(below, DROP, KEEP), FLAG)
+        kept = np.where(np.isnan(unit_cut), NO_CUT, AT_OR_ABOVE)
+        reason = np.where(usable, np.where(below, BELOW, kept), flag_reason)
+        dropped = np.bincount(group[below], minlength=len(self.labels))
+        self.table = [{"group": label, "cut": None if math.isnan(c) else float(c), "units": int(k), "dropped": int(d)}
+                      for label, c, k, d in zip(self.labels, cut.tolist(), seg.count.tolist(), dropped.tolist(),
+                                                strict=True)]
+        # NB: a flagged unit was not decided by a CNR; NaN says so even where a partial value exists.
+        return decision, reason, np.where(usable, cnr, np.nan)
 
 
 def _finish(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
@@ -206,19 +296,19 @@ def _finish(df: pd.DataFrame, order: list[str]) -> pd.DataFrame:
     return df.sort_values(order, kind="stable").reset_index(drop=True)
 
 
-def _image_rows(frame: pd.DataFrame, ids: list[str], threshold: float) -> pd.DataFrame:
+def _image_rows(frame: pd.DataFrame, ids: list[str], decide: _Decider) -> pd.DataFrame:
     cnr = frame["cnr"].to_numpy()
     n_valid = frame["n_valid"].to_numpy()
     usable = (n_valid > 0) & ~np.isnan(cnr)
     # NB: an image that could not be processed says so ("failed", status 6), not "no valid roi"
     why = np.where(n_valid < 0, NOT_COMPUTED, np.where(frame["failed"].to_numpy(), "failed", NO_VALID))
-    decision, reason, value = _decide(cnr, usable, why, threshold)
+    decision, reason, value = decide(cnr, usable, why, np.arange(len(frame)))
     df = pd.DataFrame({**{c: frame[c] for c in ids}, "image": frame["image"], "decision": decision,
                        "reason": reason, "cnr": value, "n_valid": n_valid})
     return _finish(df, [*ids, "image"])
 
 
-def _roi_rows(ds: xr.Dataset, id_values: dict, image: np.ndarray, threshold: float) -> pd.DataFrame:
+def _roi_rows(ds: xr.Dataset, id_values: dict, image: np.ndarray, decide: _Decider) -> pd.DataFrame:
     _require(ds, ("cnr", "status"), ("image", "roi"))
     cnr = np.asarray(ds["cnr"].values, np.float64)
     status = np.asarray(ds["status"].values, np.int64)
@@ -229,14 +319,15 @@ def _roi_rows(ds: xr.Dataset, id_values: dict, image: np.ndarray, threshold: flo
     # NB: names looked up once per distinct code, not once per cell (a roi-level manifest can have millions).
     codes, inverse = np.unique(status, return_inverse=True)
     names = np.array([_STATUS_NAME.get(int(c), f"status {int(c)}") for c in codes], dtype=object)[inverse]
-    decision, reason, value = _decide(cnr, usable, np.where(status == STATUS["ok"], NO_VALID, names), threshold)
+    decision, reason, value = decide(cnr, usable, np.where(status == STATUS["ok"], NO_VALID, names),
+                                     np.repeat(np.arange(n), n_roi))
     df = pd.DataFrame({**{c: np.repeat(v.to_numpy(dtype=object), n_roi) for c, v in id_values.items()},
                        "image": np.repeat(image, n_roi), "roi": np.tile(roi, n), "decision": decision,
                        "reason": reason, "cnr": value, "status": status})
     return _finish(df, [*id_values, "image", "roi"])
 
 
-def _case_rows(ds: xr.Dataset, image: np.ndarray, threshold: float) -> pd.DataFrame:
+def _case_rows(ds: xr.Dataset, image: np.ndarray, decide: _Decider) -> pd.DataFrame:
     """One row per case, decided on the pooled CNR (`gpucnr.aggregate`)."""
     from gpucnr.pooling import aggregate
 
@@ -248,13 +339,19 @@ def _case_rows(ds: xr.Dataset, image: np.ndarray, threshold: float) -> pd.DataFr
     frame = pd.DataFrame({"case": case, "image": image}).sort_values("image", kind="stable")
     lost = frame["case"] == ""
     grouped = frame[~lost].groupby("case", sort=True)["image"]
+    # NB: a case is in the group of its first image (smallest global index), keyed as aggregate names its cases
+    # (str of the value: a text "None" left by a Zarr round trip is a case there)
+    keyed = pd.DataFrame({"key": [str(v) for v in np.asarray(ds["case"].values).tolist()], "image": image,
+                          "pos": np.arange(image.size)}).sort_values("image", kind="stable")
+    first_pos = keyed.groupby("key", sort=False)["pos"].first()
     names = pooled["case"].values.astype(str)
     status = np.asarray(pooled["status"].values).reshape(len(names), -1)
     not_computed = (status == STATUS["not-computed"]).any(axis=1)
     n_valid = np.asarray(pooled["n_valid"].values, np.int64)
     cnr = np.asarray(pooled["cnr_median"].values, np.float64)
     usable = (n_valid > 0) & ~not_computed & ~np.isnan(cnr)
-    decision, reason, value = _decide(cnr, usable, np.where(not_computed, NOT_COMPUTED, NO_VALID), threshold)
+    decision, reason, value = decide(cnr, usable, np.where(not_computed, NOT_COMPUTED, NO_VALID),
+                                     first_pos.reindex(names).to_numpy(np.int64))
     images = grouped.agg(lambda v: " ".join(map(str, v))).reindex(names)
     df = pd.DataFrame({"case": names, "images": images.to_numpy(), "n_images": pooled["n_images"].values,
                        "first": grouped.min().reindex(names).to_numpy(), "decision": decision, "reason": reason,
@@ -268,32 +365,34 @@ def _case_rows(ds: xr.Dataset, image: np.ndarray, threshold: float) -> pd.DataFr
     return df[["case", "images", "n_images", "decision", "reason", "cnr", "n_valid"]]
 
 
-def _group_rows(frame: pd.DataFrame, ids: list[str], level: str, threshold: float) -> pd.DataFrame:
+def _group_rows(frame: pd.DataFrame, ids: list[str], level: str, decide: _Decider) -> pd.DataFrame:
     col = _LEVEL_ID[level]
     key = [c for c in ID_COLUMNS[: ID_COLUMNS.index(col) + 1] if c in ids]
-    frame = frame.sort_values("image", kind="stable")
+    frame = frame.assign(pos=np.arange(len(frame))).sort_values("image", kind="stable")
     usable = (frame["n_valid"] > 0) & frame["cnr"].notna()
     lost = frame[col] == ""
     rows = []
     grouped = frame[~lost]
     if len(grouped):
-        by = [grouped[k] for k in key]
         ok = usable[~lost]
-        agg = pd.DataFrame({
-            "images": grouped.groupby(by, sort=True)["image"].agg(lambda s: " ".join(map(str, s))),
-            "n_images": grouped.groupby(by, sort=True)["image"].size(),
-            "n_valid_images": ok.groupby(by, sort=True).sum(),
-            "first": grouped.groupby(by, sort=True)["image"].min(),
-            "not_computed": (grouped["n_valid"] < 0).groupby(by, sort=True).any(),
+        # NB: one groupby (one factorisation of the keys) for every column of the units
+        work = grouped.assign(_ok=ok, _not_computed=grouped["n_valid"] < 0, _value=grouped["cnr"].where(ok),
+                              _text=grouped["image"].astype(str))
+        agg = work.groupby(key, sort=True).agg(
+            images=("_text", " ".join), n_images=("image", "size"), n_valid_images=("_ok", "sum"),
+            first=("image", "min"),
+            # NB: the position of the first image, whose group (`by` columns) the unit is in
+            pos=("pos", "first"), not_computed=("_not_computed", "any"),
             # NB: pandas' group median skips NaN and averages the two middle values, as numpy.median does.
-            "cnr": grouped["cnr"].where(ok).groupby(by, sort=True).median(),
-        }).reset_index()
+            cnr=("_value", "median"),
+        ).reset_index()
         cnr = agg["cnr"].to_numpy(np.float64)
         valid = agg["n_valid_images"].to_numpy() > 0
         not_computed = agg["not_computed"].to_numpy(bool)
         # NB: an unwritten image could still move the median, so the unit waits ("not-computed") whatever the rest.
         flag_reason = np.where(not_computed, NOT_COMPUTED, NO_VALID)
-        agg["decision"], agg["reason"], agg["cnr"] = _decide(cnr, valid & ~not_computed, flag_reason, threshold)
+        agg["decision"], agg["reason"], agg["cnr"] = decide(cnr, valid & ~not_computed, flag_reason,
+                                                            agg["pos"].to_numpy(np.int64))
         rows.append(agg)
     if lost.any():
         alone = frame[lost]
@@ -400,11 +499,13 @@ def write_manifest(df: pd.DataFrame, path, *, inputs=()) -> Path:
     ----------
     df : pandas.DataFrame
         A frame from `manifest` (or a row subset of it: pandas keeps ``df.attrs`` through selections). Its
-        ``attrs`` are the metadata: threshold, level, gpucnr version, the run's parameters.
+        ``attrs`` are the metadata: rule, threshold, groups and their cuts, level, gpucnr version, the run's
+        parameters.
     path : str or Path
         ``.csv``: the table with a header row and nothing else, so that a plain ``pandas.read_csv(path)`` (or a
         spreadsheet) opens it; the metadata goes, as JSON, to the sidecar ``<path>.json`` (``keep.csv`` ->
-        ``keep.csv.json``: ``manifest_format``, ``threshold``, ``level``, ``gpucnr_version``, ``run``).
+        ``keep.csv.json``: ``manifest_format``, ``rule``, ``threshold``, ``by``, ``cuts``, ``level``,
+        ``gpucnr_version``, ``run``; see `manifest`).
         ``.parquet`` / ``.pq``: the table, with the metadata as JSON under the key ``gpucnr_manifest`` of the
         file's key-value metadata (needs pyarrow). Each file is written beside its final name and renamed into
         place, so a reader never sees half a manifest.
@@ -491,7 +592,8 @@ def read_manifest(path) -> tuple[pd.DataFrame, dict]:
         integer indices, float CNR with NaN for flags); ``df.attrs`` is set to the metadata, so it can be
         written again.
     metadata : dict
-        ``manifest_format``, ``threshold``, ``level``, ``gpucnr_version`` and ``run`` (the run's parameters).
+        ``manifest_format``, ``threshold``, ``level``, ``gpucnr_version`` and ``run`` (the run's parameters);
+        ``rule``, ``by`` and ``cuts`` in manifests written since issue 16 (older ones: an ``abs`` rule, no groups).
 
     Raises
     ------

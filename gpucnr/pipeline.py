@@ -22,7 +22,7 @@ import xarray as xr
 import zarr
 
 from gpucnr import shardfiles
-from gpucnr.arrays import STATUS_LEGEND, align_columns
+from gpucnr.arrays import STATUS_LEGEND, align_columns, auto_host, check_edge, is_auto
 from gpucnr.backend import namespace, resolve_backend, to_backend, to_host
 from gpucnr.errors import EnvironmentFailure, InputError, Interrupted
 from gpucnr.identifiers import blank_roi_names, check_columns
@@ -30,6 +30,14 @@ from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE, measure_batch
 from gpucnr.kernels.cnr import STATUS, median_of_valid
 from gpucnr.kernels.masks import KIND_DISK
 from gpucnr.kernels.params import Params
+from gpucnr.kernels.regions import (
+    AUTO_IMAGE,
+    AUTO_ROI_IDS,
+    AUTO_ROI_NAMES,
+    DEFAULT_EDGE,
+    check_auto_options,
+    measure_auto,
+)
 from gpucnr.lifeline import watch_parent
 from gpucnr.outputs import refuse_overlap, require_results
 from gpucnr.progress import Progress
@@ -98,6 +106,8 @@ class BatchSpec:
     use_labels: bool
     use_lesions: bool
     backend: str
+    #: rois="auto": the edge band of the automatic regions (None: the stack's ROIs)
+    auto_edge: int | None = None
 
 
 #: A batch's default size: the smallest whole number of shards holding at least 2^24 pixels (DESIGN §9, §10).
@@ -147,7 +157,7 @@ def run(stack, results, *, background: str = "complement", footprint: str = "cro
         min_bg: int = 30, ddof: int = 1, definition: str = "pooled", gcnr_bins: str | int = "auto",
         signed: bool = False, client=None, scheduler: str = "threads", workers: int | None = None,
         batch: int | None = None, resume: bool = False, progress: bool = False, rois=None, backend: str = "auto",
-        group_columns=None, roi_source: str = "auto", linkage=None) -> xr.Dataset:
+        group_columns=None, roi_source: str = "auto", linkage=None, edge: int = DEFAULT_EDGE) -> xr.Dataset:
     """Measure every image of a stack into a results store, batch by batch, resumably.
 
     Parameters
@@ -172,11 +182,15 @@ def run(stack, results, *, background: str = "complement", footprint: str = "cro
         Skip committed batches of existing results; refuses a different stack (fingerprint) or parameters.
     progress : bool
         A progress bar on stderr.
-    rois : ROI table or CSV path, optional
+    rois : ROI table, CSV path or "auto", optional
         Columns image (global index), roi, kind, cx, cy, r [, name]; or the table `gpucnr ingest --rois` reads
         (source [, channel] [, frame], roi, kind, cx, cy, r [, name]), its sources matched to images through the
         stack's linkage file (rows that match no image are listed in a warning and left out). It replaces the
-        stack's own ROI table. Default: the stack's ROI table.
+        stack's own ROI table. Default: the stack's ROI table. The string ``"auto"`` (a keyword: ``Path("auto")``
+        is a file) measures only the automatic regions of every image (`gpucnr.measure`'s ``rois="auto"``: cells
+        1 ``foreground`` and 2 ``tissue``, per-image ``n_air``, ``mean_air``, ``var_air``, ``noise_source``;
+        ``roi_source`` "auto" in the attributes): the stack's labels and ROI table are not read, `roi_source` must be
+        left as it is, and only the default `background` is legal.
     roi_source : {"auto", "labels", "table", "both"}
         Where the ROIs come from: ``auto`` (default) measures every source the stack has, its labels and the ROI
         table, in one run (``both`` requires both); ``labels`` or ``table`` measures one of them. Ids keep their
@@ -186,6 +200,8 @@ def run(stack, results, *, background: str = "complement", footprint: str = "cro
         The linkage file that maps an ingest-style `rois` table's sources to images (default: the one beside
         the stack, ``STACK.zarr.linkage.csv``); read only for such a table.
     backend : {"auto", "numpy", "cupy"}
+    edge : int
+        rois="auto": width (px) of the band removed where two automatic regions meet (default 2).
     group_columns : sequence of str, optional
         Per-image columns of the stack beyond the allow-list (`gpucnr.store.RESULT_COLUMNS`) to copy into the
         results for grouping (e.g. ``["site", "split"]``); names and values are screened (DESIGN §10,
@@ -210,7 +226,8 @@ gcnr_bins, signed
         if unfinished:
             raise StackError("stack-incomplete", f"{stack}: {unfinished}")
         stack = open_stack(stack)
-    refuse_overlap([("stack", stack.path), ("ROI table", rois if isinstance(rois, str | Path) else None)],
+    auto = is_auto(rois)
+    refuse_overlap([("stack", stack.path), ("ROI table", rois if isinstance(rois, str | Path) and not auto else None)],
                    [("results", results)])
     if resume:
         require_results(results)
@@ -218,12 +235,22 @@ gcnr_bins, signed
     params = Params(background=background, footprint=footprint, dilation=dilation, border=border,
                     ring_gap=ring_gap, ring_width=ring_width, background_label=background_label, min_bg=min_bg,
                     ddof=ddof, definition=definition, gcnr_bins=gcnr_bins, signed=signed)
+    check_auto_options(params, auto=auto)
+    edge = check_edge(edge, auto=auto)
     where = resolve_backend(backend)
-    table, use_labels, unmatched = _roi_source(stack, rois, roi_source, linkage)
-    use_lesions = stack.has_labels and params.background in ("label", "complement-all")
-    if params.background == "label" and not stack.has_labels:
-        raise InputError("background='label' needs a stack with labels")
-    roi_ids, sources = _roi_ids(stack, table, use_labels, params)
+    if auto:
+        if roi_source != "auto":
+            raise InputError(f"--rois auto measures the automatic regions only: --roi-source {roi_source} "
+                             "(roi_source=) cannot be combined with it")
+        table, use_labels, unmatched = None, False, []
+        use_lesions = False
+        roi_ids, sources = np.asarray(AUTO_ROI_IDS, np.int64), np.asarray(["auto"] * len(AUTO_ROI_IDS))
+    else:
+        table, use_labels, unmatched = _roi_source(stack, rois, roi_source, linkage)
+        use_lesions = stack.has_labels and params.background in ("label", "complement-all")
+        if params.background == "label" and not stack.has_labels:
+            raise InputError("background='label' needs a stack with labels")
+        roi_ids, sources = _roi_ids(stack, table, use_labels, params)
     batch = _batch_option(results, batch, resume)
     sizes, plan = plan_batches(stack, batch)
     if table is not None and use_labels:
@@ -233,22 +260,27 @@ gcnr_bins, signed
              "stack_fingerprint": fingerprint, "stack_fingerprint_version": FINGERPRINT_VERSION,
              "stack_buckets": stack.bucket_digests(), "batch": _batch_text(batch),
              "plan": _plan_attrs(stack, sizes, plan),
-             "roi_source": "both" if table is not None and use_labels else "table" if table is not None else "labels",
-             "roi_source_option": roi_source, "rois_fingerprint": table_fingerprint(table),
+             "roi_source": ("auto" if auto else "both" if table is not None and use_labels
+                            else "table" if table is not None else "labels"),
+             "roi_source_option": roi_source, "rois_fingerprint": "auto" if auto else table_fingerprint(table),
              "status_codes": STATUS_LEGEND, "failures": [], "rois_unmatched": unmatched,
-             "group_columns": groups}
+             "group_columns": groups, **({"edge": edge} if auto else {})}
     # NB: a scheduler address is reached before anything is written: a typo is refused, not a template left behind
     remote = _connect(scheduler) if client is None and scheduler not in SCHEDULERS else None
     client = client if remote is None else remote
     try:
-        group, committed, backends = _open_or_create(Path(results), stack, roi_ids, plan, attrs, resume, sources)
+        group, committed, backends = _open_or_create(Path(results), stack, roi_ids, plan, attrs, resume, sources,
+                                                     extra=AUTO_IMAGE if auto else ())
     except BaseException:
         if remote is not None:
             remote.close()
         raise
     # NB: label ids named by the dataset.json ingest read; a table's own names win for its cells. Built batch by
     # batch (`_Names`): a dense (images, ids) array of strings would be the largest thing a big run holds.
-    names = _Names(table, roi_ids, stack.group.attrs.get("label_names") if use_labels else None)
+    if auto:
+        names = _Names(None, roi_ids, base=AUTO_ROI_NAMES)
+    else:
+        names = _Names(table, roi_ids, stack.group.attrs.get("label_names") if use_labels else None)
     # NB: absolute: a Dask worker started in another folder must open the same stack (DESIGN §10).
     stack_path = str(Path(stack.path).resolve())
     specs = []
@@ -266,7 +298,7 @@ gcnr_bins, signed
         specs.append(BatchSpec(index=index, stack=stack_path, fingerprint=fingerprint, bucket=bucket,
                                start=start, stop=stop, global_start=g0, params=params,
                                roi_ids=tuple(int(v) for v in roi_ids), table=rows, use_labels=use_labels,
-                               use_lesions=use_lesions, backend=where))
+                               use_lesions=use_lesions, backend=where, auto_edge=edge if auto else None))
     bar = Progress(progress, unit="batch")
     bar.stage("run", len(plan), done=int(committed.sum()))
     log = os.environ.get("GPUCNR_BATCH_LOG")
@@ -527,9 +559,10 @@ class _Names:
     """``roi_name(image, roi)`` of a run, one batch of rows at a time: each id's label name (the names ingest read
     from a dataset.json), overridden by the ROI table's own name for its cells."""
 
-    def __init__(self, table, roi_ids, label_names=None):
-        # NB: labels as ROIs: the names ingest read from a dataset.json
-        self.base = np.array([(label_names or {}).get(str(int(roi)), "") for roi in roi_ids], dtype=object)
+    def __init__(self, table, roi_ids, label_names=None, *, base=None):
+        # NB: labels as ROIs: the names ingest read from a dataset.json; `base`: one name per id (automatic regions)
+        self.base = (np.array(list(base), dtype=object) if base is not None else
+                     np.array([(label_names or {}).get(str(int(roi)), "") for roi in roi_ids], dtype=object))
         if table is not None and len(table):
             order = np.argsort(table["image"].to_numpy(), kind="stable")
             self.image = table["image"].to_numpy()[order]
@@ -547,7 +580,7 @@ class _Names:
         return out.astype(str)
 
 
-def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None):
+def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None, extra=()):
     """The results group, its committed flags and batch backends: new, or (resume) checked against this run and
     verified, its damaged batches uncommitted so that they are recomputed."""
     if path.exists():
@@ -559,7 +592,7 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sour
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
     group = create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table,
                            batches=[(g0, g0 + stop - start) for _, start, stop, g0 in plan], attrs=attrs,
-                           roi_coords=None if sources is None else {"roi_source": sources})
+                           roi_coords=None if sources is None else {"roi_source": sources}, extra_variables=extra)
     n = len(plan)
     return group, np.zeros(n, np.int8), np.full(n, -1, np.int8)
 
@@ -589,7 +622,8 @@ def _resume(path: Path, attrs: dict, roi_ids):
                 else "its tables or metadata differ")
         raise ResultsError("resume-mismatch", f"{path} was computed from a different stack: {what} (fingerprint "
                            f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]})")
-    changed = [k for k in (*Params().as_attrs(), "roi_source", "rois_fingerprint") if old.get(k) != attrs[k]]
+    changed = [k for k in (*Params().as_attrs(), "roi_source", "rois_fingerprint", "edge")
+               if old.get(k) != attrs.get(k)]
     if old.get("plan") != attrs["plan"]:
         # NB: compared per bucket, so the message names the buckets whose batches would differ (the spelling of
         # --batch may differ: 64 and 64i, or a pixel size giving the same shards, plan alike)
@@ -602,7 +636,7 @@ def _resume(path: Path, attrs: dict, roi_ids):
                            + "; resume without --batch, or with the one it started with")
     if changed:
         raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
-                           + ", ".join(f"{k}={old.get(k)!r} (now {attrs[k]!r})" for k in changed))
+                           + ", ".join(f"{k}={old.get(k)!r} (now {attrs.get(k)!r})" for k in changed))
     removed = shardfiles.remove_leftovers(path)
     if removed:
         logger.info("%s: removed %d temporary file(s) a killed run left", path, removed)
@@ -805,7 +839,8 @@ def _isolated(spec: BatchSpec, ctx, attempts: _Attempts):
 
 
 def _concat(parts: list[dict]) -> dict:
-    out = {k: np.concatenate([p[k] for p in parts]) for k in (*OUTPUT_CELL, *OUTPUT_IMAGE)}
+    names = (*OUTPUT_CELL, *OUTPUT_IMAGE, *(AUTO_IMAGE if all(k in parts[0] for k in AUTO_IMAGE) else ()))
+    out = {k: np.concatenate([p[k] for p in parts]) for k in names}
     out["failures"] = [f for p in parts for f in p.get("failures", [])]
     return out
 
@@ -932,7 +967,9 @@ def _measure(spec: BatchSpec) -> dict:
     stack = _stack(spec.stack, spec.fingerprint)
     bucket = next(b for b in stack.buckets if b.name == spec.bucket)
     info = stack.images.iloc[spec.global_start : spec.global_start + spec.stop - spec.start]
-    images, labels = stack.read(bucket, spec.start, spec.stop, labels=spec.use_labels or spec.use_lesions)
+    auto = spec.auto_edge is not None
+    images, labels = stack.read(bucket, spec.start, spec.stop,
+                                labels=not auto and (spec.use_labels or spec.use_lesions))
     where = spec.backend
     ids = np.asarray(spec.roi_ids, np.int64)
     both = spec.use_labels and spec.table is not None
@@ -955,6 +992,11 @@ def _measure(spec: BatchSpec) -> dict:
     def device(a):
         return None if a is None else to_backend(a, where)
 
+    if auto:
+        out = measure_auto(xp, images, edge=spec.auto_edge, **common)
+        host = auto_host({k: to_host(v) for k, v in out.items()})
+        host["failures"] = []
+        return host
     parts = []
     if spec.use_labels:
         out = measure_batch(xp, images, roi_ids=None, labels=device(labels), lesions=device(lesions_of_labels),
@@ -1019,5 +1061,8 @@ def failed_rows(spec: BatchSpec, code: str, reason: str) -> dict:
     out["cnr_median"] = np.full(n, np.nan)
     out["n_valid"] = np.zeros(n, np.int64)
     out["n_excluded"] = np.full(n, -1, np.int64)
+    if spec.auto_edge is not None:
+        out.update({"n_air": np.full(n, -1, np.int64), "mean_air": np.full(n, np.nan), "var_air": np.full(n, np.nan),
+                    "noise_source": np.full(n, "", dtype=object).astype(str)})
     out["failures"] = [{"image": spec.global_start + k, "code": code, "reason": reason} for k in range(n)]
     return out

@@ -14,6 +14,9 @@ __all__ = ["aggregate", "pool_moments"]
 
 #: Images read at a time: memory stays bounded by this many rows of the results, whatever their size.
 _BLOCK = 2**16
+#: Definitions whose CNR is not a function of the pooled ROI and background moments: gCNR (a histogram
+#: statistic) and MRIQC's (it adds each image's air variance); their groups get status 9 not-poolable.
+_NOT_POOLABLE = ("gcnr", "mriqc")
 
 
 def pool_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -100,7 +103,8 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         ``status``, ``roi_name`` (the first name the group's cells give the id);
         dims (`by`): ``n_images``, ``cnr_median``, ``n_valid``. Status as for images, and: −1 when a cell
         of the group was never computed, 6 when one failed, 7 when one is out of numeric range, 9 ``not-poolable``
-        for gCNR (a histogram statistic, not a function of moments).
+        for gCNR (a histogram statistic, not a function of moments) and MRIQC's CNR (its air term is each
+        image's own air region, which the cells' moments do not carry).
 
     Raises
     ------
@@ -169,9 +173,11 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         if "roi_name" in part:
             names_block = np.asarray(part["roi_name"].values).astype(object)
             rows, cols = np.nonzero((names_block != "") & (c >= 0)[:, None])
-            for r, col in zip(rows.tolist(), cols.tolist(), strict=True):
-                if roi_name[c[r], col] == "":
-                    roi_name[c[r], col] = str(names_block[r, col])
+            # NB: the first named cell of each (group, roi) in image order, all groups at once: np.unique's first
+            # index of each flat (group, roi) cell, in the row-major order of the block's cells
+            cells, first = np.unique(c[rows] * width + cols, return_index=True)
+            empty = roi_name.ravel()[cells] == ""
+            roi_name.ravel()[cells[empty]] = [str(v) for v in names_block[rows[first[empty]], cols[first[empty]]]]
         if photometric is not None:
             inverted = photometric[lo : lo + _BLOCK] == "MONOCHROME1"
             for bit, sel in ((1, ~inverted), (2, inverted)):
@@ -187,7 +193,7 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         raise InputError(f"a signed CNR cannot be pooled over groups mixing MONOCHROME1 and MONOCHROME2 images "
                          f"(e.g. {bad}); aggregate unsigned results")
     sign = np.where(polarity == 2, -1.0, 1.0)[:, None]
-    if definition == "gcnr":
+    if definition in _NOT_POOLABLE:
         cnr, zero_noise = np.full(shape, np.nan), np.zeros(shape, bool)
     else:
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -196,7 +202,7 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     status = cell_status(np, present=(n_roi > 0) | (counts["outside"] > 0), n_roi_inside=n_roi, n_roi=n_roi,
                          n_bg=n_bg, zero_noise=zero_noise, ddof=ddof, min_bg=min_bg,
                          numeric_range=counts["numeric-range"] > 0)
-    if definition == "gcnr":
+    if definition in _NOT_POOLABLE:
         status = np.where(status == STATUS["ok"], np.int8(STATUS["not-poolable"]), status)
     status = np.where(counts["failed"] > 0, np.int8(STATUS["failed"]), status)
     status = np.where(counts["not-computed"] > 0, np.int8(STATUS["not-computed"]), status).astype(np.int8)

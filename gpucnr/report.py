@@ -9,8 +9,9 @@ run's parameters (results attributes): ROIs from the stack's ROI table (square, 
 backgrounds ``complement`` (ROI dilated by the footprint ``dilation`` times / with radius ``dilation``, its
 complement), ``complement-all`` (the same around the union of the image's ROIs and labels), ``ring``
 (distance transforms: L1 for cross, L-infinity for square, Euclidean for the disks) and ``label``; the
-border frame of the valid region and excluded pixels (non-finite, padding value) are removed. They are for
-display: the CNR values come from the results, never from these masks.
+border frame of the valid region and excluded pixels (non-finite, padding value) are removed; for results of
+``rois="auto"``, the automatic regions found again as the run found them (body against air, upper tissue class
+against the lower). They are for display: the CNR values come from the results, never from these masks.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from gpucnr.manifests import ID_COLUMNS
 from gpucnr.outputs import OutputError, make_folder, refuse_overlap, write_file
 from gpucnr.plots import distribution_figure, group_boxplot, image_values, three_panel
 from gpucnr.results import require_complete
-from gpucnr.statistics import QUANTILES, summarize
+from gpucnr.statistics import DEFAULT_RULES, QUANTILES, summarize
 
 __all__ = ["lowest_images", "roi_and_background", "write_report"]
 
@@ -58,7 +59,7 @@ figure{margin:1em 0;border-top:1px solid #ddd;padding-top:0.5em}
 
 
 def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: float = 1.5, by=None, stack=None,
-                 lowest: int = 12, rois=None, allow_incomplete: bool = False) -> Path:
+                 lowest: int = 12, rois=None, allow_incomplete: bool = False, rules=DEFAULT_RULES) -> Path:
     """Write ``report.html`` (self-contained) for a results store.
 
     Parameters
@@ -85,6 +86,9 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
     allow_incomplete : bool
         Report on results that an interrupted run left incomplete; without it they are refused
         (``results-incomplete``, `gpucnr.results.require_complete`).
+    rules : sequence of str
+        Filtering rules (``"quantile:0.05"``, ``"mad:3"``, ``"abs:1.5"``; `gpucnr.manifest`'s ``rule``) whose cut
+        the thresholds section shows for the whole set and every group, with what each drops.
 
     Returns
     -------
@@ -101,7 +105,7 @@ def write_report(results, out_dir, *, thresholds=(1.0, 1.5, 2.0, 3.0), primary: 
     thresholds = sorted({float(t) for t in np.atleast_1d(np.asarray(thresholds, np.float64))} | {float(primary)})
     columns = [] if by is None else [by] if isinstance(by, str) else list(by)
     ds = ds.load()
-    summary = summarize(ds, thresholds, columns or None)
+    summary = summarize(ds, thresholds, columns or None, rules=rules)
     values = image_values(ds)
 
     one_roi = _one_roi_per_image(ds)
@@ -271,7 +275,44 @@ def _thresholds_section(summary, primary, one_roi=False, shown=None) -> str:
         tables.append(f"<h3>{_e(level.upper() if level == 'roi' else level.capitalize())} level</h3>{body}")
     return ("<section id=\"thresholds\"><h2>Thresholds</h2><p>Fraction of finite CNR values strictly below each "
             f"threshold, by group; the primary threshold ({_e(f'{primary:g}')}) is in bold.</p>"
-            + "".join(tables) + "</section>")
+            + "".join(tables) + _rules_tables(summary, levels, order, drawn, by, value) + "</section>")
+
+
+def _rules_tables(summary, levels, order, drawn, by, value) -> str:
+    """Where each filtering rule cuts: per level, group and rule, the cut and how many finite values fall below it
+    (what `gpucnr filter --rule R --by COLUMN` drops at the image level)."""
+    if not summary.sizes.get("rule", 0):
+        return ""
+    labels = summary["group"].values
+    rules = [str(r) for r in summary["rule"].values]
+    cut = summary["rule_cut"].values
+    below = summary["rule_n_below"].values
+    count = summary["count"].values
+    level_names = [str(v) for v in summary["level"].values]
+    tables = []
+    for level in levels:
+        li = level_names.index(level)
+        rows, main = [], []
+        for i in order:
+            for ri, rule in enumerate(rules):
+                c, k, n = float(cut[li, i, ri]), int(below[li, i, ri]), int(count[li, i])
+                where = "no cut" if np.isnan(c) else _f(c)
+                frac = _f(k / n) if n else "-"
+                rows.append(f"<tr><td class=\"l\">{_e(labels[i])}</td><td class=\"l\">{_e(rule)}</td>"
+                            f"<td>{_e(where)}</td><td>{k}</td><td>{n}</td><td>{_e(frac)}</td></tr>")
+                if i == 0 or (by[i], value[i]) in drawn:
+                    main.append(rows[-1])
+        header = ("<tr><th class=\"l\">group</th><th class=\"l\">rule</th><th>cut</th><th>dropped</th>"
+                  "<th>finite</th><th>fraction dropped</th></tr>")
+        body = f"<table>{header}{''.join(rows)}</table>"
+        if len(rows) > _OPEN_ROWS:
+            body = (f"<table>{header}{''.join(main)}</table><details><summary>Every group ({len(rows)} rows)"
+                    f"</summary><table>{header}{''.join(rows)}</table></details>")
+        tables.append(f"<h4>{_e(level.upper() if level == 'roi' else level.capitalize())} level</h4>{body}")
+    return ("<h3 id=\"rules\">Where each rule cuts</h3><p>Each group's own cut (quantile:P: the group's P-quantile, "
+            "none below 1/P values; mad:K: median &minus; K &times; 1.4826 &times; MAD, none when the MAD is 0; abs:T: "
+            "T) and the finite values strictly below it: what <code>gpucnr filter --rule RULE --by COLUMN</code> "
+            "drops at the same level.</p>" + "".join(tables))
 
 
 def _lowest_section(ds, values, source, stack, lowest, rois) -> str:
@@ -442,6 +483,14 @@ def _image_masks(ds, stack, index: int, rois):
     roi_id = int(ds["roi"].values[j])
 
     a = ds.attrs
+    values = image.astype(np.float64)
+    exclude = ~np.isfinite(values)
+    padding = row.get("padding", np.nan)
+    if padding is not None and np.isfinite(float(padding)):
+        exclude |= values == float(padding)
+    if a.get("roi_source") == "auto":
+        roi_mask, bg_mask = _auto_masks(images[:1], row, a, roi_id)
+        return roi_id, float(cnr[j]), image, roi_mask[:h, :w], bg_mask[:h, :w] & ~exclude, exclude
     table = _roi_table(stack, rois) if a.get("roi_source", "table") in ("table", "both") else None
     if table is None and lab is None:
         raise ValueError("neither an ROI table nor labels to rebuild the ROI")
@@ -449,13 +498,31 @@ def _image_masks(ds, stack, index: int, rois):
     if lab is not None:
         union |= lab != 0
     bg_mask = roi_and_background(roi_mask, a, union=union, labels=lab)
-
-    values = image.astype(np.float64)
-    exclude = ~np.isfinite(values)
-    padding = row.get("padding", np.nan)
-    if padding is not None and np.isfinite(float(padding)):
-        exclude |= values == float(padding)
     return roi_id, float(cnr[j]), image, roi_mask, bg_mask & ~exclude, exclude
+
+
+def _auto_masks(images, row, attrs, roi_id: int):
+    """ROI and background of an automatic cell (rois="auto"), the regions found again as the run found them
+    (`gpucnr.kernels.regions.find_regions` on NumPy, the image's valid extent, padding, polarity and slope, the
+    run's edge, min_bg and ddof): cell 1 the body against the air, cell 2 the upper tissue class against the lower."""
+    import array_api_compat
+
+    from gpucnr.kernels.regions import AUTO_ROI_IDS, REGION_AIR, REGION_BODY, REGION_LOWER, REGION_UPPER, find_regions
+
+    def one(v, dtype):
+        return np.asarray([v], dtype)
+
+    photometric = str(row.get("photometric", "MONOCHROME2"))
+    labels, _ = find_regions(array_api_compat.array_namespace(images), np.asarray(images),
+                             valid_h=one(row["valid_h"], np.int64), valid_w=one(row["valid_w"], np.int64),
+                             padding=one(row.get("padding", np.nan), np.float64),
+                             polarity=one(-1.0 if photometric == "MONOCHROME1" else 1.0, np.float64),
+                             slope=one(row.get("slope", 1.0), np.float64), edge=int(attrs.get("edge", 2)),
+                             min_bg=int(attrs.get("min_bg", 30)), ddof=int(attrs.get("ddof", 1)))
+    labels = np.asarray(labels)[0]
+    if roi_id == AUTO_ROI_IDS[0]:
+        return labels >= REGION_BODY, labels == REGION_AIR
+    return labels == REGION_UPPER, labels == REGION_LOWER
 
 
 def _roi_table(stack, rois):

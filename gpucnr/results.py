@@ -22,7 +22,8 @@ from gpucnr._version import __version__
 from gpucnr.errors import GpucnrError, InputError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE
 
-__all__ = ["RESULTS_FORMAT", "ResultsError", "ResultsWriter", "create_results", "open_results", "verify_results"]
+__all__ = ["EXTRA_VARIABLES", "RESULTS_FORMAT", "ResultsError", "ResultsWriter", "create_results", "open_results",
+           "row_variables", "verify_results"]
 
 RESULTS_FORMAT = 2
 #: Formats `open_results` reads; only the current one can be resumed.
@@ -31,6 +32,10 @@ _WRITE = {"write_empty_chunks": True}
 _INTEGER = {"n_roi": "int64", "n_bg": "int64", "status": "int8", "n_valid": "int64", "n_excluded": "int64"}
 #: Per-row variables, in the order a batch writes them.
 ROW_VARIABLES = (*OUTPUT_CELL, "roi_name", *OUTPUT_IMAGE)
+#: Per-image variables only some runs write (rois="auto": the air moments and the noise source), with their dtype
+#: (str: variable-length text); a store lists those it has in its ``extra_variables`` attribute, so results written
+#: before them read and resume as they are.
+EXTRA_VARIABLES = {"n_air": "int64", "mean_air": "float64", "var_air": "float64", "noise_source": str}
 #: Per-batch variables the driver writes after the rows they cover: the backend that computed the batch, then
 #: its committed flag (the only truth for --resume).
 BATCH_VARIABLES = ("batch_backend", "committed")
@@ -225,8 +230,13 @@ def _read_block(var: _Var, s: int, k: int, cache: dict, guard=None) -> np.ndarra
 
 
 # --- creation ----------------------------------------------------------------------------------------------
+def row_variables(attrs) -> tuple[str, ...]:
+    """The per-row variables of a results store: `ROW_VARIABLES` and the extra ones its attributes list."""
+    return (*ROW_VARIABLES, *(str(k) for k in (attrs.get("extra_variables") or ()) if str(k) in EXTRA_VARIABLES))
+
+
 def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, batches, attrs: dict,
-                   roi_coords: dict | None = None):
+                   roi_coords: dict | None = None, extra_variables=None):
     """Write the template: every variable sharded and filled with NaN (floats), -1 (integers) or "" (names),
     every shard file present, nothing committed.
 
@@ -243,6 +253,8 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
         Parameters and provenance.
     roi_coords : dict of name -> array of shape (L,), optional
         Coordinates along ``roi`` (``roi_source``: where each id came from).
+    extra_variables : sequence of str, optional
+        Per-image variables of `EXTRA_VARIABLES` this run writes too (recorded in ``extra_variables``).
 
     Returns
     -------
@@ -253,10 +265,17 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
     n_ids = len(roi_ids)
     cols = max(n_ids, 1)
     rows, shard_rows = _layout(n_images, cols)
-    for name in ROW_VARIABLES:
+    extra = list(extra_variables or ())
+    unknown = [k for k in extra if k not in EXTRA_VARIABLES]
+    if unknown:
+        raise ValueError(f"not extra results variables: {unknown}")
+    for name in (*ROW_VARIABLES, *extra):
         two_d = name in (*OUTPUT_CELL, "roi_name")
-        if name == "roi_name":
+        if name == "roi_name" or EXTRA_VARIABLES.get(name) is str:
             dtype, fill = str, None
+        elif name in EXTRA_VARIABLES:
+            dtype = EXTRA_VARIABLES[name]
+            fill = -1 if dtype != "float64" else np.nan
         else:
             dtype = _INTEGER.get(name, "float64")
             fill = -1 if dtype != "float64" else np.nan
@@ -282,11 +301,12 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
     _coord(group, "batch_start", bounds[:, 0], "batch")
     _coord(group, "batch_stop", bounds[:, 1], "batch")
     group.attrs.update({"gpucnr_results": RESULTS_FORMAT, "gpucnr_version": __version__, **attrs,
+                        **({"extra_variables": extra} if extra else {}),
                         "batch_backend_codes": BACKEND_CODES,
                         "coordinates": " ".join([*(c for c in image_table.columns if c != "index"),
                                                  *roi_coords])})
     # NB: every shard file exists from the start, so a missing one is damage, never "not computed yet".
-    for name in (*ROW_VARIABLES, *BATCH_VARIABLES):
+    for name in (*ROW_VARIABLES, *extra, *BATCH_VARIABLES):
         var = _var(group, path, name)
         for s in range(var.n_shards):
             _write_shard(var, s, {k: var.filled() for k in range(var.used_inner(s))})
@@ -326,7 +346,8 @@ class ResultsWriter:
     def __init__(self, path, *, committed: np.ndarray, backends: np.ndarray | None = None, on_commit=None):
         self.path = Path(path)
         group = zarr.open_group(str(self.path), mode="r")
-        self.vars = {name: _var(group, self.path, name) for name in (*ROW_VARIABLES, *BATCH_VARIABLES)}
+        self.rows = row_variables(group.attrs)
+        self.vars = {name: _var(group, self.path, name) for name in (*self.rows, *BATCH_VARIABLES)}
         self.committed = np.asarray(committed, np.int8).copy()
         self.starts = np.asarray(group["batch_start"][:], np.int64)
         self.stops = np.asarray(group["batch_stop"][:], np.int64)
@@ -335,7 +356,7 @@ class ResultsWriter:
         self.on_commit = on_commit
         # NB: what one commit rewrites at most: the first shard of every row variable (strings counted at 16 bytes)
         self._small = sum(min(v.shard_rows, v.n_rows) * max(v.width, 1) * (16 if v.dtype is None else v.dtype.itemsize)
-                          for n, v in self.vars.items() if n in ROW_VARIABLES) <= _SYNC_FLUSH_BYTES
+                          for n, v in self.vars.items() if n in self.rows) <= _SYNC_FLUSH_BYTES
         self._pending: list = []
         self._pending_bytes = 0
         self.peak_bytes = 0
@@ -346,9 +367,9 @@ class ResultsWriter:
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpucnr-results")
 
     def put(self, batch: int, start: int, stop: int, rows: dict, backend: str) -> None:
-        """Buffer the rows [start, stop) of one finished batch (every name of ROW_VARIABLES)."""
+        """Buffer the rows [start, stop) of one finished batch (every name of `row_variables`)."""
         self._raise()
-        item = (batch, start, stop, {k: np.asarray(rows[k]) for k in ROW_VARIABLES}, BACKEND_CODES.get(backend, -1))
+        item = (batch, start, stop, {k: np.asarray(rows[k]) for k in self.rows}, BACKEND_CODES.get(backend, -1))
         self._pending.append(item)
         self._pending_bytes += sum(v.nbytes for v in item[3].values())
         self.peak_bytes = max(self.peak_bytes, self._pending_bytes)
@@ -421,7 +442,7 @@ class ResultsWriter:
         # backend and committed entries. A crash at any point loses only batches whose flags are not yet renamed.
         batches = [it[0] for it in items]
         guard = self._guard(batches)
-        jobs = [(var, s, blocks, guard) for var in (self.vars[n] for n in ROW_VARIABLES)
+        jobs = [(var, s, blocks, guard) for var in (self.vars[n] for n in self.rows)
                 for s, blocks in self._blocks(var, items, guard).items()]
         for batch, *_, code in items:
             self.backends[batch] = code
@@ -527,21 +548,22 @@ def verify_results(path, *, decode: bool = False) -> dict:
     group = zarr.open_group(str(path), mode="r")
     damaged = []
     coordinates = str(group.attrs.get("coordinates", "")).split()
+    row_names = row_variables(group.attrs)
     # NB: the arrays the results must have, found by name (a deleted zarr.json hides an array from a listing)
     for name in sorted({*_listed(group), "image", "roi", "batch_start", "batch_stop", *coordinates}):
-        if name in ROW_VARIABLES or name in BATCH_VARIABLES:
+        if name in row_names or name in BATCH_VARIABLES:
             continue
         try:
             np.asarray(group[name][:])
         except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for damaged bytes
             damaged.append({"array": name, "batches": None, "reason": f"cannot be read ({type(e).__name__})"})
-    for name in (*ROW_VARIABLES, *BATCH_VARIABLES):
+    for name in (*row_names, *BATCH_VARIABLES):
         try:
             group[name]
         except Exception as e:  # noqa: BLE001 - a missing or unreadable zarr.json: KeyError, JSONDecodeError
             damaged.append({"array": name, "batches": None,
                             "reason": f"its metadata (zarr.json) is missing or unreadable ({type(e).__name__})"})
-    if any(d["batches"] is None and d["array"] in (*ROW_VARIABLES, *BATCH_VARIABLES, "batch_start", "batch_stop")
+    if any(d["batches"] is None and d["array"] in (*row_names, *BATCH_VARIABLES, "batch_start", "batch_stop")
            for d in damaged):
         # NB: without an array's layout, or the batch table, nothing can be tied to batches or checked further
         return {"committed": None, "backends": None, "damaged": damaged, "damaged_batches": []}
@@ -565,7 +587,7 @@ def verify_results(path, *, decode: bool = False) -> dict:
         flags[name] = values.astype(np.int8)
     committed = flags["committed"]
     status = None
-    for name in ROW_VARIABLES:
+    for name in row_names:
         var = _var(group, path, name)
         values, bad = _scan(var, decode=decode or name == "status")
         for lo, hi, reason in bad:
@@ -810,7 +832,11 @@ def _run_options(attrs) -> str:
         flag = "--" + name.replace("_", "-")
         out += f" {flag}" if value is True else "" if value is False else f" {flag} {value}"
     source = attrs.get("roi_source_option", "auto")
-    if source in ("labels", "table", "both"):
+    if attrs.get("roi_source") == "auto":
+        out += " --rois auto"  # NB: the automatic regions, and their edge band when it is not the default
+        edge = attrs.get("edge", 2)
+        out += f" --edge {int(edge)}" if isinstance(edge, int | np.integer) and edge != 2 else ""
+    elif source in ("labels", "table", "both"):
         out += f" --roi-source {source}"  # NB: the sources are compared on --resume, as the parameters
     batch = attrs.get("batch")
     # NB: the batch plan is compared on --resume; the stored size (images, as a number before December 2026, or

@@ -16,6 +16,8 @@ import xarray as xr
 
 from gpucnr._version import __version__
 from gpucnr.errors import InputError, OptionError
+from gpucnr.grouping import segments
+from gpucnr.rules import MAD_SCALE, parse_rule
 
 __all__ = ["LEVELS", "MISSING", "OUTLIER_K", "QUANTILES", "WILSON_Z", "summarize", "wilson_interval"]
 
@@ -29,8 +31,6 @@ QUANTILES = (0.01, 0.05, 0.25, 0.50, 0.75, 0.95, 0.99)
 WILSON_Z = 1.959963984540054
 #: A group is an outlier when |median − median of medians| > OUTLIER_K × MAD_SCALE × MAD.
 OUTLIER_K = 3.0
-#: Makes the MAD a consistent estimator of the standard deviation under normality (1 / Φ⁻¹(0.75)).
-MAD_SCALE = 1.4826
 #: Name of the group that collects images whose grouping value is missing.
 MISSING = "(missing)"
 # NB: the stack's and the results' table writers store text columns with ``astype(str)``, so a missing value
@@ -39,7 +39,12 @@ MISSING = "(missing)"
 _MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>", "NaT"})
 
 
-def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 50) -> xr.Dataset:
+#: The rules `summarize` shows by default, beside the absolute thresholds (issue 16).
+DEFAULT_RULES = ("quantile:0.05", "mad:3")
+
+
+def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 50,
+              rules=DEFAULT_RULES) -> xr.Dataset:
     """Summarise the CNR of a whole dataset, overall and per group of a per-image column.
 
     Two levels are summarised. ``image``: one value per image, its ``cnr_median``, taken as NaN when the image
@@ -62,6 +67,10 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     bins : int
         Number of histogram bins. The edges are shared by both levels and all groups: `bins` equal bins over
         the finite range of all values of the dataset (``numpy.histogram_bin_edges``).
+    rules : sequence of str or gpucnr.rules.Rule
+        Filtering rules (``"abs:T"``, ``"quantile:P"``, ``"mad:K"``; `gpucnr.manifest`'s ``rule``) whose cut is
+        shown for every level and group: R of them, in the given order. The cut of a group comes from its finite
+        values, as `gpucnr.manifest` with ``by=`` that column computes it at the image level.
 
     Returns
     -------
@@ -69,7 +78,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         Dimensions: ``level`` ("image", "roi", and "case" when the results have a per-image ``case`` column:
         each case's pooled CNR from `gpucnr.aggregate`, counted in the groups of its first image), ``group``
         (G), ``quantile`` (7), ``bin`` (`bins`),
-        ``edge`` (`bins` + 1), ``threshold`` (T).
+        ``edge`` (`bins` + 1), ``threshold`` (T), ``rule`` (R; coordinate: the rules as text, e.g. "mad:3").
 
         Coordinates: ``level``; ``group`` (label: "all", or "<column>=<value>", or "<column>=(missing)");
         ``group_by`` (group,) the column ("all" for the whole dataset); ``group_value`` (group,) the value as
@@ -98,8 +107,12 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
           column, |median − median of the group medians| / (1.4826 × MAD of the group medians); flagged when
           the deviation exceeds 3 × 1.4826 × MAD (a zero MAD flags any deviation, score inf). Groups with
           no finite value, and "all", have score NaN and are never flagged.
+        - ``rule_cut`` (level, group, rule): where the rule cuts the group (NaN where it drops nothing: a
+          quantile's group smaller than 1/P, a MAD of 0, no finite value).
+        - ``rule_n_below`` (level, group, rule): finite values strictly below the cut (what the rule drops).
 
-        Attributes: ``thresholds`` (list of float), ``by`` (list of str, empty without grouping), ``bins``,
+        Attributes: ``thresholds`` (list of float), ``by`` (list of str, empty without grouping), ``rules``
+        (list of str), ``bins``,
         ``quantile_method``, ``wilson_z``, ``outlier_rule``, ``gpucnr_version``.
 
     Raises
@@ -108,9 +121,12 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         A variable the summary needs is missing, or a `by` column is not a per-image column.
     OptionError
         `thresholds` empty or not finite, or `bins` not a positive integer.
+    RuleError
+        ``bad-rule``: a rule that is not one of the accepted forms.
     """
     ds = _as_results(results)
     thr = _thresholds(thresholds)
+    rule_list = [parse_rule(r) for r in ([rules] if isinstance(rules, str) else list(rules))]
     bins = _bins(bins)
     columns = _by(by)
     for name in columns:
@@ -136,7 +152,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     if CASE_LEVEL in ds.variables and ds[CASE_LEVEL].dims == ("image",):
         per_level[CASE_LEVEL] = _case_values(ds)
     levels = list(per_level)
-    # NB: keep only finite values once, with the image that owns each, so every group is a cheap mask.
+    # NB: keep only finite values once, with the image that owns each (its group codes give the value's groups).
     for level, (values, owner) in per_level.items():
         finite = np.isfinite(values)
         per_level[level] = (values[finite], owner[finite])
@@ -144,7 +160,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     everything = np.concatenate([per_level[level][0] for level in levels])
     edges = np.histogram_bin_edges(everything, bins=bins)
 
-    labels, group_by, group_value, masks = _groups(ds, columns, n_images)
+    labels, group_by, group_value, groupings = _groups(ds, columns, n_images)
     n_groups = len(labels)
     n_thr = thr.size
     shape = (len(levels), n_groups)
@@ -155,39 +171,53 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "histogram": np.zeros((*shape, bins), np.int64),
         "ecdf": np.full((*shape, edges.size), np.nan),
         "n_below": np.zeros((*shape, n_thr), np.int64),
-        "fraction_below": np.full((*shape, n_thr), np.nan),
-        "fraction_below_low": np.full((*shape, n_thr), np.nan),
-        "fraction_below_high": np.full((*shape, n_thr), np.nan),
+        "rule_cut": np.full((*shape, len(rule_list)), np.nan),
+        "rule_n_below": np.zeros((*shape, len(rule_list)), np.int64),
     }
+    # NB: one sort per (level, grouping column) gives every group's statistics at once (issue 17): no per-group
+    # mask, so the cost is that of the values, not values × groups.
     for li, level in enumerate(levels):
         values, owner = per_level[level]
-        for gi, mask in enumerate(masks):
-            sample = np.sort(values[mask[owner]])
-            n = sample.size
-            out["count"][li, gi] = n
-            out["histogram"][li, gi] = np.histogram(sample, bins=edges)[0]
-            # NB: searchsorted on the sorted sample: "left" counts values strictly below each threshold (the
-            # issue's rule), "right" counts values <= each edge (the ECDF's definition).
-            below = np.searchsorted(sample, thr, side="left")
-            out["n_below"][li, gi] = below
-            low, high = wilson_interval(below, n)
-            out["fraction_below_low"][li, gi] = low
-            out["fraction_below_high"][li, gi] = high
-            if n:
-                # NB: guarded, so an empty group gives NaN without numpy's empty-slice RuntimeWarning.
-                out["mean"][li, gi] = sample.mean()
-                out["quantiles"][li, gi] = np.quantile(sample, QUANTILES)
-                out["ecdf"][li, gi] = np.searchsorted(sample, edges, side="right") / n
-                out["fraction_below"][li, gi] = below / n
+        by_value = np.argsort(values, kind="stable")
+        for codes, offset, size in groupings:
+            seg = segments(values, codes[owner], size, by_value=by_value)
+            cols = slice(offset, offset + size)
+            out["count"][li, cols] = seg.count
+            out["mean"][li, cols] = seg.mean()
+            out["quantiles"][li, cols] = seg.quantile(QUANTILES)
+            # NB: numpy.histogram's bins are half-open [e_i, e_i+1), the last one closed: counts strictly below
+            # each edge, differenced, and the last bin takes the values equal to the last edge too.
+            lt = seg.count_at_or_below(edges, strict=True)
+            le = seg.count_at_or_below(edges)
+            hist = np.diff(lt, axis=1)
+            hist[:, -1] += le[:, -1] - lt[:, -1]
+            out["histogram"][li, cols] = hist
+            # NB: "strict" counts values strictly below each threshold (the issue's rule), the ECDF counts <= edge.
+            out["n_below"][li, cols] = seg.count_at_or_below(thr, strict=True)
+            for ri, rule in enumerate(rule_list):
+                cut = rule.cuts(seg)
+                out["rule_cut"][li, cols, ri] = cut
+                out["rule_n_below"][li, cols, ri] = seg.count_below(cut)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["ecdf"][li, cols] = np.where(seg.count[:, None] > 0, le / np.maximum(seg.count, 1)[:, None],
+                                                 np.nan)
+    count = out["count"][..., None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["fraction_below"] = np.where(count > 0, out["n_below"] / np.maximum(count, 1), np.nan)
+    out["fraction_below_low"], out["fraction_below_high"] = wilson_interval(out["n_below"], count)
 
     medians = out["quantiles"][:, :, QUANTILES.index(0.5)]
     outlier, score = _outliers(medians, np.asarray(group_by))
 
-    in_group = np.stack(masks)  # (group, image); never empty: "all" is always there
-    n_no_valid = (in_group & (n_valid == 0)[None, :]).sum(axis=1).astype(np.int64)
+    n_in, n_no_valid, n_not_computed = (np.zeros(n_groups, np.int64) for _ in range(3))
+    for codes, offset, size in groupings:
+        cols = slice(offset, offset + size)
+        n_in[cols] = np.bincount(codes, minlength=size)
+        n_no_valid[cols] = np.bincount(codes[n_valid == 0], minlength=size)
+        n_not_computed[cols] = np.bincount(codes[n_valid < 0], minlength=size)
     data = {
-        "n_images": (("group",), in_group.sum(axis=1).astype(np.int64)),
-        "n_not_computed": (("group",), (in_group & (n_valid < 0)[None, :]).sum(axis=1).astype(np.int64)),
+        "n_images": (("group",), n_in),
+        "n_not_computed": (("group",), n_not_computed),
         # NB: an image without a valid ROI contributes to neither level; the count is the same for both.
         "n_no_valid_roi": (("level", "group"), np.broadcast_to(n_no_valid, shape).copy()),
         "count": (("level", "group"), out["count"]),
@@ -199,6 +229,8 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "fraction_below": (("level", "group", "threshold"), out["fraction_below"]),
         "fraction_below_low": (("level", "group", "threshold"), out["fraction_below_low"]),
         "fraction_below_high": (("level", "group", "threshold"), out["fraction_below_high"]),
+        "rule_cut": (("level", "group", "rule"), out["rule_cut"]),
+        "rule_n_below": (("level", "group", "rule"), out["rule_n_below"]),
         "outlier": (("level", "group"), outlier),
         "outlier_score": (("level", "group"), score),
     }
@@ -213,11 +245,13 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         "bin_high": ("bin", edges[1:]),
         "edge": edges,
         "threshold": thr,
+        "rule": np.asarray([str(r) for r in rule_list], dtype=object),
     }
     summary = xr.Dataset(data, coords=coords)
     summary.attrs.update({
         "thresholds": [float(t) for t in thr],
         "by": list(columns),
+        "rules": [str(r) for r in rule_list],
         "bins": bins,
         "quantile_method": "linear",
         "wilson_z": WILSON_Z,
@@ -330,32 +364,54 @@ def _is_missing(value) -> bool:
 
 
 def _groups(ds: xr.Dataset, columns: list[str], n_images: int):
-    """Group labels, their column and value, and one boolean image mask per group ("all" first)."""
-    labels, group_by, group_value, masks = ["all"], ["all"], ["all"], [np.ones(n_images, bool)]
+    """Group labels, their column and value, and per grouping ("all" first, then each column of `columns`) the
+    group code of every image (int64 (n_images,)), the position of its first group among the labels and its
+    number of groups."""
+    labels, group_by, group_value = ["all"], ["all"], ["all"]
+    groupings = [(np.zeros(n_images, np.int64), 0, 1)]
     for name in columns:
-        raw = np.asarray(ds[name].values)
-        values = raw.astype(object)
-        missing = np.fromiter((_is_missing(v) for v in values), bool, count=values.size)
-        present = values[~missing]
-        keys = [_scalar(v) for v in present]
-        try:
-            distinct = sorted(set(keys))
-        except TypeError:
-            # NB: a column mixing types (numbers and text) has no natural order; text order is deterministic.
-            distinct = sorted(set(keys), key=str)
-        key_of = np.empty(values.size, dtype=object)
-        key_of[~missing] = keys
-        for key in distinct:
-            labels.append(f"{name}={key}")
-            group_by.append(name)
-            group_value.append(str(key))
-            masks.append(~missing & (key_of == key))
-        if missing.any():
-            labels.append(f"{name}={MISSING}")
-            group_by.append(name)
-            group_value.append(MISSING)
-            masks.append(missing)
-    return labels, group_by, group_value, masks
+        codes, values = column_codes(ds[name].values)
+        groupings.append((codes, len(labels), len(values)))
+        labels += [f"{name}={v}" for v in values]
+        group_by += [name] * len(values)
+        group_value += values
+    return labels, group_by, group_value, groupings
+
+
+def column_codes(raw) -> tuple[np.ndarray, list[str]]:
+    """Group code of each value of a per-image column and the groups' values as text, in summarize's order.
+
+    Parameters
+    ----------
+    raw : array (n,)
+        The column's values, of any dtype.
+
+    Returns
+    -------
+    codes : int64 array (n,)
+        The group of each value: distinct values sorted (text order for a column mixing numbers and text),
+        then ``"(missing)"`` last for NaN, None, "" and their text forms after a Zarr round trip.
+    values : list of str
+        The group values as text, ``"(missing)"`` for the missing group (present only if a value is missing).
+    """
+    # NB: pandas' hash table factorises the column in C; the Python-level rules (missing spellings, one group for
+    # equal values of any dtype) then run once per distinct value, not once per image.
+    first, uniques = pd.factorize(np.asarray(raw).astype(object), use_na_sentinel=True)
+    uniques = list(uniques)
+    missing = np.array([_is_missing(v) for v in uniques], bool)
+    keys = [_scalar(v) for v, m in zip(uniques, missing, strict=True) if not m]
+    try:
+        distinct = sorted(set(keys))
+    except TypeError:
+        # NB: a column mixing types (numbers and text) has no natural order; text order is deterministic.
+        distinct = sorted(set(keys), key=str)
+    # NB: a dict keyed by value, as `set` groups them (1 and 1.0 are one group)
+    index = {key: i for i, key in enumerate(distinct)}
+    remap = np.full(len(uniques) + 1, len(distinct), np.int64)  # NB: the last slot: pandas' NA sentinel (-1)
+    remap[np.flatnonzero(~missing)] = [index[k] for k in keys]
+    codes = remap[first]
+    has_missing = bool(missing.any() or (first < 0).any())
+    return codes, [str(k) for k in distinct] + ([MISSING] if has_missing else [])
 
 
 def _scalar(value):

@@ -54,14 +54,16 @@ def best(fn, repeat):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory",
-                                                                        "ingest", "ingest-nifti", "scale"),
+                                                                        "ingest", "ingest-nifti", "groups",
+                                                                        "scale"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
                              "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 small DICOM "
                              "files, workers=2, vs a plain pydicom loop), ingest-nifti (100 gzip NIfTI volumes "
                              "of SIZE x SIZE x SIZE/2 int16, workers=2, vs a plain nibabel load-and-sum loop; "
-                             "default size 256), scale (write, run, summarize by 10^4 sites, filter, report at "
-                             "--scale-n images of 64x64 uint16 against a tenth of them: time ratio, peak RSS, files; "
-                             "minutes at 10^6, never part of make test)")
+                             "default size 256); groups (summarize, manifest, aggregate with 5000 groups vs none, "
+                             "on --n images, default 10^5, in-memory results); scale (write, run, summarize by 10^4 "
+                             "sites, filter, report at --scale-n images of 64x64 uint16 against a tenth of them: time "
+                             "ratio, peak RSS, files; minutes at 10^6, never part of make test)")
     parser.add_argument("--scale-n", type=int, default=100_000, help="scale: the larger N (default 10^5)")
     parser.add_argument("--scale-dir", default=None, help="scale: where the stacks go (default a temporary folder)")
     parser.add_argument("--step-timeout", type=float, default=3600, help="scale: seconds per step before it is "
@@ -79,14 +81,14 @@ def main(argv=None):
     parser.add_argument("--gb", type=float, default=2.0, help="pipeline --sizes: raw pixels per size, GB (default 2)")
     args = parser.parse_args(argv)
     if args.n is None:
-        args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100}.get(args.part, 256)
+        args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100, "groups": 100_000}.get(args.part, 256)
     if args.quick:
         args.n, args.repeat = 64, 3
     if args.part == "pipeline" and args.sizes:
         return bench_pipeline_sizes(args)
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
      "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti,
-     "scale": bench_scale}[args.part](args)
+     "groups": bench_groups, "scale": bench_scale}[args.part](args)
 
 
 def bench_kernels(args):
@@ -577,6 +579,69 @@ def bench_ingest_nifti(args):
           f"{args.n / t_plain:.2f} | 1 |")
     print(f"| `gpucnr.ingest(..., workers=2)` (scan + decode + stack + linkage) | {t_ours:.2f} | "
           f"{args.n / t_ours:.2f} | {t_plain / t_ours:.2f}x |")
+
+
+def _grouped_results(n: int, groups: int, seed: int = 0):
+    """In-memory results of `n` images and 3 ROIs (the moments `aggregate` pools, the CNR `summarize` and `manifest`
+    read) with a per-image column ``site`` of `groups` values, ``one`` of a single value, and ``case`` (8 images
+    each)."""
+    import xarray as xr
+
+    rng = np.random.default_rng(seed)
+    shape = (n, 3)
+    n_roi = rng.integers(20, 200, shape)
+    n_bg = rng.integers(500, 5000, shape)
+    mean_roi, mean_bg = rng.normal(300, 30, shape), rng.normal(100, 10, shape)
+    var_roi, var_bg = rng.gamma(4, 100, shape), rng.gamma(4, 100, shape)
+    cnr = np.abs(mean_roi - mean_bg) / np.sqrt(var_roi + var_bg)
+    status = np.where(rng.random(shape) < 0.05, 4, 0).astype(np.int8)
+    ok = status == 0
+    with np.errstate(all="ignore"):
+        median = np.nanmedian(np.where(ok, cnr, np.nan), axis=1)
+    site = np.array([f"site{k:05d}" for k in range(groups)], dtype=object)[rng.integers(0, groups, n)]
+    cell = ("image", "roi")
+    return xr.Dataset(
+        {"n_roi": (cell, n_roi), "mean_roi": (cell, mean_roi), "var_roi": (cell, var_roi), "n_bg": (cell, n_bg),
+         "mean_bg": (cell, mean_bg), "var_bg": (cell, var_bg), "cnr": (cell, np.where(ok, cnr, np.nan)),
+         "status": (cell, status), "cnr_median": (("image",), median),
+         "n_valid": (("image",), ok.sum(axis=1).astype(np.int64)), "n_excluded": (("image",), np.zeros(n, np.int64))},
+        coords={"image": np.arange(n), "roi": [1, 2, 3], "site": ("image", site),
+                "one": ("image", np.full(n, "all", dtype=object)),
+                "case": ("image", np.array([f"c{k // 8:07d}" for k in range(n)], dtype=object))},
+        attrs={"ddof": 1, "min_bg": 30, "definition": "pooled"},
+    )
+
+
+def bench_groups(args):
+    """summarize, manifest and aggregate with 5,000 groups against the same call without groups (issue 17: one pass,
+    no per-group masks), side by side on the same in-memory results."""
+    from gpucnr.manifests import manifest
+    from gpucnr.pooling import aggregate
+    from gpucnr.statistics import summarize
+
+    groups = 5000
+    ds = _grouped_results(args.n, groups)
+    # NB: the case level of summarize pools cases (aggregate): left out, so both sides time the same work
+    ds_plain = ds.drop_vars("case")
+    calls = {
+        "summarize": (lambda: summarize(ds_plain), lambda: summarize(ds_plain, by="site")),
+        "manifest (mad:3)": (lambda: manifest(ds_plain, rule="mad:3"),
+                             lambda: manifest(ds_plain, rule="mad:3", by="site")),
+        "aggregate": (lambda: aggregate(ds, by="one"), lambda: aggregate(ds, by="site")),
+    }
+    times: dict[tuple[str, int], list[float]] = {}
+    for _ in range(args.repeat):
+        for name, pair in calls.items():
+            for k, fn in enumerate(pair):
+                times.setdefault((name, k), []).append(best(fn, 1))
+    print(f"gpucnr {gpucnr.__version__}; in-memory results of {args.n} images x 3 ROIs; {groups} groups "
+          f"(column site) vs none; best of {args.repeat} interleaved rounds")
+    print()
+    print("| call | no groups (s) | 5000 groups (s) | ratio |")
+    print("|---|---:|---:|---:|")
+    for name in calls:
+        a, b = min(times[name, 0]), min(times[name, 1])
+        print(f"| {name} | {a:.3f} | {b:.3f} | {b / a:.1f}x |")
 
 
 if __name__ == "__main__":

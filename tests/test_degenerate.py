@@ -30,7 +30,7 @@ def table(*rows):
 def test_status_codes_are_the_designs():
     assert gpucnr.STATUS == {"not-computed": -1, "ok": 0, "absent": 1, "roi-outside": 2, "roi-too-small": 3,
                              "background-too-small": 4, "zero-noise": 5, "failed": 6, "numeric-range": 7,
-                             "not-poolable": 9}
+                             "region-not-found": 8, "not-poolable": 9}
 
 
 # ------------------------------------------------------------------------------------------------ ROI size

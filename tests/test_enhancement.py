@@ -218,3 +218,20 @@ def test_padding_pixels_keep_their_value(tmp_path):
         np.testing.assert_array_equal(got[:, :8], 0.0)
         ref = scipy.ndimage.gaussian_filter(_by_hand(stack, int(i)), sigma=2.0)
         np.testing.assert_array_equal(got[:, 8:], ref[:, 8:])
+
+
+def test_a_rule_enhances_what_filter_drops(source, tmp_path):
+    root, _, results = source
+    # NB: 11 usable images: a 25 % quantile (needs 4) cuts, per patient_id group of 3 it does not
+    ds = enhance(root / "results.zarr", tmp_path / "q", rule="quantile:0.25", backend="numpy")
+    m = gpucnr.manifest(results, rule="quantile:0.25")
+    cnr = np.asarray(results["cnr_median"].values)
+    usable = np.isfinite(cnr)
+    expected = np.asarray(results["image"].values)[usable & (cnr < np.quantile(cnr[usable], 0.25))]
+    assert len(expected) and list(ds["image"].values) == sorted(m.loc[m["decision"] == "drop", "image"])
+    np.testing.assert_array_equal(ds["image"].values, np.sort(expected))
+    assert ds.attrs["rule"] == "quantile:0.25" and math.isnan(ds.attrs["threshold"])
+    none = enhance(root / "results.zarr", tmp_path / "p", rule="quantile:0.25", by="patient_id")
+    assert none.sizes["image"] == 0 and not (tmp_path / "p").exists()
+    with pytest.raises(gpucnr.InputError, match="not both"):
+        enhance(root / "results.zarr", tmp_path / "x", threshold=1.0, rule="mad:3")

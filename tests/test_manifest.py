@@ -276,9 +276,11 @@ def test_bad_level_threshold_and_variables():
     ds = results([1.0], [1])
     with pytest.raises(gpucnr.InputError, match="level"):
         manifest(ds, level="slice")
-    for bad in (NAN, "1.5", True, None):
+    for bad in (NAN, "1.5", True):
         with pytest.raises(gpucnr.InputError, match="threshold"):
             manifest(ds, threshold=bad)
+    # NB: threshold=None is the default since rules came (issue 16): the rule abs:1.5
+    assert manifest(ds, threshold=None).attrs["rule"] == "abs:1.5"
     with pytest.raises(gpucnr.InputError, match="'cnr'"):
         manifest(ds, level="roi")
     with pytest.raises(gpucnr.InputError, match="cnr_median"):

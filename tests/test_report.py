@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html as html_lib
 import re
 import shutil
 from html.parser import HTMLParser
@@ -193,3 +194,22 @@ def test_plots_are_non_empty_pngs(made):
         three_panel(image, roi[:10], ~roi, "t")
     with pytest.raises(ValueError):
         group_boxplot(ds, "no_such_column")
+
+
+def test_thresholds_section_shows_where_each_rule_cuts(made):
+    _, results, report = made
+    html = report.read_text(encoding="utf-8")
+    section = html[html.index('<h3 id="rules">'):html.index("</section>", html.index('<h3 id="rules">'))]
+    rows = re.findall(r"<tr><td class=\"l\">([^<]*)</td><td class=\"l\">([^<]*)</td><td>([^<]*)</td><td>(\d+)</td>"
+                      r"<td>(\d+)</td>", section)
+    s = gpucnr.summarize(results, by="site", rules=("quantile:0.05", "mad:3"))
+    image_rows = [(html_lib.unescape(g), *rest) for g, *rest in rows[: len(s["group"]) * 2]]  # image level first
+    assert {(g, r) for g, r, *_ in image_rows} == {(str(g), r) for g in s["group"].values for r in ("quantile:0.05",
+                                                                                                   "mad:3")}
+    for g, rule, cut, dropped, finite in image_rows:
+        x = s.sel(level="image", group=g, rule=rule)
+        assert int(dropped) == int(x["rule_n_below"]) and int(finite) == int(x["count"])
+        assert (cut == "no cut") == bool(np.isnan(float(x["rule_cut"])))
+    # 14 images: a 5 % quantile needs 20 values, so it never cuts here
+    assert all(cut == "no cut" for _, rule, cut, *_ in image_rows if rule == "quantile:0.05")
+    assert any(cut != "no cut" for _, rule, cut, *_ in image_rows if rule == "mad:3")

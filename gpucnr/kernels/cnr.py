@@ -15,7 +15,7 @@ __all__ = [
 ]
 
 #: Names accepted by ``definition=`` (DESIGN §4).
-DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr")
+DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc")
 
 #: Status codes of an (image, roi) cell, in order of precedence after "not computed" (DESIGN §4).
 STATUS = {
@@ -31,26 +31,31 @@ STATUS = {
     # (max - min) does not fit in 63 bits, a float image whose spread overflows float64 (DESIGN §10). It comes
     # after the geometric statuses (they stay true whatever the values) and before zero-noise.
     "numeric-range": 7,
+    # NB: rois="auto" did not find the cell's regions (no air, no body, or not two tissue classes) (DESIGN §10).
+    "region-not-found": 8,
     # NB: a group of cells whose definition cannot be pooled from moments (gCNR is a histogram statistic):
     # `gpucnr.aggregate` only (DESIGN §10).
     "not-poolable": 9,
 }
 
 
-def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *, signed: bool, polarity):
+def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *, signed: bool, polarity,
+                      var_air=None):
     """CNR of every cell under a moment definition.
 
     Parameters
     ----------
     mean_roi, var_roi, mean_bg, var_bg : float64 arrays, one shape
         Region moments in modality units.
-    definition : {"pooled", "background", "roi", "pooled-mean"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "mriqc"}
         ``|mr - mb| / sqrt(vr + vb)`` (the article's), ``/ sqrt(vb)``, ``/ sqrt(vr)``,
-        ``/ sqrt((vr + vb) / 2)``.
+        ``/ sqrt((vr + vb) / 2)``, ``/ sqrt(var_air + vr + vb)`` (MRIQC's).
     signed : bool
         Keep sign(mr - mb) times `polarity` instead of the absolute value.
     polarity : float64 array broadcastable to the moments
         +1, or -1 for images displayed inverted (MONOCHROME1).
+    var_air : float64 array broadcastable to the moments, optional
+        ``definition="mriqc"`` only (required there): the air variance, 0 where the image has no air.
 
     Returns
     -------
@@ -67,6 +72,10 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
         noise2 = var_bg
     elif definition == "roi":
         noise2 = var_roi
+    elif definition == "mriqc":
+        if var_air is None:
+            raise ValueError("definition 'mriqc' needs var_air, the air variance (rois='auto' measures it)")
+        noise2 = var_air + var_roi + var_bg  # MRIQC's CNR, |mu_1 - mu_2| / sqrt(var_air + var_1 + var_2)
     else:
         raise ValueError(f"not a moment definition: {definition!r}")
     diff = mean_roi - mean_bg
