@@ -71,7 +71,8 @@ def _measurement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--background-label", type=int, default=None)
     g.add_argument("--min-bg", type=_nonneg_int, default=30)
     g.add_argument("--ddof", type=_nonneg_int, default=1)
-    g.add_argument("--definition", choices=DEFINITIONS, default="pooled")
+    g.add_argument("--definition", choices=DEFINITIONS, default="pooled",
+                   help="viqa and mrqy reproduce vIQA's and MRQy/RadQy's CNRs; they set --ddof 0 --signed")
     g.add_argument("--gcnr-bins", type=_bins, default="auto")
     g.add_argument("--signed", action="store_true")
 

@@ -194,7 +194,9 @@ def _run_params(attrs) -> Params:
 
 
 def _as_kwargs(params: Params) -> dict:
-    return {k: (None if v == "none" else v) for k, v in params.as_attrs().items()}
+    # NB: only the parameters; as_attrs also records what a definition forced (definition_forces)
+    fields = Params().as_attrs()
+    return {k: (None if v == "none" else v) for k, v in params.as_attrs().items() if k in fields}
 
 
 def _roi_rows(stack: Stack, attrs, chosen: np.ndarray) -> pd.DataFrame | None:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -1004,6 +1005,8 @@ _PSEUDONYM = r"[0-9a-f]{20}|"
 _OWN_META = ("slope", "intercept", "padding", "photometric")
 #: numeric columns of gpucnr's own (enhance's original_index, geometry): their values are indices and
 #: measurements, never screened as record numbers (a dataset may hold more than 99999 images)
+#: meta columns whose values ingest writes as keyed pseudonyms (carried into a new stack by enhance)
+_PSEUDONYM_META = ("case",)
 _NUMERIC_META = ("original_index", "frame", "channel", "spacing_y", "spacing_x", "spacing_z", "pixel_spacing")
 
 
@@ -1025,8 +1028,18 @@ def _screen_meta(meta: pd.DataFrame, key_file) -> pd.DataFrame:
         meta[col] = [pseudonym(key, col.removesuffix("_id"), v) for v in text]
     free = [str(c) for c in meta.columns if c not in ID_COLUMNS and c not in _OWN_META]
     numeric = [c for c in free if c in _NUMERIC_META and pd.api.types.is_numeric_dtype(meta[c])]
-    check_columns(meta.drop(columns=numeric), free, "meta")  # NB: names of all, values of the rest
+    # NB: a `case` column of gpucnr's own pseudonyms (ingest's, carried by enhance) is not free text: 20 hex digits
+    # often hold a run of six decimal digits, which the record-number screen would refuse by chance
+    own = [c for c in free if c in _PSEUDONYM_META and meta[c].map(_is_pseudonym).all()]
+    check_columns(meta.drop(columns=numeric + own), free, "meta")  # NB: names of all, values of the rest
     return meta
+
+
+def _is_pseudonym(value) -> bool:
+    """A missing value, or 20 lower-case hex digits (`gpucnr.sources.pseudonyms.pseudonym`'s form)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return re.fullmatch(_PSEUDONYM, str(value)) is not None
 
 
 def _check_row(image: np.ndarray, meta: dict, i: int) -> None:

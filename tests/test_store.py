@@ -222,6 +222,20 @@ def test_meta_columns_land_in_the_per_image_table(tmp_path):
     assert st.n_images == n
 
 
+def test_case_pseudonyms_are_not_screened_as_record_numbers(tmp_path, phantom):
+    # NB: ingest's case pseudonyms are 20 hex digits, which often hold a run of six decimal digits; enhance carries
+    # them into its new stack, which refused them by chance (a new user's walk)
+    from gpucnr.identifiers import IdentifyingError
+
+    n = phantom.images.shape[0]
+    own = ["f46452a4b759162983e1", ""] * (n // 2) + [""] * (n % 2)
+    gpucnr.write_stack(tmp_path / "a.zarr", phantom.images, meta=pd.DataFrame({"case": own}))
+    assert gpucnr.open_stack(tmp_path / "a.zarr").images["case"].astype(str).tolist()[:1] == [own[0]]
+    theirs = ["case 1234567"] + [""] * (n - 1)  # free text: still screened
+    with pytest.raises(IdentifyingError, match="case"):
+        gpucnr.write_stack(tmp_path / "b.zarr", phantom.images, meta=pd.DataFrame({"case": theirs}))
+
+
 def test_meta_defaults(tmp_path, phantom):
     st = write(tmp_path / "s.zarr", phantom, labels=None, rois=None)
     t = st.images
