@@ -28,6 +28,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size(text: str) -> str:
+    from gpucnr.store import SizeError, parse_size
+
+    try:
+        parse_size(text, what="--shard")
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _nonneg_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -104,7 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--mask-threshold", type=float, default=None, metavar="T",
                      help="binarise mask files: 1 where the value exceeds T (lossy JPEG masks)")
     ing.add_argument("--file-timeout", type=float, default=120, help="seconds per file before it is skipped")
-    ing.add_argument("--shard", type=_positive_int, default=64, help="images per shard = per batch of a run")
+    ing.add_argument("--shard", type=_size, default=None,
+                     help="shard size per bucket: pixels (4M = 2^22 px, the default) or images (64i, or a "
+                          "bare 64); a run batches whole shards")
     ing.add_argument("--compressor", choices=COMPRESSORS, default="blosc-zstd")
     ing.add_argument("--follow-symlinks", action="store_true")
     ing.add_argument("--progress", action="store_true", help="progress line on stderr")
@@ -140,8 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", default="threads",
                      help="threads (default) | processes | synchronous | ADDRESS of a Dask distributed scheduler")
     run.add_argument("--workers", type=_positive_int, default=None, help="local pool size (default: CPUs)")
-    run.add_argument("--batch", type=_positive_int, default=None,
-                     help="images per batch (default: the stack's shard; rounded to a multiple of it)")
+    run.add_argument("--batch", default=None,
+                     help="batch size per bucket, in pixels (16M = 2^24 px: the smallest whole number of shards "
+                          "holding that many) or images (64i, or a bare 64; rounded to a multiple of the shard); "
+                          "default 16M; a --resume without it continues the results' own")
     run.add_argument("--resume", action="store_true", help="skip committed batches of existing results")
     run.add_argument("--progress", action="store_true", help="progress bar on stderr")
     run.add_argument("--group-columns", type=_names, default=None,
@@ -336,7 +350,8 @@ def _dispatch(args) -> int:
                  backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
                  resume=args.resume, progress=args.progress, group_columns=args.group_columns,
                  roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
-        print(summary_table(ds.load(), title="gpucnr run"), flush=True)
+        # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
+        print(summary_table(ds, title="gpucnr run"), flush=True)
         unmatched = len(ds.attrs.get("rois_unmatched", []))
         if unmatched:
             # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them
