@@ -98,10 +98,15 @@ def measure(
         Backgrounds with fewer pixels get status background-too-small.
     ddof : int
         Delta degrees of freedom of the variances (1: article's Python; 0: its MATLAB).
-    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc", "viqa", "mrqy"}
         ``mriqc`` (rois="auto" only): MRIQC's |μ1 − μ2| / √(σ_air² + σ1² + σ2²) on the tissue cell, with the
         image's air variance (without it where the image has no air: ``noise_source`` "tissue"); the foreground
         cell, whose background is the air, counts the air variance once (the pooled formula).
+        "viqa" reproduces vIQA's CNR, ``(mu_r - mu_b) / sigma_b`` with the population standard deviation and
+        the sign of the difference (in modality units, never flipped by the display polarity). "mrqy" reproduces
+        MRQy's and RadQy's, ``mean(P_r - P_b) / std(P_b)`` over their 5x5 patches next to the maximum of each
+        region's zero-filled image, on stored values (quirks kept: `gpucnr.kernels.patches`). Both set
+        ``ddof=0, signed=True`` whatever was given, recorded in the attribute ``definition_forces``.
     gcnr_bins : "auto" or int
     signed : bool
         Keep the sign of mean_roi - mean_bg.

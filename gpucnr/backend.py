@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from typing import Any
 
 import array_api_compat
@@ -20,6 +21,7 @@ __all__ = [
     "namespace",
     "ndimage_for",
     "resolve_backend",
+    "simulated_device",
     "to_backend",
     "to_host",
 ]
@@ -35,7 +37,9 @@ class BackendUnavailableError(GpucnrError, RuntimeError):
 
 
 def cupy_available() -> bool:
-    """True when CuPy imports *and* sees a CUDA device (an importable CuPy without a GPU is not enough)."""
+    """True when CuPy imports *and* sees a CUDA device (an importable CuPy without a GPU is not enough).
+
+    NB: never numba.cuda.is_available(), which is true under numba's CUDA simulator."""
     try:
         cupy = importlib.import_module("cupy")
     except Exception:  # noqa: BLE001 - a broken CUDA install raises anything at import; it means no GPU
@@ -52,9 +56,9 @@ def fast_path(xp) -> str | None:
     Returns
     -------
     str or None
-        ``"numba-cpu"`` for NumPy when Numba is installed; None (the portable array-API path) otherwise.
-        ``"cuda"`` (numba-cuda device kernels for CuPy) is reserved for the device kernels: until they exist,
-        CuPy takes the portable path and this returns None for it.
+        ``"cuda"`` (numba-cuda device kernels) for CuPy when numba-cuda is installed, and for NumPy in the
+        simulator test mode (`simulated_device`); ``"numba-cpu"`` for NumPy when Numba is installed; None (the
+        portable array-API path) otherwise.
 
     Notes
     -----
@@ -62,9 +66,23 @@ def fast_path(xp) -> str | None:
     imports no kernel), and ``fast=False`` in the kernels means that no name is asked for at all.
     """
     # NB: find_spec, not an import: the name is decided without loading the compiler.
+    if array_api_compat.is_cupy_namespace(xp) and importlib.util.find_spec("numba_cuda") is not None:
+        return "cuda"
+    if simulated_device() and (array_api_compat.is_numpy_namespace(xp)
+                               or array_api_compat.is_array_api_strict_namespace(xp)):
+        return "cuda"
     if array_api_compat.is_numpy_namespace(xp) and importlib.util.find_spec("numba") is not None:
         return "numba-cpu"
     return None
+
+
+def simulated_device() -> bool:
+    """The test mode ``GPUCNR_CUDA_SIM=1``: ``backend="cupy"`` runs the device kernels in numba's CUDA simulator
+    on NumPy arrays (NUMBA_ENABLE_CUDASIM=1 must be set before numba.cuda is first imported). It proves the
+    kernels' logic on a CPU, not CuPy's; in this mode every NumPy (and array-api-strict: a test counts their host
+    reads) batch of the process takes the device kernels ("cuda"), so a test compares it with the NumPy path by
+    switching the variable."""
+    return os.environ.get("GPUCNR_CUDA_SIM") == "1"
 
 
 def is_cupy(x: Any) -> bool:
@@ -111,6 +129,8 @@ def resolve_backend(backend: str, data: Any = None) -> str:
     if backend not in BACKENDS:
         raise OptionError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "cupy":
+        if simulated_device():
+            return "cupy"
         if not (is_cupy(data) or cupy_available()):
             raise BackendUnavailableError("backend='cupy' was requested but no CUDA device is available: install "
                                           "the cuda12 or cuda13 extra (pip install 'gpucnr[cuda12]') on a CUDA "
@@ -130,6 +150,9 @@ def to_backend(x: Any, backend: str):
     if backend == "native":
         return x
     if backend == "cupy":
+        if simulated_device():
+            # NB: the simulator's "device" arrays are NumPy arrays (see `simulated_device`).
+            return to_host(x)
         import cupy
 
         return cupy.asarray(x)

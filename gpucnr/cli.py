@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _size(text: str) -> str:
+    from gpucnr.store import SizeError, parse_size
+
+    try:
+        parse_size(text, what="--shard")
+    except SizeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def _nonneg_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -66,7 +76,8 @@ def _measurement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--background-label", type=int, default=None)
     g.add_argument("--min-bg", type=_nonneg_int, default=30)
     g.add_argument("--ddof", type=_nonneg_int, default=1)
-    g.add_argument("--definition", choices=DEFINITIONS, default="pooled")
+    g.add_argument("--definition", choices=DEFINITIONS, default="pooled",
+                   help="viqa and mrqy reproduce vIQA's and MRQy/RadQy's CNRs; they set --ddof 0 --signed")
     g.add_argument("--gcnr-bins", type=_bins, default="auto")
     g.add_argument("--signed", action="store_true")
 
@@ -108,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--mask-threshold", type=float, default=None, metavar="T",
                      help="binarise mask files: 1 where the value exceeds T (lossy JPEG masks)")
     ing.add_argument("--file-timeout", type=float, default=120, help="seconds per file before it is skipped")
-    ing.add_argument("--shard", type=_positive_int, default=64, help="images per shard = per batch of a run")
+    ing.add_argument("--shard", type=_size, default=None,
+                     help="shard size per bucket: pixels (4M = 2^22 px, the default) or images (64i, or a "
+                          "bare 64); a run batches whole shards")
     ing.add_argument("--compressor", choices=_COMPRESSORS, default="blosc-zstd")
     ing.add_argument("--follow-symlinks", action="store_true")
     ing.add_argument("--progress", action="store_true", help="progress line on stderr")
@@ -144,8 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scheduler", default="threads",
                      help="threads (default) | processes | synchronous | ADDRESS of a Dask distributed scheduler")
     run.add_argument("--workers", type=_positive_int, default=None, help="local pool size (default: CPUs)")
-    run.add_argument("--batch", type=_positive_int, default=None,
-                     help="images per batch (default: the stack's shard; rounded to a multiple of it)")
+    run.add_argument("--batch", default=None,
+                     help="batch size per bucket, in pixels (16M = 2^24 px: the smallest whole number of shards "
+                          "holding that many) or images (64i, or a bare 64; rounded to a multiple of the shard); "
+                          "default 16M; a --resume without it continues the results' own")
     run.add_argument("--resume", action="store_true", help="skip committed batches of existing results")
     run.add_argument("--progress", action="store_true", help="progress bar on stderr")
     run.add_argument("--group-columns", type=_names, default=None,
@@ -340,7 +355,8 @@ def _dispatch(args) -> int:
                  backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
                  resume=args.resume, progress=args.progress, group_columns=args.group_columns,
                  roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
-        print(summary_table(ds.load(), title="gpucnr run"), flush=True)
+        # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
+        print(summary_table(ds, title="gpucnr run"), flush=True)
         unmatched = len(ds.attrs.get("rois_unmatched", []))
         if unmatched:
             # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them
@@ -381,12 +397,16 @@ def _dispatch(args) -> int:
         if counts.get("drop", 0) * 2 > len(table):
             print(f"gpucnr: warning: rule {table.attrs['rule']} drops {counts['drop']} of {len(table)} "
                   f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
-                  "on what is left, check the background mode and the threshold: docs/accuracy.md, \"Choosing a "
-                  "background and a threshold\", and the report's threshold table", file=sys.stderr)
+                  "on what is left, check the background mode and the rule: docs/choosing.md and the report's "
+                  "threshold table", file=sys.stderr)
         cut = [c for c in table.attrs.get("cuts", []) if c["dropped"]]
+        # NB: a group the rule cannot cut (too small for the quantile, MAD 0) must not read as a clean group
+        uncut = [c for c in table.attrs.get("cuts", []) if c["cut"] is None and c["units"]]
         if args.by or table.attrs["rule"].split(":")[0] != "abs":
-            print(f"rule {table.attrs['rule']}: {len(table.attrs['cuts'])} group(s), {len(cut)} with a unit dropped "
-                  f"(each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
+            print(f"rule {table.attrs['rule']}: {len(table.attrs['cuts'])} group(s), {len(cut)} with a unit dropped"
+                  + (f", {len(uncut)} with no cut (too few units or no spread: nothing there is judged)"
+                     if uncut else "")
+                  + f" (each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
 

@@ -110,6 +110,10 @@ def summary_table(ds: xr.Dataset, *, truth=None, threshold: float = 1.5, elapsed
         lines.append(f"{'median |measured/true - 1|':<28}{np.median(np.abs(rel)):>12.3%}")
         lines.append("  (how far the measured CNR lies from the phantom's known CNR, image by image: the median "
                      "relative difference; a few % is the bias of the background mode, see docs/accuracy.md)")
+    if "committed" in ds.variables:
+        # NB: a run's own count, from its committed flags (one per batch), not from reading every row
+        done = f"{int((ds['committed'].to_numpy() != 0).sum())} of {ds.sizes['batch']}"
+        lines.append(f"{'batches committed':<28}{done:>12}")
     if elapsed is not None:
         lines.append(f"{'time':<28}{elapsed:>10.2f} s ({ds.sizes['image'] / elapsed:,.0f} images/s)")
     return "\n".join(lines)

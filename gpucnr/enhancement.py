@@ -135,15 +135,19 @@ def enhance(results, out, *, threshold: float | None = None, method: str = "medi
         images, labels = _filtered(stack, chosen, method, param, where)
         make_folder(out)
         new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen),
-                          shard=stack.shard, compressor=stack.compressor)
+                          shard=stack.group.attrs.get("shard_size", stack.shard), compressor=stack.compressor)
         # NB: the same ROI sources as the original run (an attribute "labels", "table" or "both")
         source = str(ds.attrs.get("roi_source", "auto"))
+        # NB: and the original run's batch size (images or pixels, as it was given)
+        batch = ds.attrs.get("batch")
+        batch = batch if isinstance(batch, int | str) and not isinstance(batch, bool) else None
         if source == "auto" and "edge" in ds.attrs:
             # NB: rois="auto" results: the automatic regions of the enhanced images, found again
-            after = run(new, results_out, backend=where, rois="auto", edge=int(ds.attrs["edge"]), **_as_kwargs(params))
+            after = run(new, results_out, backend=where, rois="auto", edge=int(ds.attrs["edge"]), batch=batch,
+                        **_as_kwargs(params))
         else:
             after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
-                        else "auto", **_as_kwargs(params))
+                        else "auto", batch=batch, **_as_kwargs(params))
     except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
         # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
         # same command refuse to start again
@@ -190,7 +194,9 @@ def _run_params(attrs) -> Params:
 
 
 def _as_kwargs(params: Params) -> dict:
-    return {k: (None if v == "none" else v) for k, v in params.as_attrs().items()}
+    # NB: only the parameters; as_attrs also records what a definition forced (definition_forces)
+    fields = Params().as_attrs()
+    return {k: (None if v == "none" else v) for k, v in params.as_attrs().items() if k in fields}
 
 
 def _roi_rows(stack: Stack, attrs, chosen: np.ndarray) -> pd.DataFrame | None:

@@ -66,8 +66,8 @@ def _stack(path: Path, verify: bool = False) -> dict:
             # NB: damaged beyond reading its layout: report what is wrong rather than raise.
             return {"kind": "stack", "path": str(path), "complete": False, "problem": problem,
                     "text": f"stack {path}: cannot be read — {problem}", "exit_code": 3}
-    buckets = [{"name": b.name, "images": b.size, "first_index": b.offset, "labels": b.labels is not None}
-               for b in stack.buckets]
+    buckets = [{"name": b.name, "images": b.size, "first_index": b.offset, "labels": b.labels is not None,
+                "shard": b.shard} for b in stack.buckets]
     report = {
         "kind": "stack", "path": str(path), "images": stack.n_images, "buckets": buckets, "shard": stack.shard,
         "compressor": stack.compressor, "roi_ids": [int(v) for v in stack.roi_ids],
@@ -75,7 +75,8 @@ def _stack(path: Path, verify: bool = False) -> dict:
         "image_columns": list(stack.images.columns), "complete": problem is None, "problem": problem,
         "fingerprint": _fingerprint(stack), "exit_code": 0 if problem is None else 3,
     }
-    lines = [f"stack {path}: {stack.n_images} images in {len(buckets)} bucket(s), shard {stack.shard}, "
+    shard = stack.group.attrs.get("shard_size", stack.shard)
+    lines = [f"stack {path}: {stack.n_images} images in {len(buckets)} bucket(s), shard {shard}, "
              f"compressor {stack.compressor}"]
     lines += [f"  {b['name']}: {b['images']} images (global index {b['first_index']}..."
               f"{b['first_index'] + b['images'] - 1}){', labels' if b['labels'] else ''}" for b in buckets]
@@ -113,8 +114,8 @@ def _read_every_chunk(stack) -> list[str]:
 
     damaged = []
     for b in stack.buckets:
-        for lo in range(0, b.size, stack.shard):
-            hi = min(lo + stack.shard, b.size)
+        for lo in range(0, b.size, b.shard):
+            hi = min(lo + b.shard, b.size)
             try:
                 stack.read(b, lo, hi, labels=True)
             except StackError as e:

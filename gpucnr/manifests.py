@@ -113,8 +113,9 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
     by : str or sequence of str, optional
         Per-image columns of the results (``modality``, ``site``...) whose combined values define the groups; a
         missing value is its own value ``"(missing)"``. No `by`: one group, the whole set. A roi row belongs to
-        its image's group; a case, series, study or patient to the group of its first image (smallest global
-        index).
+        its image's group *and its ROI id* (each id is cut on its own values: ``rois="auto"``'s ``tissue`` cell
+        never by its ``foreground`` cell's); a case, series, study or patient to the group of its first image
+        (smallest global index).
     allow_incomplete : bool
         Decide on results that an interrupted run left incomplete (their missing images are flagged
         ``"not-computed"``); without it they are refused (`gpucnr.results.require_complete`). ``df.attrs``
@@ -262,12 +263,20 @@ class _Decider:
         else:
             self.codes, self.labels = np.zeros(n, np.int64), [{}]
 
-    def __call__(self, cnr, usable, flag_reason, owner):
+    def __call__(self, cnr, usable, flag_reason, owner, *, roi=None, roi_ids=None):
         """decision, reason and deciding CNR of units with CNR `cnr` (float (U,)), `usable` (bool (U,)), the reason
-        of the unusable ones, and `owner` (int (U,)): the position of the image whose group the unit is in."""
+        of the unusable ones, and `owner` (int (U,)): the position of the image whose group the unit is in.
+
+        `roi` (int (U,), positions in `roi_ids`) splits every group by ROI id: at roi level each id is a quantity
+        of its own (``rois="auto"``'s foreground and tissue cells; a lesion and an organ), so one id's values
+        never set another's cut."""
         cnr = np.asarray(cnr, np.float64)
         usable = np.asarray(usable, bool)
         group = self.codes[np.asarray(owner, np.int64)] if len(owner) else np.zeros(0, np.int64)
+        if roi is not None:
+            width = len(roi_ids)
+            group = group * width + np.asarray(roi, np.int64)
+            self.labels = [{**label, "roi": str(int(r))} for label in self.labels for r in roi_ids]
         stat = usable & np.isfinite(cnr)  # NB: flagged units stay out of the group statistics
         seg = segments(cnr[stat], group[stat], len(self.labels))
         cut = self.rule.cuts(seg)
@@ -320,7 +329,7 @@ def _roi_rows(ds: xr.Dataset, id_values: dict, image: np.ndarray, decide: _Decid
     codes, inverse = np.unique(status, return_inverse=True)
     names = np.array([_STATUS_NAME.get(int(c), f"status {int(c)}") for c in codes], dtype=object)[inverse]
     decision, reason, value = decide(cnr, usable, np.where(status == STATUS["ok"], NO_VALID, names),
-                                     np.repeat(np.arange(n), n_roi))
+                                     np.repeat(np.arange(n), n_roi), roi=np.tile(np.arange(n_roi), n), roi_ids=roi)
     df = pd.DataFrame({**{c: np.repeat(v.to_numpy(dtype=object), n_roi) for c, v in id_values.items()},
                        "image": np.repeat(image, n_roi), "roi": np.tile(roi, n), "decision": decision,
                        "reason": reason, "cnr": value, "status": status})

@@ -14,9 +14,12 @@ __all__ = ["aggregate", "pool_moments"]
 
 #: Images read at a time: memory stays bounded by this many rows of the results, whatever their size.
 _BLOCK = 2**16
+#: Definitions whose sign never follows the display polarity (they reproduce tools that see stored arrays).
+_POLARITY_FREE = ("viqa", "mrqy")
 #: Definitions whose CNR is not a function of the pooled ROI and background moments: gCNR (a histogram
-#: statistic) and MRIQC's (it adds each image's air variance); their groups get status 9 not-poolable.
-_NOT_POOLABLE = ("gcnr", "mriqc")
+#: statistic), MRIQC's (it adds each image's air variance) and MRQy's (two 5x5 patches); their groups get status 9
+#: not-poolable.
+_NOT_POOLABLE = ("gcnr", "mriqc", "mrqy")
 
 
 def pool_moments(n_a, mean_a, m2_a, n_b, mean_b, m2_b):
@@ -103,8 +106,8 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
         ``status``, ``roi_name`` (the first name the group's cells give the id);
         dims (`by`): ``n_images``, ``cnr_median``, ``n_valid``. Status as for images, and: −1 when a cell
         of the group was never computed, 6 when one failed, 7 when one is out of numeric range, 9 ``not-poolable``
-        for gCNR (a histogram statistic, not a function of moments) and MRIQC's CNR (its air term is each
-        image's own air region, which the cells' moments do not carry).
+        for gCNR (a histogram statistic, not a function of moments), MRIQC's CNR (its air term is each
+        image's own air region, which the cells' moments do not carry) and MRQy's (a statistic of two 5x5 patches).
 
     Raises
     ------
@@ -188,7 +191,7 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     with np.errstate(invalid="ignore", divide="ignore"):
         var_roi = np.where(n_roi > ddof, m2_roi / (n_roi - ddof), np.nan)
         var_bg = np.where(n_bg > ddof, m2_bg / (n_bg - ddof), np.nan)
-    if signed and (polarity == 3).any():
+    if signed and definition not in _POLARITY_FREE and (polarity == 3).any():
         bad = names[polarity == 3][:3].tolist()
         raise InputError(f"a signed CNR cannot be pooled over groups mixing MONOCHROME1 and MONOCHROME2 images "
                          f"(e.g. {bad}); aggregate unsigned results")

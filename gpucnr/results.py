@@ -839,5 +839,8 @@ def _run_options(attrs) -> str:
     elif source in ("labels", "table", "both"):
         out += f" --roi-source {source}"  # NB: the sources are compared on --resume, as the parameters
     batch = attrs.get("batch")
-    # NB: the batch size is compared on --resume too; the stored (rounded) size reproduces itself
-    return out + (f" --batch {int(batch)}" if isinstance(batch, int | np.integer) else "")
+    # NB: the batch plan is compared on --resume; the stored size (images, as a number before December 2026, or
+    # `format_size`'s spelling) reproduces it, and a resume without --batch takes it from the results anyway
+    if isinstance(batch, int | np.integer) and not isinstance(batch, bool):
+        return out + f" --batch {int(batch)}"
+    return out + (f" --batch {batch}" if isinstance(batch, str) and batch else "")

@@ -97,7 +97,7 @@ def check_attrs(attrs: dict) -> None:
         raise _fail("the attribute roi_ids must hold sorted, unique ids >= 1")
 
 
-def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, arrays: dict) -> None:
+def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, arrays: dict) -> pd.DataFrame | None:
     """Raise ``stack-schema`` unless the tables agree with the attributes (`check_attrs` first) and the arrays.
 
     Parameters
@@ -113,12 +113,12 @@ def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, a
 
     Notes
     -----
-    Checked: each bucket's array has the canvas its name says and the stack's shard size; ``index`` = 0..N-1
-    in stored order (the order every reader slices by); per row, ``bucket`` and ``position`` equal what the
-    index says (so positions are unique and in range per bucket); 1 <= valid_h, valid_w <= the bucket's canvas;
-    slope finite and != 0, intercept finite; ``source_index`` a permutation of 0..N-1; the ROI table's columns,
-    kinds, images, radii and coordinates (`normalize_table`), and its ids: among ``roi_ids``, and equal to them
-    when the stack has no labels.
+    Checked: each bucket's array has the canvas its name says and the shard size the stack records for it;
+    ``index`` = 0..N-1 in stored order (the order every reader slices by); per row, ``bucket`` and ``position``
+    equal what the index says (so positions are unique and in range per bucket); 1 <= valid_h, valid_w <= the
+    bucket's canvas; slope finite and != 0, intercept finite; ``source_index`` a permutation of 0..N-1; the ROI
+    table's columns, kinds, images, radii and coordinates (`normalize_table`), and its ids: among ``roi_ids``, and
+    equal to them when the stack has no labels.
     """
     names = attrs["buckets"]
     n = len(images)
@@ -130,13 +130,22 @@ def check_tables(attrs: dict, images: pd.DataFrame, rois: pd.DataFrame | None, a
         if len(shape) != 3 or shape[1:] != canvas:
             raise _fail(f"buckets/{name}/images has shape {shape}; its name says a {canvas[0]}x{canvas[1]} canvas")
         stored = getattr(arrays[name], "shards", None)
-        if stored is not None and int(stored[0]) != attrs["shard"]:
-            raise _fail(f"buckets/{name}/images has shards of {int(stored[0])} images; the stack says "
-                        f"{attrs['shard']}")
+        # NB: stacks sized by pixels record each bucket's shard (``shards``); older ones one for all (``shard``)
+        per = attrs["shards"].get(name) if isinstance(attrs.get("shards"), dict) else attrs["shard"]
+        if stored is not None and int(stored[0]) != per:
+            raise _fail(f"buckets/{name}/images has shards of {int(stored[0])} images; the stack says {per}")
+    shards = attrs.get("shards")
+    if shards is not None:
+        values = list(shards.values()) if isinstance(shards, dict) else []
+        if (not isinstance(shards, dict) or sorted(shards) != sorted(names)
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values)
+                or attrs["shard"] != max(values, default=attrs["shard"])):
+            raise _fail(f"the attribute shards ({shards!r}) does not give each bucket a shard size, the largest "
+                        f"being the attribute shard ({attrs['shard']})")
     _check_images(images, names, arrays)
     roi_ids = np.asarray(attrs.get("roi_ids", []), np.int64)
     if rois is not None:
-        _check_rois(rois, n, roi_ids, exact=not attrs.get("has_labels"))
+        return _check_rois(rois, n, roi_ids, exact=not attrs.get("has_labels"))
     elif not attrs.get("has_labels") and len(roi_ids):
         raise _fail(f"the attribute roi_ids lists {len(roi_ids)} id(s), but the stack has neither labels nor an "
                     "ROI table")
@@ -187,7 +196,7 @@ def _check_images(images: pd.DataFrame, names: list, arrays: dict) -> None:
         raise _fail(f"{where}/source_index is not a permutation of 0..{n - 1}")
 
 
-def _check_rois(rois: pd.DataFrame, n: int, roi_ids: np.ndarray, *, exact: bool) -> None:
+def _check_rois(rois: pd.DataFrame, n: int, roi_ids: np.ndarray, *, exact: bool) -> pd.DataFrame:
     from gpucnr.errors import RoiTableError
     from gpucnr.roitable import normalize_table
 
@@ -206,6 +215,7 @@ def _check_rois(rois: pd.DataFrame, n: int, roi_ids: np.ndarray, *, exact: bool)
     if exact and not np.array_equal(ids, roi_ids):
         raise _fail(f"the attribute roi_ids ({roi_ids[:5].tolist()}...) is not the ROI table's ids "
                     f"({ids[:5].tolist()}...), and the stack has no labels")
+    return table
 
 
 def check_label_ids(found, roi_ids, where: str, start: int, stop: int) -> None:

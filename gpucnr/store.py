@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from gpucnr import chunks, shardfiles
 from gpucnr._version import __version__
 from gpucnr.backend import to_host
-from gpucnr.errors import GpucnrError, InputError, ShapeMismatchError, raise_if_exhausted
+from gpucnr.errors import GpucnrError, InputError, OptionError, ShapeMismatchError, raise_if_exhausted
 from gpucnr.roitable import normalize_table
 from gpucnr.stackcheck import check_attrs, check_tables, table_frame
 
@@ -37,6 +38,11 @@ READABLE_STACK_FORMATS = (1, 2)
 FINGERPRINT_VERSION = 2
 #: Compressors a stack may use (docs/performance.md has the measurement behind the default).
 COMPRESSORS = ("blosc-zstd", "zstd")
+#: A shard's default size: about 2^22 pixels of its bucket's canvas (DESIGN §10): 1024 images of 64x64, 16 of
+#: 512x512, one image of 2048x2048 and beyond. Runs batch whole shards up to ~2^24 pixels.
+SHARD_PIXELS = 2**22
+#: Binary multiples of pixels in sizes such as ``16M`` (= 2^24 pixels).
+_PIXEL_SUFFIXES = {"K": 2**10, "M": 2**20, "G": 2**30}
 _CRC_ROWS = 2**16
 _PENDING_BYTES = 256 * 2**20
 _WRITE = {"write_empty_chunks": True}  # NB: a runtime setting in zarr 3, not stored: every writer sets it
@@ -49,6 +55,65 @@ RESULT_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", 
                   "instance_id")
 _IMAGE_COLUMNS = ("index", "bucket", "position", "valid_h", "valid_w", "slope", "intercept", "padding",
                   "photometric", "source_index")
+
+
+class SizeError(OptionError):
+    """A batch or shard size that is neither a number of images nor of pixels."""
+
+    code = "bad-size"
+
+
+def parse_size(value, *, what: str = "--batch") -> tuple[str, int]:
+    """A batch or shard size as ``("images", n)`` or ``("pixels", n)``.
+
+    Parameters
+    ----------
+    value : int or str
+        An int or a bare number (``"64"``): images, as before December 2026; ``"64i"``: images; ``"16M"``,
+        ``"4096K"``, ``"1G"``: pixels in binary multiples (M = 2^20), ``"16777216px"``: pixels.
+    what : str
+        The option's name, for the message.
+
+    Raises
+    ------
+    SizeError
+        ``bad-size`` for anything else (a fraction, a sign, zero, an unknown suffix).
+    """
+    if isinstance(value, bool) or not isinstance(value, int | np.integer | str):
+        raise SizeError(f"{what} takes images (64 or 64i) or pixels (16M = 2^24 px, 16777216px), got {value!r}")
+    if not isinstance(value, str):
+        kind, n = "images", int(value)
+    else:
+        text = value.strip()
+        number, suffix = text, ""
+        for tail in ("px", "i", *_PIXEL_SUFFIXES):
+            if text.endswith(tail) and text[: -len(tail)].isdigit():
+                number, suffix = text[: -len(tail)], tail
+                break
+        if not number.isdigit() or not number.isascii():
+            raise SizeError(f"{what} takes images (64 or 64i) or pixels (16M = 2^24 px, 16777216px), got {value!r}")
+        n = int(number) * _PIXEL_SUFFIXES.get(suffix, 1)
+        kind = "images" if suffix in ("", "i") else "pixels"
+    if n < 1:
+        raise SizeError(f"{what} must be at least one image or one pixel, got {value!r}")
+    return kind, n
+
+
+def format_size(kind: str, n: int) -> str:
+    """The canonical spelling of a size `parse_size` reads back: ``64i``, ``16M``, ``12345px``."""
+    if kind == "images":
+        return f"{n}i"
+    for suffix, unit in sorted(_PIXEL_SUFFIXES.items(), key=lambda kv: -kv[1]):
+        if n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return f"{n}px"
+
+
+def shard_images(size: tuple[str, int], canvas) -> int:
+    """Images per shard of a bucket of `canvas` (H, W) for a size of `parse_size`: the images given, or as many
+    whole images as the pixels hold (at least one)."""
+    kind, n = size
+    return n if kind == "images" else max(1, n // (int(canvas[0]) * int(canvas[1])))
 
 
 class StackError(GpucnrError):
@@ -74,6 +139,12 @@ class Bucket:
     @property
     def size(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def shard(self) -> int:
+        """Images per shard of this bucket (its array's own layout; stacks sized by pixels differ per bucket)."""
+        shards = getattr(self.images, "shards", None)
+        return int(shards[0] if shards else self.images.chunks[0])
 
 
 @dataclass
@@ -112,6 +183,15 @@ class Stack:
         if getattr(self, "_fp", None) is None:
             self._fp = fingerprint_v2(self)
         return self._fp
+
+    def normalized_rois(self) -> pd.DataFrame | None:
+        """The ROI table as `gpucnr.roitable.normalize_table` returns it (checked when the stack was opened);
+        None when the stack has none. Callers must not modify it."""
+        if self.rois is None:
+            return None
+        if self.__dict__.get("_rois_normalized") is None:
+            self.__dict__["_rois_normalized"] = normalize_table(self.rois, self.n_images)
+        return self.__dict__["_rois_normalized"]
 
     def checksums(self, bucket: Bucket) -> np.ndarray | None:
         """The crc32c recorded for each (position, images | labels) chunk of `bucket` when it was written, shape
@@ -389,7 +469,7 @@ def _compressors(name: str, itemsize: int):
     return [comp, Crc32cCodec()]
 
 
-def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int = 64,
+def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int | str | None = None,
                 compressor: str = "blosc-zstd", key_file=None) -> Stack:
     """Write images (and labels, ROI table, per-image metadata) as a gpucnr stack.
 
@@ -397,11 +477,17 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     ----------
     path : str or Path
         Where the Zarr group is created (it must not exist).
-    images : array (n, H, W) or sequence of 2-D arrays of any sizes and dtypes
+    images : array (n, H, W), sequence of 2-D arrays, or an iterable of images or batches
         Stored in their native dtype, never resampled: each goes to the bucket of its canvas (shape rounded up
-        to a multiple of 64) and dtype, with its valid height and width recorded.
-    labels : array or sequence of 2-D integer arrays, optional
-        One per image, of the image's shape (0 = none).
+        to a multiple of 64) and dtype, with its valid height and width recorded. An array or a sequence is
+        checked whole before anything is written. Any other iterable (a generator, an iterator, a Dask array's
+        blocks) is *streamed*: read once, in order, each item a 2-D image or a 3-D batch (k, H, W) of images of
+        one shape, and written shard by shard as it comes, so that the whole input is never held (memory: one
+        shard per bucket, plus the per-image table's columns). Each image is checked as it is added; an error
+        removes the partly written stack.
+    labels : array, sequence or iterable of 2-D integer arrays, optional
+        One per image, of the image's shape (0 = none); with streamed images, an iterable whose items match the
+        images' items one for one (same shapes).
     rois : ROI table, optional
         Columns image (position in `images`), roi, kind, cx, cy, r [, name]; stored against the global index.
     meta : pandas.DataFrame, optional
@@ -410,8 +496,9 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
         (`gpucnr.identifiers`): a name or value that may identify a patient is refused. Id columns (patient_id,
         study_id, series_id, instance_id) are stored as keyed pseudonyms: give `key_file`, unless they hold
         pseudonyms already (20 hex digits, as `gpucnr ingest` writes them).
-    shard : int
-        Images per shard = per batch of a run.
+    shard : int or str, optional
+        Images per shard (``64``, ``"64i"``) or pixels per shard per bucket (``"4M"`` = 2^22 px, whole images,
+        at least one); default about 2^22 pixels (`SHARD_PIXELS`). A run's batches are whole shards.
     compressor : {"blosc-zstd", "zstd"}
     key_file : path, optional
         The pseudonym key for raw id columns in `meta` (created if missing, like ``gpucnr ingest --key-file``).
@@ -419,22 +506,25 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
     Returns
     -------
     Stack
+
+    Examples
+    --------
+    >>> def phantoms():                                          # doctest: +SKIP
+    ...     for k in range(1000):
+    ...         yield make_phantom(1000, (64, 64), seed=k).images   # one batch of 1000 images at a time
+    >>> write_stack("big.zarr", phantoms(), rois=table)           # doctest: +SKIP
     """
+    if _streamed(images):
+        return _write_streamed(path, images, labels=labels, rois=rois, meta=meta, shard=shard,
+                               compressor=compressor, key_file=key_file)
     planes = _planes(images, "images")
     label_planes = None if labels is None else _planes(labels, "labels")
     if label_planes is not None and len(label_planes) != len(planes):
         raise InputError(f"{len(planes)} images but {len(label_planes)} label arrays")
     n = len(planes)
-    meta = pd.DataFrame(index=range(n)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
-    if len(meta) != n:
-        raise InputError(f"meta has {len(meta)} rows for {n} images")
-    meta = _screen_meta(meta, key_file)
-    rt = None if rois is None else normalize_table(rois, n)  # NB: validated before anything is written
-    if rt is not None:
-        from gpucnr.identifiers import blank_roi_names
-
-        rt = blank_roi_names(rt, "write_stack(rois=)")
-    rows = meta.to_dict("records")
+    meta = _meta_frame(meta, n, key_file)
+    rt = _roi_table(rois, n)  # NB: validated before anything is written
+    rows = _MetaRows(meta)
     for i, p in enumerate(planes):
         check_labels(p, None if label_planes is None else label_planes[i], f"image {i}")
         _check_row(p, rows[i], i)  # NB: before anything is written
@@ -442,6 +532,95 @@ def write_stack(path, images, *, labels=None, rois=None, meta=None, shard: int =
         for i, p in enumerate(planes):
             writer.add(p, None if label_planes is None else label_planes[i], rows[i])
         return writer.close(rois=rt)
+
+
+def _streamed(images) -> bool:
+    """Whether `images` is an iterable to stream (not an array, a sequence, or anything array-like)."""
+    if isinstance(images, np.ndarray | Sequence) or hasattr(images, "__array__"):
+        return False
+    if hasattr(images, "__cuda_array_interface__") or hasattr(images, "__dlpack__"):
+        return False
+    return hasattr(images, "__iter__")
+
+
+def _write_streamed(path, images, *, labels, rois, meta, shard, compressor, key_file) -> Stack:
+    """`write_stack` of an iterable: each item (an image or a batch) added as it comes, the stack removed if
+    anything fails before it is complete."""
+    import shutil
+
+    meta = None if meta is None else _meta_frame(meta, None, key_file)
+    rows = None if meta is None else _MetaRows(meta)
+    label_items = None if labels is None else iter(labels)
+    writer = StackWriter(path, labels=labels is not None, shard=shard, compressor=compressor)
+    try:
+        with writer:
+            for k, item in enumerate(images):
+                lab_item = None
+                if label_items is not None:
+                    lab_item = next(label_items, None)
+                    if lab_item is None:
+                        raise InputError(f"labels ended before the images (at item {k} of the images)")
+                planes = _item_planes(item, "images", k)
+                lab_planes = None if lab_item is None else _item_planes(lab_item, "labels", k)
+                if lab_planes is not None and len(lab_planes) != len(planes):
+                    raise InputError(f"item {k}: {len(planes)} images but {len(lab_planes)} label arrays")
+                for j, plane in enumerate(planes):
+                    i = writer.n_images
+                    if rows is not None and i >= len(rows):
+                        raise InputError(f"meta has {len(rows)} rows, but there are more images")
+                    writer.add(plane, None if lab_planes is None else lab_planes[j],
+                               None if rows is None else rows[i])
+            if label_items is not None and next(label_items, None) is not None:
+                raise InputError("labels hold more items than the images")
+            n = writer.n_images
+            if rows is not None and len(rows) != n:
+                raise InputError(f"meta has {len(rows)} rows for {n} images")
+            return writer.close(rois=_roi_table(rois, n))
+    except BaseException:
+        writer.abandon()
+        shutil.rmtree(path, ignore_errors=True)  # NB: the writer created it (it refuses an existing path)
+        raise
+
+
+def _item_planes(item, what: str, k: int) -> list[np.ndarray]:
+    """One streamed item as 2-D planes: a 2-D image, or a 3-D batch of images."""
+    arr = to_host(item)
+    if arr.ndim not in (2, 3):
+        raise InputError(f"{what} item {k} must be a 2-D image or a 3-D batch (k, H, W), got shape {arr.shape}")
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{what} item {k} has dtype {arr.dtype}; integer or float expected")
+    return [arr] if arr.ndim == 2 else list(arr)
+
+
+def _meta_frame(meta, n: int | None, key_file) -> pd.DataFrame:
+    """`meta` as a screened DataFrame of `n` rows (any number when None; no columns when `meta` is None)."""
+    meta = pd.DataFrame(index=range(n or 0)) if meta is None else pd.DataFrame(meta).reset_index(drop=True)
+    if n is not None and len(meta) != n:
+        raise InputError(f"meta has {len(meta)} rows for {n} images")
+    return _screen_meta(meta, key_file)
+
+
+def _roi_table(rois, n: int) -> pd.DataFrame | None:
+    if rois is None:
+        return None
+    from gpucnr.identifiers import blank_roi_names
+
+    return blank_roi_names(normalize_table(rois, n), "write_stack(rois=)")
+
+
+class _MetaRows:
+    """The rows of a meta DataFrame as dicts on request (``DataFrame.to_dict("records")`` one row at a time):
+    a column of Python values each, never a million dicts at once."""
+
+    def __init__(self, meta: pd.DataFrame):
+        self.columns = {c: meta[c].tolist() for c in meta.columns}
+        self.n = len(meta)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {c: v[i] for c, v in self.columns.items()}
 
 
 def check_labels(image: np.ndarray, labels: np.ndarray | None, what: str) -> None:
@@ -471,20 +650,21 @@ class StackWriter:
         The Zarr group to create; it must not exist.
     labels : bool
         Whether every image has a label plane (images added without one get zeros).
-    shard : int
-        Images per shard (= per batch of a run).
+    shard : int or str, optional
+        Images per shard (an int, ``"64"`` or ``"64i"``) or pixels per shard (``"4M"`` = 2^22 px, whole images,
+        at least one, per bucket); default about 2^22 pixels per bucket (`SHARD_PIXELS`). A run batches whole
+        shards.
     compressor : {"blosc-zstd", "zstd"}
     attrs : dict, optional
         Extra group attributes (e.g. the ingest's counts), written at `close`.
     """
 
-    def __init__(self, path, *, labels: bool = False, shard: int = 64, compressor: str = "blosc-zstd",
+    def __init__(self, path, *, labels: bool = False, shard: int | str | None = None, compressor: str = "blosc-zstd",
                  attrs: dict | None = None):
         path = Path(path)
         if os.path.lexists(path):  # NB: a symbolic link to nothing is not followed to write a stack where it points
             raise InputError(f"{path} already exists; a stack is never overwritten")
-        if shard < 1:
-            raise InputError(f"shard must be >= 1, got {shard}")
+        self.size = _shard_size(shard)
         _compressors(compressor, 1)  # NB: validated before the group exists
         self.path, self.labels, self.shard, self.compressor = path, labels, shard, compressor
         self.attrs = dict(attrs or {})
@@ -493,14 +673,14 @@ class StackWriter:
         # driver) keeps feeding its decoders meanwhile; a bucket has at most one shard in flight.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="gpucnr-stack-writer")
         self._buckets: dict[tuple, dict] = {}
-        self._rows: list[dict] = []
+        self._rows = _Rows()
         self._label_ids: set[int] = set()
         #: called as ``on_written(bucket name, images of the bucket now on disk)`` after each shard's pixels and
         #: manifest are written (from the writer's thread): ingest journals it, to resume from there
         self.on_written = None
 
     @classmethod
-    def resume(cls, path, *, rows: list[dict], label_ids, labels: bool = False, shard: int = 64,
+    def resume(cls, path, *, rows: list[dict], label_ids, labels: bool = False, shard: int | str | None = None,
                compressor: str = "blosc-zstd", attrs: dict | None = None) -> StackWriter:
         """Continue the stack an interrupted writer left at `path`, keeping the images `rows` describe (the
         per-image rows of the `add` calls to keep, in order; each bucket's positions 0..n-1) and dropping the
@@ -512,10 +692,11 @@ class StackWriter:
         path = Path(path)
         self = cls.__new__(cls)
         self.path, self.labels, self.shard, self.compressor = path, labels, shard, compressor
+        self.size = _shard_size(shard)
         self.attrs = dict(attrs or {})
         self.group = zarr.open_group(str(path), mode="r+")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="gpucnr-stack-writer")
-        self._buckets, self._rows, self._label_ids = {}, list(rows), set(label_ids)
+        self._buckets, self._rows, self._label_ids = {}, _Rows(rows), set(label_ids)
         self.on_written = None
         counts: dict[str, int] = {}
         for row in self._rows:
@@ -530,7 +711,8 @@ class StackWriter:
             images = self.group[f"buckets/{name}/images"]
             lab = self.group[f"buckets/{name}/labels"] if labels else None
             canvas, dtype = tuple(int(v) for v in images.shape[1:]), np.dtype(images.dtype).newbyteorder("=")
-            first = n // shard * shard
+            per = int(images.shards[0])  # NB: the bucket's own shard, as it was written
+            first = n // per * per
             kept = [r for r in self._rows if r["bucket"] == name and int(r["position"]) >= first]
             kept.sort(key=lambda r: int(r["position"]))
             block = np.asarray(images[first:n]) if n > first else None
@@ -552,7 +734,7 @@ class StackWriter:
             self._buckets[(canvas, dtype.str)] = {
                 "name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": lab, "written": written,
                 **extra, "count": first, "pending": pending, "pending_bytes": sum(p[0].nbytes for p in pending),
-                "inflight": None}
+                "inflight": None, "shard": per}
         return self
 
     def abandon(self) -> None:
@@ -560,8 +742,10 @@ class StackWriter:
         self._io.shutdown(wait=True)
 
     @property
-    def rows(self) -> list[dict]:
-        """The per-image rows of the images added so far (bucket, position, valid extent, source index, meta)."""
+    def rows(self) -> _Rows:
+        """The per-image rows of the images added so far (bucket, position, valid extent, source index, meta): a
+        sequence whose items are dicts, built on request from columns (a million images are not a million
+        dicts)."""
         return self._rows
 
     def __enter__(self):
@@ -598,7 +782,7 @@ class StackWriter:
         b["pending_bytes"] += image.nbytes
         # NB: a shard is written when full, or earlier (zarr then rewrites it in place) once its pending images
         # pass _PENDING_BYTES: a bucket of very large images must not hold a whole shard of them in memory.
-        if len(b["pending"]) == self.shard or b["pending_bytes"] >= _PENDING_BYTES:
+        if len(b["pending"]) == b["shard"] or b["pending_bytes"] >= _PENDING_BYTES:
             self._flush(b)
         return source
 
@@ -629,7 +813,7 @@ class StackWriter:
                            "valid_w": shape[1], "source_index": i, **(meta or {})})
         b["pending"].append(encoded)
         b["pending_bytes"] += len(encoded["image"]) + len(encoded["labels"] or b"")
-        if len(b["pending"]) == self.shard or b["pending_bytes"] >= _PENDING_BYTES:
+        if len(b["pending"]) == b["shard"] or b["pending_bytes"] >= _PENDING_BYTES:
             self._flush(b)
         return i
 
@@ -640,20 +824,21 @@ class StackWriter:
     def _new_bucket(self, canvas, dtype_str) -> dict:
         dtype = np.dtype(dtype_str)
         name = f"{canvas[0]}x{canvas[1]}-{dtype.name}"
+        per = shard_images(self.size, canvas)
         images = self.group.create_array(f"buckets/{name}/images", shape=(0, *canvas), dtype=dtype,
-                                         chunks=(1, *canvas), shards=(self.shard, *canvas),
+                                         chunks=(1, *canvas), shards=(per, *canvas),
                                          compressors=_compressors(self.compressor, dtype.itemsize), fill_value=0,
                                          config=_WRITE, dimension_names=["image", "y", "x"])
         labels = None
         if self.labels:
             labels = self.group.create_array(f"buckets/{name}/labels", shape=(0, *canvas), dtype="int32",
-                                             chunks=(1, *canvas), shards=(self.shard, *canvas),
+                                             chunks=(1, *canvas), shards=(per, *canvas),
                                              compressors=_compressors(self.compressor, 4), fill_value=0,
                                              config=_WRITE, dimension_names=["image", "y", "x"])
         # NB: every array carries dimension names, so xarray.open_datatree opens the stack (they do not enter the
         # fingerprint: stacks written before keep theirs).
         written = self.group.create_array(f"buckets/{name}/written", shape=(0,), dtype="uint8",
-                                          chunks=(self.shard,), fill_value=0, config=_WRITE,
+                                          chunks=(per,), fill_value=0, config=_WRITE,
                                           dimension_names=["image"])
         # NB: the crc32c of each image and label chunk, recorded as it is written: readers compare every chunk
         # with the one recorded for its position, and the fingerprint hashes them (DESIGN §10).
@@ -663,7 +848,7 @@ class StackWriter:
                                             dimension_names=["image", "array"])
         return {"name": name, "canvas": canvas, "dtype": dtype, "images": images, "labels": labels,
                 "written": written, "checksums": checksums, "count": 0, "pending": [], "pending_bytes": 0,
-                "inflight": None}
+                "inflight": None, "shard": per}
 
     def _flush(self, b: dict) -> None:
         m = len(b["pending"])
@@ -706,11 +891,11 @@ class StackWriter:
             if b[kind] is None:
                 continue
             b[kind].resize((z, *b["canvas"]))
-            if a % self.shard == 0:
+            if a % b["shard"] == 0:
                 # NB: a shard written from its start is written whole, as a file; a shard continued after an early
                 # flush (very large images) is merged by zarr.
                 _ShardWriter(self.path / f"buckets/{b['name']}/{kind}", b[kind], self.compressor).write(
-                    a // self.shard, data)
+                    a // b["shard"], data)
             else:
                 if isinstance(data, list):  # NB: a shard continued after an early flush is merged by zarr: planes
                     dtype = b["dtype"] if kind == "images" else np.dtype(np.int32)
@@ -750,9 +935,8 @@ class StackWriter:
             offsets[b["name"]] = offset
             names.append(b["name"])
             offset += b["count"]
-        table = pd.DataFrame(self._rows) if n else pd.DataFrame(
-            columns=["bucket", "position", "valid_h", "valid_w", "source_index"])
-        table.insert(0, "index", [offsets[r["bucket"]] + r["position"] for r in self._rows])
+        table = self._rows.frame()
+        table.insert(0, "index", table["bucket"].map(offsets).to_numpy(np.int64) + table["position"].to_numpy(np.int64))
         for col, default in (("slope", 1.0), ("intercept", 0.0), ("padding", np.nan),
                              ("photometric", "MONOCHROME2")):
             table[col] = table[col].fillna(default) if col in table else default
@@ -768,7 +952,7 @@ class StackWriter:
             _write_table(self.group, "rois", rt[["image", "roi", "kind", "cx", "cy", "r", "name"]])
             roi_ids.update(int(v) for v in rt["roi"])
         self.group.attrs.update({**self.attrs, "gpucnr_stack": STACK_FORMAT, "gpucnr_version": __version__,
-                                 "n_images": n, "buckets": names, "shard": self.shard,
+                                 "n_images": n, "buckets": names, **self._shard_attrs(),
                                  "compressor": self.compressor, "roi_ids": sorted(roi_ids),
                                  # NB: the labels' own ids, apart from the table's: a run measuring both sources
                                  # names each id's source without reading a label chunk
@@ -776,12 +960,92 @@ class StackWriter:
                                  "has_labels": self.labels})
         return open_stack(self.path)
 
+    def _shard_attrs(self) -> dict:
+        """``shard`` (images per shard: the one of every bucket, else the largest, as stacks before pixel-sized
+        shards recorded it), ``shards`` (per bucket) and ``shard_size`` (the size asked for, `format_size`)."""
+        per = {b["name"]: b["shard"] for b in self._buckets.values()}
+        kind, n = self.size
+        return {"shard": n if kind == "images" else max(per.values(), default=1), "shards": per,
+                "shard_size": format_size(kind, n)}
+
+
+class _Rows(Sequence):
+    """The per-image rows of a `StackWriter`, held as columns: the fixed ones (bucket, position, valid_h, valid_w,
+    source_index) in int64 arrays, each `meta` key in a list (missing entries NaN, as a DataFrame of the row
+    dicts would hold them). Indexing gives the row's dict."""
+
+    _FIXED = ("position", "valid_h", "valid_w", "source_index")
+
+    def __init__(self, rows=()):
+        import array
+
+        self._names: list[str] = []
+        self._bucket = array.array("i")
+        self._fixed = {k: array.array("q") for k in self._FIXED}
+        self._meta: dict[str, list] = {}
+        for row in rows:
+            self.append(row)
+
+    def append(self, row: dict) -> None:
+        name = row["bucket"]
+        if name not in self._names:
+            self._names.append(name)
+        n = len(self._bucket)
+        self._bucket.append(self._names.index(name))
+        for k in self._FIXED:
+            self._fixed[k].append(int(row[k]))
+        for k, v in row.items():
+            if k == "bucket" or k in self._fixed:
+                continue
+            column = self._meta.get(k)
+            if column is None:
+                column = self._meta[k] = [np.nan] * n
+            column.append(v)
+        for column in self._meta.values():
+            if len(column) == n:
+                column.append(np.nan)
+
+    def __len__(self) -> int:
+        return len(self._bucket)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        out = {"bucket": self._names[self._bucket[i]], **{k: int(v[i]) for k, v in self._fixed.items()}}
+        # NB: a key the row lacked reads as NaN (as `frame` holds it); replayed (ingest's journal) it gives the
+        # same frame, a column that only ever held NaN included
+        out.update({k: column[i] for k, column in self._meta.items()})
+        return out
+
+    def frame(self) -> pd.DataFrame:
+        """The rows as a DataFrame (columns bucket, position, valid_h, valid_w, source_index, then meta keys)."""
+        names = np.asarray(self._names, dtype=object)
+        columns = {"bucket": names[np.frombuffer(self._bucket, np.int32)] if len(self) else np.empty(0, object)}
+        columns.update({k: np.frombuffer(v, np.int64).copy() if len(self) else np.empty(0, np.int64)
+                        for k, v in self._fixed.items()})
+        frame = pd.DataFrame(columns)
+        for k, column in self._meta.items():
+            frame[k] = pd.Series(column, dtype=None)
+        return frame
+
+
+def _shard_size(shard) -> tuple[str, int]:
+    return parse_size(f"{SHARD_PIXELS}px" if shard is None else shard, what="shard")
+
+
+def whole_shards(stack, bucket: str, n: int) -> int:
+    """The images of `bucket` (of the stack being written at `stack`) in its whole shards among its first `n`."""
+    per = int(zarr.open_group(str(stack), mode="r")[f"buckets/{bucket}/images"].shards[0])
+    return n // per * per
+
 
 _PSEUDONYM = r"[0-9a-f]{20}|"
 #: meta columns write_stack interprets itself (never screened as free text)
 _OWN_META = ("slope", "intercept", "padding", "photometric")
 #: numeric columns of gpucnr's own (enhance's original_index, geometry): their values are indices and
 #: measurements, never screened as record numbers (a dataset may hold more than 99999 images)
+#: meta columns whose values ingest writes as keyed pseudonyms (carried into a new stack by enhance)
+_PSEUDONYM_META = ("case",)
 _NUMERIC_META = ("original_index", "frame", "channel", "spacing_y", "spacing_x", "spacing_z", "pixel_spacing")
 
 
@@ -803,7 +1067,10 @@ def _screen_meta(meta: pd.DataFrame, key_file) -> pd.DataFrame:
         meta[col] = [pseudonym(key, col.removesuffix("_id"), v) for v in text]
     free = [str(c) for c in meta.columns if c not in ID_COLUMNS and c not in _OWN_META]
     numeric = [c for c in free if c in _NUMERIC_META and pd.api.types.is_numeric_dtype(meta[c])]
-    check_columns(meta.drop(columns=numeric), free, "meta")  # NB: names of all, values of the rest
+    # NB: a `case` column of gpucnr's own pseudonyms (ingest's, carried by enhance) is not free text: 20 hex digits
+    # often hold a run of six decimal digits, which the record-number screen would refuse by chance
+    own = [c for c in free if c in _PSEUDONYM_META and meta[c].map(_is_pseudonym).all()]
+    check_columns(meta.drop(columns=numeric + own), free, "meta")  # NB: names of all, values of the rest
     return meta
 
 
@@ -813,6 +1080,13 @@ def _on_canvas(plane, shape, dtype) -> np.ndarray:
     if plane is not None:
         out[: plane.shape[0], : plane.shape[1]] = plane
     return out
+
+
+def _is_pseudonym(value) -> bool:
+    """A missing value, or 20 lower-case hex digits (`gpucnr.sources.pseudonyms.pseudonym`'s form)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return re.fullmatch(_PSEUDONYM, str(value)) is not None
 
 
 def _check_row(image: np.ndarray, meta: dict, i: int) -> None:
@@ -935,7 +1209,9 @@ def open_stack(path, *, check: bool = True) -> Stack:
     stack = Stack(path=path, group=group, buckets=buckets, images=images, rois=_read_table(group, "rois", path),
                   roi_ids=np.asarray(attrs.get("roi_ids", []), np.int64), shard=int(attrs["shard"]),
                   compressor=attrs.get("compressor", "blosc-zstd"))
-    check_tables(attrs, images, stack.rois, {b.name: b.images for b in buckets})  # NB: before any kernel sees it
+    # NB: before any kernel sees it; the ROI table as checked is kept (a run would normalise it again: 0.5 s a
+    # million rows)
+    stack.__dict__["_rois_normalized"] = check_tables(attrs, images, stack.rois, {b.name: b.images for b in buckets})
     if check:
         _check_complete(group, stack)
     return stack

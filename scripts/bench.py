@@ -56,28 +56,42 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory",
                                                                         "ingest", "ingest-nifti", "groups",
-                                                                        "startup"),
+                                                                        "scale", "startup"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
                              "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 DICOM "
                              "files of SIZE x SIZE, 500 PNG, 500 TIFF, workers=2, vs plain pydicom and Pillow loops), "
                              "ingest-nifti (100 gzip NIfTI volumes "
                              "of SIZE x SIZE x SIZE/2 int16, workers=2, vs a plain nibabel load-and-sum loop; "
                              "default size 256); groups (summarize, manifest, aggregate with 5000 groups vs none, "
-                             "on --n images, default 10^5, in-memory results); startup (`import gpucnr.cli` and "
-                             "`gpucnr --help` vs `import numpy`)")
+                             "on --n images, default 10^5, in-memory results); scale (write, run, summarize by 10^4 "
+                             "sites, filter, report at --scale-n images of 64x64 uint16 against a tenth of them: time "
+                             "ratio, peak RSS, files; minutes at 10^6, never part of make test); startup (`import "
+                             "gpucnr.cli` and `gpucnr --help` vs `import numpy`)")
+    parser.add_argument("--scale-n", type=int, default=100_000, help="scale: the larger N (default 10^5)")
+    parser.add_argument("--scale-dir", default=None, help="scale: where the stacks go (default a temporary folder)")
+    parser.add_argument("--step-timeout", type=float, default=3600, help="scale: seconds per step before it is "
+                        "stopped and reported as such")
+    parser.add_argument("--rss-limit-mb", type=int, default=4096, help="scale: a step whose RSS passes this is "
+                        "stopped and reported as such (default 4096)")
     parser.add_argument("--n", type=int, default=None, help="images (default 256; pipeline: 1024)")
     parser.add_argument("--size", type=int, default=512, help="image side (default 512)")
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (best one kept)")
     parser.add_argument("--quick", action="store_true", help="64 images, 3 rounds")
+    parser.add_argument("--sizes", default=None,
+                        help="pipeline: image sides to compare, e.g. 64,256,512,1024 (each a stack of --gb of raw "
+                             "pixels, default shards and batches) against the bare read of the same stack")
+    parser.add_argument("--gb", type=float, default=2.0, help="pipeline --sizes: raw pixels per size, GB (default 2)")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100, "groups": 100_000}.get(args.part, 256)
     if args.quick:
         args.n, args.repeat = 64, 3
+    if args.part == "pipeline" and args.sizes:
+        return bench_pipeline_sizes(args)
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
      "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti,
-     "groups": bench_groups, "startup": bench_startup}[args.part](args)
+     "groups": bench_groups, "scale": bench_scale, "startup": bench_startup}[args.part](args)
 
 
 def bench_kernels(args):
@@ -189,6 +203,207 @@ def bench_pipeline(args):
     print(f"| bare Dask read+decode (`da.from_zarr(...).sum()`, 2 threads) | {t_bare * 1e3:.3f} | 1 |")
     print(f"| `gpucnr.run` end to end (threads, 2 workers) | {t_ours * 1e3:.3f} | {t_bare / t_ours:.2f}x of bare |")
     print(f"| article loop reading the same images (zarr) | {t_art * 1e3:.2f} | gpucnr {t_art / t_ours:.0f}x faster |")
+
+
+def _streamed_phantoms(n, size, block_bytes=2**27):
+    """`n` phantom images of size x size uint16 and their ROI table (3 square ROIs r=5 each), the images as a
+    generator of batches: a block of ~128 MiB of distinct phantoms repeated (decode and compute cost the same per
+    image; generating 2 GB of phantoms would take minutes), never all in memory."""
+    block = max(1, min(n, block_bytes // (size * size * 2)))
+    ph = make_phantom(block, (size, size), lesions=3, radius=max(6, size // 20), margin=max(8, size // 25), seed=0)
+    base = ph.rois.assign(kind="square", r=5)
+    reps = -(-n // block)
+    rois = pd.concat([base.assign(image=base["image"] + k * block) for k in range(reps)], ignore_index=True)
+    rois = rois[rois["image"] < n].reset_index(drop=True)
+
+    def images():
+        for k in range(reps):
+            yield ph.images[: min(block, n - k * block)]
+
+    return images(), rois
+
+
+def bench_pipeline_sizes(args):
+    """`gpucnr run` end to end against the bare read (`Stack.read` over every shard on 2 threads, nothing computed)
+    of the same stack, per image size; both measured side by side in interleaved rounds, best round kept. Each size
+    is a stack of `--gb` of raw pixels with the default shards (~2^22 px) and batches (~2^24 px). Kernel time is
+    what `measure_batch` took during the run (summed over its 2 workers, halved); the fixed cost per batch is
+    (run - bare read - kernel time) / batches."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gpucnr import pipeline
+
+    sizes = [int(v) for v in args.sizes.split(",")]
+    rows = []
+    kernel = [0.0]
+    real = pipeline.measure_batch
+
+    def timed(*a, **k):
+        t0 = time.perf_counter()
+        try:
+            return real(*a, **k)
+        finally:
+            kernel[0] += time.perf_counter() - t0
+
+    pipeline.measure_batch = timed
+    tmp = Path(tempfile.mkdtemp(prefix="gpucnr-bench-"))
+    try:
+        for size in sizes:
+            n = max(1, int(args.gb * 1e9 // (size * size * 2)))
+            stack_path = tmp / f"s{size}.zarr"
+            images, rois = _streamed_phantoms(n, size)
+            stack = gpucnr.write_stack(stack_path, images, rois=rois)
+            bucket = stack.buckets[0]
+
+            def bare(stack=stack, bucket=bucket, threads=2):
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(lambda a: stack.read(bucket, a, min(a + bucket.shard, bucket.size), labels=False),
+                                  range(0, bucket.size, bucket.shard)))
+
+            def ours(k=[0], stack_path=stack_path):  # noqa: B006 - a fresh results path per round
+                k[0] += 1
+                out = tmp / f"r{k[0]}.zarr"
+                kernel[0] = 0.0
+                ds = gpucnr.run(stack_path, out, scheduler="threads", workers=2, backend="numpy")
+                batches = ds.sizes["batch"]
+                shutil.rmtree(out)
+                return batches, kernel[0] / 2
+
+            ours()  # warm-up: compile the kernels, fill the page cache
+            t_bare, t_one, t_run = [], [], []
+            for _ in range(args.repeat):
+                t_bare.append(best(bare, 1))
+                t_one.append(best(lambda: bare(threads=1), 1))
+                t0 = time.perf_counter()
+                batches, t_kernel = ours()
+                t_run.append((time.perf_counter() - t0, t_kernel))
+            run_best, kernel_best = min(t_run)
+            stored = sum(f.stat().st_size for f in stack_path.rglob("*") if f.is_file())
+            files = sum(1 for f in stack_path.rglob("*") if f.is_file())
+            rows.append((size, n, n * size * size * 2, stored, files, bucket.shard, batches, min(t_bare), min(t_one),
+                         run_best, kernel_best))
+            shutil.rmtree(stack_path)
+    finally:
+        pipeline.measure_batch = real
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"gpucnr {gpucnr.__version__}; phantom stacks of {args.gb:g} GB raw uint16 per size, 3 square ROIs r=5 per "
+          f"image, default shards and batches; threads=2; best of {args.repeat} interleaved rounds")
+    print()
+    print("| size | images | raw GB | stored GB | files | images/shard | batches | bare read s (2 threads) | "
+          "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel in rows:
+        # NB: against the faster of the two bare reads: 2 threads of Stack.read contend for the GIL on small images
+        fixed = (t_run - min(t_bare, t_one) - t_kernel) / batches * 1e3
+        print(f"| {size}x{size} | {n} | {raw / 1e9:.2f} | {stored / 1e9:.2f} | {files} | {shard} | {batches} | "
+              f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} |")
+
+
+_SCALE_STEP = r"""
+import json, os, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, {scripts!r})
+step, root, n, limit_kb = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) * 1024
+
+
+def guard():
+    # NB: a step that outgrows the limit is stopped before it takes the shared machine's memory
+    while True:
+        rss = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")][0]
+        if rss > limit_kb:
+            print(f"stopped: peak RSS over {{limit_kb // 1024}} MB", file=sys.stderr, flush=True)
+            os._exit(3)
+        time.sleep(0.2)
+
+
+threading.Thread(target=guard, daemon=True).start()
+stack, results = root / "stack.zarr", root / "results.zarr"
+t0 = time.perf_counter()
+extra = {{}}
+if step == "write":
+    import numpy as np, pandas as pd, gpucnr
+    from bench import _streamed_phantoms
+    # NB: blocks of 8 MiB: make_phantom's float64 intermediates of a 128 MiB block alone peak near 2 GB
+    images, rois = _streamed_phantoms(n, 64, block_bytes=2**23)
+    rois = rois[rois["roi"] == 1]
+    # NB: 10^4 sites (a name screened like any meta column: no run of 6 digits)
+    meta = pd.DataFrame({{"site": pd.Series(np.arange(n) % 10_000).map("s{{:04d}}".format)}})
+    gpucnr.write_stack(stack, images, rois=rois, meta=meta)
+elif step == "summarize":
+    import gpucnr
+    out = gpucnr.summarize(results, by="site")
+    extra["groups"] = int(out.sizes.get("group", 0)) if hasattr(out, "sizes") else None
+else:
+    from gpucnr.cli import main
+    argv = {{"run": ["run", str(stack), str(results), "--group-columns", "site", "--workers", "2",
+                    "--backend", "numpy"],
+            "filter": ["filter", str(results), "--out", str(root / "manifest.csv")],
+            "report": ["report", str(results), str(root / "report")]}}[step]
+    rc = main(argv)
+    if rc not in (0, 3):
+        raise SystemExit(f"{{step}} exited {{rc}}")
+elapsed = time.perf_counter() - t0
+hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
+print(json.dumps({{"step": step, "s": elapsed, "rss_mb": hwm / 1024, **extra}}))
+"""
+
+
+def bench_scale(args):
+    """The whole flow at `--scale-n` images of 64x64 uint16 and at a tenth of them: each step (streaming
+    write_stack, `gpucnr run --group-columns site`, `summarize(by="site")` over 10^4 sites, `gpucnr filter`,
+    `gpucnr report`) in its own process, timed, its peak RSS (VmHWM) read; then the time ratio, the stack's and the
+    results' file counts and the report's size. One round: minutes at 10^6 on 2 cores."""
+    import json
+    import shutil
+    import subprocess
+
+    steps = ("write", "run", "summarize", "filter", "report")
+    code = _SCALE_STEP.format(scripts=str(Path(__file__).resolve().parent))
+    table = {}
+    base = Path(args.scale_dir) if args.scale_dir else Path(tempfile.mkdtemp(prefix="gpucnr-scale-"))
+    for n in (args.scale_n // 10, args.scale_n):
+        root = base / f"n{n}"
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        row = {}
+        for step in steps:
+            try:
+                done = subprocess.run([sys.executable, "-c", code, step, str(root), str(n), str(args.rss_limit_mb)],
+                                      capture_output=True, text=True, timeout=args.step_timeout)
+                out = done.stdout.strip().splitlines()
+                row[step] = json.loads(out[-1]) if done.returncode == 0 and out else {
+                    "error": (done.stderr.strip().splitlines() or ["?"])[-1][:200]}
+            except subprocess.TimeoutExpired:
+                row[step] = {"error": f"stopped after {args.step_timeout:.0f} s"}
+            print(n, step, row[step], flush=True)
+        files = {name: sum(1 for f in (root / name).rglob("*") if f.is_file())
+                 for name in ("stack.zarr", "results.zarr")}
+        report = root / "report" / "report.html"
+        row["files"] = files
+        row["report_mb"] = report.stat().st_size / 2**20 if report.exists() else None
+        table[n] = row
+        if not args.scale_dir:
+            shutil.rmtree(root, ignore_errors=True)
+    small, large = args.scale_n // 10, args.scale_n
+    print()
+    print(f"gpucnr {gpucnr.__version__}; {small} and {large} phantom images of 64x64 uint16, 1 ROI each, 10^4 sites; "
+          "each step its own process, workers=2")
+    print()
+    print(f"| step | s at {small} | s at {large} | ratio (<= 11) | peak RSS MB at {small} | peak RSS MB at {large} |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for step in steps:
+        a, b = table[small][step], table[large][step]
+        if "error" in a or "error" in b:
+            print(f"| {step} | {a.get('s', a.get('error'))} | {b.get('s', b.get('error'))} | | | |")
+            continue
+        print(f"| {step} | {a['s']:.1f} | {b['s']:.1f} | {b['s'] / a['s']:.1f} | {a['rss_mb']:.0f} | "
+              f"{b['rss_mb']:.0f} |")
+    for n in (small, large):
+        report = table[n]["report_mb"]
+        print(f"\nN = {n}: stack files {table[n]['files']['stack.zarr']} (<= 5,000), results files "
+              f"{table[n]['files']['results.zarr']} (<= 500), report "
+              + (f"{report:.2f} MB (<= 5)" if report is not None else "not written"))
 
 
 def bench_compressors(args):

@@ -11,11 +11,26 @@ import tempfile
 os.environ["NUMBA_BOUNDSCHECK"] = "1"
 os.environ["NUMBA_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"gpucnr-numba-boundscheck-{os.getuid()}")
 
-import array_api_compat
-import numpy as np
-import pytest
 
-from gpucnr.backend import cupy_available, to_host
+def _device_visible() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no CuPy, or a broken CUDA install: no device
+        return False
+
+
+# NB: before numba.cuda is first imported (it reads this once). Without a GPU the device kernels run in numba's CUDA
+# simulator (tests/test_cuda.py switches GPUCNR_CUDA_SIM=1 per test); on a GPU runner they run on the device.
+if os.environ.get("GPUCNR_REQUIRE_GPU") != "1" and not _device_visible():
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+
+import array_api_compat  # noqa: E402 - after the environment above
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from gpucnr.backend import cupy_available, to_host  # noqa: E402
 
 NAMESPACES = ("numpy", "array_api_strict", "cupy")
 

@@ -316,6 +316,10 @@ def test_options_that_contradict_the_automatic_regions_are_coded_errors():
         gpucnr.measure(ph.images, ph.labels, definition="mriqc", backend="numpy")
     with pytest.raises(OptionError, match="background"):
         gpucnr.measure(ph.images, "auto", background="ring", backend="numpy")
+    with pytest.raises(OptionError, match="footprint='disk', dilation=9"):
+        gpucnr.measure(ph.images, "auto", footprint="disk", dilation=9, backend="numpy")
+    with pytest.raises(OptionError, match="border=3"):
+        gpucnr.measure(ph.images, "auto", border=3, backend="numpy")
     with pytest.raises(OptionError, match="edge"):
         gpucnr.measure(ph.images, ph.labels, edge=3, backend="numpy")
     with pytest.raises(OptionError):

@@ -145,7 +145,7 @@ def test_numpy_fast_equals_portable_with_padding_and_nan(case):
 
 def test_fast_path_names_the_implementation():
     """One place names the compiled implementation (DESIGN §9): Numba's CPU kernels for NumPy, none (the portable
-    path) for array-api-strict and, until the device kernels exist, for CuPy."""
+    path) for array-api-strict; CuPy's "cuda" and the simulator mode are tested in tests/test_cuda.py."""
     import array_api_strict
 
     from gpucnr.backend import fast_path

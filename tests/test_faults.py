@@ -41,7 +41,9 @@ def data(tmp_path_factory):
     rois = pd.concat([a.rois, b.rois.assign(image=b.rois["image"] + len(a.images))], ignore_index=True)
     stack = gpucnr.write_stack(root / "stack.zarr", images, rois=rois, shard=SHARD)
     assert [bk.size for bk in stack.buckets] == [203, 197]
-    ref = gpucnr.run(stack.path, root / "reference.zarr", scheduler="synchronous", backend="numpy").load()
+    # NB: batches of one shard (the default, 2^24 px, would be two batches)
+    ref = gpucnr.run(stack.path, root / "reference.zarr", scheduler="synchronous", backend="numpy",
+                     batch=8).load()
     n_batches = int(ref.sizes["batch"])
     assert n_batches == 51 and ref["committed"].values.all()
     assert not ref.attrs["failures"] and not (ref["status"].values == STATUS["failed"]).any()
@@ -105,7 +107,7 @@ def test_kill9_then_resume(data, tmp_path, point, scheduler, resume_scheduler):
     after = {"first": 1, "middle": 26, "last-but-one": n - 1}[point]  # batches written when the kill comes
     results = tmp_path / "results.zarr"
     log1, log2 = tmp_path / "killed.log", tmp_path / "resumed.log"
-    cmd = [PY, "-m", "gpucnr", "run", str(data["stack"]), str(results), "--backend", "numpy"]
+    cmd = [PY, "-m", "gpucnr", "run", str(data["stack"]), str(results), "--backend", "numpy", "--batch", "8"]
     proc = None
     err = tmp_path / "killed.stderr"
     try:
@@ -213,7 +215,8 @@ def test_worker_killed_mid_run(data, tmp_path, monkeypatch):
         thread = threading.Thread(target=killer, args=(victim, 3), daemon=True)
         thread.start()
         try:
-            ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", client=client, backend="numpy").load()
+            ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", client=client, backend="numpy",
+                            batch=8).load()
         finally:
             stop.set()
             thread.join(timeout=WAIT_S)
@@ -232,7 +235,7 @@ def test_poison_image_kills_every_worker(data, tmp_path):
     ref = data["ref"]
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}), _Cluster() as client:
         client.register_plugin(_measure_patch(poison=poison))
-        ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", client=client, backend="numpy").load()
+        ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", client=client, backend="numpy", batch=8).load()
     assert ds["committed"].values.all()
     status = ds["status"].values
     assert (status[poison] == STATUS["failed"]).all(), f"image {poison} has status {status[poison]}"
@@ -253,7 +256,7 @@ stack, results, rois, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.arg
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 try:
-    gpucnr.run(stack, results, rois=rois, scheduler="synchronous", backend="numpy")
+    gpucnr.run(stack, results, rois=rois, scheduler="synchronous", backend="numpy", batch=8)
 except Exception as e:
     chain = []
     while e is not None and len(chain) < 10:
@@ -283,7 +286,7 @@ def test_disk_full_then_resume(tmp_path):
     rois_csv = tmp_path / "rois.csv"
     ph.rois.assign(name=names).to_csv(rois_csv, index=False)
     clean = tmp_path / "clean.zarr"
-    ref = gpucnr.run(stack, clean, rois=rois_csv, scheduler="synchronous", backend="numpy").load()
+    ref = gpucnr.run(stack, clean, rois=rois_csv, scheduler="synchronous", backend="numpy", batch=SHARD).load()
     assert ref["committed"].values.all()
 
     sizes = {f.relative_to(clean).as_posix(): f.stat().st_size for f in clean.rglob("*") if f.is_file()}

@@ -181,11 +181,12 @@ def log_lines(path: Path) -> list[int]:
 
 def test_plan_batches_rounds_to_shards_and_never_crosses_a_bucket(stacks):
     stack = gpucnr.open_stack(stacks("table", "uint16"))
-    assert stack.shard == SHARD
+    assert stack.shard == SHARD and [b.shard for b in stack.buckets] == [SHARD, SHARD]
     assert [(b.name, b.size, b.offset) for b in stack.buckets] == [("64x64-uint16", 6, 0), ("64x128-uint16", 5, 6)]
-    for batch, size in ((None, 4), (1, 4), (3, 4), (4, 4), (5, 4), (7, 8), (9, 8), (8, 8), (13, 12), (100, 100)):
+    # images (a bare number, an int, or "Ni"): rounded to whole shards, never more shards than the bucket has
+    for batch, size in (("1", 4), (3, 4), ("4i", 4), (5, 4), (7, 8), ("9", 8), (8, 8), (13, 8), (100, 8)):
         got, plan = plan_batches(stack, batch)
-        assert got == size, batch
+        assert got == {"64x64-uint16": size, "64x128-uint16": size}, batch
         # contiguous cover of the global index, whole batches of one bucket each
         assert [p[3] for p in plan] == sorted(p[3] for p in plan)
         covered = []
@@ -195,8 +196,48 @@ def test_plan_batches_rounds_to_shards_and_never_crosses_a_bucket(stacks):
             assert g0 == b.offset + start
             covered += list(range(g0, g0 + stop - start))
         assert covered == list(range(stack.n_images))
-    assert plan_batches(stack, None)[1] == [("64x64-uint16", 0, 4, 0), ("64x64-uint16", 4, 6, 4),
-                                            ("64x128-uint16", 0, 4, 6), ("64x128-uint16", 4, 5, 10)]
+    # pixels: the smallest whole number of shards holding at least that many pixels of the bucket's canvas (a shard
+    # of 4 images is 16384 px at 64x64 and 32768 px at 64x128)
+    for batch, sizes in (("16384px", (4, 4)), ("16385px", (8, 4)), ("32K", (8, 4)), ("32769px", (8, 8)),
+                         ("1px", (4, 4)), (None, (8, 8)), ("16M", (8, 8))):
+        assert plan_batches(stack, batch)[0] == dict(zip(("64x64-uint16", "64x128-uint16"), sizes, strict=True)), batch
+    assert plan_batches(stack, "16385px")[1] == [("64x64-uint16", 0, 6, 0), ("64x128-uint16", 0, 4, 6),
+                                                 ("64x128-uint16", 4, 5, 10)]
+
+
+@pytest.mark.parametrize("garbage", ["", "abc", "-4", "0", "0i", "1.5", "16Q", "16 M", "M", "i", "4ii", "16MB",
+                                     "٣", 1.5, True, -1, None])
+def test_batch_sizes_that_are_neither_images_nor_pixels_are_coded_errors(stacks, garbage):
+    from gpucnr.store import SizeError, parse_size
+
+    stack = gpucnr.open_stack(stacks("table", "uint16"))
+    if garbage is None:
+        assert parse_size(64) == ("images", 64)  # NB: None is plan_batches' default, not garbage
+        return
+    with pytest.raises(SizeError) as err:
+        plan_batches(stack, garbage)
+    assert err.value.code == "bad-size" and err.value.exit_code == 2
+    with pytest.raises(SizeError):
+        parse_size(garbage)
+
+
+def test_batch_size_spellings():
+    from gpucnr.store import format_size, parse_size
+
+    assert parse_size(64) == parse_size("64") == parse_size("64i") == ("images", 64)
+    assert parse_size("16M") == parse_size("16384K") == parse_size("16777216px") == ("pixels", 2**24)
+    assert parse_size("1G") == ("pixels", 2**30)
+    for text in ("64i", "16M", "3K", "12345px", "2G"):
+        assert format_size(*parse_size(text)) == text
+
+
+def test_cli_batch_garbage_is_refused_with_its_code_before_anything_is_written(tmp_path, stacks, capsys):
+    results = tmp_path / "r.zarr"
+    assert main(["run", str(stacks("table", "uint16")), str(results), "--batch", "16MB", "--backend", "numpy"]) == 2
+    err = capsys.readouterr().err
+    assert "bad-size" in err and "Traceback" not in err
+    assert not results.exists()
+
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -224,8 +265,8 @@ def test_run_equals_measure(tmp_path, stacks, datasets, kind, dtype, options, ba
     ds = run_(stack, tmp_path / "r.zarr", scheduler=scheduler, workers=2, batch=batch, backend="numpy",
                     **options)
     assert_matches(ds, reference(datasets(dtype), kind, **options))
-    size, plan = plan_batches(gpucnr.open_stack(stack), batch)
-    assert ds.attrs["batch"] == size
+    sizes, plan = plan_batches(gpucnr.open_stack(stack), batch)
+    assert {k: v["images_per_batch"] for k, v in ds.attrs["plan"].items()} == sizes
     assert ds.sizes["batch"] == len(plan)
     assert ds["batch_start"].to_numpy().tolist() == [p[3] for p in plan]
     assert ds["batch_stop"].to_numpy().tolist() == [p[3] + p[2] - p[1] for p in plan]
@@ -332,7 +373,8 @@ def test_results_record_parameters_and_provenance(tmp_path, datasets):
     assert (tmp_path / "data" / "out" / ds.attrs["stack_path"]).resolve() == (tmp_path / "data" / "s.zarr").resolve()
     assert ds.attrs["stack_fingerprint"] == stack.fingerprint() == gpucnr.open_stack(stack.path).fingerprint()
     assert ds.attrs["backend"] == "numpy"
-    assert ds.attrs["batch"] == 8
+    assert ds.attrs["batch"] == "7i"  # NB: as asked; the plan holds what it became
+    assert {v["images_per_batch"] for v in ds.attrs["plan"].values()} == {8}
     assert ds.attrs["gpucnr_version"] == gpucnr.__version__
     assert ds.attrs["failures"] == []
     # the allow-list of DESIGN §10 (structure, rescale, acquisition, pseudonymous ids) are coordinates
@@ -375,7 +417,7 @@ def test_resume_computes_nothing_twice(tmp_path, stacks, monkeypatch):
     results = tmp_path / "r.zarr"
     log = tmp_path / "batches.log"
     monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
-    first = run_(stack, results, scheduler="threads", workers=2, backend="numpy").load()
+    first = run_(stack, results, scheduler="threads", workers=2, backend="numpy", batch=SHARD).load()
     n_batches = first.sizes["batch"]
     assert sorted(log_lines(log)) == list(range(n_batches))
 
@@ -405,7 +447,7 @@ def test_a_crash_leaves_committed_batches_and_a_template(tmp_path, stacks, monke
     import gpucnr.pipeline as pipeline
 
     stack = stacks("labels", "uint16")
-    full = run_(stack, tmp_path / "full.zarr", scheduler="synchronous", backend="numpy").load()
+    full = run_(stack, tmp_path / "full.zarr", scheduler="synchronous", backend="numpy", batch=SHARD).load()
     real = pipeline.measure_spec
 
     def crashing(spec):
@@ -416,7 +458,7 @@ def test_a_crash_leaves_committed_batches_and_a_template(tmp_path, stacks, monke
     monkeypatch.setattr(pipeline, "measure_spec", crashing)
     results = tmp_path / "r.zarr"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_(stack, results, scheduler="synchronous", backend="numpy")
+        run_(stack, results, scheduler="synchronous", backend="numpy", batch=SHARD)
     part = load(results)
     committed = part["committed"].to_numpy()
     assert committed.tolist() == [1 if k < crash_at else 0 for k in range(full.sizes["batch"])]
@@ -444,7 +486,7 @@ def test_resume_refuses_other_parameters_or_another_stack(tmp_path, stacks, data
         run_(stack, results, backend="numpy")
     assert err.value.code == "results-exist"
 
-    refused = [({"ddof": 0}, "ddof"), ({"background": "ring"}, "background"), ({"batch": 8}, "batch"),
+    refused = [({"ddof": 0}, "ddof"), ({"background": "ring"}, "background"), ({"batch": SHARD}, "batch"),
                ({"footprint": "disk"}, "footprint"), ({"signed": True}, "signed")]
     for options, name in refused:
         with pytest.raises(ResultsError) as err:
@@ -606,7 +648,7 @@ def test_cli_run_progress_resume_info_and_errors(tmp_path, stacks, datasets, cap
     assert "CNR mean" in captured.out and captured.out.startswith("gpucnr run: ")  # NB: not "gpucnr demo:"
     ds = load(results)
     assert_matches(ds, reference(datasets("uint16"), "table", background="ring", footprint="disk", ddof=0))
-    assert ds.attrs["batch"] == 8
+    assert ds.attrs["batch"] == "8i"  # NB: a bare number means images
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -785,3 +827,42 @@ def test_cli_report_and_enhance(tmp_path, capsys):
     below = int((load(results)["cnr_median"].values < 1.5).sum())
     assert f"{below} image(s) below 1.5 enhanced" in capsys.readouterr().out
     assert (tmp_path / "enh" / "results.zarr").exists() == (below > 0)
+
+
+def test_cli_run_summary_comes_from_cnr_median_and_the_committed_flags(tmp_path, stacks, capsys):
+    """The summary `gpucnr run` prints: its counts equal the results' own (valid images from cnr_median, batches from
+    the committed flags), read without loading every variable."""
+    results = tmp_path / "r.zarr"
+    argv = ["run", str(stacks("table", "uint16")), str(results), "--backend", "numpy", "--roi-source", "table",
+            "--batch", "4i", "--scheduler", "synchronous"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    ds = load(results)
+    valid = int(np.isfinite(ds["cnr_median"].to_numpy()).sum())
+    lines = {line[:28].strip(): line[28:].strip() for line in out.splitlines() if len(line) > 28}
+    assert lines["images with a valid ROI"] == str(valid)
+    assert lines["batches committed"] == f"{int(ds['committed'].sum())} of {ds.sizes['batch']}" == "4 of 4"
+
+
+def test_resume_compares_the_plan_per_bucket_and_reads_older_batch_numbers(tmp_path, stacks):
+    """The plan is stored per bucket; a resume names the buckets whose batches would differ, continues the stored
+    plan without --batch, and reads the number of images results before December 2026 recorded as ``batch``."""
+    stack = stacks("table", "uint16")
+    results = tmp_path / "r.zarr"
+    first = run_(stack, results, batch=SHARD, backend="numpy", scheduler="synchronous")
+    plan = first.attrs["plan"]
+    assert plan == {"64x64-uint16": {"images_per_batch": 4, "batches": 2},
+                    "64x128-uint16": {"images_per_batch": 4, "batches": 2}}
+    with pytest.raises(ResultsError) as err:
+        run_(stack, results, resume=True, batch="16385px", backend="numpy")
+    assert err.value.code == "resume-mismatch"
+    assert "64x64-uint16 2 batch(es) of 4 images (now 1 batch(es) of 8 images)" in str(err.value)
+    assert "64x128-uint16" not in str(err.value)  # NB: its plan is the same (16385 px are one shard of 64x128)
+    group = zarr.open_group(str(results), mode="r+")
+    group.attrs["batch"] = SHARD  # NB: as results before pixel-sized batches recorded it
+    again = run_(stack, results, resume=True, backend="numpy")
+    assert again.attrs["plan"] == plan
+    assert_same_results(first.load(), again.load())
+    with pytest.raises(ResultsError) as err:
+        run_(stack, results, resume=True, batch="8i", backend="numpy")
+    assert err.value.code == "resume-mismatch" and "64x128-uint16" in str(err.value)

@@ -39,7 +39,8 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("results-store")
     ph = make_phantom(N, (96, 96), lesions=2, radius=5, seed=21)
     stack = gpucnr.write_stack(root / "stack.zarr", ph.images, labels=ph.labels, shard=SHARD)
-    ref = gpucnr.run(stack.path, root / "clean.zarr", scheduler="synchronous", backend="numpy").load()
+    # NB: batches of one shard (the default, 2^24 px, would be one batch): the damage tests need several
+    ref = gpucnr.run(stack.path, root / "clean.zarr", scheduler="synchronous", backend="numpy", batch=SHARD).load()
     assert ref["committed"].values.all() and ref.sizes["batch"] == N // SHARD
     return {"stack": stack.path, "clean": root / "clean.zarr", "ref": ref}
 
@@ -172,7 +173,7 @@ def test_results_make_a_few_files_whatever_the_image_count(tmp_path):
     for n in (16, 640):
         ph = make_phantom(n, (64, 64), lesions=1, radius=3, seed=1)
         stack = gpucnr.write_stack(tmp_path / f"s{n}.zarr", ph.images, labels=ph.labels, shard=8)
-        gpucnr.run(stack, tmp_path / f"r{n}.zarr", backend="numpy")
+        gpucnr.run(stack, tmp_path / f"r{n}.zarr", backend="numpy", batch=SHARD)
         counts.append(sum(1 for p in (tmp_path / f"r{n}.zarr").rglob("*") if p.is_file()))
     assert counts[0] == counts[1], counts
 
@@ -211,7 +212,7 @@ def test_resume_refuses_a_reingested_png_naming_the_bucket(tmp_path):
     stack = tmp_path / "stack.zarr"
     gpucnr.ingest(src, stack, mask_pattern="{stem}_mask.png", workers=1)
     results = tmp_path / "results.zarr"
-    gpucnr.run(stack, results, backend="numpy", scheduler="synchronous")
+    gpucnr.run(stack, results, backend="numpy", scheduler="synchronous", batch=SHARD)
     corrected = ph.images[3].astype(np.uint16)
     corrected[10:20, 10:20] += 500
     Image.fromarray(corrected).save(src / "img3.png")
@@ -243,7 +244,7 @@ def test_a_decoder_memory_error_stops_the_run_with_exit_4_and_resume_completes_i
     results = tmp_path / "results.zarr"
     capsys.readouterr()
     code = main(["run", str(data["stack"]), str(results), "--backend", "numpy", "--scheduler", "threads",
-                 "--workers", "2"])
+                 "--workers", "2", "--batch", str(SHARD)])
     err = capsys.readouterr().err
     assert code == 4, err
     assert "[run-environment]" in err and "MemoryError" in err and "--resume" in err
@@ -270,7 +271,7 @@ def test_a_dask_worker_in_another_folder_measures_the_same_stack(data, tmp_path,
             client.run(os.chdir, str(elsewhere))
             assert set(client.run(os.getcwd).values()) == {str(elsewhere)}
             ds = gpucnr.run(Path(data["stack"].name), tmp_path / "results.zarr", client=client,
-                            backend="numpy").load()
+                            backend="numpy", batch=SHARD).load()
     finally:
         cluster.close()
     assert not (ds["status"].values == STATUS["failed"]).any()
@@ -296,7 +297,7 @@ def publish(tmp, path):
     return real(tmp, path)
 
 shardfiles.publish = publish
-gpucnr.run(stack, results, scheduler="synchronous", backend="numpy")
+gpucnr.run(stack, results, scheduler="synchronous", backend="numpy", batch=8)
 """
 
 
@@ -336,7 +337,8 @@ def test_buffered_background_commits_give_the_same_results(data, tmp_path, monke
     monkeypatch.setattr(results_module, "_SYNC_FLUSH_BYTES", 0)
     log = tmp_path / "batches.log"
     monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
-    ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", scheduler="threads", workers=2, backend="numpy").load()
+    ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", scheduler="threads", workers=2, backend="numpy",
+                    batch=SHARD).load()
     _same(ds, data["ref"], what="background commits")
     assert sorted(int(v) for v in log.read_text().split()) == list(range(N // SHARD))
 

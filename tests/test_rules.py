@@ -64,8 +64,8 @@ def check(m, cnr, usable, group, rule, unit_order):
     no_cut = usable & np.isnan(unit_cut)
     np.testing.assert_array_equal((m["reason"] == "no cut in group").to_numpy(), no_cut)
     # the metadata's cut of each group equals pandas'
-    # NB: one by-column here, or none (the group "all")
-    cuts = {next(iter(c["group"].values()), "all"): c for c in m.attrs["cuts"]}
+    # NB: one by-column here (and at roi level the ROI id after it), or none (the group "all")
+    cuts = {"".join(c["group"].values()) or "all": c for c in m.attrs["cuts"]}
     assert set(cuts) == set(cut.index)
     for name, want in cut.items():
         entry = cuts[name]
@@ -112,13 +112,16 @@ def test_no_by_is_one_group_and_the_default_is_abs_1_5():
     pd.testing.assert_frame_equal(default, manifest(ds, rule="abs:1.5", allow_incomplete=True))
 
 
-def test_roi_level_rules_use_ok_cells_grouped_by_their_image():
+def test_roi_level_rules_use_ok_cells_grouped_by_their_image_and_roi_id():
+    # NB: each ROI id is a quantity of its own (rois="auto": foreground and tissue): one id never cuts another
     ds = messy(seed=3)
     m = manifest(ds, rule="quantile:0.1", by="modality", level="roi", allow_incomplete=True)
     n_roi = ds.sizes["roi"]
     cnr = ds["cnr"].values.ravel()
     usable = (ds["status"].values.ravel() == 0) & ~np.isnan(cnr)
-    group = np.repeat(group_text(ds["modality"].values), n_roi)
+    group = np.char.add(np.repeat(group_text(ds["modality"].values), n_roi).astype(str),
+                        np.tile(ds["roi"].values.astype(str), ds.sizes["image"]))
+    assert {c["group"]["roi"] for c in m.attrs["cuts"]} == {str(r) for r in ds["roi"].values}
     m = m.assign(_order=m["image"] * 100 + m["roi"]).sort_values("_order")
     check(m.drop(columns="_order"), cnr, usable, group, "quantile:0.1", ["image", "roi"])
 
@@ -331,3 +334,12 @@ def test_patient_level_rules_group_each_patient_by_its_first_image():
         })
         m = m.set_index("patient_id").loc[per.index].reset_index()
         check(m, per["cnr"].to_numpy(), per["usable"].to_numpy(), per["group"].to_numpy(), rule, ["patient_id"])
+
+
+def test_cli_filter_says_when_a_group_has_no_cut(measured_stack, tmp_path, capsys):
+    from gpucnr.cli import main
+
+    # NB: 12 images per modality, fewer than 1/0.05 = 20: the quantile rule judges nothing, and must say so
+    assert main(["filter", str(measured_stack / "r.zarr"), "--rule", "quantile:0.05", "--by", "modality",
+                 "--out", str(tmp_path / "keep.csv")]) == 0
+    assert "2 group(s), 0 with a unit dropped, 2 with no cut" in capsys.readouterr().out

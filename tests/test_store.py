@@ -13,6 +13,7 @@ import pytest
 import zarr
 
 import gpucnr
+from gpucnr.errors import InputError
 from gpucnr.phantom import make_phantom
 from gpucnr.store import fingerprint
 
@@ -219,6 +220,20 @@ def test_meta_columns_land_in_the_per_image_table(tmp_path):
     np.testing.assert_array_equal(table["intercept"].to_numpy(np.float64), meta["intercept"].to_numpy()[src])
     assert np.isnan(table["padding"].to_numpy(np.float64)).all()  # the default
     assert st.n_images == n
+
+
+def test_case_pseudonyms_are_not_screened_as_record_numbers(tmp_path, phantom):
+    # NB: ingest's case pseudonyms are 20 hex digits, which often hold a run of six decimal digits; enhance carries
+    # them into its new stack, which refused them by chance (a new user's walk)
+    from gpucnr.identifiers import IdentifyingError
+
+    n = phantom.images.shape[0]
+    own = ["f46452a4b759162983e1", ""] * (n // 2) + [""] * (n % 2)
+    gpucnr.write_stack(tmp_path / "a.zarr", phantom.images, meta=pd.DataFrame({"case": own}))
+    assert gpucnr.open_stack(tmp_path / "a.zarr").images["case"].astype(str).tolist()[:1] == [own[0]]
+    theirs = ["case 1234567"] + [""] * (n - 1)  # free text: still screened
+    with pytest.raises(IdentifyingError, match="case"):
+        gpucnr.write_stack(tmp_path / "b.zarr", phantom.images, meta=pd.DataFrame({"case": theirs}))
 
 
 def test_meta_defaults(tmp_path, phantom):
@@ -709,3 +724,98 @@ def test_shards_written_as_files_read_back_through_zarr(tmp_path, compressor, mo
                 h, w = planes[i].shape
                 np.testing.assert_array_equal(got[pos, :h, :w], planes[i], err_msg=f"{b.name} {kind} {pos}")
                 assert not got[pos, h:, :].any() and not got[pos, :, w:].any()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming write_stack (issue 17)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _streaming_case(n=40):
+    from gpucnr.phantom import make_phantom
+
+    ph = make_phantom(n, (48, 48), lesions=2, radius=5, margin=8, seed=3)
+    odd = [np.asarray(ph.images[k, : 40 + k % 3, : 30 + k % 5]) for k in range(n)]  # several shapes, two buckets
+    lab = [np.asarray(ph.labels[k, : 40 + k % 3, : 30 + k % 5]) for k in range(n)]
+    meta = pd.DataFrame({"site": [f"s{k % 3}" for k in range(n)], "slope": np.linspace(1, 2, n)})
+    rois = ph.rois[ph.rois.roi == 1].assign(kind="square", r=2, cx=10, cy=10)
+    return odd, lab, meta, rois
+
+
+def test_streaming_write_stack_equals_the_in_memory_one(tmp_path):
+    """A generator of images (and one of batches) gives the stack the in-memory call gives: same fingerprint
+    (tables, manifests, every chunk's checksum), same arrays, and the generator is read exactly once."""
+    odd, lab, meta, rois = _streaming_case()
+    ref = gpucnr.write_stack(tmp_path / "ref.zarr", odd, labels=lab, rois=rois, meta=meta, shard=8)
+    seen = []
+
+    def images():
+        for k, image in enumerate(odd):
+            seen.append(k)
+            yield image
+
+    got = gpucnr.write_stack(tmp_path / "gen.zarr", images(), labels=iter(lab), rois=rois, meta=meta, shard=8)
+    assert seen == list(range(len(odd)))
+    assert got.fingerprint() == ref.fingerprint()
+    pd.testing.assert_frame_equal(got.images, ref.images)
+    for a, b in zip(got.buckets, ref.buckets, strict=True):
+        assert a.name == b.name
+        np.testing.assert_array_equal(got.read(a, 0, a.size)[0], ref.read(b, 0, b.size)[0])
+        np.testing.assert_array_equal(got.read(a, 0, a.size)[1], ref.read(b, 0, b.size)[1])
+    # batches (k, H, W) of one shape at a time stream alike
+    square = np.stack([np.pad(im, ((0, 48 - im.shape[0]), (0, 48 - im.shape[1]))) for im in odd])
+    flat = gpucnr.write_stack(tmp_path / "flat.zarr", square, rois=rois)
+    batched = gpucnr.write_stack(tmp_path / "batched.zarr", (square[k : k + 7] for k in range(0, len(odd), 7)),
+                                 rois=rois)
+    assert batched.fingerprint() == flat.fingerprint()
+
+
+def test_streaming_write_stack_never_holds_the_whole_input(tmp_path):
+    """Images of 64x64 uint16 streamed one at a time, shards of 32 images: the writer holds about one shard, so the
+    peak of traced allocations does not grow with the input (1024 images, 8 MiB, against 256)."""
+    import tracemalloc
+
+    def peak(n):
+        def images():
+            rng = np.random.default_rng(0)
+            for _ in range(n):
+                yield rng.integers(0, 4096, (64, 64), dtype=np.uint16)
+
+        gpucnr.write_stack(tmp_path / f"warm{n}.zarr", images(), shard=32)  # NB: imports and caches first
+        tracemalloc.start()
+        try:
+            gpucnr.write_stack(tmp_path / f"s{n}.zarr", images(), shard=32)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(256), peak(1024)
+    assert large - small < 1024 * 64 * 64 * 2 / 8, (small, large)  # NB: holding the input would add 6 MiB
+    stack = gpucnr.open_stack(tmp_path / "s1024.zarr")
+    assert stack.n_images == 1024 and stack.buckets[0].shard == 32
+
+
+def test_a_failing_stream_leaves_no_stack(tmp_path):
+    def images():
+        yield np.zeros((8, 8), np.uint16)
+        yield np.zeros((2, 8, 8, 3), np.uint16)  # not an image nor a batch
+
+    with pytest.raises(InputError, match="item 1"):
+        gpucnr.write_stack(tmp_path / "s.zarr", images())
+    assert not (tmp_path / "s.zarr").exists()
+    with pytest.raises(InputError, match="labels ended"):
+        gpucnr.write_stack(tmp_path / "t.zarr", iter([np.zeros((8, 8), np.uint16)] * 2),
+                           labels=iter([np.zeros((8, 8), np.int32)]))
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_shards_sized_by_pixels_per_bucket(tmp_path):
+    """The default shard holds about 2^22 px of each bucket's canvas; a size in images is the same for all."""
+    images = [np.zeros((64, 64), np.uint16)] * 3 + [np.zeros((1000, 1000), np.uint8)] * 2
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images)
+    assert {b.name: b.shard for b in stack.buckets} == {"64x64-uint16": 1024, "1024x1024-uint8": 4}
+    assert stack.group.attrs["shard_size"] == "4M"
+    small = gpucnr.write_stack(tmp_path / "t.zarr", images, shard="16K")
+    assert {b.name: b.shard for b in small.buckets} == {"64x64-uint16": 4, "1024x1024-uint8": 1}
+    same = gpucnr.write_stack(tmp_path / "u.zarr", images, shard="2i")
+    assert {b.shard for b in same.buckets} == {2} and same.shard == 2

@@ -199,9 +199,24 @@ _POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
+_LOCAL = threading.local()
+
+
 def threads() -> int:
-    """Threads used by the compiled loops: ``GPUCNR_THREADS``, else the CPU count."""
+    """Threads used by the compiled loops: this thread's `set_thread_limit`, else ``GPUCNR_THREADS``, else the
+    CPU count."""
+    limit = getattr(_LOCAL, "limit", None)
+    if limit:
+        return limit
     return max(1, int(os.environ.get("GPUCNR_THREADS", 0)) or os.cpu_count() or 1)
+
+
+def set_thread_limit(limit: int | None) -> None:
+    """Threads the compiled loops may use when called from this thread (None: the default of `threads`).
+
+    A pool that already runs one batch per core (the pipeline's workers) sets 1: splitting each batch again over
+    a shared pool of the same cores only adds hand-offs and contention."""
+    _LOCAL.limit = None if limit is None else max(1, int(limit))
 
 
 def _split(n: int, fn):

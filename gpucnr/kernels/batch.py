@@ -8,7 +8,7 @@ import array_api_compat
 
 from gpucnr.backend import to_host
 from gpucnr.errors import InputError
-from gpucnr.kernels import histograms
+from gpucnr.kernels import histograms, patches
 from gpucnr.kernels.cnr import (
     STATUS,
     cell_status,
@@ -136,7 +136,8 @@ def measure_batch(
     padding = per_image(padding, math.nan, f64)
     polarity = per_image(polarity, 1.0, f64)
     # NB: the compiled kernels index with these values unchecked: nothing inconsistent gets past this line.
-    _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity)
+    extents = _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept,
+                            polarity)
     exact = is_exact_integer(xp, images.dtype)
     region = None
     if params.background == "label":
@@ -158,7 +159,7 @@ def measure_batch(
     # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
     # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
     plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
-                         known_range=None if early is None else early[2])
+                         known_range=None if early is None else early[2], extents=extents)
     limbs, scale = plan.limbs, plan.scale
     # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
     sums_impl = None if limbs else impl
@@ -230,7 +231,7 @@ def measure_batch(
         mean_roi, mean_bg = c + md_roi * inv, c + md_bg * inv
         var_roi, var_bg = _unscale(xp, var_roi_s, inv), _unscale(xp, var_bg_s, inv)
     out_of_range = xp.take(plan.out_of_range, cells.image)
-    if bool(xp.any(out_of_range)):
+    if plan.any_out_of_range:
         nan = xp.full(diff.shape, math.nan, dtype=f64, device=dev)
         mean_roi, var_roi, mean_bg, var_bg, diff, var_roi_s, var_bg_s = (
             xp.where(out_of_range, nan, v) for v in (mean_roi, var_roi, mean_bg, var_bg, diff, var_roi_s, var_bg_s))
@@ -239,10 +240,28 @@ def measure_batch(
     mean_roi, mean_bg = mean_roi * a + b, mean_bg * a + b
     var_roi, var_bg = var_roi * (a * a), var_bg * (a * a)
 
+    finish = kernel(impl, "finish_cells")
+    if finish is not None and params.definition in finish.definitions:
+        # NB: the device path forms CNR, status and the dense (n, L) grid in one kernel (same formulas as below).
+        given = None
+        if params.definition == "gcnr":
+            given = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
+                                    roi_ids, n_roi, n_bg)
+        out = finish(n, n_ids, grid, params, (n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg), diff, var_roi_s,
+                     var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given)
+        out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], out["status"], signed=params.signed)
+        out["n_excluded"] = n_excluded
+        out["roi_ids"] = roi_ids
+        return out
+
     if params.definition == "gcnr":
         cnr = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
                               roi_ids, n_roi, n_bg)
         zero_noise = xp.zeros(cnr.shape, dtype=xp.bool, device=dev)
+    elif params.definition == "mrqy":
+        # NB: a pixel statistic (5x5 patches at each region's maximum), on the stored values as MRQy reads them
+        cnr, zero_noise = patches.mrqy(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
+                                       roi_ids)
     else:
         # NB: the CNR is invariant to the slope a (and to the power-of-two scale): it is formed from the
         # unscaled-by-a contrast and the scaled variances, the sign of a kept for signed CNRs.
@@ -293,7 +312,18 @@ def measure_batch(
 
 
 def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity):
-    """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images."""
+    """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images.
+
+    Shapes and dtypes are checked on the host as they come; the checks of values are gathered and read from the
+    device together, in one transfer (a GPU batch pays one synchronisation for them, not one per check), with
+    the valid extents. The first failing check, in the order written, is the error raised.
+
+    Returns
+    -------
+    list of two lists of int
+        ``valid_h`` and ``valid_w`` on the host (for `plan_numerics`).
+    """
+    pending = []  # (0-d bool array: the check fails, message)
     if images.ndim != 3:
         raise InputError(f"images must be (n, H, W), got shape {tuple(images.shape)}")
     n, height, width = (int(v) for v in images.shape)
@@ -301,14 +331,12 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
                     ("polarity", polarity)):
         if tuple(v.shape) != (n,):
             raise InputError(f"{name} has shape {tuple(v.shape)} for {n} images")
-    for name, v, top in (("valid_h", valid_h, height), ("valid_w", valid_w, width)):
-        if n and bool(xp.any((v < 1) | (v > top))):
-            raise InputError(f"{name} must lie in [1, {top}] (the images' extent)")
-    for name, v in (("slope", slope), ("intercept", intercept), ("polarity", polarity)):
-        if n and not bool(xp.all(xp.isfinite(v))):
-            raise InputError(f"{name} must be finite")
-    if n and bool(xp.any(slope == 0)):
-        raise InputError("slope must be != 0")
+    if n:
+        for name, v, top in (("valid_h", valid_h, height), ("valid_w", valid_w, width)):
+            pending.append((xp.any((v < 1) | (v > top)), f"{name} must lie in [1, {top}] (the images' extent)"))
+        for name, v in (("slope", slope), ("intercept", intercept), ("polarity", polarity)):
+            pending.append((~xp.all(xp.isfinite(v)), f"{name} must be finite"))
+        pending.append((xp.any(slope == 0), "slope must be != 0"))
     if (labels is None) == (table is None):
         raise InputError("give the ROIs as exactly one of labels= and table=")
     if roi_ids is None and labels is None:
@@ -316,36 +344,42 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
     if roi_ids is not None:
         if roi_ids.ndim != 1 or not xp.isdtype(roi_ids.dtype, "integral"):
             raise InputError("roi_ids must be a 1-D integer array")
-        if roi_ids.shape[0] > 1 and bool(xp.any(roi_ids[1:] <= roi_ids[:-1])):
-            raise InputError("roi_ids must be sorted and unique")
+        if roi_ids.shape[0] > 1:
+            pending.append((xp.any(roi_ids[1:] <= roi_ids[:-1]), "roi_ids must be sorted and unique"))
     for name, lab in (("labels", labels), ("lesions", lesions)):
         if lab is None:
             continue
         if tuple(lab.shape) != tuple(images.shape) or not xp.isdtype(lab.dtype, "integral"):
             raise InputError(f"{name} must be integers of the images' shape {tuple(images.shape)}, got "
                              f"{tuple(lab.shape)} {lab.dtype}")
-        if xp.isdtype(lab.dtype, "signed integer") and lab.size and int(xp.min(lab)) < 0:
-            raise InputError(f"{name} hold negative values; labels are >= 0 (0 = no ROI)")
-    if table is None:
-        return
-    columns = ("image", "col", "kind", "cx", "cy", "r")
-    if any(c not in table for c in columns):
-        raise InputError(f"table needs the columns {columns}")
-    m = table["image"].shape[0] if table["image"].ndim == 1 else -1
-    if any(table[c].ndim != 1 or table[c].shape[0] != m or not xp.isdtype(table[c].dtype, "integral")
-           for c in columns):
-        raise InputError("table columns must be 1-D integer arrays of one length")
-    if not m:
-        return
-    n_ids = int(roi_ids.shape[0])
-    for c, lo, hi in (("image", 0, n - 1), ("col", 0, n_ids - 1), ("kind", 0, KIND_DISK), ("r", 0, _MAX_COORDINATE),
-                      ("cx", -_MAX_COORDINATE, _MAX_COORDINATE), ("cy", -_MAX_COORDINATE, _MAX_COORDINATE)):
-        v = table[c]
-        if bool(xp.any((v < lo) | (v > hi))):
-            raise InputError(f"table column {c} must lie in [{lo}, {hi}]")
-    key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
-    if m > 1 and bool(xp.any(key[1:] == key[:-1])):
-        raise InputError("table has two rows for one (image, col)")
+        if xp.isdtype(lab.dtype, "signed integer") and lab.size:
+            pending.append((xp.min(lab) < 0, f"{name} hold negative values; labels are >= 0 (0 = no ROI)"))
+    if table is not None:
+        columns = ("image", "col", "kind", "cx", "cy", "r")
+        if any(c not in table for c in columns):
+            raise InputError(f"table needs the columns {columns}")
+        m = table["image"].shape[0] if table["image"].ndim == 1 else -1
+        if any(table[c].ndim != 1 or table[c].shape[0] != m or not xp.isdtype(table[c].dtype, "integral")
+               for c in columns):
+            raise InputError("table columns must be 1-D integer arrays of one length")
+        if m:
+            n_ids = int(roi_ids.shape[0])
+            for c, lo, hi in (("image", 0, n - 1), ("col", 0, n_ids - 1), ("kind", 0, KIND_DISK),
+                              ("r", 0, _MAX_COORDINATE), ("cx", -_MAX_COORDINATE, _MAX_COORDINATE),
+                              ("cy", -_MAX_COORDINATE, _MAX_COORDINATE)):
+                v = table[c]
+                pending.append((xp.any((v < lo) | (v > hi)), f"table column {c} must lie in [{lo}, {hi}]"))
+            if m > 1:
+                # NB: (image, col) keys of rows out of range may collide; that error comes first above.
+                key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
+                pending.append((xp.any(key[1:] == key[:-1]), "table has two rows for one (image, col)"))
+    words = [xp.astype(xp.stack([xp.reshape(c, ()) for c, _ in pending]), xp.int64)] if pending else []
+    read = to_host(xp.concat([*words, xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64)])).tolist()
+    failed = read[: len(pending)]
+    for bad, (_, message) in zip(failed, pending, strict=True):
+        if bad:
+            raise InputError(message)
+    return [read[len(pending): len(pending) + n], read[len(pending) + n:]]
 
 
 def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None):
@@ -363,14 +397,19 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=No
         roi_ids, y0, y1, x0, x1 = boxes
         n_ids = int(roi_ids.shape[0])
         present = y1 > y0
-        idx = xp.nonzero(present)[0]
+        if impl == "cuda":
+            # NB: every (image, id) is a cell, absent ones with an empty box (the device kernels skip them, `grid`
+            # leaves them out): a nonzero's data-dependent shape would cost the batch a host read.
+            idx = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
+        else:
+            idx = xp.nonzero(present)[0]
         image = idx // max(n_ids, 1)
         col = idx % max(n_ids, 1)
         zero = xp.zeros_like(idx)
         cells = Cells(image=image, col=col, kind=xp.full_like(idx, KIND_LABEL), cx=zero, cy=zero,
                       r=xp.take(roi_ids, col), y0=xp.take(y0, idx), y1=xp.take(y1, idx),
                       x0=xp.take(x0, idx), x1=xp.take(x1, idx))
-        rank = xp.cumulative_sum(xp.astype(present, xp.int64)) - 1
+        rank = idx if impl == "cuda" else xp.cumulative_sum(xp.astype(present, xp.int64)) - 1
         grid = xp.where(present, rank, xp.full_like(rank, -1))
         return cells, grid, roi_ids
     n_ids = int(roi_ids.shape[0])

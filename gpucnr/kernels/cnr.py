@@ -6,6 +6,7 @@ import math
 
 __all__ = [
     "DEFINITIONS",
+    "FORCED",
     "STATUS",
     "cell_status",
     "contrast_to_noise",
@@ -15,7 +16,18 @@ __all__ = [
 ]
 
 #: Names accepted by ``definition=`` (DESIGN §4).
-DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc")
+DEFINITIONS = ("pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc", "viqa", "mrqy")
+
+#: Definitions that reproduce a peer tool and so fix options whatever the user gave; `Params` applies them and
+#: records them in the results' attributes (``definition_forces``).
+FORCED = {
+    # NB: vIQA's contrast_to_noise_ratio is (np.mean(signal) - np.mean(background)) / np.std(background): the
+    # population standard deviation and the sign of the difference (viqa 3.0.1, viqa/nr_metrics/cnr.py).
+    "viqa": {"ddof": 0, "signed": True},
+    # NB: MRQy's cnr is np.nanmean(fore_patch - back_patch) / np.nanstd(back_patch): signed, ddof 0 (mrqy 0.0.3,
+    # mrqy/QCF.py; gpucnr/kernels/patches.py). ddof 0 also lets a 1-pixel ROI be measured, as MRQy does.
+    "mrqy": {"ddof": 0, "signed": True},
+}
 
 #: Status codes of an (image, roi) cell, in order of precedence after "not computed" (DESIGN §4).
 STATUS = {
@@ -33,7 +45,8 @@ STATUS = {
     "numeric-range": 7,
     # NB: rois="auto" did not find the cell's regions (no air, no body, or not two tissue classes) (DESIGN §10).
     "region-not-found": 8,
-    # NB: a group of cells whose definition cannot be pooled from moments (gCNR is a histogram statistic):
+    # NB: a group of cells whose definition cannot be pooled from moments (gCNR is a histogram statistic, MRQy's
+    # CNR a statistic of two 5x5 patches):
     # `gpucnr.aggregate` only (DESIGN §10).
     "not-poolable": 9,
 }
@@ -47,9 +60,11 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
     ----------
     mean_roi, var_roi, mean_bg, var_bg : float64 arrays, one shape
         Region moments in modality units.
-    definition : {"pooled", "background", "roi", "pooled-mean", "mriqc"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "mriqc", "viqa"}
         ``|mr - mb| / sqrt(vr + vb)`` (the article's), ``/ sqrt(vb)``, ``/ sqrt(vr)``,
-        ``/ sqrt((vr + vb) / 2)``, ``/ sqrt(var_air + vr + vb)`` (MRIQC's).
+        ``/ sqrt((vr + vb) / 2)``, ``/ sqrt(var_air + vr + vb)`` (MRIQC's); "viqa" is vIQA's
+        ``(mr - mb) / sqrt(vb)``, always signed and never flipped by `polarity` (vIQA sees the array's own values,
+        not the display).
     signed : bool
         Keep sign(mr - mb) times `polarity` instead of the absolute value.
     polarity : float64 array broadcastable to the moments
@@ -72,6 +87,8 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
         noise2 = var_bg
     elif definition == "roi":
         noise2 = var_roi
+    elif definition == "viqa":
+        noise2 = var_bg
     elif definition == "mriqc":
         if var_air is None:
             raise ValueError("definition 'mriqc' needs var_air, the air variance (rois='auto' measures it)")
@@ -85,6 +102,8 @@ def contrast_to_noise(xp, mean_roi, var_roi, mean_bg, var_bg, definition: str, *
     inf = xp.full_like(value, math.inf)
     nan = xp.full_like(value, math.nan)
     value = xp.where(zero_noise, xp.where(diff != 0, inf, nan), value)
+    if definition == "viqa":
+        return xp.where(diff < 0, -value, value), zero_noise
     if signed:
         value = xp.where(diff < 0, -value, value) * polarity
     return value, zero_noise

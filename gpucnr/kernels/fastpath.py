@@ -13,9 +13,9 @@ from gpucnr.backend import fast_path
 
 __all__ = ["implementation", "kernel"]
 
-#: Implementation name (from `gpucnr.backend.fast_path`) -> the module of its kernels. "cuda" (numba-cuda
-#: device kernels) joins when they exist; until then `fast_path` never names it.
-_MODULES = {"numba-cpu": "gpucnr.kernels._numpy_fast"}
+#: Implementation name (from `gpucnr.backend.fast_path`) -> the module of its kernels: Numba's CPU loops for
+#: NumPy, numba-cuda device kernels for CuPy (and for NumPy under numba's CUDA simulator, a test mode).
+_MODULES = {"numba-cpu": "gpucnr.kernels._numpy_fast", "cuda": "gpucnr.kernels._cuda"}
 
 
 def implementation(xp, *, fast: bool = True) -> str | None:

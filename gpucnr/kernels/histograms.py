@@ -177,7 +177,11 @@ def _bin_counts(xp, below, total):
 
 
 def _background_extremes(xp, whole, sub, add, n_bg, bg_below):
-    """Min and max of each cell's background multiset (whole region - sub part, or add part alone)."""
+    """Min and max of each cell's background multiset (whole region - sub part, or add part alone).
+
+    Memory O(cells): a bisection per cell over its region's sorted values, never a (cells, removed values)
+    table (one large lesion would make that cells x its window part).
+    """
     m = n_bg.shape[0]
     if add is not None and whole is None:
         seg, ids = add
@@ -189,25 +193,44 @@ def _background_extremes(xp, whole, sub, add, n_bg, bg_below):
         first = seg.kth(ids, xp.zeros((m, 1), dtype=xp.int64))[:, 0]
         last = seg.kth(ids, (xp.take(seg.count, ids) - 1)[:, None])[:, 0]
         return first, last
-    # NB: removing q values leaves the minimum among the q + 1 smallest of the region: the first candidate
-    # s_j with more region values <= s_j than removed values <= s_j. Symmetrically for the maximum.
+    # NB: removing q values leaves the minimum among the q + 1 smallest s_0 <= s_1 <= ... of the region: the
+    # first s_j with more region values <= s_j than removed values <= s_j. That count of background values <= s_j
+    # never decreases with j, so the first such j is found by bisection. Symmetrically for the maximum.
     removed = xp.take(sub[0].count, sub[1])
-    q = int(xp.max(removed)) if m else 0
-    j = xp.arange(q + 1, dtype=xp.int64)[None, :]
-    size = xp.take(seg.count, ids)[:, None]
-    lows = seg.kth(ids, xp.broadcast_to(j, (m, q + 1)))
-    highs = seg.kth(ids, size - 1 - j)
-    lows_safe = xp.where(xp.isnan(lows), xp.full_like(lows, math.inf), lows)
-    highs_safe = xp.where(xp.isnan(highs), xp.full_like(highs, -math.inf), highs)
-    alive_low = bg_below(lows_safe, inclusive=True) >= 1
-    alive_high = (n_bg[:, None] - bg_below(highs_safe)) >= 1
-    first = _first_true(xp, lows, alive_low & ~xp.isnan(lows))
-    last = _first_true(xp, highs, alive_high & ~xp.isnan(highs))
+    size = xp.take(seg.count, ids)
+    limit = xp.minimum(removed + 1, size)
+    widest = int(xp.max(limit)) if m else 0
+
+    def low_at(j):
+        return seg.kth(ids, j[:, None])[:, 0]
+
+    def high_at(j):
+        return seg.kth(ids, (size - 1 - j)[:, None])[:, 0]
+
+    def low_alive(j):
+        v = low_at(j)
+        return ~xp.isnan(v) & (bg_below(xp.where(xp.isnan(v), math.inf, v)[:, None], inclusive=True)[:, 0] >= 1)
+
+    def high_alive(j):
+        v = high_at(j)
+        return ~xp.isnan(v) & (n_bg - bg_below(xp.where(xp.isnan(v), -math.inf, v)[:, None])[:, 0] >= 1)
+
+    first = _first_alive(xp, limit, widest, low_alive, low_at)
+    last = _first_alive(xp, limit, widest, high_alive, high_at)
     return first, last
 
 
-def _first_true(xp, values, ok):
-    """values[i, j] at the first j where ok[i, j]; NaN where none."""
-    j = xp.argmax(xp.astype(ok, xp.int8), axis=1)
-    picked = xp.take_along_axis(values, j[:, None], axis=1)[:, 0]
-    return xp.where(xp.any(ok, axis=1), picked, xp.full_like(picked, math.nan))
+def _first_alive(xp, limit, widest: int, alive, value_at):
+    """Per cell, value_at(j) at the first j in [0, limit) where alive(j) holds (alive is monotone in j: once
+    true, true for every larger j); NaN where none. Bisection: ceil(log2(widest + 1)) steps of O(cells)."""
+    lo = xp.zeros_like(limit)
+    hi = limit
+    for _ in range(max(int(widest), 1).bit_length()):
+        active = lo < hi
+        mid = (lo + hi) // 2
+        ok = alive(xp.where(active, mid, xp.zeros_like(mid)))
+        hi = xp.where(active & ok, mid, hi)
+        lo = xp.where(active & ~ok, mid + 1, lo)
+    found = lo < limit
+    value = value_at(xp.where(found, lo, xp.zeros_like(lo)))
+    return xp.where(found, value, xp.full_like(value, math.nan))

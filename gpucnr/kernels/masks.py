@@ -194,17 +194,18 @@ def gather_window(xp, images, labels, cells: Cells, reach: int, h: int, w: int, 
     return Window(values=values, yy=yy, xx=xx, inside=inside, labels=lab)
 
 
-def roi_mask(xp, cells: Cells, win: Window):
+def roi_mask(xp, cells: Cells, win: Window, kinds=None):
     """The ROI of each cell inside its window, shape (m, h, w), clipped to the valid region.
 
     Square (cx, cy, r): x in [cx - r, cx + r), y in [cy - r, cy + r) (the article's select_roi).
     Disk: (x - cx)^2 + (y - cy)^2 <= r^2. Label: the label value held in ``cells.r``.
+    `kinds`: the set of kinds that may occur (found here with a host read per kind when None).
     """
     cx = cells.cx[:, None, None]
     cy = cells.cy[:, None, None]
     r = cells.r[:, None, None]
     kind = cells.kind[:, None, None]
-    present = {k for k in (KIND_SQUARE, KIND_DISK, KIND_LABEL) if bool(xp.any(cells.kind == k))}
+    present = kinds if kinds is not None else _kinds(xp, cells)
     mask = None
     # NB: only the kinds present are evaluated; each is one broadcast of row and column terms.
     if KIND_SQUARE in present:
@@ -220,6 +221,11 @@ def roi_mask(xp, cells: Cells, win: Window):
     if mask is None:
         return xp.zeros(win.inside.shape, dtype=xp.bool)
     return mask & win.inside
+
+
+def _kinds(xp, cells: Cells) -> set:
+    """The ROI kinds among `cells` (one host read per kind)."""
+    return {k for k in (KIND_SQUARE, KIND_DISK, KIND_LABEL) if bool(xp.any(cells.kind == k))}
 
 
 def dilate_boxes(xp, cells: Cells, win: Window, rows: tuple[int, ...]):
@@ -310,7 +316,7 @@ def is_narrow_integer(xp, dtype) -> bool:
     return dtype in (xp.bool, xp.int8, xp.uint8, xp.int16, xp.uint16)
 
 
-def excluded_mask(xp, values, padding):
+def excluded_mask(xp, values, padding, *, look=True):
     """Pixels left out of every region: not finite, or equal to the image's padding value.
 
     Parameters
@@ -318,13 +324,16 @@ def excluded_mask(xp, values, padding):
     values : array, shape (..., h, w)
     padding : float64 array broadcastable to `values`
         The DICOM pixel padding value per image, NaN where the image has none.
+    look : bool
+        Read from the device whether any image has a padding value, and skip the comparison when none has
+        (a whole-image operation saved); False: always compare (small arrays, no host read).
     """
     if is_exact_integer(xp, values.dtype):
         bad = xp.zeros(values.shape, dtype=xp.bool, device=array_api_compat.device(values))
     else:
         bad = ~xp.isfinite(values)
     has_pad = xp.isfinite(padding)
-    if bool(xp.any(has_pad)):
+    if not look or bool(xp.any(has_pad)):
         # NB: compare in float64, where every <= 32-bit stored value and the padding value are exact.
         bad = bad | (has_pad & (xp.astype(values, xp.float64) == padding))
     return bad
@@ -471,11 +480,13 @@ def union_masks(xp, images, labels, lesions, cells, grid, params, valid_h, valid
         union = (win.labels != 0) & win.inside
     else:
         union = xp.zeros(win.inside.shape, dtype=xp.bool, device=array_api_compat.device(images))
-        # NB: one vectorised step per ROI id (column), each covering every image of the batch.
+        # NB: one vectorised step per ROI id (column), each covering every image of the batch; the kinds present
+        # are read once for all of them.
+        kinds = _kinds(xp, cells)
         for j in range(n_ids):
             cell = xp.take(grid, images_idx * n_ids + j)
             sub = cells.take(xp, xp.clip(cell, 0, max(cells.image.shape[0] - 1, 0)))
-            union = union | (roi_mask(xp, sub, win) & (cell >= 0)[:, None, None])
+            union = union | (roi_mask(xp, sub, win, kinds) & (cell >= 0)[:, None, None])
     if lesions is not None:
         les = gather_window(xp, lesions, None, holder, reach, h + 2 * reach, w + 2 * reach, valid_h, valid_w)
         union = union | ((les.values != 0) & les.inside)

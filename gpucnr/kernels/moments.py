@@ -70,6 +70,8 @@ class NumericPlan:
     shift: list | None
 
     exponents: list | None = None
+    #: Some image of the batch is out of range (known on the host when the plan is made: no device read).
+    any_out_of_range: bool = True
 
     @property
     def limbs(self) -> bool:
@@ -112,7 +114,8 @@ def _grid(xp, images, valid_h, valid_w, padding):
     grid = xp.reshape(xp.take(xp.reshape(images, (-1,)), xp.reshape(lin, (-1,))), (n, _GRID * _GRID))
     inside = xp.reshape((ys < valid_h[:, None])[:, :, None] & (xs < valid_w[:, None])[:, None, :],
                         (n, _GRID * _GRID))
-    return grid, inside & ~excluded_mask(xp, grid, padding[:, None])
+    # NB: 1024 values per image: comparing them all costs less than a device read to skip the comparison.
+    return grid, inside & ~excluded_mask(xp, grid, padding[:, None], look=False)
 
 
 def _extreme(xp, dtype, high: bool):
@@ -168,17 +171,22 @@ def image_range(xp, images, valid_h, valid_w, padding):
     return lo, hi, xp.any(good, axis=(1, 2))
 
 
-def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, known_range=None) -> NumericPlan:
+def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, known_range=None,
+                  extents=None) -> NumericPlan:
     """Decide, per image, how its sums stay exact (docs/accuracy.md, "Exact arithmetic at the edges").
 
     Integer images of at most 16 bits need no look at their values. Wider integer images and float images
     cost one pass for their range (or none: `known_range`, ``(lo, hi, found)`` from the NumPy image pass):
     its spread decides numeric-range, and max |x - c| decides between one int64 word and limbs (integers) or
-    the power of two that scales x - c (floats).
+    the power of two that scales x - c (floats). `extents`: ``(valid_h, valid_w)`` as host lists, when the
+    caller has read them already (no device read for them here).
     """
     n = images.shape[0]
     dev = array_api_compat.device(images)
-    pixels = [h * w for h, w in zip(to_host(valid_h).tolist(), to_host(valid_w).tolist(), strict=True)]
+    if extents is None:
+        # NB: one host read for both extents (on a GPU, one synchronisation).
+        extents = to_host(xp.stack([xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64)])).tolist()
+    pixels = [h * w for h, w in zip(extents[0], extents[1], strict=True)]
     none = xp.zeros((n,), dtype=xp.bool, device=dev)
     if is_narrow_integer(xp, images.dtype):
         wide = [p * (_LIMB_MASK * _LIMB_MASK) >= _NARROW for p in pixels]
@@ -187,16 +195,16 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
             out = [w and p >= _LIMB_PIXELS for w, p in zip(wide, pixels, strict=True)]
             wide = [w and not o for w, o in zip(wide, out, strict=True)]
             return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide,
-                               [int(v) for v in to_host(shift).tolist()])
-        return NumericPlan(none, None, None, wide, None)
+                               [int(v) for v in to_host(shift).tolist()], any_out_of_range=any(out))
+        return NumericPlan(none, None, None, wide, None, any_out_of_range=False)
     if known_range is not None:
         lo, hi, found = known_range
     elif kernel(impl, "image_range") is not None:
         lo, hi, found = kernel(impl, "image_range")(images, valid_h, valid_w, padding)
     else:
         lo, hi, found = image_range(xp, images, valid_h, valid_w, padding)
-    found_h = [bool(v) for v in to_host(found).tolist()]
     if is_exact_integer(xp, images.dtype):
+        found_h = [bool(v) for v in to_host(found).tolist()]
         # NB: Python integers on the host (n values): spreads and squares of 64-bit values overflow int64.
         wrap = 1 << 64 if images.dtype == xp.uint64 else None
         c = [v % wrap if wrap else v for v in (int(v) for v in to_host(shift).tolist())]
@@ -208,10 +216,11 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
         # NB: limb sums are exact over fewer than 2**29 pixels; a wide image of more is out of range.
         out = [o or (w and p >= _LIMB_PIXELS) for o, w, p in zip(out, wide, pixels, strict=True)]
         wide = [w and p < _LIMB_PIXELS for w, p in zip(wide, pixels, strict=True)]
-        return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide, c)
-    c = to_host(shift).tolist()
-    lo_h = [float(v) for v in to_host(lo).tolist()]
-    hi_h = [float(v) for v in to_host(hi).tolist()]
+        return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide, c, any_out_of_range=any(out))
+    # NB: one host read for the four per-image values (float64 holds each of them exactly).
+    f64 = xp.float64
+    found_f, c, lo_h, hi_h = to_host(xp.stack([xp.astype(v, f64) for v in (found, shift, lo, hi)])).tolist()
+    found_h = [bool(v) for v in found_f]
     out, exps = [], []
     for f, ci, low, h in zip(found_h, c, lo_h, hi_h, strict=True):
         spread = h - low if f else 0.0
@@ -220,7 +229,8 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
         exps.append(_scale_exponent(reach))
     scale = xp.asarray([math.ldexp(1.0, e) for e in exps], dtype=xp.float64, device=dev)
     inv = xp.asarray([math.ldexp(1.0, -e) for e in exps], dtype=xp.float64, device=dev)
-    return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), scale, inv, [False] * n, None, exps)
+    return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), scale, inv, [False] * n, None, exps,
+                       any_out_of_range=any(out))
 
 
 def _scale_exponent(reach: float) -> int:

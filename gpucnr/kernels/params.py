@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gpucnr.errors import OptionError, OptionTypeError
-from gpucnr.kernels.cnr import DEFINITIONS
+from gpucnr.kernels.cnr import DEFINITIONS, FORCED
 from gpucnr.kernels.footprints import FOOTPRINTS
 
 __all__ = ["BACKGROUNDS", "Params"]
@@ -34,7 +34,9 @@ class Params:
         Fewer background pixels than this give status background-too-small.
     ddof : int
         Delta degrees of freedom of both variances (1: the article's Python, 0: its MATLAB).
-    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr"}
+    definition : {"pooled", "background", "roi", "pooled-mean", "gcnr", "mriqc", "viqa", "mrqy"}
+        A definition that reproduces a peer tool fixes ``ddof`` and ``signed`` whatever was given
+        (`gpucnr.kernels.cnr.FORCED`; "viqa" and "mrqy": ddof 0, signed), recorded by `as_attrs`.
     gcnr_bins : "auto" or int
     signed : bool
     """
@@ -74,6 +76,9 @@ class Params:
                 raise OptionError(f"gcnr_bins must be 'auto' or an integer >= 1, got {self.gcnr_bins!r}")
         if not isinstance(self.signed, bool):
             raise OptionTypeError(f"signed must be True or False, got {self.signed!r}")
+        # NB: after validation, so that a peer definition overrides only valid options (and says so in as_attrs).
+        for name, value in FORCED.get(self.definition, {}).items():
+            object.__setattr__(self, name, value)
         # NB: NumPy integers become plain ints, so the parameters serialise as JSON attributes anywhere.
         for name in ("dilation", "border", "ring_gap", "ring_width", "min_bg", "ddof", "background_label",
                      "gcnr_bins"):
@@ -91,8 +96,13 @@ class Params:
         return 0
 
     def as_attrs(self) -> dict:
-        """The parameters as netCDF/Zarr-safe attributes (None is written as "none")."""
-        return {k: ("none" if v is None else v) for k, v in asdict(self).items()}
+        """The parameters as netCDF/Zarr-safe attributes (None is written as "none"), and, for a definition that
+        fixes options, ``definition_forces`` (e.g. "ddof=0 signed=True"): not a parameter, never passed back."""
+        attrs = {k: ("none" if v is None else v) for k, v in asdict(self).items()}
+        forced = FORCED.get(self.definition)
+        if forced:
+            attrs["definition_forces"] = " ".join(f"{k}={v}" for k, v in forced.items())
+        return attrs
 
 
 def _choice(name, value, allowed):

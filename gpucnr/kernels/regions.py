@@ -93,6 +93,13 @@ def check_auto_options(params: Params, *, auto: bool) -> None:
     if auto and params.background != Params.background:
         raise OptionError(f"rois='auto' finds its own backgrounds (air, lower tissue): background must stay the "
                           f"default ({Params.background!r}), got {params.background!r}")
+    # NB: the shape options of given ROIs mean nothing here; accepted silently they were recorded, then refused by a
+    # --resume that left them out (a new user's walk)
+    unused = [f"{name}={getattr(params, name)!r}" for name in ("footprint", "dilation", "border", "ring_gap",
+                                                               "ring_width", "background_label")
+              if auto and getattr(params, name) != getattr(Params, name)]
+    if unused:
+        raise OptionError(f"rois='auto' has no dilated ROI, frame or ring: leave {', '.join(unused)} at the default")
     if not auto and params.definition == "mriqc":
         raise OptionError("definition 'mriqc' needs the air moments, which only the automatic regions measure: "
                           "use rois='auto' (--rois auto)")

@@ -36,7 +36,7 @@ from gpucnr.sources.problems import problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, TaskFailure
-from gpucnr.store import StackWriter, journal_path
+from gpucnr.store import StackWriter, journal_path, whole_shards
 
 __all__ = ["IngestSummary", "ingest", "sidecar_paths"]
 
@@ -112,7 +112,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
            color: str = "rec709", nonfinite: str = "skip", key_file=None, workers: int | None = None,
            max_image_mb: float = 512, max_volume_mb: float = 4096, mask_threshold: float | None = None,
            follow_symlinks: bool = False, progress: bool = False,
-           file_timeout: float = 120.0, shard: int = 64, compressor: str = "blosc-zstd",
+           file_timeout: float = 120.0, shard: int | str | None = None, compressor: str = "blosc-zstd",
            resume: bool = False) -> IngestSummary:
     """Ingest a folder of DICOM, PNG and TIFF files into a new stack.
 
@@ -279,7 +279,7 @@ def _resume_command(stack: Path, settings: dict) -> str:
     """The command line that continues this ingest: its arguments as given, the options that differ from the
     defaults, and --resume."""
     defaults = {"color": "rec709", "nonfinite": "skip", "max_image_mb": 512, "max_volume_mb": 4096,
-                "file_timeout": 120, "shard": 64,
+                "file_timeout": 120, "shard": None,
                 "compressor": "blosc-zstd", "follow_symlinks": False}
     words = ["gpucnr", "ingest", display_path(settings["src"]), display_path(stack)]
     for name, value in settings.items():
@@ -573,8 +573,8 @@ class _Ingest:
         for row in rows:
             counts[row["bucket"]] = int(row["position"]) + 1
         # NB: the journal is rewritten with what is kept, so that one interrupted twice resumes alike
-        journal = Journal.create(self.side["journal"], self.header,
-                                 [*kept, *({"flushed": b, "count": n // shard * shard} for b, n in counts.items())])
+        shards = [{"flushed": b, "count": whole_shards(self.stack, b, n)} for b, n in counts.items()]
+        journal = Journal.create(self.side["journal"], self.header, [*kept, *shards])
         writer = StackWriter.resume(self.stack, rows=rows, label_ids=labels, labels=has_labels, shard=shard,
                                     compressor=compressor)
         writer.on_written = journal.flushed

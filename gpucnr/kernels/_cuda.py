@@ -1,0 +1,884 @@
+"""The "cuda" kernels (`gpucnr.backend.fast_path` for CuPy): numba-cuda device kernels for the image pass,
+the ROI window pass and the label boxes, taking CuPy arrays through the CUDA array interface.
+
+Each kernel reads each pixel once, keeps its running sums in registers and writes a handful of numbers per
+image or per cell. Integer sums (counts, exact int64 sums of d = x - c, ranges) meet in atomics, whose order
+does not matter; float sums never do: each block reduces its threads' partials in a fixed tree, and a second
+kernel adds the block partials of an image in block order, so a float result is the same bit for bit on every
+run (DESIGN §9).
+
+Arrays: every kernel argument must expose ``__cuda_array_interface__`` (numba would silently copy a NumPy
+argument to the device and back); outputs and temporaries are allocated through the arrays' own namespace,
+so on CuPy they come from CuPy's memory pool; launches go to CuPy's current stream (`_stream`), with numba's
+implicit synchronisation on foreign arrays off (``NUMBA_CUDA_ARRAY_INTERFACE_SYNC=0``: the stream orders the
+work).
+
+Test mode: with ``GPUCNR_CUDA_SIM=1`` (and ``NUMBA_ENABLE_CUDASIM=1`` set before numba.cuda is first imported)
+the same kernels run in numba's CUDA simulator on NumPy arrays, which proves their logic on a CPU, not CuPy's
+(see docs/gpu.md). The launch configuration is then a few threads per block: the simulator runs every thread
+as a Python thread. `LAUNCHES` counts the kernel launches (tests and scripts/gpu_check.py read it).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+
+# NB: before numba.cuda is imported: the kernels run on CuPy's stream, which orders them with CuPy's own work;
+# numba's default would synchronise the device on every foreign array it is handed.
+if "NUMBA_CUDA_ARRAY_INTERFACE_SYNC" not in os.environ:
+    os.environ["NUMBA_CUDA_ARRAY_INTERFACE_SYNC"] = "0"
+    _SYNC_CHOSEN = False
+else:
+    _SYNC_CHOSEN = True
+
+import array_api_compat
+import numpy as np
+from numba import cuda
+
+from gpucnr.backend import BackendUnavailableError, to_host
+from gpucnr.kernels.masks import is_exact_integer, window_footprints
+from gpucnr.kernels.moments import image_shift
+from gpucnr.kernels.sums import Sums
+
+__all__ = ["LAUNCHES", "finish_cells", "image_range", "image_totals", "integer_pass", "label_boxes", "native",
+           "signatures", "simulated", "window_sums"]
+
+
+if not _SYNC_CHOSEN:
+    # NB: numba.cuda may have been imported (and its configuration read) before gpucnr; the user's own choice,
+    # made in the environment, stands.
+    from numba.cuda.core import config as _config
+
+    _config.CUDA_ARRAY_INTERFACE_SYNC = 0
+
+
+def simulated() -> bool:
+    """True when numba.cuda is numba's CUDA simulator (NUMBA_ENABLE_CUDASIM=1 before its first import)."""
+    from numba.cuda.core import config
+
+    return bool(config.ENABLE_CUDASIM)
+
+
+_SIM = simulated()
+if os.environ.get("GPUCNR_CUDA_SIM") == "1" and not _SIM:
+    raise BackendUnavailableError("GPUCNR_CUDA_SIM=1 runs the device kernels in numba's CUDA simulator, which "
+                                  "needs NUMBA_ENABLE_CUDASIM=1 in the environment before numba.cuda is first "
+                                  "imported")
+
+# Threads per block (a power of two: the float tree reductions halve it) and, for the image pass, the most
+# blocks per image (row groups). The simulator runs each thread as a Python thread, so it gets few.
+THREADS = 4 if _SIM else 256
+_MAX_ROW_GROUPS = 2 if _SIM else 64
+_MAX_CELL_BLOCKS = 2 if _SIM else 4096
+# The window pass keeps one window-sized slot (int32 distances, int8 masks) per block: at most this many
+# entries in all (64 MB of distances), so a batch holding one very large ROI runs fewer blocks, not more memory.
+_SLOT_ENTRIES = 1 << 24
+
+# NB: the simulator swaps module globals while a kernel runs, so two kernels simulated at once from two host
+# threads (the pipeline's batch threads) would see each other's thread ids: one at a time.
+_SIM_LOCK = threading.Lock()
+
+#: Kernel launches since import (a counter on the launch dispatchers, read by tests and scripts/gpu_check.py).
+LAUNCHES = {"count": 0}
+
+
+def native(a):
+    """`a` as the kernels take it: float16 as float32 (exact; the kernels sum in float64 anyway) and, for
+    NumPy arrays (the simulator), native byte order. Booleans are turned into uint8 by the caller."""
+    if a is None:
+        return None
+    xp = array_api_compat.array_namespace(a)
+    if getattr(xp, "float16", None) is not None and a.dtype == xp.float16:
+        return xp.astype(a, xp.float32)
+    if isinstance(a, np.ndarray) and not a.dtype.isnative:
+        return a.astype(a.dtype.newbyteorder("="))
+    return a
+
+
+def _stream():
+    """CuPy's current stream as a numba stream (0: the default stream, for the simulator)."""
+    if _SIM:
+        return 0
+    import cupy
+
+    return cuda.external_stream(cupy.cuda.get_current_stream().ptr)
+
+
+def _launch(kern, grid, block, *args):
+    """Launch `kern` on CuPy's current stream after checking that every array argument lives on the device."""
+    if _SIM:
+        # NB: the simulator's device arrays are NumPy arrays, or array-api-strict arrays (whose every host read
+        # a test can count), handed over as the NumPy buffer they wrap (shared: the kernel's writes land there).
+        args = tuple(getattr(a, "_array", a) for a in args)
+    else:
+        for a in args:
+            # NB: numba copies a host array to the device and back without a word; that is a bug here.
+            assert not hasattr(a, "shape") or hasattr(a, "__cuda_array_interface__"), (
+                f"a host array ({type(a).__name__}) was passed to device kernel {kern.__name__}")
+    LAUNCHES["count"] += 1
+    if _SIM:
+        with _SIM_LOCK:
+            kern[grid, block, 0](*args)
+        return
+    kern[grid, block, _stream()](*args)
+
+
+def _row_groups(height: int) -> int:
+    """Blocks per image in the image pass: a function of the canvas height only, so an image's float sums do
+    not depend on which other images share its batch."""
+    return max(1, min(_MAX_ROW_GROUPS, -(-height // 32)))
+
+
+# ------------------------------------------------------------------------------------------ device helpers
+
+
+@cuda.jit(device=True, inline=True)
+def _tree_sum(buf, a, b, c, d):  # pragma: no cover - compiled
+    """Sums of a, b, c and d over the block's threads, in a fixed order (a binary tree over thread ids), through
+    the (4, THREADS) shared `buf`; four at a time, so a block pays one tree's barriers for them."""
+    t = cuda.threadIdx.x
+    buf[0, t] = a
+    buf[1, t] = b
+    buf[2, t] = c
+    buf[3, t] = d
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if t < step:
+            for k in range(4):
+                buf[k, t] += buf[k, t + step]
+        cuda.syncthreads()
+        step //= 2
+    ra, rb, rc, rd = buf[0, 0], buf[1, 0], buf[2, 0], buf[3, 0]
+    cuda.syncthreads()
+    return ra, rb, rc, rd
+
+
+@cuda.jit(device=True, inline=True)
+def _box_reach(y, y0, y1, dys, widths):  # pragma: no cover - compiled
+    """Half-width of the dilated box [y0, y1) on row y (as `_numpy_fast._box_reach`)."""
+    reach = -1
+    for k in range(dys.shape[0]):
+        if y0 <= y - dys[k] < y1 and widths[k] > reach:
+            reach = widths[k]
+    return reach
+
+
+@cuda.jit(device=True, inline=True)
+def _in_roi(labels, i, kind, cx, cy, r, y0, y1, x0, x1, y, x):  # pragma: no cover - compiled
+    """Pixel (y, x) of image i, inside the valid region, belongs to the cell's ROI (masks.roi_mask)."""
+    if not (y0 <= y < y1 and x0 <= x < x1):
+        return False
+    if kind == 0:
+        return True
+    if kind == 1:
+        return (x - cx) * (x - cx) + (y - cy) * (y - cy) <= r * r
+    return np.int64(labels[i, y, x]) == r
+
+
+@cuda.jit(device=True, inline=True)
+def _dilated(kind, y0, y1, x0, x1, y, x, yy, xx, h, w, dist, slot, dys, widths):  # pragma: no cover - compiled
+    """(y, x) lies in the ROI dilated by the footprint (rows dys, half-widths): analytic for a box, else from
+    the per-row distances to the nearest ROI pixel of the (h, w) window (`dist`, row-major)."""
+    if kind == 0:
+        if y1 <= y0 or x1 <= x0:
+            return False
+        reach = _box_reach(y, y0, y1, dys, widths)
+        return reach >= 0 and x0 - reach <= x < x1 + reach
+    for k in range(dys.shape[0]):
+        src = yy - dys[k]
+        if 0 <= src < h and dist[slot, src * w + xx] <= widths[k]:
+            return True
+    return False
+
+
+# ------------------------------------------------------------------------------------------ the image pass
+
+
+@cuda.jit
+def _int_pass(images, shift, valid_h, valid_w, border, padding, want_range, count, s1, s2, n_excluded, lo, hi,
+              found):  # pragma: no cover - compiled
+    """Integer images: per image, count and exact int64 sums of d = x - c over the interior, excluded
+    (padding) pixels over the valid region and, with `want_range`, min and max over its usable pixels.
+    Block (i, b) takes rows b, b + B, ... of image i; its threads take columns t, t + T, ... (coalesced).
+    Partials meet in integer atomics (wrapping int64 adds: exact whenever the total fits)."""
+    groups = cuda.gridDim.y
+    t = cuda.threadIdx.x
+    for i in range(cuda.blockIdx.x, images.shape[0], cuda.gridDim.x):
+        vh, vw = valid_h[i], valid_w[i]
+        y0, y1 = border, max(vh - border, border)
+        x0, x1 = border, max(vw - border, border)
+        c = shift[i]
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        k = np.int64(0)
+        a1 = np.int64(0)
+        a2 = np.int64(0)
+        bad = np.int64(0)
+        seen = False
+        rlo = lo[i]
+        rhi = hi[i]
+        for y in range(cuda.blockIdx.y, vh, groups):
+            inner_row = y0 <= y < y1
+            for x in range(t, vw, THREADS):
+                raw = images[i, y, x]
+                if has_pad and np.float64(raw) == pad:
+                    bad += 1
+                    continue
+                if want_range:
+                    seen = True
+                    rlo = min(rlo, raw)
+                    rhi = max(rhi, raw)
+                if inner_row and x0 <= x < x1:
+                    d = np.int64(raw) - c
+                    k += 1
+                    a1 += d
+                    a2 += d * d
+        cuda.atomic.add(count, i, k)
+        cuda.atomic.add(s1, i, a1)
+        cuda.atomic.add(s2, i, a2)
+        cuda.atomic.add(n_excluded, i, bad)
+        if seen:
+            cuda.atomic.min(lo, i, rlo)
+            cuda.atomic.max(hi, i, rhi)
+            found[i] = 1
+
+
+@cuda.jit
+def _float_pass(images, shift, valid_h, valid_w, border, padding, scale, count, part_s1, part_s2, n_excluded,
+                lo, hi, found):  # pragma: no cover - compiled
+    """Float images: per image, count and block partial sums of d = (x - c) * scale over the interior
+    (part_s1/part_s2 of shape (n, B), reduced in block order by `_float_finish`), excluded pixels (not
+    finite, or padding) over the valid region, and min and max of its usable pixels (float64)."""
+    groups = cuda.gridDim.y
+    b = cuda.blockIdx.y
+    t = cuda.threadIdx.x
+    buf = cuda.shared.array((4, THREADS), np.float64)
+    for i in range(cuda.blockIdx.x, images.shape[0], cuda.gridDim.x):
+        vh, vw = valid_h[i], valid_w[i]
+        y0, y1 = border, max(vh - border, border)
+        x0, x1 = border, max(vw - border, border)
+        c = shift[i]
+        sc = scale[i]
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        k = np.int64(0)
+        bad = np.int64(0)
+        r1 = 0.0
+        r2 = 0.0
+        seen = False
+        flo = math.inf
+        fhi = -math.inf
+        for y in range(b, vh, groups):
+            inner_row = y0 <= y < y1
+            for x in range(t, vw, THREADS):
+                v = np.float64(images[i, y, x])
+                if not math.isfinite(v) or (has_pad and v == pad):
+                    bad += 1
+                    continue
+                seen = True
+                flo = min(flo, v)
+                fhi = max(fhi, v)
+                if inner_row and x0 <= x < x1:
+                    d = (v - c) * sc
+                    k += 1
+                    r1 += d
+                    r2 += d * d
+        cuda.atomic.add(count, i, k)
+        cuda.atomic.add(n_excluded, i, bad)
+        if seen:
+            # NB: min and max do not depend on the order of the updates (no float sum meets in an atomic).
+            cuda.atomic.min(lo, i, flo)
+            cuda.atomic.max(hi, i, fhi)
+            found[i] = 1
+        p1, p2, _, _ = _tree_sum(buf, r1, r2, 0.0, 0.0)
+        if t == 0:
+            part_s1[i, b] = p1
+            part_s2[i, b] = p2
+
+
+@cuda.jit
+def _float_finish(part_s1, part_s2, s1, s2):  # pragma: no cover - compiled
+    """s1[i], s2[i] = the block partials of image i added in block order (deterministic)."""
+    for i in range(cuda.grid(1), s1.shape[0], cuda.gridsize(1)):
+        a = 0.0
+        q = 0.0
+        for b in range(part_s1.shape[1]):
+            a += part_s1[i, b]
+            q += part_s2[i, b]
+        s1[i] = a
+        s2[i] = q
+
+
+def _image_pass(images, shift, valid_h, valid_w, border, padding, scale, with_range):
+    """Run the image pass; returns ``(Sums, n_excluded, (lo, hi, found))`` as arrays of `images`' namespace."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    n, height, _ = images.shape
+    exact = is_exact_integer(xp, images.dtype)
+    groups = _row_groups(height)
+    grid = (max(1, min(n, 65535)), groups)
+    count = xp.zeros((n,), dtype=xp.int64, device=dev)
+    n_excluded = xp.zeros((n,), dtype=xp.int64, device=dev)
+    found = xp.zeros((n,), dtype=xp.int8, device=dev)
+    vh = xp.astype(valid_h, xp.int64)
+    vw = xp.astype(valid_w, xp.int64)
+    pad = xp.astype(padding, xp.float64)
+    if exact:
+        # NB: the range meets in atomic min/max, which exist for 32- and 64-bit integers; narrower images
+        # keep int64 bounds (their values all fit).
+        wide = images.dtype in (xp.int64, xp.uint64)
+        rdt = images.dtype if wide else xp.int64
+        info = xp.iinfo(images.dtype if wide else xp.int64)
+        lo = xp.full((n,), info.max, dtype=rdt, device=dev)
+        hi = xp.full((n,), info.min, dtype=rdt, device=dev)
+        s1 = xp.zeros((n,), dtype=xp.int64, device=dev)
+        s2 = xp.zeros((n,), dtype=xp.int64, device=dev)
+        if n:
+            _launch(_int_pass, grid, THREADS, images, xp.astype(shift, xp.int64), vh, vw, int(border), pad,
+                    bool(with_range), count, s1, s2, n_excluded, lo, hi, found)
+        if not wide:
+            lo, hi = xp.astype(lo, images.dtype), xp.astype(hi, images.dtype)
+    else:
+        lo = xp.full((n,), math.inf, dtype=xp.float64, device=dev)
+        hi = xp.full((n,), -math.inf, dtype=xp.float64, device=dev)
+        sc = xp.ones((n,), dtype=xp.float64, device=dev) if scale is None else xp.astype(scale, xp.float64)
+        part1 = xp.zeros((n, groups), dtype=xp.float64, device=dev)
+        part2 = xp.zeros((n, groups), dtype=xp.float64, device=dev)
+        s1 = xp.zeros((n,), dtype=xp.float64, device=dev)
+        s2 = xp.zeros((n,), dtype=xp.float64, device=dev)
+        if n:
+            _launch(_float_pass, grid, THREADS, images, xp.astype(shift, xp.float64), vh, vw, int(border), pad, sc,
+                    count, part1, part2, n_excluded, lo, hi, found)
+            _launch(_float_finish, max(1, min(-(-n // THREADS), 1024)), THREADS, part1, part2, s1, s2)
+    return Sums(n=count, s1=s1, s2=s2), n_excluded, (lo, hi, xp.astype(found, xp.bool))
+
+
+def image_totals(images, shift, valid_h, valid_w, border, padding, scale=None, *, with_range=False):
+    """Same contract as `gpucnr.kernels._numpy_fast.image_totals`, for device arrays: one pass per image."""
+    totals, n_excluded, rng = _image_pass(images, shift, valid_h, valid_w, border, padding, scale, with_range)
+    return (totals, n_excluded, rng) if with_range else (totals, n_excluded)
+
+
+def integer_pass(images, valid_h, valid_w, border, padding, *, with_range, shift=None):
+    """Same contract as `gpucnr.kernels._numpy_fast.integer_pass`, for device arrays: the shift (the grid
+    median of `moments.image_shift`, unless given), then one pass for the totals about it and, with
+    `with_range`, the range. Returns ``(shift, totals, n_excluded, range or None)``."""
+    xp = array_api_compat.array_namespace(images)
+    if shift is None:
+        # NB: the grid median is 1024 values per image: a few array operations on the device, not a pass.
+        shift = image_shift(xp, images, valid_h, valid_w, padding)
+    totals, n_excluded, rng = _image_pass(images, shift, valid_h, valid_w, border, padding, None, with_range)
+    return shift, totals, n_excluded, (rng if with_range else None)
+
+
+def image_range(images, valid_h, valid_w, padding):
+    """Same contract as `gpucnr.kernels.moments.image_range`, for device arrays (the image pass's range)."""
+    xp = array_api_compat.array_namespace(images)
+    n = images.shape[0]
+    zero = xp.zeros((n,), dtype=xp.int64 if is_exact_integer(xp, images.dtype) else xp.float64,
+                    device=array_api_compat.device(images))
+    return _image_pass(images, zero, valid_h, valid_w, 0, padding, None, True)[2]
+
+
+# ------------------------------------------------------------------------------------------ the window pass
+
+
+@cuda.jit(device=True, inline=True)
+def _fill_dist(labels, i, kind, cx, cy, r, y0, y1, x0, x1, wy0, wx0, h, w, dist, slot):  # pragma: no cover
+    """dist[slot, yy * w + xx] = distance along window row yy to its nearest ROI pixel (a large number when
+    the row has none): a left and a right scan per row, rows shared among the block's threads."""
+    far = 1 << 30
+    for yy in range(cuda.threadIdx.x, h, THREADS):
+        y = wy0 + yy
+        last = -far
+        for xx in range(w):
+            if _in_roi(labels, i, kind, cx, cy, r, y0, y1, x0, x1, y, wx0 + xx):
+                last = xx
+            dist[slot, yy * w + xx] = xx - last
+        nxt = far
+        for xx in range(w - 1, -1, -1):
+            if dist[slot, yy * w + xx] == 0:
+                nxt = xx
+            if nxt - xx < dist[slot, yy * w + xx]:
+                dist[slot, yy * w + xx] = nxt - xx
+
+
+@cuda.jit
+def _int_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, mode,
+                 reach, grow_dy, grow_w, keep_dy, keep_w, shift, dist, out_n, out_s1, out_s2, inside_n, part_n,
+                 part_s1, part_s2):  # pragma: no cover - compiled
+    """Integer images, one block per cell (cells strided over the grid): per cell, the ROI's count and exact
+    sums of d = x - c, its pixels inside the valid region, and the background window part (mode 1: the
+    dilated ROI within the interior; mode 2: the ring within the interior). As `_numpy_fast._exact_windows`."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        i = image[j]
+        vh, vw = valid_h[i], valid_w[i]
+        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
+        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
+        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        if ky1 <= ky0 or kx1 <= kx0:
+            continue
+        h, w = wy1 - wy0, wx1 - wx0
+        k_ = kind[j]
+        need_dist = mode != 0 and k_ != 0
+        if need_dist:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        c = shift[i]
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        rn = np.int64(0)
+        r1 = np.int64(0)
+        r2 = np.int64(0)
+        inn = np.int64(0)
+        pn = np.int64(0)
+        p1 = np.int64(0)
+        p2 = np.int64(0)
+        for q in range(t, h * w, THREADS):
+            yy = q // w
+            xx = q - yy * w
+            y, x = wy0 + yy, wx0 + xx
+            in_roi = _in_roi(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, y, x)
+            in_part = False
+            if mode != 0 and border <= y < vh - border and border <= x < vw - border:
+                in_part = _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, grow_dy, grow_w)
+                if in_part and mode == 2:
+                    in_part = not _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, keep_dy, keep_w)
+            if not (in_roi or in_part):
+                continue
+            raw = images[i, y, x]
+            if in_roi:
+                inn += 1
+            # NB: compared in float64 like `masks.excluded_mask` (a uint64 above 2**63 wraps in int64).
+            if has_pad and np.float64(raw) == pad:
+                continue
+            d = np.int64(raw) - c
+            if in_roi:
+                rn += 1
+                r1 += d
+                r2 += d * d
+            if in_part:
+                pn += 1
+                p1 += d
+                p2 += d * d
+        cuda.atomic.add(out_n, j, rn)
+        cuda.atomic.add(out_s1, j, r1)
+        cuda.atomic.add(out_s2, j, r2)
+        cuda.atomic.add(inside_n, j, inn)
+        cuda.atomic.add(part_n, j, pn)
+        cuda.atomic.add(part_s1, j, p1)
+        cuda.atomic.add(part_s2, j, p2)
+        # NB: the next cell of this block overwrites `dist`.
+        cuda.syncthreads()
+
+
+@cuda.jit
+def _float_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, mode,
+                   reach, grow_dy, grow_w, keep_dy, keep_w, shift, scale, dist, flags, out_n, out_s1, out_s2,
+                   inside_n, part_n, part_s1, part_s2, centre, part_centre):  # pragma: no cover - compiled
+    """Float images, one block per cell: as `_int_windows` with d = (x - c) * scale, the ROI moments two-pass
+    (about the ROI's own mean, `centre`) and, for a ring (mode 2, a whole background), the ring's too
+    (`part_centre`); a complement part stays about c (it is subtracted from the image totals). Float sums
+    are block tree reductions (fixed order); `flags` (per window pixel: 1 ROI, 2 part, usable pixels only)
+    carries the masks from the first pass to the second."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    fbuf = cuda.shared.array((4, THREADS), np.float64)
+    ibuf = cuda.shared.array((4, THREADS), np.int64)
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        i = image[j]
+        vh, vw = valid_h[i], valid_w[i]
+        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
+        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
+        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        if ky1 <= ky0 or kx1 <= kx0:
+            continue
+        h, w = wy1 - wy0, wx1 - wx0
+        k_ = kind[j]
+        if mode != 0 and k_ != 0:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        c = shift[i]
+        sc = scale[i]
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        rn = np.int64(0)
+        inn = np.int64(0)
+        pn = np.int64(0)
+        r1 = 0.0
+        p1 = 0.0
+        p2 = 0.0
+        for q in range(t, h * w, THREADS):
+            yy = q // w
+            xx = q - yy * w
+            y, x = wy0 + yy, wx0 + xx
+            in_roi = _in_roi(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, y, x)
+            in_part = False
+            if mode != 0 and border <= y < vh - border and border <= x < vw - border:
+                in_part = _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, grow_dy, grow_w)
+                if in_part and mode == 2:
+                    in_part = not _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, keep_dy, keep_w)
+            flags[slot, q] = 0
+            if not (in_roi or in_part):
+                continue
+            v = np.float64(images[i, y, x])
+            if in_roi:
+                inn += 1
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            d = (v - c) * sc
+            f = 0
+            if in_roi:
+                f = 1
+                rn += 1
+                r1 += d
+            if in_part:
+                f += 2
+                pn += 1
+                p1 += d
+                p2 += d * d
+            flags[slot, q] = f
+        n_roi, n_part, inside, _ = _tree_sum(ibuf, rn, pn, inn, np.int64(0))
+        s_roi, s_part, q_part, _ = _tree_sum(fbuf, r1, p1, p2, 0.0)
+        mean = s_roi / n_roi if n_roi > 0 else 0.0
+        ring_mean = s_part / n_part if (mode == 2 and n_part > 0) else 0.0
+        # Pass 2 over the flagged pixels: the ROI (and a ring) about its own mean.
+        r1 = 0.0
+        r2 = 0.0
+        g1 = 0.0
+        g2 = 0.0
+        for q in range(t, h * w, THREADS):
+            f = flags[slot, q]
+            if f == 0:
+                continue
+            yy = q // w
+            xx = q - yy * w
+            d = (np.float64(images[i, wy0 + yy, wx0 + xx]) - c) * sc
+            if f & 1:
+                e = d - mean
+                r1 += e
+                r2 += e * e
+            if mode == 2 and f & 2:
+                e = d - ring_mean
+                g1 += e
+                g2 += e * e
+        s1, s2, g1, g2 = _tree_sum(fbuf, r1, r2, g1, g2)
+        if mode == 2:
+            s_part, q_part = g1, g2
+        if t == 0:
+            out_n[j] = n_roi
+            out_s1[j] = s1
+            out_s2[j] = s2
+            inside_n[j] = inside
+            part_n[j] = n_part
+            part_s1[j] = s_part
+            part_s2[j] = q_part
+            centre[j] = mean
+            part_centre[j] = ring_mean
+        cuda.syncthreads()
+
+
+def _row_arrays(xp, rows, dev):
+    """Footprint rows (half-widths for dy = -R..R) as (dy, half-width) int64 device arrays."""
+    if rows is None:
+        return xp.zeros((1,), dtype=xp.int64, device=dev), xp.full((1,), -1, dtype=xp.int64, device=dev)
+    radius = len(rows) // 2
+    return (xp.arange(-radius, radius + 1, dtype=xp.int64, device=dev),
+            xp.asarray(list(rows), dtype=xp.int64, device=dev))
+
+
+def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding, scale=None):
+    """Same contract as `gpucnr.kernels._numpy_fast.window_sums` (and `batch._window_pass`), for device
+    arrays: one block per cell over its window (the ROI box widened by the background's reach, clipped to
+    the valid region). Returns ``(roi_sums, roi_centre, n_inside, part_sums, part_centre)``."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    grow, keep_out = window_footprints(params)
+    mode = {"complement": 1, "ring": 2}.get(params.background, 0)
+    reach = params.reach if mode else 0
+    exact = is_exact_integer(xp, images.dtype)
+    m = int(cells.image.shape[0])
+    # NB: the per-row distances (non-box ROIs with a window part) and the float masks live in one window-sized
+    # slot per block, reused cell after cell: the one host read of this pass sizes them.
+    h_max = w_max = 0
+    has_dist = False
+    if m:
+        sizes = xp.stack([xp.max(cells.y1 - cells.y0), xp.max(cells.x1 - cells.x0),
+                          xp.astype(xp.any(cells.kind != 0), xp.int64)])
+        h_max, w_max, non_box = to_host(sizes).tolist()
+        h_max, w_max = h_max + 2 * reach, w_max + 2 * reach
+        has_dist = mode != 0 and bool(non_box)
+    area = max(1, h_max * w_max)
+    blocks = max(1, min(m, _MAX_CELL_BLOCKS, _SLOT_ENTRIES // area))
+    dist = xp.zeros((blocks, area if has_dist else 1), dtype=xp.int32, device=dev)
+    lab = labels if labels is not None else xp.zeros((1, 1, 1), dtype=xp.int64, device=dev)
+    geometry = [xp.astype(getattr(cells, k), xp.int64) for k in ("image", "kind", "cx", "cy", "r", "y0", "y1", "x0",
+                                                                   "x1")]
+    rows = (*_row_arrays(xp, grow, dev), *_row_arrays(xp, keep_out, dev))
+    per_image = (xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64), xp.astype(padding, xp.float64),
+                 int(params.border), mode, int(reach))
+
+    def zeros(dtype):
+        return xp.zeros((m,), dtype=dtype, device=dev)
+
+    i64 = xp.int64
+    acc = i64 if exact else xp.float64
+    out_n, out_s1, out_s2, inside_n = zeros(i64), zeros(acc), zeros(acc), zeros(i64)
+    part_n, part_s1, part_s2 = zeros(i64), zeros(acc), zeros(acc)
+    centre, part_centre = zeros(xp.float64), zeros(xp.float64)
+    if m:
+        if exact:
+            _launch(_int_windows, blocks, THREADS, images, lab, *geometry, *per_image, *rows,
+                    xp.astype(shift, xp.int64), dist, out_n, out_s1, out_s2, inside_n, part_n, part_s1, part_s2)
+        else:
+            sc = xp.ones((images.shape[0],), dtype=xp.float64, device=dev) if scale is None else xp.astype(
+                scale, xp.float64)
+            flags = xp.zeros((blocks, area), dtype=xp.int8, device=dev)
+            _launch(_float_windows, blocks, THREADS, images, lab, *geometry, *per_image, *rows,
+                    xp.astype(shift, xp.float64), sc, dist, flags, out_n, out_s1, out_s2, inside_n, part_n, part_s1,
+                    part_s2, centre, part_centre)
+    if exact or mode != 2:
+        part_centre = zeros(xp.float64)
+    if exact:
+        centre = zeros(xp.float64)
+    return Sums(out_n, out_s1, out_s2), centre, inside_n, Sums(part_n, part_s1, part_s2), part_centre
+
+
+# ------------------------------------------------------------------------------------------ label boxes
+
+_BIG = 1 << 40
+
+
+@cuda.jit
+def _label_boxes(labels, roi_ids, valid_h, valid_w, boxes):  # pragma: no cover - compiled
+    """boxes[i, col] = (y0, y1, x0, x1) of roi_ids[col] in image i (min/max by integer atomics; y0 = x0 = BIG
+    and y1 = x1 = -1 where absent). Block (i, b) takes rows b, b + B, ...; threads take columns."""
+    n_ids = roi_ids.shape[0]
+    for i in range(cuda.blockIdx.x, labels.shape[0], cuda.gridDim.x):
+        for y in range(cuda.blockIdx.y, valid_h[i], cuda.gridDim.y):
+            for x in range(cuda.threadIdx.x, valid_w[i], THREADS):
+                v = np.int64(labels[i, y, x])
+                if v == 0:
+                    continue
+                lo = 0
+                hi = n_ids
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if roi_ids[mid] < v:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                if lo < n_ids and roi_ids[lo] == v:
+                    cuda.atomic.min(boxes, (i, lo, 0), y)
+                    cuda.atomic.max(boxes, (i, lo, 1), y + 1)
+                    cuda.atomic.min(boxes, (i, lo, 2), x)
+                    cuda.atomic.max(boxes, (i, lo, 3), x + 1)
+
+
+@cuda.jit
+def _boxes_finish(boxes, y0, y1, x0, x1):  # pragma: no cover - compiled
+    """Flatten the (n, L, 4) boxes to the four (n * L,) columns, absent ids as empty boxes (all zero)."""
+    n_ids = boxes.shape[1]
+    for q in range(cuda.grid(1), boxes.shape[0] * n_ids, cuda.gridsize(1)):
+        i = q // n_ids
+        col = q - i * n_ids
+        if boxes[i, col, 1] <= 0:
+            y0[q] = 0
+            y1[q] = 0
+            x0[q] = 0
+            x1[q] = 0
+        else:
+            y0[q] = boxes[i, col, 0]
+            y1[q] = boxes[i, col, 1]
+            x0[q] = boxes[i, col, 2]
+            x1[q] = boxes[i, col, 3]
+
+
+def label_boxes(labels, roi_ids, valid_h, valid_w, *, exclude=None):
+    """Same contract as `gpucnr.kernels.masks.label_boxes`, for device arrays, when the ids are known (the
+    ``roi`` dimension); None when `roi_ids` is None (the batch's ids are found by the portable path)."""
+    if roi_ids is None:
+        return None
+    xp = array_api_compat.array_namespace(labels)
+    dev = array_api_compat.device(labels)
+    n, height, _ = labels.shape
+    ids = xp.astype(roi_ids, xp.int64)
+    n_ids = int(ids.shape[0])
+    boxes = xp.full((n, n_ids, 4), -1, dtype=xp.int64, device=dev)
+    if n * n_ids:
+        # NB: one strided fill for the lower corners (BIG), the upper ones stay -1.
+        start = xp.asarray([_BIG, -1, _BIG, -1], dtype=xp.int64, device=dev)
+        boxes = boxes * 0 + start
+        _launch(_label_boxes, (max(1, min(n, 65535)), _row_groups(height)), THREADS, labels, ids,
+                xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64), boxes)
+    cols = [xp.zeros((n * n_ids,), dtype=xp.int64, device=dev) for _ in range(4)]
+    if n * n_ids:
+        _launch(_boxes_finish, max(1, min(-(-(n * n_ids) // THREADS), 1024)), THREADS, boxes, *cols)
+    return (ids, *cols)
+
+
+# ------------------------------------------------------------------------------------------ CNR and status
+
+#: `definition` codes of `_finish`.
+_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4}
+
+
+@cuda.jit
+def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi_s, var_bg_s, slope, polarity,
+            n_inside, out_of_range, given, definition, signed, ddof, min_bg, o_n_roi, o_mean_roi, o_var_roi, o_n_bg,
+            o_mean_bg, o_var_bg, o_cnr, o_status):  # pragma: no cover - compiled
+    """Per (image, roi) grid position q: the cell's moments scattered to q (fills where absent), its CNR under
+    the definition (`cnr.contrast_to_noise`, operation for operation; gCNR values `given`), and its status
+    (`cnr.cell_status`); a CNR is kept only where the status is ok or zero-noise."""
+    nan = math.nan
+    for q in range(cuda.grid(1), grid.shape[0], cuda.gridsize(1)):
+        j = grid[q]
+        if j < 0:
+            o_n_roi[q] = 0
+            o_n_bg[q] = 0
+            o_mean_roi[q] = nan
+            o_var_roi[q] = nan
+            o_mean_bg[q] = nan
+            o_var_bg[q] = nan
+            o_cnr[q] = nan
+            o_status[q] = 1
+            continue
+        nr, nb = n_roi[j], n_bg[j]
+        o_n_roi[q] = nr
+        o_n_bg[q] = nb
+        o_mean_roi[q] = mean_roi[j]
+        o_var_roi[q] = var_roi[j]
+        o_mean_bg[q] = mean_bg[j]
+        o_var_bg[q] = var_bg[j]
+        zero = False
+        if definition == 4:
+            value = given[j]
+        else:
+            vr, vb = var_roi_s[j], var_bg_s[j]
+            if definition == 0:
+                noise2 = vr + vb
+            elif definition == 1:
+                noise2 = vb
+            elif definition == 2:
+                noise2 = vr
+            else:
+                noise2 = (vr + vb) / 2
+            d = -diff[j] if slope[j] < 0 else diff[j]
+            zero = noise2 == 0
+            if zero:
+                value = math.inf if d != 0 else nan
+            else:
+                value = abs(d) / math.sqrt(noise2)
+            if signed:
+                if d < 0:
+                    value = -value
+                value = value * polarity[j]
+        if n_inside[j] == 0:
+            code = 2
+        elif nr <= ddof:
+            code = 3
+        elif nb <= ddof or nb < min_bg:
+            code = 4
+        elif out_of_range[j]:
+            code = 7
+        elif zero:
+            code = 5
+        else:
+            code = 0
+        o_status[q] = code
+        o_cnr[q] = value if code == 0 or code == 5 else nan
+
+
+def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slope, polarity, n_inside, out_of_range,
+                 given=None):
+    """The (n, L) outputs of `batch.measure_batch` but the per-image ones, in one launch: `moments` = (n_roi,
+    mean_roi, var_roi, n_bg, mean_bg, var_bg) per cell, the scaled variances and contrast for the CNR, the
+    cells' slope and polarity, ROI pixels inside the valid region, numeric-range flags and, for gCNR, its values
+    (`given`). Same formulas, operation for operation, as the portable path (tests compare them)."""
+    xp = array_api_compat.array_namespace(grid)
+    dev = array_api_compat.device(grid)
+    cells = n * n_ids
+    f64 = xp.float64
+    outs = [xp.zeros((cells,), dtype=xp.int64, device=dev)] + [xp.zeros((cells,), dtype=f64, device=dev)
+                                                                 for _ in range(2)]
+    outs += [xp.zeros((cells,), dtype=xp.int64, device=dev)] + [xp.zeros((cells,), dtype=f64, device=dev)
+                                                                  for _ in range(3)]
+    status = xp.zeros((cells,), dtype=xp.int8, device=dev)
+    m = int(moments[0].shape[0])
+    if given is None:
+        given = xp.zeros((max(m, 1),), dtype=f64, device=dev)
+    if cells:
+        if m == 0:
+            # NB: no cell at all: one-element stand-ins, never read (every grid position is absent).
+            one_i = xp.zeros((1,), dtype=xp.int64, device=dev)
+            one_f = xp.zeros((1,), dtype=f64, device=dev)
+            moments = (one_i, one_f, one_f, one_i, one_f, one_f)
+            diff = var_roi_s = var_bg_s = slope = polarity = one_f
+            n_inside = one_i
+            out_of_range = xp.zeros((1,), dtype=xp.bool, device=dev)
+        ints = (xp.astype(moments[0], xp.int64), xp.astype(moments[3], xp.int64))
+        floats = [xp.astype(v, f64) for v in (moments[1], moments[2], moments[4], moments[5], diff, var_roi_s,
+                                              var_bg_s, slope, polarity)]
+        _launch(_finish, max(1, min(-(-cells // THREADS), 4096)), THREADS, xp.astype(grid, xp.int64), ints[0],
+                floats[0], floats[1], ints[1], floats[2], floats[3], *floats[4:], xp.astype(n_inside, xp.int64),
+                xp.astype(out_of_range, xp.int8), xp.astype(given, f64), _DEFINITIONS[params.definition],
+                bool(params.signed), int(params.ddof), int(params.min_bg), *outs, status)
+    names = ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr")
+    order = (outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6])
+    out = {k: xp.reshape(v, (n, n_ids)) for k, v in zip(names, order, strict=True)}
+    out["status"] = xp.reshape(status, (n, n_ids))
+    return out
+
+
+#: The definitions `finish_cells` forms (others take the portable step).
+finish_cells.definitions = tuple(_DEFINITIONS)
+
+
+#: Every kernel with the argument types it is compiled for (`numba.cuda.compile_ptx` in the tests): one
+#: signature per image dtype and per label dtype the kernels meet after `batch._entry`.
+IMAGE_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64", "float32", "float64")
+LABEL_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64")
+
+
+def signatures():
+    """``{kernel name: [argument type tuples]}`` for `numba.cuda.compile_ptx` (tests/test_cuda.py)."""
+    from numba import types
+
+    a1 = types.Array(types.int64, 1, "A")
+    f1 = types.Array(types.float64, 1, "A")
+    f2 = types.Array(types.float64, 2, "A")
+    i8 = types.Array(types.int8, 1, "A")
+    i2 = types.Array(types.int32, 2, "A")
+    b2 = types.Array(types.int8, 2, "A")
+    out = {"_int_pass": [], "_float_pass": [], "_float_finish": [(f2, f2, f1, f1)], "_int_windows": [],
+           "_float_windows": [], "_label_boxes": [],
+           "_boxes_finish": [(types.Array(types.int64, 3, "A"), a1, a1, a1, a1)],
+           "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, types.int64, types.boolean,
+                        types.int64, types.int64, a1, f1, f1, a1, f1, f1, f1, i8)]}
+    i64, b = types.int64, types.boolean
+    for name in IMAGE_DTYPES:
+        dt = getattr(types, name)
+        img = types.Array(dt, 3, "A")
+        geometry = (a1,) * 9
+        tail = (a1, a1, f1, i64, i64, i64, a1, a1, a1, a1)
+        if dt in (types.float32, types.float64):
+            out["_float_pass"].append((img, f1, a1, a1, i64, f1, f1, a1, f2, f2, a1, f1, f1, i8))
+            for lab in LABEL_DTYPES:
+                out["_float_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, f1,
+                                              f1, i2, b2, a1, f1, f1, a1, a1, f1, f1, f1, f1))
+        else:
+            rng = types.Array(dt if name in ("int64", "uint64") else types.int64, 1, "A")
+            out["_int_pass"].append((img, a1, a1, a1, i64, f1, b, a1, a1, a1, a1, rng, rng, i8))
+            for lab in LABEL_DTYPES:
+                out["_int_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, a1,
+                                            i2, a1, a1, a1, a1, a1, a1, a1))
+    for lab in LABEL_DTYPES:
+        out["_label_boxes"].append((types.Array(getattr(types, lab), 3, "A"), a1, a1, a1,
+                                    types.Array(types.int64, 3, "A")))
+    return out
+
