@@ -1,12 +1,15 @@
-"""Local worker processes end with the process that started them (a parent killed by SIGKILL cannot tell them)."""
+"""Local worker processes end with the process that started them (a parent killed by SIGKILL cannot tell them), and
+never see the terminal's Ctrl-C, which is the driver's to handle."""
 
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
+from multiprocessing.context import SpawnContext, SpawnProcess
 
-__all__ = ["watch_parent"]
+__all__ = ["QUIET_SPAWN", "quiet_worker", "watch_parent"]
 
 #: Seconds between two looks at the parent.
 _PERIOD = 1.0
@@ -26,3 +29,43 @@ def watch_parent() -> None:
                 os._exit(1)  # NB: no cleanup to run: the driver that would read our results is gone
 
     threading.Thread(target=watch, name="gpucnr-parent-watch", daemon=True).start()
+
+
+class _QuietSpawnProcess(SpawnProcess):
+    """A spawned process born with SIGINT blocked.
+
+    Ctrl-C goes to the terminal's whole process group. A worker still importing (spawn re-imports gpucnr, pandas,
+    numba: seconds under load) would die of KeyboardInterrupt with a traceback on the user's terminal before its
+    initializer could ignore SIGINT — and the pool, broken, made the driver's shutdown slow or stuck. The mask is
+    inherited through fork and exec, so the child never receives SIGINT; the parent blocks it only while starting
+    the child, and a Ctrl-C in that moment stays pending and reaches the driver right after (never lost).
+    """
+
+    def start(self):
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super().start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+class _QuietSpawnContext(SpawnContext):
+    Process = _QuietSpawnProcess
+
+
+#: The multiprocessing context of gpucnr's local worker pools: spawn, workers deaf to Ctrl-C from birth.
+QUIET_SPAWN = _QuietSpawnContext()
+
+
+def quiet_worker() -> None:
+    """In a worker of `QUIET_SPAWN`: ignore SIGINT for good, then unblock it (the driver stops the workers), and
+    end on SIGTERM through SystemExit, so that the process's exit handlers run: killed outright, a worker left the
+    semaphores it had registered with the shared resource tracker, which then printed a "leaked semaphore" warning
+    on the user's terminal under the driver's one line."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)

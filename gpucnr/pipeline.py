@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import multiprocessing
 import os
 import sys
 import threading
@@ -38,7 +37,7 @@ from gpucnr.kernels.regions import (
     check_auto_options,
     measure_auto,
 )
-from gpucnr.lifeline import watch_parent
+from gpucnr.lifeline import QUIET_SPAWN, quiet_worker, watch_parent
 from gpucnr.outputs import refuse_overlap, require_results
 from gpucnr.progress import Progress
 from gpucnr.results import (
@@ -74,6 +73,8 @@ __all__ = ["BATCH_PIXELS", "SCHEDULERS", "RunEnvironmentError", "plan_batches", 
 SCHEDULERS = ("threads", "processes", "synchronous")
 logger = logging.getLogger("gpucnr.run")
 _FLOAT_FILL = {k: np.nan for k in ("mean_roi", "var_roi", "mean_bg", "var_bg", "cnr", "cnr_median")}
+#: Seconds the driver waits on its workers at a time before it looks for a signal (Ctrl-C, SIGTERM).
+_POLL_S = 0.2
 #: Stack errors that prove the data damaged (DESIGN §10): a chunk's checksum or index fails, a checksum-valid
 #: stream decodes to the wrong size, a chunk is not the one recorded for its position. They become the image's
 #: status 6; every other failure of a batch is the environment's.
@@ -692,7 +693,7 @@ def _execute(specs, finish, *, client, scheduler, workers):
     if scheduler == "threads":
         with ThreadPoolExecutor(max_workers=workers, initializer=_one_batch_per_core, initargs=(workers,)) as pool:
             return _drain(pool, specs, finish, workers, attempts)
-    ctx = multiprocessing.get_context("spawn")
+    ctx = QUIET_SPAWN
     queue = list(specs)
     while queue:
         try:
@@ -758,7 +759,10 @@ def _drain(pool, specs, finish, workers, attempts: _Attempts):
             while queue and len(flying) < 2 * workers:
                 spec = queue.pop(0)
                 flying[pool.submit(measure_spec, spec)] = spec
-            done, _ = wait(list(flying), return_when=FIRST_COMPLETED)
+            # NB: a timeout, so the main thread wakes to take Ctrl-C / SIGTERM: the kernel may deliver the signal to
+            # another thread of the driver, which does not end this thread's futex wait — Ctrl-C then waited for
+            # the next batch to finish (seconds; stuck while a worker was still starting)
+            done, _ = wait(list(flying), timeout=_POLL_S, return_when=FIRST_COMPLETED)
             for fut in done:
                 spec = flying.pop(fut)
                 try:
@@ -777,19 +781,27 @@ def _drain(pool, specs, finish, workers, attempts: _Attempts):
     except KeyboardInterrupt:
         # NB: Ctrl-C / SIGTERM: queued batches are cancelled and worker processes stopped now, not after the
         # batches in flight (threads cannot be stopped: each finishes the batch it is on, unwritten).
+        # NB: the processes are listed before shutdown(), which forgets them (its `_processes` becomes None): taken
+        # after it, none was terminated and Ctrl-C waited for workers still starting to finish their imports
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        manager = getattr(pool, "_executor_manager_thread", None)
         pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        for proc in procs:
             proc.terminate()
+        for proc in procs:
+            proc.join(timeout=5)
+        if manager is not None:
+            # NB: the pool's manager thread sees its workers gone and releases the queues' semaphores; leaving
+            # before it does made the resource tracker print a "leaked semaphore" warning under the one line
+            manager.join(timeout=5)
         raise
 
 
 def _worker_init(workers: int = 1) -> None:
     """A local pool's worker process: it exits with its parent (`watch_parent`), and leaves Ctrl-C (sent to the
     whole terminal's process group) to the driver, which stops it."""
-    import signal
-
     watch_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    quiet_worker()
     _one_batch_per_core(workers)
 
 
@@ -831,7 +843,10 @@ def _isolated(spec: BatchSpec, ctx, attempts: _Attempts):
     while True:
         try:
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init) as pool:
-                return pool.submit(measure_spec, spec).result()
+                fut = pool.submit(measure_spec, spec)
+                while not wait([fut], timeout=_POLL_S).done:
+                    pass  # NB: wakes to take a signal, as in _drain
+                return fut.result()
         except BrokenProcessPool:
             return None
         except Exception as e:  # noqa: BLE001 - classified (refusal or environment) by _Attempts

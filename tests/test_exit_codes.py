@@ -192,6 +192,33 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     assert meta["allow_incomplete"] is False and meta["not_computed_images"] == 0
 
 
+def test_ctrl_c_while_the_workers_start_is_one_line(slow_stack, tmp_path):
+    """Ctrl-C as soon as the pool's worker processes exist (still importing: seconds under load): no worker's
+    KeyboardInterrupt traceback, no leaked-semaphore warning, exit 130 with one line, no worker left. The workers
+    are born with SIGINT blocked and are terminated, not waited for."""
+    mark = f"gpucnr-test-{os.getpid()}-start-{time.monotonic_ns()}"
+    err = tmp_path / "start.stderr"
+    cmd = ["run", slow_stack, tmp_path / "r.zarr", "--backend", "numpy", "--batch", "4", "--scheduler", "processes",
+           "--workers", "2"]
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
+                                stderr=fh, env={**os.environ, "GPUCNR_MARK": mark}, start_new_session=True)
+    # NB: the resource tracker and the workers carry the mark besides the driver; 0.5 s later the workers are
+    # importing (Python's own handlers installed), where a Ctrl-C used to raise KeyboardInterrupt in them
+    started = []
+
+    def importing():
+        if not started and len(_children_of_mark(mark)) >= 4:
+            started.append(time.monotonic())
+        return bool(started) and time.monotonic() - started[0] > 0.5
+
+    rc = interrupt_when(proc, importing, signal.SIGINT, timeout=120, what=err.read_text)
+    time.sleep(0.5)
+    text = err.read_text()
+    assert rc == 130 and text.startswith("gpucnr: interrupted (SIGINT): ") and text.count("\n") == 1, (rc, text)
+    assert not _children_of_mark(mark)
+
+
 def test_broken_pipe_is_quiet(slow_stack):
     """`gpucnr info X | head`: the reader goes away; no traceback, no "Exception ignored", status 141."""
     proc = subprocess.Popen([sys.executable, "-m", "gpucnr", "info", slow_stack, "--json"], stdout=subprocess.PIPE,
