@@ -88,13 +88,65 @@ def test_simulated_device_kernels_against_reference(sim, monkeypatch, footprint,
     padding = case["padding"]
     what = f"{case['images'].dtype} {case['options']} table={case['table'] is not None} padding={padding}"
     before = sim.LAUNCHES["count"]
+    histograms_before = sim.LAUNCHES.get("_gcnr_windows", 0)
     got = run_batch(case, padding)
     # NB: the device kernels really ran (the image pass at least): this is not the NumPy path again.
     assert sim.LAUNCHES["count"] > before
+    if case["options"]["definition"] == "gcnr":
+        assert sim.LAUNCHES.get("_gcnr_windows", 0) > histograms_before, "gCNR histograms not counted on the device"
     assert_matches(got, run_reference(case, padding), "device " + what, data_scale(case["images"]),
                    case["options"]["definition"])
     monkeypatch.setenv("GPUCNR_CUDA_SIM", "0")
     assert_same_as_numpy(got, run_batch(case, padding), "device vs numba-cpu " + what)
+
+
+@pytest.mark.parametrize("background", BACKGROUNDS)
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_simulated_gcnr_histograms_equal_the_portable_counts(sim, monkeypatch, background, dtype):
+    """The device histograms (`_cuda.gcnr_counts`) hold the very counts of the portable path's (searchsorted over
+    sorted segments), bin by bin, for ROI and background: disks and squares from a table, padding and non-finite
+    pixels, a lesion label for the label background and complement-all, several bins (auto) and one (gcnr_bins=1)."""
+    from gpucnr.kernels import histograms
+
+    rng = np.random.default_rng(11)
+    n, h, w = 2, 22, 24
+    images = rng.integers(0, 60, (n, h, w)).astype(dtype)
+    images[0, 9:14, 8:13] += 40  # a bright lesion: the ROI's histogram differs from its background's
+    padding = np.array([7.0, np.nan])
+    if dtype == np.float32:
+        images[1, 3, 4] = np.nan
+        images[1, 15, 2] = np.inf
+    lesions = np.zeros((n, h, w), np.int32)
+    lesions[:, 17:, :] = 9
+    lesions[0, 9:14, 8:13] = 1
+    rows = np.array([(0, 0, 1, 10, 11, 3), (0, 1, 0, 16, 5, 2), (1, 0, 0, 6, 6, 3), (1, 1, 1, 18, 12, 2)], np.int64)
+    table = {c: rows[:, k] for k, c in enumerate(("image", "col", "kind", "cx", "cy", "r"))}
+    roi_ids = np.arange(2, dtype=np.int64)
+    got = {}
+
+    def spy(real, key):
+        def wrapper(*args, **kwargs):
+            out = real(*args, **kwargs)
+            got.setdefault(key, []).append(np.asarray(out))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(sim, "gcnr_counts", spy(sim.gcnr_counts, "device"))
+    monkeypatch.setattr(histograms, "_bin_counts", spy(histograms._bin_counts, "portable"))
+    for bins in ("auto", 1):
+        got.clear()
+        params = Params(background=background, definition="gcnr", gcnr_bins=bins, dilation=2, border=1, min_bg=5,
+                        ring_gap=1, ring_width=3, background_label=9 if background == "label" else None)
+        kwargs = dict(roi_ids=roi_ids, params=params, table=table, lesions=lesions, padding=padding)
+        device = measure_batch(NP, images, fast=True, **kwargs)
+        portable = measure_batch(NP, images, fast=False, **kwargs)
+        (roi_c, bg_c), = got["device"]
+        assert roi_c.shape == bg_c.shape == got["portable"][0].shape
+        np.testing.assert_array_equal(roi_c, got["portable"][0], err_msg=f"ROI counts, bins={bins}")
+        np.testing.assert_array_equal(bg_c, got["portable"][1], err_msg=f"background counts, bins={bins}")
+        assert (roi_c.sum(axis=1) > 0).all() and (bg_c >= 0).all()
+        np.testing.assert_array_equal(device["cnr"], portable["cnr"])
+        np.testing.assert_array_equal(device["status"], portable["status"])
 
 
 def test_sweep_covers_every_dtype_and_definition():

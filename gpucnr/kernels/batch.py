@@ -246,7 +246,7 @@ def measure_batch(
         given = None
         if params.definition == "gcnr":
             given = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                                    roi_ids, n_roi, n_bg)
+                                    roi_ids, n_roi, n_bg, impl=impl)
         out = finish(n, n_ids, grid, params, (n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg), diff, var_roi_s,
                      var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given)
         out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], out["status"], signed=params.signed)
@@ -256,7 +256,7 @@ def measure_batch(
 
     if params.definition == "gcnr":
         cnr = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                              roi_ids, n_roi, n_bg)
+                              roi_ids, n_roi, n_bg, impl=impl)
         zero_noise = xp.zeros(cnr.shape, dtype=xp.bool, device=dev)
     elif params.definition == "mrqy":
         # NB: a pixel statistic (5x5 patches at each region's maximum), on the stored values as MRQy reads them
