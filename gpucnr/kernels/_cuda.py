@@ -43,7 +43,7 @@ from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
 
 __all__ = ["LAUNCHES", "finish_cells", "gcnr_counts", "image_range", "image_totals", "integer_pass", "label_boxes",
-           "native", "signatures", "simulated", "window_sums"]
+           "native", "signatures", "simulated", "window_extent", "window_sums"]
 
 
 if not _SYNC_CHOSEN:
@@ -595,8 +595,20 @@ def _row_arrays(xp, rows, dev):
             xp.asarray(list(rows), dtype=xp.int64, device=dev))
 
 
-def _window_setup(xp, labels, cells, params, valid_h, valid_w, padding, dev):
-    """What the per-cell window kernels share: ``(blocks, area, dist, labels, geometry, rows, per_image)``."""
+def window_extent(cells):
+    """The device values that size the window kernels' slots, int64 ``(h_max, w_max, non_box)``: the largest ROI
+    box and whether any ROI is not a box. A caller that reads the device anyway reads them with its own values
+    and passes them as `window_sums`'s `sizes`."""
+    xp = array_api_compat.array_namespace(cells.image)
+    if cells.image.shape[0] == 0:
+        return xp.zeros((3,), dtype=xp.int64, device=array_api_compat.device(cells.image))
+    return xp.stack([xp.astype(xp.max(cells.y1 - cells.y0), xp.int64), xp.astype(xp.max(cells.x1 - cells.x0),
+                     xp.int64), xp.astype(xp.any(cells.kind != 0), xp.int64)])
+
+
+def _window_setup(xp, labels, cells, params, valid_h, valid_w, padding, dev, sizes=None):
+    """What the per-cell window kernels share: ``(blocks, area, dist, labels, geometry, rows, per_image)``;
+    `sizes`: `window_extent`'s values on the host, when the caller has read them (else one read here)."""
     grow, keep_out = window_footprints(params)
     mode = {"complement": 1, "ring": 2}.get(params.background, 0)
     reach = params.reach if mode else 0
@@ -606,9 +618,9 @@ def _window_setup(xp, labels, cells, params, valid_h, valid_w, padding, dev):
     h_max = w_max = 0
     has_dist = False
     if m:
-        sizes = xp.stack([xp.max(cells.y1 - cells.y0), xp.max(cells.x1 - cells.x0),
-                          xp.astype(xp.any(cells.kind != 0), xp.int64)])
-        h_max, w_max, non_box = to_host(sizes).tolist()
+        if sizes is None:
+            sizes = to_host(window_extent(cells)).tolist()
+        h_max, w_max, non_box = (int(v) for v in sizes)
         h_max, w_max = h_max + 2 * reach, w_max + 2 * reach
         has_dist = mode != 0 and bool(non_box)
     area = max(1, h_max * w_max)
@@ -623,17 +635,18 @@ def _window_setup(xp, labels, cells, params, valid_h, valid_w, padding, dev):
     return blocks, area, dist, lab, geometry, rows, per_image
 
 
-def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding, scale=None):
+def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding, scale=None, *, sizes=None):
     """Same contract as `gpucnr.kernels._numpy_fast.window_sums` (and `batch._window_pass`), for device
     arrays: one block per cell over its window (the ROI box widened by the background's reach, clipped to
-    the valid region). Returns ``(roi_sums, roi_centre, n_inside, part_sums, part_centre)``."""
+    the valid region). Returns ``(roi_sums, roi_centre, n_inside, part_sums, part_centre)``. `sizes`: the host
+    values of `window_extent(cells)` when the caller has read them (saves this pass its one host read)."""
     xp = array_api_compat.array_namespace(images)
     dev = array_api_compat.device(images)
     mode = {"complement": 1, "ring": 2}.get(params.background, 0)
     exact = is_exact_integer(xp, images.dtype)
     m = int(cells.image.shape[0])
     blocks, area, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
-                                                                       padding, dev)
+                                                                       padding, dev, sizes)
 
     def zeros(dtype):
         return xp.zeros((m,), dtype=dtype, device=dev)

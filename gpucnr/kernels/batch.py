@@ -156,17 +156,19 @@ def measure_batch(
             early = fused(images, shift, valid_h, valid_w, params.border, padding, with_range=True)
     else:
         shift = image_shift(xp, images, valid_h, valid_w, padding, impl=impl)
-    # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
-    # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
-    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
-                         known_range=None if early is None else early[2], extents=extents)
-    limbs, scale = plan.limbs, plan.scale
-    # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
-    sums_impl = None if limbs else impl
-
     cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl)
     n_ids = int(roi_ids.shape[0])
     n_cells = n * n_ids
+    # NB: float images' plan reads the device; the window pass's sizes ride in that transfer (one sync, not two).
+    extent = kernel(impl, "window_extent")
+    also = extent(cells) if extent is not None and not exact else None
+    # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
+    # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
+    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
+                         known_range=None if early is None else early[2], extents=extents, also=also)
+    limbs, scale = plan.limbs, plan.scale
+    # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
+    sums_impl = None if limbs else impl
 
     if early is not None and not (limbs or plan.scaled):
         totals, n_excluded, _ = early
@@ -179,8 +181,9 @@ def measure_batch(
 
     windows = kernel(sums_impl, "window_sums")
     if windows is not None and cells.image.shape[0]:
+        sized = {} if plan.also is None else {"sizes": plan.also}
         roi_sums, roi_rel, n_inside, bg_window, window_rel = windows(
-            images, labels, cells, params, shift, valid_h, valid_w, padding, scale
+            images, labels, cells, params, shift, valid_h, valid_w, padding, scale, **sized
         )
     else:
         roi_sums, roi_rel, n_inside, bg_window, window_rel = _window_pass(
