@@ -274,9 +274,9 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("GPUCNR_PTX_ALL") != "1",
-                    reason="every signature takes about 4.5 minutes on 2 cores: set GPUCNR_PTX_ALL=1 to compile them")
+                    reason="every signature takes several minutes on 2 cores: set GPUCNR_PTX_ALL=1 to compile them")
 def test_every_kernel_signature_compiles_to_ptx_for_sm90():
-    """Every kernel for every image and label dtype (100 signatures). Opt-in: `make test` stays within its budget
+    """Every kernel for every image and label dtype (191 signatures). Opt-in: `make test` stays within its budget
     with one signature per kernel above."""
     from gpucnr.kernels import _cuda
 
