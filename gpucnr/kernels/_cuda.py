@@ -42,8 +42,8 @@ from gpucnr.kernels.masks import is_exact_integer, window_footprints
 from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
 
-__all__ = ["LAUNCHES", "finish_cells", "gcnr_counts", "image_range", "image_totals", "integer_pass", "label_boxes",
-           "native", "signatures", "simulated", "window_extent", "window_sums"]
+__all__ = ["LAUNCHES", "direct_background", "finish_cells", "gcnr_counts", "image_range", "image_totals",
+           "integer_pass", "label_boxes", "native", "signatures", "simulated", "window_extent", "window_sums"]
 
 
 if not _SYNC_CHOSEN:
@@ -674,6 +674,99 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
     return Sums(out_n, out_s1, out_s2), centre, inside_n, Sums(part_n, part_s1, part_s2), part_centre
 
 
+@cuda.jit
+def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, reach,
+                  grow_dy, grow_w, shift, scale, ill, dist, out_n, out_s1, out_s2, centre):  # pragma: no cover
+    """Float images, complement background, the cells flagged `ill` only (the others' blocks move on at once):
+    the background summed directly over the image's interior minus the cell's dilated ROI, two-pass about its
+    own mean (`centre`, scaled units) — `batch._direct_background`, without a host read to pick the cells.
+    One block per cell; float sums are block tree reductions (fixed order)."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    fbuf = cuda.shared.array((4, THREADS), np.float64)
+    ibuf = cuda.shared.array((4, THREADS), np.int64)
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        if ill[j] == 0:
+            continue
+        i = image[j]
+        vh, vw = valid_h[i], valid_w[i]
+        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
+        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
+        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        has_roi = ky1 > ky0 and kx1 > kx0
+        h, w = wy1 - wy0, wx1 - wx0
+        k_ = kind[j]
+        if has_roi and k_ != 0:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        c = shift[i]
+        sc = scale[i]
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        iy0, iy1 = border, max(vh - border, border)
+        ix0, ix1 = border, max(vw - border, border)
+        iw = ix1 - ix0
+        total = (iy1 - iy0) * iw
+        cnt = np.int64(0)
+        a1 = 0.0
+        for q in range(t, total, THREADS):
+            y = iy0 + q // iw
+            x = ix0 + q - (q // iw) * iw
+            if has_roi and wy0 <= y < wy1 and wx0 <= x < wx1 and _dilated(
+                    k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
+                continue
+            v = np.float64(images[i, y, x])
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            cnt += 1
+            a1 += (v - c) * sc
+        n_bg, _, _, _ = _tree_sum(ibuf, cnt, np.int64(0), np.int64(0), np.int64(0))
+        s_bg, _, _, _ = _tree_sum(fbuf, a1, 0.0, 0.0, 0.0)
+        mean = s_bg / n_bg if n_bg > 0 else 0.0
+        e1 = 0.0
+        e2 = 0.0
+        for q in range(t, total, THREADS):
+            y = iy0 + q // iw
+            x = ix0 + q - (q // iw) * iw
+            if has_roi and wy0 <= y < wy1 and wx0 <= x < wx1 and _dilated(
+                    k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
+                continue
+            v = np.float64(images[i, y, x])
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            e = (v - c) * sc - mean
+            e1 += e
+            e2 += e * e
+        s1, s2, _, _ = _tree_sum(fbuf, e1, e2, 0.0, 0.0)
+        if t == 0:
+            out_n[j] = n_bg
+            out_s1[j] = s1
+            out_s2[j] = s2
+            centre[j] = mean
+        # NB: the next cell of this block overwrites `dist`.
+        cuda.syncthreads()
+
+
+def direct_background(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill, *, sizes=None):
+    """Same contract as `batch._direct_background` for the complement background of float images, for device
+    arrays and every cell at once: ``(sums, centre)`` of the cells flagged `ill` (bool, shape (m,)), zeros
+    elsewhere. One launch, no host read (`sizes` as `window_sums`'s)."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    m = int(cells.image.shape[0])
+    blocks, _, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
+                                                                    padding, dev, sizes)
+    f64 = xp.float64
+    out_n = xp.zeros((m,), dtype=xp.int64, device=dev)
+    out_s1, out_s2, centre = (xp.zeros((m,), dtype=f64, device=dev) for _ in range(3))
+    if m:
+        vh, vw, pad, border, _, reach = per_image
+        _launch(_float_direct, blocks, THREADS, images, lab, *geometry, vh, vw, pad, border, reach, *rows[:2],
+                xp.astype(shift, f64), xp.astype(scale, f64), xp.astype(ill, xp.int8), dist, out_n, out_s1, out_s2,
+                centre)
+    return Sums(out_n, out_s1, out_s2), centre
+
+
 # ------------------------------------------------------------------------------------------ gCNR histograms
 
 
@@ -1000,7 +1093,7 @@ def signatures():
     i2 = types.Array(types.int32, 2, "A")
     b2 = types.Array(types.int8, 2, "A")
     out = {"_int_pass": [], "_float_pass": [], "_float_finish": [(f2, f2, f1, f1)], "_int_windows": [],
-           "_float_windows": [], "_label_boxes": [], "_gcnr_windows": [], "_gcnr_masked": [],
+           "_float_windows": [], "_label_boxes": [], "_gcnr_windows": [], "_gcnr_masked": [], "_float_direct": [],
            "_boxes_finish": [(types.Array(types.int64, 3, "A"), a1, a1, a1, a1)],
            "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, types.int64, types.boolean,
                         types.int64, types.int64, a1, f1, f1, a1, f1, f1, f1, i8)]}
@@ -1018,6 +1111,8 @@ def signatures():
         if dt in (types.float32, types.float64):
             out["_float_pass"].append((img, f1, a1, a1, i64, f1, f1, a1, f2, f2, a1, f1, f1, i8))
             for lab in LABEL_DTYPES:
+                out["_float_direct"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, a1, a1, f1,
+                                             i64, i64, a1, a1, f1, f1, i8, i2, a1, f1, f1, f1))
                 out["_float_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, f1,
                                               f1, i2, b2, a1, f1, f1, a1, a1, f1, f1, f1, f1))
         else:

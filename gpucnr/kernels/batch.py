@@ -218,7 +218,18 @@ def measure_batch(
     else:
         n_roi, md_roi, var_roi_s = float_moments(xp, roi_sums, roi_rel, params.ddof)
         n_bg, md_bg, var_bg_s = float_moments(xp, bg, bg_rel, params.ddof)
-        if removed is not None:
+        direct = kernel(sums_impl, "direct_background") if params.background == "complement" else None
+        if removed is not None and direct is not None:
+            # NB: the device recomputes the flagged cells in one launch, the others' blocks skipping at once: no
+            # host read to find them.
+            ill = _ill_conditioned(xp, bg, removed, params.ddof)
+            sized = {} if plan.also is None else {"sizes": plan.also}
+            sums_d, centre = direct(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill,
+                                    **sized)
+            _, md_d, var_d = float_moments(xp, sums_d, bg_rel + centre, params.ddof)
+            md_bg = xp.where(ill, md_d, md_bg)
+            var_bg_s = xp.where(ill, var_d, var_bg_s)
+        elif removed is not None:
             idx = xp.nonzero(_ill_conditioned(xp, bg, removed, params.ddof))[0]
             if idx.shape[0]:
                 direct, centre = _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h,
