@@ -42,8 +42,8 @@ from gpucnr.kernels.masks import is_exact_integer, window_footprints
 from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
 
-__all__ = ["LAUNCHES", "finish_cells", "image_range", "image_totals", "integer_pass", "label_boxes", "native",
-           "signatures", "simulated", "window_sums"]
+__all__ = ["LAUNCHES", "direct_background", "finish_cells", "gcnr_counts", "image_range", "image_totals",
+           "integer_pass", "label_boxes", "native", "signatures", "simulated", "window_extent", "window_sums"]
 
 
 if not _SYNC_CHOSEN:
@@ -80,7 +80,8 @@ _SLOT_ENTRIES = 1 << 24
 # threads (the pipeline's batch threads) would see each other's thread ids: one at a time.
 _SIM_LOCK = threading.Lock()
 
-#: Kernel launches since import (a counter on the launch dispatchers, read by tests and scripts/gpu_check.py).
+#: Kernel launches since import (a counter on the launch dispatchers, read by tests and scripts/gpu_check.py):
+#: "count" in all, and per kernel name.
 LAUNCHES = {"count": 0}
 
 
@@ -118,6 +119,8 @@ def _launch(kern, grid, block, *args):
             assert not hasattr(a, "shape") or hasattr(a, "__cuda_array_interface__"), (
                 f"a host array ({type(a).__name__}) was passed to device kernel {kern.__name__}")
     LAUNCHES["count"] += 1
+    name = getattr(kern, "__name__", "?")
+    LAUNCHES[name] = LAUNCHES.get(name, 0) + 1
     if _SIM:
         with _SIM_LOCK:
             kern[grid, block, 0](*args)
@@ -592,25 +595,32 @@ def _row_arrays(xp, rows, dev):
             xp.asarray(list(rows), dtype=xp.int64, device=dev))
 
 
-def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding, scale=None):
-    """Same contract as `gpucnr.kernels._numpy_fast.window_sums` (and `batch._window_pass`), for device
-    arrays: one block per cell over its window (the ROI box widened by the background's reach, clipped to
-    the valid region). Returns ``(roi_sums, roi_centre, n_inside, part_sums, part_centre)``."""
-    xp = array_api_compat.array_namespace(images)
-    dev = array_api_compat.device(images)
+def window_extent(cells):
+    """The device values that size the window kernels' slots, int64 ``(h_max, w_max, non_box)``: the largest ROI
+    box and whether any ROI is not a box. A caller that reads the device anyway reads them with its own values
+    and passes them as `window_sums`'s `sizes`."""
+    xp = array_api_compat.array_namespace(cells.image)
+    if cells.image.shape[0] == 0:
+        return xp.zeros((3,), dtype=xp.int64, device=array_api_compat.device(cells.image))
+    return xp.stack([xp.astype(xp.max(cells.y1 - cells.y0), xp.int64), xp.astype(xp.max(cells.x1 - cells.x0),
+                     xp.int64), xp.astype(xp.any(cells.kind != 0), xp.int64)])
+
+
+def _window_setup(xp, labels, cells, params, valid_h, valid_w, padding, dev, sizes=None):
+    """What the per-cell window kernels share: ``(blocks, area, dist, labels, geometry, rows, per_image)``;
+    `sizes`: `window_extent`'s values on the host, when the caller has read them (else one read here)."""
     grow, keep_out = window_footprints(params)
     mode = {"complement": 1, "ring": 2}.get(params.background, 0)
     reach = params.reach if mode else 0
-    exact = is_exact_integer(xp, images.dtype)
     m = int(cells.image.shape[0])
     # NB: the per-row distances (non-box ROIs with a window part) and the float masks live in one window-sized
     # slot per block, reused cell after cell: the one host read of this pass sizes them.
     h_max = w_max = 0
     has_dist = False
     if m:
-        sizes = xp.stack([xp.max(cells.y1 - cells.y0), xp.max(cells.x1 - cells.x0),
-                          xp.astype(xp.any(cells.kind != 0), xp.int64)])
-        h_max, w_max, non_box = to_host(sizes).tolist()
+        if sizes is None:
+            sizes = to_host(window_extent(cells)).tolist()
+        h_max, w_max, non_box = (int(v) for v in sizes)
         h_max, w_max = h_max + 2 * reach, w_max + 2 * reach
         has_dist = mode != 0 and bool(non_box)
     area = max(1, h_max * w_max)
@@ -622,6 +632,21 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
     rows = (*_row_arrays(xp, grow, dev), *_row_arrays(xp, keep_out, dev))
     per_image = (xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64), xp.astype(padding, xp.float64),
                  int(params.border), mode, int(reach))
+    return blocks, area, dist, lab, geometry, rows, per_image
+
+
+def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding, scale=None, *, sizes=None):
+    """Same contract as `gpucnr.kernels._numpy_fast.window_sums` (and `batch._window_pass`), for device
+    arrays: one block per cell over its window (the ROI box widened by the background's reach, clipped to
+    the valid region). Returns ``(roi_sums, roi_centre, n_inside, part_sums, part_centre)``. `sizes`: the host
+    values of `window_extent(cells)` when the caller has read them (saves this pass its one host read)."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    mode = {"complement": 1, "ring": 2}.get(params.background, 0)
+    exact = is_exact_integer(xp, images.dtype)
+    m = int(cells.image.shape[0])
+    blocks, area, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
+                                                                       padding, dev, sizes)
 
     def zeros(dtype):
         return xp.zeros((m,), dtype=dtype, device=dev)
@@ -647,6 +672,218 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
     if exact:
         centre = zeros(xp.float64)
     return Sums(out_n, out_s1, out_s2), centre, inside_n, Sums(part_n, part_s1, part_s2), part_centre
+
+
+@cuda.jit
+def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, reach,
+                  grow_dy, grow_w, shift, scale, ill, dist, out_n, out_s1, out_s2, centre):  # pragma: no cover
+    """Float images, complement background, the cells flagged `ill` only (the others' blocks move on at once):
+    the background summed directly over the image's interior minus the cell's dilated ROI, two-pass about its
+    own mean (`centre`, scaled units) — `batch._direct_background`, without a host read to pick the cells.
+    One block per cell; float sums are block tree reductions (fixed order)."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    fbuf = cuda.shared.array((4, THREADS), np.float64)
+    ibuf = cuda.shared.array((4, THREADS), np.int64)
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        if ill[j] == 0:
+            continue
+        i = image[j]
+        vh, vw = valid_h[i], valid_w[i]
+        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
+        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
+        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        has_roi = ky1 > ky0 and kx1 > kx0
+        h, w = wy1 - wy0, wx1 - wx0
+        k_ = kind[j]
+        if has_roi and k_ != 0:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        c = shift[i]
+        sc = scale[i]
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        iy0, iy1 = border, max(vh - border, border)
+        ix0, ix1 = border, max(vw - border, border)
+        iw = ix1 - ix0
+        total = (iy1 - iy0) * iw
+        cnt = np.int64(0)
+        a1 = 0.0
+        for q in range(t, total, THREADS):
+            y = iy0 + q // iw
+            x = ix0 + q - (q // iw) * iw
+            if has_roi and wy0 <= y < wy1 and wx0 <= x < wx1 and _dilated(
+                    k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
+                continue
+            v = np.float64(images[i, y, x])
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            cnt += 1
+            a1 += (v - c) * sc
+        n_bg, _, _, _ = _tree_sum(ibuf, cnt, np.int64(0), np.int64(0), np.int64(0))
+        s_bg, _, _, _ = _tree_sum(fbuf, a1, 0.0, 0.0, 0.0)
+        mean = s_bg / n_bg if n_bg > 0 else 0.0
+        e1 = 0.0
+        e2 = 0.0
+        for q in range(t, total, THREADS):
+            y = iy0 + q // iw
+            x = ix0 + q - (q // iw) * iw
+            if has_roi and wy0 <= y < wy1 and wx0 <= x < wx1 and _dilated(
+                    k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
+                continue
+            v = np.float64(images[i, y, x])
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            e = (v - c) * sc - mean
+            e1 += e
+            e2 += e * e
+        s1, s2, _, _ = _tree_sum(fbuf, e1, e2, 0.0, 0.0)
+        if t == 0:
+            out_n[j] = n_bg
+            out_s1[j] = s1
+            out_s2[j] = s2
+            centre[j] = mean
+        # NB: the next cell of this block overwrites `dist`.
+        cuda.syncthreads()
+
+
+def direct_background(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill, *, sizes=None):
+    """Same contract as `batch._direct_background` for the complement background of float images, for device
+    arrays and every cell at once: ``(sums, centre)`` of the cells flagged `ill` (bool, shape (m,)), zeros
+    elsewhere. One launch, no host read (`sizes` as `window_sums`'s)."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    m = int(cells.image.shape[0])
+    blocks, _, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
+                                                                    padding, dev, sizes)
+    f64 = xp.float64
+    out_n = xp.zeros((m,), dtype=xp.int64, device=dev)
+    out_s1, out_s2, centre = (xp.zeros((m,), dtype=f64, device=dev) for _ in range(3))
+    if m:
+        vh, vw, pad, border, _, reach = per_image
+        _launch(_float_direct, blocks, THREADS, images, lab, *geometry, vh, vw, pad, border, reach, *rows[:2],
+                xp.astype(shift, f64), xp.astype(scale, f64), xp.astype(ill, xp.int8), dist, out_n, out_s1, out_s2,
+                centre)
+    return Sums(out_n, out_s1, out_s2), centre
+
+
+# ------------------------------------------------------------------------------------------ gCNR histograms
+
+
+@cuda.jit(device=True, inline=True)
+def _bin_of(edges, j, v):  # pragma: no cover - compiled
+    """Bin of value v under cell j's inner edges (row j of `edges`, non-decreasing, +inf past its last): how
+    many edges are <= v, so bin b holds e_b <= v < e_(b+1) as `histograms._bin_counts` forms it."""
+    lo = 0
+    hi = edges.shape[1]
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if edges[j, mid] <= v:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@cuda.jit
+def _gcnr_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, mode,
+                  reach, grow_dy, grow_w, keep_dy, keep_w, dist, edges, roi_counts, bg_counts):  # pragma: no cover
+    """One block per cell over its window (as `_int_windows`): the ROI's usable pixels counted into
+    roi_counts[j, bin] and the background window part into bg_counts[j, bin], subtracted for the complement
+    (mode 1: the part is removed from the image region), added for the ring (mode 2). Integer atomics."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    sign = np.int64(-1) if mode == 1 else np.int64(1)
+    one = np.int64(1)
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        i = image[j]
+        vh, vw = valid_h[i], valid_w[i]
+        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
+        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
+        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        if ky1 <= ky0 or kx1 <= kx0:
+            continue
+        h, w = wy1 - wy0, wx1 - wx0
+        k_ = kind[j]
+        if mode != 0 and k_ != 0:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        for q in range(t, h * w, THREADS):
+            yy = q // w
+            xx = q - yy * w
+            y, x = wy0 + yy, wx0 + xx
+            in_roi = _in_roi(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, y, x)
+            in_part = False
+            if mode != 0 and border <= y < vh - border and border <= x < vw - border:
+                in_part = _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, grow_dy, grow_w)
+                if in_part and mode == 2:
+                    in_part = not _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, keep_dy, keep_w)
+            if not (in_roi or in_part):
+                continue
+            # NB: the stored value as float64, as `histograms.gcnr` bins it (excluded pixels enter no region).
+            v = np.float64(images[i, y, x])
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            b = _bin_of(edges, j, v)
+            if in_roi:
+                cuda.atomic.add(roi_counts, (j, b), one)
+            if in_part:
+                cuda.atomic.add(bg_counts, (j, b), sign)
+        # NB: the next cell of this block overwrites `dist`.
+        cuda.syncthreads()
+
+
+@cuda.jit
+def _gcnr_masked(values, mask, owner, edges, sign, counts):  # pragma: no cover - compiled
+    """counts[j, bin] += sign for every pixel of mask[owner[j]] (values and mask of shape (k, h, w)): the
+    image-level part of a cell's background (its image's region, or a complement-all union removed from it).
+    One block per cell (cells strided over the grid); threads take pixels; integer atomics."""
+    h = values.shape[1]
+    w = values.shape[2]
+    for j in range(cuda.blockIdx.x, owner.shape[0], cuda.gridDim.x):
+        i = owner[j]
+        for q in range(cuda.threadIdx.x, h * w, THREADS):
+            yy = q // w
+            xx = q - yy * w
+            if mask[i, yy, xx] == 0:
+                continue
+            b = _bin_of(edges, j, np.float64(values[i, yy, xx]))
+            cuda.atomic.add(counts, (j, b), sign)
+
+
+def gcnr_counts(images, labels, cells, params, valid_h, valid_w, padding, inner, region=None, removed=None):
+    """The histograms of every cell for gCNR (`histograms.gcnr`), for device arrays: ``(roi_counts, bg_counts)``
+    of shape (m, B) with B = inner.shape[1] + 1, cell j's bins being [e_b, e_(b+1)) over its inner edges
+    ``inner[j]`` (+inf past its own bins; the last bin closed). The background is `region` (a bool (n, H, W)
+    mask of each image's usable region, or None for the ring) minus, for complement, the cell's window part
+    (plus, for the ring, that part alone) and minus `removed` = ``(values, mask)`` (complement-all: each image's
+    dilated union, rows indexed by image). Counts are integers meeting in atomics: identical to the portable
+    path's."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    m = int(cells.image.shape[0])
+    edges = xp.astype(inner, xp.float64)
+    width = int(edges.shape[1]) + 1
+    roi_c = xp.zeros((m, width), dtype=xp.int64, device=dev)
+    bg_c = xp.zeros((m, width), dtype=xp.int64, device=dev)
+    if m == 0:
+        return roi_c, bg_c
+    if width == 1:
+        # NB: a zero-width edge array has no element for the kernels' indexing: +inf stands for "no edge".
+        edges = xp.full((m, 1), math.inf, dtype=xp.float64, device=dev)
+    blocks, _, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
+                                                                    padding, dev)
+    _launch(_gcnr_windows, blocks, THREADS, images, lab, *geometry, *per_image, *rows, dist, edges, roi_c, bg_c)
+    owner = geometry[0]
+    cell_blocks = max(1, min(m, _MAX_CELL_BLOCKS))
+    if region is not None:
+        _launch(_gcnr_masked, cell_blocks, THREADS, images, xp.astype(region, xp.uint8), owner, edges, 1, bg_c)
+    if removed is not None:
+        values, mask = removed
+        _launch(_gcnr_masked, cell_blocks, THREADS, values, xp.astype(mask, xp.uint8), owner, edges, -1, bg_c)
+    return roi_c, bg_c
 
 
 # ------------------------------------------------------------------------------------------ label boxes
@@ -856,7 +1093,7 @@ def signatures():
     i2 = types.Array(types.int32, 2, "A")
     b2 = types.Array(types.int8, 2, "A")
     out = {"_int_pass": [], "_float_pass": [], "_float_finish": [(f2, f2, f1, f1)], "_int_windows": [],
-           "_float_windows": [], "_label_boxes": [],
+           "_float_windows": [], "_label_boxes": [], "_gcnr_windows": [], "_gcnr_masked": [], "_float_direct": [],
            "_boxes_finish": [(types.Array(types.int64, 3, "A"), a1, a1, a1, a1)],
            "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, types.int64, types.boolean,
                         types.int64, types.int64, a1, f1, f1, a1, f1, f1, f1, i8)]}
@@ -866,9 +1103,16 @@ def signatures():
         img = types.Array(dt, 3, "A")
         geometry = (a1,) * 9
         tail = (a1, a1, f1, i64, i64, i64, a1, a1, a1, a1)
+        c2 = types.Array(types.int64, 2, "A")
+        out["_gcnr_masked"].append((img, types.Array(types.uint8, 3, "A"), a1, f2, i64, c2))
+        for lab in LABEL_DTYPES:
+            out["_gcnr_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, i2, f2, c2,
+                                         c2))
         if dt in (types.float32, types.float64):
             out["_float_pass"].append((img, f1, a1, a1, i64, f1, f1, a1, f2, f2, a1, f1, f1, i8))
             for lab in LABEL_DTYPES:
+                out["_float_direct"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, a1, a1, f1,
+                                             i64, i64, a1, a1, f1, f1, i8, i2, a1, f1, f1, f1))
                 out["_float_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, f1,
                                               f1, i2, b2, a1, f1, f1, a1, a1, f1, f1, f1, f1))
         else:

@@ -156,17 +156,19 @@ def measure_batch(
             early = fused(images, shift, valid_h, valid_w, params.border, padding, with_range=True)
     else:
         shift = image_shift(xp, images, valid_h, valid_w, padding, impl=impl)
-    # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
-    # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
-    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
-                         known_range=None if early is None else early[2], extents=extents)
-    limbs, scale = plan.limbs, plan.scale
-    # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
-    sums_impl = None if limbs else impl
-
     cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl)
     n_ids = int(roi_ids.shape[0])
     n_cells = n * n_ids
+    # NB: float images' plan reads the device; the window pass's sizes ride in that transfer (one sync, not two).
+    extent = kernel(impl, "window_extent")
+    also = extent(cells) if extent is not None and not exact else None
+    # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
+    # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
+    plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
+                         known_range=None if early is None else early[2], extents=extents, also=also)
+    limbs, scale = plan.limbs, plan.scale
+    # NB: the compiled loops sum one int64 word; a batch holding a wide integer image takes the portable path.
+    sums_impl = None if limbs else impl
 
     if early is not None and not (limbs or plan.scaled):
         totals, n_excluded, _ = early
@@ -179,8 +181,9 @@ def measure_batch(
 
     windows = kernel(sums_impl, "window_sums")
     if windows is not None and cells.image.shape[0]:
+        sized = {} if plan.also is None else {"sizes": plan.also}
         roi_sums, roi_rel, n_inside, bg_window, window_rel = windows(
-            images, labels, cells, params, shift, valid_h, valid_w, padding, scale
+            images, labels, cells, params, shift, valid_h, valid_w, padding, scale, **sized
         )
     else:
         roi_sums, roi_rel, n_inside, bg_window, window_rel = _window_pass(
@@ -215,7 +218,18 @@ def measure_batch(
     else:
         n_roi, md_roi, var_roi_s = float_moments(xp, roi_sums, roi_rel, params.ddof)
         n_bg, md_bg, var_bg_s = float_moments(xp, bg, bg_rel, params.ddof)
-        if removed is not None:
+        direct = kernel(sums_impl, "direct_background") if params.background == "complement" else None
+        if removed is not None and direct is not None:
+            # NB: the device recomputes the flagged cells in one launch, the others' blocks skipping at once: no
+            # host read to find them.
+            ill = _ill_conditioned(xp, bg, removed, params.ddof)
+            sized = {} if plan.also is None else {"sizes": plan.also}
+            sums_d, centre = direct(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill,
+                                    **sized)
+            _, md_d, var_d = float_moments(xp, sums_d, bg_rel + centre, params.ddof)
+            md_bg = xp.where(ill, md_d, md_bg)
+            var_bg_s = xp.where(ill, var_d, var_bg_s)
+        elif removed is not None:
             idx = xp.nonzero(_ill_conditioned(xp, bg, removed, params.ddof))[0]
             if idx.shape[0]:
                 direct, centre = _direct_background(xp, images, labels, lesions, cells, grid, params, valid_h,
@@ -246,7 +260,7 @@ def measure_batch(
         given = None
         if params.definition == "gcnr":
             given = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                                    roi_ids, n_roi, n_bg)
+                                    roi_ids, n_roi, n_bg, impl=impl)
         out = finish(n, n_ids, grid, params, (n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg), diff, var_roi_s,
                      var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given)
         out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], out["status"], signed=params.signed)
@@ -256,7 +270,7 @@ def measure_batch(
 
     if params.definition == "gcnr":
         cnr = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                              roi_ids, n_roi, n_bg)
+                              roi_ids, n_roi, n_bg, impl=impl)
         zero_noise = xp.zeros(cnr.shape, dtype=xp.bool, device=dev)
     elif params.definition == "mrqy":
         # NB: a pixel statistic (5x5 patches at each region's maximum), on the stored values as MRQy reads them

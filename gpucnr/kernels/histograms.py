@@ -14,6 +14,7 @@ import array_api_compat
 
 from gpucnr.backend import to_host
 from gpucnr.kernels.cnr import gcnr_bins, gcnr_from_counts
+from gpucnr.kernels.fastpath import kernel
 from gpucnr.kernels.masks import (
     excluded_mask,
     iter_windows,
@@ -75,10 +76,12 @@ class Segments:
         return xp.where(ok, value, xp.full_like(value, math.nan))
 
 
-def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, roi_ids, n_roi, n_bg):
+def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, roi_ids, n_roi, n_bg, *,
+         impl=None):
     """gCNR of every present cell (shape (m,)): ``1 - sum min(p_roi, p_bg)`` over ``B`` equal bins spanning
     the pair's joint range, ``B = ceil(2 n**0.4)`` with n the smaller region ("auto"), binned exactly as
-    numpy.histogram does (edges from linspace, last bin closed)."""
+    numpy.histogram does (edges from linspace, last bin closed). With `impl` "cuda" the histograms are
+    counted by device kernels (`_cuda.gcnr_counts`); the extremes and edges stay portable."""
     n, height, width = images.shape
     m = cells.image.shape[0]
     dev = array_api_compat.device(images)
@@ -113,6 +116,7 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
 
     background = params.background
     whole = sub = add = None
+    region = removed = None
     if background in ("complement", "complement-all", "label"):
         interior = (ys >= params.border) & (ys < vh - params.border) & (xs >= params.border) & (
             xs < vw - params.border)
@@ -132,6 +136,7 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
         keep = dilated & base
         seg = xp.broadcast_to(everything[:, None, None], keep.shape)
         sub = (Segments(xp, universe, xp.astype(win.values, f64)[keep], seg[keep], n), cells.image)
+        removed = (win.values, keep)
 
     def bg_below(thresholds, inclusive=False):
         total = xp.zeros(thresholds.shape, dtype=xp.int64, device=dev)
@@ -161,8 +166,13 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
     # NB: numpy.linspace's inner edges: k * step + start, in that order of operations.
     inner = xp.astype(k, f64) * step[:, None] + lo[:, None]
     inner = xp.where(k < n_bins[:, None], inner, xp.full_like(inner, math.inf))
-    roi_c = _bin_counts(xp, roi.below(cell_ids, inner), n_roi)
-    bg_c = _bin_counts(xp, bg_below(inner), n_bg)
+    counts = kernel(impl, "gcnr_counts")
+    if counts is not None:
+        roi_c, bg_c = counts(images, labels, cells, params, valid_h, valid_w, padding, inner, region=region,
+                             removed=removed)
+    else:
+        roi_c = _bin_counts(xp, roi.below(cell_ids, inner), n_roi)
+        bg_c = _bin_counts(xp, bg_below(inner), n_bg)
     value = gcnr_from_counts(xp, roi_c, bg_c, n_roi, n_bg)
     usable_cell = (n_roi > 0) & (n_bg > 0)
     return xp.where(usable_cell, value, xp.full_like(value, math.nan))

@@ -224,8 +224,10 @@ def roi_mask(xp, cells: Cells, win: Window, kinds=None):
 
 
 def _kinds(xp, cells: Cells) -> set:
-    """The ROI kinds among `cells` (one host read per kind)."""
-    return {k for k in (KIND_SQUARE, KIND_DISK, KIND_LABEL) if bool(xp.any(cells.kind == k))}
+    """The ROI kinds among `cells` (one host read for all of them)."""
+    kinds = (KIND_SQUARE, KIND_DISK, KIND_LABEL)
+    present = to_host(xp.stack([xp.astype(xp.any(cells.kind == k), xp.int64) for k in kinds])).tolist()
+    return {k for k, p in zip(kinds, present, strict=True) if p}
 
 
 def dilate_boxes(xp, cells: Cells, win: Window, rows: tuple[int, ...]):
@@ -470,8 +472,8 @@ def union_masks(xp, images, labels, lesions, cells, grid, params, valid_h, valid
     reach = params.dilation
     y0, y1, x0, x1 = (xp.take(b, images_idx) for b in boxes)
     k = images_idx.shape[0]
-    h = int(xp.max(y1 - y0)) if k else 0
-    w = int(xp.max(x1 - x0)) if k else 0
+    # NB: one host read for both sizes.
+    h, w = (int(v) for v in to_host(xp.stack([xp.max(y1 - y0), xp.max(x1 - x0)])).tolist()) if k else (0, 0)
     zero = xp.zeros_like(images_idx)
     holder = Cells(image=images_idx, col=zero, kind=zero, cx=zero, cy=zero, r=zero,
                    y0=y0, y1=y1, x0=x0, x1=x1)

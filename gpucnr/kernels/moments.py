@@ -72,6 +72,8 @@ class NumericPlan:
     exponents: list | None = None
     #: Some image of the batch is out of range (known on the host when the plan is made: no device read).
     any_out_of_range: bool = True
+    #: The caller's `also` values (ints), when the plan read them with its own values (one transfer); else None.
+    also: list | None = None
 
     @property
     def limbs(self) -> bool:
@@ -172,14 +174,16 @@ def image_range(xp, images, valid_h, valid_w, padding):
 
 
 def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, known_range=None,
-                  extents=None) -> NumericPlan:
+                  extents=None, also=None) -> NumericPlan:
     """Decide, per image, how its sums stay exact (docs/accuracy.md, "Exact arithmetic at the edges").
 
     Integer images of at most 16 bits need no look at their values. Wider integer images and float images
     cost one pass for their range (or none: `known_range`, ``(lo, hi, found)`` from the NumPy image pass):
     its spread decides numeric-range, and max |x - c| decides between one int64 word and limbs (integers) or
     the power of two that scales x - c (floats). `extents`: ``(valid_h, valid_w)`` as host lists, when the
-    caller has read them already (no device read for them here).
+    caller has read them already (no device read for them here). `also`: a 1-D int64 device array of small
+    integers (|v| < 2**53) the caller needs on the host; where the plan reads the device (float images) it
+    reads them in the same transfer, as `NumericPlan.also`.
     """
     n = images.shape[0]
     dev = array_api_compat.device(images)
@@ -219,7 +223,11 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
         return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), None, None, wide, c, any_out_of_range=any(out))
     # NB: one host read for the four per-image values (float64 holds each of them exactly).
     f64 = xp.float64
-    found_f, c, lo_h, hi_h = to_host(xp.stack([xp.astype(v, f64) for v in (found, shift, lo, hi)])).tolist()
+    values = xp.concat([xp.astype(v, f64) for v in (found, shift, lo, hi)]
+                       + ([] if also is None else [xp.astype(also, f64)]))
+    read = to_host(values).tolist()
+    found_f, c, lo_h, hi_h = (read[k * n: (k + 1) * n] for k in range(4))
+    extra = None if also is None else [int(v) for v in read[4 * n:]]
     found_h = [bool(v) for v in found_f]
     out, exps = [], []
     for f, ci, low, h in zip(found_h, c, lo_h, hi_h, strict=True):
@@ -230,7 +238,7 @@ def plan_numerics(xp, images, shift, valid_h, valid_w, padding, *, impl=None, kn
     scale = xp.asarray([math.ldexp(1.0, e) for e in exps], dtype=xp.float64, device=dev)
     inv = xp.asarray([math.ldexp(1.0, -e) for e in exps], dtype=xp.float64, device=dev)
     return NumericPlan(xp.asarray(out, dtype=xp.bool, device=dev), scale, inv, [False] * n, None, exps,
-                       any_out_of_range=any(out))
+                       any_out_of_range=any(out), also=extra)
 
 
 def _scale_exponent(reach: float) -> int:
@@ -347,7 +355,9 @@ def image_totals(xp, images, shift, valid_h, valid_w, border: int, padding, regi
     vw = valid_w[:, None, None]
     inside = (ys < vh) & (xs < vw)
     interior = (ys >= border) & (ys < vh - border) & (xs >= border) & (xs < vw - border)
-    bad = excluded_mask(xp, images, padding[:, None, None])
+    # NB: on a device (impl "cuda") the padding comparison runs whatever the values: one element-wise operation
+    # costs less than the host read that would skip it.
+    bad = excluded_mask(xp, images, padding[:, None, None], look=impl != "cuda")
     n_excluded = xp.sum(xp.astype(bad & inside, xp.int64), axis=(1, 2))
     keep = interior & ~bad
     if region is not None:
