@@ -73,7 +73,7 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
     if (code < 0).any():
         row = int(np.flatnonzero(code < 0)[0])
         raise RoiTableError(f"ROI table row {row}: kind {raw_kind[row]!r} is not one of {list(KINDS)}")
-    name = df["name"].fillna("").astype(str).to_numpy() if "name" in df.columns else np.full(len(df), "")
+    name = _names(df["name"]) if "name" in df.columns else np.full(len(df), "")
     _check_range(cols, "image", 0, n_images - 1, f"an image index in [0, {n_images})")
     _check_range(cols, "roi", 1, None, "an ROI id >= 1 (0 means 'no ROI')")
     _check_range(cols, "r", 0, MAX_COORDINATE, f"a radius in [0, {MAX_COORDINATE}]")
@@ -93,6 +93,20 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
             f"ROI table row {row}: image {cols['image'][row]} already has an ROI with id {cols['roi'][row]}"
         )
     return pd.DataFrame({**cols, "kind": kind, "kind_code": code, "name": name})
+
+
+def _names(column: pd.Series) -> np.ndarray:
+    """``column.fillna("").astype(str).to_numpy()``; when every value is already a str or missing (a stored
+    table), by its distinct values: the conversion through pandas' str dtype cost 0.3 s a million rows."""
+    values = column.to_numpy()
+    if values.dtype == object:
+        index, distinct = pd.factorize(values, use_na_sentinel=True)
+        if all(type(v) is str for v in distinct):
+            table = np.empty(len(distinct) + 1, object)
+            table[:-1] = distinct
+            table[-1] = ""
+            return table[index]  # NB: index -1 (missing) picks the trailing ""
+    return column.fillna("").astype(str).to_numpy()
 
 
 def _integer_column(df: pd.DataFrame, col: str) -> np.ndarray:
