@@ -45,6 +45,17 @@ def test_normalize_accepts_dict_and_dataframe(as_frame):
     assert out["name"].tolist() == ["", "", ""]
 
 
+def test_names_by_distinct_value_equal_the_row_wise_conversion():
+    # NB: names are converted per distinct value when all are str or missing; anything else row-wise as before
+    cases = [["a", None, "b", np.nan, "", pd.NA, "a"], [1, "x", None, 2.5], ["only"] * 4, []]
+    for names in cases:
+        t = pd.DataFrame({"image": np.arange(len(names)), "roi": 1, "kind": "square", "cx": 1, "cy": 1, "r": 1,
+                          "name": pd.Series(names, dtype=object)})
+        out = normalize_table(t, max(len(names), 1))["name"].tolist()
+        assert out == pd.Series(names, dtype=object).fillna("").astype(str).tolist()
+        assert all(type(v) is str for v in out)
+
+
 def test_normalize_keeps_names_and_reads_lists_and_odd_case_kinds():
     t = dict(GOOD, name=["lesion", None, "liver"], kind=[" Square", "DISK", "square"])
     out = normalize_table(t, 2)
