@@ -390,6 +390,36 @@ def image_range(images, valid_h, valid_w, padding):
 
 
 @cuda.jit(device=True, inline=True)
+def _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach):  # pragma: no cover - compiled
+    """Cell j's image i, its valid extents, its ROI box [ky0, ky1) x [kx0, kx1) and its window: the box grown by
+    `reach` within the valid region, from (wy0, wx0), h x w (h or w <= 0 when the box lies outside it)."""
+    i = image[j]
+    vh, vw = valid_h[i], valid_w[i]
+    ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
+    wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
+    wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+    return i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, wy1 - wy0, wx1 - wx0
+
+
+@cuda.jit(device=True, inline=True)
+def _window_pixel(q, labels, i, kind, cx, cy, r, ky0, ky1, kx0, kx1, wy0, wx0, h, w, vh, vw, border, mode, dist, slot,
+                  grow_dy, grow_w, keep_dy, keep_w):  # pragma: no cover - compiled
+    """Pixel q (row-major) of a cell's window: its (y, x), whether it is in the ROI, and whether it is in the
+    background window part — mode 1: the dilated ROI within the interior; mode 2: the ring (dilated by grow, not
+    by keep) within the interior; mode 0: never."""
+    yy = q // w
+    xx = q - yy * w
+    y, x = wy0 + yy, wx0 + xx
+    in_roi = _in_roi(labels, i, kind, cx, cy, r, ky0, ky1, kx0, kx1, y, x)
+    in_part = False
+    if mode != 0 and border <= y < vh - border and border <= x < vw - border:
+        in_part = _dilated(kind, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, grow_dy, grow_w)
+        if in_part and mode == 2:
+            in_part = not _dilated(kind, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, keep_dy, keep_w)
+    return y, x, in_roi, in_part
+
+
+@cuda.jit(device=True, inline=True)
 def _fill_dist(labels, i, kind, cx, cy, r, y0, y1, x0, x1, wy0, wx0, h, w, dist, slot):  # pragma: no cover
     """dist[slot, yy * w + xx] = distance along window row yy to its nearest ROI pixel (a large number when
     the row has none): a left and a right scan per row, rows shared among the block's threads."""
@@ -419,14 +449,9 @@ def _int_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h
     slot = cuda.blockIdx.x
     t = cuda.threadIdx.x
     for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
-        i = image[j]
-        vh, vw = valid_h[i], valid_w[i]
-        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
-        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
-        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
         if ky1 <= ky0 or kx1 <= kx0:
             continue
-        h, w = wy1 - wy0, wx1 - wx0
         k_ = kind[j]
         need_dist = mode != 0 and k_ != 0
         if need_dist:
@@ -443,15 +468,9 @@ def _int_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h
         p1 = np.int64(0)
         p2 = np.int64(0)
         for q in range(t, h * w, THREADS):
-            yy = q // w
-            xx = q - yy * w
-            y, x = wy0 + yy, wx0 + xx
-            in_roi = _in_roi(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, y, x)
-            in_part = False
-            if mode != 0 and border <= y < vh - border and border <= x < vw - border:
-                in_part = _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, grow_dy, grow_w)
-                if in_part and mode == 2:
-                    in_part = not _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, keep_dy, keep_w)
+            y, x, in_roi, in_part = _window_pixel(q, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0,
+                                                  h, w, vh, vw, border, mode, dist, slot, grow_dy, grow_w, keep_dy,
+                                                  keep_w)
             if not (in_roi or in_part):
                 continue
             raw = images[i, y, x]
@@ -494,14 +513,9 @@ def _float_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid
     fbuf = cuda.shared.array((4, THREADS), np.float64)
     ibuf = cuda.shared.array((4, THREADS), np.int64)
     for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
-        i = image[j]
-        vh, vw = valid_h[i], valid_w[i]
-        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
-        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
-        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
         if ky1 <= ky0 or kx1 <= kx0:
             continue
-        h, w = wy1 - wy0, wx1 - wx0
         k_ = kind[j]
         if mode != 0 and k_ != 0:
             _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
@@ -517,15 +531,9 @@ def _float_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid
         p1 = 0.0
         p2 = 0.0
         for q in range(t, h * w, THREADS):
-            yy = q // w
-            xx = q - yy * w
-            y, x = wy0 + yy, wx0 + xx
-            in_roi = _in_roi(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, y, x)
-            in_part = False
-            if mode != 0 and border <= y < vh - border and border <= x < vw - border:
-                in_part = _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, grow_dy, grow_w)
-                if in_part and mode == 2:
-                    in_part = not _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, keep_dy, keep_w)
+            y, x, in_roi, in_part = _window_pixel(q, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0,
+                                                  h, w, vh, vw, border, mode, dist, slot, grow_dy, grow_w, keep_dy,
+                                                  keep_w)
             flags[slot, q] = 0
             if not (in_roi or in_part):
                 continue
@@ -688,13 +696,8 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
     for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
         if ill[j] == 0:
             continue
-        i = image[j]
-        vh, vw = valid_h[i], valid_w[i]
-        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
-        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
-        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
         has_roi = ky1 > ky0 and kx1 > kx0
-        h, w = wy1 - wy0, wx1 - wx0
         k_ = kind[j]
         if has_roi and k_ != 0:
             _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
@@ -712,7 +715,7 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         for q in range(t, total, THREADS):
             y = iy0 + q // iw
             x = ix0 + q - (q // iw) * iw
-            if has_roi and wy0 <= y < wy1 and wx0 <= x < wx1 and _dilated(
+            if has_roi and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w and _dilated(
                     k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
                 continue
             v = np.float64(images[i, y, x])
@@ -728,7 +731,7 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         for q in range(t, total, THREADS):
             y = iy0 + q // iw
             x = ix0 + q - (q // iw) * iw
-            if has_roi and wy0 <= y < wy1 and wx0 <= x < wx1 and _dilated(
+            if has_roi and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w and _dilated(
                     k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
                 continue
             v = np.float64(images[i, y, x])
@@ -796,14 +799,9 @@ def _gcnr_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
     sign = np.int64(-1) if mode == 1 else np.int64(1)
     one = np.int64(1)
     for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
-        i = image[j]
-        vh, vw = valid_h[i], valid_w[i]
-        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
-        wy0, wy1 = max(ky0 - reach, 0), min(ky1 + reach, vh)
-        wx0, wx1 = max(kx0 - reach, 0), min(kx1 + reach, vw)
+        i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
         if ky1 <= ky0 or kx1 <= kx0:
             continue
-        h, w = wy1 - wy0, wx1 - wx0
         k_ = kind[j]
         if mode != 0 and k_ != 0:
             _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
@@ -811,15 +809,9 @@ def _gcnr_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         pad = padding[i]
         has_pad = math.isfinite(pad)
         for q in range(t, h * w, THREADS):
-            yy = q // w
-            xx = q - yy * w
-            y, x = wy0 + yy, wx0 + xx
-            in_roi = _in_roi(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, y, x)
-            in_part = False
-            if mode != 0 and border <= y < vh - border and border <= x < vw - border:
-                in_part = _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, grow_dy, grow_w)
-                if in_part and mode == 2:
-                    in_part = not _dilated(k_, ky0, ky1, kx0, kx1, y, x, yy, xx, h, w, dist, slot, keep_dy, keep_w)
+            y, x, in_roi, in_part = _window_pixel(q, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0,
+                                                  h, w, vh, vw, border, mode, dist, slot, grow_dy, grow_w, keep_dy,
+                                                  keep_w)
             if not (in_roi or in_part):
                 continue
             # NB: the stored value as float64, as `histograms.gcnr` bins it (excluded pixels enter no region).
