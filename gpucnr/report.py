@@ -267,15 +267,20 @@ def _thresholds_section(summary, primary, one_roi=False, shown=None) -> str:
                     main.append(rows[-1])
         header = ("<tr><th class=\"l\">group</th><th>threshold</th><th>below</th><th>finite</th>"
                   "<th>fraction below</th><th>95 % Wilson interval</th></tr>")
-        body = f"<table>{header}{''.join(rows)}</table>"
-        if len(rows) > _OPEN_ROWS:
-            # NB: the whole dataset and the groups the box plots draw stay open; every group is one click away
-            body = (f"<table>{header}{''.join(main)}</table><details><summary>Every group ({len(rows)} rows)"
-                    f"</summary><table>{header}{''.join(rows)}</table></details>")
-        tables.append(f"<h3>{_e(level.upper() if level == 'roi' else level.capitalize())} level</h3>{body}")
+        tables.append(_level_table("h3", level, header, rows, main))
     return ("<section id=\"thresholds\"><h2>Thresholds</h2><p>Fraction of finite CNR values strictly below each "
             f"threshold, by group; the primary threshold ({_e(f'{primary:g}')}) is in bold.</p>"
             + "".join(tables) + _rules_tables(summary, levels, order, drawn, by, value) + "</section>")
+
+
+def _level_table(tag: str, level: str, header: str, rows: list[str], main: list[str]) -> str:
+    """One level's table under its heading; past `_OPEN_ROWS` rows only `main` stays open (the whole dataset and the
+    groups the box plots draw) and every group is one click away."""
+    body = f"<table>{header}{''.join(rows)}</table>"
+    if len(rows) > _OPEN_ROWS:
+        body = (f"<table>{header}{''.join(main)}</table><details><summary>Every group ({len(rows)} rows)"
+                f"</summary><table>{header}{''.join(rows)}</table></details>")
+    return f"<{tag}>{_e(level.upper() if level == 'roi' else level.capitalize())} level</{tag}>{body}"
 
 
 def _rules_tables(summary, levels, order, drawn, by, value) -> str:
@@ -304,11 +309,7 @@ def _rules_tables(summary, levels, order, drawn, by, value) -> str:
                     main.append(rows[-1])
         header = ("<tr><th class=\"l\">group</th><th class=\"l\">rule</th><th>cut</th><th>dropped</th>"
                   "<th>finite</th><th>fraction dropped</th></tr>")
-        body = f"<table>{header}{''.join(rows)}</table>"
-        if len(rows) > _OPEN_ROWS:
-            body = (f"<table>{header}{''.join(main)}</table><details><summary>Every group ({len(rows)} rows)"
-                    f"</summary><table>{header}{''.join(rows)}</table></details>")
-        tables.append(f"<h4>{_e(level.upper() if level == 'roi' else level.capitalize())} level</h4>{body}")
+        tables.append(_level_table("h4", level, header, rows, main))
     return ("<h3 id=\"rules\">Where each rule cuts</h3><p>Each group's own cut (quantile:P: the group's P-quantile, "
             "none below 1/P values; mad:K: median &minus; K &times; 1.4826 &times; MAD, none when the MAD is 0; abs:T: "
             "T) and the finite values strictly below it: what <code>gpucnr filter --rule RULE --by COLUMN</code> "
