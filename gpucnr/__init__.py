@@ -3,6 +3,7 @@
 Public API only; importing gpucnr never imports CuPy.
 """
 
+from gpucnr._lazy import lazy_attributes
 from gpucnr._version import __version__
 
 # NB: names resolve on first use (PEP 562): `import gpucnr` stays cheap, so the worker processes of
@@ -69,18 +70,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    try:
-        return importlib.import_module(f"gpucnr.{name}")  # NB: submodules, as an eager package would have them
-    except ModuleNotFoundError:
-        raise AttributeError(f"module 'gpucnr' has no attribute {name!r}") from None
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals(), submodules=True)

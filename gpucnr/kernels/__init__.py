@@ -5,6 +5,8 @@ in `_numpy_fast`, the one measured NumPy-specific fast path ("numba-cpu"). Which
 named by `gpucnr.backend.fast_path` and looked up in `fastpath`, nowhere else.
 """
 
+from gpucnr._lazy import lazy_attributes
+
 # NB: names resolve on first use (PEP 562): the CLI reads the option names of `cnr`, `footprints` and `params`
 # (plain Python) without `batch` pulling in NumPy, SciPy and the array backends (issue 18: `gpucnr --help`).
 _WHERE = {
@@ -32,15 +34,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gpucnr.kernels' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals())

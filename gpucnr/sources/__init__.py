@@ -1,6 +1,8 @@
 """Files -> stack: DICOM (dicom.py), PNG/TIFF (raster.py), masks, DICOM SEG and ROI tables (rois.py),
 driven by `gpucnr.ingest` (driver.py) in crash-isolated worker processes (workers.py)."""
 
+from gpucnr._lazy import lazy_attributes
+
 __all__ = ["CODES", "IngestSummary", "ingest", "sidecar_paths"]
 
 # NB: resolved on first use, so a worker process importing gpucnr.sources.tasks never imports the driver
@@ -9,11 +11,4 @@ _WHERE = {"CODES": "gpucnr.sources.outcomes", "IngestSummary": "gpucnr.sources.d
           "ingest": "gpucnr.sources.driver", "sidecar_paths": "gpucnr.sources.driver"}
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _WHERE:
-        value = getattr(importlib.import_module(_WHERE[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gpucnr.sources' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _WHERE, globals())
