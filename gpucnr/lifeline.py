@@ -68,4 +68,9 @@ def quiet_worker() -> None:
 
 
 def _exit_on_sigterm(signum, frame):
+    # NB: the driver is stopping and reads nothing more from this worker: its stderr goes to /dev/null (a SystemExit
+    # raised inside a C callback — Numba compiling — is printed as "Exception ignored" and swallowed), and if the
+    # exit is swallowed so, a timer ends the process outright.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    threading.Timer(2.0, os._exit, (128 + signum,)).start()
     raise SystemExit(128 + signum)
