@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from multiprocessing.context import SpawnContext, SpawnProcess
 
-__all__ = ["QUIET_SPAWN", "quiet_worker", "watch_parent"]
+__all__ = ["QUIET_SPAWN", "quiet_resource_tracker", "quiet_worker", "watch_parent"]
 
 #: Seconds between two looks at the parent.
 _PERIOD = 1.0
@@ -58,19 +59,16 @@ QUIET_SPAWN = _QuietSpawnContext()
 
 
 def quiet_worker() -> None:
-    """In a worker of `QUIET_SPAWN`: ignore SIGINT for good, then unblock it (the driver stops the workers), and
-    end on SIGTERM through SystemExit, so that the process's exit handlers run: killed outright, a worker left the
-    semaphores it had registered with the shared resource tracker, which then printed a "leaked semaphore" warning
-    on the user's terminal under the driver's one line."""
+    """In a worker of `QUIET_SPAWN`: ignore SIGINT for good, then unblock it (the driver stops the workers)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
-def _exit_on_sigterm(signum, frame):
-    # NB: the driver is stopping and reads nothing more from this worker: its stderr goes to /dev/null (a SystemExit
-    # raised inside a C callback — Numba compiling — is printed as "Exception ignored" and swallowed), and if the
-    # exit is swallowed so, a timer ends the process outright.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    threading.Timer(2.0, os._exit, (128 + signum,)).start()
-    raise SystemExit(128 + signum)
+def quiet_resource_tracker() -> None:
+    """Call before a local pool's first queue: the resource tracker that multiprocessing starts then (with this
+    interpreter's ``-W`` options) will not print its "leaked semaphore objects to clean up at shutdown" warning.
+    Workers terminated when the run is interrupted leave it semaphores it then removes itself: the warning was noise
+    under the driver's one line (DESIGN §10), and it names nothing the user can act on."""
+    option = "ignore:resource_tracker:UserWarning"
+    if option not in sys.warnoptions:
+        sys.warnoptions.append(option)

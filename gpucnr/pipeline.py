@@ -37,7 +37,7 @@ from gpucnr.kernels.regions import (
     check_auto_options,
     measure_auto,
 )
-from gpucnr.lifeline import QUIET_SPAWN, quiet_worker, watch_parent
+from gpucnr.lifeline import QUIET_SPAWN, quiet_resource_tracker, quiet_worker, watch_parent
 from gpucnr.outputs import refuse_overlap, require_results
 from gpucnr.progress import Progress
 from gpucnr.results import (
@@ -694,6 +694,7 @@ def _execute(specs, finish, *, client, scheduler, workers):
         with ThreadPoolExecutor(max_workers=workers, initializer=_one_batch_per_core, initargs=(workers,)) as pool:
             return _drain(pool, specs, finish, workers, attempts)
     ctx = QUIET_SPAWN
+    quiet_resource_tracker()
     queue = list(specs)
     while queue:
         try:
