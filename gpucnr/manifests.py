@@ -453,7 +453,8 @@ def decision_warnings(df: pd.DataFrame, level: str = "image") -> list[str]:
     judged, total, out = int(keep + drop), len(df), []
     if drop * 2 > judged:
         out.append(f"rule {df.attrs.get('rule', '?')} drops {drop} of the {judged} {level}(s) it judged "
-                   f"({100.0 * drop / judged:.1f} %; {flag} flagged one(s) were not judged): more than half. "
+                   f"({100.0 * drop / judged:.1f} %{f'; {flag} flagged one(s) were not judged' if flag else ''}): "
+                   "more than half. "
                    "Before training on what is left, check the background mode and the rule: docs/choosing.md "
                    "and the report's threshold table")
     if flag * 2 > total:

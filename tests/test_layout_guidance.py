@@ -73,6 +73,10 @@ def test_labelsTr_as_source_is_refused_and_writes_nothing(tmp_path, capsys):
     root = _nnunet(tmp_path / "Dataset001_X")
     rc, _, err = _cli(capsys, "ingest", root / "labelsTr", tmp_path / "s.zarr", "--workers", WORKERS)
     assert rc == 2 and "looks like the labelsTr folder" in err and "dataset root" in err, err
+    # NB: label maps under another name, told by their names: the cases of the sibling imagesTr/
+    (root / "labelsTr").rename(root / "segmentations")
+    rc, _, err = _cli(capsys, "ingest", root / "segmentations", tmp_path / "s.zarr", "--workers", WORKERS)
+    assert rc == 2 and "looks like the label maps of ../imagesTr" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset001_X"]
 
 
@@ -105,10 +109,10 @@ def test_kvasir_images_and_masks_are_a_layout(tmp_path, capsys):
     assert rc == 3 and "[mask-labels 2]" in err and "--mask-threshold T" in err, err
     rc, out, err = _cli(capsys, "ingest", jpg, tmp_path / "j2.zarr", "--workers", WORKERS, "--mask-threshold", 127)
     assert rc == 0 and "mask files used: 2; images without labels: 0" in out, out + err
-    # NB: --masks inside SRC_DIR that does not mirror its folders: the cause says exactly what to do
+    # NB: --masks inside SRC_DIR beside images/: masks/x.jpg labels images/x.jpg, and is not an image
     rc, out, err = _cli(capsys, "ingest", jpg, tmp_path / "j3.zarr", "--workers", WORKERS, "--masks", jpg / "masks",
                         "--mask-threshold", 127)
-    assert rc == 3 and "files under MASK_DIR" in err and "leave out --masks" in err, err
+    assert rc == 0 and "2 image(s) from 2 file(s)" in out and "mask files used: 2;" in out, out + err
 
 
 # --- C, D, F: dataset.json, modality, litter ----------------------------------------------------------------------
@@ -174,7 +178,7 @@ def test_refused_masks_of_two_kinds_name_each_cause(tmp_path):
 def test_empty_source_leaves_nothing_behind(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "._x.png").write_bytes(b"\x00\x05\x16\x07")
-    rc, out, err = _cli(capsys, "ingest", tmp_path / "empty", tmp_path / "s.zarr", "--workers", WORKERS)
+    rc, _, err = _cli(capsys, "ingest", tmp_path / "empty", tmp_path / "s.zarr", "--workers", WORKERS)
     assert rc == 2 and "[no-image]" in err and "holds no file" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
@@ -189,9 +193,11 @@ def test_interruption_line_names_the_paths_of_its_command(tmp_path):
 
 
 def test_mask_no_image_cause_reads_under_mask_dir():
-    groups = problem_groups([{"source": "m.png", "item": "mask", "code": "mask-no-image", "reason": ""}],
-                            {"has_mask_dir": True, "mask_files": 1})
-    assert "the pattern matches these files under MASK_DIR," in groups[0].cause
+    rows = [{"source": "m.png", "item": "mask", "code": "mask-no-image", "reason": ""}]
+    cause = problem_groups(rows, {"has_mask_dir": True, "mask_files": 1})[0].cause
+    assert "the pattern matches these files under MASK_DIR," in cause and "leave out --masks" not in cause
+    cause = problem_groups(rows, {"has_mask_dir": True, "mask_files": 1, "mask_dir_inside": True})[0].cause
+    assert "MASK_DIR lies inside SRC_DIR" in cause and "leave out --masks" in cause
 
 
 # --- run, report, filter ------------------------------------------------------------------------------------------
@@ -210,7 +216,7 @@ def volumes(tmp_path_factory):
 
 def test_filter_warns_on_judged_units_and_flag_majority(volumes, tmp_path, capsys):
     _, _, res = volumes
-    rc, out, err = _cli(capsys, "filter", res, "--out", tmp_path / "k.csv", "--rule", "abs:1000")
+    rc, _, err = _cli(capsys, "filter", res, "--out", tmp_path / "k.csv", "--rule", "abs:1000")
     assert rc == 0
     table = pd.read_csv(tmp_path / "k.csv")
     counts = table["decision"].value_counts().to_dict()

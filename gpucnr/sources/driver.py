@@ -397,6 +397,9 @@ class _Ingest:
             else:
                 self.walked["masks"] = walk(masks, follow_symlinks=follow_symlinks, exclude=exclude)
                 self.mask_index = self.matcher.index(self.walked["masks"])
+                if self.mask_inside:
+                    rel = Path(masks).resolve().relative_to(Path(src).resolve()).as_posix()
+                    self.mask_base = _sibling_base(found, self.mask_index, self.matcher, rel)
             if not self.mask_index:
                 # NB: a typo such as {stem}-mask.png for {stem}_mask.png would store every mask as an image
                 # (beside them) or label nothing: refused before anything is written.
@@ -479,6 +482,9 @@ class _Ingest:
             mask_files = []
             if self.matcher is not None:
                 folder, _, name = f.rel.rpartition("/")
+                base = getattr(self, "mask_base", None)
+                if base is not None and (folder == base or folder.startswith(f"{base}/")):
+                    folder = folder[len(base) + 1:]  # NB: MASK_DIR mirrors its sibling folder (kvasir/images)
                 mask_files = self.mask_index.get((folder, self.matcher.image_key(name)), [])
                 used.update(m.rel for m in mask_files)
             else:
@@ -746,6 +752,32 @@ class _Ingest:
         return (f"{done}, {sum(flushed.values())} image(s) kept on disk in {display_path(self.stack)}; continue "
                 f"with `{self.header['command']}` (or delete {display_path(self.stack)} and "
                 f"{display_path(self.side['journal'])})")
+
+
+def _sibling_base(found, mask_index: dict, matcher: MaskMatcher, masks_rel: str) -> str | None:
+    """For a MASK_DIR inside SRC_DIR that mirrors none of SRC_DIR's images: the sibling folder it mirrors instead
+    (``images`` for ``kvasir/masks`` beside ``kvasir/images``: ``masks/x.jpg`` is the mask of ``images/x.jpg``),
+    the one whose images it matches most; None when it mirrors SRC_DIR itself (the documented rule) or nothing."""
+
+    def hits(base: str | None) -> int:
+        n = 0
+        for f in found:
+            folder, _, name = f.rel.rpartition("/")
+            if base is not None:
+                if folder != base and not folder.startswith(f"{base}/"):
+                    continue
+                folder = folder[len(base) + 1:]
+            n += (folder, matcher.image_key(name)) in mask_index
+        return n
+
+    if hits(None):
+        return None
+    parent = masks_rel.rpartition("/")[0]
+    prefix = f"{parent}/" if parent else ""
+    siblings = {f.rel[len(prefix):].split("/", 1)[0] for f in found if f.rel.startswith(prefix) and "/" in
+                f.rel[len(prefix):]}
+    best = max(((hits(prefix + s), prefix + s) for s in sorted(siblings)), default=(0, None))
+    return best[1] if best[0] else None
 
 
 def _memory_mb(max_image_mb: float, max_volume_mb: float = 0) -> int:

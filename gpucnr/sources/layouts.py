@@ -21,6 +21,7 @@ AppleDouble files (``._*``) are neither images nor labels here.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,9 @@ def detect(found) -> Layout:
             if not hits:
                 out.notes.append((seg.rel, "mask", "mask-no-image", "no NIfTI file of its folder shares this label "
                                   "map's prefix (<prefix>[_-]seg.nii.gz labels <prefix>_t1.nii.gz, ...)"))
+    root_json = next((f for f in by_folder.get("", ()) if f.rel == DATASET_JSON), None)
+    if out.kinds and root_json is not None:
+        out.json_files.setdefault(DATASET_JSON, root_json)  # NB: a BraTS-style set's label names, at SRC_DIR's root
     return out
 
 
@@ -185,7 +189,31 @@ def misplaced_source(src) -> tuple[str, str] | None:
             if sibling(lab):
                 return ("images", f"SRC looks like the {name} folder of a dataset; its labels in ../{lab} were not "
                         f"read: point ingest at the dataset root {parent}")
+        return None
+    # NB: a label folder of another name (segmentations/ beside imagesTr/): its NIfTI files are named as the cases
+    # of a sibling images<S>/ folder (case.nii.gz for case_0000.nii.gz)
+    mine = {_base(n) for n in _names(src) if _NII.match(n)}
+    for other in sorted(_names(parent)):
+        if mine and _IMAGES.match(other) and sibling(other):
+            cases = set()
+            for n in _names(parent / other):
+                base = _base(n)
+                cases.add(base)
+                if c := _CHANNEL.match(base):
+                    cases.add(c.group("case"))
+            if len(mine & cases) * 2 > len(mine):
+                return ("labels", f"{src} looks like the label maps of ../{other}: its NIfTI files are named as "
+                        f"the cases of {other}/; label maps are not images: ingest the dataset root {parent} with "
+                        f"this folder named labels{_IMAGES.match(other).group('split')} (recognised without flags)")
     return None
+
+
+def _names(folder: Path) -> list[str]:
+    """The entry names of one folder (not recursive; [] when it cannot be listed)."""
+    try:
+        return [n for n in os.listdir(folder) if not n.startswith("._")]
+    except OSError:
+        return []
 
 
 @dataclass
