@@ -397,8 +397,8 @@ class _Ingest:
             else:
                 self.walked["masks"] = walk(masks, follow_symlinks=follow_symlinks, exclude=exclude)
                 self.mask_index = self.matcher.index(self.walked["masks"])
-                if self.mask_inside:
-                    rel = Path(masks).resolve().relative_to(Path(src).resolve()).as_posix()
+                rel = Path(masks).resolve().relative_to(Path(src).resolve()).as_posix() if self.mask_inside else "."
+                if rel != ".":
                     self.mask_base = _sibling_base(found, self.mask_index, self.matcher, rel)
             if not self.mask_index:
                 # NB: a typo such as {stem}-mask.png for {stem}_mask.png would store every mask as an image
