@@ -1116,39 +1116,91 @@ def _planes(images, what) -> list[np.ndarray]:
     return [p.astype(np.uint8) if p.dtype == bool else p for p in planes]
 
 
+#: A stored text column is kept as integer codes and its distinct values (a coded column: a group holding the
+#: arrays ``codes`` and ``values``, attribute ``gpucnr_coded``) when it has at most this share of distinct values:
+#: decoding 786,432 ROI names as text took 0.25 s, their codes 3 ms. Stacks written before store text as text and
+#: are read as before (their fingerprints unchanged).
+CODED_SHARE = 0.5
+
+
 def _write_table(group, name: str, table: pd.DataFrame) -> None:
     """One 1-D array per column, one chunk each, zstd then crc32c (a damaged table must not read as data); its
-    dimension is ``image`` for the per-image table (row i = global image i), ``row`` for others."""
+    dimension is ``image`` for the per-image table (row i = global image i), ``row`` for others. A text column
+    with few distinct values is coded (`CODED_SHARE`)."""
     dim = "image" if name == "images" else "row"
     for col in table.columns:
         values = table[col].to_numpy()
         dtype = str if values.dtype.kind in "OUST" else values.dtype
         if dtype is str:
             values = values.astype(str)
-        arr = group.create_array(f"tables/{name}/{col}", shape=values.shape, dtype=dtype,
-                                 chunks=(max(len(values), 1),), compressors=[ZstdCodec(level=3), Crc32cCodec()],
-                                 config=_WRITE, dimension_names=[dim])
-        if len(values):
-            arr[:] = values
+            codes, distinct = pd.factorize(values.astype(object), use_na_sentinel=False)
+            if len(values) and len(distinct) <= CODED_SHARE * len(values):
+                _write_coded(group, f"tables/{name}/{col}", codes, np.asarray(distinct).astype(str), dim)
+                continue
+        _write_column(group, f"tables/{name}/{col}", values, dtype, dim)
+
+
+def _write_column(group, where: str, values: np.ndarray, dtype, dim: str) -> None:
+    arr = group.create_array(where, shape=values.shape, dtype=dtype, chunks=(max(len(values), 1),),
+                             compressors=[ZstdCodec(level=3), Crc32cCodec()], config=_WRITE, dimension_names=[dim])
+    if len(values):
+        arr[:] = values
+
+
+def _write_coded(group, where: str, codes: np.ndarray, distinct: np.ndarray, dim: str) -> None:
+    sub = group.create_group(where, attributes={"gpucnr_coded": 1})
+    itype = np.int8 if len(distinct) <= 2**7 else np.int16 if len(distinct) <= 2**15 else np.int32
+    _write_column(sub, "codes", codes.astype(itype), itype, dim)
+    _write_column(sub, "values", distinct, str, "value")
+
+
+def _column_array(group, where: str, root: Path | None):
+    """The decoded values of one stored column array; with `root`, a missing or damaged chunk is a coded
+    error, never fill values."""
+    arr = group[where]
+    if root is not None and arr.shape[0] and not Path(root, arr.path, arr.metadata.encode_chunk_key((0,))).exists():
+        raise StackError("missing-chunk", f"{arr.path}: chunk {arr.metadata.encode_chunk_key((0,))} is missing; "
+                         "zarr would read it as fill values")
+    try:
+        return np.asarray(arr[:])
+    except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
+        raise_if_exhausted(e)
+        raise StackError("corrupt-chunk", f"{arr.path}: its chunk cannot be decoded ({type(e).__name__})") from None
+
+
+def _coded_column(group, where: str, root: Path | None) -> pd.Categorical:
+    """A coded text column (`_write_coded`) as a pandas Categorical, its codes and values checked: integer codes,
+    each naming one of the distinct, text values."""
+    sub = group[where]
+    if not isinstance(sub, zarr.Group) or sub.attrs.get("gpucnr_coded") != 1 or \
+            sorted(sub.array_keys()) != ["codes", "values"]:
+        raise StackError("stack-schema", f"{sub.path} is neither a column array nor a coded column (codes, values)")
+    codes = _column_array(sub, "codes", root)
+    values = _column_array(sub, "values", root)
+    if codes.ndim != 1 or values.ndim != 1 or codes.dtype.kind not in "iu" or values.dtype.kind not in "OUT":
+        raise StackError("stack-schema", f"{sub.path}: codes {codes.dtype} {codes.shape}, values {values.dtype} "
+                         f"{values.shape}; 1-D integer codes of 1-D text values expected")
+    if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= len(values)):
+        bad = np.flatnonzero((codes < 0) | (codes >= len(values)))[0]
+        raise StackError("stack-schema", f"{sub.path}/codes: row {bad} holds code {codes[bad]}, not one of the "
+                         f"{len(values)} values")
+    distinct = pd.Index(values.astype(object), dtype=object)
+    if not distinct.is_unique:
+        raise StackError("stack-schema", f"{sub.path}/values holds a value twice")
+    return pd.Categorical.from_codes(codes.astype(np.int32, copy=False), dtype=pd.CategoricalDtype(distinct))
 
 
 def _read_table(group, name: str, root: Path | None = None) -> pd.DataFrame | None:
-    """A table's columns; with `root`, a missing or damaged column chunk is a coded error, never zeros."""
+    """A table's columns; with `root`, a missing or damaged column chunk is a coded error, never zeros. A coded
+    text column (`_write_coded`) is a pandas Categorical of the same values."""
     if f"tables/{name}" not in group:
         return None
     sub = group[f"tables/{name}"]
     columns = {}
-    for key in sorted(sub.array_keys()):
-        arr = sub[key]
+    coded = set(sub.group_keys())
+    for key in sorted([*sub.array_keys(), *coded]):
         where = f"tables/{name}/{key}"
-        if root is not None and arr.shape[0] and not Path(root, where, arr.metadata.encode_chunk_key((0,))).exists():
-            raise StackError("missing-chunk", f"{where}: chunk {arr.metadata.encode_chunk_key((0,))} is missing; "
-                             "zarr would read it as fill values")
-        try:
-            columns[key] = np.asarray(arr[:])
-        except Exception as e:  # noqa: BLE001 - zarr raises codec-specific errors for corrupt bytes
-            raise_if_exhausted(e)
-            raise StackError("corrupt-chunk", f"{where}: its chunk cannot be decoded ({type(e).__name__})") from None
+        columns[key] = _coded_column(group, where, root) if key in coded else _column_array(group, where, root)
     return table_frame(columns, f"tables/{name}")
 
 
@@ -1388,7 +1440,13 @@ def fingerprint_v2(stack: Stack) -> tuple[str, dict[str, str]]:
         h.update(name.encode())
         for col in sorted(table.columns):
             h.update(col.encode())
-            h.update(_array_meta(group[f"tables/{name}/{col}"]))
+            node = group[f"tables/{name}/{col}"]
+            if isinstance(node, zarr.Group):
+                # NB: a coded text column (stacks since issue 17): the layout of its codes and values; its content
+                # enters through the table's hash below, the same values as the text column it codes
+                h.update(b"coded" + _array_meta(node["codes"]) + _array_meta(node["values"]))
+            else:
+                h.update(_array_meta(node))
         h.update(pd.util.hash_pandas_object(table[sorted(table.columns)], index=True).to_numpy().tobytes())
     for name in sorted(buckets):
         h.update(f"{name}={buckets[name]}".encode())

@@ -25,6 +25,7 @@ import pandas as pd
 
 import gpucnr
 from gpucnr.phantom import make_phantom
+from gpucnr.store import COMPRESSORS
 
 # NB: the article's code lives once, in tests/article.py, for the oracle tests and this baseline alike.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -82,6 +83,8 @@ def main(argv=None):
                         help="pipeline: image sides to compare, e.g. 64,256,512,1024 (each a stack of --gb of raw "
                              "pixels, default shards and batches) against the bare read of the same stack")
     parser.add_argument("--gb", type=float, default=2.0, help="pipeline --sizes: raw pixels per size, GB (default 2)")
+    parser.add_argument("--compressor", default=None, choices=COMPRESSORS,
+                        help="pipeline --sizes: the stacks' compressor (default: write_stack's own default)")
     args = parser.parse_args(argv)
     if args.n is None:
         args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100, "groups": 100_000}.get(args.part, 256)
@@ -253,7 +256,8 @@ def bench_pipeline_sizes(args):
             n = max(1, int(args.gb * 1e9 // (size * size * 2)))
             stack_path = tmp / f"s{size}.zarr"
             images, rois = _streamed_phantoms(n, size)
-            stack = gpucnr.write_stack(stack_path, images, rois=rois)
+            stack = gpucnr.write_stack(stack_path, images, rois=rois,
+                                       **({"compressor": args.compressor} if args.compressor else {}))
             bucket = stack.buckets[0]
 
             def bare(stack=stack, bucket=bucket, threads=2):
@@ -288,7 +292,8 @@ def bench_pipeline_sizes(args):
         pipeline.measure_batch = real
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"gpucnr {gpucnr.__version__}; phantom stacks of {args.gb:g} GB raw uint16 per size, 3 square ROIs r=5 per "
-          f"image, default shards and batches; threads=2; best of {args.repeat} interleaved rounds")
+          f"image, compressor {stack.compressor}, default shards and batches; threads=2; best of {args.repeat} "
+          "interleaved rounds")
     print()
     print("| size | images | raw GB | stored GB | files | images/shard | batches | bare read s (2 threads) | "
           "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch |")
