@@ -101,7 +101,7 @@ def blank_roi_names(table: pd.DataFrame, where: str) -> pd.DataFrame:
     if "name" not in table.columns or not len(table):
         return table
     names = table["name"]
-    bad = [v for v in pd.unique(names.to_numpy()) if isinstance(v, str) and refused_value(v)]
+    bad = [v for v in names.unique() if isinstance(v, str) and refused_value(v)]  # NB: no per-row Python string
     if not bad:
         return table
     refused = np.flatnonzero(names.isin(bad).to_numpy()).tolist()

@@ -286,9 +286,12 @@ gcnr_bins, signed
     stack_path = str(Path(stack.path).resolve())
     specs = []
     if table is not None:
-        # NB: sorted once, each batch's rows are a slice: no scan of the whole table per batch.
-        table = table.sort_values("image", kind="stable").reset_index(drop=True)
+        # NB: sorted once, each batch's rows are a slice: no scan of the whole table per batch (a stored table is
+        # in image order already)
         image_col = table["image"].to_numpy()
+        if (np.diff(image_col) < 0).any():
+            table = table.sort_values("image", kind="stable").reset_index(drop=True)
+            image_col = table["image"].to_numpy()
     for index, (bucket, start, stop, g0) in enumerate(plan):
         if committed[index]:
             continue
@@ -558,27 +561,34 @@ def _kernel_table(rows: pd.DataFrame, roi_ids, g0: int) -> dict:
 
 class _Names:
     """``roi_name(image, roi)`` of a run, one batch of rows at a time: each id's label name (the names ingest read
-    from a dataset.json), overridden by the ROI table's own name for its cells."""
+    from a dataset.json), overridden by the ROI table's own name for its cells. Names are held as codes into
+    their distinct values: a batch's block is one fancy index, no Python string per row."""
 
     def __init__(self, table, roi_ids, label_names=None, *, base=None):
         # NB: labels as ROIs: the names ingest read from a dataset.json; `base`: one name per id (automatic regions)
-        self.base = (np.array(list(base), dtype=object) if base is not None else
-                     np.array([(label_names or {}).get(str(int(roi)), "") for roi in roi_ids], dtype=object))
+        base = (list(base) if base is not None else
+                [(label_names or {}).get(str(int(roi)), "") for roi in roi_ids])
+        self.base = np.arange(len(base), dtype=np.int64)
         if table is not None and len(table):
-            order = np.argsort(table["image"].to_numpy(), kind="stable")
-            self.image = table["image"].to_numpy()[order]
-            self.col = np.searchsorted(roi_ids, table["roi"].to_numpy()[order])
-            self.name = table["name"].to_numpy()[order]
+            image = table["image"].to_numpy()
+            order = None if (np.diff(image) >= 0).all() else np.argsort(image, kind="stable")
+            codes, distinct = pd.factorize(table["name"], use_na_sentinel=False)
+            self.image = image if order is None else image[order]
+            roi = table["roi"].to_numpy()
+            self.col = np.searchsorted(roi_ids, roi if order is None else roi[order])
+            self.code = (codes if order is None else codes[order]).astype(np.int64) + len(base)
+            self.values = np.array([*base, *np.asarray(distinct, dtype=object).tolist()], dtype=str)
         else:
             self.image = None
+            self.values = np.array(base, dtype=str)
 
     def rows(self, g0: int, g1: int) -> np.ndarray:
         """The names of images [g0, g1): str array of shape (g1 - g0, ids)."""
         out = np.tile(self.base, (g1 - g0, 1))
         if self.image is not None:
             lo, hi = np.searchsorted(self.image, [g0, g1])
-            out[self.image[lo:hi] - g0, self.col[lo:hi]] = self.name[lo:hi]
-        return out.astype(str)
+            out[self.image[lo:hi] - g0, self.col[lo:hi]] = self.code[lo:hi]
+        return self.values[out] if len(self.values) else np.zeros(out.shape, str)
 
 
 def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None, extra=()):
