@@ -81,7 +81,9 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
     image, roi = cols["image"], cols["roi"]
     span = int(roi.max()) + 1 if len(roi) else 1
     if len(image) and int(image.max()) < 2**62 // span:
-        repeated = pd.Series(image * span + roi).duplicated().to_numpy()  # NB: one int64 key: hashed fastest
+        key = image * span + roi
+        # NB: a stored table is in (image, roi) order: strictly increasing keys repeat none, no hashing needed
+        repeated = np.zeros(len(key), bool) if (np.diff(key) > 0).all() else pd.Series(key).duplicated().to_numpy()
     else:
         repeated = pd.DataFrame({"image": image, "roi": roi}).duplicated().to_numpy()
     if repeated.any():

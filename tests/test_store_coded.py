@@ -125,3 +125,18 @@ def test_a_coded_column_missing_its_chunk_or_arrays_is_refused(tmp_path):
     with pytest.raises(gpucnr.StackError) as info:
         gpucnr.open_stack(tmp_path / "t.zarr")
     assert info.value.code == "stack-schema" and "tables/images/bucket" in str(info.value)
+
+
+def test_a_coded_table_changed_changes_the_fingerprint(tmp_path):
+    path = tmp_path / "s.zarr"
+    stack, _, _ = _write(path)
+    before = stack.fingerprint()
+    assert gpucnr.open_stack(path).fingerprint() == before  # NB: reopened: the same
+    codes = np.asarray(_node(path, "tables/images/site/codes")[:])
+    assert set(codes.tolist()) == {0, 1}
+    _forge(path, "tables/images/site", "codes", 1 - codes)  # NB: sites swapped between images, valid codes
+    assert gpucnr.open_stack(path).fingerprint() != before
+    _forge(path, "tables/images/site", "codes", codes)
+    assert gpucnr.open_stack(path).fingerprint() == before
+    _forge(path, "tables/images/site", "values", np.array(["b", "a"]))
+    assert gpucnr.open_stack(path).fingerprint() != before
