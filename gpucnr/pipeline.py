@@ -292,13 +292,15 @@ gcnr_bins, signed
         if (np.diff(image_col) < 0).any():
             table = table.sort_values("image", kind="stable").reset_index(drop=True)
             image_col = table["image"].to_numpy()
+        # NB: each batch's rows sliced from NumPy columns: a DataFrame slice per batch cost ~1 ms of the driver
+        columns = {k: table[k].to_numpy() for k in ("image", "roi", "kind_code", "cx", "cy", "r")}
     for index, (bucket, start, stop, g0) in enumerate(plan):
         if committed[index]:
             continue
         rows = None
         if table is not None:
             lo, hi = np.searchsorted(image_col, [g0, g0 + stop - start])
-            rows = {k: np.asarray(v) for k, v in _kernel_table(table.iloc[lo:hi], roi_ids, g0).items()}
+            rows = _kernel_table(columns, lo, hi, roi_ids, g0)
         specs.append(BatchSpec(index=index, stack=stack_path, fingerprint=fingerprint, bucket=bucket,
                                start=start, stop=stop, global_start=g0, params=params,
                                roi_ids=tuple(int(v) for v in roi_ids), table=rows, use_labels=use_labels,
@@ -553,10 +555,11 @@ def table_fingerprint(table) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(cols, index=False).to_numpy().tobytes()).hexdigest()
 
 
-def _kernel_table(rows: pd.DataFrame, roi_ids, g0: int) -> dict:
-    return {"image": rows["image"].to_numpy() - g0, "col": np.searchsorted(roi_ids, rows["roi"].to_numpy()),
-            "kind": rows["kind_code"].to_numpy(), "cx": rows["cx"].to_numpy(), "cy": rows["cy"].to_numpy(),
-            "r": rows["r"].to_numpy()}
+def _kernel_table(columns: dict, lo: int, hi: int, roi_ids, g0: int) -> dict:
+    """Rows [lo, hi) of the ROI table as the kernels take them: image within the batch, ROI column, kind code."""
+    return {"image": columns["image"][lo:hi] - g0, "col": np.searchsorted(roi_ids, columns["roi"][lo:hi]),
+            "kind": columns["kind_code"][lo:hi], "cx": columns["cx"][lo:hi], "cy": columns["cy"][lo:hi],
+            "r": columns["r"][lo:hi]}
 
 
 class _Names:
@@ -992,7 +995,7 @@ def _measure_checked(spec: BatchSpec) -> dict:
 def _measure(spec: BatchSpec) -> dict:
     stack = _stack(spec.stack, spec.fingerprint)
     bucket = next(b for b in stack.buckets if b.name == spec.bucket)
-    info = stack.images.iloc[spec.global_start : spec.global_start + spec.stop - spec.start]
+    info = _image_columns(stack, spec.global_start, spec.global_start + spec.stop - spec.start)
     auto = spec.auto_edge is not None
     images, labels = stack.read(bucket, spec.start, spec.stop,
                                 labels=not auto and (spec.use_labels or spec.use_lesions))
@@ -1009,11 +1012,7 @@ def _measure(spec: BatchSpec) -> dict:
         lesions_of_labels = lesions
     images = to_backend(images, where)
     xp = namespace(images)
-    polarity = np.where(info["photometric"].astype(str).to_numpy() == "MONOCHROME1", -1.0, 1.0)
-    common = {"params": spec.params, "valid_h": info["valid_h"].to_numpy(np.int64),
-              "valid_w": info["valid_w"].to_numpy(np.int64), "slope": info["slope"].to_numpy(np.float64),
-              "intercept": info["intercept"].to_numpy(np.float64), "padding": info["padding"].to_numpy(np.float64),
-              "polarity": polarity}
+    common = {"params": spec.params, **info}
 
     def device(a):
         return None if a is None else to_backend(a, where)
@@ -1039,11 +1038,31 @@ def _measure(spec: BatchSpec) -> dict:
     return host
 
 
-def _with_table_rois(labels: np.ndarray, rows: dict, ids: np.ndarray, info: pd.DataFrame) -> np.ndarray:
+def _image_columns(stack: Stack, g0: int, g1: int) -> dict:
+    """The per-image inputs of the kernels for images [g0, g1): slices of NumPy columns made once per opened
+    stack (pandas' slicing and conversions per batch cost ~1 ms of each batch)."""
+    columns = stack.__dict__.get("_kernel_columns")
+    if columns is None:
+        images = stack.images
+        photometric = images["photometric"]
+        if isinstance(photometric.dtype, pd.CategoricalDtype):  # NB: coded text: compared by distinct value
+            mono1 = np.asarray(photometric.cat.categories.astype(str) == "MONOCHROME1")
+            flip = mono1[photometric.cat.codes.to_numpy()] & (photometric.cat.codes.to_numpy() >= 0)
+        else:
+            flip = photometric.astype(str).to_numpy() == "MONOCHROME1"
+        columns = {"valid_h": images["valid_h"].to_numpy(np.int64), "valid_w": images["valid_w"].to_numpy(np.int64),
+                   "slope": images["slope"].to_numpy(np.float64),
+                   "intercept": images["intercept"].to_numpy(np.float64),
+                   "padding": images["padding"].to_numpy(np.float64), "polarity": np.where(flip, -1.0, 1.0)}
+        stack.__dict__["_kernel_columns"] = columns  # NB: two threads may both build it: the same values
+    return {k: v[g0:g1] for k, v in columns.items()}
+
+
+def _with_table_rois(labels: np.ndarray, rows: dict, ids: np.ndarray, info: dict) -> np.ndarray:
     """`labels` with the table's ROIs drawn where they hold 0 (value: the ROI id), within each valid extent:
     square x in [cx - r, cx + r), y in [cy - r, cy + r); disk (x - cx)^2 + (y - cy)^2 <= r^2 (DESIGN §4)."""
     out = np.array(labels, copy=True)
-    vh, vw = info["valid_h"].to_numpy(np.int64), info["valid_w"].to_numpy(np.int64)
+    vh, vw = info["valid_h"], info["valid_w"]
     for i, col, kind, cx, cy, r in zip(rows["image"], rows["col"], rows["kind"], rows["cx"], rows["cy"], rows["r"],
                                        strict=True):
         disk = int(kind) == KIND_DISK

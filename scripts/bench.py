@@ -239,15 +239,23 @@ def bench_pipeline_sizes(args):
 
     sizes = [int(v) for v in args.sizes.split(",")]
     rows = []
-    kernel = [0.0]
+    kernel = [0.0, 0.0]  # NB: wall seconds, CPU seconds (of the worker threads that ran measure_batch)
     real = pipeline.measure_batch
 
     def timed(*a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return real(*a, **k)
         finally:
             kernel[0] += time.perf_counter() - t0
+            kernel[1] += time.thread_time() - c0
+
+    def cpu(fn):
+        # NB: (wall, CPU of the whole process): on a shared machine the CPU seconds a run spends beyond the read
+        # and the kernels are its fixed cost whatever the load, where wall-clock differences drown in it
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        return time.perf_counter() - t0, time.process_time() - c0, out
 
     pipeline.measure_batch = timed
     tmp = Path(tempfile.mkdtemp(prefix="gpucnr-bench-"))
@@ -268,25 +276,27 @@ def bench_pipeline_sizes(args):
             def ours(k=[0], stack_path=stack_path):  # noqa: B006 - a fresh results path per round
                 k[0] += 1
                 out = tmp / f"r{k[0]}.zarr"
-                kernel[0] = 0.0
+                kernel[:] = [0.0, 0.0]
                 ds = gpucnr.run(stack_path, out, scheduler="threads", workers=2, backend="numpy")
                 batches = ds.sizes["batch"]
                 shutil.rmtree(out)
-                return batches, kernel[0] / 2
+                return batches, kernel[0] / 2, kernel[1]
 
             ours()  # warm-up: compile the kernels, fill the page cache
-            t_bare, t_one, t_run = [], [], []
+            t_bare, t_one, t_run, c_one, c_run = [], [], [], [], []
             for _ in range(args.repeat):
                 t_bare.append(best(bare, 1))
-                t_one.append(best(lambda: bare(threads=1), 1))
-                t0 = time.perf_counter()
-                batches, t_kernel = ours()
-                t_run.append((time.perf_counter() - t0, t_kernel))
+                wall, used, _ = cpu(lambda: bare(threads=1))
+                t_one.append(wall)
+                c_one.append(used)
+                wall, used, (batches, t_kernel, c_kernel) = cpu(ours)
+                t_run.append((wall, t_kernel))
+                c_run.append(used - c_kernel)
             run_best, kernel_best = min(t_run)
             stored = sum(f.stat().st_size for f in stack_path.rglob("*") if f.is_file())
             files = sum(1 for f in stack_path.rglob("*") if f.is_file())
             rows.append((size, n, n * size * size * 2, stored, files, bucket.shard, batches, min(t_bare), min(t_one),
-                         run_best, kernel_best))
+                         run_best, kernel_best, (min(c_run) - min(c_one)) / batches * 1e3))
             shutil.rmtree(stack_path)
     finally:
         pipeline.measure_batch = real
@@ -296,13 +306,19 @@ def bench_pipeline_sizes(args):
           "interleaved rounds")
     print()
     print("| size | images | raw GB | stored GB | files | images/shard | batches | bare read s (2 threads) | "
-          "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel in rows:
+          "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch | "
+          "fixed CPU ms/batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel, c_fixed in rows:
         # NB: against the faster of the two bare reads: 2 threads of Stack.read contend for the GIL on small images
         fixed = (t_run - min(t_bare, t_one) - t_kernel) / batches * 1e3
         print(f"| {size}x{size} | {n} | {raw / 1e9:.2f} | {stored / 1e9:.2f} | {files} | {shard} | {batches} | "
-              f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} |")
+              f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} | "
+              f"{c_fixed:.1f} |")
+    print()
+    print("fixed ms/batch: (run - the faster bare read - kernel s) / batches, wall clock; fixed CPU ms/batch: (CPU "
+          "seconds of the run - those of its kernels - those of the 1-thread bare read) / batches, best rounds: "
+          "what the run costs beyond reading and measuring, whatever else the machine runs")
 
 
 _SCALE_STEP = r"""
