@@ -340,6 +340,8 @@ def guard():
 
 threading.Thread(target=guard, daemon=True).start()
 stack, results = root / "stack.zarr", root / "results.zarr"
+import resource
+cpu0 = sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime"))
 t0 = time.perf_counter()
 extra = {{}}
 if step == "write":
@@ -366,7 +368,12 @@ else:
         raise SystemExit(f"{{step}} exited {{rc}}")
 elapsed = time.perf_counter() - t0
 hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({{"step": step, "s": elapsed, "rss_mb": hwm / 1024, **extra}}))
+# NB: CPU seconds of the step (all its threads, and any child it waited for): on a shared machine whose load
+# changes between the two sizes, their ratio tells linearity where the wall-clock ratio cannot
+import resource
+cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+          for f in ("ru_utime", "ru_stime"))
+print(json.dumps({{"step": step, "s": elapsed, "cpu_s": cpu - cpu0, "rss_mb": hwm / 1024, **extra}}))
 """
 
 
@@ -411,15 +418,16 @@ def bench_scale(args):
     print(f"gpucnr {gpucnr.__version__}; {small} and {large} phantom images of 64x64 uint16, 1 ROI each, 10^4 sites; "
           "each step its own process, workers=2")
     print()
-    print(f"| step | s at {small} | s at {large} | ratio (<= 11) | peak RSS MB at {small} | peak RSS MB at {large} |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| step | s at {small} | s at {large} | ratio (<= 11) | CPU s at {small} | CPU s at {large} | CPU ratio | "
+          f"peak RSS MB at {small} | peak RSS MB at {large} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for step in steps:
         a, b = table[small][step], table[large][step]
         if "error" in a or "error" in b:
-            print(f"| {step} | {a.get('s', a.get('error'))} | {b.get('s', b.get('error'))} | | | |")
+            print(f"| {step} | {a.get('s', a.get('error'))} | {b.get('s', b.get('error'))} | | | | | | |")
             continue
-        print(f"| {step} | {a['s']:.1f} | {b['s']:.1f} | {b['s'] / a['s']:.1f} | {a['rss_mb']:.0f} | "
-              f"{b['rss_mb']:.0f} |")
+        print(f"| {step} | {a['s']:.1f} | {b['s']:.1f} | {b['s'] / a['s']:.1f} | {a['cpu_s']:.1f} | "
+              f"{b['cpu_s']:.1f} | {b['cpu_s'] / a['cpu_s']:.1f} | {a['rss_mb']:.0f} | {b['rss_mb']:.0f} |")
     for n in (small, large):
         report = table[n]["report_mb"]
         print(f"\nN = {n}: stack files {table[n]['files']['stack.zarr']} (<= 5,000), results files "
