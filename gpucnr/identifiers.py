@@ -88,7 +88,7 @@ def check_columns(table: pd.DataFrame, names, where: str) -> None:
             continue
         # NB: each distinct value screened once (a million images of 10^4 sites are 10^4 regex searches)
         column = table[name]
-        for value in pd.unique(column.to_numpy()):
+        for value in column.unique():  # NB: a coded (categorical) column's distinct values without its rows
             why = refused_value(value)
             if why is not None:
                 row = int(np.flatnonzero((column == value).to_numpy())[0])

@@ -140,3 +140,22 @@ def test_a_coded_table_changed_changes_the_fingerprint(tmp_path):
     assert gpucnr.open_stack(path).fingerprint() == before
     _forge(path, "tables/images/site", "values", np.array(["b", "a"]))
     assert gpucnr.open_stack(path).fingerprint() != before
+
+
+def test_roi_name_blocks_by_code_equal_a_per_cell_reference():
+    from gpucnr.pipeline import _Names
+
+    rng = np.random.default_rng(0)
+    n, ids = 40, np.array([1, 2, 5, 9])
+    table = pd.DataFrame({"image": rng.integers(0, n, 60), "roi": rng.choice(ids, 60), "kind": "square", "cx": 5,
+                          "cy": 5, "r": 1, "name": rng.choice(["", "a", "b c", "é"], 60)})
+    table = normalize_table(table.drop_duplicates(["image", "roi"]).sample(frac=1, random_state=1), n)
+    labels = {"2": "liver", "9": "x"}
+    names = _Names(table, ids, labels)
+    want = np.array([[labels.get(str(i), "") for i in ids]] * n, dtype=object)
+    for image, roi, name in zip(table["image"], table["roi"], table["name"], strict=True):
+        want[image, np.searchsorted(ids, roi)] = name
+    for g0, g1 in ((0, n), (7, 19), (5, 5)):
+        got = names.rows(g0, g1)
+        assert got.dtype.kind == "U" and got.tolist() == want[g0:g1].tolist()
+    assert _Names(None, ids, base=["p", "q", "r", "s"]).rows(0, 2).tolist() == [["p", "q", "r", "s"]] * 2
