@@ -29,7 +29,9 @@ def _write(path, monkeypatch=None, *, old: bool = False):
     meta = pd.DataFrame({"site": ["a", "b", "a", "b", "a", "b"]})
     if old:
         monkeypatch.setattr(store, "CODED_SHARE", -1)  # NB: every text column as text: the layout before
-    stack = gpucnr.write_stack(path, ph.images, labels=ph.labels, rois=rois, meta=meta, shard=4)
+    # NB: blosc-zstd, the default compressor when OLD_FINGERPRINT was computed (blosc-lz4 since issue 18)
+    stack = gpucnr.write_stack(path, ph.images, labels=ph.labels, rois=rois, meta=meta, shard=4,
+                               **({"compressor": "blosc-zstd"} if old else {}))
     if old:
         monkeypatch.undo()
     return stack, rois, meta
