@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
+import warnings
 from pathlib import Path
 
 from gpucnr._version import __version__
@@ -314,6 +316,27 @@ def _failed_images(ds) -> int:
     return len(listed)
 
 
+@contextlib.contextmanager
+def _said_warnings():
+    """gpucnr's own warnings of a command (an empty grouping column) as one `gpucnr: warning:` line each on
+    stderr; any other warning is shown as Python would."""
+    from gpucnr.statistics import EmptyColumnWarning
+
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", EmptyColumnWarning)
+            yield
+    finally:
+        said = set()
+        for w in caught:
+            if not issubclass(w.category, EmptyColumnWarning):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            elif str(w.message) not in said:
+                said.add(str(w.message))
+                print(f"gpucnr: warning: {console_text(str(w.message))}", file=sys.stderr)
+
+
 def _dispatch(args) -> int:
     if args.command == "ingest":
         from gpucnr.sources import ingest
@@ -331,6 +354,9 @@ def _dispatch(args) -> int:
         problems = summary.problems_text()
         if problems:
             print(problems, file=sys.stderr)
+        for line in summary.warnings:
+            # NB: not a problem of the inputs read (exit status unchanged), but what was not read must be said
+            print(f"gpucnr: warning: {console_text(line)}", file=sys.stderr)
         if summary.images == 0:
             print(f"gpucnr: error [no-image] no image was stored, so no stack was kept; the skipped list "
                   f"{console_text(summary.skipped_list)} says why, file by file", file=sys.stderr)
@@ -380,19 +406,21 @@ def _dispatch(args) -> int:
     elif args.command == "report":
         from gpucnr.report import write_report
 
-        path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
-                            by=args.by, stack=args.stack, lowest=args.lowest,
-                            allow_incomplete=args.allow_incomplete, **({"rules": args.rule} if args.rule else {}))
+        with _said_warnings():
+            path = write_report(args.results, args.out_dir, thresholds=args.thresholds, primary=args.primary,
+                                by=args.by, stack=args.stack, lowest=args.lowest,
+                                allow_incomplete=args.allow_incomplete, **({"rules": args.rule} if args.rule else {}))
         print(f"report: {path}")
         if args.open:
             import webbrowser
 
             webbrowser.open(path.resolve().as_uri())
     elif args.command == "filter":
-        from gpucnr.manifests import manifest, manifest_inputs, with_paths, write_manifest
+        from gpucnr.manifests import decision_warnings, manifest, manifest_inputs, with_paths, write_manifest
 
-        table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
-                         allow_incomplete=args.allow_incomplete)
+        with _said_warnings():
+            table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
+                             allow_incomplete=args.allow_incomplete)
         if args.with_paths:
             table = with_paths(table, args.results, args.stack)
         path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
@@ -400,11 +428,8 @@ def _dispatch(args) -> int:
         side = f" (provenance: {path.name}.json)" if path.suffix.lower() == ".csv" else ""
         print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")) + side)
-        if counts.get("drop", 0) * 2 > len(table):
-            print(f"gpucnr: warning: rule {table.attrs['rule']} drops {counts['drop']} of {len(table)} "
-                  f"{args.level}(s) ({100.0 * counts['drop'] / len(table):.1f} %): more than half. Before training "
-                  "on what is left, check the background mode and the rule: docs/choosing.md and the report's "
-                  "threshold table", file=sys.stderr)
+        for line in decision_warnings(table, args.level):
+            print(f"gpucnr: warning: {line}", file=sys.stderr)
         cut = [c for c in table.attrs.get("cuts", []) if c["dropped"]]
         # NB: a group the rule cannot cut (too small for the quantile, MAD 0) must not read as a clean group
         uncut = [c for c in table.attrs.get("cuts", []) if c["cut"] is None and c["units"]]

@@ -30,8 +30,8 @@ from gpucnr.results import open_results, require_complete, results_stack
 from gpucnr.rules import DEFAULT_RULE, Rule, parse_rule
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
-__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "manifest", "manifest_inputs",
-           "manifest_sidecar", "read_manifest", "with_paths", "write_manifest"]
+__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "decision_warnings", "manifest",
+           "manifest_inputs", "manifest_sidecar", "read_manifest", "with_paths", "write_manifest"]
 
 #: Units a manifest can decide on, finest first.
 LEVELS = ("image", "roi", "case", "series", "study", "patient")
@@ -49,10 +49,10 @@ REASONS = (BELOW, AT_OR_ABOVE, NO_VALID, NO_CUT)
 
 #: Every column a manifest may have; `write_manifest` refuses any other (DESIGN §8: pseudonymous ids only).
 # NB: `case` is a pseudonym too (a keyed id of the volume file and channel, or the series id)
-COLUMNS = (*ID_COLUMNS, "case", "image", "roi", "images", "n_images", "n_valid_images", "decision", "reason", "cnr",
-           "status", "n_valid")
+COLUMNS = (*ID_COLUMNS, "case", "image", "roi", "roi_name", "images", "n_images", "n_valid_images", "decision",
+           "reason", "cnr", "status", "n_valid")
 _INT_COLUMNS = ("image", "roi", "status", "n_valid", "n_images", "n_valid_images")
-_STR_COLUMNS = (*ID_COLUMNS, "case", "images", "decision", "reason")
+_STR_COLUMNS = (*ID_COLUMNS, "case", "roi_name", "images", "decision", "reason")
 # NB: what an absent id becomes once a stack table's NaN / None went through ``astype(str)`` on the way to the
 # results; all of them read as "" in a manifest, and an image with no id is never merged into one group.
 _MISSING_ID = ("", "nan", "NaN", "None", "<NA>")
@@ -171,6 +171,9 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
     columns = _by_columns(by)
     ds = results if isinstance(results, xr.Dataset) else open_results(results)
     decide = _Decider(rule, ds, columns)
+    from gpucnr.statistics import warn_empty_columns  # NB: where _Decider imports it from too
+
+    warn_empty_columns(ds, columns, command="filter --by")
     missing = require_complete(ds, allow_incomplete=allow_incomplete, command="filter",
                                results_path=None if isinstance(results, xr.Dataset) else results)
     ids = [c for c in ID_COLUMNS if c in ds.variables]
@@ -330,9 +333,18 @@ def _roi_rows(ds: xr.Dataset, id_values: dict, image: np.ndarray, decide: _Decid
     names = np.array([_STATUS_NAME.get(int(c), f"status {int(c)}") for c in codes], dtype=object)[inverse]
     decision, reason, value = decide(cnr, usable, np.where(status == STATUS["ok"], NO_VALID, names),
                                      np.repeat(np.arange(n), n_roi), roi=np.tile(np.arange(n_roi), n), roi_ids=roi)
+    # NB: the ROI's name (a dataset.json label name, an ROI table's name; screened when the run wrote it), "" when
+    # it has none, so that a roi-level row says what it measured (per cell: a table's names differ by image)
+    dims = ds["roi_name"].dims if "roi_name" in ds.variables else None
+    raw = (np.asarray(ds["roi_name"].values, dtype=object).ravel() if dims == ("image", "roi") else
+           np.tile(np.asarray(ds["roi_name"].values, dtype=object), n) if dims == ("roi",) else
+           np.full(n * n_roi, "", dtype=object))
+    where, distinct = pd.factorize(raw, use_na_sentinel=True)  # NB: text made once per distinct name
+    text = np.array([*("" if str(v) in _MISSING_ID else str(v) for v in distinct), ""], dtype=object)
+    names = text[where]  # NB: a missing name's code -1 picks the trailing ""
     df = pd.DataFrame({**{c: np.repeat(v.to_numpy(dtype=object), n_roi) for c, v in id_values.items()},
-                       "image": np.repeat(image, n_roi), "roi": np.tile(roi, n), "decision": decision,
-                       "reason": reason, "cnr": value, "status": status})
+                       "image": np.repeat(image, n_roi), "roi": np.tile(roi, n), "roi_name": names,
+                       "decision": decision, "reason": reason, "cnr": value, "status": status})
     return _finish(df, [*id_values, "image", "roi"])
 
 
@@ -430,6 +442,31 @@ def _plain(value):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def decision_warnings(df: pd.DataFrame, level: str = "image") -> list[str]:
+    """What `gpucnr filter` warns about a manifest (one line each): a rule that drops more than half of the units
+    it judged (kept + dropped; flagged units were not judged), and flagged units that are the majority, with
+    their reasons."""
+    decision = df["decision"].astype(str).to_numpy()
+    keep, drop, flag = ((decision == d).sum() for d in (KEEP, DROP, FLAG))
+    judged, total, out = int(keep + drop), len(df), []
+    if drop * 2 > judged:
+        out.append(f"rule {df.attrs.get('rule', '?')} drops {drop} of the {judged} {level}(s) it judged "
+                   f"({100.0 * drop / judged:.1f} %{f'; {flag} flagged one(s) were not judged' if flag else ''}): "
+                   "more than half. "
+                   "Before training on what is left, check the background mode and the rule: docs/choosing.md "
+                   "and the report's threshold table")
+    if flag * 2 > total:
+        reasons = pd.Series(df["reason"].astype(str).to_numpy()[decision == FLAG]).value_counts()
+        why = ", ".join(f"{r} {n}" for r, n in reasons.items())
+        hint = ""
+        if reasons.index[0] in (NO_VALID, _STATUS_NAME.get(STATUS.get("absent"))):
+            hint = (": most have no ROI (a volume's slices outside its label map have none, as do images without "
+                    "a mask); --level case decides once per volume, on all its slices")
+        out.append(f"{flag} of {total} {level}(s) ({100.0 * flag / total:.1f} %) are flagged, neither kept nor "
+                   f"dropped ({why}){hint}")
+    return out
 
 
 def _metadata(df: pd.DataFrame) -> dict:

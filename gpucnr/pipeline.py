@@ -427,8 +427,9 @@ def _roi_source(stack: Stack, rois, choice: str = "auto", linkage=None):
     if choice in ("labels", "both") and not stack.has_labels:
         raise InputError(f"--roi-source {choice}: {stack.path} has no labels (masks); use --roi-source table")
     if table is None and not use_labels:
-        raise InputError(f"{stack.path} has neither an ROI table nor labels; pass one with --rois (rois=), or "
-                         "ingest masks with `gpucnr ingest --masks`")
+        raise InputError(f"{stack.path} has neither an ROI table nor labels; pass one with --rois (rois=), "
+                         "ingest masks with `gpucnr ingest --masks`, or measure without annotations with --rois auto "
+                         "(rois='auto': automatic regions of every image)")
     return table, use_labels, unmatched
 
 

@@ -15,13 +15,21 @@ import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
 
-__all__ = ["DISPLAY_PERCENTILES", "distribution_figure", "group_boxplot", "image_values", "three_panel"]
+__all__ = ["DISPLAY_PERCENTILES", "distribution_figure", "group_boxplot", "image_values", "scale_caption",
+           "three_panel"]
 
 #: The article's display normalisation: stretch the 1st..99th percentile of the image to the colour map.
 DISPLAY_PERCENTILES = (1.0, 99.0)
 _MISSING = "(missing)"
 _MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>", "NaT"})
 _DPI = 100
+
+
+def scale_caption(slope: float, intercept: float) -> str:
+    """How stored values become modality units, as a caption says it: "stored values x 2 \u2212 100", never
+    "x 2 + -100"."""
+    sign = "\u2212" if intercept < 0 else "+"
+    return f"stored values x {slope:g} {sign} {abs(intercept):g} (modality units)"
 
 
 def _literal(func):
@@ -284,7 +292,7 @@ def three_panel(image, roi_mask, bg_mask, title: str = "", *, exclude=None, slop
     ax_b.set_title("Box plots", fontsize="small")
 
     fig.suptitle(title)
-    where = "the stored pixel values" if identity else f"stored values x {slope:g} + {intercept:g} (modality units)"
+    where = "the stored pixel values" if identity else scale_caption(slope, intercept)
     fig.supxlabel(f"Histograms and box plots: {where}, as the run measured them; the image is shown with the 1-99 % "
                   "percentile normalisation for display only.", fontsize="small", style="italic")
     return _png(fig)

@@ -728,6 +728,9 @@ def open_results(path) -> xr.Dataset:
         raise ResultsError("results-schema", f"{path} is not a readable Zarr group ({type(e).__name__})") from None
     fmt = group.attrs.get("gpucnr_results")
     if fmt not in READABLE_FORMATS:
+        if "gpucnr_stack" in group.attrs:
+            raise ResultsError("results-schema", f"{path} is a gpucnr stack (images), not results: measure it with "
+                               f"`gpucnr run {path} RESULTS.zarr`, then give RESULTS.zarr to this command")
         raise ResultsError("results-schema", f"{path} are not gpucnr results")
     if fmt == RESULTS_FORMAT:
         report = verify_results(path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,7 +20,8 @@ from gpucnr.errors import InputError, OptionError
 from gpucnr.grouping import segments
 from gpucnr.rules import MAD_SCALE, parse_rule
 
-__all__ = ["LEVELS", "MISSING", "OUTLIER_K", "QUANTILES", "WILSON_Z", "summarize", "wilson_interval"]
+__all__ = ["LEVELS", "MISSING", "OUTLIER_K", "QUANTILES", "WILSON_Z", "EmptyColumnWarning", "summarize",
+           "warn_empty_columns", "wilson_interval"]
 
 #: The two levels summarised: one value per image (its cnr_median), one per valid (image, roi) cell.
 LEVELS = ("image", "roi")
@@ -133,6 +135,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         if name not in ds.variables or ds[name].dims != ("image",):
             raise InputError(f"by={name!r} is not a per-image column of the results (coordinates along image: "
                              f"{sorted(str(c) for c in ds.coords if ds[c].dims == ('image',))})")
+    warn_empty_columns(ds, columns)
 
     n_valid = np.asarray(ds["n_valid"].values).astype(np.int64)
     cnr_median = np.asarray(ds["cnr_median"].values, np.float64)
@@ -376,6 +379,29 @@ def _groups(ds: xr.Dataset, columns: list[str], n_images: int):
         group_by += [name] * len(values)
         group_value += values
     return labels, group_by, group_value, groupings
+
+
+class EmptyColumnWarning(UserWarning):
+    """A grouping column whose every value is empty: grouping by it makes one group, "(missing)"."""
+
+
+def warn_empty_columns(ds: xr.Dataset, columns, *, command: str = "by") -> list[str]:
+    """Warn (`EmptyColumnWarning`, one per column) about each of `columns` whose values are all empty: grouping
+    by it silently cuts the whole set as one group otherwise. Returns the messages."""
+    out = []
+    for name in columns:
+        if name not in ds.variables or ds[name].dims != ("image",) or not ds.sizes["image"]:
+            continue
+        _, values = column_codes(ds[name].values)
+        if values != [MISSING]:
+            continue
+        hint = (" (modality comes from DICOM headers, and for NIfTI from a layout's dataset.json or BraTS file "
+                "names: docs/ingest.md)" if name == "modality" else "")
+        text = (f"{command} {name}: every value of the column {name!r} is empty, so all images form one group "
+                f"{MISSING}; grouping by it does nothing{hint}")
+        warnings.warn(text, EmptyColumnWarning, stacklevel=3)
+        out.append(text)
+    return out
 
 
 def column_codes(raw) -> tuple[np.ndarray, list[str]]:

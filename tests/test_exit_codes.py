@@ -186,7 +186,7 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = cli("filter", results, "--out", tmp_path / "m.csv", "--threshold", 1e9)
     assert proc.returncode == 0, proc.stderr
-    assert "drops 160 of 160 image(s) (100.0 %): more than half" in proc.stderr, proc.stderr
+    assert "drops 160 of the 160 image(s) it judged (100.0 %): more than half" in proc.stderr, proc.stderr
     assert "docs/choosing.md" in proc.stderr, proc.stderr
     table, meta = gpucnr.read_manifest(tmp_path / "m.csv")
     assert meta["allow_incomplete"] is False and meta["not_computed_images"] == 0

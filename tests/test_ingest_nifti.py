@@ -322,9 +322,11 @@ def test_layouts_are_recognised_without_flags(tmp_path):
     done = ingest(tmp_path / "src", tmp_path / "s.zarr")
     s = done.summary
     n = SHAPE[2]
-    # NB: 4 nnU-Net channel files + 1 test file + 1 MSD file + 2 BraTS channels; the AppleDouble file is skipped
+    # NB: 4 nnU-Net channel files + 1 test file + 1 MSD file + 2 BraTS channels; the AppleDouble file is litter
+    # and the two dataset.json are read: neither is an input file, counted or listed
     assert (s.stored, s.images) == (8, (4 + 1 + 3 + 2) * n)
-    assert s.skipped == {"not-an-image": 3}  # NB: the AppleDouble file and the two dataset.json
+    assert s.skipped == {} and s.files_in == 8
+    assert not s.problems["source"].str.contains("._a_0000", regex=False).any()
     assert s.masks == 4 and s.unlabelled_images == n  # NB: imagesTs
     codes = s.problems[s.problems["item"] != "file"][["source", "code"]].to_numpy().tolist()
     assert ["Dataset001_Tumour/labelsTr/orphan.nii.gz", "mask-no-image"] in codes

@@ -95,7 +95,8 @@ def test_roi_rules():
                  status=[[ok, ok], [ok, absent], [zero, failed], [nc, nc], [ok, ok]],
                  patient_id=["p", "p", "q", "q", "q"], instance_id=["i0", "i1", "i2", "i3", "i4"])
     m = manifest(ds, allow_incomplete=True, threshold=1.5, level="roi")
-    assert list(m.columns) == ["patient_id", "instance_id", "image", "roi", "decision", "reason", "cnr", "status"]
+    assert list(m.columns) == ["patient_id", "instance_id", "image", "roi", "roi_name", "decision", "reason", "cnr",
+                               "status"]
     assert rows(m, "patient_id", "instance_id", "image", "roi", "decision", "reason", "cnr", "status") == [
         ("p", "i0", 10, 3, "keep", "cnr at or above threshold", 2.0, ok),
         ("p", "i0", 10, 7, "keep", "cnr at or above threshold", 1.5, ok),

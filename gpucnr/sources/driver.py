@@ -31,8 +31,8 @@ from gpucnr.progress import Progress
 from gpucnr.sources.colour import COLOR_MODES
 from gpucnr.sources.files import display_path, walk
 from gpucnr.sources.journal import Journal, sources_digest
-from gpucnr.sources.layouts import Layout, detect, label_names
-from gpucnr.sources.problems import problem_groups, problems_text
+from gpucnr.sources.layouts import DATASET_JSON, Layout, detect, misplaced_source, read_dataset_json
+from gpucnr.sources.problems import is_litter, problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, Part, TaskFailure
@@ -85,6 +85,10 @@ class IngestSummary:
     skipped_frames: int = 0
     #: the denominators of the problems block and causes found in the data (see `problems.problem_groups`)
     totals: dict = field(default_factory=dict)
+    #: lines for the end of `gpucnr ingest` that are not problems of its inputs (e.g. SRC is a layout's imagesTr)
+    warnings: list = field(default_factory=list)
+    #: whether the images were expected to carry labels that were not read (the "images without labels" line)
+    labels_expected: bool = False
 
     def problem_groups(self) -> list:
         """The problems of this ingest by kind (DESIGN §10); empty when it has none."""
@@ -102,9 +106,12 @@ class IngestSummary:
         if self.skipped_frames:
             lines.append(f"  frames of stored files skipped (listed by source, channel and frame): "
                          f"{self.skipped_frames}")
-        if self.masks or self.totals.get("mask_files"):
+        if self.masks or self.totals.get("mask_files") or self.labels_expected:
             lines.append(f"  mask files used: {self.masks}; images without labels: {self.unlabelled_images}")
-        lines.append(f"  skipped-files list: {self.skipped_list}; linkage file: {self.linkage}")
+        kept = [f"{what}: {path}" for what, path in (("skipped-files list", self.skipped_list),
+                                                    ("linkage file", self.linkage)) if Path(path).exists()]
+        if kept:
+            lines.append("  " + "; ".join(kept))
         return "\n".join(lines)
 
 
@@ -226,6 +233,10 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
                   progress=progress, roi_table=roi_table, meta_table=meta_table,
                   max_volume_bytes=int(max_volume_mb * 2**20))
     job.find(src, masks, mask_pattern, follow_symlinks, exclude)
+    if not job.found and not (resume and stack.exists()):
+        # NB: before the key is created: a refusal leaves nothing behind
+        raise NoImageError(f"the source folder {display_path(src)} holds no file (AppleDouble and other "
+                           "operating-system litter are not counted); nothing was written")
     settings = {"src": src, "masks": masks, "mask_pattern": mask_pattern, "seg": seg, "rois": rois, "meta": meta,
                 "color": color, "nonfinite": nonfinite, "key_file": key_file, "max_image_mb": max_image_mb,
                 "max_volume_mb": max_volume_mb, "mask_threshold": mask_threshold,
@@ -255,6 +266,9 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         except KeyboardInterrupt as e:
             job.meter.done()  # NB: the progress line ends before the interruption's line
             raise Interrupted(job.interrupted(), e) from None
+    summary.warnings, summary.labels_expected = list(job.warnings), job.labels_expected
+    if job.labels_expected and not summary.masks:
+        summary.unlabelled_images = summary.images
     if summary.images == 0 and not resuming:
         # NB: a stack of no image is of no use and would block the same command once the folder is right: this
         # call's own outputs go (a key it created too), all but the skipped list, which says why file by file
@@ -289,6 +303,12 @@ def _resume_command(stack: Path, settings: dict) -> str:
         words += [flag] if value is True else [flag, display_path(value) if isinstance(value, Path) else
                                                f"{value:g}" if isinstance(value, float) else str(value)]
     return " ".join(shlex.quote(w) for w in [*words, "--resume"])
+
+
+class NoImageError(InputError):
+    """`gpucnr ingest` of a source folder that holds no file at all: refused before anything is written."""
+
+    code = "no-image"
 
 
 class ResumeError(InputError):
@@ -338,6 +358,8 @@ class _Ingest:
         self.seg_files = 0
         self.layout = Layout()
         self.label_names: dict[int, str] = {}
+        self.warnings: list[str] = []
+        self.labels_expected = False
         self.meter = Progress(self.progress, unit="file")
 
     def problem(self, source: str, item: str, code: str, reason: str, encoding: str | None = None) -> None:
@@ -353,9 +375,21 @@ class _Ingest:
         self.exclude = exclude
         found = walk(src, follow_symlinks=follow_symlinks, exclude=exclude)
         self.walked = {"src": found}
+        # NB: operating-system litter (AppleDouble ._*, Thumbs.db...) is neither an input nor listed (DESIGN §10)
+        found = [f for f in found if not is_litter(f.rel)]
+        if masks is None and mask_pattern is None:
+            misplaced = misplaced_source(src)
+            if misplaced is not None and misplaced[0] == "labels":
+                # NB: label maps stored as images would be measured as images: refused before anything is written
+                raise InputError(f"{misplaced[1]}; nothing was written")
+            if misplaced is not None:
+                self.warnings.append(misplaced[1])
+                self.labels_expected = True
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
             self.mask_dir = masks is not None
+            # NB: MASK_DIR inside SRC_DIR (kvasir/masks for kvasir/) mirrors SRC_DIR only if it repeats its folders
+            self.mask_inside = masks is not None and Path(masks).resolve().is_relative_to(Path(src).resolve())
             if masks is None:
                 is_mask = [f.code is None and self.matcher.key(f.rel.rpartition("/")[2]) is not None for f in found]
                 self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
@@ -363,6 +397,9 @@ class _Ingest:
             else:
                 self.walked["masks"] = walk(masks, follow_symlinks=follow_symlinks, exclude=exclude)
                 self.mask_index = self.matcher.index(self.walked["masks"])
+                rel = Path(masks).resolve().relative_to(Path(src).resolve()).as_posix() if self.mask_inside else "."
+                if rel != ".":
+                    self.mask_base = _sibling_base(found, self.mask_index, self.matcher, rel)
             if not self.mask_index:
                 # NB: a typo such as {stem}-mask.png for {stem}_mask.png would store every mask as an image
                 # (beside them) or label nothing: refused before anything is written.
@@ -375,7 +412,9 @@ class _Ingest:
             # NB: without --masks / --mask-pattern, label maps of known layouts (nnU-Net, MSD, BraTS) label their
             # images and are not images themselves
             self.layout = detect(found)
-            found = [f for f in found if f.rel not in self.layout.label_sources]
+            # NB: a layout's dataset.json is read for its names (`_dataset_json`), not counted as a skipped file
+            found = [f for f in found if f.rel not in self.layout.label_sources and f.rel not in
+                     self.layout.json_files]
         self.found = found
         for f in found:
             if f.code is not None:
@@ -383,26 +422,39 @@ class _Ingest:
                 self.problem(f.rel, "file", f.code, f.reason)
         for source, item, code, reason in self.layout.notes:
             self.problem(source, item, code, reason)
-        if self.layout.labels_of:
-            self._label_names(found)
+        self._dataset_json()
 
-    def _label_names(self, found) -> None:
-        """Label names from the dataset.json files of the source folder (screened like ROI names)."""
-        for f in found:
-            if f.code is not None or f.rel.rpartition("/")[2] != "dataset.json":
-                continue
+    def _dataset_json(self) -> None:
+        """Label and channel names from the dataset.json files of the recognised layouts (screened like any
+        per-image value). One that cannot be read is a problem (``dataset-json``): its names are not used."""
+        for rel, f in sorted(self.layout.json_files.items()):
             try:
                 with open(f.path, "rb") as fh:
-                    text = fh.read(2**24).decode("utf-8", "replace")
+                    data = fh.read(2**24 + 1)
             except OSError as e:
-                self.problem(f.rel, "dataset.json", "label-regions", f"cannot be read ({type(e).__name__})")
+                self.problem(rel, DATASET_JSON, "dataset-json", f"cannot be read ({e.strerror or type(e).__name__});"
+                             " its label and channel names are not used")
                 continue
-            names, notes = label_names(text)
-            for note in notes:
-                self.problem(f.rel, "dataset.json", "label-regions", note)
-            for k, name in sorted(names.items()):
+            read = read_dataset_json(data)
+            if read.error is not None:
+                self.problem(rel, DATASET_JSON, "dataset-json", f"cannot be read: {read.error}; its label and "
+                             "channel names are not used (the label maps are measured, with blank ROI names)")
+                continue
+            for note in read.notes:
+                self.problem(rel, DATASET_JSON, "label-regions", note)
+            channels = {}
+            for k, name in sorted(read.channels.items()):
                 if refused_value(name) is not None:
-                    self.problem(f.rel, "dataset.json", "roi-name", f"the name of label {k} may identify a "
+                    self.problem(rel, DATASET_JSON, "roi-name", f"the name of channel {k} may identify a patient; "
+                                 "its modality is stored blank")
+                    name = ""
+                channels[k] = name
+            self.layout.channel_names[rel] = channels
+            if not self.layout.labels_of:
+                continue
+            for k, name in sorted(read.labels.items()):
+                if refused_value(name) is not None:
+                    self.problem(rel, DATASET_JSON, "roi-name", f"the name of label {k} may identify a "
                                  "patient; it is stored blank")
                     name = ""
                 if self.label_names.get(k, name) != name:
@@ -430,6 +482,9 @@ class _Ingest:
             mask_files = []
             if self.matcher is not None:
                 folder, _, name = f.rel.rpartition("/")
+                base = getattr(self, "mask_base", None)
+                if base is not None and (folder == base or folder.startswith(f"{base}/")):
+                    folder = folder[len(base) + 1:]  # NB: MASK_DIR mirrors its sibling folder (kvasir/images)
                 mask_files = self.mask_index.get((folder, self.matcher.image_key(name)), [])
                 used.update(m.rel for m in mask_files)
             else:
@@ -548,7 +603,8 @@ class _Ingest:
             totals={"files": len(self.found), "frames": opened.n_images + self.skipped_frames,
                     "masked": self.masked, "seg_files": self.seg_files,
                     "mask_files": sum(len(v) for v in self.mask_index.values()) + len(self.layout.label_sources),
-                    "has_mask_dir": self.mask_dir,
+                    "layout_files": len(self.layout.json_files),
+                    "has_mask_dir": self.mask_dir, "mask_dir_inside": getattr(self, "mask_inside", False),
                     "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
                     "meta_rows": 0 if self.meta_table is None else len(self.meta_table),
                     "meta_rows_hint": _path_hint(self.meta_table, sources),
@@ -626,6 +682,7 @@ class _Ingest:
             row = _image_row(rec, entry, frame, k, pixels.shape if encoded is None else encoded["shape"])
             row["channel"] = channel
             row["case"] = self._case(rec, f.rel, channel)
+            row["modality"] = row["modality"] or self.layout.modality(f.rel, channel)  # NB: dataset.json, BraTS
             row.update(meta_rows.get(f.rel, {}))
             if encoded is not None:
                 # NB: compressed by the worker (tasks.decode_file): the writer stores its chunks as they are
@@ -728,7 +785,34 @@ class _Ingest:
         done = (f"{self.decoded} of {len(self.tasks)} files decoded" if hasattr(self, "decoded") else
                 "stopped while reading headers")
         return (f"{done}, {sum(flushed.values())} image(s) kept on disk in {display_path(self.stack)}; continue "
-                f"with `{self.header['command']}` (or delete {self.stack.name} and {self.side['journal'].name})")
+                f"with `{self.header['command']}` (or delete {display_path(self.stack)} and "
+                f"{display_path(self.side['journal'])})")
+
+
+def _sibling_base(found, mask_index: dict, matcher: MaskMatcher, masks_rel: str) -> str | None:
+    """For a MASK_DIR inside SRC_DIR that mirrors none of SRC_DIR's images: the sibling folder it mirrors instead
+    (``images`` for ``kvasir/masks`` beside ``kvasir/images``: ``masks/x.jpg`` is the mask of ``images/x.jpg``),
+    the one whose images it matches most; None when it mirrors SRC_DIR itself (the documented rule) or nothing."""
+
+    def hits(base: str | None) -> int:
+        n = 0
+        for f in found:
+            folder, _, name = f.rel.rpartition("/")
+            if base is not None:
+                if folder != base and not folder.startswith(f"{base}/"):
+                    continue
+                folder = folder[len(base) + 1:]
+            n += (folder, matcher.image_key(name)) in mask_index
+        return n
+
+    if hits(None):
+        return None
+    parent = masks_rel.rpartition("/")[0]
+    prefix = f"{parent}/" if parent else ""
+    siblings = {f.rel[len(prefix):].split("/", 1)[0] for f in found if f.rel.startswith(prefix) and "/" in
+                f.rel[len(prefix):]}
+    best = max(((hits(prefix + s), prefix + s) for s in sorted(siblings)), default=(0, None))
+    return best[1] if best[0] else None
 
 
 def _memory_mb(max_image_mb: float, max_volume_mb: float = 0) -> int:

@@ -325,7 +325,7 @@ def read_labels(path, record: dict) -> list[np.ndarray]:
                    f"{'x'.join(map(str, record['shape'][:3]))}")
     why = affine_mismatch(geo["affine"], record["affine"])
     if why is not None:
-        raise Skip("mask-shape", f"the label map's {why}")
+        raise Skip("mask-shape", f"the label map's {why.removeprefix('its ')}")
     if (slope, inter) != (1.0, 0.0) or data.dtype.kind == "f":
         # NB: scaled or float label maps are labels when every value is a whole number
         values = data.astype(np.float64) * slope + inter

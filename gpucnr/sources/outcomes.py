@@ -39,6 +39,8 @@ CODES = {
     "roi-no-image": "an ROI table row names no stored image (or a frame it does not have)",
     "meta-no-image": "a --meta row names no file under SRC_DIR",
     "label-regions": "dataset.json label entries not used as names (region lists such as 'whole tumor': [1, 2, 3])",
+    "dataset-json": "a layout's dataset.json that cannot be read (not JSON, not UTF-8): its label and channel names "
+                    "are not used",
     "roi-name": "an ROI name that may identify a patient (DESIGN §10's value rule); the ROI is kept, its name blanked",
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-__all__ = ["FILE_PROBLEMS", "Group", "is_problem", "problem_groups", "problems_text"]
+__all__ = ["FILE_PROBLEMS", "Group", "is_litter", "is_problem", "problem_groups", "problems_text"]
 
 #: Codes of skipped image-like files that are problems (DESIGN §10); the other skip codes are not.
 FILE_PROBLEMS = frozenset({
@@ -39,14 +39,24 @@ _CAUSES = {
     "broken-symlink": "symbolic links whose targets were moved or deleted",
     "symlink-loop": "symbolic links that lead back into a folder already walked",
     "nonfinite": "NaN or infinite pixels (--nonfinite exclude stores them and leaves those pixels out)",
-    "mask-shape": "masks of another size or frame count than their images (resized or cropped masks?)",
-    "mask-labels": "masks saved with anti-aliasing, JPEG compression or colour: save them as lossless "
-                   "single-channel label images (PNG, TIFF or .npy)",
+    "mask-shape": "masks of another size or frame count than their images, or NIfTI label maps of another "
+                  "position or orientation (resized, cropped or resampled masks?)",
+    "mask-labels": "masks saved with anti-aliasing, JPEG compression or colour: binary masks saved as JPEG "
+                   "(e.g. Kvasir-SEG) are read with --mask-threshold T (e.g. 127: 1 where the value exceeds T); "
+                   "label maps must be lossless single-channel label images (PNG, TIFF, .npy or NIfTI)",
     "mask-unreadable": "mask files that are not readable images",
     "mask-overlap": "two masks (or a mask and a SEG) give one pixel different labels",
     "seg-unreadable": "files that are not readable DICOM SEG objects (or highdicom is not installed)",
     "seg-no-image": "SEG objects of images that are not under SRC_DIR (or were skipped)",
+    "dataset-json": "a dataset.json that is not valid JSON (a trailing comma, a cut-short file?): fix it and "
+                    "ingest again, or the ROIs have no names",
 }
+
+
+def is_litter(source: str) -> bool:
+    """Operating-system litter (AppleDouble ``._*``, Thumbs.db, desktop.ini, .DS_Store): never an input."""
+    name = str(source).rpartition("/")[2]
+    return name.startswith("._") or name in _LITTER
 
 
 def is_problem(row: dict) -> bool:
@@ -81,7 +91,7 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
     masked (images with a mask or SEG to apply), mask_files,
     seg_files, roi_rows, meta_rows, has_mask_dir (whether masks came from --masks), and KIND_hint: a cause
     found in the data itself (e.g. meta paths relative to a folder above SRC_DIR) that replaces the generic one."""
-    kinds = {"files": Counter(), "frames": Counter(),
+    kinds = {"files": Counter(), "frames": Counter(), "layout_files": Counter(),
              "masked": Counter(), "mask_files": Counter(), "seg_files": Counter(),
              "roi_rows": Counter(), "meta_rows": Counter()}
     for row in problems:
@@ -89,15 +99,20 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
             continue
         item, code = row["item"], row["code"]
         kind = ("files" if item == "file" else "frames" if item.startswith("channel ") else
+                "layout_files" if item == "dataset.json" else
                 "mask_files" if code == "mask-no-image" else
                 "masked" if item == "mask" else "seg_files" if item == "seg" else
                 "roi_rows" if item.startswith("rois") else "meta_rows")
         kinds[kind][code] += 1
-    where = "MASK_DIR" if totals.get("has_mask_dir") else "beside the images"
+    where = "under MASK_DIR" if totals.get("has_mask_dir") else "beside the images"
     causes = {
         "mask_files": f"the pattern matches these files {where}, but no image has the matching name: check "
                       "{stem} / {name} in --mask-pattern" + (" and that MASK_DIR mirrors SRC_DIR's folders"
-                                                             if totals.get("has_mask_dir") else ""),
+                                                             if totals.get("has_mask_dir") else "")
+                      + ("; MASK_DIR lies inside SRC_DIR, so the mask of SRC_DIR/images/x.jpg must be "
+                         "MASK_DIR/images/x.jpg: for masks/ beside images/ (Kvasir-SEG) leave out --masks (that "
+                         "layout is recognised: masks/x.jpg labels images/x.jpg), or give SRC_DIR/images as SRC_DIR"
+                         if totals.get("mask_dir_inside") else ""),
         "roi_rows": "the source column must hold paths relative to SRC_DIR (as the skipped list and the linkage "
                     "file write them), with frames the files have",
         "meta_rows": "the source column must hold paths relative to SRC_DIR (as the skipped list and the "
@@ -106,16 +121,25 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
     what = {"files": "image files skipped", "frames": "slices of stored volumes skipped",
             "masked": "images whose mask or SEG was refused (stored unlabelled)",
             "mask_files": "mask files matching no image", "seg_files": "DICOM SEG objects not used",
+            "layout_files": "dataset.json files (or names in them) not used",
             "roi_rows": "ROI table rows naming no stored image", "meta_rows": "meta table rows naming no file"}
     groups = []
     for kind, codes in kinds.items():
         if not codes:
             continue
-        top = codes.most_common(1)[0][0]
-        cause = totals.get(f"{kind}_hint") or causes.get(kind, _CAUSES.get(top, top))
+        cause = totals.get(f"{kind}_hint") or causes.get(kind) or _cause(codes)
         groups.append(Group(what[kind], sum(codes.values()), max(int(totals.get(kind) or 0), sum(codes.values())),
                             dict(codes.most_common()), cause))
     return groups
+
+
+def _cause(codes: Counter) -> str:
+    """The likely cause of a group's codes: the most frequent code's, or each code's when there are several
+    (a tie must not name the cause of one code for the files of another)."""
+    if len(codes) == 1:
+        code = next(iter(codes))
+        return _CAUSES.get(code, code)
+    return "; ".join(f"{code}: {_CAUSES.get(code, code)}" for code, _ in codes.most_common())
 
 
 def problems_text(groups: list[Group], skipped_list) -> str:
