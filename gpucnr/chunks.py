@@ -1,7 +1,8 @@
 """A stack's image chunks, encoded where the pixels are: the one definition of an inner chunk's bytes.
 
 An inner chunk of a stack (DESIGN §5) is one image on its bucket's canvas (its shape rounded up to 64 px, zeros
-beyond its valid extent), little-endian, compressed (blosc-zstd with bit-shuffle, or zstd), then its crc32c.
+beyond its valid extent), little-endian, compressed (blosc-lz4 or blosc-zstd with bit-shuffle, or zstd), then its
+crc32c.
 `StackWriter` writes such chunks, and `gpucnr ingest`'s worker processes encode them too (`encode_image`), so
 that compression runs in parallel beside the decoders instead of in the driver alone (issue 18). NumPy and
 numcodecs only: worker processes import this without Zarr.
@@ -27,15 +28,18 @@ def canvas(shape) -> tuple[int, int]:
 
 
 def encoder(compressor: str):
-    """The numcodecs codec of a stack's `compressor` ("blosc-zstd" or "zstd"), as zarr's codecs in the stack's
-    metadata describe it (level 3; blosc with bit-shuffle)."""
+    """The numcodecs codec of a stack's `compressor` ("blosc-lz4", "blosc-zstd" or "zstd"), as zarr's codecs in
+    the stack's metadata describe it (`store._compressors`: blosc with bit-shuffle, lz4 level 5 or zstd level 3;
+    plain zstd level 3)."""
     import numcodecs
 
+    if compressor == "blosc-lz4":
+        return numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
     if compressor == "blosc-zstd":
         return numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
     if compressor == "zstd":
         return numcodecs.Zstd(level=3)
-    raise ValueError(f"compressor must be blosc-zstd or zstd, got {compressor!r}")
+    raise ValueError(f"compressor must be blosc-lz4, blosc-zstd or zstd, got {compressor!r}")
 
 
 def encode_plane(plane: np.ndarray, codec) -> bytes:
@@ -63,7 +67,7 @@ def encode_image(image: np.ndarray, labels: np.ndarray | None, *, compressor: st
         Integer, float or bool (stored as uint8), native byte order.
     labels : 2-D integer array or None
         Its labels (stored int32); None gives a plane of zeros when `labelled`.
-    compressor : {"blosc-zstd", "zstd"}
+    compressor : {"blosc-lz4", "blosc-zstd", "zstd"}
     labelled : bool
         Whether the stack has label planes.
     codec : optional

@@ -23,7 +23,7 @@ from gpucnr.sources.colour import COLOR_MODES
 # `gpucnr --help` starts at once, and each command imports what it needs when it runs (issue 18; tested in
 # tests/test_cli_startup.py). gpucnr.store imports Zarr, so its compressor names are repeated here, and the test
 # checks that they are store.COMPRESSORS.
-_COMPRESSORS = ("blosc-zstd", "zstd")
+_COMPRESSORS = ("blosc-lz4", "blosc-zstd", "zstd")
 
 __all__ = ["build_parser", "main"]
 
@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--shard", type=_size, default=None,
                      help="shard size per bucket: pixels (4M = 2^22 px, the default) or images (64i, or a "
                           "bare 64); a run batches whole shards")
-    ing.add_argument("--compressor", choices=_COMPRESSORS, default="blosc-zstd")
+    ing.add_argument("--compressor", choices=_COMPRESSORS, default=None,
+                     help="codec of a new stack (default blosc-lz4); a resumed ingest keeps its stack's")
     ing.add_argument("--follow-symlinks", action="store_true")
     ing.add_argument("--progress", action="store_true", help="progress line on stderr")
     ing.add_argument("--resume", action="store_true",

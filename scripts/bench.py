@@ -82,12 +82,17 @@ def main(argv=None):
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (best one kept)")
     parser.add_argument("--quick", action="store_true", help="64 images, 3 rounds")
-    parser.add_argument("--compressor", default="blosc-zstd", help="ingest-nifti(-memory): the new stack's compressor")
+    parser.add_argument("--compressor", default=None, help="ingest-nifti(-memory): the new stack's compressor(s), "
+                        "comma-separated (default gpucnr's default for new stacks)")
     parser.add_argument("--sizes", default=None,
                         help="pipeline: image sides to compare, e.g. 64,256,512,1024 (each a stack of --gb of raw "
                              "pixels, default shards and batches) against the bare read of the same stack")
     parser.add_argument("--gb", type=float, default=2.0, help="pipeline --sizes: raw pixels per size, GB (default 2)")
     args = parser.parse_args(argv)
+    if args.compressor is None:
+        from gpucnr.store import DEFAULT_COMPRESSOR
+
+        args.compressor = DEFAULT_COMPRESSOR
     if args.n is None:
         args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100, "groups": 100_000}.get(args.part, 256)
     if args.quick:
@@ -159,7 +164,7 @@ def bench_kernels(args):
     print(f"cost of 5 ROIs/image / 1 ROI/image (square r=5): {five / one:.2f}")
 
 
-def _phantom_stack(path, n, size, shard=64, compressor="blosc-zstd"):
+def _phantom_stack(path, n, size, shard=64, compressor="blosc-lz4"):
     ph = make_phantom(n, (size, size), lesions=3, radius=max(6, size // 20), margin=max(8, size // 25), seed=0)
     rois = ph.rois.assign(kind="square", r=5)
     gpucnr.write_stack(path, ph.images, rois=rois, shard=shard, compressor=compressor)
@@ -202,7 +207,7 @@ def bench_pipeline(args):
         times["article"] = [best(article, 1)]
     t_bare, t_ours, t_art = min(times["bare"]) / args.n, min(times["ours"]) / args.n, min(times["article"]) / n_ref
     print(f"gpucnr {gpucnr.__version__}; stack of {args.n} images {args.size}x{args.size} uint16, shard 64, "
-          f"blosc-zstd; 3 square ROIs r=5 per image; threads=2")
+          f"blosc-lz4; 3 square ROIs r=5 per image; threads=2")
     print()
     print("| | ms/image | ratio |")
     print("|---|---:|---:|")
@@ -413,41 +418,55 @@ def bench_scale(args):
 
 
 def bench_compressors(args):
-    """Decode speed and size of the stack's two compressor choices, same images, read as a run reads them
-    (`Stack.read`, whole shards) and through zarr's own reader."""
+    """Write and read speed and size of each compressor a stack may use (`store.COMPRESSORS`), same images: the
+    phantoms, and CT-like noise (int16, mean 1000, sd 20: the images of `bench.py ingest`). Write = `write_stack`
+    (compression and shard files, one thread); read as a run reads them (`Stack.read`, whole shards) and through
+    zarr's own reader."""
     import zarr
 
+    from gpucnr.store import COMPRESSORS
+
+    rng = np.random.default_rng(0)
+    noise = rng.normal(1000, 20, (args.n, args.size, args.size)).astype(np.int16)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for comp in ("blosc-zstd", "zstd"):
-            path = Path(tmp, f"{comp}.zarr")
-            _phantom_stack(path, args.n, args.size, compressor=comp)
-            stack = gpucnr.open_stack(path)
-            bucket = stack.buckets[0]
-            arr = zarr.open_array(str(path / f"buckets/{bucket.name}/images"), mode="r")
+        for data in ("phantom", "noise"):
+            for comp in COMPRESSORS:
+                path = Path(tmp, f"{data}-{comp}.zarr")
+                t0 = time.perf_counter()
+                if data == "phantom":
+                    _phantom_stack(path, args.n, args.size, compressor=comp)
+                else:
+                    gpucnr.write_stack(path, noise, shard=64, compressor=comp)
+                t_write = time.perf_counter() - t0
+                stack = gpucnr.open_stack(path)
+                bucket = stack.buckets[0]
+                arr = zarr.open_array(str(path / f"buckets/{bucket.name}/images"), mode="r")
 
-            def ours(stack=stack, bucket=bucket):
-                for a in range(0, bucket.size, 64):
-                    stack.read(bucket, a, min(a + 64, bucket.size), labels=False)
+                def ours(stack=stack, bucket=bucket):
+                    for a in range(0, bucket.size, 64):
+                        stack.read(bucket, a, min(a + 64, bucket.size), labels=False)
 
-            def theirs(arr=arr):
-                for a in range(0, arr.shape[0], 64):
-                    np.asarray(arr[a : a + 64])
+                def theirs(arr=arr):
+                    for a in range(0, arr.shape[0], 64):
+                        np.asarray(arr[a : a + 64])
 
-            t_ours = min(best(ours, 1) for _ in range(args.repeat))
-            t_zarr = min(best(theirs, 1) for _ in range(args.repeat))
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            rows.append((comp, t_ours, t_zarr, size))
+                t_ours = min(best(ours, 1) for _ in range(args.repeat))
+                t_zarr = min(best(theirs, 1) for _ in range(args.repeat))
+                size = sum(f.stat().st_size for f in path.glob("buckets/*/images/c/**/*") if f.is_file())
+                rows.append((data, comp, t_write, t_ours, t_zarr, size))
     raw = args.n * args.size * args.size * 2
-    print(f"{args.n} phantom images {args.size}x{args.size} uint16 ({raw / 1e6:.0f} MB raw), read shard by shard, "
+    print(f"{args.n} images {args.size}x{args.size} ({raw / 1e6:.0f} MB raw): phantoms (uint16, with labels) and "
+          "CT-like noise (int16); written by write_stack (labels included for the phantoms), read shard by shard, "
           "one thread")
     print()
-    print("| compressor | decode MB/s (Stack.read) | vs zstd | decode MB/s (zarr) | stored MB | compression |")
-    print("|---|---:|---:|---:|---:|---:|")
-    t_zstd = rows[1][1]
-    for comp, t_ours, t_zarr, size in rows:
-        print(f"| {comp} | {raw / t_ours / 1e6:.0f} | {t_zstd / t_ours:.2f}x | {raw / t_zarr / 1e6:.0f} | "
-              f"{size / 1e6:.1f} | {raw / size:.2f}x |")
+    print("| images | compressor | write s (write_stack) | decode MB/s (Stack.read) | vs zstd | decode MB/s (zarr) | "
+          "image chunks MB | compression |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for data, comp, t_write, t_ours, t_zarr, size in rows:
+        t_zstd = next(r[3] for r in rows if r[:2] == (data, "zstd"))
+        print(f"| {data} | {comp} | {t_write:.2f} | {raw / t_ours / 1e6:.0f} | {t_zstd / t_ours:.2f}x | "
+              f"{raw / t_zarr / 1e6:.0f} | {size / 1e6:.1f} | {raw / size:.2f}x |")
 
 
 def bench_memory(args):

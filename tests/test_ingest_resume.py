@@ -206,3 +206,28 @@ def test_resume_of_an_ingest_interrupted_while_finishing(dataset, tmp_path):
     done = cli(*cmd, "--resume")
     assert done.returncode == 3, done.stderr
     _assert_same_as_reference(stack, dataset["ref"])
+
+
+def test_resume_keeps_the_compressor_the_ingest_started_with(dataset, tmp_path):
+    """New stacks default to blosc-lz4 (issue 18); an ingest started with blosc-zstd (the default before it, whose
+    resume command named no compressor) resumes with blosc-zstd, not today's default, and ends byte for byte as
+    an uninterrupted blosc-zstd ingest."""
+    options = [*dataset["options"], "--compressor", "blosc-zstd"]
+    ref = tmp_path / "ref" / "stack.zarr"
+    ref.parent.mkdir()
+    assert cli("ingest", dataset["src"], ref, *options).returncode == 3
+    stack = tmp_path / "stack.zarr"
+    journal, keep = _journal(stack), tmp_path / "journal.copy"
+    mark = "import shutil, sys, gpucnr.sources.journal as j\n" \
+           "j.Journal.remove = lambda self: (self.close(), shutil.copy(self.path, sys.argv[1]), self.path.unlink())\n" \
+           "from gpucnr.cli import main\nsys.exit(main(sys.argv[2:]))\n"
+    proc = subprocess.run([sys.executable, "-c", mark, keep, "ingest", dataset["src"], stack, *map(str, options)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3 and keep.exists(), proc.stderr
+    keep.rename(journal)
+    stack.with_name(stack.name + ".linkage.csv").unlink()
+    done = cli("ingest", dataset["src"], stack, *dataset["options"], "--resume")  # NB: no --compressor
+    assert done.returncode == 3, done.stderr
+    assert gpucnr.open_stack(stack).compressor == "blosc-zstd"
+    _assert_same_as_reference(stack, ref)
+    assert gpucnr.open_stack(dataset["ref"]).compressor == "blosc-lz4"  # NB: the default of a new ingest

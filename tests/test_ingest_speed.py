@@ -20,7 +20,7 @@ import zarr
 import gpucnr
 from gpucnr import chunks
 from gpucnr.sources.workers import receive, send
-from gpucnr.store import StackWriter
+from gpucnr.store import COMPRESSORS, StackWriter
 
 
 def _images(rng):
@@ -36,7 +36,7 @@ def _images(rng):
     return out
 
 
-@pytest.mark.parametrize("compressor", ["blosc-zstd", "zstd"])
+@pytest.mark.parametrize("compressor", COMPRESSORS)
 def test_chunks_encoded_in_workers_are_the_writers_own(tmp_path, compressor):
     """A stack written from `chunks.encode_image` (as ingest's workers do) equals one written from the arrays:
     the same shard files byte for byte, checksums, tables, label ids and fingerprint; zarr reads it."""
@@ -52,7 +52,8 @@ def test_chunks_encoded_in_workers_are_the_writers_own(tmp_path, compressor):
                     w.add(img, labels, meta)
                 else:
                     enc = chunks.encode_image(img, labels, compressor=compressor, labelled=True)
-                    assert len(enc["image"]) < img.nbytes + 1024  # NB: what crosses the pipe is compressed bytes
+                    # NB: what crosses the pipe is compressed: fewer bytes than the image on its canvas
+                    assert len(enc["image"]) < np.prod(chunks.canvas(img.shape)) * img.dtype.itemsize
                     w.add_encoded(enc, meta)
             w.close()
     stacks = {how: gpucnr.open_stack(p) for how, p in paths.items()}
@@ -170,3 +171,25 @@ def test_workers_import_no_table_or_array_libraries():
     modules = set(json.loads(proc.stdout))
     assert "numpy" in modules
     assert not modules & {"pandas", "scipy", "zarr", "dask", "xarray", "numba", "matplotlib"}
+
+
+def test_a_worker_reading_rasters_does_not_import_pydicom(tmp_path):
+    """pydicom (~0.1 s of a worker's start) is imported, and its validation turned off, when a DICOM file comes,
+    not for a folder of PNG files; the silencing of readers' warnings and logs is there from the first file."""
+    from PIL import Image
+
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)).save(tmp_path / "a.png")
+    code = ("import json, logging, sys, warnings\n"
+            "from gpucnr.sources import tasks\n"
+            "rec = tasks.scan_file(sys.argv[1], b'k' * 32, 2**20)\n"
+            "tasks.decode_file(sys.argv[1], rec, {'color': 'rec709', 'nonfinite': 'skip'}, [], [])\n"
+            "quiet = logging.getLogger('pydicom').disabled and warnings.filters[0][0] == 'ignore'\n"
+            "print(json.dumps(['pydicom' in sys.modules, quiet]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.png")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [False, True]
+    dicom = ("import sys\nfrom pydicom import config\nfrom gpucnr.sources import tasks\n"
+             "tasks._silence(dicom=True)\nprint(config.settings.reading_validation_mode == config.IGNORE)\n")
+    proc = subprocess.run([sys.executable, "-c", dicom], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "True", proc.stderr

@@ -36,7 +36,7 @@ from gpucnr.sources.problems import is_litter, problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
 from gpucnr.sources.workers import IsolatedPool, Part, TaskFailure
-from gpucnr.store import StackWriter, journal_path, whole_shards
+from gpucnr.store import DEFAULT_COMPRESSOR, StackWriter, journal_path, whole_shards
 
 __all__ = ["IngestSummary", "ingest", "sidecar_paths"]
 
@@ -119,7 +119,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
            color: str = "rec709", nonfinite: str = "skip", key_file=None, workers: int | None = None,
            max_image_mb: float = 512, max_volume_mb: float = 4096, mask_threshold: float | None = None,
            follow_symlinks: bool = False, progress: bool = False,
-           file_timeout: float = 120.0, shard: int | str | None = None, compressor: str = "blosc-zstd",
+           file_timeout: float = 120.0, shard: int | str | None = None, compressor: str | None = None,
            resume: bool = False) -> IngestSummary:
     """Ingest a folder of DICOM, PNG and TIFF files into a new stack.
 
@@ -167,7 +167,8 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     file_timeout : float
         Seconds one file may take to scan or decode before its worker is killed.
     shard, compressor
-        As `write_stack`.
+        As `write_stack`. Without `compressor`, a new stack gets `store.DEFAULT_COMPRESSOR` and a resumed one the
+        compressor it was started with (its journal's).
     resume : bool
         Continue the ingest that was interrupted while writing `stack` (from its journal, ``<stack>.journal``)
         instead of refusing an existing stack; the sources and options must be those it started with
@@ -211,6 +212,8 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"--{name} {display_path(folder)} is not a folder")
     side = sidecar_paths(stack)
+    if compressor is None:
+        compressor = _started_compressor(side["journal"]) if resume and stack.exists() else DEFAULT_COMPRESSOR
     # NB: a stack (and its side files) may lie inside SRC_DIR, MASK_DIR or SEG_DIR, which never walk it; no input
     # may be an output, nor lie inside one
     refuse_overlap([("source folder", src), ("mask folder", masks), ("SEG folder", seg), ("ROI table", rois),
@@ -294,7 +297,7 @@ def _resume_command(stack: Path, settings: dict) -> str:
     defaults, and --resume."""
     defaults = {"color": "rec709", "nonfinite": "skip", "max_image_mb": 512, "max_volume_mb": 4096,
                 "file_timeout": 120, "shard": None,
-                "compressor": "blosc-zstd", "follow_symlinks": False}
+                "compressor": DEFAULT_COMPRESSOR, "follow_symlinks": False}
     words = ["gpucnr", "ingest", display_path(settings["src"]), display_path(stack)]
     for name, value in settings.items():
         if name == "src" or value is None or defaults.get(name, None) == value:
@@ -309,6 +312,19 @@ class NoImageError(InputError):
     """`gpucnr ingest` of a source folder that holds no file at all: refused before anything is written."""
 
     code = "no-image"
+
+
+def _started_compressor(journal: Path) -> str:
+    """The compressor an interrupted ingest was started with (its journal's options): a resume without
+    --compressor continues with it, whatever today's default (an ingest started before the default changed
+    printed a resume command without the option). The default when the journal does not say; `_resume_point`
+    then refuses an unreadable journal with its own message."""
+    try:
+        old, _, _ = Journal.read(journal)
+        name = old.get("options", {}).get("compressor")
+    except (OSError, ValueError, AttributeError):
+        name = None
+    return name if isinstance(name, str) else DEFAULT_COMPRESSOR
 
 
 class ResumeError(InputError):
