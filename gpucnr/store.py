@@ -885,12 +885,8 @@ class StackWriter:
             for k, r in enumerate(kept):
                 h, w = int(r["valid_h"]), int(r["valid_w"])
                 pending.append((block[k, :h, :w], None if lab_block is None else lab_block[k, :h, :w]))
-            for kind in ("images", "labels"):
-                if b[kind] is not None:
-                    b[kind].resize((first, *b["canvas"]))  # NB: zarr deletes the shard files past it
-            b["written"].resize((first,))
-            if "checksums" in b:
-                b["checksums"].resize((first, *b["checksums"].shape[1:]))
+            self._resize(b, first)  # NB: zarr deletes the shard files past it
+            b["capacity"] = first  # NB: `_grow` makes room again as the next images come
             b["count"], b["pending"] = first, pending
             b["pending_bytes"] = sum(_pending_bytes(p) for p in pending)
 
