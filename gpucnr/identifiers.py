@@ -88,7 +88,7 @@ def check_columns(table: pd.DataFrame, names, where: str) -> None:
             continue
         # NB: each distinct value screened once (a million images of 10^4 sites are 10^4 regex searches)
         column = table[name]
-        for value in pd.unique(column.to_numpy()):
+        for value in column.unique():  # NB: a coded (categorical) column's distinct values without its rows
             why = refused_value(value)
             if why is not None:
                 row = int(np.flatnonzero((column == value).to_numpy())[0])
@@ -101,7 +101,7 @@ def blank_roi_names(table: pd.DataFrame, where: str) -> pd.DataFrame:
     if "name" not in table.columns or not len(table):
         return table
     names = table["name"]
-    bad = [v for v in pd.unique(names.to_numpy()) if isinstance(v, str) and refused_value(v)]
+    bad = [v for v in names.unique() if isinstance(v, str) and refused_value(v)]  # NB: no per-row Python string
     if not bad:
         return table
     refused = np.flatnonzero(names.isin(bad).to_numpy()).tolist()

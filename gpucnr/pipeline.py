@@ -286,16 +286,21 @@ gcnr_bins, signed
     stack_path = str(Path(stack.path).resolve())
     specs = []
     if table is not None:
-        # NB: sorted once, each batch's rows are a slice: no scan of the whole table per batch.
-        table = table.sort_values("image", kind="stable").reset_index(drop=True)
+        # NB: sorted once, each batch's rows are a slice: no scan of the whole table per batch (a stored table is
+        # in image order already)
         image_col = table["image"].to_numpy()
+        if (np.diff(image_col) < 0).any():
+            table = table.sort_values("image", kind="stable").reset_index(drop=True)
+            image_col = table["image"].to_numpy()
+        # NB: each batch's rows sliced from NumPy columns: a DataFrame slice per batch cost ~1 ms of the driver
+        columns = {k: table[k].to_numpy() for k in ("image", "roi", "kind_code", "cx", "cy", "r")}
     for index, (bucket, start, stop, g0) in enumerate(plan):
         if committed[index]:
             continue
         rows = None
         if table is not None:
             lo, hi = np.searchsorted(image_col, [g0, g0 + stop - start])
-            rows = {k: np.asarray(v) for k, v in _kernel_table(table.iloc[lo:hi], roi_ids, g0).items()}
+            rows = _kernel_table(columns, lo, hi, roi_ids, g0)
         specs.append(BatchSpec(index=index, stack=stack_path, fingerprint=fingerprint, bucket=bucket,
                                start=start, stop=stop, global_start=g0, params=params,
                                roi_ids=tuple(int(v) for v in roi_ids), table=rows, use_labels=use_labels,
@@ -551,35 +556,43 @@ def table_fingerprint(table) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(cols, index=False).to_numpy().tobytes()).hexdigest()
 
 
-def _kernel_table(rows: pd.DataFrame, roi_ids, g0: int) -> dict:
-    return {"image": rows["image"].to_numpy() - g0, "col": np.searchsorted(roi_ids, rows["roi"].to_numpy()),
-            "kind": rows["kind_code"].to_numpy(), "cx": rows["cx"].to_numpy(), "cy": rows["cy"].to_numpy(),
-            "r": rows["r"].to_numpy()}
+def _kernel_table(columns: dict, lo: int, hi: int, roi_ids, g0: int) -> dict:
+    """Rows [lo, hi) of the ROI table as the kernels take them: image within the batch, ROI column, kind code."""
+    return {"image": columns["image"][lo:hi] - g0, "col": np.searchsorted(roi_ids, columns["roi"][lo:hi]),
+            "kind": columns["kind_code"][lo:hi], "cx": columns["cx"][lo:hi], "cy": columns["cy"][lo:hi],
+            "r": columns["r"][lo:hi]}
 
 
 class _Names:
     """``roi_name(image, roi)`` of a run, one batch of rows at a time: each id's label name (the names ingest read
-    from a dataset.json), overridden by the ROI table's own name for its cells."""
+    from a dataset.json), overridden by the ROI table's own name for its cells. Names are held as codes into
+    their distinct values: a batch's block is one fancy index, no Python string per row."""
 
     def __init__(self, table, roi_ids, label_names=None, *, base=None):
         # NB: labels as ROIs: the names ingest read from a dataset.json; `base`: one name per id (automatic regions)
-        self.base = (np.array(list(base), dtype=object) if base is not None else
-                     np.array([(label_names or {}).get(str(int(roi)), "") for roi in roi_ids], dtype=object))
+        base = (list(base) if base is not None else
+                [(label_names or {}).get(str(int(roi)), "") for roi in roi_ids])
+        self.base = np.arange(len(base), dtype=np.int64)
         if table is not None and len(table):
-            order = np.argsort(table["image"].to_numpy(), kind="stable")
-            self.image = table["image"].to_numpy()[order]
-            self.col = np.searchsorted(roi_ids, table["roi"].to_numpy()[order])
-            self.name = table["name"].to_numpy()[order]
+            image = table["image"].to_numpy()
+            order = None if (np.diff(image) >= 0).all() else np.argsort(image, kind="stable")
+            codes, distinct = pd.factorize(table["name"], use_na_sentinel=False)
+            self.image = image if order is None else image[order]
+            roi = table["roi"].to_numpy()
+            self.col = np.searchsorted(roi_ids, roi if order is None else roi[order])
+            self.code = (codes if order is None else codes[order]).astype(np.int64) + len(base)
+            self.values = np.array([*base, *np.asarray(distinct, dtype=object).tolist()], dtype=str)
         else:
             self.image = None
+            self.values = np.array(base, dtype=str)
 
     def rows(self, g0: int, g1: int) -> np.ndarray:
         """The names of images [g0, g1): str array of shape (g1 - g0, ids)."""
         out = np.tile(self.base, (g1 - g0, 1))
         if self.image is not None:
             lo, hi = np.searchsorted(self.image, [g0, g1])
-            out[self.image[lo:hi] - g0, self.col[lo:hi]] = self.name[lo:hi]
-        return out.astype(str)
+            out[self.image[lo:hi] - g0, self.col[lo:hi]] = self.code[lo:hi]
+        return self.values[out] if len(self.values) else np.zeros(out.shape, str)
 
 
 def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None, extra=()):
@@ -983,7 +996,7 @@ def _measure_checked(spec: BatchSpec) -> dict:
 def _measure(spec: BatchSpec) -> dict:
     stack = _stack(spec.stack, spec.fingerprint)
     bucket = next(b for b in stack.buckets if b.name == spec.bucket)
-    info = stack.images.iloc[spec.global_start : spec.global_start + spec.stop - spec.start]
+    info = _image_columns(stack, spec.global_start, spec.global_start + spec.stop - spec.start)
     auto = spec.auto_edge is not None
     images, labels = stack.read(bucket, spec.start, spec.stop,
                                 labels=not auto and (spec.use_labels or spec.use_lesions))
@@ -1000,11 +1013,7 @@ def _measure(spec: BatchSpec) -> dict:
         lesions_of_labels = lesions
     images = to_backend(images, where)
     xp = namespace(images)
-    polarity = np.where(info["photometric"].astype(str).to_numpy() == "MONOCHROME1", -1.0, 1.0)
-    common = {"params": spec.params, "valid_h": info["valid_h"].to_numpy(np.int64),
-              "valid_w": info["valid_w"].to_numpy(np.int64), "slope": info["slope"].to_numpy(np.float64),
-              "intercept": info["intercept"].to_numpy(np.float64), "padding": info["padding"].to_numpy(np.float64),
-              "polarity": polarity}
+    common = {"params": spec.params, **info}
 
     def device(a):
         return None if a is None else to_backend(a, where)
@@ -1030,11 +1039,31 @@ def _measure(spec: BatchSpec) -> dict:
     return host
 
 
-def _with_table_rois(labels: np.ndarray, rows: dict, ids: np.ndarray, info: pd.DataFrame) -> np.ndarray:
+def _image_columns(stack: Stack, g0: int, g1: int) -> dict:
+    """The per-image inputs of the kernels for images [g0, g1): slices of NumPy columns made once per opened
+    stack (pandas' slicing and conversions per batch cost ~1 ms of each batch)."""
+    columns = stack.__dict__.get("_kernel_columns")
+    if columns is None:
+        images = stack.images
+        photometric = images["photometric"]
+        if isinstance(photometric.dtype, pd.CategoricalDtype):  # NB: coded text: compared by distinct value
+            mono1 = np.asarray(photometric.cat.categories.astype(str) == "MONOCHROME1")
+            flip = mono1[photometric.cat.codes.to_numpy()] & (photometric.cat.codes.to_numpy() >= 0)
+        else:
+            flip = photometric.astype(str).to_numpy() == "MONOCHROME1"
+        columns = {"valid_h": images["valid_h"].to_numpy(np.int64), "valid_w": images["valid_w"].to_numpy(np.int64),
+                   "slope": images["slope"].to_numpy(np.float64),
+                   "intercept": images["intercept"].to_numpy(np.float64),
+                   "padding": images["padding"].to_numpy(np.float64), "polarity": np.where(flip, -1.0, 1.0)}
+        stack.__dict__["_kernel_columns"] = columns  # NB: two threads may both build it: the same values
+    return {k: v[g0:g1] for k, v in columns.items()}
+
+
+def _with_table_rois(labels: np.ndarray, rows: dict, ids: np.ndarray, info: dict) -> np.ndarray:
     """`labels` with the table's ROIs drawn where they hold 0 (value: the ROI id), within each valid extent:
     square x in [cx - r, cx + r), y in [cy - r, cy + r); disk (x - cx)^2 + (y - cy)^2 <= r^2 (DESIGN §4)."""
     out = np.array(labels, copy=True)
-    vh, vw = info["valid_h"].to_numpy(np.int64), info["valid_w"].to_numpy(np.int64)
+    vh, vw = info["valid_h"], info["valid_w"]
     for i, col, kind, cx, cy, r in zip(rows["image"], rows["col"], rows["kind"], rows["cx"], rows["cy"], rows["r"],
                                        strict=True):
         disk = int(kind) == KIND_DISK

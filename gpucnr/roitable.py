@@ -62,17 +62,14 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
     cols = {c: _integer_column(df, c) for c in ("image", "roi", "cx", "cy", "r")}
     # NB: validated on plain NumPy columns, then one DataFrame: pandas' per-operation overhead showed up
     # in measure() on small stacks.
-    raw_kind = df["kind"].to_numpy()
     # NB: each distinct spelling normalised once (a million rows hold a handful): string ops per row cost 0.2 s
-    index, spellings = pd.factorize(raw_kind, use_na_sentinel=False)
+    index, spellings = _distinct(df["kind"])
     norm = np.char.lower(np.char.strip(np.asarray(spellings).astype(str))) if len(spellings) else np.empty(0, str)
-    kind = norm[index] if len(norm) else raw_kind.astype(str)
-    code = np.full(len(raw_kind), -1, np.int64)
-    for name, value in KINDS.items():
-        code[kind == name] = value
+    code = np.array([KINDS.get(v, -1) for v in norm.tolist()], np.int64)[index] if len(norm) else \
+        np.zeros(0, np.int64)
     if (code < 0).any():
         row = int(np.flatnonzero(code < 0)[0])
-        raise RoiTableError(f"ROI table row {row}: kind {raw_kind[row]!r} is not one of {list(KINDS)}")
+        raise RoiTableError(f"ROI table row {row}: kind {df['kind'].iloc[row]!r} is not one of {list(KINDS)}")
     name = _names(df["name"]) if "name" in df.columns else np.full(len(df), "")
     _check_range(cols, "image", 0, n_images - 1, f"an image index in [0, {n_images})")
     _check_range(cols, "roi", 1, None, "an ROI id >= 1 (0 means 'no ROI')")
@@ -84,7 +81,9 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
     image, roi = cols["image"], cols["roi"]
     span = int(roi.max()) + 1 if len(roi) else 1
     if len(image) and int(image.max()) < 2**62 // span:
-        repeated = pd.Series(image * span + roi).duplicated().to_numpy()  # NB: one int64 key: hashed fastest
+        key = image * span + roi
+        # NB: a stored table is in (image, roi) order: strictly increasing keys repeat none, no hashing needed
+        repeated = np.zeros(len(key), bool) if (np.diff(key) > 0).all() else pd.Series(key).duplicated().to_numpy()
     else:
         repeated = pd.DataFrame({"image": image, "roi": roi}).duplicated().to_numpy()
     if repeated.any():
@@ -94,17 +93,27 @@ def normalize_table(table: Any, n_images: int) -> pd.DataFrame:
         )
     # NB: the text columns built from their distinct values (pandas' str dtype, as a frame would infer): a
     # per-row conversion cost 0.15 s a million rows; no numeric column is copied into a block
-    if len(norm):
-        kind = pd.array(norm.astype(object), dtype="str").take(index)
+    kind = pd.array(norm.astype(object), dtype="str").take(index) if len(norm) else df["kind"].to_numpy().astype(str)
     return pd.DataFrame({**cols, "kind": kind, "kind_code": code, "name": name}, copy=False)
+
+
+def _distinct(column: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(index, distinct values) of `column` as `pandas.factorize` without a missing sentinel gives them; a
+    categorical column (a stored table's coded text) gives its codes and categories without hashing its rows."""
+    if isinstance(column.dtype, pd.CategoricalDtype) and not column.hasnans:
+        return column.cat.codes.to_numpy(), column.cat.categories.to_numpy(object)
+    return pd.factorize(column.to_numpy(), use_na_sentinel=False)
 
 
 def _names(column: pd.Series):
     """``column.fillna("").astype(str)``'s values; when every value is already a str or missing (a stored table),
     built from its distinct values: the conversion through pandas' str dtype cost 0.3 s a million rows."""
-    values = column.to_numpy()
-    if values.dtype == object:
-        index, distinct = pd.factorize(values, use_na_sentinel=True)
+    values = column.to_numpy() if not isinstance(column.dtype, pd.CategoricalDtype) else None
+    if values is None or values.dtype == object:
+        if values is None:
+            index, distinct = column.cat.codes.to_numpy(), column.cat.categories.to_numpy(object)
+        else:
+            index, distinct = pd.factorize(values, use_na_sentinel=True)
         if all(type(v) is str for v in distinct):
             table = np.empty(len(distinct) + 1, object)
             table[:-1] = distinct

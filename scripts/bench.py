@@ -25,6 +25,7 @@ import pandas as pd
 
 import gpucnr
 from gpucnr.phantom import make_phantom
+from gpucnr.store import COMPRESSORS
 
 # NB: the article's code lives once, in tests/article.py, for the oracle tests and this baseline alike.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -88,6 +89,8 @@ def main(argv=None):
                         help="pipeline: image sides to compare, e.g. 64,256,512,1024 (each a stack of --gb of raw "
                              "pixels, default shards and batches) against the bare read of the same stack")
     parser.add_argument("--gb", type=float, default=2.0, help="pipeline --sizes: raw pixels per size, GB (default 2)")
+    parser.add_argument("--compressor", default=None, choices=COMPRESSORS,
+                        help="pipeline --sizes: the stacks' compressor (default: write_stack's own default)")
     args = parser.parse_args(argv)
     if args.compressor is None:
         from gpucnr.store import DEFAULT_COMPRESSOR
@@ -247,15 +250,23 @@ def bench_pipeline_sizes(args):
 
     sizes = [int(v) for v in args.sizes.split(",")]
     rows = []
-    kernel = [0.0]
+    kernel = [0.0, 0.0]  # NB: wall seconds, CPU seconds (of the worker threads that ran measure_batch)
     real = pipeline.measure_batch
 
     def timed(*a, **k):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             return real(*a, **k)
         finally:
             kernel[0] += time.perf_counter() - t0
+            kernel[1] += time.thread_time() - c0
+
+    def cpu(fn):
+        # NB: (wall, CPU of the whole process): on a shared machine the CPU seconds a run spends beyond the read
+        # and the kernels are its fixed cost whatever the load, where wall-clock differences drown in it
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        return time.perf_counter() - t0, time.process_time() - c0, out
 
     pipeline.measure_batch = timed
     tmp = Path(tempfile.mkdtemp(prefix="gpucnr-bench-"))
@@ -264,7 +275,8 @@ def bench_pipeline_sizes(args):
             n = max(1, int(args.gb * 1e9 // (size * size * 2)))
             stack_path = tmp / f"s{size}.zarr"
             images, rois = _streamed_phantoms(n, size)
-            stack = gpucnr.write_stack(stack_path, images, rois=rois)
+            stack = gpucnr.write_stack(stack_path, images, rois=rois,
+                                       **({"compressor": args.compressor} if args.compressor else {}))
             bucket = stack.buckets[0]
 
             def bare(stack=stack, bucket=bucket, threads=2):
@@ -275,40 +287,49 @@ def bench_pipeline_sizes(args):
             def ours(k=[0], stack_path=stack_path):  # noqa: B006 - a fresh results path per round
                 k[0] += 1
                 out = tmp / f"r{k[0]}.zarr"
-                kernel[0] = 0.0
+                kernel[:] = [0.0, 0.0]
                 ds = gpucnr.run(stack_path, out, scheduler="threads", workers=2, backend="numpy")
                 batches = ds.sizes["batch"]
                 shutil.rmtree(out)
-                return batches, kernel[0] / 2
+                return batches, kernel[0] / 2, kernel[1]
 
             ours()  # warm-up: compile the kernels, fill the page cache
-            t_bare, t_one, t_run = [], [], []
+            t_bare, t_one, t_run, c_one, c_run = [], [], [], [], []
             for _ in range(args.repeat):
                 t_bare.append(best(bare, 1))
-                t_one.append(best(lambda: bare(threads=1), 1))
-                t0 = time.perf_counter()
-                batches, t_kernel = ours()
-                t_run.append((time.perf_counter() - t0, t_kernel))
+                wall, used, _ = cpu(lambda: bare(threads=1))
+                t_one.append(wall)
+                c_one.append(used)
+                wall, used, (batches, t_kernel, c_kernel) = cpu(ours)
+                t_run.append((wall, t_kernel))
+                c_run.append(used - c_kernel)
             run_best, kernel_best = min(t_run)
             stored = sum(f.stat().st_size for f in stack_path.rglob("*") if f.is_file())
             files = sum(1 for f in stack_path.rglob("*") if f.is_file())
             rows.append((size, n, n * size * size * 2, stored, files, bucket.shard, batches, min(t_bare), min(t_one),
-                         run_best, kernel_best))
+                         run_best, kernel_best, (min(c_run) - min(c_one)) / batches * 1e3))
             shutil.rmtree(stack_path)
     finally:
         pipeline.measure_batch = real
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"gpucnr {gpucnr.__version__}; phantom stacks of {args.gb:g} GB raw uint16 per size, 3 square ROIs r=5 per "
-          f"image, default shards and batches; threads=2; best of {args.repeat} interleaved rounds")
+          f"image, compressor {stack.compressor}, default shards and batches; threads=2; best of {args.repeat} "
+          "interleaved rounds")
     print()
     print("| size | images | raw GB | stored GB | files | images/shard | batches | bare read s (2 threads) | "
-          "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel in rows:
+          "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch | "
+          "fixed CPU ms/batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel, c_fixed in rows:
         # NB: against the faster of the two bare reads: 2 threads of Stack.read contend for the GIL on small images
         fixed = (t_run - min(t_bare, t_one) - t_kernel) / batches * 1e3
         print(f"| {size}x{size} | {n} | {raw / 1e9:.2f} | {stored / 1e9:.2f} | {files} | {shard} | {batches} | "
-              f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} |")
+              f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} | "
+              f"{c_fixed:.1f} |")
+    print()
+    print("fixed ms/batch: (run - the faster bare read - kernel s) / batches, wall clock; fixed CPU ms/batch: (CPU "
+          "seconds of the run - those of its kernels - those of the 1-thread bare read) / batches, best rounds: "
+          "what the run costs beyond reading and measuring, whatever else the machine runs")
 
 
 _SCALE_STEP = r"""
@@ -330,6 +351,8 @@ def guard():
 
 threading.Thread(target=guard, daemon=True).start()
 stack, results = root / "stack.zarr", root / "results.zarr"
+import resource
+cpu0 = sum(getattr(resource.getrusage(resource.RUSAGE_SELF), f) for f in ("ru_utime", "ru_stime"))
 t0 = time.perf_counter()
 extra = {{}}
 if step == "write":
@@ -356,7 +379,12 @@ else:
         raise SystemExit(f"{{step}} exited {{rc}}")
 elapsed = time.perf_counter() - t0
 hwm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0]
-print(json.dumps({{"step": step, "s": elapsed, "rss_mb": hwm / 1024, **extra}}))
+# NB: CPU seconds of the step (all its threads, and any child it waited for): on a shared machine whose load
+# changes between the two sizes, their ratio tells linearity where the wall-clock ratio cannot
+import resource
+cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+          for f in ("ru_utime", "ru_stime"))
+print(json.dumps({{"step": step, "s": elapsed, "cpu_s": cpu - cpu0, "rss_mb": hwm / 1024, **extra}}))
 """
 
 
@@ -401,15 +429,16 @@ def bench_scale(args):
     print(f"gpucnr {gpucnr.__version__}; {small} and {large} phantom images of 64x64 uint16, 1 ROI each, 10^4 sites; "
           "each step its own process, workers=2")
     print()
-    print(f"| step | s at {small} | s at {large} | ratio (<= 11) | peak RSS MB at {small} | peak RSS MB at {large} |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| step | s at {small} | s at {large} | ratio (<= 11) | CPU s at {small} | CPU s at {large} | CPU ratio | "
+          f"peak RSS MB at {small} | peak RSS MB at {large} |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for step in steps:
         a, b = table[small][step], table[large][step]
         if "error" in a or "error" in b:
-            print(f"| {step} | {a.get('s', a.get('error'))} | {b.get('s', b.get('error'))} | | | |")
+            print(f"| {step} | {a.get('s', a.get('error'))} | {b.get('s', b.get('error'))} | | | | | | |")
             continue
-        print(f"| {step} | {a['s']:.1f} | {b['s']:.1f} | {b['s'] / a['s']:.1f} | {a['rss_mb']:.0f} | "
-              f"{b['rss_mb']:.0f} |")
+        print(f"| {step} | {a['s']:.1f} | {b['s']:.1f} | {b['s'] / a['s']:.1f} | {a['cpu_s']:.1f} | "
+              f"{b['cpu_s']:.1f} | {b['cpu_s'] / a['cpu_s']:.1f} | {a['rss_mb']:.0f} | {b['rss_mb']:.0f} |")
     for n in (small, large):
         report = table[n]["report_mb"]
         print(f"\nN = {n}: stack files {table[n]['files']['stack.zarr']} (<= 5,000), results files "

@@ -45,7 +45,9 @@ def set_column(stack: Path, table: str, col: str, values) -> None:
         values = values.astype(np.dtypes.StringDType())  # NB: zarr's specified string type, as the writer's
     group = zarr.open_group(str(stack), mode="r+")
     old = group[f"tables/{table}/{col}"]
-    if old.shape == values.shape and old.dtype == values.dtype:
+    if isinstance(old, zarr.Group):
+        old = old["values"]  # NB: a coded text column is replaced by a text column (both are read)
+    elif old.shape == values.shape and old.dtype == values.dtype:
         old[:] = values
         return
     compressors = old.compressors
@@ -58,7 +60,10 @@ def set_column(stack: Path, table: str, col: str, values) -> None:
 
 
 def column(stack: Path, table: str, col: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(str(stack / f"tables/{table}/{col}"), mode="r")[:])
+    node = zarr.open(str(stack / f"tables/{table}/{col}"), mode="r")
+    if isinstance(node, zarr.Group):  # NB: a coded text column: its values by code
+        return np.asarray(node["values"][:])[np.asarray(node["codes"][:])]
+    return np.asarray(node[:])
 
 
 def set_attrs(stack: Path, **attrs) -> None:
