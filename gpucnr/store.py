@@ -830,6 +830,66 @@ class StackWriter:
     def n_images(self) -> int:
         return len(self._rows)
 
+    def mark(self) -> tuple:
+        """The point `rollback` returns to: the images added so far."""
+        return len(self._rows), frozenset(self._label_ids)
+
+    def rollback(self, mark: tuple) -> None:
+        """Drop the images added since `mark` (ingest: a volume whose worker died after some of its slices were
+        stored), as if they had never been added.
+
+        Pending ones are forgotten; from a bucket whose shards already hold some, those shards are cut as
+        `resume` cuts them (the bucket's last kept, partly filled shard read back, to be written again whole; a
+        bucket left empty removed), and `on_written` is told each cut bucket's new count *before* its files
+        shrink, so that a journal never counts images that are not on disk."""
+        import shutil
+
+        n, label_ids = mark
+        rows = self._rows
+        if n >= len(rows):
+            return
+        first_dropped: dict[str, int] = {}
+        for i in range(n, len(rows)):
+            name = rows._names[rows._bucket[i]]
+            first_dropped.setdefault(name, int(rows._fixed["position"][i]))
+        rows.truncate(n)
+        self._label_ids = set(label_ids)
+        for key, b in list(self._buckets.items()):
+            keep = first_dropped.get(b["name"])
+            if keep is None:
+                continue
+            if keep >= b["count"]:
+                b["pending"] = b["pending"][: keep - b["count"]]
+                b["pending_bytes"] = sum(_pending_bytes(p) for p in b["pending"])
+                continue
+            if b["inflight"] is not None:
+                self._wait(b)
+                b["inflight"] = None
+            per = b["shard"]
+            first = keep // per * per
+            block = np.asarray(b["images"][first:keep]) if keep > first else None
+            lab_block = np.asarray(b["labels"][first:keep]) if b["labels"] is not None and keep > first else None
+            if self.on_written is not None:
+                self.on_written(b["name"], first)
+            if keep == 0:
+                del self._buckets[key]
+                shutil.rmtree(self.path / "buckets" / b["name"], ignore_errors=True)
+                continue
+            kept, i, index = [], n - 1, rows._names.index(b["name"])
+            while len(kept) < keep - first:  # NB: the bucket's last kept rows, read backwards from the mark
+                if rows._bucket[i] == index:
+                    kept.append(rows[i])
+                i -= 1
+            kept.reverse()
+            pending = []
+            for k, r in enumerate(kept):
+                h, w = int(r["valid_h"]), int(r["valid_w"])
+                pending.append((block[k, :h, :w], None if lab_block is None else lab_block[k, :h, :w]))
+            self._resize(b, first)  # NB: zarr deletes the shard files past it
+            b["capacity"] = first  # NB: `_grow` makes room again as the next images come
+            b["count"], b["pending"] = first, pending
+            b["pending_bytes"] = sum(_pending_bytes(p) for p in pending)
+
     def _new_bucket(self, canvas, dtype_str) -> dict:
         dtype = np.dtype(dtype_str)
         name = f"{canvas[0]}x{canvas[1]}-{dtype.name}"
@@ -1031,6 +1091,12 @@ class _Rows(Sequence):
             if len(column) == n:
                 column.append(np.nan)
 
+    def truncate(self, n: int) -> None:
+        """Keep the first `n` rows."""
+        del self._bucket[n:]
+        for column in (*self._fixed.values(), *self._meta.values()):
+            del column[n:]
+
     def __len__(self) -> int:
         return len(self._bucket)
 
@@ -1053,6 +1119,13 @@ class _Rows(Sequence):
         for k, column in self._meta.items():
             frame[k] = pd.Series(column, dtype=None)
         return frame
+
+
+def _pending_bytes(p) -> int:
+    """What an image waiting in a bucket's shard buffer counts towards `_PENDING_BYTES`."""
+    if isinstance(p, dict):
+        return len(p["image"]) + len(p["labels"] or b"")
+    return p[0].nbytes
 
 
 def _shard_size(shard) -> tuple[str, int]:

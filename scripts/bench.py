@@ -56,14 +56,18 @@ def best(fn, repeat):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("part", nargs="?", default="kernels", choices=("kernels", "pipeline", "compressors", "memory",
-                                                                        "ingest", "ingest-nifti", "groups",
+                                                                        "ingest", "ingest-nifti",
+                                                                        "ingest-nifti-memory", "groups",
                                                                         "scale", "startup"),
                         help="kernels (gpucnr.measure, default), pipeline (gpucnr.run from Zarr), compressors, "
                              "memory (peak RSS of `gpucnr run`, 4000 vs 500 images), ingest (2000 DICOM "
                              "files of SIZE x SIZE, 500 PNG, 500 TIFF, workers=2, vs plain pydicom and Pillow loops), "
                              "ingest-nifti (100 gzip NIfTI volumes "
                              "of SIZE x SIZE x SIZE/2 int16, workers=2, vs a plain nibabel load-and-sum loop; "
-                             "default size 256); groups (summarize, manifest, aggregate with 5000 groups vs none, "
+                             "default size 256); ingest-nifti-memory (peak RSS of the driver and of its one worker "
+                             "ingesting one 512x512x200 int16 .nii.gz, one twice as deep, and one with a uint8 label "
+                             "map, against issue 14's bound); groups (summarize, manifest, aggregate with 5000 groups "
+                             "vs none, "
                              "on --n images, default 10^5, in-memory results); scale (write, run, summarize by 10^4 "
                              "sites, filter, report at --scale-n images of 64x64 uint16 against a tenth of them: time "
                              "ratio, peak RSS, files; minutes at 10^6, never part of make test); startup (`import "
@@ -79,6 +83,8 @@ def main(argv=None):
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (best one kept)")
     parser.add_argument("--quick", action="store_true", help="64 images, 3 rounds")
+    parser.add_argument("--compressor", default=None, help="ingest-nifti(-memory): the new stack's compressor(s), "
+                        "comma-separated (default gpucnr's default for new stacks)")
     parser.add_argument("--sizes", default=None,
                         help="pipeline: image sides to compare, e.g. 64,256,512,1024 (each a stack of --gb of raw "
                              "pixels, default shards and batches) against the bare read of the same stack")
@@ -86,6 +92,10 @@ def main(argv=None):
     parser.add_argument("--compressor", default=None, choices=COMPRESSORS,
                         help="pipeline --sizes: the stacks' compressor (default: write_stack's own default)")
     args = parser.parse_args(argv)
+    if args.compressor is None:
+        from gpucnr.store import DEFAULT_COMPRESSOR
+
+        args.compressor = DEFAULT_COMPRESSOR
     if args.n is None:
         args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100, "groups": 100_000}.get(args.part, 256)
     if args.quick:
@@ -94,6 +104,7 @@ def main(argv=None):
         return bench_pipeline_sizes(args)
     {"kernels": bench_kernels, "pipeline": bench_pipeline, "compressors": bench_compressors,
      "memory": bench_memory, "ingest": bench_ingest, "ingest-nifti": bench_ingest_nifti,
+     "ingest-nifti-memory": bench_ingest_nifti_memory,
      "groups": bench_groups, "scale": bench_scale, "startup": bench_startup}[args.part](args)
 
 
@@ -679,26 +690,110 @@ def bench_ingest_nifti(args):
             for f in files:
                 nib.load(f).get_fdata().sum()
 
-        def ours(k=[0]):  # noqa: B006 - a fresh stack per round
+        def ours(compressor, k=[0]):  # noqa: B006 - a fresh stack per round
             k[0] += 1
-            gpucnr.ingest(src, Path(tmp, f"stack{k[0]}.zarr"), workers=2)
+            gpucnr.ingest(src, Path(tmp, f"stack{k[0]}.zarr"), workers=2, compressor=compressor)
+            shutil.rmtree(Path(tmp, f"stack{k[0]}.zarr"))
 
-        plain()  # NB: warms the page cache for both
+        plain()  # NB: warms the page cache for both, and imports nibabel
+        _ = gpucnr.ingest  # NB: imports the driver (pandas, zarr) outside the timing too, as nibabel is
+        compressors = args.compressor.split(",")
+        runs = [("plain", plain)] + [(c, lambda c=c: ours(c)) for c in compressors]
         times: dict[str, list[float]] = {}
-        for _ in range(max(1, min(args.repeat, 2))):
-            for key, fn in (("plain", plain), ("ours", ours)):
-                times.setdefault(key, []).append(best(fn, 1))
-    t_plain, t_ours = min(times["plain"]), min(times["ours"])
+        cpu: dict[str, list[float]] = {}
+        # NB: interleaved rounds, the best kept; CPU seconds (this process and its waited-for workers) too: the
+        # machine is shared, and CPU is what load does not change much
+        for _ in range(max(1, min(args.repeat, 3))):
+            for key, fn in runs:
+                c0, t0 = _cpu(), time.perf_counter()
+                fn()
+                times.setdefault(key, []).append(time.perf_counter() - t0)
+                cpu.setdefault(key, []).append(_cpu() - c0)
     mb = nbytes / 2**20
     print(f"gpucnr {gpucnr.__version__}; {args.n} gzip NIfTI volumes of {'x'.join(map(str, shape))} int16 "
-          f"({mb:.1f} MiB on disk)")
+          f"({mb:.1f} MiB on disk); best of {len(times['plain'])} interleaved rounds")
     print()
-    print("| | s | volumes/s | ratio |")
-    print("|---|---:|---:|---:|")
+    print("| | s | volumes/s | ratio | CPU s | ratio (CPU) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    t_plain, c_plain = min(times["plain"]), min(cpu["plain"])
     print(f"| plain loop `nibabel.load(f).get_fdata().sum()` (1 process, writes nothing) | {t_plain:.2f} | "
-          f"{args.n / t_plain:.2f} | 1 |")
-    print(f"| `gpucnr.ingest(..., workers=2)` (scan + decode + stack + linkage) | {t_ours:.2f} | "
-          f"{args.n / t_ours:.2f} | {t_plain / t_ours:.2f}x |")
+          f"{args.n / t_plain:.2f} | 1 | {c_plain:.2f} | 1 |")
+    for c in compressors:
+        t, u = min(times[c]), min(cpu[c])
+        print(f"| `gpucnr.ingest(..., workers=2, compressor={c!r})` (scan + decode + stack + linkage) | {t:.2f} | "
+              f"{args.n / t:.2f} | {t_plain / t:.2f}x | {u:.2f} | {c_plain / u:.2f}x |")
+    print()
+    print("target (issue 14): ingest >= 0.8x the plain loop; ratio (CPU) = plain CPU / (driver + workers CPU): 2 idle "
+          "cores give ingest at most 2x its CPU ratio in wall time")
+
+
+#: run in a fresh interpreter per volume: ingest with one worker; the worker's VmHWM is read just before the
+#: pool kills it, the driver's at the end (VmHWM, not ru_maxrss: see bench_memory)
+_NIFTI_MEMORY = """
+import sys
+import gpucnr
+from gpucnr.sources import workers
+
+def hwm(pid="self"):
+    with open(f"/proc/{pid}/status") as fh:
+        return [int(line.split()[1]) for line in fh if line.startswith("VmHWM")][0]
+
+peak = [0]
+stop = workers.IsolatedPool._stop
+
+def _stop(slot):
+    try:
+        peak[0] = max(peak[0], hwm(slot["proc"].pid))
+    except (OSError, IndexError):
+        pass
+    stop(slot)
+
+workers.IsolatedPool._stop = staticmethod(_stop)
+gpucnr.ingest(sys.argv[1], sys.argv[2], workers=1, compressor=sys.argv[3])
+print(peak[0], hwm())
+"""
+
+
+def bench_ingest_nifti_memory(args):
+    """Peak RSS of one worker and of the driver ingesting one gzip NIfTI volume (issue 14's bound: worker <= 1.2 x
+    (image + label volume in their file dtypes) + 200 MB; the driver's does not grow with the volume's size)."""
+    import subprocess
+
+    import nibabel as nib
+
+    cases = [("512x512x8 int16 (start-up reference)", (512, 512, 8), False),
+             ("512x512x200 int16", (512, 512, 200), False),
+             ("512x512x400 int16 (2x)", (512, 512, 400), False),
+             ("512x512x200 int16 + uint8 label map", (512, 512, 200), True)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        rng = np.random.default_rng(0)
+        for n, (label, shape, labelled) in enumerate(cases):
+            src = Path(tmp, f"case{n}", "imagesTr")
+            src.mkdir(parents=True)
+            vol = rng.normal(1000, 20, shape).astype(np.int16)
+            affine = np.diag([0.8, 0.8, 1.5, 1.0])
+            nib.save(nib.Nifti1Image(vol, affine), str(src / "v.nii.gz"))
+            volume_mb = vol.nbytes / 2**20
+            del vol
+            if labelled:
+                (src.parent / "labelsTr").mkdir()
+                lab = np.zeros(shape, np.uint8)
+                lab[100:300, 150:350, :] = 1
+                nib.save(nib.Nifti1Image(lab, affine), str(src.parent / "labelsTr" / "v.nii.gz"))
+                volume_mb += lab.nbytes / 2**20
+                del lab
+            done = subprocess.run([sys.executable, "-c", _NIFTI_MEMORY, str(src.parent if labelled else src),
+                                   str(Path(tmp, f"s{n}.zarr")), args.compressor],
+                                  capture_output=True, text=True, check=True)
+            worker_kb, driver_kb = (int(v) for v in done.stdout.split()[-2:])
+            rows.append((label, volume_mb, worker_kb / 1024, 1.2 * volume_mb + 200, driver_kb / 1024))
+    print(f"gpucnr {gpucnr.__version__}; one volume per ingest, workers=1, compressor={args.compressor}")
+    print()
+    print("| volume | image + labels MiB | worker peak RSS MiB | bound 1.2 x volume + 200 | driver peak RSS MiB |")
+    print("|---|---:|---:|---:|---:|")
+    for label, mb, worker, bound, driver in rows:
+        print(f"| {label} | {mb:.0f} | {worker:.0f} | {bound:.0f} | {driver:.0f} |")
 
 
 def bench_startup(args):

@@ -9,6 +9,7 @@ with explicit index arrays: the rule of DESIGN §9 written without nibabel's ori
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
 
@@ -399,3 +400,87 @@ def test_with_paths_names_the_channel_of_a_4d_volume(tmp_path):
     written = gpucnr.write_manifest(table, tmp_path / "m.csv")  # NB: a manifest column, written and read back
     back, _ = gpucnr.read_manifest(written)
     assert back["channel"].astype(int).tolist() == table["channel"].tolist()
+
+
+# A sitecustomize first on the workers' PYTHONPATH (as test_ingest_bad's decoder crashes): each slice of a volume
+# travels as a part of its own, and the worker decoding a file whose name holds "crash" kills itself (SIGKILL)
+# after sending three of them.
+_KILL_MIDWAY = '''
+import os
+import signal
+
+if os.environ.get("GPUCNR_TEST_KILL_MIDWAY"):
+    from gpucnr.sources import tasks as _tasks
+    from gpucnr.sources import workers as _workers
+
+    _workers._PART_BYTES = 1
+    _decode, _send, _sent = _tasks.decode_file, _workers.send, [None]
+
+    def decode_file(path, *args):
+        _sent[0] = 0 if "crash" in os.path.basename(str(path)) else None
+        return _decode(path, *args)
+
+    def send(conn, message):
+        if _sent[0] is not None and message[0] == "part":
+            if _sent[0] == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            _sent[0] += 1
+        _send(conn, message)
+
+    _tasks.decode_file, _workers.send = decode_file, send
+'''
+
+
+def test_volume_whose_worker_dies_midway_is_taken_back(tmp_path, monkeypatch):
+    """A worker killed after three slices of a volume went to the stack (shards of 2 slices, so some are on disk):
+    the volume is listed as decoder-crash, its stored slices are cut from the stack, the accounting holds, and the
+    stack equals one where that file was never an image; interrupted after it, --resume ends alike."""
+    import os
+
+    import gpucnr.sources.journal as journal
+    from gpucnr.errors import Interrupted
+
+    rng = np.random.default_rng(11)
+    src, ref_src = tmp_path / "src", tmp_path / "ref_src"
+    for name in ("a.nii.gz", "b_crash.nii.gz", "c.nii.gz"):
+        _nii(src / name, _volume(rng, np.int16, SHAPE))
+        ref_src.mkdir(exist_ok=True)
+        (ref_src / name).write_bytes((src / name).read_bytes())
+    (ref_src / "b_crash.nii.gz").write_bytes(gzip.compress(b"not a NIfTI file" * 40))  # NB: same names, same order
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_KILL_MIDWAY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("GPUCNR_TEST_KILL_MIDWAY", "1")
+    key = tmp_path / "k.key"
+    (tmp_path / "ref").mkdir()
+    ref = ingest(ref_src, tmp_path / "ref" / "s.zarr", shard=2, key_file=key)
+    (tmp_path / "one").mkdir()
+    done = ingest(src, tmp_path / "one" / "s.zarr", shard=2, key_file=key)
+    row = done.summary.problems.set_index("source").loc["b_crash.nii.gz"]
+    assert row["code"] == "decoder-crash" and "-9" in row["reason"], row["reason"]
+    assert done.summary.stored == 2 and done.summary.images == 2 * SHAPE[2]
+    assert done.stack.fingerprint() == ref.stack.fingerprint()
+    pd.testing.assert_frame_equal(done.stack.images, ref.stack.images)
+    pd.testing.assert_frame_equal(done.linkage, ref.linkage)
+
+    seen, original = [], journal.Journal.record
+
+    def record(self, entry):
+        original(self, entry)
+        seen.append(entry)
+        if entry["skip"] == "decoder-crash":
+            raise KeyboardInterrupt  # NB: the journal holds the cut bucket and the crash's record
+
+    monkeypatch.setattr(journal.Journal, "record", record)
+    stack = tmp_path / "s.zarr"
+    with pytest.raises(Interrupted):
+        gpucnr.ingest(src, stack, shard=2, key_file=key, workers=WORKERS)
+    monkeypatch.setattr(journal.Journal, "record", original)
+    assert seen[-1]["skip"] == "decoder-crash"
+    counts = [json.loads(line)["count"] for line in stack.with_name("s.zarr.journal").read_text().splitlines()
+              if '"flushed"' in line]
+    assert any(b < a for a, b in itertools.pairwise(counts)), counts  # NB: slices on disk were cut, not just pending
+    resumed = ingest(src, stack, shard=2, key_file=key, resume=True)
+    assert resumed.stack.fingerprint() == ref.stack.fingerprint()
+    assert resumed.summary.skipped == {"decoder-crash": 1}

@@ -35,7 +35,7 @@ from gpucnr.sources.layouts import DATASET_JSON, Layout, detect, misplaced_sourc
 from gpucnr.sources.problems import is_litter, problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
-from gpucnr.sources.workers import IsolatedPool, TaskFailure
+from gpucnr.sources.workers import IsolatedPool, Part, TaskFailure
 from gpucnr.store import DEFAULT_COMPRESSOR, StackWriter, journal_path, whole_shards
 
 __all__ = ["IngestSummary", "ingest", "sidecar_paths"]
@@ -561,14 +561,22 @@ class _Ingest:
             self.meter.stage("decode", len(self.tasks), done=start)
             # NB: decoded results wait in the driver until the files before them are done: their bytes in flight
             # are bounded (x3: colour and LUT images become float64), as well as their number.
+            # A volume's slices come as parts (`workers.Part`), stored as they arrive: the driver never holds a
+            # volume (the pool holds parts of later ones up to its part budget, whatever their size).
             todo = self.tasks[start:]
-            outs = pool.imap(((*t[4], encode) for t in todo), costs=(3 * t[2]["declared_bytes"] for t in todo),
-                             budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick)
-            for j, out in enumerate(outs, start):
-                record = self._decoded(j, out, meta_rows, writer)
+            outs = pool.imap(((*t[4], encode) for t in todo), costs=(_in_flight_cost(t[2]) for t in todo),
+                             budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick, parts=True)
+            j, state = start, None
+            for out in outs:
+                if isinstance(out, Part):
+                    state = state or self._begin(j, writer)
+                    self._store(j, state, out.items, meta_rows, writer)
+                    continue
+                record = self._decoded(j, out, meta_rows, writer, state)
                 journal.record(record)
                 self._apply(record)
-                self.decoded = j + 1
+                j, state = j + 1, None
+                self.decoded = j
             table = _roi_rows(self.roi_table, self.frame_of, sources, self.problem)
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
@@ -653,47 +661,36 @@ class _Ingest:
         self.decoded = start
         return start, journal, writer
 
-    def _decoded(self, j: int, out, meta_rows: dict, writer: StackWriter) -> dict:
-        """What one decoded file became: its images go to `writer`; the rest is the journal record."""
-        k, f, rec, mask_rels, task = self.tasks[j]
+    def _begin(self, j: int, writer: StackWriter) -> dict:
+        """The state of file `j` while its frames are stored: its journal record so far, the problems of its
+        frames, and the writer's mark to return to if its worker dies before it is done."""
+        rec = self.tasks[j][2]
         record = {"j": j, "problems": [], "skip": None, "dup": False, "dedup": None, "masked": False,
                   "labelled_by": [], "unlabelled": 0, "frames": [], "skipped_frames": 0}
+        # NB: duplicates are known from the scan: a duplicate's frames are not stored as they come
+        dup = rec.get("dedup") is not None and rec["dedup"] in self.stored_as
+        return {"record": record, "frame_problems": [], "mark": writer.mark(), "dup": dup}
 
-        def problem(item: str, code: str, reason: str) -> None:
-            record["problems"].append({"source": f.rel, "item": item, "code": code, "reason": reason,
-                                       "source_encoding": f.encoding})
-            # NB: an operator message: the path is needed (its control characters escaped)
-            log.info("%s: %s %s: %s", display_path(f.rel), item, code, display_path(reason))
+    def _problem(self, j: int, problems: list, item: str, code: str, reason: str) -> None:
+        f = self.tasks[j][1]
+        problems.append({"source": f.rel, "item": item, "code": code, "reason": reason,
+                         "source_encoding": f.encoding})
+        # NB: an operator message: the path is needed (its control characters escaped)
+        log.info("%s: %s %s: %s", display_path(f.rel), item, code, display_path(reason))
 
-        if isinstance(out, TaskFailure):
-            record["skip"] = out.code
-            reason = out.reason
-            if out.code.startswith("mask") and mask_rels:
-                reason += f" (mask: {', '.join(mask_rels)})"  # NB: the operator's list names both files
-            problem("file", out.code, reason)
-            return record
-        dedup = rec.get("dedup")
-        if dedup is not None and dedup in self.stored_as:
-            record["dup"] = True
-            what = "SOP instance" if rec["format"] == "dicom" else "bytes"
-            problem("file", "duplicate", f"the same {what} as {self.stored_as[dedup]}, stored before it")
-            return record
-        record["dedup"] = dedup
-        record["masked"] = bool(mask_rels or task[5])
-        if out.get("mask_problem"):
-            code, reason = out["mask_problem"]
-            # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
-            problem("mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the image is stored "
-                    "without labels")
-        else:
-            record["labelled_by"] = list(mask_rels)  # NB: "mask files used" = masks that labelled a stored image
-        labels = out["labels"]
-        for pos, entry in enumerate(out["frames"]):
+    def _store(self, j: int, state: dict, frames: list, meta_rows: dict, writer: StackWriter,
+               labels: list | None = None) -> None:
+        """Store frames of file `j` as they come (all of a 2-D file's at once, a volume's slices part by part)."""
+        if state["dup"]:
+            return
+        k, f, rec = self.tasks[j][:3]
+        record = state["record"]
+        for pos, entry in enumerate(frames):
             channel, frame = int(entry.get("channel", 0)), int(entry.get("frame", pos))
             if "skip" in entry:
                 # NB: one slice of a volume (--nonfinite skip): listed by (source, channel, frame), the rest stored
                 code, reason = entry["skip"]
-                problem(f"channel {channel} frame {frame}", code, reason)
+                self._problem(j, state["frame_problems"], f"channel {channel} frame {frame}", code, reason)
                 record["skipped_frames"] += 1
                 continue
             encoded = entry.pop("encoded", None)
@@ -716,6 +713,44 @@ class _Ingest:
             source_index = writer.add(pixels, plane, row)
             ids = [] if plane is None else [int(v) for v in np.unique(plane) if v != 0]
             record["frames"].append({"row": writer.rows[source_index], "labels": ids})
+
+    def _decoded(self, j: int, out, meta_rows: dict, writer: StackWriter, state: dict | None = None) -> dict:
+        """What one decoded file became (`out`: its result, after the parts `_store` stored into `state`): the
+        journal record. A file whose worker failed after some of its slices were stored has them taken back."""
+        rec, mask_rels, task = self.tasks[j][2:]
+        state = state or self._begin(j, writer)
+        record = state["record"]
+
+        def problem(item: str, code: str, reason: str) -> None:
+            self._problem(j, record["problems"], item, code, reason)
+
+        if isinstance(out, TaskFailure):
+            # NB: a volume whose worker died midway: its stored slices are cut from the stack, none is counted
+            writer.rollback(state["mark"])
+            record.update(frames=[], unlabelled=0, skipped_frames=0)
+            record["skip"] = out.code
+            reason = out.reason
+            if out.code.startswith("mask") and mask_rels:
+                reason += f" (mask: {', '.join(mask_rels)})"  # NB: the operator's list names both files
+            problem("file", out.code, reason)
+            return record
+        dedup = rec.get("dedup")
+        if state["dup"]:
+            record["dup"] = True
+            what = "SOP instance" if rec["format"] == "dicom" else "bytes"
+            problem("file", "duplicate", f"the same {what} as {self.stored_as[dedup]}, stored before it")
+            return record
+        record["dedup"] = dedup
+        record["masked"] = bool(mask_rels or task[5])
+        if out.get("mask_problem"):
+            code, reason = out["mask_problem"]
+            # NB: the image is stored (unlabelled): a bad mask must not lose the case; the list names both
+            problem("mask", code, f"{reason} (mask: {', '.join(mask_rels) or 'DICOM SEG'}); the image is stored "
+                    "without labels")
+        else:
+            record["labelled_by"] = list(mask_rels)  # NB: "mask files used" = masks that labelled a stored image
+        self._store(j, state, out["frames"], meta_rows, writer, out["labels"])
+        record["problems"] += state["frame_problems"]
         return record
 
     def _case(self, rec: dict, rel: str, channel: int) -> str:
@@ -801,6 +836,12 @@ def _memory_mb(max_image_mb: float, max_volume_mb: float = 0) -> int:
     pickled for the driver), or the largest allowed volume three times (as stored, its slices, pickled), plus
     room for the decoders themselves."""
     return int(max(8 * max_image_mb, 3 * max_volume_mb) + 1024)
+
+
+def _in_flight_cost(rec: dict) -> int:
+    """Bytes a decoded file may hold in the driver while files before it are not done: x3 as colour and LUT images
+    become float64; none for a volume, whose slices wait as parts within the pool's part budget."""
+    return 0 if rec["format"] == "nifti" else 3 * rec["declared_bytes"]
 
 
 def _image_row(rec: dict, entry: dict, frame: int, file_index: int, shape) -> dict:

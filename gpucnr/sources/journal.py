@@ -5,8 +5,10 @@ names source files, like the skipped list). The first line says what is being in
 sources (the sorted relative path, size and modification time of every file) and the options, and the command
 that resumes. Then, in input order, one line per decoded file: what ingest would otherwise keep in memory until
 the end (its per-image rows, problems, duplicate key, mask use), and, whenever a shard of a bucket is on disk,
-a line ``{"flushed": bucket, "count": n}``, after which the journal is flushed to disk. A resume replays the
-files whose images all lie in flushed shards, and decodes the rest again. The journal is removed when the
+a line ``{"flushed": bucket, "count": n}``, after which the journal is flushed to disk; the last such line of a
+bucket holds: it may count fewer images than one before it, when the slices of a volume whose worker died midway
+were cut from the stack (format 2; a format-1 journal never has such a line and reads alike). A resume replays
+the files whose images all lie in flushed shards, and decodes the rest again. The journal is removed when the
 stack is complete.
 """
 
@@ -22,7 +24,9 @@ import numpy as np
 
 __all__ = ["JOURNAL_FORMAT", "Journal", "sources_digest"]
 
-JOURNAL_FORMAT = 1
+JOURNAL_FORMAT = 2
+#: journal formats this version resumes (format 1 had no cut buckets: its counts only grow)
+_READ_FORMATS = (1, 2)
 
 
 def _plain(value):
@@ -78,13 +82,14 @@ class Journal:
         if not lines:
             raise ValueError("an empty journal")
         header = json.loads(lines[0])
-        if header.get("journal") != JOURNAL_FORMAT:
+        if header.get("journal") not in _READ_FORMATS:
             raise ValueError(f"journal format {header.get('journal')!r}")
         records, flushed = [], {}
         for line in lines[1:]:
             entry = json.loads(line)
             if "flushed" in entry:
-                flushed[entry["flushed"]] = max(flushed.get(entry["flushed"], 0), int(entry["count"]))
+                # NB: the last count holds: a bucket cut by `StackWriter.rollback` counts fewer than before
+                flushed[entry["flushed"]] = int(entry["count"])
             elif entry.get("j") == len(records):
                 records.append(entry)
         return header, records, flushed
@@ -95,7 +100,8 @@ class Journal:
             self._fh.write(json.dumps(entry, default=_plain) + "\n")
 
     def flushed(self, bucket: str, count: int) -> None:
-        """A shard of `bucket` is on disk: its first `count` images are kept; the journal goes to disk."""
+        """A shard of `bucket` is on disk, or the bucket was cut back (`StackWriter.rollback`): its first `count`
+        images are kept; the journal goes to disk."""
         with self._lock:
             self._fh.write(json.dumps({"flushed": bucket, "count": int(count)}) + "\n")
             self._fh.flush()

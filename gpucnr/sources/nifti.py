@@ -168,9 +168,8 @@ def scan(path, key: bytes, max_bytes: int, max_volume_bytes: int, version: int, 
 
 
 def _read(path, record: dict, *, labels: bool = False):
-    """(unscaled voxels as stored, slope, intercept, header geometry) of a NIfTI file, inflated once."""
-    import nibabel as nib
-
+    """(unscaled voxels as stored, slope, intercept, header geometry) of a NIfTI file, inflated once, straight
+    into one buffer of the volume's size (no second copy: the worker's memory is the volume and little more)."""
     if record is None:
         with open(path, "rb") as fh:
             gz = fh.read(2) == GZIP
@@ -185,33 +184,77 @@ def _read(path, record: dict, *, labels: bool = False):
             version = 1 if k == "nifti1" else 2
             fh.seek(0)
         hdr = _header(fh, version)
-        geo = _geometry(hdr, labels=labels)
-        fh.seek(0)
-        klass = nib.Nifti1Image if version == 1 else nib.Nifti2Image
-        holder = nib.FileHolder(fileobj=fh)
-        try:
-            img = klass.from_file_map({"image": holder, "header": holder}, mmap=False)
-            data = img.dataobj.get_unscaled()
-            slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
-        except MemoryError:
-            raise
-        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-            raise Skip("truncated" if isinstance(e, EOFError) else "decode-error",
-                       f"the voxel data cannot be inflated ({type(e).__name__})") from None
-        except ValueError as e:
-            # NB: nibabel's "Expected N bytes, got M bytes from object": the file ends inside its voxels
-            if "bytes" in str(e):
-                raise Skip("truncated", "the file ends before its voxel data does") from None
-            raise Skip("decode-error", f"the voxel data cannot be read ({type(e).__name__})") from None
-        except Exception as e:  # noqa: BLE001 - a damaged stream
-            raise Skip("decode-error", f"the voxel data cannot be read ({type(e).__name__})") from None
+    geo = _geometry(hdr, labels=labels)
+    if geo["vox_offset"] < (352 if version == 1 else 544):
+        raise Skip("bad-header", f"vox_offset {geo['vox_offset']} points inside the NIfTI header")
+    try:
+        slope, inter = hdr.get_slope_inter()
+    except Exception as e:  # noqa: BLE001 - nibabel's HeaderDataError: a valid slope with a non-finite intercept
+        raise Skip("decode-error", f"the voxel data cannot be read ({type(e).__name__})") from None
+    slope = 1.0 if slope is None else float(slope)
+    inter = 0.0 if inter is None else float(inter)
     if not (math.isfinite(slope) and math.isfinite(inter)) or slope == 0:
         slope, inter = 1.0, 0.0  # NB: as nibabel: no usable scaling means none
-    data = np.asarray(data)
-    data = data.reshape(geo["shape"] if len(geo["shape"]) == 4 else geo["shape"][:3])
-    if data.dtype.byteorder not in "=|":
-        data = data.astype(data.dtype.newbyteorder("="))
-    return data, slope, inter, geo
+    dtype = hdr.get_data_dtype()
+    buf = np.empty(math.prod(geo["shape"]) * dtype.itemsize, np.uint8)
+    try:
+        got = _inflate_into(path, geo["vox_offset"], buf) if gz else _read_into(path, geo["vox_offset"], buf)
+    except (EOFError, zlib.error) as e:
+        raise Skip("truncated" if isinstance(e, EOFError) else "decode-error",
+                   f"the voxel data cannot be inflated ({type(e).__name__})") from None
+    if got < buf.size:
+        raise Skip("truncated", "the file ends before its voxel data does")
+    # NB: NIfTI voxels run with the first axis fastest (Fortran order), as nibabel reads them
+    data = np.ndarray(geo["shape"] if len(geo["shape"]) == 4 else geo["shape"][:3], dtype=dtype, buffer=buf,
+                      order="F")
+    if not data.dtype.isnative:
+        data.byteswap(inplace=True)  # NB: in place: never a second copy of the volume
+    return data.view(data.dtype.newbyteorder("=")), slope, inter, geo
+
+
+#: compressed bytes read at a time, and the most inflated bytes one call of zlib returns
+_READ_CHUNK = 2**20
+_INFLATE_CHUNK = 4 * 2**20
+
+
+def _inflate_into(path, offset: int, out: np.ndarray) -> int:
+    """Inflate a gzip file (all its members, as `gzip` reads them) from inflated byte `offset` into `out`;
+    returns the bytes written (fewer when the stream ends first). Python's ``GzipFile.readinto`` of a large
+    buffer inflates into a bytes object of its size first, then copies it: twice the volume."""
+    view = memoryview(out).cast("B")
+    pos, skip, data, ended = 0, offset, b"", False
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    with open(path, "rb") as fh:
+        while pos < out.size:
+            if inflater.eof:
+                data = inflater.unused_data or fh.read(_READ_CHUNK)
+                if not data.lstrip(b"\0"):
+                    break  # NB: the stream's end (or zero padding, which gzip ignores too): the caller sees `pos`
+                inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # NB: another member follows
+            elif not data:
+                data = fh.read(_READ_CHUNK)
+                ended = not data
+            # NB: bounded output: what does not fit stays in unconsumed_tail (or in zlib, given b"" next)
+            piece = inflater.decompress(data, min(_INFLATE_CHUNK, skip + out.size - pos))
+            data = inflater.unconsumed_tail
+            if not piece and ended and not inflater.eof:
+                raise EOFError("the gzip stream ends inside a member")
+            if skip:
+                cut = min(skip, len(piece))
+                piece, skip = piece[cut:], skip - cut
+            view[pos:pos + len(piece)] = piece
+            pos += len(piece)
+    return pos
+
+
+def _read_into(path, offset: int, out: np.ndarray) -> int:
+    """Read an uncompressed file from byte `offset` into `out`; returns the bytes read."""
+    view, pos = memoryview(out).cast("B"), 0
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        while pos < out.size and (n := fh.readinto(view[pos:])):
+            pos += n
+    return pos
 
 
 def reorient(data: np.ndarray, ornt) -> np.ndarray:

@@ -26,10 +26,12 @@ from multiprocessing.connection import Connection, wait
 from gpucnr.errors import GpucnrError
 from gpucnr.sources.outcomes import CODES
 
-__all__ = ["IsolatedPool", "Streamed", "TaskFailure", "allow_memory", "receive", "send"]
+__all__ = ["IsolatedPool", "Part", "Streamed", "TaskFailure", "allow_memory", "receive", "send"]
 
-#: bytes of a streamed result's items per message
-_PART_BYTES = 32 * 2**20
+#: bytes of a streamed result's items per message (a slab of a volume's slices, as sent: compressed)
+_PART_BYTES = 8 * 2**20
+#: bytes of parts of later tasks the driver keeps while it stores an earlier task's (`IsolatedPool.imap`)
+_PART_BUDGET = 64 * 2**20
 #: a bytes object of a result at least this long travels beside the pickle, not inside it (see `send`)
 _OUT_OF_BAND = 2**15
 
@@ -59,6 +61,11 @@ def send(conn: Connection, message) -> None:
 
 def receive(conn: Connection):
     """Driver side of `send`; EOFError when the worker died before the whole message came."""
+    return _receive(conn)[0]
+
+
+def _receive(conn: Connection) -> tuple:
+    """(`receive`'s message, its size in bytes as sent)."""
     data = conn.recv_bytes()
     (count,) = struct.unpack_from("<I", data)
     sizes = struct.unpack_from(f"<{count}Q", data, 4)
@@ -73,14 +80,15 @@ def receive(conn: Connection):
                 raise EOFError("the worker's message ended early")
             got += n
         buffers.append(buf)
-    return pickle.loads(memoryview(data)[4 + 8 * count:], buffers=buffers)
+    return pickle.loads(memoryview(data)[4 + 8 * count:], buffers=buffers), len(data) + sum(sizes)
 
 
 class Streamed:
     """A task's result sent to the driver in parts: the list ``head[key]`` goes a few items at a time (about
-    32 MiB per message, by `sizeof`), then the rest of `head`; the driver gets `head` whole. A worker never pickles
-    a whole volume at once. `prepare`, if given, turns each item into what is sent just before it goes (e.g. its
-    pixels into compressed chunks), so that only one part of prepared items exists at a time."""
+    8 MiB per message, by `sizeof`), then the rest of `head` (see `IsolatedPool.imap` for what the driver
+    gets). A worker never pickles a whole volume at once. `prepare`, if given, turns each item into what is sent
+    just before it goes (e.g. its pixels into compressed chunks), so that only one part of prepared items exists
+    at a time."""
 
     __slots__ = ("head", "key", "prepare", "sizeof")
 
@@ -103,6 +111,19 @@ class Streamed:
         if part:
             send(conn, ("part", part))
         send(conn, ("ok", ("streamed", self.key, self.head)))
+
+
+class Part:
+    """Items of a `Streamed` result as `IsolatedPool.imap` yields them with ``parts=True`` (`nbytes`: their size
+    as sent)."""
+
+    __slots__ = ("items", "nbytes")
+
+    def __init__(self, items: list, nbytes: int):
+        self.items, self.nbytes = items, nbytes
+
+    def __repr__(self):
+        return f"Part({len(self.items)} item(s), {self.nbytes} bytes)"
 
 
 class TaskFailure:
@@ -270,7 +291,8 @@ class IsolatedPool:
         self._slots = []
 
     def imap(self, tasks: Iterable[tuple], *, window: int | None = None, costs: Iterable[int] | None = None,
-             budget: int | None = None, on_done: Callable[[], None] | None = None) -> Iterator:
+             budget: int | None = None, on_done: Callable[[], None] | None = None, parts: bool = False,
+             part_budget: int | None = None) -> Iterator:
         """Results in task order: each the function's value or a `TaskFailure`.
 
         Each child holds up to two tasks (the next one is queued while it works, so it never waits for the
@@ -278,15 +300,32 @@ class IsolatedPool:
         dispatched beyond the oldest unfinished one, and, given `costs` (e.g. bytes per task) and a `budget`,
         no task is dispatched while the unfinished ones already cost `budget` (one always may, alone), so the
         driver's memory stays bounded whatever a slow file does.
+
+        A task that returns a `Streamed` result sends it in parts. Without `parts` its value is gathered whole
+        (``head`` with its list filled in). With `parts`, its items come as they arrive, as `Part` objects, in task
+        order before its value (``head`` with its list empty): the caller stores them at once, and a task whose
+        worker dies midway ends with a `TaskFailure` after some parts (the caller undoes them). Parts of tasks
+        after the one being consumed wait here up to `part_budget` bytes (default 64 MiB); beyond it their
+        workers are not read (they block on their sockets, their deadlines paused), so the driver's memory does
+        not grow with the size of a volume. `peak_part_bytes` tells the most parts held at once.
         """
         window = window or 4 * self.workers
+        part_budget = _PART_BUDGET if part_budget is None else part_budget
         cost_of = None if costs is None else iter(costs)
         cost: dict[int, int] = {}
         it = enumerate(tasks)
         pending: dict[int, object] = {}
+        streams: dict[int, deque] = {}  # NB: parts received and not yet yielded, by task (parts=True)
+        streamed: set[int] = set()  # NB: tasks some of whose parts were received: never sent to another child
         retry: deque = deque()  # NB: tasks queued behind one that killed its child: sent again elsewhere
-        next_out = submitted = 0
+        next_out = submitted = held_bytes = 0
+        self.peak_part_bytes = 0
         exhausted = False
+
+        def drop(i: int) -> None:
+            nonlocal held_bytes
+            held_bytes -= sum(p.nbytes for p in streams.pop(i, ()))
+
         if len(self._slots) < self.workers:
             started = [self._start() for _ in range(self.workers - len(self._slots))]
             self._slots += [self._ready(slot) for slot in started]
@@ -314,13 +353,31 @@ class IsolatedPool:
                     except (OSError, ValueError):
                         # NB: a child that died while idle: the task goes to another child, this one is replaced
                         retry.appendleft((i, args))
+                        if slot["queue"] and slot["queue"][0][0] in streamed:
+                            # NB: ...or one that died while streaming: the parts the caller has must not come twice
+                            slot["proc"].kill()
+                            code = slot["proc"].wait()
+                            drop(self._fail(self._slots.index(slot), TaskFailure(
+                                "decoder-crash", f"the worker process died (exit code {code}) while reading the "
+                                "file"), pending, retry))
+                            break
                         retry.extendleft(reversed(slot["queue"]))
                         slot["queue"].clear()
                         self._stop(slot)
                         self._slots[self._slots.index(slot)] = self._ready(self._start())
                         break
                     slot["queue"].append((i, args))
-            while next_out in pending:
+            while True:
+                queue = streams.get(next_out)
+                if queue:
+                    part = queue.popleft()
+                    held_bytes -= part.nbytes
+                    yield part
+                    continue
+                if next_out not in pending:
+                    break
+                streams.pop(next_out, None)
+                streamed.discard(next_out)
                 cost.pop(next_out, None)
                 yield pending.pop(next_out)
                 next_out += 1
@@ -331,47 +388,69 @@ class IsolatedPool:
                 if exhausted and not retry:
                     return
                 continue
-            timeout = max(0.0, min(s["deadline"] for s in busy) - time.monotonic())
-            ready = wait([s["conn"] for s in busy], timeout=timeout)
+            for s in busy:
+                # NB: a child streaming a later task waits (on its socket) while the driver holds `part_budget`
+                hold = parts and held_bytes >= part_budget and all(i != next_out for i, _ in s["queue"])
+                if s.get("held") and not hold:
+                    s["deadline"] = time.monotonic() + self.timeout  # NB: its wait on the driver is not its time
+                s["held"] = hold
+            live = [s for s in busy if not s["held"]]
+            if not live:
+                # NB: the oldest task is always queued in some child: kept as a guard against a stall
+                for s in busy:
+                    s["held"] = False
+                live = busy
+            timeout = max(0.0, min(s["deadline"] for s in live) - time.monotonic())
+            ready = wait([s["conn"] for s in live], timeout=timeout)
             for k, slot in enumerate(self._slots):
-                if not slot["queue"]:
+                if not slot["queue"] or slot.get("held"):
                     continue
                 if slot["conn"] in ready:
                     try:
-                        msg = receive(slot["conn"])
+                        msg, nbytes = _receive(slot["conn"])
                     except (EOFError, OSError):
                         # NB: the child's end closes only when it dies: EOF here is a crash on its current task
                         slot["proc"].kill()  # NB: harmless on a dead child; wait() then gives its own status
                         code = slot["proc"].wait()
-                        self._fail(k, TaskFailure("decoder-crash", f"the worker process died (exit code {code}) "
-                                                  "while reading the file"), pending, retry)
+                        drop(self._fail(k, TaskFailure("decoder-crash", f"the worker process died (exit code "
+                                                       f"{code}) while reading the file"), pending, retry))
                         continue
                     if msg[0] == "part":
                         # NB: a streamed result (`Streamed`): its items arrive before its head; the task goes on
-                        slot["parts"].extend(msg[1])
                         slot["deadline"] = time.monotonic() + self.timeout
+                        if parts:
+                            i = slot["queue"][0][0]
+                            streams.setdefault(i, deque()).append(Part(msg[1], nbytes))
+                            streamed.add(i)
+                            held_bytes += nbytes
+                            self.peak_part_bytes = max(self.peak_part_bytes, held_bytes)
+                        else:
+                            slot["parts"].extend(msg[1])
                         continue
                     i, _ = slot["queue"].popleft()
-                    parts, slot["parts"] = slot["parts"], []
+                    gathered, slot["parts"] = slot["parts"], []
                     if msg[0] == "ok" and isinstance(msg[1], tuple) and msg[1][:1] == ("streamed",):
                         _, key, head = msg[1]
-                        pending[i] = {**head, key: parts}
+                        pending[i] = {**head, key: gathered}
                     else:
                         pending[i] = msg[1] if msg[0] == "ok" else TaskFailure(msg[1], msg[2])
+                        drop(i)  # NB: a task that failed after some parts (e.g. out of memory while sending)
                     slot["deadline"] = time.monotonic() + self.timeout
                 elif time.monotonic() >= slot["deadline"]:
-                    self._fail(k, TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s"),
-                               pending, retry)
+                    drop(self._fail(k, TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s"),
+                                    pending, retry))
 
-    def _fail(self, k: int, failure: TaskFailure, pending: dict, retry: deque) -> None:
+    def _fail(self, k: int, failure: TaskFailure, pending: dict, retry: deque) -> int:
         """The child of slot `k` crashed or overran on its current task: record it, requeue the rest, replace
-        the child."""
+        the child; returns the task's number."""
         slot = self._slots[k]
         i, _ = slot["queue"].popleft()
         pending[i] = failure
         retry.extendleft(reversed(slot["queue"]))
+        slot["queue"].clear()
         self._stop(slot)
         self._slots[k] = self._ready(self._start())
+        return i
 
 
 if __name__ == "__main__":
