@@ -180,8 +180,13 @@ def measure_batch(
         )
 
     windows = kernel(sums_impl, "window_sums")
+    # NB: the device kernels size their window slots from the largest ROI box: read once (with the float plan's
+    # values where it reads the device), shared by every kernel below.
+    sizes = plan.also
+    if sizes is None and extent is not None and cells.image.shape[0]:
+        sizes = to_host(extent(cells)).tolist()
+    sized = {} if sizes is None else {"sizes": sizes}
     if windows is not None and cells.image.shape[0]:
-        sized = {} if plan.also is None else {"sizes": plan.also}
         roi_sums, roi_rel, n_inside, bg_window, window_rel = windows(
             images, labels, cells, params, shift, valid_h, valid_w, padding, scale, **sized
         )
@@ -194,7 +199,7 @@ def measure_batch(
     # Background sums per cell: image-level region (+/-) the cell's window part (DESIGN §4, §7). Float sums
     # are about the image's shift plus a centre ("rel", scaled units: 0 unless two-pass).
     bg_rel = xp.zeros((cells.image.shape[0],), dtype=f64, device=dev)
-    removed = None
+    removed = keep = None
     if params.background == "complement":
         bg = _gather_sums(xp, totals, cells.image) - bg_window
         removed = None if exact else bg_window.s2
@@ -206,8 +211,13 @@ def measure_batch(
         if region_centre is not None:
             bg_rel = xp.take(region_centre, cells.image)
     else:
-        union = _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                            shift, roi_ids, scale=scale, limbs=limbs, impl=impl)
+        device_union = kernel(sums_impl, "union_sums")
+        if device_union is not None:
+            union, keep = device_union(images, labels, lesions, cells, params, shift, valid_h, valid_w, padding,
+                                       scale)
+        else:
+            union = _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
+                                shift, roi_ids, scale=scale, limbs=limbs, impl=impl)
         bg = _gather_sums(xp, totals - union, cells.image)
         removed = None if exact else xp.take(union.s2, cells.image)
 
@@ -218,14 +228,15 @@ def measure_batch(
     else:
         n_roi, md_roi, var_roi_s = float_moments(xp, roi_sums, roi_rel, params.ddof)
         n_bg, md_bg, var_bg_s = float_moments(xp, bg, bg_rel, params.ddof)
-        direct = kernel(sums_impl, "direct_background") if params.background == "complement" else None
+        direct = kernel(sums_impl, "direct_background")
+        if params.background == "complement-all" and keep is None:
+            direct = None
         if removed is not None and direct is not None:
             # NB: the device recomputes the flagged cells in one launch, the others' blocks skipping at once: no
             # host read to find them.
             ill = _ill_conditioned(xp, bg, removed, params.ddof)
-            sized = {} if plan.also is None else {"sizes": plan.also}
             sums_d, centre = direct(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill,
-                                    **sized)
+                                    removed=keep, **sized)
             _, md_d, var_d = float_moments(xp, sums_d, bg_rel + centre, params.ddof)
             md_bg = xp.where(ill, md_d, md_bg)
             var_bg_s = xp.where(ill, var_d, var_bg_s)
@@ -260,7 +271,7 @@ def measure_batch(
         given = None
         if params.definition == "gcnr":
             given = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                                    roi_ids, n_roi, n_bg, impl=impl)
+                                    roi_ids, n_roi, n_bg, impl=impl, sizes=sizes, keep=keep)
         out = finish(n, n_ids, grid, params, (n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg), diff, var_roi_s,
                      var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given)
         out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], out["status"], signed=params.signed)
