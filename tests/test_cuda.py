@@ -409,6 +409,10 @@ def counting(sim, monkeypatch):
 
 
 def _counted_batch(xps, counts, rois: str, background: str, definition: str, n_rois: int, dtype=np.uint16):
+    """One batch on array-api-strict arrays with its launches and host reads counted. `rois`: "table", "labels"
+    (ids given) or "labels-found" (roi_ids=None: the batch's ids are found on the device)."""
+    found = rois == "labels-found"
+    rois = "labels" if found else rois
     rng = np.random.default_rng(0)
     n, h, w = 2, 18, 18
     host = rng.integers(0, 4000, (n, h, w)).astype(dtype) if dtype != np.float64 else rng.normal(0, 1, (n, h, w))
@@ -433,8 +437,9 @@ def _counted_batch(xps, counts, rois: str, background: str, definition: str, n_r
             lesions = xps.asarray(np.broadcast_to(np.where(np.arange(h)[:, None] >= 16, 9, 0), (n, h, w)).astype(
                 np.int32))
     counts.update(sync=0, launches=0)
-    measure_batch(xps, xps.asarray(host), roi_ids=roi_ids, params=Params(**options), labels=labels, table=table,
-                  lesions=lesions)
+    out = measure_batch(xps, xps.asarray(host), roi_ids=None if found else roi_ids, params=Params(**options),
+                        labels=labels, table=table, lesions=lesions)
+    assert out["roi_ids"].shape[0] == n_rois
     return dict(counts)
 
 

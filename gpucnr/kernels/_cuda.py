@@ -44,8 +44,8 @@ from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
 
 __all__ = ["LAUNCHES", "direct_background", "finish_cells", "gcnr_counts", "gcnr_values", "image_range",
-           "image_totals", "integer_pass", "label_boxes", "native", "signatures", "simulated", "union_sums",
-           "window_extent", "window_sums"]
+           "image_totals", "integer_pass", "label_boxes", "label_dense", "native", "signatures", "simulated",
+           "union_sums", "window_extent", "window_sums"]
 
 
 if not _SYNC_CHOSEN:
@@ -1195,6 +1195,55 @@ def label_boxes(labels, roi_ids, valid_h, valid_w, *, exclude=None):
     return (ids, *(xp.where(present, flat[:, k], zero) for k in range(4)))
 
 
+@cuda.jit
+def _label_dense(labels, lo, exclude, valid_h, valid_w, boxes, bits):  # pragma: no cover - compiled
+    """The batch's label ids found on the device, for label values within [lo, lo + R): bits[v - lo] = 1 for
+    every non-zero value v other than `exclude` (-1: none) anywhere in the array (as `masks.label_boxes` finds
+    them), and boxes[i, v - lo] = (y0, y1, x0, x1) of v in image i over its valid region (integer atomics;
+    y0 = x0 = BIG and y1 = x1 = -1 where absent). Every write to `bits` is the same 1. Block (i, b) takes rows
+    b, b + B, ...; threads take columns."""
+    height = labels.shape[1]
+    width = labels.shape[2]
+    for i in range(cuda.blockIdx.x, labels.shape[0], cuda.gridDim.x):
+        vh = valid_h[i]
+        vw = valid_w[i]
+        for y in range(cuda.blockIdx.y, height, cuda.gridDim.y):
+            for x in range(cuda.threadIdx.x, width, THREADS):
+                v = np.int64(labels[i, y, x])
+                if v == 0 or v == exclude:
+                    continue
+                k = v - lo
+                bits[k] = 1
+                if y < vh and x < vw:
+                    cuda.atomic.min(boxes, (i, k, 0), y)
+                    cuda.atomic.max(boxes, (i, k, 1), y + 1)
+                    cuda.atomic.min(boxes, (i, k, 2), x)
+                    cuda.atomic.max(boxes, (i, k, 3), x + 1)
+
+
+def label_dense(labels, lo: int, span: int, valid_h, valid_w, *, exclude=None):
+    """Label boxes when the ids are not given, without a host read: every value of [lo, lo + span) is a
+    candidate id (`lo`, `span` from the batch's smallest non-zero and largest label, which the input checks
+    read). Returns ``(ids, y0, y1, x0, x1, bits)``: the candidates, their boxes as `label_boxes`'s (shape
+    (n * span,)) and the int64 presence of each candidate (shape (span,)), which the caller reads with its
+    next transfer and hands to `compact_ids`. One launch; memory O(n * span), which the caller bounds."""
+    xp = array_api_compat.array_namespace(labels)
+    dev = array_api_compat.device(labels)
+    n, height, _ = labels.shape
+    ids = xp.arange(lo, lo + span, dtype=xp.int64, device=dev)
+    start = xp.asarray([_BIG, -1, _BIG, -1], dtype=xp.int64, device=dev)
+    boxes = xp.zeros((n, span, 4), dtype=xp.int64, device=dev) + start
+    bits = xp.zeros((span,), dtype=xp.int64, device=dev)
+    if n * span:
+        _launch(_label_dense, (max(1, min(n, 65535)), _row_groups(height)), THREADS, labels, int(lo),
+                -1 if exclude is None else int(exclude), xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64),
+                boxes, bits)
+    flat = xp.reshape(boxes, (n * span, 4))
+    present = flat[:, 1] > 0
+    zero = xp.zeros((n * span,), dtype=xp.int64, device=dev)
+    return (ids, *(xp.where(present, flat[:, k], zero) for k in range(4)), bits)
+
+
 # ------------------------------------------------------------------------------------------ CNR and status
 
 #: `definition` codes of `_finish`.
@@ -1331,7 +1380,7 @@ def signatures():
     u3 = types.Array(types.uint8, 3, "A")
     out = {"_int_pass": [], "_float_pass": [], "_float_finish": [(f2, f2, f1, f1)], "_int_windows": [],
            "_float_windows": [], "_label_boxes": [], "_gcnr_extremes": [], "_gcnr_windows": [], "_float_direct": [],
-           "_union_paint": [(*(a1,) * 9, u3)], "_union_rows": [], "_union_keep": [],
+           "_union_paint": [(*(a1,) * 9, u3)], "_union_rows": [], "_union_keep": [], "_label_dense": [],
            "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, types.int64, types.boolean,
                         types.int64, types.int64, a1, f1, f1, a1, f1, f1, f1, i8)]}
     i64, b = types.int64, types.boolean
@@ -1365,6 +1414,7 @@ def signatures():
         # NB: the union's label array and lesions, each with the other absent (a uint8 stand-in) or alike.
         for pair in ((labels, u3), (u3, labels), (labels, labels)):
             out["_union_rows"].append((u3, *pair, b, b, b, a1, a1, types.Array(types.int32, 3, "A")))
+        out["_label_dense"].append((labels, i64, i64, a1, a1, types.Array(types.int64, 3, "A"), a1))
         out["_label_boxes"].append((types.Array(getattr(types, lab), 3, "A"), a1, a1, a1,
                                     types.Array(types.int64, 3, "A")))
     return out

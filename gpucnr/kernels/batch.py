@@ -136,8 +136,10 @@ def measure_batch(
     padding = per_image(padding, math.nan, f64)
     polarity = per_image(polarity, 1.0, f64)
     # NB: the compiled kernels index with these values unchecked: nothing inconsistent gets past this line.
-    extents = _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept,
-                            polarity)
+    # NB: the device finds a label batch's ids without a read of its own: the label range rides in this transfer.
+    find_ids = impl is not None and roi_ids is None and labels is not None and kernel(impl, "label_dense") is not None
+    extents, label_range = _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope,
+                                         intercept, polarity, label_range=find_ids)
     exact = is_exact_integer(xp, images.dtype)
     region = None
     if params.background == "label":
@@ -156,12 +158,15 @@ def measure_batch(
             early = fused(images, shift, valid_h, valid_w, params.border, padding, with_range=True)
     else:
         shift = image_shift(xp, images, valid_h, valid_w, padding, impl=impl)
-    cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl)
-    n_ids = int(roi_ids.shape[0])
-    n_cells = n * n_ids
-    # NB: float images' plan reads the device; the window pass's sizes ride in that transfer (one sync, not two).
+    cells, grid, roi_ids, bits = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl,
+                                        label_range=label_range)
+    # NB: float images' plan reads the device; the window pass's sizes (and the presence of the candidate label
+    # ids, when the device is finding them) ride in that transfer (one sync, not two).
     extent = kernel(impl, "window_extent")
-    also = extent(cells) if extent is not None and not exact else None
+    pending = None if extent is None else extent(cells)
+    if pending is not None and bits is not None:
+        pending = xp.concat([pending, bits])
+    also = pending if not exact else None
     # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
     # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
     plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
@@ -183,8 +188,13 @@ def measure_batch(
     # NB: the device kernels size their window slots from the largest ROI box: read once (with the float plan's
     # values where it reads the device), shared by every kernel below.
     sizes = plan.also
-    if sizes is None and extent is not None and cells.image.shape[0]:
-        sizes = to_host(extent(cells)).tolist()
+    if sizes is None and pending is not None and (cells.image.shape[0] or bits is not None):
+        sizes = [int(v) for v in to_host(pending).tolist()]
+    if bits is not None:
+        sizes, present = sizes[:3], sizes[3:]
+        cells, grid, roi_ids = _compact_ids(xp, cells, roi_ids, present, n)
+    n_ids = int(roi_ids.shape[0])
+    n_cells = n * n_ids
     sized = {} if sizes is None else {"sizes": sizes}
     if windows is not None and cells.image.shape[0]:
         roi_sums, roi_rel, n_inside, bg_window, window_rel = windows(
@@ -336,17 +346,22 @@ def measure_batch(
     return out
 
 
-def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity):
+def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity, *,
+                  label_range=False):
     """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images.
 
     Shapes and dtypes are checked on the host as they come; the checks of values are gathered and read from the
     device together, in one transfer (a GPU batch pays one synchronisation for them, not one per check), with
-    the valid extents. The first failing check, in the order written, is the error raised.
+    the valid extents and, with `label_range`, the smallest non-zero and the largest label value.
+    The first failing check, in the order written, is the error raised.
 
     Returns
     -------
-    list of two lists of int
+    extents : list of two lists of int
         ``valid_h`` and ``valid_w`` on the host (for `plan_numerics`).
+    label_range : (int, int) or None
+        With `label_range`: the smallest non-zero label and the largest label as int64 (a uint64 label above
+        2**63 reads negative), ``(0, 0)`` for an all-zero label array; else None.
     """
     pending = []  # (0-d bool array: the check fails, message)
     if images.ndim != 3:
@@ -399,23 +414,42 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
                 key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
                 pending.append((xp.any(key[1:] == key[:-1]), "table has two rows for one (image, col)"))
     words = [xp.astype(xp.stack([xp.reshape(c, ()) for c, _ in pending]), xp.int64)] if pending else []
-    read = to_host(xp.concat([*words, xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64)])).tolist()
+    span = []
+    if label_range and labels.size:
+        lab = xp.astype(labels, xp.int64)
+        top = xp.max(lab)
+        span = [xp.stack([xp.min(xp.where(lab != 0, lab, xp.full_like(lab, 0) + top)), top])]
+    read = to_host(xp.concat([*words, xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64), *span])).tolist()
     failed = read[: len(pending)]
     for bad, (_, message) in zip(failed, pending, strict=True):
         if bad:
             raise InputError(message)
-    return [read[len(pending): len(pending) + n], read[len(pending) + n:]]
+    start = len(pending)
+    found = None
+    if label_range:
+        found = (int(read[start + 2 * n]), int(read[start + 2 * n + 1])) if span else (0, 0)
+    return [read[start: start + n], read[start + n: start + 2 * n]], found
 
 
-def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None):
-    """The present cells, the dense (n * L,) map from grid position to cell index (-1: absent), the ids."""
-    n = images.shape[0]
+def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None, *, label_range=None):
+    """The present cells, the dense (n * L,) map from grid position to cell index (-1: absent), the ids, and
+    None — or, when the device finds a label batch's ids (`label_range` read by the input checks, the range
+    small enough), the cells of every candidate id in that range and the candidates' presence (an int64 device
+    array) for `_compact_ids` once the caller has read it."""
+    n, height, width = images.shape
     dev = array_api_compat.device(images)
+    bits = None
     if labels is not None:
         exclude = params.background_label if params.background == "label" else None
         boxes = None
+        lo, hi = label_range if label_range is not None else (0, -1)
+        # NB: candidates' boxes cost n * span; a span beyond the pixels' count (sparse huge ids, uint64 ids above
+        # 2**63) takes the portable search, with its host reads.
+        span = hi - lo + 1 if lo >= 1 else (0 if (lo, hi) == (0, 0) else -1)
+        if label_range is not None and 0 <= span <= max(1024, (height * width) // 4):
+            *boxes, bits = kernel(impl, "label_dense")(labels, lo, span, valid_h, valid_w, exclude=exclude)
         compiled = kernel(impl, "label_boxes")
-        if compiled is not None:
+        if compiled is not None and boxes is None:
             boxes = compiled(labels, roi_ids, valid_h, valid_w, exclude=exclude)
         if boxes is None:
             boxes = label_boxes(xp, labels, roi_ids, valid_h, valid_w, exclude=exclude)
@@ -436,7 +470,7 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=No
                       x0=xp.take(x0, idx), x1=xp.take(x1, idx))
         rank = idx if impl == "cuda" else xp.cumulative_sum(xp.astype(present, xp.int64)) - 1
         grid = xp.where(present, rank, xp.full_like(rank, -1))
-        return cells, grid, roi_ids
+        return cells, grid, roi_ids, bits
     n_ids = int(roi_ids.shape[0])
     grid_pos = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
     image, col, kind = table["image"], table["col"], table["kind"]
@@ -456,10 +490,28 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=No
     cells = Cells(image=image, col=col, kind=kind, cx=cx, cy=cy, r=r, y0=y0, y1=y1, x0=x0, x1=x1)
     key = image * n_ids + col
     if key.shape[0] == 0:
-        return cells, xp.full_like(grid_pos, -1), roi_ids
+        return cells, xp.full_like(grid_pos, -1), roi_ids, None
     pos = xp.clip(xp.searchsorted(key, grid_pos), 0, key.shape[0] - 1)
     grid = xp.where(xp.take(key, pos) == grid_pos, pos, xp.full_like(pos, -1))
-    return cells, grid, roi_ids
+    return cells, grid, roi_ids, None
+
+
+def _compact_ids(xp, cells, candidates, present, n: int):
+    """The cells, grid and ids of the candidate label ids found present (`present`: host list, one flag per
+    candidate): `_cells`'s device-found cells (every image x candidate, in that order) narrowed to those ids
+    by a gather whose index is built on the host (a transfer to the device, not a read)."""
+    dev = array_api_compat.device(candidates)
+    span = int(candidates.shape[0])
+    cols = [k for k, bit in enumerate(present) if bit]
+    n_ids = len(cols)
+    idx = xp.asarray([i * span + k for i in range(n) for k in cols], dtype=xp.int64, device=dev)
+    roi_ids = xp.take(candidates, xp.asarray(cols, dtype=xp.int64, device=dev))
+    sub = cells.take(xp, idx)
+    pos = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
+    sub = Cells(image=pos // max(n_ids, 1), col=pos % max(n_ids, 1), kind=sub.kind, cx=sub.cx, cy=sub.cy, r=sub.r,
+                y0=sub.y0, y1=sub.y1, x0=sub.x0, x1=sub.x1)
+    grid = xp.where(sub.y1 > sub.y0, pos, xp.full_like(pos, -1))
+    return sub, grid, roi_ids
 
 
 def _entry(xp, a, impl=None):
