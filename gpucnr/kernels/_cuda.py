@@ -1247,7 +1247,7 @@ def label_dense(labels, lo: int, span: int, valid_h, valid_w, *, exclude=None):
 # ------------------------------------------------------------------------------------------ CNR and status
 
 #: `definition` codes of `_finish`.
-_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4}
+_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4, "viqa": 5}
 
 
 @cuda.jit
@@ -1284,7 +1284,7 @@ def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi
             vr, vb = var_roi_s[j], var_bg_s[j]
             if definition == 0:
                 noise2 = vr + vb
-            elif definition == 1:
+            elif definition == 1 or definition == 5:
                 noise2 = vb
             elif definition == 2:
                 noise2 = vr
@@ -1296,7 +1296,11 @@ def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi
                 value = math.inf if d != 0 else nan
             else:
                 value = abs(d) / math.sqrt(noise2)
-            if signed:
+            if definition == 5:
+                # NB: vIQA's (mr - mb) / std(b): always signed, never flipped by the display's polarity.
+                if d < 0:
+                    value = -value
+            elif signed:
                 if d < 0:
                     value = -value
                 value = value * polarity[j]
