@@ -219,6 +219,45 @@ def test_simulated_peer_definitions_equal_numpy(sim, monkeypatch, definition):
                          definition)
 
 
+@pytest.mark.parametrize("background", BACKGROUNDS)
+@pytest.mark.parametrize("rois", ["table", "labels"])
+def test_simulated_mrqy_equals_numpy(sim, monkeypatch, background, rois):
+    """MRQy's patch CNR on the device (`_mrqy`: arg-max of each region, the patch above-left of it) for every
+    background, squares and disks or labels, with padding, non-finite pixels and regions of negative values (their
+    maximum is a zero outside them): identical to the NumPy path."""
+    rng = np.random.default_rng(12)
+    n, h, w = 2, 22, 24
+    images = rng.normal(20.0, 6.0, (n, h, w))
+    images[0, 9:14, 8:13] += 30
+    images[1, 3:8, 14:20] = -rng.uniform(1, 5, (5, 6))  # a negative ROI
+    images[1, 3, 4] = np.nan
+    padding = np.array([images[0, 15, 2], np.nan])
+    lesions = np.zeros((n, h, w), np.int32)
+    lesions[:, 17:, :] = 9
+    lesions[0, 9:14, 8:13] = 1
+    labels = table = None
+    if rois == "labels":
+        labels = np.zeros((n, h, w), np.int32)
+        labels[0, 9:14, 8:13] = 1
+        labels[1, 3:8, 14:20] = 1
+        labels[:, 5:8, 3:6] = 2
+        roi_ids = np.array([1, 2], np.int64)
+    else:
+        rows = np.array([(0, 0, 1, 10, 11, 3), (0, 1, 0, 16, 5, 2), (1, 0, 0, 16, 5, 2), (1, 1, 1, 8, 12, 2)], np.int64)
+        table = {c: rows[:, k] for k, c in enumerate(("image", "col", "kind", "cx", "cy", "r"))}
+        roi_ids = np.arange(2, dtype=np.int64)
+    params = Params(background=background, definition="mrqy", dilation=2, border=1, min_bg=5, ring_gap=1,
+                    ring_width=3, background_label=9 if background == "label" else None)
+    kwargs = dict(roi_ids=roi_ids, params=params, labels=labels, table=table, lesions=lesions, padding=padding)
+    before = sim.LAUNCHES.get("_mrqy", 0)
+    got = measure_batch(NP, images, **kwargs)
+    assert sim.LAUNCHES.get("_mrqy", 0) > before
+    monkeypatch.setenv("GPUCNR_CUDA_SIM", "0")
+    expected = measure_batch(NP, images, **kwargs)
+    assert np.isfinite(expected["cnr"]).sum() >= 2
+    assert_same_as_numpy(([0, 1], got), ([0, 1], expected), f"mrqy {background} {rois}")
+
+
 def test_sweep_covers_every_dtype_and_definition():
     """The sweep above reaches every dtype and every definition (its parameters are chosen for that)."""
     dtypes = {np.dtype(DTYPES[s % len(DTYPES)]) for s in range(5)}

@@ -44,7 +44,7 @@ from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
 
 __all__ = ["LAUNCHES", "direct_background", "finish_cells", "gcnr_counts", "gcnr_values", "image_range",
-           "image_totals", "integer_pass", "label_boxes", "label_dense", "native", "signatures", "simulated",
+           "image_totals", "integer_pass", "label_boxes", "label_dense", "mrqy", "native", "signatures", "simulated",
            "union_sums", "window_extent", "window_sums"]
 
 
@@ -982,6 +982,166 @@ def gcnr_values(images, labels, cells, params, valid_h, valid_w, padding, region
     return xp.where(usable, value, xp.full_like(value, math.nan))
 
 
+# ------------------------------------------------------------------------------------------ MRQy's patches
+
+
+@cuda.jit(device=True, inline=True)
+def _sum25(a):  # pragma: no cover - compiled
+    """numpy's pairwise sum of 25 float64 values (8 running sums, combined as a tree, then the 25th): the order
+    numpy.mean uses for a row of 25, so `patches.mrqy`'s means are the same floats here."""
+    r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    for i in (8, 16):
+        r0 += a[i]
+        r1 += a[i + 1]
+        r2 += a[i + 2]
+        r3 += a[i + 3]
+        r4 += a[i + 4]
+        r5 += a[i + 5]
+        r6 += a[i + 6]
+        r7 += a[i + 7]
+    return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)) + a[24]
+
+
+@cuda.jit(device=True, inline=True)
+def _mrqy_member(images, labels, i, k_, cx, cy, r, ky0, ky1, kx0, kx1, wy0, wx0, h, w, vh, vw, border, mode, dist,
+                 slot, grow_dy, grow_w, keep_dy, keep_w, region, has_pad, pad, which, y, x):  # pragma: no cover
+    """Pixel (y, x) of image i, inside its valid extent, belongs to the cell's ROI (which 0: usable ROI pixels) or
+    to its background (which 1: complement and ring as the window kernels shape them, label and complement-all
+    from `region`), as `patches._regions` forms them."""
+    v = np.float64(images[i, y, x])
+    usable = math.isfinite(v) and not (has_pad and v == pad)
+    if which == 0:
+        return usable and _in_roi(labels, i, k_, cx, cy, r, ky0, ky1, kx0, kx1, y, x)
+    if mode == 0 or mode == 1:
+        if region[i, y, x] == 0:
+            return False
+        if mode == 0:
+            return True
+        inside = wy0 <= y < wy0 + h and wx0 <= x < wx0 + w
+        return not (inside and _dilated(k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy,
+                                        grow_w))
+    if not (usable and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w):
+        return False
+    if not (border <= y < vh - border and border <= x < vw - border):
+        return False
+    return _dilated(k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w) and not (
+        _dilated(k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, keep_dy, keep_w))
+
+
+@cuda.jit
+def _mrqy(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, mode, reach,
+          grow_dy, grow_w, keep_dy, keep_w, dist, region, value, zero):  # pragma: no cover - compiled
+    """MRQy's CNR per cell (`patches.mrqy`): for its ROI F and background B, the first maximum in row-major order of
+    the region's values zero-filled over the valid extent (a block-wide arg-max: larger value, then smaller index;
+    the same answer in any order), the 5 x 5 patch above-left of it (zeros beyond the top and left edges), and
+    mean(P_F - P_B) / std(P_B) with numpy's order of sums; `zero` flags std(P_B) == 0. One block per cell."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    height = images.shape[1]
+    width = images.shape[2]
+    best_v = cuda.shared.array(THREADS, np.float64)
+    best_q = cuda.shared.array(THREADS, np.int64)
+    at = cuda.shared.array(2, np.int64)
+    p_f = cuda.local.array(25, np.float64)
+    p_b = cuda.local.array(25, np.float64)
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
+        if ky1 <= ky0 or kx1 <= kx0:
+            # NB: an empty ROI dilates to nothing: no window, so no pixel is taken for its dilation.
+            h = 0
+        k_ = kind[j]
+        if mode != 0 and k_ != 0 and h > 0:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        for which in range(2):
+            bv = -math.inf
+            bq = np.int64(height * width)
+            for q in range(t, vh * width, THREADS):
+                y = q // width
+                x = q - y * width
+                if x >= vw:
+                    continue
+                v = 0.0
+                if _mrqy_member(images, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, vh,
+                                vw, border, mode, dist, slot, grow_dy, grow_w, keep_dy, keep_w, region, has_pad, pad,
+                                which, y, x):
+                    v = np.float64(images[i, y, x])
+                if v > bv:
+                    bv = v
+                    bq = q
+            best_v[t] = bv
+            best_q[t] = bq
+            cuda.syncthreads()
+            step = THREADS // 2
+            while step > 0:
+                if t < step:
+                    ov = best_v[t + step]
+                    oq = best_q[t + step]
+                    if ov > best_v[t] or (ov == best_v[t] and oq < best_q[t]):
+                        best_v[t] = ov
+                        best_q[t] = oq
+                cuda.syncthreads()
+                step //= 2
+            if t == 0:
+                at[which] = best_q[0]
+            cuda.syncthreads()
+        if t == 0:
+            for which in range(2):
+                a = at[which] // width
+                b = at[which] - a * width
+                for k in range(25):
+                    y = a - 5 + k // 5
+                    x = b - 5 + k % 5
+                    v = 0.0
+                    if y >= 0 and x >= 0 and _mrqy_member(images, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0,
+                                                          kx1, wy0, wx0, h, w, vh, vw, border, mode, dist, slot,
+                                                          grow_dy, grow_w, keep_dy, keep_w, region, has_pad, pad,
+                                                          which, y, x):
+                        v = np.float64(images[i, y, x])
+                    if which == 0:
+                        p_f[k] = v
+                    else:
+                        p_b[k] = v
+            mb = _sum25(p_b) / 25.0
+            for k in range(25):
+                p_f[k] = p_f[k] - p_b[k]
+                e = p_b[k] - mb
+                p_b[k] = e * e
+            diff = _sum25(p_f) / 25.0
+            var = _sum25(p_b) / 25.0
+            is_zero = var == 0
+            if is_zero:
+                if diff != 0:
+                    out = -math.inf if diff < 0 else math.inf
+                else:
+                    out = math.nan
+            else:
+                out = diff / math.sqrt(var)
+            value[j] = out
+            zero[j] = 1 if is_zero else 0
+        # NB: the next cell of this block overwrites `dist` and the arg-max buffers.
+        cuda.syncthreads()
+
+
+def mrqy(images, labels, cells, params, valid_h, valid_w, padding, region, *, sizes=None):
+    """MRQy's CNR of every cell (`patches.mrqy`'s contract: ``(cnr, zero_noise)``, shape (m,)) for device arrays,
+    in one launch with no host read; `region` as `gcnr_values`'s (the usable interior for the complement, the
+    label or complement-all background; None for the ring)."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    m = int(cells.image.shape[0])
+    value = xp.zeros((m,), dtype=xp.float64, device=dev)
+    zero = xp.zeros((m,), dtype=xp.int8, device=dev)
+    if m:
+        blocks, _, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
+                                                                        padding, dev, sizes)
+        _launch(_mrqy, blocks, THREADS, images, lab, *geometry, *per_image, *rows, dist, _region_array(xp, region, dev),
+                value, zero)
+    return value, zero != 0
+
+
 # ------------------------------------------------------------------------------------------ complement-all union
 
 
@@ -1247,13 +1407,13 @@ def label_dense(labels, lo: int, span: int, valid_h, valid_w, *, exclude=None):
 # ------------------------------------------------------------------------------------------ CNR and status
 
 #: `definition` codes of `_finish`.
-_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4, "viqa": 5}
+_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4, "viqa": 5, "mrqy": 6}
 
 
 @cuda.jit
 def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi_s, var_bg_s, slope, polarity,
-            n_inside, out_of_range, given, definition, signed, ddof, min_bg, o_n_roi, o_mean_roi, o_var_roi, o_n_bg,
-            o_mean_bg, o_var_bg, o_cnr, o_status):  # pragma: no cover - compiled
+            n_inside, out_of_range, given, given_zero, definition, signed, ddof, min_bg, o_n_roi, o_mean_roi, o_var_roi,
+            o_n_bg, o_mean_bg, o_var_bg, o_cnr, o_status):  # pragma: no cover - compiled
     """Per (image, roi) grid position q: the cell's moments scattered to q (fills where absent), its CNR under
     the definition (`cnr.contrast_to_noise`, operation for operation; gCNR values `given`), and its status
     (`cnr.cell_status`); a CNR is kept only where the status is ok or zero-noise."""
@@ -1278,8 +1438,10 @@ def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi
         o_mean_bg[q] = mean_bg[j]
         o_var_bg[q] = var_bg[j]
         zero = False
-        if definition == 4:
+        if definition == 4 or definition == 6:
+            # NB: gCNR and MRQy come formed (their own kernels); MRQy flags its zero noise.
             value = given[j]
+            zero = given_zero[j] != 0
         else:
             vr, vb = var_roi_s[j], var_bg_s[j]
             if definition == 0:
@@ -1321,11 +1483,12 @@ def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi
 
 
 def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slope, polarity, n_inside, out_of_range,
-                 given=None):
+                 given=None, given_zero=None):
     """The (n, L) outputs of `batch.measure_batch` but the per-image ones, in one launch: `moments` = (n_roi,
     mean_roi, var_roi, n_bg, mean_bg, var_bg) per cell, the scaled variances and contrast for the CNR, the
-    cells' slope and polarity, ROI pixels inside the valid region, numeric-range flags and, for gCNR, its values
-    (`given`). Same formulas, operation for operation, as the portable path (tests compare them)."""
+    cells' slope and polarity, ROI pixels inside the valid region, numeric-range flags and, for gCNR and MRQy,
+    their values (`given`; MRQy's zero-noise flags `given_zero`). Same formulas, operation for operation, as the
+    portable path (tests compare them)."""
     xp = array_api_compat.array_namespace(grid)
     dev = array_api_compat.device(grid)
     cells = n * n_ids
@@ -1338,6 +1501,8 @@ def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slo
     m = int(moments[0].shape[0])
     if given is None:
         given = xp.zeros((max(m, 1),), dtype=f64, device=dev)
+    if given_zero is None:
+        given_zero = xp.zeros((max(m, 1),), dtype=xp.bool, device=dev)
     if cells:
         if m == 0:
             # NB: no cell at all: one-element stand-ins, never read (every grid position is absent).
@@ -1352,7 +1517,8 @@ def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slo
                                               var_bg_s, slope, polarity)]
         _launch(_finish, max(1, min(-(-cells // THREADS), 4096)), THREADS, xp.astype(grid, xp.int64), ints[0],
                 floats[0], floats[1], ints[1], floats[2], floats[3], *floats[4:], xp.astype(n_inside, xp.int64),
-                xp.astype(out_of_range, xp.int8), xp.astype(given, f64), _DEFINITIONS[params.definition],
+                xp.astype(out_of_range, xp.int8), xp.astype(given, f64), xp.astype(given_zero, xp.int8),
+                _DEFINITIONS[params.definition],
                 bool(params.signed), int(params.ddof), int(params.min_bg), *outs, status)
     names = ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr")
     order = (outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6])
@@ -1384,8 +1550,8 @@ def signatures():
     u3 = types.Array(types.uint8, 3, "A")
     out = {"_int_pass": [], "_float_pass": [], "_float_finish": [(f2, f2, f1, f1)], "_int_windows": [],
            "_float_windows": [], "_label_boxes": [], "_gcnr_extremes": [], "_gcnr_windows": [], "_float_direct": [],
-           "_union_paint": [(*(a1,) * 9, u3)], "_union_rows": [], "_union_keep": [], "_label_dense": [],
-           "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, types.int64, types.boolean,
+           "_union_paint": [(*(a1,) * 9, u3)], "_union_rows": [], "_union_keep": [], "_label_dense": [], "_mrqy": [],
+           "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, i8, types.int64, types.boolean,
                         types.int64, types.int64, a1, f1, f1, a1, f1, f1, f1, i8)]}
     i64, b = types.int64, types.boolean
     for name in IMAGE_DTYPES:
@@ -1400,6 +1566,7 @@ def signatures():
             labels = types.Array(getattr(types, lab), 3, "A")
             out["_gcnr_extremes"].append((img, labels, *geometry, *tail, i2, u3, b, f2, f2))
             out["_gcnr_windows"].append((img, labels, *geometry, *tail, i2, u3, b, f2, c2, c2))
+            out["_mrqy"].append((img, labels, *geometry, *tail, i2, u3, f1, i8))
         if dt in (types.float32, types.float64):
             out["_float_pass"].append((img, f1, a1, a1, i64, f1, f1, a1, f2, f2, a1, f1, f1, i8))
             for lab in LABEL_DTYPES:

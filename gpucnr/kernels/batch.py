@@ -276,14 +276,20 @@ def measure_batch(
     var_roi, var_bg = var_roi * (a * a), var_bg * (a * a)
 
     finish = kernel(impl, "finish_cells")
+    if params.definition == "mrqy" and params.background == "complement-all" and keep is None:
+        finish = None  # NB: complement-all's union came from the portable pass (wide integers): MRQy's own path too
     if finish is not None and params.definition in finish.definitions:
         # NB: the device path forms CNR, status and the dense (n, L) grid in one kernel (same formulas as below).
-        given = None
+        given = given_zero = None
         if params.definition == "gcnr":
             given = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
                                     roi_ids, n_roi, n_bg, impl=impl, sizes=sizes, keep=keep)
+        elif params.definition == "mrqy":
+            region = histograms.background_region(xp, images, lesions, params, valid_h, valid_w, padding, keep)
+            given, given_zero = kernel(impl, "mrqy")(images, labels, cells, params, valid_h, valid_w, padding, region,
+                                                     **sized)
         out = finish(n, n_ids, grid, params, (n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg), diff, var_roi_s,
-                     var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given)
+                     var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given, given_zero)
         out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], out["status"], signed=params.signed)
         out["n_excluded"] = n_excluded
         out["roi_ids"] = roi_ids

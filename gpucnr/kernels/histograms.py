@@ -23,7 +23,8 @@ from gpucnr.kernels.masks import (
     union_masks,
 )
 
-__all__ = ["Segments", "bin_counts_of", "bin_thresholds", "gcnr", "gcnr_from_counts", "inner_edges"]
+__all__ = ["Segments", "background_region", "bin_counts_of", "bin_thresholds", "gcnr", "gcnr_from_counts",
+           "inner_edges"]
 
 
 class Segments:
@@ -96,16 +97,7 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
     vh, vw = valid_h[:, None, None], valid_w[:, None, None]
     device = kernel(impl, "gcnr_values")
     if device is not None and (keep is not None or params.background != "complement-all"):
-        region = None
-        if params.background != "ring":
-            # NB: look=False: no host read to skip the padding comparison.
-            bad = excluded_mask(xp, images, padding[:, None, None], look=False)
-            region = (ys >= params.border) & (ys < vh - params.border) & (xs >= params.border) & (
-                xs < vw - params.border) & ~bad
-            if params.background == "label":
-                region = region & (xp.astype(lesions, xp.int64) == params.background_label)
-            elif params.background == "complement-all":
-                region = region & (keep == 0)
+        region = background_region(xp, images, lesions, params, valid_h, valid_w, padding, keep)
         return device(images, labels, cells, params, valid_h, valid_w, padding, region, n_roi, n_bg, sizes=sizes)
     bad = excluded_mask(xp, images, padding[:, None, None])
     usable = (ys < vh) & (xs < vw) & ~bad
@@ -179,6 +171,27 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
     value = gcnr_from_counts(xp, roi_c, bg_c, n_roi, n_bg)
     usable_cell = (n_roi > 0) & (n_bg > 0)
     return xp.where(usable_cell, value, xp.full_like(value, math.nan))
+
+
+def background_region(xp, images, lesions, params, valid_h, valid_w, padding, keep=None):
+    """The image-level part of every cell's background for the device kernels, a bool (n, H, W) mask without a
+    host read: usable interior pixels (complement), those of the background label (label), those outside the
+    image's dilated union `keep` (complement-all, from `_cuda.union_sums`); None for the ring (all in windows)."""
+    if params.background == "ring":
+        return None
+    _, height, width = images.shape
+    ys = xp.arange(height, dtype=xp.int64)[None, :, None]
+    xs = xp.arange(width, dtype=xp.int64)[None, None, :]
+    vh, vw = valid_h[:, None, None], valid_w[:, None, None]
+    # NB: look=False: no host read to skip the padding comparison.
+    bad = excluded_mask(xp, images, padding[:, None, None], look=False)
+    region = (ys >= params.border) & (ys < vh - params.border) & (xs >= params.border) & (
+        xs < vw - params.border) & ~bad
+    if params.background == "label":
+        region = region & (xp.astype(lesions, xp.int64) == params.background_label)
+    elif params.background == "complement-all":
+        region = region & (keep == 0)
+    return region
 
 
 def inner_edges(xp, lo, hi, n_bins, widest: int):
