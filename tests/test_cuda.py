@@ -513,10 +513,12 @@ MAX_LAUNCHES, MAX_READS = 12, 2
 
 
 #: (definition, ROI source, background, dtype): every source x background x dtype for a moment definition; gCNR
-#: (whose histograms do not depend on the image's integer or float moments) on float images, tables and found ids.
+#: and MRQy (whose own kernels do not depend on the image's integer or float moments) on float images, tables and
+#: found ids.
 COUNTED = [("pooled", rois, background, dtype) for rois in ("table", "labels", "labels-found")
            for background in BACKGROUNDS for dtype in ("uint16", "float64")]
-COUNTED += [("gcnr", rois, background, "float64") for rois in ("table", "labels-found") for background in BACKGROUNDS]
+COUNTED += [(definition, rois, background, "float64") for definition in ("gcnr", "mrqy")
+            for rois in ("table", "labels-found") for background in BACKGROUNDS]
 
 
 @pytest.mark.parametrize(("definition", "rois", "background", "dtype"), COUNTED, ids="-".join)

@@ -990,7 +990,7 @@ def _sum25(a):  # pragma: no cover - compiled
     """numpy's pairwise sum of 25 float64 values (8 running sums, combined as a tree, then the 25th): the order
     numpy.mean uses for a row of 25, so `patches.mrqy`'s means are the same floats here."""
     r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
-    for i in (8, 16):
+    for i in range(8, 24, 8):
         r0 += a[i]
         r1 += a[i + 1]
         r2 += a[i + 2]
@@ -1004,10 +1004,16 @@ def _sum25(a):  # pragma: no cover - compiled
 
 @cuda.jit(device=True, inline=True)
 def _mrqy_member(images, labels, i, k_, cx, cy, r, ky0, ky1, kx0, kx1, wy0, wx0, h, w, vh, vw, border, mode, dist,
-                 slot, grow_dy, grow_w, keep_dy, keep_w, region, has_pad, pad, which, y, x):  # pragma: no cover
-    """Pixel (y, x) of image i, inside its valid extent, belongs to the cell's ROI (which 0: usable ROI pixels) or
-    to its background (which 1: complement and ring as the window kernels shape them, label and complement-all
-    from `region`), as `patches._regions` forms them."""
+                 grow_dy, grow_w, keep_dy, keep_w, region, padding, which, q):  # pragma: no cover - compiled
+    """Pixel q (row-major) of image i, inside its valid extent, belongs to the cell's ROI (which 0: usable ROI
+    pixels) or to its background (which 1: complement and ring as the window kernels shape them, label and
+    complement-all from `region`), as `patches._regions` forms them. NB: fewer than 30 arguments (CPython passes
+    more as a tuple, which numba cannot inline); the block's slot is its index."""
+    slot = cuda.blockIdx.x
+    y = q // images.shape[2]
+    x = q - y * images.shape[2]
+    pad = padding[i]
+    has_pad = math.isfinite(pad)
     v = np.float64(images[i, y, x])
     usable = math.isfinite(v) and not (has_pad and v == pad)
     if which == 0:
@@ -1053,8 +1059,6 @@ def _mrqy(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid
         if mode != 0 and k_ != 0 and h > 0:
             _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
         cuda.syncthreads()
-        pad = padding[i]
-        has_pad = math.isfinite(pad)
         for which in range(2):
             bv = -math.inf
             bq = np.int64(height * width)
@@ -1065,8 +1069,7 @@ def _mrqy(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid
                     continue
                 v = 0.0
                 if _mrqy_member(images, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, vh,
-                                vw, border, mode, dist, slot, grow_dy, grow_w, keep_dy, keep_w, region, has_pad, pad,
-                                which, y, x):
+                                vw, border, mode, dist, grow_dy, grow_w, keep_dy, keep_w, region, padding, which, q):
                     v = np.float64(images[i, y, x])
                 if v > bv:
                     bv = v
@@ -1096,9 +1099,9 @@ def _mrqy(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid
                     x = b - 5 + k % 5
                     v = 0.0
                     if y >= 0 and x >= 0 and _mrqy_member(images, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0,
-                                                          kx1, wy0, wx0, h, w, vh, vw, border, mode, dist, slot,
-                                                          grow_dy, grow_w, keep_dy, keep_w, region, has_pad, pad,
-                                                          which, y, x):
+                                                          kx1, wy0, wx0, h, w, vh, vw, border, mode, dist, grow_dy,
+                                                          grow_w, keep_dy, keep_w, region, padding, which,
+                                                          y * width + x):
                         v = np.float64(images[i, y, x])
                     if which == 0:
                         p_f[k] = v
