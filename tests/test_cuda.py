@@ -521,7 +521,7 @@ COUNTED += [(definition, rois, background, "float64") for definition in ("gcnr",
             for rois in ("table", "labels-found") for background in BACKGROUNDS]
 
 
-@pytest.mark.parametrize(("definition", "rois", "background", "dtype"), COUNTED, ids="-".join)
+@pytest.mark.parametrize(("definition", "rois", "background", "dtype"), COUNTED, ids=["-".join(c) for c in COUNTED])
 def test_launches_and_host_reads_per_batch(counting, definition, rois, background, dtype):
     """Per batch: at most 12 kernel launches and 2 host reads, the same for 2 and 5 ROI ids, for ROI tables, label
     arrays with their ids given and found on the device (roi_ids=None), every background (complement-all's union on
