@@ -258,6 +258,69 @@ def test_simulated_mrqy_equals_numpy(sim, monkeypatch, background, rois):
     assert_same_as_numpy(([0, 1], got), ([0, 1], expected), f"mrqy {background} {rois}")
 
 
+@pytest.mark.parametrize("ids", ["small", "sparse", "uint64"])
+def test_simulated_label_ids_found_on_the_device(sim, monkeypatch, ids):
+    """roi_ids=None: the ids of a label batch are found by `_label_dense` over the range the input checks read
+    (the background label and an id present only beyond the valid extent left out); ids too sparse for a candidate
+    table (1 and 2**40) or uint64 ids above 2**63 take the portable search. Same results as the NumPy path (fast
+    and portable: the portable search returned NumPy 2.4's unsorted unique values, and kept ids beyond the valid
+    extent) either way."""
+    images = np.random.default_rng(8).integers(0, 500, (2, 16, 18)).astype(np.uint16)
+    big = {"small": 7, "sparse": 2**40, "uint64": 2**63 + 5}[ids]
+    labels = np.zeros(images.shape, np.uint64 if ids == "uint64" else np.int64)
+    labels[0, 3:7, 4:9] = 3
+    labels[1, 9:13, 2:6] = big
+    labels[:, 14:, :] = 9  # the background label
+    labels[1, 2, 17] = 5  # beyond image 1's valid width: an id with no cell
+    params = Params(background="label", background_label=9, dilation=1, min_bg=5)
+    kwargs = dict(roi_ids=None, params=params, labels=labels, lesions=labels, valid_w=np.array([18, 15]))
+    before = sim.LAUNCHES.get("_label_dense", 0)
+    got = measure_batch(NP, images, **kwargs)
+    assert (sim.LAUNCHES.get("_label_dense", 0) > before) == (ids == "small")
+    monkeypatch.setenv("GPUCNR_CUDA_SIM", "0")
+    expected = measure_batch(NP, images, **kwargs)
+    portable = measure_batch(NP, images, fast=False, **kwargs)
+    found = [int(v) for v in expected["roi_ids"]]
+    assert found == sorted({3, big if ids != "uint64" else big - 2**64})
+    for name, out in (("device", got), ("portable", portable)):
+        assert_same_as_numpy(([int(v) for v in out["roi_ids"]], out), (found, expected), f"{name}: label ids {ids}")
+
+
+def test_gcnr_bin_thresholds_are_the_host_bin_counts():
+    """The device's bin counts (`histograms.bin_counts_of`, thresholds on n) equal `cnr.gcnr_bins` for every n up to
+    the bound, its float rounding included (1024**0.4 is a hair above 16, so 1024 takes 33 bins)."""
+    from gpucnr.kernels.cnr import gcnr_bins
+    from gpucnr.kernels.histograms import bin_counts_of
+
+    n = np.concatenate([np.arange(0, 20001), [2**20, 2**20 + 1, 3**12, 5**10 - 1, 5**10]]).astype(np.int64)
+    got, widest = bin_counts_of(NP, n, "auto", int(n.max()))
+    expected = np.array([gcnr_bins(int(v), "auto") if v > 0 else 1 for v in n])
+    np.testing.assert_array_equal(got, expected)
+    assert widest == expected.max() and gcnr_bins(1024, "auto") == 33
+    fixed, width = bin_counts_of(NP, n, 7, 10)
+    assert width == 7 and (fixed == np.where(n > 0, 7, 1)).all()
+
+
+def test_gcnr_from_counts_does_not_depend_on_the_width_of_the_count_arrays():
+    """gCNR from counts in exact integers: bins of zeros appended (the device's count arrays are wider than the
+    portable path's) change no bit, and the value is the exact fraction rounded once."""
+    from fractions import Fraction
+
+    from gpucnr.kernels.cnr import gcnr_from_counts
+
+    rng = np.random.default_rng(2)
+    roi = rng.integers(0, 50, (40, 13))
+    bg = rng.integers(0, 70, (40, 13))
+    n_roi, n_bg = roi.sum(axis=1), bg.sum(axis=1)
+    value = gcnr_from_counts(NP, roi, bg, n_roi, n_bg)
+    wide = gcnr_from_counts(NP, np.pad(roi, ((0, 0), (0, 300))), np.pad(bg, ((0, 0), (0, 300))), n_roi, n_bg)
+    np.testing.assert_array_equal(value, wide)
+    for k in range(40):
+        exact = 1 - sum(min(Fraction(int(a), int(n_roi[k])), Fraction(int(b), int(n_bg[k]))) for a, b in
+                        zip(roi[k], bg[k], strict=True))
+        assert value[k] == float(exact)
+
+
 def test_sweep_covers_every_dtype_and_definition():
     """The sweep above reaches every dtype and every definition (its parameters are chosen for that)."""
     dtypes = {np.dtype(DTYPES[s % len(DTYPES)]) for s in range(5)}
@@ -385,8 +448,8 @@ def test_every_kernel_compiles_to_ptx_for_sm90():
 @pytest.mark.skipif(os.environ.get("GPUCNR_PTX_ALL") != "1",
                     reason="every signature takes several minutes on 2 cores: set GPUCNR_PTX_ALL=1 to compile them")
 def test_every_kernel_signature_compiles_to_ptx_for_sm90():
-    """Every kernel for every image and label dtype (207 signatures). Opt-in: `make test` stays within its budget
-    with one signature per kernel above."""
+    """Every kernel for every image and label dtype (`_cuda.signatures()`, 399 of them, about ten minutes on 2 cores).
+    Opt-in: `make test` stays within its budget with one signature per kernel above."""
     from gpucnr.kernels import _cuda
 
     assert _compile_ptx("all") == sum(len(v) for v in _cuda.signatures().values())

@@ -1361,8 +1361,8 @@ def label_boxes(labels, roi_ids, valid_h, valid_w, *, exclude=None):
 @cuda.jit
 def _label_dense(labels, lo, exclude, valid_h, valid_w, boxes, bits):  # pragma: no cover - compiled
     """The batch's label ids found on the device, for label values within [lo, lo + R): bits[v - lo] = 1 for
-    every non-zero value v other than `exclude` (-1: none) anywhere in the array (as `masks.label_boxes` finds
-    them), and boxes[i, v - lo] = (y0, y1, x0, x1) of v in image i over its valid region (integer atomics;
+    every non-zero value v other than `exclude` (-1: none) inside an image's valid extent (as `masks.label_boxes`
+    finds them), and boxes[i, v - lo] = (y0, y1, x0, x1) of v in image i (integer atomics;
     y0 = x0 = BIG and y1 = x1 = -1 where absent). Every write to `bits` is the same 1. Block (i, b) takes rows
     b, b + B, ...; threads take columns."""
     height = labels.shape[1]
@@ -1373,15 +1373,14 @@ def _label_dense(labels, lo, exclude, valid_h, valid_w, boxes, bits):  # pragma:
         for y in range(cuda.blockIdx.y, height, cuda.gridDim.y):
             for x in range(cuda.threadIdx.x, width, THREADS):
                 v = np.int64(labels[i, y, x])
-                if v == 0 or v == exclude:
+                if v == 0 or v == exclude or y >= vh or x >= vw:
                     continue
                 k = v - lo
                 bits[k] = 1
-                if y < vh and x < vw:
-                    cuda.atomic.min(boxes, (i, k, 0), y)
-                    cuda.atomic.max(boxes, (i, k, 1), y + 1)
-                    cuda.atomic.min(boxes, (i, k, 2), x)
-                    cuda.atomic.max(boxes, (i, k, 3), x + 1)
+                cuda.atomic.min(boxes, (i, k, 0), y)
+                cuda.atomic.max(boxes, (i, k, 1), y + 1)
+                cuda.atomic.min(boxes, (i, k, 2), x)
+                cuda.atomic.max(boxes, (i, k, 3), x + 1)
 
 
 def label_dense(labels, lo: int, span: int, valid_h, valid_w, *, exclude=None):
