@@ -422,9 +422,9 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
     words = [xp.astype(xp.stack([xp.reshape(c, ()) for c, _ in pending]), xp.int64)] if pending else []
     span = []
     if label_range and labels.size:
-        lab = xp.astype(labels, xp.int64)
-        top = xp.max(lab)
-        span = [xp.stack([xp.min(xp.where(lab != 0, lab, xp.full_like(lab, 0) + top)), top])]
+        # NB: in the labels' own dtype (no int64 copy of the array); a uint64 above 2**63 wraps negative in int64.
+        top = xp.max(labels)
+        span = [xp.astype(xp.stack([xp.min(xp.where(labels != 0, labels, top)), top]), xp.int64)]
     read = to_host(xp.concat([*words, xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64), *span])).tolist()
     failed = read[: len(pending)]
     for bad, (_, message) in zip(failed, pending, strict=True):
