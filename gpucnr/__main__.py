@@ -1,7 +1,26 @@
-"""`python -m gpucnr` = the `gpucnr` command."""
+"""`python -m gpucnr` and the `gpucnr` command."""
 
+import signal
 import sys
 
-from gpucnr.cli import main
 
-sys.exit(main())
+def main() -> int:
+    """The `gpucnr` command: its exit status (`gpucnr.cli.main`).
+
+    Ctrl-C while the command's modules are still importing (a fraction of a second, more under load) is one line
+    and exit 130, not a traceback; once the command has returned, a late Ctrl-C is ignored while Python shuts
+    down — the command's work and its exit status are already decided, and a KeyboardInterrupt raised in an exit
+    handler would only print "Exception ignored" under the command's last line."""
+    try:
+        from gpucnr.cli import main as command
+    except KeyboardInterrupt:
+        print("gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again",
+              file=sys.stderr)
+        return 130
+    code = command()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

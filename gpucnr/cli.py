@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         # NB: a command that had written nothing worth continuing: say so in one line, no traceback.
         name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
-        done = {"report": "no report was written (report.html is written whole, at the end); run the same "
+        # NB: a command whose work was complete when the signal came (printing its summary) has nothing to continue
+        done = getattr(args, "completed", None) or {
+                "report": "no report was written (report.html is written whole, at the end); run the same "
                           "command again",
                 "filter": "no manifest was written (it is written whole, at the end); run the same command again",
                 # NB: a run interrupted after its last commit (or before its first) ends here: say where to look
@@ -323,6 +325,8 @@ def _dispatch(args) -> int:
                          follow_symlinks=args.follow_symlinks, progress=args.progress,
                          file_timeout=args.file_timeout, shard=args.shard, compressor=args.compressor,
                          resume=args.resume)
+        args.completed = (f"the ingest was complete: `gpucnr info {args.stack}` shows what was stored (nothing to "
+                          "resume)")
         print(summary.text(), flush=True)
         problems = summary.problems_text()
         if problems:
@@ -355,6 +359,8 @@ def _dispatch(args) -> int:
                  backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
                  resume=args.resume, progress=args.progress, group_columns=args.group_columns,
                  roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
+        args.completed = (f"the run was complete: `gpucnr info {args.results}` shows its summary (nothing to "
+                          "resume)")
         # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
         print(summary_table(ds, title="gpucnr run"), flush=True)
         unmatched = len(ds.attrs.get("rois_unmatched", []))

@@ -294,3 +294,42 @@ def test_likely_cause_of_unmatched_table_paths():
     assert "a folder inside SRC_DIR" in hint(["a.png", "b.png", "c.png"])
     assert "upper / lower case" in hint(["Benign/A.png", "benign/B.png"])
     assert hint(["benign/a.png", "benign/b.png", "gone.png"]) is None  # NB: most rows match: each row's own reason
+
+
+def test_ctrl_c_after_the_work_is_done_says_nothing_is_left(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while a completed ingest prints its summary: exit 130, and the one line says the stack is complete
+    (no `--resume` to suggest: a resume of a complete stack is refused). In-process, the signal stood for by a
+    KeyboardInterrupt raised from the summary's text."""
+    from gpucnr.cli import main
+    from gpucnr.sources.driver import IngestSummary
+
+    src = tmp_path / "src"
+    _images(src, 2)
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(IngestSummary, "text", interrupted)
+    stack = tmp_path / "s.zarr"
+    assert main(["ingest", str(src), str(stack)]) == 130
+    err = capsys.readouterr().err
+    assert err == (f"gpucnr: interrupted (SIGINT): the ingest was complete: `gpucnr info {stack}` shows what was "
+                   "stored (nothing to resume)\n"), err
+    assert gpucnr.open_stack(stack).n_images == 2
+
+
+def test_ctrl_c_while_the_command_imports_is_one_line():
+    """SIGINT while `gpucnr` still imports its modules (a fraction of a second; more under load): one line, exit
+    130, no traceback. The signal is stood for by an import hook that raises KeyboardInterrupt when gpucnr.cli is
+    imported, in a fresh Python running the command's entry point."""
+    code = ("import sys\n"
+            "class Stop:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'gpucnr.cli':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Stop())\n"
+            "from gpucnr.__main__ import main\n"
+            "sys.exit(main())\n")
+    done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again\n"
