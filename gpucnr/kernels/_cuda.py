@@ -1,11 +1,13 @@
 """The "cuda" kernels (`gpucnr.backend.fast_path` for CuPy): numba-cuda device kernels for the image pass,
-the ROI window pass and the label boxes, taking CuPy arrays through the CUDA array interface.
+the ROI window pass, the label boxes (and the ids when they are not given), complement-all's union, gCNR
+(extremes and histograms), MRQy's patches and the status/CNR step, taking CuPy arrays through the CUDA array
+interface. A batch costs at most 12 launches and 2 device->host reads (tests/test_cuda.py counts them).
 
 Each kernel reads each pixel once, keeps its running sums in registers and writes a handful of numbers per
 image or per cell. Integer sums (counts, exact int64 sums of d = x - c, ranges) meet in atomics, whose order
 does not matter; float sums never do: each block reduces its threads' partials in a fixed tree, and a second
 kernel adds the block partials of an image in block order, so a float result is the same bit for bit on every
-run (DESIGN §9).
+run (DESIGN §9). Float atomics serve only min and max, whose result does not depend on order.
 
 Arrays: every kernel argument must expose ``__cuda_array_interface__`` (numba would silently copy a NumPy
 argument to the device and back); outputs and temporaries are allocated through the arrays' own namespace,
@@ -38,12 +40,14 @@ import numpy as np
 from numba import cuda
 
 from gpucnr.backend import BackendUnavailableError, to_host
+from gpucnr.kernels.footprints import footprint_offsets, footprint_rows
 from gpucnr.kernels.masks import is_exact_integer, window_footprints
 from gpucnr.kernels.moments import image_shift
 from gpucnr.kernels.sums import Sums
 
-__all__ = ["LAUNCHES", "direct_background", "finish_cells", "gcnr_counts", "image_range", "image_totals",
-           "integer_pass", "label_boxes", "native", "signatures", "simulated", "window_extent", "window_sums"]
+__all__ = ["LAUNCHES", "direct_background", "finish_cells", "gcnr_counts", "gcnr_values", "image_range",
+           "image_totals", "integer_pass", "label_boxes", "label_dense", "mrqy", "native", "signatures", "simulated",
+           "union_sums", "window_extent", "window_sums"]
 
 
 if not _SYNC_CHOSEN:
@@ -684,11 +688,14 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
 
 @cuda.jit
 def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, reach,
-                  grow_dy, grow_w, shift, scale, ill, dist, out_n, out_s1, out_s2, centre):  # pragma: no cover
+                  grow_dy, grow_w, shift, scale, ill, dist, removed, use_removed, out_n, out_s1, out_s2,
+                  centre):  # pragma: no cover
     """Float images, complement background, the cells flagged `ill` only (the others' blocks move on at once):
     the background summed directly over the image's interior minus the cell's dilated ROI, two-pass about its
     own mean (`centre`, scaled units) — `batch._direct_background`, without a host read to pick the cells.
-    One block per cell; float sums are block tree reductions (fixed order)."""
+    complement-all (`use_removed`): the pixels left out are the image's dilated union (`removed`, from
+    `union_sums`) instead of the cell's dilated ROI. One block per cell; float sums are block tree reductions
+    (fixed order)."""
     slot = cuda.blockIdx.x
     t = cuda.threadIdx.x
     fbuf = cuda.shared.array((4, THREADS), np.float64)
@@ -697,7 +704,7 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         if ill[j] == 0:
             continue
         i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
-        has_roi = ky1 > ky0 and kx1 > kx0
+        has_roi = ky1 > ky0 and kx1 > kx0 and not use_removed
         k_ = kind[j]
         if has_roi and k_ != 0:
             _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
@@ -715,6 +722,8 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         for q in range(t, total, THREADS):
             y = iy0 + q // iw
             x = ix0 + q - (q // iw) * iw
+            if use_removed and removed[i, y, x] != 0:
+                continue
             if has_roi and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w and _dilated(
                     k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
                 continue
@@ -731,6 +740,8 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         for q in range(t, total, THREADS):
             y = iy0 + q // iw
             x = ix0 + q - (q // iw) * iw
+            if use_removed and removed[i, y, x] != 0:
+                continue
             if has_roi and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w and _dilated(
                     k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
                 continue
@@ -750,10 +761,12 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         cuda.syncthreads()
 
 
-def direct_background(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill, *, sizes=None):
-    """Same contract as `batch._direct_background` for the complement background of float images, for device
-    arrays and every cell at once: ``(sums, centre)`` of the cells flagged `ill` (bool, shape (m,)), zeros
-    elsewhere. One launch, no host read (`sizes` as `window_sums`'s)."""
+def direct_background(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill, *, sizes=None,
+                      removed=None):
+    """Same contract as `batch._direct_background` for the complement (and, with `removed`, the image's dilated
+    union from `union_sums`, complement-all) background of float images, for device arrays and every cell at
+    once: ``(sums, centre)`` of the cells flagged `ill` (bool, shape (m,)), zeros elsewhere. One launch, no host
+    read (`sizes` as `window_sums`'s)."""
     xp = array_api_compat.array_namespace(images)
     dev = array_api_compat.device(images)
     m = int(cells.image.shape[0])
@@ -765,8 +778,8 @@ def direct_background(images, labels, cells, params, shift, valid_h, valid_w, pa
     if m:
         vh, vw, pad, border, _, reach = per_image
         _launch(_float_direct, blocks, THREADS, images, lab, *geometry, vh, vw, pad, border, reach, *rows[:2],
-                xp.astype(shift, f64), xp.astype(scale, f64), xp.astype(ill, xp.int8), dist, out_n, out_s1, out_s2,
-                centre)
+                xp.astype(shift, f64), xp.astype(scale, f64), xp.astype(ill, xp.int8), dist,
+                _region_array(xp, removed, dev), removed is not None, out_n, out_s1, out_s2, centre)
     return Sums(out_n, out_s1, out_s2), centre
 
 
@@ -789,15 +802,81 @@ def _bin_of(edges, j, v):  # pragma: no cover - compiled
 
 
 @cuda.jit
+def _gcnr_extremes(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, mode,
+                   reach, grow_dy, grow_w, keep_dy, keep_w, dist, region, use_region, lo, hi):  # pragma: no cover
+    """Per cell j, the extremes of its two value multisets (the stored values as float64): lo/hi[j, 0] of the
+    ROI's usable pixels, lo/hi[j, 1] of its background — the ring's usable pixels (mode 2), or the image's
+    `region` (usable pixels of the background's image-level region) less, for the complement (mode 1), the
+    cell's dilated ROI. One block per cell over its window and, with `use_region`, its image's region; min and
+    max meet in atomics (order-free: the same result on every run). +inf/-inf where a multiset is empty."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    height = region.shape[1]
+    width = region.shape[2]
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
+        if ky1 <= ky0 or kx1 <= kx0:
+            continue
+        k_ = kind[j]
+        if mode != 0 and k_ != 0:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        rlo = math.inf
+        rhi = -math.inf
+        blo = math.inf
+        bhi = -math.inf
+        for q in range(t, h * w, THREADS):
+            y, x, in_roi, in_part = _window_pixel(q, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0,
+                                                  h, w, vh, vw, border, mode, dist, slot, grow_dy, grow_w, keep_dy,
+                                                  keep_w)
+            if not (in_roi or (mode == 2 and in_part)):
+                continue
+            v = np.float64(images[i, y, x])
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            if in_roi:
+                rlo = min(rlo, v)
+                rhi = max(rhi, v)
+            if mode == 2 and in_part:
+                blo = min(blo, v)
+                bhi = max(bhi, v)
+        if use_region:
+            # NB: the region holds usable interior pixels only; the complement leaves out the cell's dilated ROI.
+            for q in range(t, height * width, THREADS):
+                yy = q // width
+                xx = q - yy * width
+                if region[i, yy, xx] == 0:
+                    continue
+                if mode == 1 and wy0 <= yy < wy0 + h and wx0 <= xx < wx0 + w and _dilated(
+                        k_, ky0, ky1, kx0, kx1, yy, xx, yy - wy0, xx - wx0, h, w, dist, slot, grow_dy, grow_w):
+                    continue
+                v = np.float64(images[i, yy, xx])
+                blo = min(blo, v)
+                bhi = max(bhi, v)
+        cuda.atomic.min(lo, (j, 0), rlo)
+        cuda.atomic.max(hi, (j, 0), rhi)
+        cuda.atomic.min(lo, (j, 1), blo)
+        cuda.atomic.max(hi, (j, 1), bhi)
+        # NB: the next cell of this block overwrites `dist`.
+        cuda.syncthreads()
+
+
+@cuda.jit
 def _gcnr_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, mode,
-                  reach, grow_dy, grow_w, keep_dy, keep_w, dist, edges, roi_counts, bg_counts):  # pragma: no cover
+                  reach, grow_dy, grow_w, keep_dy, keep_w, dist, region, use_region, edges, roi_counts,
+                  bg_counts):  # pragma: no cover - compiled
     """One block per cell over its window (as `_int_windows`): the ROI's usable pixels counted into
     roi_counts[j, bin] and the background window part into bg_counts[j, bin], subtracted for the complement
-    (mode 1: the part is removed from the image region), added for the ring (mode 2). Integer atomics."""
+    (mode 1: the part is removed from the image region), added for the ring (mode 2); then, with `use_region`,
+    the usable pixels of the image-level `region` of the cell's image added to bg_counts. Integer atomics."""
     slot = cuda.blockIdx.x
     t = cuda.threadIdx.x
     sign = np.int64(-1) if mode == 1 else np.int64(1)
     one = np.int64(1)
+    height = region.shape[1]
+    width = region.shape[2]
     for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
         i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
         if ky1 <= ky0 or kx1 <= kx0:
@@ -823,36 +902,24 @@ def _gcnr_windows(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
                 cuda.atomic.add(roi_counts, (j, b), one)
             if in_part:
                 cuda.atomic.add(bg_counts, (j, b), sign)
+        if use_region:
+            for q in range(t, height * width, THREADS):
+                yy = q // width
+                xx = q - yy * width
+                if region[i, yy, xx] == 0:
+                    continue
+                cuda.atomic.add(bg_counts, (j, _bin_of(edges, j, np.float64(images[i, yy, xx]))), one)
         # NB: the next cell of this block overwrites `dist`.
         cuda.syncthreads()
 
 
-@cuda.jit
-def _gcnr_masked(values, mask, owner, edges, sign, counts):  # pragma: no cover - compiled
-    """counts[j, bin] += sign for every pixel of mask[owner[j]] (values and mask of shape (k, h, w)): the
-    image-level part of a cell's background (its image's region, or a complement-all union removed from it).
-    One block per cell (cells strided over the grid); threads take pixels; integer atomics."""
-    h = values.shape[1]
-    w = values.shape[2]
-    for j in range(cuda.blockIdx.x, owner.shape[0], cuda.gridDim.x):
-        i = owner[j]
-        for q in range(cuda.threadIdx.x, h * w, THREADS):
-            yy = q // w
-            xx = q - yy * w
-            if mask[i, yy, xx] == 0:
-                continue
-            b = _bin_of(edges, j, np.float64(values[i, yy, xx]))
-            cuda.atomic.add(counts, (j, b), sign)
-
-
-def gcnr_counts(images, labels, cells, params, valid_h, valid_w, padding, inner, region=None, removed=None):
-    """The histograms of every cell for gCNR (`histograms.gcnr`), for device arrays: ``(roi_counts, bg_counts)``
-    of shape (m, B) with B = inner.shape[1] + 1, cell j's bins being [e_b, e_(b+1)) over its inner edges
-    ``inner[j]`` (+inf past its own bins; the last bin closed). The background is `region` (a bool (n, H, W)
-    mask of each image's usable region, or None for the ring) minus, for complement, the cell's window part
-    (plus, for the ring, that part alone) and minus `removed` = ``(values, mask)`` (complement-all: each image's
-    dilated union, rows indexed by image). Counts are integers meeting in atomics: identical to the portable
-    path's."""
+def gcnr_counts(images, labels, cells, params, valid_h, valid_w, padding, inner, region=None, *, sizes=None):
+    """The histograms of every cell for gCNR, for device arrays: ``(roi_counts, bg_counts)`` of shape (m, B)
+    with B = inner.shape[1] + 1, cell j's bins being [e_b, e_(b+1)) over its inner edges ``inner[j]`` (+inf
+    past its own bins; the last bin closed). The background is `region` (a bool or uint8 (n, H, W) mask of each
+    image's usable background region, or None for the ring) minus, for the complement, the cell's window part
+    (for the ring, that part alone). Counts are integers meeting in atomics: identical to the portable path's.
+    One launch (`sizes` as `window_sums`'s)."""
     xp = array_api_compat.array_namespace(images)
     dev = array_api_compat.device(images)
     m = int(cells.image.shape[0])
@@ -866,16 +933,376 @@ def gcnr_counts(images, labels, cells, params, valid_h, valid_w, padding, inner,
         # NB: a zero-width edge array has no element for the kernels' indexing: +inf stands for "no edge".
         edges = xp.full((m, 1), math.inf, dtype=xp.float64, device=dev)
     blocks, _, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
-                                                                    padding, dev)
-    _launch(_gcnr_windows, blocks, THREADS, images, lab, *geometry, *per_image, *rows, dist, edges, roi_c, bg_c)
-    owner = geometry[0]
-    cell_blocks = max(1, min(m, _MAX_CELL_BLOCKS))
-    if region is not None:
-        _launch(_gcnr_masked, cell_blocks, THREADS, images, xp.astype(region, xp.uint8), owner, edges, 1, bg_c)
-    if removed is not None:
-        values, mask = removed
-        _launch(_gcnr_masked, cell_blocks, THREADS, values, xp.astype(mask, xp.uint8), owner, edges, -1, bg_c)
+                                                                    padding, dev, sizes)
+    reg = _region_array(xp, region, dev)
+    _launch(_gcnr_windows, blocks, THREADS, images, lab, *geometry, *per_image, *rows, dist, reg, region is not None,
+            edges, roi_c, bg_c)
     return roi_c, bg_c
+
+
+def _region_array(xp, region, dev):
+    """`region` as the kernels take it (uint8), or a one-pixel stand-in that is never read."""
+    if region is None:
+        return xp.zeros((1, 1, 1), dtype=xp.uint8, device=dev)
+    return region if region.dtype == xp.uint8 else xp.astype(region, xp.uint8)
+
+
+def gcnr_values(images, labels, cells, params, valid_h, valid_w, padding, region, n_roi, n_bg, *, sizes=None):
+    """gCNR of every cell (shape (m,), NaN where a region is empty) for device arrays, with no host read: the
+    extremes of each cell's ROI and background by `_gcnr_extremes`, the bins and their edges as array
+    operations (the formulas of `histograms.gcnr`, so the edges are the same floats), the counts by
+    `gcnr_counts`. The bin count comes from `histograms.bin_thresholds` (the host's ``gcnr_bins`` exactly,
+    as thresholds on n), the edge array's width from the largest ROI box (`sizes`), not from a read. Two
+    launches; memory O(pixels of the batch + cells x bins)."""
+    from gpucnr.kernels import histograms
+
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    f64 = xp.float64
+    m = int(cells.image.shape[0])
+    if m == 0:
+        return xp.zeros((0,), dtype=f64, device=dev)
+    if sizes is None:
+        sizes = to_host(window_extent(cells)).tolist()
+    blocks, _, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
+                                                                    padding, dev, sizes)
+    lo = xp.full((m, 2), math.inf, dtype=f64, device=dev)
+    hi = xp.full((m, 2), -math.inf, dtype=f64, device=dev)
+    _launch(_gcnr_extremes, blocks, THREADS, images, lab, *geometry, *per_image, *rows, dist,
+            _region_array(xp, region, dev), region is not None, lo, hi)
+    low = xp.minimum(lo[:, 0], lo[:, 1])
+    high = xp.maximum(hi[:, 0], hi[:, 1])
+    usable = (n_roi > 0) & (n_bg > 0)
+    # NB: cells with an empty region get NaN below; finite stand-ins keep their edges harmless meanwhile.
+    low = xp.where(usable, low, xp.zeros_like(low))
+    high = xp.where(usable, high, xp.zeros_like(high))
+    n_bins, widest = histograms.bin_counts_of(xp, xp.minimum(n_roi, n_bg), params.gcnr_bins,
+                                              int(sizes[0]) * int(sizes[1]))
+    inner = histograms.inner_edges(xp, low, high, n_bins, widest)
+    roi_c, bg_c = gcnr_counts(images, labels, cells, params, valid_h, valid_w, padding, inner, region, sizes=sizes)
+    value = histograms.gcnr_from_counts(xp, roi_c, bg_c, n_roi, n_bg)
+    return xp.where(usable, value, xp.full_like(value, math.nan))
+
+
+# ------------------------------------------------------------------------------------------ MRQy's patches
+
+
+@cuda.jit(device=True, inline=True)
+def _sum25(a):  # pragma: no cover - compiled
+    """numpy's pairwise sum of 25 float64 values (8 running sums, combined as a tree, then the 25th): the order
+    numpy.mean uses for a row of 25, so `patches.mrqy`'s means are the same floats here."""
+    r0, r1, r2, r3, r4, r5, r6, r7 = a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]
+    for i in range(8, 24, 8):
+        r0 += a[i]
+        r1 += a[i + 1]
+        r2 += a[i + 2]
+        r3 += a[i + 3]
+        r4 += a[i + 4]
+        r5 += a[i + 5]
+        r6 += a[i + 6]
+        r7 += a[i + 7]
+    return ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7)) + a[24]
+
+
+@cuda.jit(device=True, inline=True)
+def _mrqy_member(images, labels, i, k_, cx, cy, r, ky0, ky1, kx0, kx1, wy0, wx0, h, w, vh, vw, border, mode, dist,
+                 grow_dy, grow_w, keep_dy, keep_w, region, padding, which, q):  # pragma: no cover - compiled
+    """Pixel q (row-major) of image i, inside its valid extent, belongs to the cell's ROI (which 0: usable ROI
+    pixels) or to its background (which 1: complement and ring as the window kernels shape them, label and
+    complement-all from `region`), as `patches._regions` forms them. NB: fewer than 30 arguments (CPython passes
+    more as a tuple, which numba cannot inline); the block's slot is its index."""
+    slot = cuda.blockIdx.x
+    y = q // images.shape[2]
+    x = q - y * images.shape[2]
+    pad = padding[i]
+    has_pad = math.isfinite(pad)
+    v = np.float64(images[i, y, x])
+    usable = math.isfinite(v) and not (has_pad and v == pad)
+    if which == 0:
+        return usable and _in_roi(labels, i, k_, cx, cy, r, ky0, ky1, kx0, kx1, y, x)
+    if mode == 0 or mode == 1:
+        if region[i, y, x] == 0:
+            return False
+        if mode == 0:
+            return True
+        inside = wy0 <= y < wy0 + h and wx0 <= x < wx0 + w
+        return not (inside and _dilated(k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy,
+                                        grow_w))
+    if not (usable and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w):
+        return False
+    if not (border <= y < vh - border and border <= x < vw - border):
+        return False
+    return _dilated(k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w) and not (
+        _dilated(k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, keep_dy, keep_w))
+
+
+@cuda.jit
+def _mrqy(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, mode, reach,
+          grow_dy, grow_w, keep_dy, keep_w, dist, region, value, zero):  # pragma: no cover - compiled
+    """MRQy's CNR per cell (`patches.mrqy`): for its ROI F and background B, the first maximum in row-major order of
+    the region's values zero-filled over the valid extent (a block-wide arg-max: larger value, then smaller index;
+    the same answer in any order), the 5 x 5 patch above-left of it (zeros beyond the top and left edges), and
+    mean(P_F - P_B) / std(P_B) with numpy's order of sums; `zero` flags std(P_B) == 0. One block per cell."""
+    slot = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    height = images.shape[1]
+    width = images.shape[2]
+    best_v = cuda.shared.array(THREADS, np.float64)
+    best_q = cuda.shared.array(THREADS, np.int64)
+    at = cuda.shared.array(2, np.int64)
+    p_f = cuda.local.array(25, np.float64)
+    p_b = cuda.local.array(25, np.float64)
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        i, vh, vw, ky0, ky1, kx0, kx1, wy0, wx0, h, w = _window_of(j, image, y0, y1, x0, x1, valid_h, valid_w, reach)
+        if ky1 <= ky0 or kx1 <= kx0:
+            # NB: an empty ROI dilates to nothing: no window, so no pixel is taken for its dilation.
+            h = 0
+        k_ = kind[j]
+        if mode != 0 and k_ != 0 and h > 0:
+            _fill_dist(labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, dist, slot)
+        cuda.syncthreads()
+        for which in range(2):
+            bv = -math.inf
+            bq = np.int64(height * width)
+            for q in range(t, vh * width, THREADS):
+                y = q // width
+                x = q - y * width
+                if x >= vw:
+                    continue
+                v = 0.0
+                if _mrqy_member(images, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, wy0, wx0, h, w, vh,
+                                vw, border, mode, dist, grow_dy, grow_w, keep_dy, keep_w, region, padding, which, q):
+                    v = np.float64(images[i, y, x])
+                if v > bv:
+                    bv = v
+                    bq = q
+            best_v[t] = bv
+            best_q[t] = bq
+            cuda.syncthreads()
+            step = THREADS // 2
+            while step > 0:
+                if t < step:
+                    ov = best_v[t + step]
+                    oq = best_q[t + step]
+                    if ov > best_v[t] or (ov == best_v[t] and oq < best_q[t]):
+                        best_v[t] = ov
+                        best_q[t] = oq
+                cuda.syncthreads()
+                step //= 2
+            if t == 0:
+                at[which] = best_q[0]
+            cuda.syncthreads()
+        if t == 0:
+            for which in range(2):
+                a = at[which] // width
+                b = at[which] - a * width
+                for k in range(25):
+                    y = a - 5 + k // 5
+                    x = b - 5 + k % 5
+                    v = 0.0
+                    if y >= 0 and x >= 0 and _mrqy_member(images, labels, i, k_, cx[j], cy[j], r[j], ky0, ky1, kx0,
+                                                          kx1, wy0, wx0, h, w, vh, vw, border, mode, dist, grow_dy,
+                                                          grow_w, keep_dy, keep_w, region, padding, which,
+                                                          y * width + x):
+                        v = np.float64(images[i, y, x])
+                    if which == 0:
+                        p_f[k] = v
+                    else:
+                        p_b[k] = v
+            mb = _sum25(p_b) / 25.0
+            for k in range(25):
+                p_f[k] = p_f[k] - p_b[k]
+                e = p_b[k] - mb
+                p_b[k] = e * e
+            diff = _sum25(p_f) / 25.0
+            var = _sum25(p_b) / 25.0
+            is_zero = var == 0
+            if is_zero:
+                if diff != 0:
+                    out = -math.inf if diff < 0 else math.inf
+                else:
+                    out = math.nan
+            else:
+                out = diff / math.sqrt(var)
+            value[j] = out
+            zero[j] = 1 if is_zero else 0
+        # NB: the next cell of this block overwrites `dist` and the arg-max buffers.
+        cuda.syncthreads()
+
+
+def mrqy(images, labels, cells, params, valid_h, valid_w, padding, region, *, sizes=None):
+    """MRQy's CNR of every cell (`patches.mrqy`'s contract: ``(cnr, zero_noise)``, shape (m,)) for device arrays,
+    in one launch with no host read; `region` as `gcnr_values`'s (the usable interior for the complement, the
+    label or complement-all background; None for the ring)."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    m = int(cells.image.shape[0])
+    value = xp.zeros((m,), dtype=xp.float64, device=dev)
+    zero = xp.zeros((m,), dtype=xp.int8, device=dev)
+    if m:
+        blocks, _, dist, lab, geometry, rows, per_image = _window_setup(xp, labels, cells, params, valid_h, valid_w,
+                                                                        padding, dev, sizes)
+        _launch(_mrqy, blocks, THREADS, images, lab, *geometry, *per_image, *rows, dist, _region_array(xp, region, dev),
+                value, zero)
+    return value, zero != 0
+
+
+# ------------------------------------------------------------------------------------------ complement-all union
+
+
+@cuda.jit
+def _union_paint(image, kind, cx, cy, r, y0, y1, x0, x1, painted):  # pragma: no cover - compiled
+    """painted[i, y, x] = 1 over every geometric ROI (square, disk) of image i, clipped to its box (the valid
+    region). One block per cell; every write is the same 1, so overlapping ROIs need no order."""
+    for j in range(cuda.blockIdx.x, image.shape[0], cuda.gridDim.x):
+        i = image[j]
+        ky0, ky1, kx0, kx1 = y0[j], y1[j], x0[j], x1[j]
+        h = ky1 - ky0
+        w = kx1 - kx0
+        if h <= 0 or w <= 0:
+            continue
+        for q in range(cuda.threadIdx.x, h * w, THREADS):
+            y = ky0 + q // w
+            x = kx0 + q - (q // w) * w
+            # NB: kinds 0 and 1 only (a label ROI is its label array's non-zero pixels, `_union_rows`).
+            if _in_roi(painted, i, kind[j], cx[j], cy[j], r[j], ky0, ky1, kx0, kx1, y, x):
+                painted[i, y, x] = 1
+
+
+@cuda.jit
+def _union_rows(painted, labels, lesions, use_painted, use_labels, use_lesions, valid_h, valid_w,
+                dist):  # pragma: no cover - compiled
+    """dist[i, y, x] = distance along row y of image i to its nearest union pixel (a large number when the row
+    has none): union = painted ROIs, non-zero labels and non-zero lesion pixels (each where asked for) within
+    the valid region. One thread per row (rows grid-strided): a left and a right scan."""
+    n = dist.shape[0]
+    height = dist.shape[1]
+    width = dist.shape[2]
+    far = 1 << 30
+    for q in range(cuda.grid(1), n * height, cuda.gridsize(1)):
+        i = q // height
+        y = q - i * height
+        vw = valid_w[i]
+        live = y < valid_h[i]
+        last = -far
+        for x in range(width):
+            hit = False
+            if live and x < vw:
+                if use_painted and painted[i, y, x] != 0:
+                    hit = True
+                elif use_labels and labels[i, y, x] != 0:
+                    hit = True
+                elif use_lesions and lesions[i, y, x] != 0:
+                    hit = True
+            if hit:
+                last = x
+            dist[i, y, x] = x - last
+        nxt = far
+        for x in range(width - 1, -1, -1):
+            if dist[i, y, x] == 0:
+                nxt = x
+            if nxt - x < dist[i, y, x]:
+                dist[i, y, x] = nxt - x
+
+
+@cuda.jit
+def _union_keep(images, dist, valid_h, valid_w, padding, border, dys, widths, exact, shift_i, shift_f, scale, keep,
+                count, s1_i, s2_i, s1_f, s2_f):  # pragma: no cover - compiled
+    """complement-all, per image (one block each, images grid-strided): keep[i, y, x] = 1 on the usable interior
+    pixels of the union dilated by the footprint (rows dys, half-widths; from the row distances `dist`), and
+    the sums of d over them — d = x - c exact in int64 atomics (`exact`), else d = (x - c) * scale reduced by
+    the block's fixed tree (deterministic; one block per image, so no second kernel adds block partials)."""
+    t = cuda.threadIdx.x
+    height = images.shape[1]
+    buf = cuda.shared.array((4, THREADS), np.float64)
+    for i in range(cuda.blockIdx.x, images.shape[0], cuda.gridDim.x):
+        vh, vw = valid_h[i], valid_w[i]
+        y0, y1 = border, max(vh - border, border)
+        x0, x1 = border, max(vw - border, border)
+        iw = x1 - x0
+        pad = padding[i]
+        has_pad = math.isfinite(pad)
+        ci = shift_i[i]
+        cf = shift_f[i]
+        sc = scale[i]
+        k = np.int64(0)
+        a1 = np.int64(0)
+        a2 = np.int64(0)
+        f1 = 0.0
+        f2 = 0.0
+        for q in range(t, (y1 - y0) * iw, THREADS):
+            y = y0 + q // iw
+            x = x0 + q - (q // iw) * iw
+            hit = False
+            for kk in range(dys.shape[0]):
+                src = y - dys[kk]
+                if 0 <= src < height and dist[i, src, x] <= widths[kk]:
+                    hit = True
+                    break
+            if not hit:
+                continue
+            raw = images[i, y, x]
+            v = np.float64(raw)
+            if not math.isfinite(v) or (has_pad and v == pad):
+                continue
+            keep[i, y, x] = 1
+            k += 1
+            if exact:
+                d = np.int64(raw) - ci
+                a1 += d
+                a2 += d * d
+            else:
+                e = (v - cf) * sc
+                f1 += e
+                f2 += e * e
+        cuda.atomic.add(count, i, k)
+        if exact:
+            cuda.atomic.add(s1_i, i, a1)
+            cuda.atomic.add(s2_i, i, a2)
+        p1, p2, _, _ = _tree_sum(buf, f1, f2, 0.0, 0.0)
+        if t == 0 and not exact:
+            s1_f[i] = p1
+            s2_f[i] = p2
+
+
+def union_sums(images, labels, lesions, cells, params, shift, valid_h, valid_w, padding, scale=None):
+    """complement-all on device arrays: ``(sums, keep)`` — per image, the sums of d over its dilated ROI union
+    within the usable interior (as `batch._union_pass`), and that union as a uint8 (n, H, W) mask (gCNR and the
+    direct recompute of ill-conditioned backgrounds read it). The union: every geometric ROI (painted by
+    `_union_paint`), the label array's non-zero pixels, the lesions' non-zero pixels, within the valid region,
+    dilated by the complement's footprint. Two or three launches, no host read; memory O(pixels)."""
+    xp = array_api_compat.array_namespace(images)
+    dev = array_api_compat.device(images)
+    n, height, width = images.shape
+    exact = is_exact_integer(xp, images.dtype)
+    i64, f64 = xp.int64, xp.float64
+    stand_in = xp.zeros((1, 1, 1), dtype=xp.uint8, device=dev)
+    painted = stand_in
+    geometric = labels is None
+    m = int(cells.image.shape[0])
+    if geometric and m:
+        painted = xp.zeros((n, height, width), dtype=xp.uint8, device=dev)
+        geometry = [xp.astype(getattr(cells, k), i64) for k in ("image", "kind", "cx", "cy", "r", "y0", "y1", "x0",
+                                                                 "x1")]
+        _launch(_union_paint, max(1, min(m, _MAX_CELL_BLOCKS)), THREADS, *geometry, painted)
+    vh, vw = xp.astype(valid_h, i64), xp.astype(valid_w, i64)
+    dist = xp.zeros((n, height, width), dtype=xp.int32, device=dev)
+    keep = xp.zeros((n, height, width), dtype=xp.uint8, device=dev)
+    count = xp.zeros((n,), dtype=i64, device=dev)
+    s1_i, s2_i = xp.zeros((n,), dtype=i64, device=dev), xp.zeros((n,), dtype=i64, device=dev)
+    s1_f, s2_f = xp.zeros((n,), dtype=f64, device=dev), xp.zeros((n,), dtype=f64, device=dev)
+    if n:
+        rows_ = max(1, min(-(-(n * height) // THREADS), 4096))
+        _launch(_union_rows, rows_, THREADS, painted, labels if labels is not None else stand_in,
+                lesions if lesions is not None else stand_in, geometric and m > 0, labels is not None,
+                lesions is not None, vh, vw, dist)
+        dys, widths = _row_arrays(xp, footprint_rows(footprint_offsets(params.footprint, params.dilation)), dev)
+        sc = xp.ones((n,), dtype=f64, device=dev) if scale is None else xp.astype(scale, f64)
+        _launch(_union_keep, max(1, min(n, 65535)), THREADS, images, dist, vh, vw, xp.astype(padding, f64),
+                int(params.border), dys, widths, bool(exact), xp.astype(shift, i64) if exact else count,
+                xp.astype(shift, f64), sc, keep, count, s1_i, s2_i, s1_f, s2_f)
+    sums = Sums(count, s1_i, s2_i) if exact else Sums(count, s1_f, s2_f)
+    return sums, keep
 
 
 # ------------------------------------------------------------------------------------------ label boxes
@@ -909,25 +1336,6 @@ def _label_boxes(labels, roi_ids, valid_h, valid_w, boxes):  # pragma: no cover 
                     cuda.atomic.max(boxes, (i, lo, 3), x + 1)
 
 
-@cuda.jit
-def _boxes_finish(boxes, y0, y1, x0, x1):  # pragma: no cover - compiled
-    """Flatten the (n, L, 4) boxes to the four (n * L,) columns, absent ids as empty boxes (all zero)."""
-    n_ids = boxes.shape[1]
-    for q in range(cuda.grid(1), boxes.shape[0] * n_ids, cuda.gridsize(1)):
-        i = q // n_ids
-        col = q - i * n_ids
-        if boxes[i, col, 1] <= 0:
-            y0[q] = 0
-            y1[q] = 0
-            x0[q] = 0
-            x1[q] = 0
-        else:
-            y0[q] = boxes[i, col, 0]
-            y1[q] = boxes[i, col, 1]
-            x0[q] = boxes[i, col, 2]
-            x1[q] = boxes[i, col, 3]
-
-
 def label_boxes(labels, roi_ids, valid_h, valid_w, *, exclude=None):
     """Same contract as `gpucnr.kernels.masks.label_boxes`, for device arrays, when the ids are known (the
     ``roi`` dimension); None when `roi_ids` is None (the batch's ids are found by the portable path)."""
@@ -945,22 +1353,71 @@ def label_boxes(labels, roi_ids, valid_h, valid_w, *, exclude=None):
         boxes = boxes * 0 + start
         _launch(_label_boxes, (max(1, min(n, 65535)), _row_groups(height)), THREADS, labels, ids,
                 xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64), boxes)
-    cols = [xp.zeros((n * n_ids,), dtype=xp.int64, device=dev) for _ in range(4)]
-    if n * n_ids:
-        _launch(_boxes_finish, max(1, min(-(-(n * n_ids) // THREADS), 1024)), THREADS, boxes, *cols)
-    return (ids, *cols)
+    # NB: absent ids (no pixel: y1 stays -1) as empty boxes, all zero; array operations, not a launch.
+    flat = xp.reshape(boxes, (n * n_ids, 4))
+    present = flat[:, 1] > 0
+    zero = xp.zeros((n * n_ids,), dtype=xp.int64, device=dev)
+    return (ids, *(xp.where(present, flat[:, k], zero) for k in range(4)))
+
+
+@cuda.jit
+def _label_dense(labels, lo, exclude, valid_h, valid_w, boxes, bits):  # pragma: no cover - compiled
+    """The batch's label ids found on the device, for label values within [lo, lo + R): bits[v - lo] = 1 for
+    every non-zero value v other than `exclude` (-1: none) inside an image's valid extent (as `masks.label_boxes`
+    finds them), and boxes[i, v - lo] = (y0, y1, x0, x1) of v in image i (integer atomics;
+    y0 = x0 = BIG and y1 = x1 = -1 where absent). Every write to `bits` is the same 1. Block (i, b) takes rows
+    b, b + B, ...; threads take columns."""
+    height = labels.shape[1]
+    width = labels.shape[2]
+    for i in range(cuda.blockIdx.x, labels.shape[0], cuda.gridDim.x):
+        vh = valid_h[i]
+        vw = valid_w[i]
+        for y in range(cuda.blockIdx.y, height, cuda.gridDim.y):
+            for x in range(cuda.threadIdx.x, width, THREADS):
+                v = np.int64(labels[i, y, x])
+                if v == 0 or v == exclude or y >= vh or x >= vw:
+                    continue
+                k = v - lo
+                bits[k] = 1
+                cuda.atomic.min(boxes, (i, k, 0), y)
+                cuda.atomic.max(boxes, (i, k, 1), y + 1)
+                cuda.atomic.min(boxes, (i, k, 2), x)
+                cuda.atomic.max(boxes, (i, k, 3), x + 1)
+
+
+def label_dense(labels, lo: int, span: int, valid_h, valid_w, *, exclude=None):
+    """Label boxes when the ids are not given, without a host read: every value of [lo, lo + span) is a
+    candidate id (`lo`, `span` from the batch's smallest non-zero and largest label, which the input checks
+    read). Returns ``(ids, y0, y1, x0, x1, bits)``: the candidates, their boxes as `label_boxes`'s (shape
+    (n * span,)) and the int64 presence of each candidate (shape (span,)), which the caller reads with its
+    next transfer and hands to `compact_ids`. One launch; memory O(n * span), which the caller bounds."""
+    xp = array_api_compat.array_namespace(labels)
+    dev = array_api_compat.device(labels)
+    n, height, _ = labels.shape
+    ids = xp.arange(lo, lo + span, dtype=xp.int64, device=dev)
+    start = xp.asarray([_BIG, -1, _BIG, -1], dtype=xp.int64, device=dev)
+    boxes = xp.zeros((n, span, 4), dtype=xp.int64, device=dev) + start
+    bits = xp.zeros((span,), dtype=xp.int64, device=dev)
+    if n * span:
+        _launch(_label_dense, (max(1, min(n, 65535)), _row_groups(height)), THREADS, labels, int(lo),
+                -1 if exclude is None else int(exclude), xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64),
+                boxes, bits)
+    flat = xp.reshape(boxes, (n * span, 4))
+    present = flat[:, 1] > 0
+    zero = xp.zeros((n * span,), dtype=xp.int64, device=dev)
+    return (ids, *(xp.where(present, flat[:, k], zero) for k in range(4)), bits)
 
 
 # ------------------------------------------------------------------------------------------ CNR and status
 
 #: `definition` codes of `_finish`.
-_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4}
+_DEFINITIONS = {"pooled": 0, "background": 1, "roi": 2, "pooled-mean": 3, "gcnr": 4, "viqa": 5, "mrqy": 6}
 
 
 @cuda.jit
 def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi_s, var_bg_s, slope, polarity,
-            n_inside, out_of_range, given, definition, signed, ddof, min_bg, o_n_roi, o_mean_roi, o_var_roi, o_n_bg,
-            o_mean_bg, o_var_bg, o_cnr, o_status):  # pragma: no cover - compiled
+            n_inside, out_of_range, given, given_zero, definition, signed, ddof, min_bg, o_n_roi, o_mean_roi, o_var_roi,
+            o_n_bg, o_mean_bg, o_var_bg, o_cnr, o_status):  # pragma: no cover - compiled
     """Per (image, roi) grid position q: the cell's moments scattered to q (fills where absent), its CNR under
     the definition (`cnr.contrast_to_noise`, operation for operation; gCNR values `given`), and its status
     (`cnr.cell_status`); a CNR is kept only where the status is ok or zero-noise."""
@@ -985,13 +1442,15 @@ def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi
         o_mean_bg[q] = mean_bg[j]
         o_var_bg[q] = var_bg[j]
         zero = False
-        if definition == 4:
+        if definition == 4 or definition == 6:
+            # NB: gCNR and MRQy come formed (their own kernels); MRQy flags its zero noise.
             value = given[j]
+            zero = given_zero[j] != 0
         else:
             vr, vb = var_roi_s[j], var_bg_s[j]
             if definition == 0:
                 noise2 = vr + vb
-            elif definition == 1:
+            elif definition == 1 or definition == 5:
                 noise2 = vb
             elif definition == 2:
                 noise2 = vr
@@ -1003,7 +1462,11 @@ def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi
                 value = math.inf if d != 0 else nan
             else:
                 value = abs(d) / math.sqrt(noise2)
-            if signed:
+            if definition == 5:
+                # NB: vIQA's (mr - mb) / std(b): always signed, never flipped by the display's polarity.
+                if d < 0:
+                    value = -value
+            elif signed:
                 if d < 0:
                     value = -value
                 value = value * polarity[j]
@@ -1024,11 +1487,12 @@ def _finish(grid, n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg, diff, var_roi
 
 
 def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slope, polarity, n_inside, out_of_range,
-                 given=None):
+                 given=None, given_zero=None):
     """The (n, L) outputs of `batch.measure_batch` but the per-image ones, in one launch: `moments` = (n_roi,
     mean_roi, var_roi, n_bg, mean_bg, var_bg) per cell, the scaled variances and contrast for the CNR, the
-    cells' slope and polarity, ROI pixels inside the valid region, numeric-range flags and, for gCNR, its values
-    (`given`). Same formulas, operation for operation, as the portable path (tests compare them)."""
+    cells' slope and polarity, ROI pixels inside the valid region, numeric-range flags and, for gCNR and MRQy,
+    their values (`given`; MRQy's zero-noise flags `given_zero`). Same formulas, operation for operation, as the
+    portable path (tests compare them)."""
     xp = array_api_compat.array_namespace(grid)
     dev = array_api_compat.device(grid)
     cells = n * n_ids
@@ -1041,6 +1505,8 @@ def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slo
     m = int(moments[0].shape[0])
     if given is None:
         given = xp.zeros((max(m, 1),), dtype=f64, device=dev)
+    if given_zero is None:
+        given_zero = xp.zeros((max(m, 1),), dtype=xp.bool, device=dev)
     if cells:
         if m == 0:
             # NB: no cell at all: one-element stand-ins, never read (every grid position is absent).
@@ -1055,7 +1521,8 @@ def finish_cells(n, n_ids, grid, params, moments, diff, var_roi_s, var_bg_s, slo
                                               var_bg_s, slope, polarity)]
         _launch(_finish, max(1, min(-(-cells // THREADS), 4096)), THREADS, xp.astype(grid, xp.int64), ints[0],
                 floats[0], floats[1], ints[1], floats[2], floats[3], *floats[4:], xp.astype(n_inside, xp.int64),
-                xp.astype(out_of_range, xp.int8), xp.astype(given, f64), _DEFINITIONS[params.definition],
+                xp.astype(out_of_range, xp.int8), xp.astype(given, f64), xp.astype(given_zero, xp.int8),
+                _DEFINITIONS[params.definition],
                 bool(params.signed), int(params.ddof), int(params.min_bg), *outs, status)
     names = ("n_roi", "mean_roi", "var_roi", "n_bg", "mean_bg", "var_bg", "cnr")
     order = (outs[0], outs[1], outs[2], outs[3], outs[4], outs[5], outs[6])
@@ -1084,10 +1551,11 @@ def signatures():
     i8 = types.Array(types.int8, 1, "A")
     i2 = types.Array(types.int32, 2, "A")
     b2 = types.Array(types.int8, 2, "A")
+    u3 = types.Array(types.uint8, 3, "A")
     out = {"_int_pass": [], "_float_pass": [], "_float_finish": [(f2, f2, f1, f1)], "_int_windows": [],
-           "_float_windows": [], "_label_boxes": [], "_gcnr_windows": [], "_gcnr_masked": [], "_float_direct": [],
-           "_boxes_finish": [(types.Array(types.int64, 3, "A"), a1, a1, a1, a1)],
-           "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, types.int64, types.boolean,
+           "_float_windows": [], "_label_boxes": [], "_gcnr_extremes": [], "_gcnr_windows": [], "_float_direct": [],
+           "_union_paint": [(*(a1,) * 9, u3)], "_union_rows": [], "_union_keep": [], "_label_dense": [], "_mrqy": [],
+           "_finish": [(a1, a1, f1, f1, a1, f1, f1, f1, f1, f1, f1, f1, a1, i8, f1, i8, types.int64, types.boolean,
                         types.int64, types.int64, a1, f1, f1, a1, f1, f1, f1, i8)]}
     i64, b = types.int64, types.boolean
     for name in IMAGE_DTYPES:
@@ -1096,15 +1564,18 @@ def signatures():
         geometry = (a1,) * 9
         tail = (a1, a1, f1, i64, i64, i64, a1, a1, a1, a1)
         c2 = types.Array(types.int64, 2, "A")
-        out["_gcnr_masked"].append((img, types.Array(types.uint8, 3, "A"), a1, f2, i64, c2))
+        out["_union_keep"].append((img, types.Array(types.int32, 3, "A"), a1, a1, f1, i64, a1, a1, b, a1, f1, f1,
+                                   u3, a1, a1, a1, f1, f1))
         for lab in LABEL_DTYPES:
-            out["_gcnr_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, i2, f2, c2,
-                                         c2))
+            labels = types.Array(getattr(types, lab), 3, "A")
+            out["_gcnr_extremes"].append((img, labels, *geometry, *tail, i2, u3, b, f2, f2))
+            out["_gcnr_windows"].append((img, labels, *geometry, *tail, i2, u3, b, f2, c2, c2))
+            out["_mrqy"].append((img, labels, *geometry, *tail, i2, u3, f1, i8))
         if dt in (types.float32, types.float64):
             out["_float_pass"].append((img, f1, a1, a1, i64, f1, f1, a1, f2, f2, a1, f1, f1, i8))
             for lab in LABEL_DTYPES:
                 out["_float_direct"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, a1, a1, f1,
-                                             i64, i64, a1, a1, f1, f1, i8, i2, a1, f1, f1, f1))
+                                             i64, i64, a1, a1, f1, f1, i8, i2, u3, b, a1, f1, f1, f1))
                 out["_float_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, f1,
                                               f1, i2, b2, a1, f1, f1, a1, a1, f1, f1, f1, f1))
         else:
@@ -1114,6 +1585,11 @@ def signatures():
                 out["_int_windows"].append((img, types.Array(getattr(types, lab), 3, "A"), *geometry, *tail, a1,
                                             i2, a1, a1, a1, a1, a1, a1, a1))
     for lab in LABEL_DTYPES:
+        labels = types.Array(getattr(types, lab), 3, "A")
+        # NB: the union's label array and lesions, each with the other absent (a uint8 stand-in) or alike.
+        for pair in ((labels, u3), (u3, labels), (labels, labels)):
+            out["_union_rows"].append((u3, *pair, b, b, b, a1, a1, types.Array(types.int32, 3, "A")))
+        out["_label_dense"].append((labels, i64, i64, a1, a1, types.Array(types.int64, 3, "A"), a1))
         out["_label_boxes"].append((types.Array(getattr(types, lab), 3, "A"), a1, a1, a1,
                                     types.Array(types.int64, 3, "A")))
     return out

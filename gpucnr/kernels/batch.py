@@ -136,8 +136,10 @@ def measure_batch(
     padding = per_image(padding, math.nan, f64)
     polarity = per_image(polarity, 1.0, f64)
     # NB: the compiled kernels index with these values unchecked: nothing inconsistent gets past this line.
-    extents = _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept,
-                            polarity)
+    # NB: the device finds a label batch's ids without a read of its own: the label range rides in this transfer.
+    find_ids = impl is not None and roi_ids is None and labels is not None and kernel(impl, "label_dense") is not None
+    extents, label_range = _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope,
+                                         intercept, polarity, label_range=find_ids)
     exact = is_exact_integer(xp, images.dtype)
     region = None
     if params.background == "label":
@@ -156,12 +158,15 @@ def measure_batch(
             early = fused(images, shift, valid_h, valid_w, params.border, padding, with_range=True)
     else:
         shift = image_shift(xp, images, valid_h, valid_w, padding, impl=impl)
-    cells, grid, roi_ids = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl)
-    n_ids = int(roi_ids.shape[0])
-    n_cells = n * n_ids
-    # NB: float images' plan reads the device; the window pass's sizes ride in that transfer (one sync, not two).
+    cells, grid, roi_ids, bits = _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl,
+                                        label_range=label_range)
+    # NB: float images' plan reads the device; the window pass's sizes (and the presence of the candidate label
+    # ids, when the device is finding them) ride in that transfer (one sync, not two).
     extent = kernel(impl, "window_extent")
-    also = extent(cells) if extent is not None and not exact else None
+    pending = None if extent is None else extent(cells)
+    if pending is not None and bits is not None:
+        pending = xp.concat([pending, bits])
+    also = pending if not exact else None
     # NB: the written rule of docs/accuracy.md ("Exact arithmetic at the edges of the types"): per image, its
     # range decides numeric-range, one int64 word or limbs (integers), the power of two scaling x - c (floats).
     plan = plan_numerics(xp, images, shift, valid_h, valid_w, padding, impl=impl,
@@ -180,8 +185,18 @@ def measure_batch(
         )
 
     windows = kernel(sums_impl, "window_sums")
+    # NB: the device kernels size their window slots from the largest ROI box: read once (with the float plan's
+    # values where it reads the device), shared by every kernel below.
+    sizes = plan.also
+    if sizes is None and pending is not None and (cells.image.shape[0] or bits is not None):
+        sizes = [int(v) for v in to_host(pending).tolist()]
+    if bits is not None:
+        sizes, present = sizes[:3], sizes[3:]
+        cells, grid, roi_ids = _compact_ids(xp, cells, roi_ids, present, n)
+    n_ids = int(roi_ids.shape[0])
+    n_cells = n * n_ids
+    sized = {} if sizes is None else {"sizes": sizes}
     if windows is not None and cells.image.shape[0]:
-        sized = {} if plan.also is None else {"sizes": plan.also}
         roi_sums, roi_rel, n_inside, bg_window, window_rel = windows(
             images, labels, cells, params, shift, valid_h, valid_w, padding, scale, **sized
         )
@@ -194,7 +209,7 @@ def measure_batch(
     # Background sums per cell: image-level region (+/-) the cell's window part (DESIGN §4, §7). Float sums
     # are about the image's shift plus a centre ("rel", scaled units: 0 unless two-pass).
     bg_rel = xp.zeros((cells.image.shape[0],), dtype=f64, device=dev)
-    removed = None
+    removed = keep = None
     if params.background == "complement":
         bg = _gather_sums(xp, totals, cells.image) - bg_window
         removed = None if exact else bg_window.s2
@@ -206,8 +221,13 @@ def measure_batch(
         if region_centre is not None:
             bg_rel = xp.take(region_centre, cells.image)
     else:
-        union = _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                            shift, roi_ids, scale=scale, limbs=limbs, impl=impl)
+        device_union = kernel(sums_impl, "union_sums")
+        if device_union is not None:
+            union, keep = device_union(images, labels, lesions, cells, params, shift, valid_h, valid_w, padding,
+                                       scale)
+        else:
+            union = _union_pass(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
+                                shift, roi_ids, scale=scale, limbs=limbs, impl=impl)
         bg = _gather_sums(xp, totals - union, cells.image)
         removed = None if exact else xp.take(union.s2, cells.image)
 
@@ -218,14 +238,15 @@ def measure_batch(
     else:
         n_roi, md_roi, var_roi_s = float_moments(xp, roi_sums, roi_rel, params.ddof)
         n_bg, md_bg, var_bg_s = float_moments(xp, bg, bg_rel, params.ddof)
-        direct = kernel(sums_impl, "direct_background") if params.background == "complement" else None
+        direct = kernel(sums_impl, "direct_background")
+        if params.background == "complement-all" and keep is None:
+            direct = None
         if removed is not None and direct is not None:
             # NB: the device recomputes the flagged cells in one launch, the others' blocks skipping at once: no
             # host read to find them.
             ill = _ill_conditioned(xp, bg, removed, params.ddof)
-            sized = {} if plan.also is None else {"sizes": plan.also}
             sums_d, centre = direct(images, labels, cells, params, shift, valid_h, valid_w, padding, scale, ill,
-                                    **sized)
+                                    removed=keep, **sized)
             _, md_d, var_d = float_moments(xp, sums_d, bg_rel + centre, params.ddof)
             md_bg = xp.where(ill, md_d, md_bg)
             var_bg_s = xp.where(ill, var_d, var_bg_s)
@@ -255,14 +276,20 @@ def measure_batch(
     var_roi, var_bg = var_roi * (a * a), var_bg * (a * a)
 
     finish = kernel(impl, "finish_cells")
+    if params.definition == "mrqy" and params.background == "complement-all" and keep is None:
+        finish = None  # NB: complement-all's union came from the portable pass (wide integers): MRQy's own path too
     if finish is not None and params.definition in finish.definitions:
         # NB: the device path forms CNR, status and the dense (n, L) grid in one kernel (same formulas as below).
-        given = None
+        given = given_zero = None
         if params.definition == "gcnr":
             given = histograms.gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding,
-                                    roi_ids, n_roi, n_bg, impl=impl)
+                                    roi_ids, n_roi, n_bg, impl=impl, sizes=sizes, keep=keep)
+        elif params.definition == "mrqy":
+            region = histograms.background_region(xp, images, lesions, params, valid_h, valid_w, padding, keep)
+            given, given_zero = kernel(impl, "mrqy")(images, labels, cells, params, valid_h, valid_w, padding, region,
+                                                     **sized)
         out = finish(n, n_ids, grid, params, (n_roi, mean_roi, var_roi, n_bg, mean_bg, var_bg), diff, var_roi_s,
-                     var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given)
+                     var_bg_s, a, xp.take(polarity, cells.image), n_inside, out_of_range, given, given_zero)
         out["cnr_median"], out["n_valid"] = median_of_valid(xp, out["cnr"], out["status"], signed=params.signed)
         out["n_excluded"] = n_excluded
         out["roi_ids"] = roi_ids
@@ -325,17 +352,22 @@ def measure_batch(
     return out
 
 
-def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity):
+def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w, slope, intercept, polarity, *,
+                  label_range=False):
     """`InputError` unless the batch's per-image values, ROI table and label arrays agree with its images.
 
     Shapes and dtypes are checked on the host as they come; the checks of values are gathered and read from the
     device together, in one transfer (a GPU batch pays one synchronisation for them, not one per check), with
-    the valid extents. The first failing check, in the order written, is the error raised.
+    the valid extents and, with `label_range`, the smallest non-zero and the largest label value.
+    The first failing check, in the order written, is the error raised.
 
     Returns
     -------
-    list of two lists of int
+    extents : list of two lists of int
         ``valid_h`` and ``valid_w`` on the host (for `plan_numerics`).
+    label_range : (int, int) or None
+        With `label_range`: the smallest non-zero label and the largest label as int64 (a uint64 label above
+        2**63 reads negative), ``(0, 0)`` for an all-zero label array; else None.
     """
     pending = []  # (0-d bool array: the check fails, message)
     if images.ndim != 3:
@@ -388,23 +420,42 @@ def _check_inputs(xp, images, roi_ids, labels, table, lesions, valid_h, valid_w,
                 key = xp.sort(table["image"] * max(n_ids, 1) + table["col"])
                 pending.append((xp.any(key[1:] == key[:-1]), "table has two rows for one (image, col)"))
     words = [xp.astype(xp.stack([xp.reshape(c, ()) for c, _ in pending]), xp.int64)] if pending else []
-    read = to_host(xp.concat([*words, xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64)])).tolist()
+    span = []
+    if label_range and labels.size:
+        # NB: in the labels' own dtype (no int64 copy of the array); a uint64 above 2**63 wraps negative in int64.
+        top = xp.max(labels)
+        span = [xp.astype(xp.stack([xp.min(xp.where(labels != 0, labels, top)), top]), xp.int64)]
+    read = to_host(xp.concat([*words, xp.astype(valid_h, xp.int64), xp.astype(valid_w, xp.int64), *span])).tolist()
     failed = read[: len(pending)]
     for bad, (_, message) in zip(failed, pending, strict=True):
         if bad:
             raise InputError(message)
-    return [read[len(pending): len(pending) + n], read[len(pending) + n:]]
+    start = len(pending)
+    found = None
+    if label_range:
+        found = (int(read[start + 2 * n]), int(read[start + 2 * n + 1])) if span else (0, 0)
+    return [read[start: start + n], read[start + n: start + 2 * n]], found
 
 
-def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None):
-    """The present cells, the dense (n * L,) map from grid position to cell index (-1: absent), the ids."""
-    n = images.shape[0]
+def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=None, *, label_range=None):
+    """The present cells, the dense (n * L,) map from grid position to cell index (-1: absent), the ids, and
+    None — or, when the device finds a label batch's ids (`label_range` read by the input checks, the range
+    small enough), the cells of every candidate id in that range and the candidates' presence (an int64 device
+    array) for `_compact_ids` once the caller has read it."""
+    n, height, width = images.shape
     dev = array_api_compat.device(images)
+    bits = None
     if labels is not None:
         exclude = params.background_label if params.background == "label" else None
         boxes = None
+        lo, hi = label_range if label_range is not None else (0, -1)
+        # NB: candidates' boxes cost n * span; a span beyond the pixels' count (sparse huge ids, uint64 ids above
+        # 2**63) takes the portable search, with its host reads.
+        span = hi - lo + 1 if lo >= 1 else (0 if (lo, hi) == (0, 0) else -1)
+        if label_range is not None and 0 <= span <= max(1024, (height * width) // 4):
+            *boxes, bits = kernel(impl, "label_dense")(labels, lo, span, valid_h, valid_w, exclude=exclude)
         compiled = kernel(impl, "label_boxes")
-        if compiled is not None:
+        if compiled is not None and boxes is None:
             boxes = compiled(labels, roi_ids, valid_h, valid_w, exclude=exclude)
         if boxes is None:
             boxes = label_boxes(xp, labels, roi_ids, valid_h, valid_w, exclude=exclude)
@@ -425,7 +476,7 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=No
                       x0=xp.take(x0, idx), x1=xp.take(x1, idx))
         rank = idx if impl == "cuda" else xp.cumulative_sum(xp.astype(present, xp.int64)) - 1
         grid = xp.where(present, rank, xp.full_like(rank, -1))
-        return cells, grid, roi_ids
+        return cells, grid, roi_ids, bits
     n_ids = int(roi_ids.shape[0])
     grid_pos = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
     image, col, kind = table["image"], table["col"], table["kind"]
@@ -445,10 +496,28 @@ def _cells(xp, images, labels, table, roi_ids, valid_h, valid_w, params, impl=No
     cells = Cells(image=image, col=col, kind=kind, cx=cx, cy=cy, r=r, y0=y0, y1=y1, x0=x0, x1=x1)
     key = image * n_ids + col
     if key.shape[0] == 0:
-        return cells, xp.full_like(grid_pos, -1), roi_ids
+        return cells, xp.full_like(grid_pos, -1), roi_ids, None
     pos = xp.clip(xp.searchsorted(key, grid_pos), 0, key.shape[0] - 1)
     grid = xp.where(xp.take(key, pos) == grid_pos, pos, xp.full_like(pos, -1))
-    return cells, grid, roi_ids
+    return cells, grid, roi_ids, None
+
+
+def _compact_ids(xp, cells, candidates, present, n: int):
+    """The cells, grid and ids of the candidate label ids found present (`present`: host list, one flag per
+    candidate): `_cells`'s device-found cells (every image x candidate, in that order) narrowed to those ids
+    by a gather whose index is built on the host (a transfer to the device, not a read)."""
+    dev = array_api_compat.device(candidates)
+    span = int(candidates.shape[0])
+    cols = [k for k, bit in enumerate(present) if bit]
+    n_ids = len(cols)
+    idx = xp.asarray([i * span + k for i in range(n) for k in cols], dtype=xp.int64, device=dev)
+    roi_ids = xp.take(candidates, xp.asarray(cols, dtype=xp.int64, device=dev))
+    sub = cells.take(xp, idx)
+    pos = xp.arange(n * n_ids, dtype=xp.int64, device=dev)
+    sub = Cells(image=pos // max(n_ids, 1), col=pos % max(n_ids, 1), kind=sub.kind, cx=sub.cx, cy=sub.cy, r=sub.r,
+                y0=sub.y0, y1=sub.y1, x0=sub.x0, x1=sub.x1)
+    grid = xp.where(sub.y1 > sub.y0, pos, xp.full_like(pos, -1))
+    return sub, grid, roi_ids
 
 
 def _entry(xp, a, impl=None):

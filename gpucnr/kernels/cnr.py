@@ -168,15 +168,22 @@ def gcnr_bins(n_smaller, gcnr_bins_option):
 def gcnr_from_counts(xp, roi_counts, bg_counts, n_roi, n_bg):
     """gCNR = 1 - sum_b min(p_roi(b), p_bg(b)) from histogram counts over a common binning.
 
+    Formed in integers: ``sum_b min(c_roi nb, c_bg nr)`` is exact in int64 (it is at most nr nb, for regions of
+    fewer than 2**31 pixels each), so the value ``(nr nb - that sum) / (nr nb)`` is one rounding away from the
+    exact one, whatever the order of the bins or the width of the count arrays (padding bins hold 0): the
+    device path, whose count arrays are as wide as the largest possible bin count, gives the same bits.
+
     Parameters
     ----------
     roi_counts, bg_counts : int64 arrays, shape (m, B)
         Counts per bin (padding bins hold 0).
     n_roi, n_bg : int64 arrays, shape (m,)
     """
-    one = xp.ones(n_roi.shape, dtype=xp.float64)
-    nr = xp.where(n_roi > 0, xp.astype(n_roi, xp.float64), one)
-    nb = xp.where(n_bg > 0, xp.astype(n_bg, xp.float64), one)
-    p_roi = xp.astype(roi_counts, xp.float64) / nr[:, None]
-    p_bg = xp.astype(bg_counts, xp.float64) / nb[:, None]
-    return 1.0 - xp.sum(xp.minimum(p_roi, p_bg), axis=1)
+    i64 = xp.int64
+    one = xp.ones(n_roi.shape, dtype=i64)
+    nr = xp.where(n_roi > 0, xp.astype(n_roi, i64), one)
+    nb = xp.where(n_bg > 0, xp.astype(n_bg, i64), one)
+    shared = xp.sum(xp.minimum(xp.astype(roi_counts, i64) * nb[:, None], xp.astype(bg_counts, i64) * nr[:, None]),
+                    axis=1)
+    total = nr * nb
+    return xp.astype(total - shared, xp.float64) / xp.astype(total, xp.float64)

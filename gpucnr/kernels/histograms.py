@@ -8,6 +8,7 @@ batch's values), so every query is a 1-D searchsorted and nothing is done per RO
 
 from __future__ import annotations
 
+import functools
 import math
 
 import array_api_compat
@@ -22,7 +23,8 @@ from gpucnr.kernels.masks import (
     union_masks,
 )
 
-__all__ = ["Segments", "gcnr"]
+__all__ = ["Segments", "background_region", "bin_counts_of", "bin_thresholds", "gcnr", "gcnr_from_counts",
+           "inner_edges"]
 
 
 class Segments:
@@ -77,11 +79,12 @@ class Segments:
 
 
 def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, padding, roi_ids, n_roi, n_bg, *,
-         impl=None):
+         impl=None, sizes=None, keep=None):
     """gCNR of every present cell (shape (m,)): ``1 - sum min(p_roi, p_bg)`` over ``B`` equal bins spanning
     the pair's joint range, ``B = ceil(2 n**0.4)`` with n the smaller region ("auto"), binned exactly as
-    numpy.histogram does (edges from linspace, last bin closed). With `impl` "cuda" the histograms are
-    counted by device kernels (`_cuda.gcnr_counts`); the extremes and edges stay portable."""
+    numpy.histogram does (edges from linspace, last bin closed). With `impl` "cuda" everything runs in device
+    kernels with no host read (`_cuda.gcnr_values`: extremes, edges and counts; `sizes`: the window pass's
+    host values of `_cuda.window_extent`, `keep`: complement-all's dilated union from `_cuda.union_sums`)."""
     n, height, width = images.shape
     m = cells.image.shape[0]
     dev = array_api_compat.device(images)
@@ -92,6 +95,10 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
     ys = xp.arange(height, dtype=xp.int64)[None, :, None]
     xs = xp.arange(width, dtype=xp.int64)[None, None, :]
     vh, vw = valid_h[:, None, None], valid_w[:, None, None]
+    device = kernel(impl, "gcnr_values")
+    if device is not None and (keep is not None or params.background != "complement-all"):
+        region = background_region(xp, images, lesions, params, valid_h, valid_w, padding, keep)
+        return device(images, labels, cells, params, valid_h, valid_w, padding, region, n_roi, n_bg, sizes=sizes)
     bad = excluded_mask(xp, images, padding[:, None, None])
     usable = (ys < vh) & (xs < vw) & ~bad
     as_float = xp.astype(images, f64)
@@ -116,7 +123,6 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
 
     background = params.background
     whole = sub = add = None
-    region = removed = None
     if background in ("complement", "complement-all", "label"):
         interior = (ys >= params.border) & (ys < vh - params.border) & (xs >= params.border) & (
             xs < vw - params.border)
@@ -133,10 +139,9 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
         everything = xp.arange(n, dtype=xp.int64, device=dev)
         win, dilated, base = union_masks(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w,
                                          padding, everything, boxes, roi_ids)
-        keep = dilated & base
-        seg = xp.broadcast_to(everything[:, None, None], keep.shape)
-        sub = (Segments(xp, universe, xp.astype(win.values, f64)[keep], seg[keep], n), cells.image)
-        removed = (win.values, keep)
+        union = dilated & base
+        seg = xp.broadcast_to(everything[:, None, None], union.shape)
+        sub = (Segments(xp, universe, xp.astype(win.values, f64)[union], seg[union], n), cells.image)
 
     def bg_below(thresholds, inclusive=False):
         total = xp.zeros(thresholds.shape, dtype=xp.int64, device=dev)
@@ -160,22 +165,86 @@ def gcnr(xp, images, labels, lesions, cells, grid, params, valid_h, valid_w, pad
     smaller = xp.minimum(n_roi, n_bg)
     bins = [gcnr_bins(int(v), params.gcnr_bins) if int(v) > 0 else 1 for v in to_host(smaller).tolist()]
     n_bins = xp.asarray(bins, dtype=xp.int64, device=dev)
-    widest = max(bins)
-    k = xp.arange(1, widest, dtype=xp.int64, device=dev)[None, :]
-    step = (hi - lo) / xp.astype(n_bins, f64)
-    # NB: numpy.linspace's inner edges: k * step + start, in that order of operations.
-    inner = xp.astype(k, f64) * step[:, None] + lo[:, None]
-    inner = xp.where(k < n_bins[:, None], inner, xp.full_like(inner, math.inf))
-    counts = kernel(impl, "gcnr_counts")
-    if counts is not None:
-        roi_c, bg_c = counts(images, labels, cells, params, valid_h, valid_w, padding, inner, region=region,
-                             removed=removed)
-    else:
-        roi_c = _bin_counts(xp, roi.below(cell_ids, inner), n_roi)
-        bg_c = _bin_counts(xp, bg_below(inner), n_bg)
+    inner = inner_edges(xp, lo, hi, n_bins, max(bins))
+    roi_c = _bin_counts(xp, roi.below(cell_ids, inner), n_roi)
+    bg_c = _bin_counts(xp, bg_below(inner), n_bg)
     value = gcnr_from_counts(xp, roi_c, bg_c, n_roi, n_bg)
     usable_cell = (n_roi > 0) & (n_bg > 0)
     return xp.where(usable_cell, value, xp.full_like(value, math.nan))
+
+
+def background_region(xp, images, lesions, params, valid_h, valid_w, padding, keep=None):
+    """The image-level part of every cell's background for the device kernels, a bool (n, H, W) mask without a
+    host read: usable interior pixels (complement), those of the background label (label), those outside the
+    image's dilated union `keep` (complement-all, from `_cuda.union_sums`); None for the ring (all in windows)."""
+    if params.background == "ring":
+        return None
+    _, height, width = images.shape
+    ys = xp.arange(height, dtype=xp.int64)[None, :, None]
+    xs = xp.arange(width, dtype=xp.int64)[None, None, :]
+    vh, vw = valid_h[:, None, None], valid_w[:, None, None]
+    # NB: look=False: no host read to skip the padding comparison.
+    bad = excluded_mask(xp, images, padding[:, None, None], look=False)
+    region = (ys >= params.border) & (ys < vh - params.border) & (xs >= params.border) & (
+        xs < vw - params.border) & ~bad
+    if params.background == "label":
+        region = region & (xp.astype(lesions, xp.int64) == params.background_label)
+    elif params.background == "complement-all":
+        region = region & (keep == 0)
+    return region
+
+
+def inner_edges(xp, lo, hi, n_bins, widest: int):
+    """Each cell's inner bin edges, shape (m, widest - 1): numpy.linspace's ``k * step + lo`` for
+    k = 1 .. n_bins - 1 (in that order of operations, one array operation each: no fused multiply-add), +inf
+    past a cell's own bins. Shared by the portable and the device path, so their edges are the same floats."""
+    f64 = xp.float64
+    dev = array_api_compat.device(lo)
+    k = xp.arange(1, max(int(widest), 1), dtype=xp.int64, device=dev)[None, :]
+    step = (hi - lo) / xp.astype(n_bins, f64)
+    inner = xp.astype(k, f64) * step[:, None]
+    inner = inner + lo[:, None]
+    return xp.where(k < n_bins[:, None], inner, xp.full_like(inner, math.inf))
+
+
+@functools.lru_cache(maxsize=32)
+def bin_thresholds(n_max: int) -> tuple:
+    """The "auto" bin count as thresholds on n: entry b - 2 is the smallest n <= n_max with
+    ``gcnr_bins(n, "auto") >= b``, for b = 2 .. gcnr_bins(n_max). ``gcnr_bins`` never decreases in n (it is
+    ``ceil(2 n**0.4)`` in the host's floating point), so ``gcnr_bins(n) = 1 + (thresholds <= n)`` for
+    0 <= n <= n_max — the host's value exactly (float rounding included: ``1024**0.4`` is not 16), computed on
+    a device without a read. Bisection per threshold: O(bins log n_max) host calls, cached."""
+    top = gcnr_bins(max(int(n_max), 0), "auto")
+    out = []
+    start = 1
+    for b in range(2, top + 1):
+        lo, hi = start, int(n_max)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if gcnr_bins(mid, "auto") >= b:
+                hi = mid
+            else:
+                lo = mid + 1
+        out.append(lo)
+        start = lo
+    return tuple(out)
+
+
+def bin_counts_of(xp, smaller, option, n_max: int):
+    """``(n_bins, widest)``: the bins of each cell (`gcnr_bins` of its smaller region, 1 where it is empty) as a
+    device array without a host read, and an upper bound of them all for the edge array's width. `n_max`:
+    an upper bound of `smaller` known on the host (the largest ROI box's area)."""
+    dev = array_api_compat.device(smaller)
+    if option != "auto":
+        widest = int(option)
+        n_bins = xp.where(smaller > 0, xp.full_like(smaller, widest), xp.ones_like(smaller))
+        return n_bins, widest
+    thresholds = bin_thresholds(max(int(n_max), 1))
+    if not thresholds:
+        return xp.ones_like(smaller), 1
+    table = xp.asarray(list(thresholds), dtype=xp.int64, device=dev)
+    n_bins = 1 + xp.astype(xp.searchsorted(table, xp.astype(smaller, xp.int64), side="right"), xp.int64)
+    return n_bins, len(thresholds) + 1
 
 
 def _bin_counts(xp, below, total):

@@ -102,7 +102,8 @@ def label_boxes(xp, labels, roi_ids, valid_h, valid_w, *, exclude=None):
     labels : int array, shape (n, H, W)
         0 = no ROI; values not in `roi_ids` are ignored.
     roi_ids : int64 array, shape (L,), or None
-        Sorted ROI ids (the ``roi`` dimension); None: the non-zero labels present in this batch.
+        Sorted ROI ids (the ``roi`` dimension); None: the non-zero labels present in this batch, inside the valid
+        extents.
     valid_h, valid_w : int64 arrays, shape (n,)
         Valid extent of each image; label pixels outside it are ignored.
     exclude : int, optional
@@ -119,17 +120,20 @@ def label_boxes(xp, labels, roi_ids, valid_h, valid_w, *, exclude=None):
     # NB: one pass over the labels (a bool compare, then nonzero); everything after is O(labelled pixels).
     pos = xp.nonzero(flat != 0)[0]
     val = xp.astype(xp.take(flat, pos), xp.int64)
+    img = pos // (height * width)
+    y = (pos // width) % height
+    x = pos % width
+    inside = (y < xp.take(valid_h, img)) & (x < xp.take(valid_w, img))
     if roi_ids is None:
-        roi_ids = xp.unique_values(val)
+        # NB: the ids of pixels inside the valid extents (beyond them is canvas, as the compiled paths read it),
+        # sorted: the array API leaves unique_values' order open, and NumPy 2.4 returns them unsorted.
+        roi_ids = xp.sort(xp.unique_values(val[inside]))
         if exclude is not None:
             roi_ids = roi_ids[roi_ids != exclude]
     n_ids = roi_ids.shape[0]
     col = xp.searchsorted(roi_ids, val)
     col = xp.clip(col, 0, max(n_ids - 1, 0))
-    img = pos // (height * width)
-    y = (pos // width) % height
-    x = pos % width
-    keep = (xp.take(roi_ids, col) == val) & (y < xp.take(valid_h, img)) & (x < xp.take(valid_w, img))
+    keep = (xp.take(roi_ids, col) == val) & inside
     key = (img * n_ids + col)[keep]
     y, x = y[keep], x[keep]
     keys = xp.arange(n * n_ids, dtype=xp.int64)
