@@ -83,19 +83,22 @@ def main(argv=None):
     parser.add_argument("--reference-images", type=int, default=16, help="images timed with the article's loop")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds (best one kept)")
     parser.add_argument("--quick", action="store_true", help="64 images, 3 rounds")
-    parser.add_argument("--compressor", default=None, help="ingest-nifti(-memory): the new stack's compressor(s), "
-                        "comma-separated (default gpucnr's default for new stacks)")
+    parser.add_argument("--compressor", default=None,
+                        help=f"the new stacks' compressor, one of {', '.join(COMPRESSORS)} (default: gpucnr's default "
+                             "for new stacks); ingest-nifti: several, comma-separated, each measured side by side")
     parser.add_argument("--sizes", default=None,
                         help="pipeline: image sides to compare, e.g. 64,256,512,1024 (each a stack of --gb of raw "
                              "pixels, default shards and batches) against the bare read of the same stack")
     parser.add_argument("--gb", type=float, default=2.0, help="pipeline --sizes: raw pixels per size, GB (default 2)")
-    parser.add_argument("--compressor", default=None, choices=COMPRESSORS,
-                        help="pipeline --sizes: the stacks' compressor (default: write_stack's own default)")
     args = parser.parse_args(argv)
     if args.compressor is None:
         from gpucnr.store import DEFAULT_COMPRESSOR
 
         args.compressor = DEFAULT_COMPRESSOR
+    unknown = set(args.compressor.split(",")) - set(COMPRESSORS)
+    if unknown or ("," in args.compressor and args.part != "ingest-nifti"):
+        parser.error(f"--compressor: one of {', '.join(COMPRESSORS)} (several, comma-separated, for ingest-nifti "
+                     f"only), got {args.compressor!r}")
     if args.n is None:
         args.n = {"pipeline": 1024, "ingest": 2000, "ingest-nifti": 100, "groups": 100_000}.get(args.part, 256)
     if args.quick:
