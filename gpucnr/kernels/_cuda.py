@@ -686,6 +686,23 @@ def window_sums(images, labels, cells, params, shift, valid_h, valid_w, padding,
     return Sums(out_n, out_s1, out_s2), centre, inside_n, Sums(part_n, part_s1, part_s2), part_centre
 
 
+@cuda.jit(device=True, inline=True)
+def _direct_pixel(q, images, i, iy0, ix0, iw, removed, use_removed, has_roi, k_, ky0, ky1, kx0, kx1, wy0, wx0, h, w,
+                  dist, slot, grow_dy, grow_w, has_pad, pad):  # pragma: no cover - compiled
+    """Interior pixel q (row-major from (iy0, ix0), rows of iw) of image i in `_float_direct`'s background:
+    (usable, its stored value as float64) — not in the left-out part (the union `removed`, or the cell's dilated
+    ROI), finite, not padding. Both of the kernel's passes read the same pixels through it."""
+    y = iy0 + q // iw
+    x = ix0 + q - (q // iw) * iw
+    if use_removed and removed[i, y, x] != 0:
+        return False, 0.0
+    if has_roi and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w and _dilated(
+            k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
+        return False, 0.0
+    v = np.float64(images[i, y, x])
+    return math.isfinite(v) and not (has_pad and v == pad), v
+
+
 @cuda.jit
 def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_h, valid_w, padding, border, reach,
                   grow_dy, grow_w, shift, scale, ill, dist, removed, use_removed, out_n, out_s1, out_s2,
@@ -720,15 +737,9 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         cnt = np.int64(0)
         a1 = 0.0
         for q in range(t, total, THREADS):
-            y = iy0 + q // iw
-            x = ix0 + q - (q // iw) * iw
-            if use_removed and removed[i, y, x] != 0:
-                continue
-            if has_roi and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w and _dilated(
-                    k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
-                continue
-            v = np.float64(images[i, y, x])
-            if not math.isfinite(v) or (has_pad and v == pad):
+            usable, v = _direct_pixel(q, images, i, iy0, ix0, iw, removed, use_removed, has_roi, k_, ky0, ky1, kx0,
+                                      kx1, wy0, wx0, h, w, dist, slot, grow_dy, grow_w, has_pad, pad)
+            if not usable:
                 continue
             cnt += 1
             a1 += (v - c) * sc
@@ -738,15 +749,9 @@ def _float_direct(images, labels, image, kind, cx, cy, r, y0, y1, x0, x1, valid_
         e1 = 0.0
         e2 = 0.0
         for q in range(t, total, THREADS):
-            y = iy0 + q // iw
-            x = ix0 + q - (q // iw) * iw
-            if use_removed and removed[i, y, x] != 0:
-                continue
-            if has_roi and wy0 <= y < wy0 + h and wx0 <= x < wx0 + w and _dilated(
-                    k_, ky0, ky1, kx0, kx1, y, x, y - wy0, x - wx0, h, w, dist, slot, grow_dy, grow_w):
-                continue
-            v = np.float64(images[i, y, x])
-            if not math.isfinite(v) or (has_pad and v == pad):
+            usable, v = _direct_pixel(q, images, i, iy0, ix0, iw, removed, use_removed, has_roi, k_, ky0, ky1, kx0,
+                                      kx1, wy0, wx0, h, w, dist, slot, grow_dy, grow_w, has_pad, pad)
+            if not usable:
                 continue
             e = (v - c) * sc - mean
             e1 += e
