@@ -45,11 +45,9 @@ BACKEND_CODES = {"numpy": 0, "cupy": 1}
 # variable, DESIGN §10): 10^6 images x 1 ROI id make one shard file per variable.
 _CELLS_PER_CHUNK = 2**16
 _CHUNKS_PER_SHARD = 32
-# The driver rewrites the shards a finished batch touched at once while they hold at most _SYNC_FLUSH_BYTES
-# (every batch is committed as it finishes, as format 1 did); larger results are rewritten in a background thread
-# as soon as the last rewrite has cost at most a third of the time since it ended, and at least every 30 s; past
-# _MAX_PENDING_BYTES of buffered rows it waits for the rewrite in flight.
-_SYNC_FLUSH_BYTES = 4 * 2**20
+# Finished batches are rewritten into the shards by one background thread, each turn taking every batch finished
+# since the last; a turn starts once the time since the last one ended is _FLUSH_COST_RATIO times its cost (at most
+# _FLUSH_MAX_S); past _MAX_PENDING_BYTES of buffered rows the driver waits for the rewrites.
 _FLUSH_COST_RATIO = 3.0
 _FLUSH_MAX_S = 30.0
 _MAX_PENDING_BYTES = 256 * 2**20
@@ -424,13 +422,14 @@ class ResultsWriter:
         self.backends = (np.full(self.committed.shape, -1, np.int8) if backends is None
                          else np.asarray(backends, np.int8).copy())
         self.on_commit = on_commit
-        # NB: what one commit rewrites at most: the first shard of every row variable (strings counted at 16 bytes)
-        self._small = sum(min(v.shard_rows, v.n_rows) * max(v.width, 1) * (16 if v.dtype is None else v.dtype.itemsize)
-                          for n, v in self.vars.items() if n in self.rows) <= _SYNC_FLUSH_BYTES
         self._pending: list = []
         self._pending_bytes = 0
         self.peak_bytes = 0
         self._thread: threading.Thread | None = None
+        self._running = False
+        self._closing = False
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._last_end = time.monotonic()
         self._last_cost = 0.0
@@ -440,45 +439,60 @@ class ResultsWriter:
         """Buffer the rows [start, stop) of one finished batch (every name of `row_variables`)."""
         self._raise()
         item = (batch, start, stop, {k: np.asarray(rows[k]) for k in self.rows}, BACKEND_CODES.get(backend, -1))
-        self._pending.append(item)
-        self._pending_bytes += sum(v.nbytes for v in item[3].values())
-        self.peak_bytes = max(self.peak_bytes, self._pending_bytes)
-        busy = self._thread is not None and self._thread.is_alive()
-        if self._small:
-            # NB: small shards cost less to rewrite than a batch to measure: each batch is committed at once, as
-            # it finishes (decided by size, not by timing, so that a loaded disk does not change the behaviour).
-            self._start(background=False)
-            return
-        if busy and self._pending_bytes > _MAX_PENDING_BYTES:
+        with self._lock:
+            self._pending.append(item)
+            self._pending_bytes += sum(v.nbytes for v in item[3].values())
+            self.peak_bytes = max(self.peak_bytes, self._pending_bytes)
+            if not self._running:
+                self._spawn()
+            full = self._pending_bytes > _MAX_PENDING_BYTES
+        if full:
+            # NB: the rewrites fall behind the batches: wait for them rather than buffer more rows
+            self._wake.set()
             self._join()
-            busy = False
-        idle = time.monotonic() - self._last_end
-        if not busy and (idle >= _FLUSH_COST_RATIO * self._last_cost or idle >= _FLUSH_MAX_S
-                         or self._pending_bytes > _MAX_PENDING_BYTES):
-            self._start()
+            self._raise()
 
     def close(self) -> None:
         """Write everything buffered and wait for it; raises the first write error."""
         try:
+            self._closing = True
+            self._wake.set()
             self._join()
-            if self._pending:
-                self._start()
+            if self._pending and self._error is None:
+                with self._lock:
+                    self._spawn()
                 self._join()
         finally:
             self._pool.shutdown(wait=True)
         self._raise()
 
-    def _start(self, *, background: bool = True) -> None:
-        self._join()
-        self._raise()
-        items, self._pending, self._pending_bytes = self._pending, [], 0
-        if not background:
-            self._flush_guarded(items)
-            self._raise()
-            return
-        self._thread = threading.Thread(target=self._flush_guarded, args=(items,), name="gpucnr-results-flush",
-                                        daemon=True)
+    def _spawn(self) -> None:
+        # NB: under self._lock, with no rewrite thread running
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="gpucnr-results-flush", daemon=True)
         self._thread.start()
+
+    def _loop(self) -> None:
+        # The one rewrite thread: it runs while batches are pending, each turn taking every batch finished so far.
+        # A turn starts once the time since the last one ended is _FLUSH_COST_RATIO times what that one cost (at
+        # once when buffered rows pass _MAX_PENDING_BYTES, or when closing), so rewrites take at most about a
+        # quarter of the run whatever the disk: per batch, small results cost ~10 ms of CPU and ~20 ms of fsyncs
+        # to rewrite, which starved the workers of a 2-core machine when done in the driver's thread (0.57x of
+        # the bare read at 512x512, issue 17). `put` and the exit test below hold the same lock: a batch put while
+        # a turn runs is taken by the next one, never stranded.
+        while True:
+            with self._lock:
+                if not self._pending or self._error is not None:
+                    self._running = False
+                    return
+            wait = min(_FLUSH_COST_RATIO * self._last_cost, _FLUSH_MAX_S) - (time.monotonic() - self._last_end)
+            if wait > 0 and not self._closing:
+                self._wake.wait(wait)
+            with self._lock:
+                items, self._pending, self._pending_bytes = self._pending, [], 0
+                if not self._closing:
+                    self._wake.clear()
+            self._flush_guarded(items)
 
     def _join(self) -> None:
         if self._thread is not None:
@@ -503,7 +517,7 @@ class ResultsWriter:
         except BaseException as e:  # noqa: BLE001 - handed to the driver's thread by _raise
             self._error = e
         self._last_end = time.monotonic()
-        # NB: smoothed, so that one slow fsync does not switch a small run to buffered commits
+        # NB: smoothed, so that one slow fsync does not hold the next rewrites back for long
         self._last_cost = 0.7 * self._last_cost + 0.3 * (self._last_end - begin)
 
     def _flush(self, items) -> None:

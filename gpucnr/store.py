@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -275,22 +276,26 @@ class Stack:
                                        attrs={"bucket": b.name, "stack": str(self.path)})
         return out
 
-    def read(self, bucket: Bucket, start: int, stop: int, *, labels: bool = True):
+    def read(self, bucket: Bucket, start: int, stop: int, *, labels: bool = True, reuse: bool = False):
         """Images [start, stop) of `bucket` (and their labels), with coded errors for bad chunks: a chunk whose
-        checksum is not the one recorded for its position (moved, swapped) is ``stack-damaged``."""
+        checksum is not the one recorded for its position (moved, swapped) is ``stack-damaged``.
+
+        With `reuse`, the arrays are decoded into this thread's scratch buffers, overwritten by its next read
+        with `reuse`: for a loop that is done with one batch before it reads the next (`gpucnr.run`'s workers).
+        """
         crcs = self.checksums(bucket)
         images = self._read(bucket.images, start, stop, f"buckets/{bucket.name}/images",
-                            None if crcs is None else crcs[:, 0])
+                            None if crcs is None else crcs[:, 0], scratch="images" if reuse else None)
         lab = None
         if labels and bucket.labels is not None:
             lab = self._read(bucket.labels, start, stop, f"buckets/{bucket.name}/labels",
-                             None if crcs is None else crcs[:, 1])
+                             None if crcs is None else crcs[:, 1], scratch="labels" if reuse else None)
         return images, lab
 
-    def _read(self, array, start, stop, name, expected=None):
+    def _read(self, array, start, stop, name, expected=None, *, scratch=None):
         reader = _ShardReader.of(self.path, name, array)
         if reader is not None:
-            return reader.read(start, stop, expected)
+            return reader.read(start, stop, expected, scratch=scratch)
         try:
             return np.asarray(array[start:stop])
         except (MemoryError, OSError):
@@ -332,6 +337,21 @@ def _opened(path: str, fingerprint: str) -> Stack:
     """One opened stack per (path, fingerprint) and process: a worker unpickles a reader per task."""
     del fingerprint  # NB: only a cache key: a stack rewritten at the same path is opened afresh
     return open_stack(path, check=False)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """This thread's buffer `name` as an array of `shape` and `dtype` (grown as needed, never shrunk). A fresh
+    32 MiB batch array per batch cost ~8,000 page faults, each 1-20 us here and varying tenfold from one minute
+    to the next: the largest and least steady cost of a run's reads (issue 17)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1), np.uint8)
+        setattr(_SCRATCH, name, buf)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 class _ShardReader:
@@ -380,10 +400,11 @@ class _ShardReader:
             return None
         return cls(folder, name, array, decoder)
 
-    def read(self, start: int, stop: int, expected=None) -> np.ndarray:
+    def read(self, start: int, stop: int, expected=None, *, scratch: str | None = None) -> np.ndarray:
         """Images [start, stop); `expected` (uint32 per position of the array, optional) are the recorded chunk
-        checksums each chunk must carry."""
-        out = np.empty((stop - start, *self.plane), self.dtype.newbyteorder("="))
+        checksums each chunk must carry. With `scratch`, into this thread's buffer of that name (`Stack.read`)."""
+        shape, dtype = (stop - start, *self.plane), self.dtype.newbyteorder("=")
+        out = np.empty(shape, dtype) if scratch is None else _scratch(scratch, shape, dtype)
         for s in range(start // self.per_shard, (stop - 1) // self.per_shard + 1 if stop > start else 0):
             lo = max(start, s * self.per_shard)
             hi = min(stop, (s + 1) * self.per_shard)
@@ -395,7 +416,7 @@ class _ShardReader:
         where = f"{self.name}: chunk {key}"
         # NB: a shard file that cannot be opened (ENOENT from a worker in another folder, EACCES, EIO) is the
         # environment's failure, not the data's: open_stack proved it present, and the driver retries it.
-        data = memoryview(Path(self.folder, key).read_bytes())
+        data = shardfiles.read_whole(Path(self.folder, key))
         index = shardfiles.parse_index(data, self.per_shard)
         if index is None:
             raise StackError("corrupt-chunk", f"{where}: its index is damaged or truncated (images {lo}..{hi - 1})")

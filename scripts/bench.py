@@ -280,12 +280,15 @@ def bench_pipeline_sizes(args):
             images, rois = _streamed_phantoms(n, size)
             stack = gpucnr.write_stack(stack_path, images, rois=rois,
                                        **({"compressor": args.compressor} if args.compressor else {}))
+            # NB: the stack's dirty pages written back before timing: the kernel's writeback of ~1 GB ran beside the
+            # first rounds and slowed them unevenly (a 2 GB stack's bare read measured 1.1 GB/s, a 1 GB one 2.4)
+            os.sync()
             bucket = stack.buckets[0]
 
-            def bare(stack=stack, bucket=bucket, threads=2):
+            def bare(stack=stack, bucket=bucket, threads=2, reuse=False):
                 with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(lambda a: stack.read(bucket, a, min(a + bucket.shard, bucket.size), labels=False),
-                                  range(0, bucket.size, bucket.shard)))
+                    list(pool.map(lambda a: stack.read(bucket, a, min(a + bucket.shard, bucket.size), labels=False,
+                                                       reuse=reuse), range(0, bucket.size, bucket.shard)))
 
             def ours(k=[0], stack_path=stack_path):  # noqa: B006 - a fresh results path per round
                 k[0] += 1
@@ -297,9 +300,10 @@ def bench_pipeline_sizes(args):
                 return batches, kernel[0] / 2, kernel[1]
 
             ours()  # warm-up: compile the kernels, fill the page cache
-            t_bare, t_one, t_run, c_one, c_run = [], [], [], [], []
+            t_bare, t_one, t_run, c_one, c_run, t_reuse = [], [], [], [], [], []
             for _ in range(args.repeat):
                 t_bare.append(best(bare, 1))
+                t_reuse.append(best(lambda: bare(reuse=True), 1))
                 wall, used, _ = cpu(lambda: bare(threads=1))
                 t_one.append(wall)
                 c_one.append(used)
@@ -310,7 +314,7 @@ def bench_pipeline_sizes(args):
             stored = sum(f.stat().st_size for f in stack_path.rglob("*") if f.is_file())
             files = sum(1 for f in stack_path.rglob("*") if f.is_file())
             rows.append((size, n, n * size * size * 2, stored, files, bucket.shard, batches, min(t_bare), min(t_one),
-                         run_best, kernel_best, (min(c_run) - min(c_one)) / batches * 1e3))
+                         run_best, kernel_best, (min(c_run) - min(c_one)) / batches * 1e3, min(t_reuse)))
             shutil.rmtree(stack_path)
     finally:
         pipeline.measure_batch = real
@@ -320,16 +324,19 @@ def bench_pipeline_sizes(args):
           "interleaved rounds")
     print()
     print("| size | images | raw GB | stored GB | files | images/shard | batches | bare read s (2 threads) | "
-          "bare read s (1 thread) | run s | bare (2 threads) / run | kernel s | fixed ms/batch | "
-          "fixed CPU ms/batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel, c_fixed in rows:
+          "bare read s (1 thread) | bare read s (2 threads, reused buffers) | run s | bare (2 threads) / run | "
+          "reused-buffer bare / run | kernel s | fixed ms/batch | fixed CPU ms/batch |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for size, n, raw, stored, files, shard, batches, t_bare, t_one, t_run, t_kernel, c_fixed, t_reuse in rows:
         # NB: against the faster of the two bare reads: 2 threads of Stack.read contend for the GIL on small images
         fixed = (t_run - min(t_bare, t_one) - t_kernel) / batches * 1e3
         print(f"| {size}x{size} | {n} | {raw / 1e9:.2f} | {stored / 1e9:.2f} | {files} | {shard} | {batches} | "
-              f"{t_bare:.2f} | {t_one:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} | "
-              f"{c_fixed:.1f} |")
+              f"{t_bare:.2f} | {t_one:.2f} | {t_reuse:.2f} | {t_run:.2f} | {t_bare / t_run:.2f}x | "
+              f"{t_reuse / t_run:.2f}x | {t_kernel:.2f} | {fixed:.1f} | {c_fixed:.1f} |")
     print()
+    print("bare read: `Stack.read` over every shard, a fresh array per call (as any caller gets it); with reused "
+          "buffers: `Stack.read(..., reuse=True)`, each thread decoding into its own buffer, as the run's workers do "
+          "(no page faults, which cost 1-20 us each on this machine and vary tenfold from minute to minute)")
     print("fixed ms/batch: (run - the faster bare read - kernel s) / batches, wall clock; fixed CPU ms/batch: (CPU "
           "seconds of the run - those of its kernels - those of the 1-thread bare read) / batches, best rounds: "
           "what the run costs beyond reading and measuring, whatever else the machine runs")

@@ -330,11 +330,8 @@ def test_kill9_during_a_shard_rewrite_then_resume(data, tmp_path):
 
 
 def test_buffered_background_commits_give_the_same_results(data, tmp_path, monkeypatch):
-    """Results whose shards are large are rewritten in a background thread, several batches a time: forced here
-    on small data, the results, the commit log and the committed flags are those of a clean run."""
-    from gpucnr import results as results_module
-
-    monkeypatch.setattr(results_module, "_SYNC_FLUSH_BYTES", 0)
+    """Results are rewritten in a background thread, several batches a time when they come faster than the
+    rewrites: the results, the commit log and the committed flags are those of a clean run."""
     log = tmp_path / "batches.log"
     monkeypatch.setenv("GPUCNR_BATCH_LOG", str(log))
     ds = gpucnr.run(data["stack"], tmp_path / "results.zarr", scheduler="threads", workers=2, backend="numpy",
