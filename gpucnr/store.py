@@ -470,14 +470,16 @@ class _ShardWriter:
         self.per_shard = int(array.shards[0])
         self.encoder = chunks.encoder(compressor)
 
-    def write(self, s: int, block) -> None:
+    def write(self, s: int, block) -> list[int]:
         """Shard `s` from `block` (its first images; the rest of the shard is empty): an array of planes, or a
-        list of planes and chunks already encoded (`chunks.encode_image`, by ingest's workers)."""
+        list of planes and chunks already encoded (`chunks.encode_image`, by ingest's workers). Returns the crc32c
+        each chunk ends with, as written (what `chunk_checksums` would read back from the file)."""
         encoded = [item if isinstance(item, bytes) else chunks.encode_plane(item, self.encoder) for item in block]
         parts = shardfiles.assemble(encoded + [None] * (self.per_shard - len(encoded)))
         path = Path(self.folder, self.array.metadata.encode_chunk_key((s, 0, 0)))
         # NB: a reader never sees half a shard; no fsync: the written manifest, written after, decides completeness
         shardfiles.publish(shardfiles.prepare(path, parts, fsync=False), path)
+        return [int.from_bytes(chunk[-4:], "little") for chunk in encoded]
 
 
 def _canvas(shape) -> tuple[int, int]:
@@ -994,14 +996,16 @@ class StackWriter:
 
     def _write(self, b: dict, a: int, z: int, block, lab_block) -> None:
         self._grow(b, z)
-        for kind, data in (("images", block), ("labels", lab_block)):
+        crcs = np.zeros((z - a, 2), np.uint32)
+        for col, (kind, data) in enumerate((("images", block), ("labels", lab_block))):
             if b[kind] is None:
                 continue
             if a % b["shard"] == 0:
                 # NB: a shard written from its start is written whole, as a file; a shard continued after an early
-                # flush (very large images) is merged by zarr.
-                _ShardWriter(self.path / f"buckets/{b['name']}/{kind}", b[kind], self.compressor).write(
-                    a // b["shard"], data)
+                # flush (very large images) is merged by zarr. The chunks' crc32c are those just written (issue
+                # 18: not read back from the file).
+                crcs[:, col] = _ShardWriter(self.path / f"buckets/{b['name']}/{kind}", b[kind],
+                                            self.compressor).write(a // b["shard"], data)
             else:
                 if isinstance(data, list):  # NB: a shard continued after an early flush is merged by zarr: planes
                     dtype = b["dtype"] if kind == "images" else np.dtype(np.int32)
@@ -1009,9 +1013,6 @@ class StackWriter:
                     data = np.stack([chunks.decode_chunk(d, b["canvas"], dtype, codec) if isinstance(d, bytes)
                                      else d for d in data])
                 b[kind][a:z] = data
-        crcs = np.zeros((z - a, 2), np.uint32)
-        for col, kind in enumerate(("images", "labels")):
-            if b[kind] is not None:
                 crcs[:, col] = chunk_checksums(self.path / f"buckets/{b['name']}/{kind}", b[kind], a, z)
         b["checksums"][a:z] = crcs
         # NB: the manifest is written after the pixels: a crash in between leaves an incomplete stack.
