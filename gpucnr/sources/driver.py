@@ -51,6 +51,11 @@ _PROBLEM_COLUMNS = ["source", "item", "code", "reason", "source_encoding"]
 _TASKS = "gpucnr.sources.tasks:run"
 #: decoded bytes the driver may hold for files still waiting on an earlier one
 _IN_FLIGHT = 2**31
+#: files per message to a worker (header scans; decodes of files that declare at most `_BATCH_BYTES`): one round
+#: trip for several small files (~0.3 ms of CPU each, driver and worker, issue 18); a worker that dies on such a
+#: message has its files tried again one by one, so that a crash is still the crash of one file
+_BATCH = 8
+_BATCH_BYTES = 4 * 2**20
 
 
 def sidecar_paths(stack) -> dict[str, Path]:
@@ -483,7 +488,7 @@ class _Ingest:
         self.meter.stage("scan", len(candidates))
         headers = pool.imap((("scan_file", str(f.path), self.key, self.max_bytes, self.max_volume_bytes)
                              for _, f in candidates),
-                            on_done=self.meter.tick)
+                            on_done=self.meter.tick, batch=_BATCH)
         kept = []
         for (k, f), rec in zip(candidates, headers, strict=True):
             if isinstance(rec, TaskFailure):
@@ -491,6 +496,7 @@ class _Ingest:
                 self.problem(f.rel, "file", rec.code, rec.reason)
                 continue
             kept.append((k, f, rec))
+        self._dedup_keys(pool, kept)
         seg_refs, seg_rel = self._scan_segs(pool, seg, follow_symlinks, self.exclude)
         used: set = set()
         self.tasks = []
@@ -518,6 +524,25 @@ class _Ingest:
             for m in entries:
                 if m.rel not in used:
                     self.problem(m.rel, "mask", "mask-no-image", "no image file matches this mask's name")
+
+    @staticmethod
+    def _dedup_keys(pool: IsolatedPool, kept: list) -> None:
+        """The duplicate key (``dedup``) of each raster file: the SHA-256 of its bytes where another file has the
+        same cheap key (`raster.probe`: size and sampled blocks), hashed by the workers; else its cheap key, which
+        no other file has, so it is the duplicate of none (as its SHA-256 would be). Decided from every scanned
+        file, so a resume (which scans again) gives each file the key it had."""
+        groups: dict[str, list[dict]] = {}
+        for _, _, rec in kept:
+            if rec.get("dedup_probe") is not None:
+                groups.setdefault(rec["dedup_probe"], []).append(rec)
+        shared = [(f, rec) for _, f, rec in kept if len(groups.get(rec.get("dedup_probe"), ())) > 1]
+        digests = pool.imap((("hash_file", str(f.path)) for f, _ in shared), batch=_BATCH)
+        for (f, rec), digest in zip(shared, digests, strict=True):
+            # NB: a file that cannot be hashed now is nobody's duplicate; its decode says what is wrong with it
+            rec["dedup"] = f"unhashed:{f.rel}" if isinstance(digest, TaskFailure) else digest
+        for probe, recs in groups.items():
+            if len(recs) == 1:
+                recs[0]["dedup"] = f"probe:{probe}"
 
     def _scan_segs(self, pool: IsolatedPool, seg, follow_symlinks: bool, exclude=()) -> tuple[dict, dict]:
         """({pseudonymous instance id: paths of the DICOM SEG objects that label it}, {readable SEG path: its
@@ -565,7 +590,8 @@ class _Ingest:
             # volume (the pool holds parts of later ones up to its part budget, whatever their size).
             todo = self.tasks[start:]
             outs = pool.imap(((*t[4], encode) for t in todo), costs=(_in_flight_cost(t[2]) for t in todo),
-                             budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick, parts=True)
+                             budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick, parts=True,
+                             batch=_BATCH, batchable=(_batchable(t[2]) for t in todo))
             j, state = start, None
             for out in outs:
                 if isinstance(out, Part):
@@ -836,6 +862,12 @@ def _memory_mb(max_image_mb: float, max_volume_mb: float = 0) -> int:
     pickled for the driver), or the largest allowed volume three times (as stored, its slices, pickled), plus
     room for the decoders themselves."""
     return int(max(8 * max_image_mb, 3 * max_volume_mb) + 1024)
+
+
+def _batchable(rec: dict) -> bool:
+    """Whether a file's decode may share a message with others (`IsolatedPool.imap`'s `batch`): a small 2-D file,
+    never a volume (its slices are streamed)."""
+    return rec["format"] != "nifti" and rec["declared_bytes"] <= _BATCH_BYTES
 
 
 def _in_flight_cost(rec: dict) -> int:

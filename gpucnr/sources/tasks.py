@@ -21,7 +21,7 @@ from gpucnr.sources.pseudonyms import pseudonym
 from gpucnr.sources.rois import read_masks, read_seg
 from gpucnr.sources.workers import Streamed, allow_memory
 
-__all__ = ["decode_file", "run", "scan_file", "scan_seg", "sniff"]
+__all__ = ["decode_file", "hash_file", "run", "scan_file", "scan_seg", "sniff"]
 
 _quiet = _quiet_dicom = False
 
@@ -228,7 +228,16 @@ def scan_seg(path, key: bytes) -> list[str]:
         raise Skip("seg-unreadable", f"not a readable DICOM SEG ({type(e).__name__})") from None
 
 
+def hash_file(path) -> str:
+    """SHA-256 of a raster file's bytes: its duplicate key, when its cheap key (`raster.probe`) is another's too."""
+    try:
+        return raster.full_digest(path)
+    except OSError as e:
+        raise Skip("unreadable", f"the file cannot be read ({type(e).__name__})") from None
+
+
 def run(task: str, *args):
-    """The one entry point of a worker: ``run("scan_file" | "scan_seg" | "decode_file", *args)``, so one pool
-    of processes serves every pass of an ingest."""
-    return {"scan_file": scan_file, "scan_seg": scan_seg, "decode_file": decode_file}[task](*args)
+    """The one entry point of a worker: ``run("scan_file" | "scan_seg" | "decode_file" | "hash_file", *args)``, so
+    one pool of processes serves every pass of an ingest."""
+    return {"scan_file": scan_file, "scan_seg": scan_seg, "decode_file": decode_file,
+            "hash_file": hash_file}[task](*args)

@@ -47,14 +47,26 @@ def send(conn: Connection, message) -> None:
     """Worker -> driver: `message` pickled, its large bytes objects (compressed image chunks) written after the
     pickle, straight to the socket. `multiprocessing.connection.Connection.recv` cost ~0.3 ms of the driver's CPU per
     280 KB chunk here (reads in pieces through a BytesIO), reading it into a buffer of its size ~0.03 ms (issue 18)."""
+    _write(conn, _pack(message))
+
+
+def _pack(message) -> list:
+    """`send`'s bytes of `message`: the framed pickle (one `send_bytes` message), then its out-of-band buffers."""
     buffers: list = []
     out = io.BytesIO()
     _Pickler(out, protocol=5, buffer_callback=buffers.append).dump(message)
     views = [b.raw() for b in buffers]
     head = struct.pack(f"<I{len(views)}Q", len(views), *(v.nbytes for v in views))
-    conn.send_bytes(head + out.getbuffer())
+    body = head + out.getbuffer()
+    # NB: `Connection.send_bytes`'s framing: the length first (-1 then 8 bytes beyond 2 GiB)
+    size = struct.pack("!i", len(body)) if len(body) <= 0x7FFFFFFF else struct.pack("!iQ", -1, len(body))
+    return [size + body, *views]
+
+
+def _write(conn: Connection, parts: list) -> None:
     fd = conn.fileno()
-    for view in views:
+    for view in parts:
+        view = memoryview(view).cast("B")
         while view.nbytes:
             view = view[os.write(fd, view):]
 
@@ -176,37 +188,57 @@ def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None 
     me.send(conn, "ready")
     while True:
         try:
-            args = conn.recv()
+            message = conn.recv()
         except EOFError:
             return
-        if args is None:
+        if message is None:
             return
+        # NB: a list is several tasks in one message (`IsolatedPool.imap`'s `batch`): their replies are packed as
+        # each ends and written together after the last, one wake-up of the driver for the lot; a task whose
+        # result is streamed writes the replies before it first, so the order on the socket is the tasks' order
+        replies: list = []
+        for args in (message if isinstance(message, list) else [message]):
+            reply = _run_task(me, func, args, conn, replies)
+            if reply is not None:
+                replies += reply
+        if replies:
+            me._write(conn, replies)
+
+
+def _run_task(me, func, args, conn, replies: list) -> list | None:
+    """One task in the child: the packed reply ("ok", value) or ("skip", code, reason); None when its result was
+    streamed (sent already, after the `replies` packed before it)."""
+    try:
         try:
-            try:
-                result = func(*args)
-            finally:
-                if me._LIMITS is not None:
-                    # NB: a task's allowance ends with it
-                    resource.setrlimit(resource.RLIMIT_AS, (me._LIMITS[2], me._LIMITS[1]))
-            if isinstance(result, me.Streamed):  # NB: the class tasks import, not this __main__'s
-                result.send(conn)
-            else:
-                me.send(conn, ("ok", result))
-        except MemoryError:
-            me.send(conn, ("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):
-            raise
-        except BaseException as e:  # noqa: BLE001 - every failure of one file is reported, never raised in the parent
-            # NB: BaseException, not Exception: Rust decoders (pylibjpeg-rle via pyo3) raise PanicException,
-            # which derives from BaseException, on malformed data; it is a decode error of this file, not a crash.
-            code = getattr(e, "code", None)
-            reason = getattr(e, "reason", None)
-            if code not in CODES or not isinstance(reason, str):  # NB: only our own Skip carries its text out
-                # NB: exception texts of readers can quote header values; only the type and place go out.
-                frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
-                where = f" in {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
-                code, reason = "decode-error", f"the reader failed ({type(e).__name__}{where})"
-            me.send(conn, ("skip", code, reason))
+            result = func(*args)
+        finally:
+            if me._LIMITS is not None:
+                import resource
+
+                # NB: a task's allowance ends with it
+                resource.setrlimit(resource.RLIMIT_AS, (me._LIMITS[2], me._LIMITS[1]))
+        if isinstance(result, me.Streamed):  # NB: the class tasks import, not this __main__'s
+            if replies:
+                me._write(conn, replies)
+                replies.clear()
+            result.send(conn)
+            return None
+        return me._pack(("ok", result))
+    except MemoryError:
+        return me._pack(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - every failure of one file is reported, never raised in the parent
+        # NB: BaseException, not Exception: Rust decoders (pylibjpeg-rle via pyo3) raise PanicException,
+        # which derives from BaseException, on malformed data; it is a decode error of this file, not a crash.
+        code = getattr(e, "code", None)
+        reason = getattr(e, "reason", None)
+        if code not in CODES or not isinstance(reason, str):  # NB: only our own Skip carries its text out
+            # NB: exception texts of readers can quote header values; only the type and place go out.
+            frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+            where = f" in {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
+            code, reason = "decode-error", f"the reader failed ({type(e).__name__}{where})"
+        return me._pack(("skip", code, reason))
 
 
 def _vm_bytes() -> int | None:
@@ -292,14 +324,19 @@ class IsolatedPool:
 
     def imap(self, tasks: Iterable[tuple], *, window: int | None = None, costs: Iterable[int] | None = None,
              budget: int | None = None, on_done: Callable[[], None] | None = None, parts: bool = False,
-             part_budget: int | None = None) -> Iterator:
+             part_budget: int | None = None, batch: int = 1, batchable: Iterable[bool] | None = None) -> Iterator:
         """Results in task order: each the function's value or a `TaskFailure`.
 
-        Each child holds up to two tasks (the next one is queued while it works, so it never waits for the
-        driver); the one it is working on has the deadline. At most `window` tasks (default 4 per worker) are
-        dispatched beyond the oldest unfinished one, and, given `costs` (e.g. bytes per task) and a `budget`,
-        no task is dispatched while the unfinished ones already cost `budget` (one always may, alone), so the
-        driver's memory stays bounded whatever a slow file does.
+        Each child holds up to two messages (the next one is queued while it works, so it never waits for the
+        driver); the one it is working on has the deadline. A message is one task, or up to `batch` tasks sent
+        together (those `batchable` marks True, all by default when `batch` > 1), whose replies come back
+        together: one round trip, not one per task (issue 18). When a child dies or overruns its deadline while
+        working on a message of several tasks, no task of it is blamed: those not answered yet are sent again, each
+        alone, so that the one that kills a child alone is its ``decoder-crash`` (or ``decode-timeout``), and the
+        others are decoded. At most `window` tasks (default (2 x `batch` + 2) per worker) are dispatched beyond
+        the oldest unfinished one, and, given `costs` (e.g. bytes per task) and a `budget`, no task is dispatched
+        while the unfinished ones already cost `budget` (one always may, alone), so the driver's memory stays
+        bounded whatever a slow file does.
 
         A task that returns a `Streamed` result sends it in parts. Without `parts` its value is gathered whole
         (``head`` with its list filled in). With `parts`, its items come as they arrive, as `Part` objects, in task
@@ -307,17 +344,22 @@ class IsolatedPool:
         worker dies midway ends with a `TaskFailure` after some parts (the caller undoes them). Parts of tasks
         after the one being consumed wait here up to `part_budget` bytes (default 64 MiB); beyond it their
         workers are not read (they block on their sockets, their deadlines paused), so the driver's memory does
-        not grow with the size of a volume. `peak_part_bytes` tells the most parts held at once.
+        not grow with the size of a volume. `peak_part_bytes` tells the most parts held at once. Tasks whose
+        results are streamed should not be `batchable`.
         """
-        window = window or 4 * self.workers
+        batch = max(1, batch)
+        window = window or (2 * batch + 2) * self.workers
         part_budget = _PART_BUDGET if part_budget is None else part_budget
         cost_of = None if costs is None else iter(costs)
+        flags = None if batchable is None else iter(batchable)
         cost: dict[int, int] = {}
+        grouped: dict[int, bool] = {}  # NB: whether a dispatched task may share a message
         it = enumerate(tasks)
         pending: dict[int, object] = {}
         streams: dict[int, deque] = {}  # NB: parts received and not yet yielded, by task (parts=True)
         streamed: set[int] = set()  # NB: tasks some of whose parts were received: never sent to another child
         retry: deque = deque()  # NB: tasks queued behind one that killed its child: sent again elsewhere
+        solo: set[int] = set()  # NB: tasks of a message whose child died or overran: each sent alone now
         next_out = submitted = held_bytes = 0
         self.peak_part_bytes = 0
         exhausted = False
@@ -326,33 +368,50 @@ class IsolatedPool:
             nonlocal held_bytes
             held_bytes -= sum(p.nbytes for p in streams.pop(i, ()))
 
+        def take() -> tuple | None:
+            """The next task to send: a retried one first, else a new one if the window and budget allow."""
+            nonlocal exhausted, submitted
+            if retry:
+                return retry.popleft()
+            if exhausted or submitted - next_out >= window or (budget is not None and cost and
+                                                                sum(cost.values()) >= budget):
+                return None
+            try:
+                i, args = next(it)
+            except StopIteration:
+                exhausted = True
+                return None
+            submitted += 1
+            if cost_of is not None:
+                cost[i] = next(cost_of)
+            grouped[i] = batch > 1 and (flags is None or bool(next(flags)))
+            return i, args
+
         if len(self._slots) < self.workers:
             started = [self._start() for _ in range(self.workers - len(self._slots))]
             self._slots += [self._ready(slot) for slot in started]
         while True:
             for slot in self._slots:
-                while len(slot["queue"]) < 2:
-                    if retry:
-                        i, args = retry.popleft()
-                    elif (not exhausted and submitted - next_out < window
-                          and (budget is None or not cost or sum(cost.values()) < budget)):
-                        try:
-                            i, args = next(it)
-                        except StopIteration:
-                            exhausted = True
-                            break
-                        submitted += 1
-                        if cost_of is not None:
-                            cost[i] = next(cost_of)
-                    else:
+                while _messages(slot["queue"]) < 2:
+                    first = take()
+                    if first is None:
                         break
+                    message = [first]
+                    while len(message) < batch and grouped.get(first[0]) and first[0] not in solo:
+                        more = take()
+                        if more is None:
+                            break
+                        if not grouped.get(more[0]) or more[0] in solo:
+                            retry.appendleft(more)  # NB: it goes alone, next
+                            break
+                        message.append(more)
                     if not slot["queue"]:
                         slot["deadline"] = time.monotonic() + self.timeout
                     try:
-                        slot["conn"].send(args)
+                        slot["conn"].send(message[0][1] if len(message) == 1 else [args for _, args in message])
                     except (OSError, ValueError):
-                        # NB: a child that died while idle: the task goes to another child, this one is replaced
-                        retry.appendleft((i, args))
+                        # NB: a child that died while idle: the tasks go to another child, this one is replaced
+                        retry.extendleft(reversed(message))
                         if slot["queue"] and slot["queue"][0][0] in streamed:
                             # NB: ...or one that died while streaming: the parts the caller has must not come twice
                             slot["proc"].kill()
@@ -361,12 +420,12 @@ class IsolatedPool:
                                 "decoder-crash", f"the worker process died (exit code {code}) while reading the "
                                 "file"), pending, retry))
                             break
-                        retry.extendleft(reversed(slot["queue"]))
-                        slot["queue"].clear()
+                        _requeue(slot["queue"], retry)
                         self._stop(slot)
                         self._slots[self._slots.index(slot)] = self._ready(self._start())
                         break
-                    slot["queue"].append((i, args))
+                    group = tuple(i for i, _ in message)
+                    slot["queue"].extend((i, args, group) for i, args in message)
             while True:
                 queue = streams.get(next_out)
                 if queue:
@@ -379,6 +438,8 @@ class IsolatedPool:
                 streams.pop(next_out, None)
                 streamed.discard(next_out)
                 cost.pop(next_out, None)
+                grouped.pop(next_out, None)
+                solo.discard(next_out)
                 yield pending.pop(next_out)
                 next_out += 1
                 if on_done:
@@ -390,7 +451,7 @@ class IsolatedPool:
                 continue
             for s in busy:
                 # NB: a child streaming a later task waits (on its socket) while the driver holds `part_budget`
-                hold = parts and held_bytes >= part_budget and all(i != next_out for i, _ in s["queue"])
+                hold = parts and held_bytes >= part_budget and all(e[0] != next_out for e in s["queue"])
                 if s.get("held") and not hold:
                     s["deadline"] = time.monotonic() + self.timeout  # NB: its wait on the driver is not its time
                 s["held"] = hold
@@ -412,6 +473,9 @@ class IsolatedPool:
                         # NB: the child's end closes only when it dies: EOF here is a crash on its current task
                         slot["proc"].kill()  # NB: harmless on a dead child; wait() then gives its own status
                         code = slot["proc"].wait()
+                        if self._shared(slot, streamed):
+                            self._split(k, retry, solo)
+                            continue
                         drop(self._fail(k, TaskFailure("decoder-crash", f"the worker process died (exit code "
                                                        f"{code}) while reading the file"), pending, retry))
                         continue
@@ -427,7 +491,7 @@ class IsolatedPool:
                         else:
                             slot["parts"].extend(msg[1])
                         continue
-                    i, _ = slot["queue"].popleft()
+                    i = slot["queue"].popleft()[0]
                     gathered, slot["parts"] = slot["parts"], []
                     if msg[0] == "ok" and isinstance(msg[1], tuple) and msg[1][:1] == ("streamed",):
                         _, key, head = msg[1]
@@ -437,20 +501,57 @@ class IsolatedPool:
                         drop(i)  # NB: a task that failed after some parts (e.g. out of memory while sending)
                     slot["deadline"] = time.monotonic() + self.timeout
                 elif time.monotonic() >= slot["deadline"]:
+                    if self._shared(slot, streamed):
+                        slot["proc"].kill()
+                        slot["proc"].wait()
+                        self._split(k, retry, solo)
+                        continue
                     drop(self._fail(k, TaskFailure("decode-timeout", f"reading took more than {self.timeout:g} s"),
                                     pending, retry))
+
+    @staticmethod
+    def _shared(slot: dict, streamed: set) -> bool:
+        """Whether the child's current task came in a message with others (and streamed nothing yet): its crash
+        or overrun then blames no task until each is tried alone."""
+        i, _, group = slot["queue"][0]
+        return len(group) > 1 and i not in streamed
+
+    def _split(self, k: int, retry: deque, solo: set) -> None:
+        """The child of slot `k` died or overran on a message of several tasks: the unanswered tasks of that
+        message are sent again, each alone (`solo`), the child's later messages as they were; the child is
+        replaced."""
+        slot = self._slots[k]
+        group = slot["queue"][0][2]
+        solo.update(e[0] for e in slot["queue"] if e[2] is group)
+        _requeue(slot["queue"], retry)
+        self._stop(slot)
+        self._slots[k] = self._ready(self._start())
 
     def _fail(self, k: int, failure: TaskFailure, pending: dict, retry: deque) -> int:
         """The child of slot `k` crashed or overran on its current task: record it, requeue the rest, replace
         the child; returns the task's number."""
         slot = self._slots[k]
-        i, _ = slot["queue"].popleft()
+        i = slot["queue"].popleft()[0]
         pending[i] = failure
-        retry.extendleft(reversed(slot["queue"]))
-        slot["queue"].clear()
+        _requeue(slot["queue"], retry)
         self._stop(slot)
         self._slots[k] = self._ready(self._start())
         return i
+
+
+def _messages(queue: deque) -> int:
+    """Messages a child holds: its queued tasks, those sent together counted once."""
+    n, last = 0, None
+    for entry in queue:
+        if entry[2] is not last:
+            n, last = n + 1, entry[2]
+    return n
+
+
+def _requeue(queue: deque, retry: deque) -> None:
+    """A child's queued tasks go back to the front of `retry`, in order (to be sent to another child)."""
+    retry.extendleft(reversed([(i, args) for i, args, _ in queue]))
+    queue.clear()
 
 
 if __name__ == "__main__":
