@@ -333,3 +333,19 @@ def test_ctrl_c_while_the_command_imports_is_one_line():
     done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130, done.stderr
     assert done.stderr == "gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again\n"
+
+
+def test_ctrl_c_while_the_options_are_parsed_is_one_line(monkeypatch, capsys):
+    """SIGINT while the command line is parsed (before any command runs): the same one line and exit 130 as while
+    importing, no traceback. The signal is stood for by a KeyboardInterrupt raised from the parser."""
+    import argparse
+
+    from gpucnr.cli import main
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    assert main(["info", "x.zarr"]) == 130
+    assert capsys.readouterr().err == ("gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same "
+                                       "command again\n")
