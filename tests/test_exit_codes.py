@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicomfactory import write_raster
-from signals import interrupt_when
+from signals import SLOWED, interrupt_when
 
 import gpucnr
 from gpucnr.phantom import make_phantom
@@ -120,12 +120,14 @@ def _children_of_mark(mark: str) -> list[int]:
     return pids
 
 
-def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches: int = 1):
-    """Start `gpucnr ...cmd`, send `sig` once `batches` batches are logged; (exit status, stderr, leftovers)."""
+def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches: int = 1, slow: float = 0.0):
+    """Start `gpucnr ...cmd`, send `sig` once `batches` batches are logged; (exit status, stderr, leftovers). With
+    `slow`, each batch first sleeps that long (threads scheduler): work is left when the signal lands."""
     mark = f"gpucnr-test-{os.getpid()}-{sig}-{time.monotonic_ns()}"
     err = tmp_path / f"{sig}.stderr"
+    start = [sys.executable, "-c", SLOWED, str(slow), "0"] if slow else [sys.executable, "-m", "gpucnr"]
     with open(err, "wb") as fh:  # NB: a file, not a pipe: a full pipe would stall the process we poll
-        proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([*start, *map(str, cmd)], stdout=subprocess.DEVNULL,
                                 stderr=fh, env={**os.environ, "GPUCNR_BATCH_LOG": str(log), "GPUCNR_MARK": mark},
                                 start_new_session=True)
     rc = interrupt_when(proc, lambda: log.exists() and log.read_text().count("\n") >= batches, sig, timeout=120,
@@ -165,7 +167,7 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     resume = f"gpucnr run {slow_stack} {results} --resume --background ring --batch 4i"
     assert f"of 40 batches are committed in {results}; continue with `{resume}`" in err, err
     rc, err, left = _interrupt_after([*cmd, "--resume", "--workers", 2], tmp_path / "b.log", tmp_path,
-                                     signal.SIGTERM, batches=2)
+                                     signal.SIGTERM, batches=2, slow=0.2)
     assert rc == 143 and not left and err.startswith("gpucnr: interrupted (SIGTERM): "), (rc, left, err)
     assert err.count("\n") == 1 and "Traceback" not in err, err
 

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from signals import SLOWED
 
 import gpucnr
 from gpucnr.kernels import STATUS
@@ -73,19 +74,6 @@ def _assert_same(ds, ref, *, rows=None, ignore=(), what="results"):
             {k: v for k, v in ref.attrs.items() if k not in strip}, what
 
 
-#: `gpucnr ARGS...` run as `python -c _STALLED AFTER ARGS...`: batches from index AFTER on sleep before measuring
-_STALLED = ("import sys, time\n"
-            "import gpucnr.pipeline as pipeline\n"
-            "real, after = pipeline.measure_spec, int(sys.argv.pop(1))\n"
-            "def stalled(spec):\n"
-            "    if spec.index >= after:\n"
-            "        time.sleep(600)\n"
-            "    return real(spec)\n"
-            "pipeline.measure_spec = stalled\n"
-            "from gpucnr.__main__ import main\n"
-            "sys.exit(main())\n")
-
-
 def _lines(log: Path) -> list[int]:
     """Batch indices the driver logged (complete lines only: the driver may be mid-write)."""
     if not log.exists():
@@ -129,7 +117,7 @@ def test_kill9_then_resume(data, tmp_path, point, scheduler, resume_scheduler):
             # NB: batches from `after` on stall in the killed run: the background rewrites take every batch
             # finished since the last one, so without the stall the last two could be committed together and the
             # kill would find nothing to interrupt
-            proc = subprocess.Popen([PY, "-c", _STALLED, str(after), *args, *scheduler],
+            proc = subprocess.Popen([PY, "-c", SLOWED, "600", str(after), *args, *scheduler],
                                     env={**os.environ, "GPUCNR_BATCH_LOG": str(log1)},
                                     stdout=subprocess.DEVNULL, stderr=fh)
         deadline = time.monotonic() + WAIT_S
