@@ -214,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "mad:K)")
     enh.add_argument("--by", type=_names, default=None, help="per-image columns whose groups --rule cuts apart")
     enh.add_argument("--method", choices=("median", "gaussian"), default="median")
-    enh.add_argument("--size", type=_positive_int, default=3, help="median window (pixels)")
-    enh.add_argument("--sigma", type=float, default=1.0, help="Gaussian sigma (pixels)")
+    enh.add_argument("--size", type=_positive_int, default=None, help="median window (pixels, default 3)")
+    enh.add_argument("--sigma", type=float, default=None, help="Gaussian sigma (pixels, default 1)")
     enh.add_argument("--stack", type=Path, default=None, help="the stack, if not where the results say")
     enh.add_argument("--backend", choices=("auto", "numpy", "cupy"), default="auto")
     enh.add_argument("--out", type=Path, required=True,
@@ -248,8 +248,14 @@ def main(argv: list[str] | None = None) -> int:
     problems (listed on stderr), 4 stopped by the environment, 130 / 143 interrupted by SIGINT / SIGTERM (one
     line: what was done, how to continue), 141 when stdout's reader went away (``gpucnr info X | head``).
     Never a traceback for a user's mistake, a signal or a broken pipe."""
-    args = build_parser().parse_args(argv)
-    _logging(args.log_level)
+    try:
+        args = build_parser().parse_args(argv)
+        _logging(args.log_level)
+    except KeyboardInterrupt:
+        # NB: Ctrl-C while the options are parsed (the parser imports a command's option names): nothing began
+        print("gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again",
+              file=sys.stderr)
+        return 130
     previous = _on_sigterm()
     try:
         return _dispatch(args)
@@ -441,9 +447,15 @@ def _dispatch(args) -> int:
                   + f" (each group's cut: {path.name}{'.json' if path.suffix.lower() == '.csv' else ' metadata'})")
     elif args.command == "enhance":
         from gpucnr.enhancement import enhance
+        from gpucnr.errors import OptionError
 
-        ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method, size=args.size,
-                     sigma=args.sigma, stack=args.stack, backend=args.backend,
+        # NB: each method has its own parameter: the other one given would be ignored without a word
+        other = ("--sigma", "--size") if args.method == "median" else ("--size", "--sigma")
+        if getattr(args, other[0].lstrip("-")) is not None:
+            raise OptionError(f"{other[0]} is not a parameter of --method {args.method} (it takes {other[1]})")
+        ds = enhance(args.results, args.out, threshold=args.threshold, method=args.method,
+                     size=3 if args.size is None else args.size, sigma=1.0 if args.sigma is None else args.sigma,
+                     stack=args.stack, backend=args.backend,
                      allow_incomplete=args.allow_incomplete, rule=args.rule, by=args.by)
         rule = ds.attrs["rule"]
         what = f"below {ds.attrs['threshold']:g}" if rule.startswith("abs:") else f"dropped by {rule}"

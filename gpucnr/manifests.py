@@ -153,7 +153,7 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
     InputError
         An unknown level, a threshold that is not a real number, both `threshold` and `rule`, a `by` that is
         not a per-image column, results without the variables the level needs, or a series/study/patient
-        level whose id column the results do not have (add it to the stack's ``meta``).
+        level whose id column the results do not have or hold for no image (add it to the stack's ``meta``).
     RuleError
         ``bad-rule``: `rule` is not one of the accepted forms (`gpucnr.rules.RULE_FORMS`).
     ResultsError
@@ -184,6 +184,11 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
         if ds[col].dims != ("image",):
             raise InputError(f"{col!r} must lie along the image dimension, not {ds[col].dims}")
     id_values = {col: _id_strings(ds[col].values) for col in ids}
+    if level in _LEVEL_ID and len(image_ids := id_values[_LEVEL_ID[level]]) and (image_ids == "").all():
+        # NB: every unit would be one flagged image ("missing ..."): a manifest of nothing but flags, exit 0
+        raise InputError(f"level {level!r} needs {_LEVEL_ID[level]!r}, which no image of these results has (PNG, "
+                         "TIFF, JPEG and NIfTI files carry none; give it with `gpucnr ingest --meta`, or use --level "
+                         "image or case)")
     image = np.asarray(ds["image"].values, np.int64)
     if level == "roi":
         df = _roi_rows(ds, id_values, image, decide)

@@ -68,6 +68,9 @@ def cases(w: Path):
         (["filter", r, "--out", f"{s}.linkage.csv"], 2, "output-overlap"),
         (["enhance", r, "--threshold", "99", "--out", s], 2, "output-overlap"),
         (["enhance", str(w / "plain"), "--out", str(w / "e")], 2, "results-schema"),
+        # NB: each method's own parameter: the other one given would have been ignored without a word
+        (["enhance", r, "--method", "gaussian", "--size", "5", "--out", str(w / "e1")], 2, "bad-option"),
+        (["enhance", r, "--sigma", "2", "--out", str(w / "e2")], 2, "bad-option"),
         (["demo", "--out", str(w / "file"), "-n", "4", "--size", "64"], 2, "output-folder"),
         (["demo", "-n", "4", "--size", "40"], 2, "bad-option"),
         # NB: info's exit codes for what is not a stack or results are settled by issue 12: no traceback here

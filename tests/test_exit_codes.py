@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from dicomfactory import write_raster
-from signals import interrupt_when
+from signals import SLOWED, interrupt_when
 
 import gpucnr
 from gpucnr.phantom import make_phantom
@@ -120,12 +120,14 @@ def _children_of_mark(mark: str) -> list[int]:
     return pids
 
 
-def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches: int = 1):
-    """Start `gpucnr ...cmd`, send `sig` once `batches` batches are logged; (exit status, stderr, leftovers)."""
+def _interrupt_after(cmd: list, log: Path, tmp_path: Path, sig: int, *, batches: int = 1, slow: float = 0.0):
+    """Start `gpucnr ...cmd`, send `sig` once `batches` batches are logged; (exit status, stderr, leftovers). With
+    `slow`, each batch first sleeps that long (threads scheduler): work is left when the signal lands."""
     mark = f"gpucnr-test-{os.getpid()}-{sig}-{time.monotonic_ns()}"
     err = tmp_path / f"{sig}.stderr"
+    start = [sys.executable, "-c", SLOWED, str(slow), "0"] if slow else [sys.executable, "-m", "gpucnr"]
     with open(err, "wb") as fh:  # NB: a file, not a pipe: a full pipe would stall the process we poll
-        proc = subprocess.Popen([sys.executable, "-m", "gpucnr", *map(str, cmd)], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([*start, *map(str, cmd)], stdout=subprocess.DEVNULL,
                                 stderr=fh, env={**os.environ, "GPUCNR_BATCH_LOG": str(log), "GPUCNR_MARK": mark},
                                 start_new_session=True)
     rc = interrupt_when(proc, lambda: log.exists() and log.read_text().count("\n") >= batches, sig, timeout=120,
@@ -165,7 +167,7 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     resume = f"gpucnr run {slow_stack} {results} --resume --background ring --batch 4i"
     assert f"of 40 batches are committed in {results}; continue with `{resume}`" in err, err
     rc, err, left = _interrupt_after([*cmd, "--resume", "--workers", 2], tmp_path / "b.log", tmp_path,
-                                     signal.SIGTERM, batches=2)
+                                     signal.SIGTERM, batches=2, slow=0.2)
     assert rc == 143 and not left and err.startswith("gpucnr: interrupted (SIGTERM): "), (rc, left, err)
     assert err.count("\n") == 1 and "Traceback" not in err, err
 
@@ -333,3 +335,19 @@ def test_ctrl_c_while_the_command_imports_is_one_line():
     done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 130, done.stderr
     assert done.stderr == "gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again\n"
+
+
+def test_ctrl_c_while_the_options_are_parsed_is_one_line(monkeypatch, capsys):
+    """SIGINT while the command line is parsed (before any command runs): the same one line and exit 130 as while
+    importing, no traceback. The signal is stood for by a KeyboardInterrupt raised from the parser."""
+    import argparse
+
+    from gpucnr.cli import main
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", interrupted)
+    assert main(["info", "x.zarr"]) == 130
+    assert capsys.readouterr().err == ("gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same "
+                                       "command again\n")

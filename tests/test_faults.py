@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from signals import SLOWED
 
 import gpucnr
 from gpucnr.kernels import STATUS
@@ -107,12 +108,17 @@ def test_kill9_then_resume(data, tmp_path, point, scheduler, resume_scheduler):
     after = {"first": 1, "middle": 26, "last-but-one": n - 1}[point]  # batches written when the kill comes
     results = tmp_path / "results.zarr"
     log1, log2 = tmp_path / "killed.log", tmp_path / "resumed.log"
-    cmd = [PY, "-m", "gpucnr", "run", str(data["stack"]), str(results), "--backend", "numpy", "--batch", "8"]
+    args = ["run", str(data["stack"]), str(results), "--backend", "numpy", "--batch", "8"]
+    cmd = [PY, "-m", "gpucnr", *args]
     proc = None
     err = tmp_path / "killed.stderr"
     try:
         with open(err, "wb") as fh:  # a file, not a pipe: a full pipe would stall the run we poll
-            proc = subprocess.Popen([*cmd, *scheduler], env={**os.environ, "GPUCNR_BATCH_LOG": str(log1)},
+            # NB: batches from `after` on stall in the killed run: the background rewrites take every batch
+            # finished since the last one, so without the stall the last two could be committed together and the
+            # kill would find nothing to interrupt
+            proc = subprocess.Popen([PY, "-c", SLOWED, "600", str(after), *args, *scheduler],
+                                    env={**os.environ, "GPUCNR_BATCH_LOG": str(log1)},
                                     stdout=subprocess.DEVNULL, stderr=fh)
         deadline = time.monotonic() + WAIT_S
         while len(_lines(log1)) < after and proc.poll() is None and time.monotonic() < deadline:

@@ -200,6 +200,17 @@ def test_group_median_uses_images_with_a_valid_roi_only():
     assert rows(m, "images", "n_images", "n_valid_images", "decision", "cnr") == [("100 101 102", 3, 2, "drop", 1.1)]
 
 
+@pytest.mark.parametrize("level", ["patient", "study", "series"])
+def test_a_level_whose_id_no_image_has_is_refused(level):
+    """PNG, TIFF, JPEG and NIfTI carry no ids: every unit would be a flagged image ("missing patient_id"), a
+    manifest of flags only that exited 0. Refused instead, saying where ids come from; the image level goes on."""
+    col = {"patient": "patient_id", "study": "study_id", "series": "series_id"}[level]
+    ds = results([1.0, 2.0], [1, 1], **{col: np.array(["", "nan"], dtype=object)})
+    with pytest.raises(gpucnr.InputError, match=f"needs '{col}', which no image of these results has.*--meta"):
+        manifest(ds, threshold=1.5, level=level)
+    assert manifest(ds, threshold=1.5)["decision"].tolist() == ["drop", "keep"]
+
+
 def test_absent_ids_are_empty_and_never_grouped():
     ds = results([1.0, 2.0, 3.0, 4.0, 5.0], [1, 1, 1, 1, 1],
                  patient_id=np.array(["nan", "None", "", "p", "<NA>"], dtype=object))
