@@ -34,6 +34,8 @@ _PART_BYTES = 8 * 2**20
 _PART_BUDGET = 64 * 2**20
 #: a bytes object of a result at least this long travels beside the pickle, not inside it (see `send`)
 _OUT_OF_BAND = 2**15
+#: replies of a batch are held in the child, to be written together, while they are shorter than this
+_COALESCE = 2**16
 
 
 class _Pickler(pickle.Pickler):
@@ -193,14 +195,19 @@ def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None 
             return
         if message is None:
             return
-        # NB: a list is several tasks in one message (`IsolatedPool.imap`'s `batch`): their replies are packed as
-        # each ends and written together after the last, one wake-up of the driver for the lot; a task whose
-        # result is streamed writes the replies before it first, so the order on the socket is the tasks' order
+        # NB: a list is several tasks in one message (`IsolatedPool.imap`'s `batch`): small replies (header records)
+        # are packed as each task ends and written together, one wake-up of the driver for the lot; a large one (an
+        # image's chunks) is written at once: a socket holds ~200 KB, so the child would otherwise wait, idle,
+        # until the driver had read and stored the whole batch. A task whose result is streamed writes the replies
+        # before it first: the order on the socket is the tasks' order.
         replies: list = []
         for args in (message if isinstance(message, list) else [message]):
             reply = _run_task(me, func, args, conn, replies)
             if reply is not None:
                 replies += reply
+                if sum(memoryview(r).nbytes for r in replies) >= _COALESCE:
+                    me._write(conn, replies)
+                    replies.clear()
         if replies:
             me._write(conn, replies)
 
