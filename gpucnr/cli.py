@@ -459,6 +459,9 @@ def _dispatch(args) -> int:
                      allow_incomplete=args.allow_incomplete, rule=args.rule, by=args.by)
         rule = ds.attrs["rule"]
         what = f"below {ds.attrs['threshold']:g}" if rule.startswith("abs:") else f"dropped by {rule}"
+        if not ds.sizes["image"]:
+            print(f"no image {what}: nothing was enhanced and nothing written to {args.out}")
+            return 0
         print(f"{ds.sizes['image']} image(s) {what} enhanced ({args.method}) into "
               f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
         if ds.sizes["image"]:

@@ -39,6 +39,9 @@ MISSING = "(missing)"
 # (None, NaN, pandas.NA) comes back from Zarr as one of these strings; treating them as missing keeps a
 # "(missing)" group whether the results were summarised in memory or after a round trip through the store.
 _MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>", "NaT"})
+#: the end of the error for a `by` column the results lack: where per-image columns of a stack come from
+KEEP_COLUMN = ("; a column of the stack reaches the results when the run keeps it: `gpucnr run ... "
+               "--group-columns NAME` (group_columns= in Python)")
 
 
 #: The rules `summarize` shows by default, beside the absolute thresholds (issue 16).
@@ -134,7 +137,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     for name in columns:
         if name not in ds.variables or ds[name].dims != ("image",):
             raise InputError(f"by={name!r} is not a per-image column of the results (coordinates along image: "
-                             f"{sorted(str(c) for c in ds.coords if ds[c].dims == ('image',))})")
+                             f"{sorted(str(c) for c in ds.coords if ds[c].dims == ('image',))})" + KEEP_COLUMN)
     warn_empty_columns(ds, columns)
 
     n_valid = np.asarray(ds["n_valid"].values).astype(np.int64)

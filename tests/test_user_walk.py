@@ -147,3 +147,29 @@ def test_a_12_bit_jpeg_extended_file_without_its_decoder_is_an_unsupported_trans
     with pytest.raises(dicom.Skip) as skip:
         dicom.scan(get_testdata_file("JPEG-lossy.dcm"), b"k" * 32, 2**30)
     assert skip.value.code == "unsupported-transfer-syntax" and "jpeg-gpl" in str(skip.value)
+
+
+# --- the walk of 2026-12-05 ----------------------------------------------------------------------------------
+def test_by_a_column_the_run_did_not_keep_says_how_to_keep_it(run_dir, tmp_path, capsys):
+    """`filter --by site` where `site` is the stack's but the run did not keep it: the error names
+    `--group-columns` (it only listed the results' columns)."""
+    results = run_dir / "results.zarr"
+    err = _coded(capsys, ["filter", str(results), "--by", "site", "--rule", "mad:3", "--out",
+                          str(tmp_path / "m.csv")], 2).err
+    assert "by='site' is not a per-image column" in err and "--group-columns NAME" in err
+    with pytest.raises(gpucnr.InputError, match="--group-columns NAME"):
+        gpucnr.summarize(results, by="site")
+
+
+def test_enhance_of_results_moved_from_their_stack_names_the_stack_option(run_dir, tmp_path, capsys):
+    shutil.copytree(run_dir / "results.zarr", tmp_path / "results.zarr")
+    err = _coded(capsys, ["enhance", str(tmp_path / "results.zarr"), "--out", str(tmp_path / "e")], 2).err
+    assert "is not where they record it" in err and "--stack STACK.zarr" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_enhance_that_chooses_nothing_says_nothing_was_written(run_dir, tmp_path, capsys):
+    out = _coded(capsys, ["enhance", str(run_dir / "results.zarr"), "--threshold", "0.001", "--out",
+                          str(tmp_path / "e"), "--backend", "numpy"], 0).out
+    assert out.startswith(f"no image below 0.001: nothing was enhanced and nothing written to {tmp_path / 'e'}")
+    assert not (tmp_path / "e").exists()
