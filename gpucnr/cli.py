@@ -77,7 +77,7 @@ def _measurement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ring-width", type=_positive_int, default=10)
     g.add_argument("--background-label", type=int, default=None)
     g.add_argument("--min-bg", type=_nonneg_int, default=30)
-    g.add_argument("--ddof", type=_nonneg_int, default=1)
+    g.add_argument("--ddof", type=_nonneg_int, default=None, help="default 1 (viqa and mrqy: 0)")
     g.add_argument("--definition", choices=DEFINITIONS, default="pooled",
                    help="viqa and mrqy reproduce vIQA's and MRQy/RadQy's CNRs; they set --ddof 0 --signed")
     g.add_argument("--gcnr-bins", type=_bins, default="auto")
@@ -376,12 +376,22 @@ def _dispatch(args) -> int:
                            threshold=args.threshold)
         print(text)
     elif args.command == "run":
+        import numpy as np
+
         from gpucnr.demo import summary_table
+        from gpucnr.errors import OptionError
+        from gpucnr.kernels.cnr import FORCED
         from gpucnr.pipeline import run
 
         options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
                                                  "ring_width", "background_label", "min_bg", "ddof",
                                                  "definition", "gcnr_bins", "signed")}
+        forced = FORCED.get(args.definition, {}).get("ddof")
+        if args.ddof is not None and forced is not None and args.ddof != forced:
+            # NB: the definition would replace it without a word (it reproduces a tool that uses its own ddof)
+            raise OptionError(f"--definition {args.definition} measures with ddof {forced}, as the tool it reproduces; "
+                              f"--ddof {args.ddof} cannot apply: leave it out")
+        options["ddof"] = 1 if args.ddof is None else args.ddof
         # NB: the keyword auto is the automatic regions; any other text (./auto too) is the path of a table
         auto = args.rois == "auto"
         if auto and args.roi_source is not None:
@@ -409,6 +419,14 @@ def _dispatch(args) -> int:
                   "of the stack, or images that kill the process measuring them", file=sys.stderr)
             return 3
         if unmatched:
+            return 3
+        valid = int(np.isfinite(ds["cnr_median"].to_numpy()).sum())
+        if ds.sizes["image"] and not valid:
+            # NB: a run with nothing measured is a near-total failure, not a success with one count line
+            print(f"gpucnr: run completed with problems: none of the {ds.sizes['image']} image(s) has a valid ROI "
+                  f"(every image flagged); likely cause: no ROI reached the stack (masks empty at --mask-threshold, "
+                  f"no --rois rows for these images) or every ROI too small or outside its image: `gpucnr info "
+                  f"{args.stack}` shows the ROI ids, `gpucnr report` the statuses", file=sys.stderr)
             return 3
     elif args.command == "report":
         from gpucnr.report import write_report

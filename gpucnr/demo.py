@@ -107,7 +107,12 @@ def summary_table(ds: xr.Dataset, *, truth=None, threshold: float = 1.5, elapsed
     ]
     for p, v in zip((5, 25, 50, 75, 95), q, strict=True):
         lines.append(f"{f'CNR {p}th percentile':<28}{v:>12.3f}")
-    lines.append(f"{f'below {threshold} (drop)':<28}{below:>7d} ({below / max(valid.sum(), 1):5.1%})")
+    if ds.attrs.get("definition") == "gcnr":
+        # NB: gCNR is an overlap in [0, 1]: every image lies "below 1.5", which says nothing
+        lines.append("(gCNR lies in [0, 1]: the CNR cut of 1.5 does not apply; choose one with `gpucnr filter "
+                     "--rule`, e.g. quantile:0.1)")
+    else:
+        lines.append(f"{f'below {threshold} (drop)':<28}{below:>7d} ({below / max(valid.sum(), 1):5.1%})")
     if truth is not None:
         rel = cnr[valid] / np.asarray(truth)[valid] - 1
         lines.append(f"{'median |measured/true - 1|':<28}{np.median(np.abs(rel)):>12.3%}")

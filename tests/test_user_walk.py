@@ -173,3 +173,31 @@ def test_enhance_that_chooses_nothing_says_nothing_was_written(run_dir, tmp_path
                           str(tmp_path / "e"), "--backend", "numpy"], 0).out
     assert out.startswith(f"no image below 0.001: nothing was enhanced and nothing written to {tmp_path / 'e'}")
     assert not (tmp_path / "e").exists()
+
+
+def test_a_ddof_the_definition_would_replace_is_refused(run_dir, tmp_path, capsys):
+    """`--ddof 2 --definition viqa` was recorded as ddof 0 without a word: refused; the definition's own ddof, or
+    none, is accepted."""
+    argv = ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r.zarr"), "--backend", "numpy", "--definition", "viqa"]
+    err = _coded(capsys, [*argv, "--ddof", "2"], 2).err
+    assert "[bad-option] --definition viqa measures with ddof 0" in err and not (tmp_path / "r.zarr").exists()
+    _coded(capsys, [*argv, "--ddof", "0"], 0)
+    assert gpucnr.open_results(tmp_path / "r.zarr").attrs["ddof"] == 0
+
+
+def test_gcnr_has_no_sign_and_no_cnr_cut(run_dir, tmp_path, capsys):
+    with pytest.raises(gpucnr.InputError, match="no sign"):
+        gpucnr.measure(make_phantom(1, (64, 64), lesions=1, radius=4).images, np.zeros((1, 64, 64), np.int32),
+                       definition="gcnr", signed=True)
+    out = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "g.zarr"), "--backend", "numpy",
+                          "--definition", "gcnr"], 0).out
+    assert "gCNR lies in [0, 1]" in out and "below 1.5" not in out
+
+
+def test_a_run_where_no_image_has_a_valid_roi_is_a_problem(tmp_path, capsys):
+    """Every image flagged (here: ROIs far outside the images) was exit 0 with a count line: now exit 3 and a
+    line on stderr saying so and where to look."""
+    ph = make_phantom(4, (64, 64), lesions=1, radius=4, seed=1)
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", ph.images, rois=ph.rois.assign(cx=500, cy=500))
+    err = _coded(capsys, ["run", str(stack.path), str(tmp_path / "r.zarr"), "--backend", "numpy"], 3).err
+    assert "none of the 4 image(s) has a valid ROI" in err
