@@ -325,19 +325,19 @@ def _failed_images(ds) -> int:
 
 @contextlib.contextmanager
 def _said_warnings():
-    """gpucnr's own warnings of a command (an empty grouping column) as one `gpucnr: warning:` line each on
-    stderr; any other warning is shown as Python would."""
-    from gpucnr.statistics import EmptyColumnWarning
+    """gpucnr's own warnings of a command (`NoticeWarning`: an empty grouping column, a stack not found) as one
+    `gpucnr: warning:` line each on stderr; any other warning is shown as Python would."""
+    from gpucnr.errors import NoticeWarning
 
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", EmptyColumnWarning)
+            warnings.simplefilter("always", NoticeWarning)
             yield
     finally:
         said = set()
         for w in caught:
-            if not issubclass(w.category, EmptyColumnWarning):
+            if not issubclass(w.category, NoticeWarning):
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             elif str(w.message) not in said:
                 said.add(str(w.message))
@@ -392,6 +392,10 @@ def _dispatch(args) -> int:
             raise OptionError(f"--definition {args.definition} measures with ddof {forced}, as the tool it reproduces; "
                               f"--ddof {args.ddof} cannot apply: leave it out")
         options["ddof"] = 1 if args.ddof is None else args.ddof
+        if args.resume and not os.path.lexists(args.results):
+            # NB: by design (a script may always pass --resume), but a typo in the path must not pass unseen
+            print(f"gpucnr: warning: {console_text(str(args.results))} does not exist: --resume starts new results "
+                  "there", file=sys.stderr)
         # NB: the keyword auto is the automatic regions; any other text (./auto too) is the path of a table
         auto = args.rois == "auto"
         if auto and args.roi_source is not None:
@@ -439,7 +443,9 @@ def _dispatch(args) -> int:
         if args.open:
             import webbrowser
 
-            webbrowser.open(path.resolve().as_uri())
+            if not webbrowser.open(path.resolve().as_uri()):
+                print("gpucnr: warning: no web browser could be started here (--open): open the file above yourself",
+                      file=sys.stderr)
     elif args.command == "filter":
         from gpucnr.manifests import decision_warnings, manifest, manifest_inputs, with_paths, write_manifest
 

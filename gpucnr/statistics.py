@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from gpucnr._version import __version__
-from gpucnr.errors import InputError, OptionError
+from gpucnr.errors import InputError, NoticeWarning, OptionError
 from gpucnr.grouping import segments
 from gpucnr.rules import MAD_SCALE, parse_rule
 
@@ -384,7 +384,7 @@ def _groups(ds: xr.Dataset, columns: list[str], n_images: int):
     return labels, group_by, group_value, groupings
 
 
-class EmptyColumnWarning(UserWarning):
+class EmptyColumnWarning(NoticeWarning):
     """A grouping column whose every value is empty: grouping by it makes one group, "(missing)"."""
 
 

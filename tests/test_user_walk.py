@@ -201,3 +201,23 @@ def test_a_run_where_no_image_has_a_valid_roi_is_a_problem(tmp_path, capsys):
     stack = gpucnr.write_stack(tmp_path / "s.zarr", ph.images, rois=ph.rois.assign(cx=500, cy=500))
     err = _coded(capsys, ["run", str(stack.path), str(tmp_path / "r.zarr"), "--backend", "numpy"], 3).err
     assert "none of the 4 image(s) has a valid ROI" in err
+
+
+def test_resume_into_a_missing_results_folder_says_it_starts_anew(run_dir, tmp_path, capsys):
+    captured = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "typo.zarr"), "--resume",
+                               "--backend", "numpy"], 0)
+    assert captured.err.startswith(f"gpucnr: warning: {tmp_path / 'typo.zarr'} does not exist: --resume starts new")
+    assert gpucnr.open_results(tmp_path / "typo.zarr")["committed"].values.all()
+
+
+def test_report_says_on_stderr_when_it_draws_no_figure(run_dir, tmp_path, capsys):
+    """A report of results whose stack was replaced (or moved away) said so only inside the HTML (or in a log line
+    of another format): one `gpucnr: warning:` line now, exit 0 (the report is written)."""
+    shutil.copytree(run_dir / "results.zarr", tmp_path / "results.zarr")
+    other = make_phantom(3, (64, 64), lesions=1, radius=4, seed=9)
+    gpucnr.write_stack(tmp_path / "stack.zarr", other.images, rois=other.rois)
+    err = _coded(capsys, ["report", str(tmp_path / "results.zarr"), str(tmp_path / "rep")], 0).err
+    assert err.startswith("gpucnr: warning: The stack was found") and "fingerprint differs" in err, err
+    shutil.rmtree(tmp_path / "stack.zarr")
+    err = _coded(capsys, ["report", str(tmp_path / "results.zarr"), str(tmp_path / "rep2")], 0).err
+    assert err.startswith("gpucnr: warning: The stack was not found") and "--stack" in err, err
