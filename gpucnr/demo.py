@@ -124,4 +124,7 @@ def summary_table(ds: xr.Dataset, *, truth=None, threshold: float = 1.5, elapsed
         lines.append(f"{'batches committed':<28}{done:>12}")
     if elapsed is not None:
         lines.append(f"{'time':<28}{elapsed:>10.2f} s ({ds.sizes['image'] / elapsed:,.0f} images/s)")
+        # NB: Numba compiles the kernels on first use and caches them on disk: a first run is several times slower
+        lines.append("  (write and measure; the first run after an install also compiles the kernels, cached "
+                     "for later runs)")
     return "\n".join(lines)

@@ -98,7 +98,8 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         - ``n_images`` (group,): images in the group.
         - ``n_not_computed`` (group,): images whose row was never written (n_valid < 0).
         - ``n_no_valid_roi`` (level, group): images of the group with n_valid == 0 (same for both levels).
-        - ``count`` (level, group): finite values.
+        - ``count`` (level, group): finite values. Read it as ``summary["count"]``: ``summary.count`` is
+          xarray's ``Dataset.count`` method, which the attribute syntax reaches first.
         - ``mean`` (level, group): mean of the finite values (NaN when count is 0).
         - ``quantiles`` (level, group, quantile): numpy's linear-method quantiles (NaN when count is 0).
         - ``histogram`` (level, group, bin): counts per bin, ``numpy.histogram`` semantics (half-open bins,
