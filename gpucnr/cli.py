@@ -447,7 +447,7 @@ def _dispatch(args) -> int:
                 print("gpucnr: warning: no web browser could be started here (--open): open the file above yourself",
                       file=sys.stderr)
     elif args.command == "filter":
-        from gpucnr.manifests import decision_warnings, manifest, manifest_inputs, with_paths, write_manifest
+        from gpucnr.manifests import decision_warnings, manifest, manifest_inputs, units, with_paths, write_manifest
 
         with _said_warnings():
             table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
@@ -457,7 +457,7 @@ def _dispatch(args) -> int:
         path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
         counts = table["decision"].value_counts().to_dict()
         side = f" (provenance: {path.name}.json)" if path.suffix.lower() == ".csv" else ""
-        print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
+        print(f"{path}: {len(table)} {units(args.level)}: " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")) + side)
         for line in decision_warnings(table, args.level):
             print(f"gpucnr: warning: {line}", file=sys.stderr)
