@@ -375,14 +375,18 @@ def test_viqa_results_enhance_with_the_forced_options(tmp_path):
 @pytest.mark.parametrize("definition", ["mrqy", "viqa"])
 def test_cli_run_with_a_peer_definition(tmp_path, capsys, definition):
     """`gpucnr run --definition mrqy|viqa` on a stack: the results equal gpucnr.measure's on the same pixels and
-    record the forced options; `filter` reads them."""
+    record the forced options; `filter` reads them. A `--ddof` other than the definition's is refused (it was
+    replaced without a word)."""
     from gpucnr.cli import main
 
     batch = make_batch(21, np.uint16, "complement", False)
     images, labels = batch["images"], batch["labels"]
     stack = gpucnr.write_stack(tmp_path / "s.zarr", images, labels=labels, shard=2)
-    assert main(["run", str(stack.path), str(tmp_path / "r.zarr"), "--definition", definition, "--ddof", "1",
-                 "--min-bg", "5", "--backend", "numpy"]) == 0
+    argv = ["run", str(stack.path), str(tmp_path / "r.zarr"), "--definition", definition, "--min-bg", "5",
+            "--backend", "numpy"]
+    assert main([*argv, "--ddof", "1"]) == 2
+    assert f"--definition {definition} measures with ddof 0" in capsys.readouterr().err
+    assert main(argv) == 0
     ds = gpucnr.open_results(tmp_path / "r.zarr")
     assert (ds.attrs["definition"], ds.attrs["ddof"], ds.attrs["signed"]) == (definition, 0, True)
     assert ds.attrs["definition_forces"] == "ddof=0 signed=True"
