@@ -254,7 +254,7 @@ def test_enhance_interrupted_removes_its_partial_outputs(slow_results, tmp_path)
     results = slow_results
     out = tmp_path / "enh"
     rc, err, left = _interrupt_after(["enhance", results, "--threshold", 1e9, "--out", out, "--backend", "numpy"],
-                                     tmp_path / "e.log", tmp_path, signal.SIGTERM)
+                                     tmp_path / "e.log", tmp_path, signal.SIGTERM, slow=0.2)
     assert rc == 143 and not left, (rc, err, left)
     assert err.startswith("gpucnr: interrupted (SIGTERM): 160 image(s) were being enhanced") and err.count("\n") == 1
     assert not (out / "enhanced.zarr").exists() and not (out / "results.zarr").exists()

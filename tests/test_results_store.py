@@ -297,6 +297,17 @@ def publish(tmp, path):
     return real(tmp, path)
 
 shardfiles.publish = publish
+# NB: batches after the first take 0.5 s: the background rewrites take every batch finished since the last one, and
+# this test needs batch 0 alone in the first rewrite and batch 1 alone in the second
+import gpucnr.pipeline as pipeline
+measure = pipeline.measure_spec
+
+def slowed(spec):
+    if spec.index >= 1:
+        time.sleep(0.5)
+    return measure(spec)
+
+pipeline.measure_spec = slowed
 gpucnr.run(stack, results, scheduler="synchronous", backend="numpy", batch=8)
 """
 
