@@ -404,12 +404,20 @@ class _Ingest:
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
             self.mask_dir = masks is not None
-            # NB: MASK_DIR inside SRC_DIR (kvasir/masks for kvasir/) mirrors SRC_DIR only if it repeats its folders
-            self.mask_inside = masks is not None and Path(masks).resolve().is_relative_to(Path(src).resolve())
-            if masks is None:
+            # NB: MASK_DIR inside SRC_DIR (kvasir/masks for kvasir/) mirrors SRC_DIR only if it repeats its folders;
+            # MASK_DIR = SRC_DIR holds its masks beside their images
+            self.mask_is_src = masks is not None and Path(masks).resolve() == Path(src).resolve()
+            self.mask_inside = (masks is not None and not self.mask_is_src
+                                and Path(masks).resolve().is_relative_to(Path(src).resolve()))
+            if masks is None or self.mask_is_src:
                 is_mask = [f.code is None and self.matcher.key(f.rel.rpartition("/")[2]) is not None for f in found]
-                self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
+                mask_files = [f for f, m in zip(found, is_mask, strict=True) if m]
+                _refuse_own_masks(self.matcher, mask_files)
+                self.mask_index = self.matcher.index(mask_files)
+                # NB: files matched as masks are masks, not inputs (beside their images, or in MASK_DIR = SRC_DIR)
                 found = [f for f, m in zip(found, is_mask, strict=True) if not m]
+                if self.mask_is_src:
+                    self.walked["masks"] = self.walked["src"]
             else:
                 self.walked["masks"] = walk(masks, follow_symlinks=follow_symlinks, exclude=exclude)
                 self.mask_index = self.matcher.index(self.walked["masks"])
@@ -621,6 +629,7 @@ class _Ingest:
                     "mask_files": sum(len(v) for v in self.mask_index.values()) + len(self.layout.label_sources),
                     "layout_files": len(self.layout.json_files),
                     "has_mask_dir": self.mask_dir, "mask_dir_inside": getattr(self, "mask_inside", False),
+                    "mask_dir_is_src": getattr(self, "mask_is_src", False),
                     "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
                     "meta_rows": 0 if self.meta_table is None else len(self.meta_table),
                     "meta_rows_hint": _path_hint(self.meta_table, sources),
@@ -803,6 +812,22 @@ class _Ingest:
         return (f"{done}, {sum(flushed.values())} image(s) kept on disk in {display_path(self.stack)}; continue "
                 f"with `{self.header['command']}` (or delete {display_path(self.stack)} and "
                 f"{display_path(self.side['journal'])})")
+
+
+def _refuse_own_masks(matcher: MaskMatcher, mask_files) -> None:
+    """Refuse a --mask-pattern that names a file as its own mask (``{stem}*.png`` matches ``case.png`` for the stem
+    ``case``): it matches the images' names too, and would take every image for a mask. The example file is named
+    on a warning line about it (file names reach the console only on lines about that file, DESIGN §8)."""
+    for f in mask_files:
+        name = f.rel.rpartition("/")[2]
+        if matcher.key(name) == matcher.image_key(name):
+            log.warning("%s: --mask-pattern %r matches this file as its own mask", display_path(f.rel),
+                        matcher.pattern)
+            raise InputError(f"--mask-pattern {matcher.pattern!r} matches image files as their own masks (e.g. the "
+                             "file named on the line above): it matches the images' names too, so every image "
+                             "would be taken for a mask; nothing was written. The text after {stem} must tell "
+                             "masks from images (e.g. '{stem}_mask.png' for 'case.png' and 'case_mask.png', or "
+                             "'{stem}_mask*.png' for several masks per image)")
 
 
 def _sibling_base(found, mask_index: dict, matcher: MaskMatcher, masks_rel: str) -> str | None:

@@ -89,7 +89,8 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
     """The problems of an ingest, in kinds: files, refused masks, masks without an image, SEG objects, ROI rows,
     meta rows. `totals` holds the denominators: files, frames (slices of the stored files),
     masked (images with a mask or SEG to apply), mask_files,
-    seg_files, roi_rows, meta_rows, has_mask_dir (whether masks came from --masks), and KIND_hint: a cause
+    seg_files, roi_rows, meta_rows, has_mask_dir (whether masks came from --masks), mask_dir_inside / mask_dir_is_src
+    (MASK_DIR inside SRC_DIR / SRC_DIR itself), and KIND_hint: a cause
     found in the data itself (e.g. meta paths relative to a folder above SRC_DIR) that replaces the generic one."""
     kinds = {"files": Counter(), "frames": Counter(), "layout_files": Counter(),
              "masked": Counter(), "mask_files": Counter(), "seg_files": Counter(),
@@ -104,11 +105,13 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
                 "masked" if item == "mask" else "seg_files" if item == "seg" else
                 "roi_rows" if item.startswith("rois") else "meta_rows")
         kinds[kind][code] += 1
-    where = "under MASK_DIR" if totals.get("has_mask_dir") else "beside the images"
+    mirrored = totals.get("has_mask_dir") and not totals.get("mask_dir_is_src")
+    where = ("beside the images (MASK_DIR is SRC_DIR)" if totals.get("mask_dir_is_src") else
+             "under MASK_DIR" if mirrored else "beside the images")
     causes = {
         "mask_files": f"the pattern matches these files {where}, but no image has the matching name: check "
                       "{stem} / {name} in --mask-pattern" + (" and that MASK_DIR mirrors SRC_DIR's folders"
-                                                             if totals.get("has_mask_dir") else "")
+                                                             if mirrored else "")
                       + ("; MASK_DIR lies inside SRC_DIR, so the mask of SRC_DIR/images/x.jpg must be "
                          "MASK_DIR/images/x.jpg: for masks/ beside images/ (Kvasir-SEG) leave out --masks (that "
                          "layout is recognised: masks/x.jpg labels images/x.jpg), or give SRC_DIR/images as SRC_DIR"
