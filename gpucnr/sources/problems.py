@@ -45,6 +45,10 @@ _CAUSES = {
                    "(e.g. Kvasir-SEG) are read with --mask-threshold T (e.g. 127: 1 where the value exceeds T); "
                    "label maps must be lossless single-channel label images (PNG, TIFF, .npy or NIfTI)",
     "mask-unreadable": "mask files that are not readable images",
+    "mask-threshold": "--mask-threshold T lies above the masks' values (their range, or the one value of a binary "
+                      "mask): no pixel exceeds it, so the masks label nothing; give a T between the masks' "
+                      "background and foreground (e.g. 127 for 0/255 masks), or leave --mask-threshold out for "
+                      "lossless binary or label masks",
     "mask-overlap": "two masks (or a mask and a SEG) give one pixel different labels",
     "seg-unreadable": "files that are not readable DICOM SEG objects (or highdicom is not installed)",
     "seg-no-image": "SEG objects of images that are not under SRC_DIR (or were skipped)",
