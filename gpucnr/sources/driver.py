@@ -79,7 +79,10 @@ class IngestSummary:
     skipped_list: Path
     key_file: Path
     masks: int = 0
+    #: images stored without a label plane (no mask, label map or SEG, or one that was refused)
     unlabelled_images: int = 0
+    #: images with neither labels nor an ROI-table row: nothing to measure but ``rois="auto"``
+    bare_images: int = 0
     other_problems: dict[str, int] = field(default_factory=dict)
     #: slices of stored volumes that were not stored (``--nonfinite skip`` decides per slice)
     skipped_frames: int = 0
@@ -107,7 +110,8 @@ class IngestSummary:
             lines.append(f"  frames of stored files skipped (listed by source, channel and frame): "
                          f"{self.skipped_frames}")
         if self.masks or self.totals.get("mask_files") or self.labels_expected:
-            lines.append(f"  mask files used: {self.masks}; images without labels: {self.unlabelled_images}")
+            lines.append(f"  mask files used: {self.masks}; images with neither a mask nor an ROI-table row: "
+                         f"{self.bare_images}")
         kept = [f"{what}: {path}" for what, path in (("skipped-files list", self.skipped_list),
                                                     ("linkage file", self.linkage)) if Path(path).exists()]
         if kept:
@@ -562,6 +566,7 @@ class _Ingest:
         self.frame_of: dict[tuple[str, int], int] = {}
         self.stored = self.unlabelled = self.masked = self.skipped_frames = 0
         self.labelled_by: set[str] = set()
+        self.bare_rows: set[int] = set()  # NB: images stored without a label plane, by input position
         start, journal, writer = self._open(has_labels, shard, compressor)
         # NB: the workers compress each image into the stack's chunks (in parallel); the driver writes the bytes
         encode = {"compressor": compressor, "labelled": has_labels}
@@ -586,12 +591,13 @@ class _Ingest:
                 j, state = j + 1, None
                 self.decoded = j
             table = _roi_rows(self.roi_table, self.frame_of, sources, self.problem)
+            bare = len(self.bare_rows - (set() if table is None else {int(i) for i in table["image"]}))
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
                 "files_in": len(self.found), "stored": self.stored, "skipped": dict(sorted(self.skipped.items())),
                 "duplicates": self.duplicates, "images": writer.n_images, "skipped_frames": self.skipped_frames,
                 "mask_files": len(self.labelled_by),
-                "unlabelled_images": self.unlabelled, "other_problems": other, **self.options,
+                "unlabelled_images": self.unlabelled, "bare_images": bare, "other_problems": other, **self.options,
                 "max_image_mb": self.max_bytes / 2**20, "max_volume_mb": self.max_volume_bytes / 2**20,
                 "linkage": self.side["linkage"].name,
                 "skipped_list": self.side["skipped"].name, "layouts": self.layout.kinds,
@@ -623,7 +629,8 @@ class _Ingest:
             duplicates=self.duplicates, images=opened.n_images,
             problems=pd.DataFrame(self.problems, columns=_PROBLEM_COLUMNS), linkage=self.side["linkage"],
             skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(self.labelled_by),
-            unlabelled_images=self.unlabelled, other_problems=other, skipped_frames=self.skipped_frames,
+            unlabelled_images=self.unlabelled, bare_images=bare, other_problems=other,
+            skipped_frames=self.skipped_frames,
             totals={"files": len(self.found), "frames": opened.n_images + self.skipped_frames,
                     "masked": self.masked, "seg_files": self.seg_files,
                     "mask_files": sum(len(v) for v in self.mask_index.values()) + len(self.layout.label_sources),
@@ -714,14 +721,16 @@ class _Ingest:
                 if writer.labels and not encoded["has_labels"]:
                     record["unlabelled"] += 1
                 source_index = writer.add_encoded(encoded, row)
-                record["frames"].append({"row": writer.rows[source_index], "labels": list(encoded["label_ids"])})
+                record["frames"].append({"row": writer.rows[source_index], "labels": list(encoded["label_ids"]),
+                                         "bare": not (writer.labels and encoded["has_labels"])})
                 continue
             plane = entry.pop("label", None) if labels is None else labels[pos]
             if writer.labels and plane is None:
                 record["unlabelled"] += 1
             source_index = writer.add(pixels, plane, row)
             ids = [] if plane is None else [int(v) for v in np.unique(plane) if v != 0]
-            record["frames"].append({"row": writer.rows[source_index], "labels": ids})
+            record["frames"].append({"row": writer.rows[source_index], "labels": ids,
+                                     "bare": not writer.labels or plane is None})
 
     def _decoded(self, j: int, out, meta_rows: dict, writer: StackWriter, state: dict | None = None) -> dict:
         """What one decoded file became (`out`: its result, after the parts `_store` stored into `state`): the
@@ -790,6 +799,8 @@ class _Ingest:
         self.skipped_frames += record.get("skipped_frames", 0)
         for fr in record["frames"]:
             row = fr["row"]
+            if fr.get("bare", not fr["labels"]):  # NB: a journal of an older gpucnr has no "bare"
+                self.bare_rows.add(int(row["source_index"]))
             frame, channel = int(row["frame"]), int(row.get("channel", 0))
             if channel == 0:
                 # NB: ROI table rows name (source, frame): the first channel of a 4-D volume
