@@ -2,17 +2,24 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# The demo needs the default install only (permissive decoders); the tests add the test extras, among them
+# pylibjpeg-libjpeg (GPL-3.0) for the JPEG lossless / JPEG-LS test files.
+BASE := $(VENV)/.installed-base-1
 STAMP := $(VENV)/.installed-2
 
 .PHONY: demo test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(BASE): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $(BASE)
+
+$(STAMP): $(BASE)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(BASE)
 	$(BIN)/gpucnr demo --out out/demo -n 2000
 	$(BIN)/gpucnr report out/demo/results.zarr out/demo/report
 

@@ -77,7 +77,7 @@ def _measurement_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ring-width", type=_positive_int, default=10)
     g.add_argument("--background-label", type=int, default=None)
     g.add_argument("--min-bg", type=_nonneg_int, default=30)
-    g.add_argument("--ddof", type=_nonneg_int, default=1)
+    g.add_argument("--ddof", type=_nonneg_int, default=None, help="default 1 (viqa and mrqy: 0)")
     g.add_argument("--definition", choices=DEFINITIONS, default="pooled",
                    help="viqa and mrqy reproduce vIQA's and MRQy/RadQy's CNRs; they set --ddof 0 --signed")
     g.add_argument("--gcnr-bins", type=_bins, default="auto")
@@ -331,19 +331,19 @@ def _failed_images(ds) -> int:
 
 @contextlib.contextmanager
 def _said_warnings():
-    """gpucnr's own warnings of a command (an empty grouping column) as one `gpucnr: warning:` line each on
-    stderr; any other warning is shown as Python would."""
-    from gpucnr.statistics import EmptyColumnWarning
+    """gpucnr's own warnings of a command (`NoticeWarning`: an empty grouping column, a stack not found) as one
+    `gpucnr: warning:` line each on stderr; any other warning is shown as Python would."""
+    from gpucnr.errors import NoticeWarning
 
     caught: list = []
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", EmptyColumnWarning)
+            warnings.simplefilter("always", NoticeWarning)
             yield
     finally:
         said = set()
         for w in caught:
-            if not issubclass(w.category, EmptyColumnWarning):
+            if not issubclass(w.category, NoticeWarning):
                 warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             elif str(w.message) not in said:
                 said.add(str(w.message))
@@ -382,12 +382,26 @@ def _dispatch(args) -> int:
                            threshold=args.threshold)
         print(text)
     elif args.command == "run":
+        import numpy as np
+
         from gpucnr.demo import summary_table
+        from gpucnr.errors import OptionError
+        from gpucnr.kernels.cnr import FORCED
         from gpucnr.pipeline import run
 
         options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
                                                  "ring_width", "background_label", "min_bg", "ddof",
                                                  "definition", "gcnr_bins", "signed")}
+        forced = FORCED.get(args.definition, {}).get("ddof")
+        if args.ddof is not None and forced is not None and args.ddof != forced:
+            # NB: the definition would replace it without a word (it reproduces a tool that uses its own ddof)
+            raise OptionError(f"--definition {args.definition} measures with ddof {forced}, as the tool it reproduces; "
+                              f"--ddof {args.ddof} cannot apply: leave it out")
+        options["ddof"] = 1 if args.ddof is None else args.ddof
+        if args.resume and not os.path.lexists(args.results):
+            # NB: by design (a script may always pass --resume), but a typo in the path must not pass unseen
+            print(f"gpucnr: warning: {console_text(str(args.results))} does not exist: --resume starts new results "
+                  "there", file=sys.stderr)
         # NB: the keyword auto is the automatic regions; any other text (./auto too) is the path of a table
         auto = args.rois == "auto"
         if auto and args.roi_source is not None:
@@ -416,6 +430,14 @@ def _dispatch(args) -> int:
             return 3
         if unmatched:
             return 3
+        valid = int(np.isfinite(ds["cnr_median"].to_numpy()).sum())
+        if ds.sizes["image"] and not valid:
+            # NB: a run with nothing measured is a near-total failure, not a success with one count line
+            print(f"gpucnr: run completed with problems: none of the {ds.sizes['image']} image(s) has a valid ROI "
+                  f"(every image flagged); likely cause: no ROI reached the stack (masks empty at --mask-threshold, "
+                  f"no --rois rows for these images) or every ROI too small or outside its image: `gpucnr info "
+                  f"{args.stack}` shows the ROI ids, `gpucnr report` the statuses", file=sys.stderr)
+            return 3
     elif args.command == "report":
         from gpucnr.report import write_report
 
@@ -427,9 +449,11 @@ def _dispatch(args) -> int:
         if args.open:
             import webbrowser
 
-            webbrowser.open(path.resolve().as_uri())
+            if not webbrowser.open(path.resolve().as_uri()):
+                print("gpucnr: warning: no web browser could be started here (--open): open the file above yourself",
+                      file=sys.stderr)
     elif args.command == "filter":
-        from gpucnr.manifests import decision_warnings, manifest, manifest_inputs, with_paths, write_manifest
+        from gpucnr.manifests import decision_warnings, manifest, manifest_inputs, units, with_paths, write_manifest
 
         with _said_warnings():
             table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
@@ -439,7 +463,7 @@ def _dispatch(args) -> int:
         path = write_manifest(table, args.out, inputs=manifest_inputs(args.results, args.stack))
         counts = table["decision"].value_counts().to_dict()
         side = f" (provenance: {path.name}.json)" if path.suffix.lower() == ".csv" else ""
-        print(f"{path}: {len(table)} {args.level}(s): " + ", ".join(f"{k} {counts.get(k, 0)}"
+        print(f"{path}: {len(table)} {units(args.level)}: " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")) + side)
         for line in decision_warnings(table, args.level):
             print(f"gpucnr: warning: {line}", file=sys.stderr)
@@ -465,6 +489,9 @@ def _dispatch(args) -> int:
                      allow_incomplete=args.allow_incomplete, rule=args.rule, by=args.by)
         rule = ds.attrs["rule"]
         what = f"below {ds.attrs['threshold']:g}" if rule.startswith("abs:") else f"dropped by {rule}"
+        if not ds.sizes["image"]:
+            print(f"no image {what}: nothing was enhanced and nothing written to {args.out}")
+            return 0
         print(f"{ds.sizes['image']} image(s) {what} enhanced ({args.method}) into "
               f"{args.out / 'enhanced.zarr'}, re-measured into {args.out / 'results.zarr'}")
         if ds.sizes["image"]:

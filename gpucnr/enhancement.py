@@ -136,8 +136,12 @@ def enhance(results, out, *, threshold: float | None = None, method: str = "medi
         make_folder(out)
         new = write_stack(stack_out, images, labels=labels, rois=rois, meta=_meta(stack, chosen),
                           shard=stack.group.attrs.get("shard_size", stack.shard), compressor=stack.compressor)
-        # NB: the same ROI sources as the original run (an attribute "labels", "table" or "both")
+        # NB: the same ROI sources as the original run (an attribute "labels", "table" or "both"); "both" when
+        # none of the chosen images has a table row (each was chosen by its label cells) is its labels alone: the
+        # new stack has no ROI table to measure
         source = str(ds.attrs.get("roi_source", "auto"))
+        if source == "both" and (rois is None or not len(rois)):
+            source = "labels"
         # NB: and the original run's batch size (images or pixels, as it was given)
         batch = ds.attrs.get("batch")
         batch = batch if isinstance(batch, int | str) and not isinstance(batch, bool) else None
@@ -155,6 +159,12 @@ def enhance(results, out, *, threshold: float | None = None, method: str = "medi
             shutil.rmtree(path, ignore_errors=True)
         raise Interrupted(f"{len(chosen)} image(s) were being enhanced into {out}; the partial outputs were removed: "
                           "run the same command again", e) from None
+    except BaseException:
+        # NB: a refusal or failure once writing began: the same, so that a refused command (exit 2) has written
+        # nothing and the same command can start again
+        for path in (results_out, stack_out):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
     new_table = new.images.sort_values("index")
     original = new_table["original_index"].to_numpy(np.int64)
     cnr_after = pd.Series(np.asarray(after["cnr_median"].values, np.float64)[new_table["index"].to_numpy()],

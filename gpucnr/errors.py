@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import errno
 
-__all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "Interrupted", "LabelRangeError", "OptionError",
-           "OptionTypeError", "RoiTableError", "ShapeMismatchError", "Terminated", "console_text",
+__all__ = ["EnvironmentFailure", "GpucnrError", "InputError", "Interrupted", "LabelRangeError", "NoticeWarning",
+           "OptionError", "OptionTypeError", "RoiTableError", "ShapeMismatchError", "Terminated", "console_text",
            "environment_error", "raise_if_exhausted"]
 
 
@@ -20,6 +20,11 @@ class GpucnrError(Exception):
     def __init__(self, message: str):
         super().__init__(f"[{self.code}] {message}")
         self.reason = message
+
+
+class NoticeWarning(UserWarning):
+    """What a command did not do with its inputs and must say (a stack not found, so no figure): one
+    ``gpucnr: warning:`` line on stderr from the CLI, a warning in Python."""
 
 
 class InputError(GpucnrError, ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,9 @@ def describe(path, *, verify: bool = False) -> dict:
     if "gpucnr_results" in attrs:
         return _results(path, verify)
     report = {"kind": "unknown", "path": str(path), "exit_code": 2}
-    report["text"] = f"{path}: neither a gpucnr stack nor gpucnr results"
+    # NB: a typo in the path is the likeliest cause: said as such, not as a folder of the wrong kind
+    report["text"] = (f"{path}: does not exist" if not os.path.lexists(path)
+                      else f"{path}: neither a gpucnr stack nor gpucnr results")
     return report
 
 

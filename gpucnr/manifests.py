@@ -245,7 +245,7 @@ class _Decider:
     one pass over the usable units (`gpucnr.grouping`), and the table of cuts for the manifest's metadata."""
 
     def __init__(self, rule: Rule, ds: xr.Dataset, columns: list[str]):
-        from gpucnr.statistics import column_codes
+        from gpucnr.statistics import KEEP_COLUMN, column_codes
 
         self.rule, self.columns, self.table = rule, columns, []
         n = ds.sizes["image"]
@@ -253,7 +253,8 @@ class _Decider:
         for name in columns:
             if name not in ds.variables or ds[name].dims != ("image",):
                 found = sorted(str(c) for c in ds.variables if ds[c].dims == ("image",) and c != "image")
-                raise InputError(f"by={name!r} is not a per-image column of the results; they have {found}")
+                raise InputError(f"by={name!r} is not a per-image column of the results; they have {found}"
+                                 + KEEP_COLUMN)
             per_column.append(column_codes(ds[name].values))
         if per_column:
             # NB: the groups are the value combinations present, ordered as the columns' values are
@@ -449,6 +450,11 @@ def _plain(value):
     return str(value)
 
 
+def units(level: str) -> str:
+    """The name of a manifest's units in a count ("image(s)", "series", "study/studies")."""
+    return {"series": "series", "study": "study/studies"}.get(level, f"{level}(s)")
+
+
 def decision_warnings(df: pd.DataFrame, level: str = "image") -> list[str]:
     """What `gpucnr filter` warns about a manifest (one line each): a rule that drops more than half of the units
     it judged (kept + dropped; flagged units were not judged), and flagged units that are the majority, with
@@ -457,7 +463,7 @@ def decision_warnings(df: pd.DataFrame, level: str = "image") -> list[str]:
     keep, drop, flag = ((decision == d).sum() for d in (KEEP, DROP, FLAG))
     judged, total, out = int(keep + drop), len(df), []
     if drop * 2 > judged:
-        out.append(f"rule {df.attrs.get('rule', '?')} drops {drop} of the {judged} {level}(s) it judged "
+        out.append(f"rule {df.attrs.get('rule', '?')} drops {drop} of the {judged} {units(level)} it judged "
                    f"({100.0 * drop / judged:.1f} %{f'; {flag} flagged one(s) were not judged' if flag else ''}): "
                    "more than half. "
                    "Before training on what is left, check the background mode and the rule: docs/choosing.md "
@@ -469,7 +475,7 @@ def decision_warnings(df: pd.DataFrame, level: str = "image") -> list[str]:
         if reasons.index[0] in (NO_VALID, _STATUS_NAME.get(STATUS.get("absent"))):
             hint = (": most have no ROI (a volume's slices outside its label map have none, as do images without "
                     "a mask); --level case decides once per volume, on all its slices")
-        out.append(f"{flag} of {total} {level}(s) ({100.0 * flag / total:.1f} %) are flagged, neither kept nor "
+        out.append(f"{flag} of {total} {units(level)} ({100.0 * flag / total:.1f} %) are flagged, neither kept nor "
                    f"dropped ({why}){hint}")
     return out
 

@@ -112,7 +112,8 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     Raises
     ------
     InputError
-        ``by`` is not a per-image column, or the results' ``ddof`` is neither 0 nor 1.
+        ``by`` is not a per-image column or no image has a value of it, or the results' ``ddof`` is neither 0
+        nor 1.
 
     Notes
     -----
@@ -139,6 +140,10 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
     # NB: through Python strings: a results' text coordinate may be numpy's StringDType, a number column numbers
     names, codes = np.unique(np.array([str(v) for v, m in zip(labels, missing, strict=True) if not m], dtype=str),
                              return_inverse=True)
+    if len(labels) and missing.all():
+        # NB: every image would be left out: an empty result that said nothing (PNG results by patient_id)
+        raise InputError(f"no image of these results has a value of {by!r}, so there is no group to pool (PNG, TIFF, "
+                         "JPEG and NIfTI files carry no ids: give them with `gpucnr ingest --meta`)")
     code_of = np.full(len(labels), -1, np.int64)
     code_of[~missing] = codes
     n_groups, width = len(names), int(ds.sizes.get("roi", 0))

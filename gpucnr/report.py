@@ -19,8 +19,8 @@ from __future__ import annotations
 import base64
 import datetime as _dt
 import html
-import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ import xarray as xr
 from scipy import ndimage
 
 from gpucnr._version import __version__
-from gpucnr.errors import GpucnrError, InputError
+from gpucnr.errors import GpucnrError, InputError, NoticeWarning
 from gpucnr.kernels.footprints import footprint_offsets
 from gpucnr.manifests import ID_COLUMNS
 from gpucnr.outputs import OutputError, make_folder, refuse_overlap, write_file
@@ -347,7 +347,7 @@ def _lowest_section(ds, values, source, stack, lowest, rois) -> str:
             # NB: a shard file that cannot be read (deleted, unreadable) is named by its error, never its path
             why = f"its stack chunk cannot be read ({e.strerror or type(e).__name__})" if isinstance(e, OSError) else e
             body = f"<p class=\"note\">{_e(f'cannot draw image {i}: {why}')}</p>"
-            logging.getLogger("gpucnr.report").warning("the report cannot draw image %d: %s", i, why)
+            warnings.warn(f"the report cannot draw image {i}: {why}", NoticeWarning, stacklevel=2)
         figures.append(f"<figure class=\"lowest\" data-image=\"{i}\">{body}<figcaption>{_e(caption)}"
                        "</figcaption></figure>")
     return head + table + "".join(figures) + "</section>"
@@ -438,23 +438,26 @@ def _find_stack(ds, source, stack):
         elif source is not None and ds.attrs.get("stack_path"):
             where = Path(source).resolve().parent / str(ds.attrs["stack_path"])
         else:
-            return None, ("The stack was not found: the results are not on disk and no stack was given; no "
-                          "figure can be drawn.")
+            return _no_stack("The stack was not found: the results are not on disk and no stack was given; no "
+                             "figure can be drawn.")
         if not where.exists():
-            why = (f"The stack was not found (looked for {where.name!r} next to the results); give it with "
-                   "--stack (stack= in Python) to draw the figures.")
-            logging.getLogger("gpucnr.report").warning(why)
-            return None, why
+            return _no_stack(f"The stack was not found (looked for {where.name!r} next to the results); give it "
+                             "with --stack (stack= in Python) to draw the figures.")
         try:
             opened = open_stack(where, check=False)
         except GpucnrError as e:
-            logging.getLogger("gpucnr.report").warning("the report draws no image: %s", e)
-            return None, f"The stack was not found or cannot be opened ({e}); no figure can be drawn."
+            return _no_stack(f"The stack was not found or cannot be opened ({e}); no figure can be drawn.")
     expected = ds.attrs.get("stack_fingerprint")
     if expected and opened.fingerprint() != expected:
-        return None, ("The stack was found but its fingerprint differs from the one the results record; it is "
-                      "not the measured stack, so no figure is drawn.")
+        return _no_stack(f"The stack was found ({opened.path}) but its fingerprint differs from the one the results "
+                         "record; it is not the measured stack, so no figure is drawn.")
     return opened, ""
+
+
+def _no_stack(why: str):
+    """(no stack, `why`): said in the report and as a warning (a `gpucnr: warning:` line from the CLI)."""
+    warnings.warn(why, NoticeWarning, stacklevel=3)
+    return None, why
 
 
 def _id_columns(ds) -> list[str]:

@@ -849,6 +849,10 @@ def results_stack(ds: xr.Dataset, results_path, stack=None):
             raise InputError("cannot locate the stack of these results: give it with --stack STACK.zarr (stack= in "
                              "Python)")
         stack = Path(results_path).resolve().parent / str(ds.attrs["stack_path"])
+        if not os.path.lexists(stack):
+            # NB: results copied or moved away from their stack: say how to point at it
+            raise InputError(f"the stack these results were computed from is not where they record it ({stack}): "
+                             "give it with --stack STACK.zarr (stack= in Python)")
     stack = stack if isinstance(stack, Stack) else open_stack(stack)
     expected = ds.attrs.get("stack_fingerprint")
     if expected is not None and stack.fingerprint() != expected:

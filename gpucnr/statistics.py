@@ -16,7 +16,7 @@ import pandas as pd
 import xarray as xr
 
 from gpucnr._version import __version__
-from gpucnr.errors import InputError, OptionError
+from gpucnr.errors import InputError, NoticeWarning, OptionError
 from gpucnr.grouping import segments
 from gpucnr.rules import MAD_SCALE, parse_rule
 
@@ -39,6 +39,9 @@ MISSING = "(missing)"
 # (None, NaN, pandas.NA) comes back from Zarr as one of these strings; treating them as missing keeps a
 # "(missing)" group whether the results were summarised in memory or after a round trip through the store.
 _MISSING_TEXT = frozenset({"", "nan", "NaN", "None", "<NA>", "NaT"})
+#: the end of the error for a `by` column the results lack: where per-image columns of a stack come from
+KEEP_COLUMN = ("; a column of the stack reaches the results when the run keeps it: `gpucnr run ... "
+               "--group-columns NAME` (group_columns= in Python)")
 
 
 #: The rules `summarize` shows by default, beside the absolute thresholds (issue 16).
@@ -95,7 +98,8 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
         - ``n_images`` (group,): images in the group.
         - ``n_not_computed`` (group,): images whose row was never written (n_valid < 0).
         - ``n_no_valid_roi`` (level, group): images of the group with n_valid == 0 (same for both levels).
-        - ``count`` (level, group): finite values.
+        - ``count`` (level, group): finite values. Read it as ``summary["count"]``: ``summary.count`` is
+          xarray's ``Dataset.count`` method, which the attribute syntax reaches first.
         - ``mean`` (level, group): mean of the finite values (NaN when count is 0).
         - ``quantiles`` (level, group, quantile): numpy's linear-method quantiles (NaN when count is 0).
         - ``histogram`` (level, group, bin): counts per bin, ``numpy.histogram`` semantics (half-open bins,
@@ -134,7 +138,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     for name in columns:
         if name not in ds.variables or ds[name].dims != ("image",):
             raise InputError(f"by={name!r} is not a per-image column of the results (coordinates along image: "
-                             f"{sorted(str(c) for c in ds.coords if ds[c].dims == ('image',))})")
+                             f"{sorted(str(c) for c in ds.coords if ds[c].dims == ('image',))})" + KEEP_COLUMN)
     warn_empty_columns(ds, columns)
 
     n_valid = np.asarray(ds["n_valid"].values).astype(np.int64)
@@ -381,7 +385,7 @@ def _groups(ds: xr.Dataset, columns: list[str], n_images: int):
     return labels, group_by, group_value, groupings
 
 
-class EmptyColumnWarning(UserWarning):
+class EmptyColumnWarning(NoticeWarning):
     """A grouping column whose every value is empty: grouping by it makes one group, "(missing)"."""
 
 

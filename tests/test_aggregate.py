@@ -123,6 +123,9 @@ def test_statuses_of_groups_and_refusals():
             case=("image", case)), by="case")
     with pytest.raises(gpucnr.InputError, match="no per-image column"):
         gpucnr.aggregate(ds, by="site")
+    # NB: a column no image has a value of (PNG results by patient_id) was an empty result, without a word
+    with pytest.raises(gpucnr.InputError, match="no image of these results has a value of 'patient_id'"):
+        gpucnr.aggregate(ds.assign_coords(patient_id=("image", [""] * ds.sizes["image"])), by="patient_id")
 
 
 def test_aggregate_of_run_results_by_a_named_group_column(tmp_path):

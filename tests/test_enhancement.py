@@ -235,3 +235,37 @@ def test_a_rule_enhances_what_filter_drops(source, tmp_path):
     assert none.sizes["image"] == 0 and not (tmp_path / "p").exists()
     with pytest.raises(gpucnr.InputError, match="not both"):
         enhance(root / "results.zarr", tmp_path / "x", threshold=1.0, rule="mad:3")
+
+
+def test_both_sources_with_chosen_images_labelled_only(tmp_path):
+    """Results of both sources (labels and an ROI table, other ids) where every image enhance chooses has label
+    cells only: the new stack has no ROI table, so it is re-measured by its labels (it was refused: "--roi-source
+    both: ... has no ROI table", and the half-written stack was left behind)."""
+    ph = make_phantom(8, (80, 80), lesions=1, radius=6, cnr=(0.3, 3.0), noise=20.0, dtype="uint16", seed=4)
+    high = np.flatnonzero(ph.cnr[:, 0] >= 1.5)
+    table = ph.rois[ph.rois["image"].isin(high)].assign(roi=100, kind="square", r=3)
+    stack = gpucnr.write_stack(tmp_path / "stack.zarr", ph.images, labels=ph.labels, rois=table)
+    results = gpucnr.run(stack, tmp_path / "results.zarr", backend="numpy")
+    assert results.attrs["roi_source"] == "both"
+    ds = enhance(tmp_path / "results.zarr", tmp_path / "out", threshold=1.5, backend="numpy")
+    assert ds.sizes["image"] > 0 and not set(ds["image"].values) & set(high)
+    after = gpucnr.open_results(tmp_path / "out" / "results.zarr")
+    assert after.attrs["roi_source"] == "labels" and np.isfinite(ds["cnr_after"].values).all()
+
+
+def test_a_failure_after_writing_began_leaves_nothing(source, tmp_path, monkeypatch):
+    """A refusal raised once the new stack is written (here: by the re-measurement) removes both outputs: exit 2
+    means nothing was written, and the same command can start again."""
+    import gpucnr.enhancement as enhancement
+
+    root, _, _ = source
+
+    def refused(*a, **k):
+        raise InputError("refused for the test")
+
+    monkeypatch.setattr(enhancement, "run", refused)
+    with pytest.raises(InputError, match="refused for the test"):
+        enhance(root / "results.zarr", tmp_path / "out", backend="numpy")
+    assert not (tmp_path / "out" / "enhanced.zarr").exists() and not (tmp_path / "out" / "results.zarr").exists()
+    monkeypatch.undo()
+    assert enhance(root / "results.zarr", tmp_path / "out", backend="numpy").sizes["image"] > 0

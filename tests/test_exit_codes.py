@@ -104,6 +104,8 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
 
     proc = cli("info", tmp_path / "meta.csv")
     assert proc.returncode == 2 and "neither a gpucnr stack nor gpucnr results" in proc.stdout
+    proc = cli("info", tmp_path / "no-such.zarr")
+    assert proc.returncode == 2 and proc.stdout == f"{tmp_path / 'no-such.zarr'}: does not exist\n", proc.stdout
 
 
 def _children_of_mark(mark: str) -> list[int]:

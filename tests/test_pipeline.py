@@ -632,6 +632,11 @@ def test_cli_demo_leaves_stack_and_results(tmp_path, capsys):
     assert report["images"] == 50 and report["committed"] == report["batches"]
     report = info_json(tmp_path / "stack.zarr", capsys)
     assert report["kind"] == "stack" and report["images"] == 50 and report["complete"] is True
+    assert "replaced" not in out
+    # NB: a second demo into the same folder replaces the first one's outputs, and says so
+    assert main(["demo", "--out", str(tmp_path), "-n", "20", "--size", "64"]) == 0
+    assert f"(replaced the previous demo's stack.zarr and results.zarr in {tmp_path})" in capsys.readouterr().out
+    assert load(tmp_path / "results.zarr").sizes["image"] == 20
 
 
 def test_cli_run_progress_resume_info_and_errors(tmp_path, stacks, datasets, capsys, monkeypatch):

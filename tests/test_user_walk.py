@@ -147,3 +147,77 @@ def test_a_12_bit_jpeg_extended_file_without_its_decoder_is_an_unsupported_trans
     with pytest.raises(dicom.Skip) as skip:
         dicom.scan(get_testdata_file("JPEG-lossy.dcm"), b"k" * 32, 2**30)
     assert skip.value.code == "unsupported-transfer-syntax" and "jpeg-gpl" in str(skip.value)
+
+
+# --- the walk of 2026-12-05 ----------------------------------------------------------------------------------
+def test_by_a_column_the_run_did_not_keep_says_how_to_keep_it(run_dir, tmp_path, capsys):
+    """`filter --by site` where `site` is the stack's but the run did not keep it: the error names
+    `--group-columns` (it only listed the results' columns)."""
+    results = run_dir / "results.zarr"
+    err = _coded(capsys, ["filter", str(results), "--by", "site", "--rule", "mad:3", "--out",
+                          str(tmp_path / "m.csv")], 2).err
+    assert "by='site' is not a per-image column" in err and "--group-columns NAME" in err
+    with pytest.raises(gpucnr.InputError, match="--group-columns NAME"):
+        gpucnr.summarize(results, by="site")
+
+
+def test_enhance_of_results_moved_from_their_stack_names_the_stack_option(run_dir, tmp_path, capsys):
+    shutil.copytree(run_dir / "results.zarr", tmp_path / "results.zarr")
+    err = _coded(capsys, ["enhance", str(tmp_path / "results.zarr"), "--out", str(tmp_path / "e")], 2).err
+    assert "is not where they record it" in err and "--stack STACK.zarr" in err
+    assert not (tmp_path / "e").exists()
+
+
+def test_enhance_that_chooses_nothing_says_nothing_was_written(run_dir, tmp_path, capsys):
+    out = _coded(capsys, ["enhance", str(run_dir / "results.zarr"), "--threshold", "0.001", "--out",
+                          str(tmp_path / "e"), "--backend", "numpy"], 0).out
+    assert out.startswith(f"no image below 0.001: nothing was enhanced and nothing written to {tmp_path / 'e'}")
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_ddof_the_definition_would_replace_is_refused(run_dir, tmp_path, capsys):
+    """`--ddof 2 --definition viqa` was recorded as ddof 0 without a word: refused; the definition's own ddof, or
+    none, is accepted."""
+    argv = ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r.zarr"), "--backend", "numpy", "--definition", "viqa"]
+    err = _coded(capsys, [*argv, "--ddof", "2"], 2).err
+    assert "[bad-option] --definition viqa measures with ddof 0" in err and not (tmp_path / "r.zarr").exists()
+    _coded(capsys, [*argv, "--ddof", "0"], 0)
+    assert gpucnr.open_results(tmp_path / "r.zarr").attrs["ddof"] == 0
+
+
+def test_gcnr_has_no_sign_and_no_cnr_cut(run_dir, tmp_path, capsys):
+    with pytest.raises(gpucnr.InputError, match="no sign"):
+        gpucnr.measure(make_phantom(1, (64, 64), lesions=1, radius=4).images, np.zeros((1, 64, 64), np.int32),
+                       definition="gcnr", signed=True)
+    out = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "g.zarr"), "--backend", "numpy",
+                          "--definition", "gcnr"], 0).out
+    assert "gCNR lies in [0, 1]" in out and "below 1.5" not in out
+
+
+def test_a_run_where_no_image_has_a_valid_roi_is_a_problem(tmp_path, capsys):
+    """Every image flagged (here: ROIs far outside the images) was exit 0 with a count line: now exit 3 and a
+    line on stderr saying so and where to look."""
+    ph = make_phantom(4, (64, 64), lesions=1, radius=4, seed=1)
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", ph.images, rois=ph.rois.assign(cx=500, cy=500))
+    err = _coded(capsys, ["run", str(stack.path), str(tmp_path / "r.zarr"), "--backend", "numpy"], 3).err
+    assert "none of the 4 image(s) has a valid ROI" in err
+
+
+def test_resume_into_a_missing_results_folder_says_it_starts_anew(run_dir, tmp_path, capsys):
+    captured = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "typo.zarr"), "--resume",
+                               "--backend", "numpy"], 0)
+    assert captured.err.startswith(f"gpucnr: warning: {tmp_path / 'typo.zarr'} does not exist: --resume starts new")
+    assert gpucnr.open_results(tmp_path / "typo.zarr")["committed"].values.all()
+
+
+def test_report_says_on_stderr_when_it_draws_no_figure(run_dir, tmp_path, capsys):
+    """A report of results whose stack was replaced (or moved away) said so only inside the HTML (or in a log line
+    of another format): one `gpucnr: warning:` line now, exit 0 (the report is written)."""
+    shutil.copytree(run_dir / "results.zarr", tmp_path / "results.zarr")
+    other = make_phantom(3, (64, 64), lesions=1, radius=4, seed=9)
+    gpucnr.write_stack(tmp_path / "stack.zarr", other.images, rois=other.rois)
+    err = _coded(capsys, ["report", str(tmp_path / "results.zarr"), str(tmp_path / "rep")], 0).err
+    assert err.startswith("gpucnr: warning: The stack was found") and "fingerprint differs" in err, err
+    shutil.rmtree(tmp_path / "stack.zarr")
+    err = _coded(capsys, ["report", str(tmp_path / "results.zarr"), str(tmp_path / "rep2")], 0).err
+    assert err.startswith("gpucnr: warning: The stack was not found") and "--stack" in err, err

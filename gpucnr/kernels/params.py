@@ -76,6 +76,10 @@ class Params:
                 raise OptionError(f"gcnr_bins must be 'auto' or an integer >= 1, got {self.gcnr_bins!r}")
         if not isinstance(self.signed, bool):
             raise OptionTypeError(f"signed must be True or False, got {self.signed!r}")
+        if self.signed and self.definition == "gcnr":
+            # NB: accepted and recorded, it changed nothing: gCNR is an overlap of two histograms, in [0, 1]
+            raise OptionError("definition 'gcnr' has no sign (the overlap of two histograms, in [0, 1]): leave out "
+                              "signed (--signed)")
         # NB: after validation, so that a peer definition overrides only valid options (and says so in as_attrs).
         for name, value in FORCED.get(self.definition, {}).items():
             object.__setattr__(self, name, value)
