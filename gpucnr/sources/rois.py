@@ -178,7 +178,8 @@ def read_masks(paths: list, shapes: list[tuple[int, int]], *, threshold: float |
 def _threshold_above(pages, threshold: float, what: str) -> None:
     """Raise ``mask-threshold`` for a mask no pixel of which exceeds `threshold` because the threshold lies above
     its values: at or above the largest value its type holds (8-bit masks and 300), or at or above the one value
-    of a binary mask (0/1 masks and 127). An all-zero mask (an image without a lesion) is not a problem."""
+    of a binary mask (0/1 masks and 127). An all-zero mask (an image without a lesion) is a problem only
+    under a threshold beyond its type's range."""
     dtype = pages[0][1].dtype
     top = 1 if dtype.kind == "b" else np.iinfo(dtype).max if dtype.kind in "iu" else None
     if top is not None and threshold >= top:
