@@ -235,7 +235,13 @@ def _logging(level: str) -> None:
     """gpucnr's loggers only: a reader library's log lines (pydicom's quote header values) never reach stderr."""
     logger = logging.getLogger("gpucnr")
     logger.setLevel(level.upper())
-    if not any(getattr(h, "_gpucnr", False) for h in logger.handlers):
+    ours = [h for h in logger.handlers if getattr(h, "_gpucnr", False)]
+    for h in ours:
+        if h.stream is not sys.stderr:
+            # NB: main() called again in one process (tests, notebooks): today's stderr. Not setStream, which
+            # flushes the old stream (closed by then)
+            h.stream = sys.stderr
+    if not ours:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("gpucnr %(levelname)s %(message)s"))
         handler._gpucnr = True

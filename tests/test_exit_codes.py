@@ -75,7 +75,7 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
                   "--rois", tmp_path / "rois.csv", "--workers", 2)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "4 image(s) from 4 file(s)" in proc.stdout
-    assert "mask files used: 0; images without labels: 4" in proc.stdout, proc.stdout
+    assert "mask files used: 0; images with neither a mask nor an ROI-table row: 4" in proc.stdout, proc.stdout
     err = proc.stderr
     assert "Traceback" not in err
     assert f"listed, with its reason, in {stack}.skipped.csv" in err, err

@@ -66,7 +66,7 @@ def test_imagesTr_as_source_says_its_labels_were_not_read(tmp_path, capsys):
     assert rc == 0, err
     assert ("SRC looks like the imagesTr folder of a dataset; its labels in ../labelsTr were not read: point "
             "ingest at the dataset root") in err
-    assert f"images without labels: {4 * SHAPE[2]}" in out
+    assert f"images with neither a mask nor an ROI-table row: {4 * SHAPE[2]}" in out
 
 
 def test_labelsTr_as_source_is_refused_and_writes_nothing(tmp_path, capsys):
@@ -108,7 +108,7 @@ def test_kvasir_images_and_masks_are_a_layout(tmp_path, capsys):
     rc, out, err = _cli(capsys, "ingest", jpg, tmp_path / "j.zarr", "--workers", WORKERS)
     assert rc == 3 and "[mask-labels 2]" in err and "--mask-threshold T" in err, err
     rc, out, err = _cli(capsys, "ingest", jpg, tmp_path / "j2.zarr", "--workers", WORKERS, "--mask-threshold", 127)
-    assert rc == 0 and "mask files used: 2; images without labels: 0" in out, out + err
+    assert rc == 0 and "mask files used: 2; images with neither a mask nor an ROI-table row: 0" in out, out + err
     # NB: --masks inside SRC_DIR beside images/: masks/x.jpg labels images/x.jpg, and is not an image
     rc, out, err = _cli(capsys, "ingest", jpg, tmp_path / "j3.zarr", "--workers", WORKERS, "--masks", jpg / "masks",
                         "--mask-threshold", 127)

@@ -140,22 +140,32 @@ def scan(path, key: bytes, max_bytes: int) -> dict:
             ds = pydicom.dcmread(fh, stop_before_pixels=True)
             pos = fh.tell()
             head = fh.read(20)  # NB: the pixel data element's header and the first bytes of its value
+            complete = not head and _ends_complete(ds, fh, size)
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for bad bytes; each becomes a code
         raise _classify(e) from None
     try:
-        return _record(ds, meta, ts, head, pos, size, key, max_bytes)
+        return _record(ds, meta, ts, head, pos, size, key, max_bytes, complete=complete)
     except Skip:
         raise
     except Exception as e:  # noqa: BLE001 - pydicom converts values lazily: a bad value raises only when read
         raise Skip("bad-header", f"a header attribute cannot be read ({type(e).__name__})") from None
 
 
-def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_bytes: int) -> dict:
-    """The header record of `scan` from the data set read up to its pixel data."""
+def _record(ds, meta, ts, head: bytes, pos: int, size: int, key: bytes, max_bytes: int, *,
+            complete: bool = False) -> dict:
+    """The header record of `scan` from the data set read up to its pixel data; `complete`: the file ends exactly
+    where its data set's last element does (`_ends_complete`)."""
     pixel = _pixel_element(head, ts) if ts != _DEFLATED else "deflated"
     if pixel is None:
-        # NB: pydicom stops quietly at the end of a file: an image whose pixel data never comes is truncated
-        if (ds.get("Rows") is not None and ds.get("Columns") is not None) or _image_class(meta, ds):
+        # NB: pydicom stops quietly at the end of a file: an image whose file ends inside an element, before its
+        # pixel data, is truncated; one whose data set ends whole has no pixel data (e.g. the element was deleted)
+        geometry = ds.get("Rows") is not None and ds.get("Columns") is not None
+        if geometry or _image_class(meta, ds):
+            # NB: a file cut exactly between two elements reads the same; after Rows and Columns that is rare
+            # (a random cut almost always lands in the pixel data, which is most of the file)
+            if complete and geometry:
+                raise Skip("no-pixel-data", "an image object (it has rows and columns) whose data set ends whole "
+                           "without a pixel data element: it has no pixel data")
             raise Skip("truncated", "an image object whose file ends before its pixel data")
         raise Skip("no-pixel-data", "a DICOM object without pixel data (not an image)")
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
@@ -268,6 +278,22 @@ def _display_polarity(ds, photometric: str) -> str:
     if photometric in _GRAY and str(ds.get("PresentationLUTShape", "")).strip().upper() == "INVERSE":
         return "MONOCHROME1" if photometric == "MONOCHROME2" else "MONOCHROME2"
     return photometric
+
+
+def _ends_complete(ds, fh, size: int) -> bool:
+    """Whether the data set's last element ends exactly at the end of the file (pydicom drops an element cut short
+    without a word): a defined length reaching `size`, or a sequence of undefined length whose delimitation item
+    is the file's last 8 bytes. Read before any value of `ds` is converted (raw elements keep their offsets)."""
+    if not len(ds):
+        return False
+    raw = ds.get_item(max(ds.keys()))
+    tell, length = getattr(raw, "value_tell", None), getattr(raw, "length", None)
+    if tell is None or length is None:
+        return False
+    if length != 0xFFFFFFFF:
+        return tell + length == size
+    fh.seek(max(size - 8, 0))
+    return fh.read(8) in (b"\xfe\xff\xdd\xe0\x00\x00\x00\x00", b"\xff\xfe\xe0\xdd\x00\x00\x00\x00")
 
 
 def _image_class(meta, ds) -> bool:

@@ -84,7 +84,10 @@ class IngestSummary:
     skipped_list: Path
     key_file: Path
     masks: int = 0
+    #: images stored without a label plane (no mask, label map or SEG, or one that was refused)
     unlabelled_images: int = 0
+    #: images with neither labels nor an ROI-table row: nothing to measure but ``rois="auto"``
+    bare_images: int = 0
     other_problems: dict[str, int] = field(default_factory=dict)
     #: slices of stored volumes that were not stored (``--nonfinite skip`` decides per slice)
     skipped_frames: int = 0
@@ -112,7 +115,8 @@ class IngestSummary:
             lines.append(f"  frames of stored files skipped (listed by source, channel and frame): "
                          f"{self.skipped_frames}")
         if self.masks or self.totals.get("mask_files") or self.labels_expected:
-            lines.append(f"  mask files used: {self.masks}; images without labels: {self.unlabelled_images}")
+            lines.append(f"  mask files used: {self.masks}; images with neither a mask nor an ROI-table row: "
+                         f"{self.bare_images}")
         kept = [f"{what}: {path}" for what, path in (("skipped-files list", self.skipped_list),
                                                     ("linkage file", self.linkage)) if Path(path).exists()]
         if kept:
@@ -409,12 +413,20 @@ class _Ingest:
         if masks is not None or mask_pattern is not None:
             self.matcher = MaskMatcher(mask_pattern or "{stem}.*", None if masks is None else Path(masks))
             self.mask_dir = masks is not None
-            # NB: MASK_DIR inside SRC_DIR (kvasir/masks for kvasir/) mirrors SRC_DIR only if it repeats its folders
-            self.mask_inside = masks is not None and Path(masks).resolve().is_relative_to(Path(src).resolve())
-            if masks is None:
+            # NB: MASK_DIR inside SRC_DIR (kvasir/masks for kvasir/) mirrors SRC_DIR only if it repeats its folders;
+            # MASK_DIR = SRC_DIR holds its masks beside their images
+            self.mask_is_src = masks is not None and Path(masks).resolve() == Path(src).resolve()
+            self.mask_inside = (masks is not None and not self.mask_is_src
+                                and Path(masks).resolve().is_relative_to(Path(src).resolve()))
+            if masks is None or self.mask_is_src:
                 is_mask = [f.code is None and self.matcher.key(f.rel.rpartition("/")[2]) is not None for f in found]
-                self.mask_index = self.matcher.index([f for f, m in zip(found, is_mask, strict=True) if m])
+                mask_files = [f for f, m in zip(found, is_mask, strict=True) if m]
+                _refuse_own_masks(self.matcher, mask_files)
+                self.mask_index = self.matcher.index(mask_files)
+                # NB: files matched as masks are masks, not inputs (beside their images, or in MASK_DIR = SRC_DIR)
                 found = [f for f, m in zip(found, is_mask, strict=True) if not m]
+                if self.mask_is_src:
+                    self.walked["masks"] = self.walked["src"]
             else:
                 self.walked["masks"] = walk(masks, follow_symlinks=follow_symlinks, exclude=exclude)
                 self.mask_index = self.matcher.index(self.walked["masks"])
@@ -579,6 +591,7 @@ class _Ingest:
         self.frame_of: dict[tuple[str, int], int] = {}
         self.stored = self.unlabelled = self.masked = self.skipped_frames = 0
         self.labelled_by: set[str] = set()
+        self.bare_rows: set[int] = set()  # NB: images stored without a label plane, by input position
         start, journal, writer = self._open(has_labels, shard, compressor)
         # NB: the workers compress each image into the stack's chunks (in parallel); the driver writes the bytes
         encode = {"compressor": compressor, "labelled": has_labels}
@@ -604,12 +617,13 @@ class _Ingest:
                 j, state = j + 1, None
                 self.decoded = j
             table = _roi_rows(self.roi_table, self.frame_of, sources, self.problem)
+            bare = len(self.bare_rows - (set() if table is None else {int(i) for i in table["image"]}))
             other = dict(sorted(Counter(p["code"] for p in self.problems if p["item"] != "file").items()))
             writer.attrs["ingest"] = {
                 "files_in": len(self.found), "stored": self.stored, "skipped": dict(sorted(self.skipped.items())),
                 "duplicates": self.duplicates, "images": writer.n_images, "skipped_frames": self.skipped_frames,
                 "mask_files": len(self.labelled_by),
-                "unlabelled_images": self.unlabelled, "other_problems": other, **self.options,
+                "unlabelled_images": self.unlabelled, "bare_images": bare, "other_problems": other, **self.options,
                 "max_image_mb": self.max_bytes / 2**20, "max_volume_mb": self.max_volume_bytes / 2**20,
                 "linkage": self.side["linkage"].name,
                 "skipped_list": self.side["skipped"].name, "layouts": self.layout.kinds,
@@ -641,12 +655,14 @@ class _Ingest:
             duplicates=self.duplicates, images=opened.n_images,
             problems=pd.DataFrame(self.problems, columns=_PROBLEM_COLUMNS), linkage=self.side["linkage"],
             skipped_list=self.side["skipped"], key_file=self.key_path, masks=len(self.labelled_by),
-            unlabelled_images=self.unlabelled, other_problems=other, skipped_frames=self.skipped_frames,
+            unlabelled_images=self.unlabelled, bare_images=bare, other_problems=other,
+            skipped_frames=self.skipped_frames,
             totals={"files": len(self.found), "frames": opened.n_images + self.skipped_frames,
                     "masked": self.masked, "seg_files": self.seg_files,
                     "mask_files": sum(len(v) for v in self.mask_index.values()) + len(self.layout.label_sources),
                     "layout_files": len(self.layout.json_files),
                     "has_mask_dir": self.mask_dir, "mask_dir_inside": getattr(self, "mask_inside", False),
+                    "mask_dir_is_src": getattr(self, "mask_is_src", False),
                     "roi_rows": 0 if self.roi_table is None else len(self.roi_table),
                     "meta_rows": 0 if self.meta_table is None else len(self.meta_table),
                     "meta_rows_hint": _path_hint(self.meta_table, sources),
@@ -731,14 +747,16 @@ class _Ingest:
                 if writer.labels and not encoded["has_labels"]:
                     record["unlabelled"] += 1
                 source_index = writer.add_encoded(encoded, row)
-                record["frames"].append({"row": writer.rows[source_index], "labels": list(encoded["label_ids"])})
+                record["frames"].append({"row": writer.rows[source_index], "labels": list(encoded["label_ids"]),
+                                         "bare": not (writer.labels and encoded["has_labels"])})
                 continue
             plane = entry.pop("label", None) if labels is None else labels[pos]
             if writer.labels and plane is None:
                 record["unlabelled"] += 1
             source_index = writer.add(pixels, plane, row)
             ids = [] if plane is None else [int(v) for v in np.unique(plane) if v != 0]
-            record["frames"].append({"row": writer.rows[source_index], "labels": ids})
+            record["frames"].append({"row": writer.rows[source_index], "labels": ids,
+                                     "bare": not writer.labels or plane is None})
 
     def _decoded(self, j: int, out, meta_rows: dict, writer: StackWriter, state: dict | None = None) -> dict:
         """What one decoded file became (`out`: its result, after the parts `_store` stored into `state`): the
@@ -807,6 +825,8 @@ class _Ingest:
         self.skipped_frames += record.get("skipped_frames", 0)
         for fr in record["frames"]:
             row = fr["row"]
+            if fr.get("bare", not fr["labels"]):  # NB: a journal of an older gpucnr has no "bare"
+                self.bare_rows.add(int(row["source_index"]))
             frame, channel = int(row["frame"]), int(row.get("channel", 0))
             if channel == 0:
                 # NB: ROI table rows name (source, frame): the first channel of a 4-D volume
@@ -829,6 +849,22 @@ class _Ingest:
         return (f"{done}, {sum(flushed.values())} image(s) kept on disk in {display_path(self.stack)}; continue "
                 f"with `{self.header['command']}` (or delete {display_path(self.stack)} and "
                 f"{display_path(self.side['journal'])})")
+
+
+def _refuse_own_masks(matcher: MaskMatcher, mask_files) -> None:
+    """Refuse a --mask-pattern that names a file as its own mask (``{stem}*.png`` matches ``case.png`` for the stem
+    ``case``): it matches the images' names too, and would take every image for a mask. The example file is named
+    on a warning line about it (file names reach the console only on lines about that file, DESIGN §8)."""
+    for f in mask_files:
+        name = f.rel.rpartition("/")[2]
+        if matcher.key(name) == matcher.image_key(name):
+            log.warning("%s: --mask-pattern %r matches this file as its own mask", display_path(f.rel),
+                        matcher.pattern)
+            raise InputError(f"--mask-pattern {matcher.pattern!r} matches image files as their own masks (e.g. the "
+                             "file named on the line above): it matches the images' names too, so every image "
+                             "would be taken for a mask; nothing was written. The text after {stem} must tell "
+                             "masks from images (e.g. '{stem}_mask.png' for 'case.png' and 'case_mask.png', or "
+                             "'{stem}_mask*.png' for several masks per image)")
 
 
 def _sibling_base(found, mask_index: dict, matcher: MaskMatcher, masks_rel: str) -> str | None:

@@ -33,6 +33,8 @@ CODES = {
     "mask-shape": "the mask's size (or frame count) differs from the image's",
     "mask-labels": "the mask holds values that are not labels (colour, fractions, negatives, anti-aliasing)",
     "mask-overlap": "two mask files give different labels to one pixel",
+    "mask-threshold": "--mask-threshold lies above the mask's values (its range, or a binary mask's one value): the "
+                      "mask would label nothing",
     "seg-unreadable": "a DICOM SEG file cannot be read (or highdicom is not installed)",
     "seg-no-image": "a DICOM SEG references no stored image",
     "mask-no-image": "a mask file whose name matches no image",

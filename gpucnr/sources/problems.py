@@ -45,6 +45,10 @@ _CAUSES = {
                    "(e.g. Kvasir-SEG) are read with --mask-threshold T (e.g. 127: 1 where the value exceeds T); "
                    "label maps must be lossless single-channel label images (PNG, TIFF, .npy or NIfTI)",
     "mask-unreadable": "mask files that are not readable images",
+    "mask-threshold": "--mask-threshold T lies above the masks' values (their range, or the one value of a binary "
+                      "mask): no pixel exceeds it, so the masks label nothing; give a T between the masks' "
+                      "background and foreground (e.g. 127 for 0/255 masks), or leave --mask-threshold out for "
+                      "lossless binary or label masks",
     "mask-overlap": "two masks (or a mask and a SEG) give one pixel different labels",
     "seg-unreadable": "files that are not readable DICOM SEG objects (or highdicom is not installed)",
     "seg-no-image": "SEG objects of images that are not under SRC_DIR (or were skipped)",
@@ -89,7 +93,8 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
     """The problems of an ingest, in kinds: files, refused masks, masks without an image, SEG objects, ROI rows,
     meta rows. `totals` holds the denominators: files, frames (slices of the stored files),
     masked (images with a mask or SEG to apply), mask_files,
-    seg_files, roi_rows, meta_rows, has_mask_dir (whether masks came from --masks), and KIND_hint: a cause
+    seg_files, roi_rows, meta_rows, has_mask_dir (whether masks came from --masks), mask_dir_inside / mask_dir_is_src
+    (MASK_DIR inside SRC_DIR / SRC_DIR itself), and KIND_hint: a cause
     found in the data itself (e.g. meta paths relative to a folder above SRC_DIR) that replaces the generic one."""
     kinds = {"files": Counter(), "frames": Counter(), "layout_files": Counter(),
              "masked": Counter(), "mask_files": Counter(), "seg_files": Counter(),
@@ -104,11 +109,13 @@ def problem_groups(problems: list[dict], totals: dict) -> list[Group]:
                 "masked" if item == "mask" else "seg_files" if item == "seg" else
                 "roi_rows" if item.startswith("rois") else "meta_rows")
         kinds[kind][code] += 1
-    where = "under MASK_DIR" if totals.get("has_mask_dir") else "beside the images"
+    mirrored = totals.get("has_mask_dir") and not totals.get("mask_dir_is_src")
+    where = ("beside the images (MASK_DIR is SRC_DIR)" if totals.get("mask_dir_is_src") else
+             "under MASK_DIR" if mirrored else "beside the images")
     causes = {
         "mask_files": f"the pattern matches these files {where}, but no image has the matching name: check "
                       "{stem} / {name} in --mask-pattern" + (" and that MASK_DIR mirrors SRC_DIR's folders"
-                                                             if totals.get("has_mask_dir") else "")
+                                                             if mirrored else "")
                       + ("; MASK_DIR lies inside SRC_DIR, so the mask of SRC_DIR/images/x.jpg must be "
                          "MASK_DIR/images/x.jpg: for masks/ beside images/ (Kvasir-SEG) leave out --masks (that "
                          "layout is recognised: masks/x.jpg labels images/x.jpg), or give SRC_DIR/images as SRC_DIR"

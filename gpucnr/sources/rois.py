@@ -143,7 +143,8 @@ def read_masks(paths: list, shapes: list[tuple[int, int]], *, threshold: float |
     Mask files are PNG/TIFF images or NumPy ``.npy`` label arrays (told by content). Each holds one page (or
     array plane) per frame (or one page for all frames of a single-frame image). Raises `Skip`
     with ``mask-unreadable``, ``mask-shape``, ``mask-labels`` or ``mask-overlap``. With `threshold`
-    (``--mask-threshold``: lossy JPEG masks) every mask is binarised, 1 where its value exceeds it.
+    (``--mask-threshold``: lossy JPEG masks) every mask is binarised, 1 where its value exceeds it; a mask
+    it empties because it lies above the mask's values is ``mask-threshold`` (`_threshold_above`).
     """
     from gpucnr.sources.raster import read_pages
 
@@ -158,8 +159,10 @@ def read_masks(paths: list, shapes: list[tuple[int, int]], *, threshold: float |
             raise Skip("mask-unreadable", f"{what} cannot be read ({e.code})") from None
         if len(pages) != len(shapes):
             raise Skip("mask-shape", f"{what} has {len(pages)} page(s), the image {len(shapes)} frame(s)")
+        hit = False
         for f, (mode, arr, _) in enumerate(pages):
             labels = _labels(mode, arr, what) if threshold is None else _threshold(arr, threshold)
+            hit = hit or threshold is None or bool(labels.any())
             if labels.shape != shapes[f]:
                 raise Skip("mask-shape", f"{what} is {labels.shape[1]}x{labels.shape[0]} px, the image "
                            f"{shapes[f][1]}x{shapes[f][0]} px" + (f" (frame {f})" if len(shapes) > 1 else ""))
@@ -167,7 +170,26 @@ def read_masks(paths: list, shapes: list[tuple[int, int]], *, threshold: float |
             if clash.any():
                 raise Skip("mask-overlap", f"{int(clash.sum())} pixel(s) get different labels from two mask files")
             np.maximum(merged[f], labels, out=merged[f])
+        if not hit:
+            _threshold_above(pages, threshold, what)
     return merged
+
+
+def _threshold_above(pages, threshold: float, what: str) -> None:
+    """Raise ``mask-threshold`` for a mask no pixel of which exceeds `threshold` because the threshold lies above
+    its values: at or above the largest value its type holds (8-bit masks and 300), or at or above the one value
+    of a binary mask (0/1 masks and 127). An all-zero mask (an image without a lesion) is a problem only
+    under a threshold beyond its type's range."""
+    dtype = pages[0][1].dtype
+    top = 1 if dtype.kind == "b" else np.iinfo(dtype).max if dtype.kind in "iu" else None
+    if top is not None and threshold >= top:
+        raise Skip("mask-threshold", f"--mask-threshold {threshold:g} is at or above the largest value {what} can "
+                   f"hold ({top}: {dtype.itemsize * 8 if dtype.kind != 'b' else 1}-bit): no pixel exceeds it")
+    values = np.unique(np.concatenate([np.unique(arr) for _, arr, _ in pages]))
+    nonzero = values[values != 0]
+    if nonzero.size == 1:
+        raise Skip("mask-threshold", f"--mask-threshold {threshold:g} is at or above the one nonzero value of "
+                   f"{what} ({nonzero[0]:g}): no pixel exceeds it")
 
 
 @functools.lru_cache(maxsize=2)
