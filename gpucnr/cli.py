@@ -231,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LevelFormatter(logging.Formatter):
+    """`logging.Formatter` with ``%(level)s``: the record's level name in lower case."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.level = record.levelname.lower()
+        return super().format(record)
+
+
 def _logging(level: str) -> None:
     """gpucnr's loggers only: a reader library's log lines (pydicom's quote header values) never reach stderr."""
     logger = logging.getLogger("gpucnr")
@@ -243,7 +251,8 @@ def _logging(level: str) -> None:
             h.stream = sys.stderr
     if not ours:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("gpucnr %(levelname)s %(message)s"))
+        # NB: the same shape as the commands' own lines ("gpucnr: warning: ..."), whatever logged it
+        handler.setFormatter(_LevelFormatter("gpucnr: %(level)s: %(message)s"))
         handler._gpucnr = True
         logger.addHandler(handler)
     logger.propagate = False

@@ -336,7 +336,7 @@ def test_no_identifier_on_the_console(phi_run):
     appears only in the ingest's stderr, on a line about that file."""
     tags = phi_run["tags"]
     leaks = []
-    line_about = re.compile(rf"^gpucnr (DEBUG|INFO|WARNING) ({FILENAME}_\d+/)?{FILENAME}_\d+\.\w+: ")
+    line_about = re.compile(rf"^gpucnr: (debug|info|warning): ({FILENAME}_\d+/)?{FILENAME}_\d+\.\w+: ")
     for name, call in phi_run["calls"].items():
         for stream in ("stdout", "stderr"):
             text = call[stream]
