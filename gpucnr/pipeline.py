@@ -999,7 +999,7 @@ def _measure(spec: BatchSpec) -> dict:
     info = _image_columns(stack, spec.global_start, spec.global_start + spec.stop - spec.start)
     auto = spec.auto_edge is not None
     # NB: into this thread's scratch buffers (no page faults per batch): nothing this function returns is a
-    # view of them (tests/test_pipeline_buffers.py), and the thread reads its next batch only after it returns
+    # view of them (tests/test_read_buffers.py), and the thread reads its next batch only after it returns
     images, labels = stack.read(bucket, spec.start, spec.stop,
                                 labels=not auto and (spec.use_labels or spec.use_lesions), reuse=True)
     where = spec.backend
