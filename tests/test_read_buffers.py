@@ -149,7 +149,9 @@ def test_commits_never_strand_a_batch_behind_a_slow_disk(stack, tmp_path, monkey
     ds = gpucnr.run(st.path, tmp_path / "r.zarr", scheduler="threads", workers=2, backend="numpy", batch="4i")
     n = ds.sizes["batch"]
     assert n == 6 and sorted(b for turn in turns for b in turn) == list(range(n))
-    assert turns[0] == [puts[0]] and sorted(turns[1]) == sorted(puts[1:]), turns
+    # NB: the first rewrite (its batches taken as its thread started: the first, or a few) is held until all six
+    # are put: one more rewrite takes every other batch, none is left behind
+    assert len(turns) <= 2 and sorted(b for turn in turns for b in turn) == sorted(puts), turns
     assert [int(v) for v in log.read_text().split()] == [b for turn in turns for b in turn]
     assert ds["committed"].values.all()
     monkeypatch.setattr(results_module.ResultsWriter, "_flush", real)
