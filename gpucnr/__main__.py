@@ -3,6 +3,9 @@
 import signal
 import sys
 
+#: Ctrl-C before a command began (importing, parsing the options): nothing to continue
+STARTING = "gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again"
+
 
 def main() -> int:
     """The `gpucnr` command: its exit status (`gpucnr.cli.main`).
@@ -14,8 +17,7 @@ def main() -> int:
     try:
         from gpucnr.cli import main as command
     except KeyboardInterrupt:
-        print("gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again",
-              file=sys.stderr)
+        print(STARTING, file=sys.stderr)
         return 130
     code = command()
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         _logging(args.log_level)
     except KeyboardInterrupt:
         # NB: Ctrl-C while the options are parsed (the parser imports a command's option names): nothing began
-        print("gpucnr: interrupted (SIGINT) while starting: nothing was done; run the same command again",
-              file=sys.stderr)
+        from gpucnr.__main__ import STARTING
+
+        print(STARTING, file=sys.stderr)
         return 130
     previous = _on_sigterm()
     try:

@@ -152,18 +152,14 @@ def enhance(results, out, *, threshold: float | None = None, method: str = "medi
         else:
             after = run(new, results_out, backend=where, roi_source=source if source in ("labels", "table", "both")
                         else "auto", batch=batch, **_as_kwargs(params))
-    except KeyboardInterrupt as e:  # NB: Interrupted (run's) too
+    except BaseException as e:
         # NB: both outputs are this call's own (neither existed): half of them is of no use, and would make the
-        # same command refuse to start again
+        # same command refuse to start again; a refused command (exit 2) has written nothing
         for path in (results_out, stack_out):
             shutil.rmtree(path, ignore_errors=True)
-        raise Interrupted(f"{len(chosen)} image(s) were being enhanced into {out}; the partial outputs were removed: "
-                          "run the same command again", e) from None
-    except BaseException:
-        # NB: a refusal or failure once writing began: the same, so that a refused command (exit 2) has written
-        # nothing and the same command can start again
-        for path in (results_out, stack_out):
-            shutil.rmtree(path, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):  # NB: Interrupted (run's) too
+            raise Interrupted(f"{len(chosen)} image(s) were being enhanced into {out}; the partial outputs were "
+                              "removed: run the same command again", e) from None
         raise
     new_table = new.images.sort_values("index")
     original = new_table["original_index"].to_numpy(np.int64)

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["EMPTY", "TEMP_SUFFIX", "assemble", "checked_chunk", "crc_ok", "parse_index", "prepare", "publish",
-           "read_whole", "remove_leftovers", "sync_folder", "with_crc", "write_durably"]
+           "read_whole", "remove_leftovers", "scratch", "sync_folder", "with_crc", "write_durably"]
 
 EMPTY = np.iinfo(np.uint64).max
 #: Suffix of a shard file being written; readers never look at such a file and ``--resume`` removes leftovers.
@@ -27,17 +27,24 @@ TEMP_SUFFIX = ".partial"
 _SCRATCH = threading.local()
 
 
+def scratch(name: str, nbytes: int) -> np.ndarray:
+    """This thread's byte buffer `name` (uint8), at least `nbytes` long: grown as needed, never shrunk, valid until
+    this thread's next call for `name`. A fresh buffer per shard or batch cost a page fault per 4 KiB, and page
+    faults here cost 1-65 us each, varying tenfold from one minute to the next (issue 17)."""
+    buf = getattr(_SCRATCH, name, None)
+    if buf is None or buf.nbytes < nbytes:
+        buf = np.empty(max(nbytes, 1), np.uint8)
+        setattr(_SCRATCH, name, buf)
+    return buf
+
+
 def read_whole(path) -> memoryview:
-    """The bytes of the file at `path`, read into this thread's scratch buffer (grown as needed, never shrunk):
-    valid until this thread's next call. A fresh buffer per file cost a page fault per 4 KiB on every read, and
-    page faults here cost 1-20 us each, varying tenfold from one minute to the next (issue 17)."""
+    """The bytes of the file at `path`, read into this thread's `scratch` buffer ``"file"``: valid until this
+    thread's next call."""
     with open(path, "rb", buffering=0) as fh:
         size = os.fstat(fh.fileno()).st_size
-        buf = getattr(_SCRATCH, "buffer", None)
-        if buf is None or len(buf) < size + 1:
-            # NB: one byte beyond the size fstat gave, so that a file that grew meanwhile is noticed
-            buf = _SCRATCH.buffer = bytearray(max(size + 1, 2 * len(buf) if buf is not None else 0))
-        view = memoryview(buf)
+        # NB: one byte beyond the size fstat gave, so that a file that grew meanwhile is noticed
+        view = memoryview(scratch("file", size + 1))
         got = 0
         while got <= size:
             n = fh.readinto(view[got : size + 1])

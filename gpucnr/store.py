@@ -9,7 +9,6 @@ import math
 import os
 import re
 import sys
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -339,19 +338,11 @@ def _opened(path: str, fingerprint: str) -> Stack:
     return open_stack(path, check=False)
 
 
-_SCRATCH = threading.local()
-
-
 def _scratch(name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """This thread's buffer `name` as an array of `shape` and `dtype` (grown as needed, never shrunk). A fresh
-    32 MiB batch array per batch cost ~8,000 page faults, each 1-20 us here and varying tenfold from one minute
-    to the next: the largest and least steady cost of a run's reads (issue 17)."""
+    """This thread's buffer `name` (`shardfiles.scratch`) as an array of `shape` and `dtype`: a fresh 32 MiB batch
+    array per batch cost ~8,000 page faults, the largest and least steady cost of a run's reads (issue 17)."""
     nbytes = math.prod(shape) * dtype.itemsize
-    buf = getattr(_SCRATCH, name, None)
-    if buf is None or buf.nbytes < nbytes:
-        buf = np.empty(max(nbytes, 1), np.uint8)
-        setattr(_SCRATCH, name, buf)
-    return buf[:nbytes].view(dtype).reshape(shape)
+    return shardfiles.scratch(name, nbytes)[:nbytes].view(dtype).reshape(shape)
 
 
 class _ShardReader:

@@ -158,10 +158,8 @@ def scan(path, key: bytes, max_bytes: int, max_volume_bytes: int, version: int, 
     if not gz and size < geo["vox_offset"] + declared:
         raise Skip("truncated", f"the file ends before its voxel data does ({declared} bytes declared from offset "
                    f"{geo['vox_offset']}, {size} bytes on disk)")
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(2**20):
-            digest.update(chunk)
+        digest = hashlib.file_digest(fh, "sha256")
     return {**geo, "format": "nifti", "version": version, "gzip": gz,
             "frames": geo["channels"] * geo["slices"], "photometric": "MONOCHROME2", "declared_bytes": declared,
             "dedup": digest.hexdigest(), "modality": "", "manufacturer": "", "model": "", "transfer_syntax": ""}

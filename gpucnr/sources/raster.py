@@ -104,11 +104,8 @@ def probe(path, size: int) -> str:
 
 def full_digest(path) -> str:
     """SHA-256 of a file's bytes (the duplicate key of a raster whose `probe` another file shares)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        while chunk := fh.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _check_png(path) -> None:
