@@ -133,9 +133,10 @@ def _layout(n_rows: int, cols: int) -> tuple[int, int]:
     return rows, rows * _CHUNKS_PER_SHARD
 
 
-def _var(group, root: Path, name: str) -> _Var:
-    """The layout of a format-2 variable, read from its metadata and checked to be the one gpucnr writes."""
-    arr = group[name]
+def _var(group, root: Path, name: str, arr=None) -> _Var:
+    """The layout of a format-2 variable, read from its metadata (or `arr`, as just created) and checked to be the
+    one gpucnr writes."""
+    arr = group[name] if arr is None else arr
     try:
         (sharding,) = arr.metadata.codecs
         inner = [type(c).__name__ for c in sharding.codecs]
@@ -268,6 +269,7 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
     unknown = [k for k in extra if k not in EXTRA_VARIABLES]
     if unknown:
         raise ValueError(f"not extra results variables: {unknown}")
+    arrays = {}  # NB: name -> create_array's arguments
     for name in (*ROW_VARIABLES, *extra):
         two_d = name in (*OUTPUT_CELL, "roi_name")
         if name == "roi_name" or EXTRA_VARIABLES.get(name) is str:
@@ -279,35 +281,37 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
             dtype = _INTEGER.get(name, "float64")
             fill = -1 if dtype != "float64" else np.nan
         r, sr = (rows, shard_rows) if two_d else _layout(n_images, 1)
-        group.create_array(name, shape=(n_images, n_ids) if two_d else (n_images,), dtype=dtype,
-                           chunks=(r, cols) if two_d else (r,), shards=(sr, cols) if two_d else (sr,),
-                           compressors=[ZstdCodec(level=3), Crc32cCodec()], fill_value=fill,
-                           dimension_names=["image", "roi"] if two_d else ["image"], config=_WRITE)
+        arrays[name] = dict(shape=(n_images, n_ids) if two_d else (n_images,), dtype=dtype,
+                            chunks=(r, cols) if two_d else (r,), shards=(sr, cols) if two_d else (sr,),
+                            fill_value=fill, dimension_names=["image", "roi"] if two_d else ["image"])
     bounds = np.asarray(batches, np.int64).reshape(-1, 2)
     r, sr = _layout(len(bounds), 1)
     for name in BATCH_VARIABLES:
-        group.create_array(name, shape=(len(bounds),), dtype="int8", chunks=(r,), shards=(sr,),
-                           compressors=[ZstdCodec(level=3), Crc32cCodec()],
-                           fill_value=0 if name == "committed" else -1, dimension_names=["batch"], config=_WRITE)
-    _coord(group, "image", np.arange(n_images, dtype=np.int64), "image", path)
-    _coord(group, "roi", np.asarray(roi_ids, np.int64), "roi", path)
-    for col in image_table.columns:
-        if col != "index":
-            _coord(group, col, image_table[col].to_numpy(), "image", path)
+        arrays[name] = dict(shape=(len(bounds),), dtype="int8", chunks=(r,), shards=(sr,),
+                            fill_value=0 if name == "committed" else -1, dimension_names=["batch"])
     roi_coords = dict(roi_coords or {})
-    for col, values in roi_coords.items():
-        _coord(group, col, values, "roi", path)
-    _coord(group, "batch_start", bounds[:, 0], "batch", path)
-    _coord(group, "batch_stop", bounds[:, 1], "batch", path)
-    group.attrs.update({"gpucnr_results": RESULTS_FORMAT, "gpucnr_version": __version__, **attrs,
-                        **({"extra_variables": extra} if extra else {}),
-                        "batch_backend_codes": BACKEND_CODES,
-                        "coordinates": " ".join([*(c for c in image_table.columns if c != "index"),
-                                                 *roi_coords])})
+    coords = [("image", np.arange(n_images, dtype=np.int64), "image"), ("roi", np.asarray(roi_ids, np.int64), "roi"),
+              *((col, image_table[col].to_numpy(), "image") for col in image_table.columns if col != "index"),
+              *((col, values, "roi") for col, values in roi_coords.items()),
+              ("batch_start", bounds[:, 0], "batch"), ("batch_stop", bounds[:, 1], "batch")]
+    # NB: the ~40 arrays created by threads: each zarr call waits on zarr's event loop and its file writes (~3 ms),
+    # ~0.1 s of every run's start one at a time (issue 17). Each writes only its own folder.
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="gpucnr-template") as pool:
+        made = pool.map(lambda item: group.create_array(item[0], **item[1], config=_WRITE, compressors=[
+            ZstdCodec(level=3), Crc32cCodec()]), arrays.items())
+        written = pool.map(lambda c: _coord(group, *c, path), coords)
+        created = dict(zip(arrays, made, strict=True))
+        list(written)
+    # NB: in one metadata write: `attrs.update` writes zarr.json once per key (30 writes, ~20 ms of a run's start)
+    group.update_attributes({"gpucnr_results": RESULTS_FORMAT, "gpucnr_version": __version__, **attrs,
+                             **({"extra_variables": extra} if extra else {}),
+                             "batch_backend_codes": BACKEND_CODES,
+                             "coordinates": " ".join([*(c for c in image_table.columns if c != "index"),
+                                                      *roi_coords])})
     # NB: every shard file exists from the start, so a missing one is damage, never "not computed yet".
     files = []
     for name in (*ROW_VARIABLES, *extra, *BATCH_VARIABLES):
-        var = _var(group, path, name)
+        var = _var(group, path, name, created[name])
         filled = var.encode(var.filled())  # NB: every filled inner chunk encodes to the same bytes
         files += [(var.file(s), shardfiles.assemble([filled if k < var.used_inner(s) else None
                                                      for k in range(var.n_inner)]))

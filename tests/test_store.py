@@ -667,6 +667,41 @@ def test_missing_manifest_chunk_is_incomplete(tmp_path, phantom):
     expect_error("stack-incomplete", lambda: gpucnr.open_stack(path), f"buckets/{BUCKET}", str(2 * SHARD))
 
 
+def test_manifest_read_from_its_files_equals_zarr(tmp_path, phantom):
+    """The manifest is read from its chunk files (not through zarr, issue 17): the same values, entries unwritten
+    in any chunk included, and a missing chunk reads as 0 as zarr reads it."""
+    from gpucnr.store import _read_manifest
+
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    set_entries(path, WRITTEN, [1, SHARD + 3, N - 1], 0)
+    (path / WRITTEN / "c" / "2").unlink()
+    arr = zarr.open_array(str(path / WRITTEN), mode="r")
+    got = _read_manifest(path, WRITTEN, arr)
+    np.testing.assert_array_equal(got, np.asarray(arr[:]))
+    expected = np.ones(N, np.uint8)
+    expected[[1, SHARD + 3, N - 1]] = 0
+    expected[2 * arr.chunks[0] : 3 * arr.chunks[0]] = 0
+    assert got.dtype == np.uint8
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other size"])
+def test_damaged_manifest_chunk_is_a_coded_error(tmp_path, phantom, damage):
+    path = tmp_path / "s.zarr"
+    write(path, phantom)
+    chunk = path / WRITTEN / "c" / "1"
+    if damage == "garbage":
+        chunk.write_bytes(b"not zstd at all")
+    elif damage == "truncated":
+        chunk.write_bytes(chunk.read_bytes()[:-3])
+    else:
+        import numcodecs
+
+        chunk.write_bytes(numcodecs.Zstd(level=0).encode(np.ones(SHARD + 1, np.uint8).tobytes()))
+    expect_error("corrupt-chunk", lambda: gpucnr.open_stack(path), WRITTEN, "c/1")
+
+
 def test_manifest_of_another_length(tmp_path, phantom):
     path = tmp_path / "s.zarr"
     write(path, phantom)
