@@ -463,8 +463,10 @@ def _dispatch(args) -> int:
                 print("gpucnr: warning: no web browser could be started here (--open): open the file above yourself",
                       file=sys.stderr)
     elif args.command == "filter":
-        from gpucnr.manifests import decision_warnings, manifest, manifest_inputs, units, with_paths, write_manifest
+        from gpucnr.manifests import manifest, manifest_inputs, units, with_paths, write_manifest
 
+        # NB: manifest warns of its decisions itself (DecisionWarning: a rule dropping most, all or none, a majority
+        # of flags); said once here, as a `gpucnr: warning:` line each, whatever the exit status (a decision is 0)
         with _said_warnings():
             table = manifest(args.results, threshold=args.threshold, level=args.level, rule=args.rule, by=args.by,
                              allow_incomplete=args.allow_incomplete)
@@ -475,8 +477,6 @@ def _dispatch(args) -> int:
         side = f" (provenance: {path.name}.json)" if path.suffix.lower() == ".csv" else ""
         print(f"{path}: {len(table)} {units(args.level)}: " + ", ".join(f"{k} {counts.get(k, 0)}"
                                                                    for k in ("keep", "drop", "flag")) + side)
-        for line in decision_warnings(table, args.level):
-            print(f"gpucnr: warning: {line}", file=sys.stderr)
         cut = [c for c in table.attrs.get("cuts", []) if c["dropped"]]
         # NB: a group the rule cannot cut (too small for the quantile, MAD 0) must not read as a clean group
         uncut = [c for c in table.attrs.get("cuts", []) if c["cut"] is None and c["units"]]

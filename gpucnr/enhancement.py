@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import warnings
 from numbers import Integral, Real
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import xarray as xr
 from gpucnr.backend import ndimage_for, resolve_backend, to_backend, to_host
 from gpucnr.errors import InputError, Interrupted, OptionError, OptionTypeError
 from gpucnr.kernels.params import Params
-from gpucnr.manifests import DROP, manifest
+from gpucnr.manifests import DROP, DecisionWarning, manifest
 from gpucnr.outputs import make_folder, refuse_overlap
 from gpucnr.pipeline import run, table_fingerprint
 from gpucnr.results import open_results, require_complete, results_stack
@@ -116,7 +117,11 @@ def enhance(results, out, *, threshold: float | None = None, method: str = "medi
                    [("enhanced stack", out / "enhanced.zarr"), ("enhanced results", out / "results.zarr")],
                    into=[("output folder", out)])
     params = _run_params(ds.attrs)
-    decisions = manifest(ds, threshold, level="image", rule=rule, by=by, allow_incomplete=allow_incomplete)
+    with warnings.catch_warnings():
+        # NB: "drops more than half ... before training" speaks of a training set; enhance chooses what to enhance
+        # and says itself when it chose nothing
+        warnings.simplefilter("ignore", DecisionWarning)
+        decisions = manifest(ds, threshold, level="image", rule=rule, by=by, allow_incomplete=allow_incomplete)
     chosen = np.sort(decisions.loc[decisions["decision"] == DROP, "image"].to_numpy(np.int64))
     cut = decisions.attrs["threshold"]
     attrs = {"method": method, **param, "rule": decisions.attrs["rule"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from numbers import Real
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import pandas as pd
 import xarray as xr
 
 from gpucnr._version import __version__
-from gpucnr.errors import InputError
+from gpucnr.errors import InputError, NoticeWarning
 from gpucnr.grouping import segments
 from gpucnr.kernels.cnr import STATUS
 from gpucnr.outputs import OutputError, csv_text, csv_untext, refuse_overlap, write_file, write_path
@@ -30,8 +31,8 @@ from gpucnr.results import open_results, require_complete, results_stack
 from gpucnr.rules import DEFAULT_RULE, Rule, parse_rule
 from gpucnr.sources.pseudonyms import ID_COLUMNS
 
-__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "decision_warnings", "manifest",
-           "manifest_inputs", "manifest_sidecar", "read_manifest", "with_paths", "write_manifest"]
+__all__ = ["COLUMNS", "ID_COLUMNS", "LEVELS", "PATH_COLUMNS", "REASONS", "DecisionWarning", "decision_warnings",
+           "manifest", "manifest_inputs", "manifest_sidecar", "read_manifest", "with_paths", "write_manifest"]
 
 #: Units a manifest can decide on, finest first.
 LEVELS = ("image", "roi", "case", "series", "study", "patient")
@@ -40,11 +41,16 @@ _LEVEL_ID = {"series": "series_id", "study": "study_id", "patient": "patient_id"
 KEEP, DROP, FLAG = "keep", "drop", "flag"
 BELOW = "cnr below threshold"
 AT_OR_ABOVE = "cnr at or above threshold"
+#: The reasons of a drop and a keep under a rule whose cut is a statistic of the unit's group (quantile, mad):
+#: what was compared is the group's cut, not a threshold the user named (``{rule}``: ``mad:3``).
+GROUP_BELOW = "cnr below its group's cut ({rule})"
+GROUP_AT_OR_ABOVE = "cnr at or above its group's cut ({rule})"
 NO_VALID = "no valid roi"
 NOT_COMPUTED = "not-computed"
 #: A usable unit kept because its group's rule sets no cut (a quantile of a group too small, a MAD of 0).
 NO_CUT = "no cut in group"
-#: Reasons other than these four are a status name of `gpucnr.STATUS` (roi level) or ``missing <id column>``.
+#: Reasons other than these (and `GROUP_BELOW` / `GROUP_AT_OR_ABOVE` with the rule filled in) are a status name of
+#: `gpucnr.STATUS` (roi level) or ``missing <id column>``.
 REASONS = (BELOW, AT_OR_ABOVE, NO_VALID, NO_CUT)
 
 #: Every column a manifest may have; `write_manifest` refuses any other (DESIGN §8: pseudonymous ids only).
@@ -132,10 +138,11 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
           at series/study/patient level instead ``images`` (the unit's global image indices, ascending, joined
           by single spaces: ``df["images"].str.split().explode().astype(int)`` gives one row per image),
           ``n_images`` and ``n_valid_images`` (images with a valid ROI);
-        - ``decision`` ("keep", "drop", "flag"), ``reason`` (stable text, see above; ``"cnr below threshold"``
-          or ``"cnr at or above threshold"`` for drop and keep, the threshold being the unit's group cut under
-          any rule; ``"no cut in group"`` for a keep where the rule sets none), ``cnr`` (float, the CNR that
-          decided; NaN exactly when the decision is flag);
+        - ``decision`` ("keep", "drop", "flag"), ``reason`` (stable text, see above; for drop and keep under an
+          ``abs`` rule ``"cnr below threshold"`` or ``"cnr at or above threshold"``, under a quantile or mad rule
+          ``"cnr below its group's cut (mad:3)"`` or ``"cnr at or above its group's cut (mad:3)"`` (the rule as
+          written in ``attrs["rule"]``); ``"no cut in group"`` for a keep where the rule sets none), ``cnr``
+          (float, the CNR that decided; NaN exactly when the decision is flag);
         - ``n_valid`` (image level) or ``status`` (roi level).
 
         Rows are sorted by the ids present (coarsest first), then by the global image index (the first one for
@@ -147,6 +154,14 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
         ``gpucnr_version`` (of the manifest's writer), ``run`` (every attribute of the results but ``failures``,
         whose messages name files). Group values are per-image columns of the results, which are screened at
         run time (DESIGN §10); they go to the metadata only, never to a row.
+
+    Warns
+    -----
+    DecisionWarning
+        A `gpucnr.errors.NoticeWarning` for each line of `decision_warnings`: a rule that drops more than half of
+        the units it judged (or all of them), flagged units that are the majority, a quantile or mad rule that
+        drops nothing (every cut below its group's smallest CNR, or below 0, which an unsigned CNR never is).
+        The decisions are made all the same; `gpucnr filter` prints each as a ``gpucnr: warning:`` line.
 
     Raises
     ------
@@ -206,6 +221,9 @@ def manifest(results, threshold: float | None = None, level: str = "image", *, r
                 "level": level, "gpucnr_version": __version__,
                 "allow_incomplete": bool(allow_incomplete), "not_computed_images": missing,
                 "run": {str(k): _plain(v) for k, v in ds.attrs.items() if k != "failures"}}
+    # NB: a decision, not a failure: said as a warning (the CLI's `gpucnr: warning:` lines), never raised
+    for line in decision_warnings(df, level):
+        warnings.warn(line, DecisionWarning, stacklevel=2)
     return df
 
 
@@ -292,8 +310,11 @@ class _Decider:
         unit_cut = cut[group]
         below = usable & (cnr < unit_cut)
         decision = np.where(usable, np.where(below, DROP, KEEP), FLAG)
-        kept = np.where(np.isnan(unit_cut), NO_CUT, AT_OR_ABOVE)
-        reason = np.where(usable, np.where(below, BELOW, kept), flag_reason)
+        # NB: a quantile or mad cut is the group's own statistic: "threshold" would read as a number the user chose
+        low, high = ((BELOW, AT_OR_ABOVE) if self.rule.kind == "abs" else
+                     (GROUP_BELOW.format(rule=self.rule), GROUP_AT_OR_ABOVE.format(rule=self.rule)))
+        kept = np.where(np.isnan(unit_cut), NO_CUT, high)
+        reason = np.where(usable, np.where(below, low, kept), flag_reason)
         dropped = np.bincount(group[below], minlength=len(self.labels))
         self.table = [{"group": label, "cut": None if math.isnan(c) else float(c), "units": int(k), "dropped": int(d)}
                       for label, c, k, d in zip(self.labels, cut.tolist(), seg.count.tolist(), dropped.tolist(),
@@ -455,19 +476,34 @@ def units(level: str) -> str:
     return {"series": "series", "study": "study/studies"}.get(level, f"{level}(s)")
 
 
+class DecisionWarning(NoticeWarning):
+    """What a manifest's decisions need said (`decision_warnings`): a rule that drops most or all units, or none
+    where it was meant to cut, and flagged units that are the majority. The manifest is made all the same."""
+
+
 def decision_warnings(df: pd.DataFrame, level: str = "image") -> list[str]:
-    """What `gpucnr filter` warns about a manifest (one line each): a rule that drops more than half of the units
-    it judged (kept + dropped; flagged units were not judged), and flagged units that are the majority, with
+    """What `manifest` warns about its decisions (one line each; `gpucnr filter` prints them): a rule that drops
+    more than half of the units it judged (kept + dropped; flagged units were not judged), or all of them; a
+    quantile or mad rule that drops nothing (`_no_drop_warning`); and flagged units that are the majority, with
     their reasons."""
     decision = df["decision"].astype(str).to_numpy()
     keep, drop, flag = ((decision == d).sum() for d in (KEEP, DROP, FLAG))
     judged, total, out = int(keep + drop), len(df), []
-    if drop * 2 > judged:
-        out.append(f"rule {df.attrs.get('rule', '?')} drops {drop} of the {judged} {units(level)} it judged "
-                   f"({100.0 * drop / judged:.1f} %{f'; {flag} flagged one(s) were not judged' if flag else ''}): "
-                   "more than half. "
+    rule = df.attrs.get("rule", "?")
+    unjudged = f"; {flag} flagged one(s) were not judged" if flag else ""
+    if judged and drop == judged:
+        out.append(f"rule {rule} drops all {drop} {units(level)} it judged{f' ({unjudged[2:]})' if flag else ''}: "
+                   "nothing is left to train on. Check the background mode and the rule: docs/choosing.md and the "
+                   "report's threshold table")
+    elif drop * 2 > judged:
+        out.append(f"rule {rule} drops {drop} of the {judged} {units(level)} it judged "
+                   f"({100.0 * drop / judged:.1f} %{unjudged}): more than half. "
                    "Before training on what is left, check the background mode and the rule: docs/choosing.md "
                    "and the report's threshold table")
+    if judged and not drop:
+        line = _no_drop_warning(df, level)
+        if line:
+            out.append(line)
     if flag * 2 > total:
         reasons = pd.Series(df["reason"].astype(str).to_numpy()[decision == FLAG]).value_counts()
         why = ", ".join(f"{r} {n}" for r, n in reasons.items())
@@ -478,6 +514,37 @@ def decision_warnings(df: pd.DataFrame, level: str = "image") -> list[str]:
         out.append(f"{flag} of {total} {units(level)} ({100.0 * flag / total:.1f} %) are flagged, neither kept nor "
                    f"dropped ({why}){hint}")
     return out
+
+
+def _no_drop_warning(df: pd.DataFrame, level: str) -> str | None:
+    """The line for a quantile or mad rule that judged units and dropped none: its cuts (the groups' own
+    statistics, not a number the user chose) all lie below the groups' smallest CNR, or it set none. None for an
+    ``abs`` rule (its threshold is the user's choice: abs:-inf keeps all on purpose)."""
+    rule = str(df.attrs.get("rule", ""))
+    if rule.partition(":")[0] not in ("quantile", "mad"):
+        return None
+    groups = [c for c in df.attrs.get("cuts", []) if c.get("units")]
+    cuts = np.array([c["cut"] for c in groups if c.get("cut") is not None], np.float64)
+    no_cut = len(groups) - cuts.size
+    where = f"{len(groups)} group(s)" if len(groups) != 1 else "the one group"
+    if not cuts.size:
+        return (f"rule {rule} drops nothing: it sets no cut in {where} (fewer units than the quantile needs, or a MAD "
+                f"of 0): every unit it judged is kept as {NO_CUT!r}")
+    span = f"{cuts.min():.4g}" if cuts.size == 1 else f"from {cuts.min():.4g} to {cuts.max():.4g}"
+    unsigned = df.attrs.get("run", {}).get("signed") in (False, 0)
+    negative = int((cuts < 0).sum())
+    if unsigned and negative == cuts.size:
+        why = (f"every cut ({span}) is below 0, which an unsigned CNR never is, so this rule cannot drop anything "
+               "here")
+        if rule.startswith("mad:"):
+            why += " (the spread within the groups is so wide that median - K x 1.4826 x MAD < 0)"
+    else:
+        why = f"every cut ({span}) is at or below its group's smallest CNR"
+        if unsigned and negative:
+            why += f" ({negative} of the {cuts.size} cut(s) below 0, which an unsigned CNR never is)"
+    rest = f"; {no_cut} group(s) have no cut" if no_cut else ""
+    return (f"rule {rule} drops nothing in {where}: {why}{rest}. Every unit it judged is kept; to cut the low tail "
+            "use abs:T or another rule: docs/choosing.md and the report's threshold table")
 
 
 def _metadata(df: pd.DataFrame) -> dict:

@@ -158,7 +158,7 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     """SIGINT, then SIGTERM, in `gpucnr run`: one line (what was done, the --resume command), no traceback, exit
     130 / 143, no worker process left; `filter`, `report` and `enhance` then refuse the incomplete results
     (``results-incomplete``, naming the --resume command) unless --allow-incomplete, which the manifest records;
-    the run resumed completes them; a threshold that drops more than half the images is said on stderr."""
+    the run resumed completes them; a threshold that drops all the images is said on stderr."""
     results = tmp_path / "results.zarr"
     # NB: batches of one shard: the default (2^24 px) would make this stack one batch
     cmd = ["run", slow_stack, results, "--backend", "numpy", "--background", "ring", "--batch", "4"]
@@ -190,7 +190,7 @@ def test_run_interrupted_then_refused_then_resumed(slow_stack, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = cli("filter", results, "--out", tmp_path / "m.csv", "--threshold", 1e9)
     assert proc.returncode == 0, proc.stderr
-    assert "drops 160 of the 160 image(s) it judged (100.0 %): more than half" in proc.stderr, proc.stderr
+    assert "drops all 160 image(s) it judged: nothing is left to train on" in proc.stderr, proc.stderr
     assert "docs/choosing.md" in proc.stderr, proc.stderr
     table, meta = gpucnr.read_manifest(tmp_path / "m.csv")
     assert meta["allow_incomplete"] is False and meta["not_computed_images"] == 0

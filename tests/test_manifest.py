@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ import xarray as xr
 import zarr
 
 import gpucnr
+from gpucnr.errors import NoticeWarning
 from gpucnr.manifests import COLUMNS, manifest, read_manifest, write_manifest
 from gpucnr.phantom import make_phantom
 from gpucnr.store import _write_table
@@ -463,3 +465,48 @@ def test_join_with_the_stack_table(measured, tmp_path):
     for level in ("image", "roi", "series", "study", "patient"):
         text = write_manifest(manifest(ds, threshold=threshold, level=level), tmp_path / f"{level}.csv").read_text()
         assert "Doe^" not in text and "patient_name" not in text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the decisions need said (a new user's walk: 100,000 images, 1,000 sites)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sites(spread: float) -> xr.Dataset:
+    """Two sites of six images: CNR 1..6 scaled about its median by `spread` (wide: every mad:3 cut below 0)."""
+    base = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    values = np.concatenate([3.5 + (base - 3.5) * spread, 4.0 + (base - 3.5) * spread])
+    return results(np.clip(values, 0.0, None), np.ones(12), site=np.repeat(["a", "b"], 6).astype(object))
+
+
+def test_a_relative_rule_names_the_group_cut_in_its_reasons():
+    m = manifest(_sites(1.0), rule="quantile:0.2", by="site")
+    assert set(m["reason"]) == {"cnr below its group's cut (quantile:0.2)", "cnr at or above its group's cut "
+                                "(quantile:0.2)"}
+    m = manifest(_sites(1.0), threshold=1.5, by="site")
+    assert set(m["reason"]) == {"cnr below threshold", "cnr at or above threshold"}
+
+
+def test_a_mad_rule_whose_cuts_are_all_below_zero_says_it_cannot_drop():
+    with pytest.warns(NoticeWarning) as caught:
+        m = manifest(_sites(1.0), rule="mad:3", by="site")
+    assert (m["decision"] == "keep").all()
+    assert [c["cut"] < 0 for c in m.attrs["cuts"]] == [True, True]
+    text = [str(w.message) for w in caught]
+    assert len(text) == 1 and "rule mad:3 drops nothing in 2 group(s)" in text[0], text
+    assert "below 0, which an unsigned CNR never is, so this rule cannot drop anything" in text[0], text
+    # NB: a rule that drops something, or an abs rule (its threshold is the user's), says nothing of the kind
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manifest(_sites(1.0), rule="mad:0.5", by="site")
+        manifest(_sites(1.0), threshold=-1.0)
+    with pytest.warns(NoticeWarning, match="sets no cut in 2 group"):
+        manifest(_sites(1.0), rule="quantile:0.1", by="site")
+
+
+def test_the_python_api_warns_a_rule_that_drops_most_or_all():
+    with pytest.warns(NoticeWarning, match=r"rule abs:100 drops all 12 image\(s\) it judged: nothing is left"):
+        m = manifest(_sites(1.0), threshold=100)
+    assert (m["decision"] == "drop").all()
+    with pytest.warns(NoticeWarning, match=r"drops 7 of the 12 image\(s\) it judged \(58.3 %\): more than half"):
+        manifest(_sites(1.0), threshold=4.5)

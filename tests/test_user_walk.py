@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 from PIL import Image
@@ -221,3 +222,17 @@ def test_report_says_on_stderr_when_it_draws_no_figure(run_dir, tmp_path, capsys
     shutil.rmtree(tmp_path / "stack.zarr")
     err = _coded(capsys, ["report", str(tmp_path / "results.zarr"), str(tmp_path / "rep2")], 0).err
     assert err.startswith("gpucnr: warning: The stack was not found") and "--stack" in err, err
+
+
+def test_filter_says_each_decision_warning_once_and_exits_0(run_dir, tmp_path, capsys):
+    # NB: manifest warns itself now (the Python API too); the CLI must not say it a second time
+    out = _coded(capsys, ["filter", str(run_dir / "results.zarr"), "--threshold", "1e9", "--out",
+                          str(tmp_path / "k.csv")], 0)
+    assert out.err.count("drops all 24 image(s) it judged") == 1, out.err
+    assert out.err.startswith("gpucnr: warning: rule abs:1000000000 drops all 24 image(s) it judged: nothing is left")
+    # a mad cut far below 0 (K huge) on an unsigned CNR: the rule cannot drop anything, and says so
+    out = _coded(capsys, ["filter", str(run_dir / "results.zarr"), "--rule", "mad:1000", "--out",
+                          str(tmp_path / "m.csv")], 0)
+    assert out.err.count("gpucnr: warning: rule mad:1000 drops nothing in the one group: every cut") == 1, out.err
+    assert "which an unsigned CNR never is, so this rule cannot drop anything here" in out.err
+    assert set(pd.read_csv(tmp_path / "m.csv")["reason"]) == {"cnr at or above its group's cut (mad:1000)"}
