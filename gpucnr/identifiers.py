@@ -55,6 +55,22 @@ def refused_name(name: str) -> str | None:
     return None
 
 
+#: Why a value is refused (`refused_value`), never quoting it
+_CARET, _RECORD, _A_DATE, _AN_EMAIL = ("a '^' (a DICOM person name)", "a run of 6 or more digits (a record number?)",
+                                       "a date", "an e-mail address")
+#: The way out of each value refusal, for a column whose values are not what the screen fears (a site code)
+_WAY_OUT = {
+    _RECORD: "if its values are codes, not record numbers (a site or scanner code), recode them without 6 digits in "
+             "a row, e.g. with a lookup you keep (123456 -> 'site-12'): a prefix is not enough ('site-123456' is "
+             "refused too); patient, study, series and instance ids go in the columns patient_id, study_id, "
+             "series_id, instance_id, which are stored as keyed pseudonyms",
+    _CARET: "a person's name never reaches a stack: leave the column out",
+    _A_DATE: "if the time matters, keep a coarser value without a full date (the year, a period label such as "
+             "'2021H1')",
+    _AN_EMAIL: "leave the column out",
+}
+
+
 def refused_value(value) -> str | None:
     """Why a value is refused (never quoting it), or None. Missing values and fractional floats pass (a
     measurement such as 0.1234567 is not a record number); integers, whole floats and text are screened."""
@@ -66,13 +82,13 @@ def refused_value(value) -> str | None:
         value = int(value)
     text = str(value)
     if "^" in text:
-        return "a '^' (a DICOM person name)"
+        return _CARET
     if _DIGITS.search(text):
-        return "a run of 6 or more digits (a record number?)"
+        return _RECORD
     if _DATE.search(text):
-        return "a date"
+        return _A_DATE
     if _EMAIL.search(text):
-        return "an e-mail address"
+        return _AN_EMAIL
     return None
 
 
@@ -92,7 +108,8 @@ def check_columns(table: pd.DataFrame, names, where: str) -> None:
             why = refused_value(value)
             if why is not None:
                 row = int(np.flatnonzero((column == value).to_numpy())[0])
-                raise IdentifyingError(f"{where}: column {name!r} is refused: row {row} holds {why}")
+                # NB: the refusal stays (DESIGN §10), but it says how to pass a column that identifies nobody
+                raise IdentifyingError(f"{where}: column {name!r} is refused: row {row} holds {why}; {_WAY_OUT[why]}")
 
 
 def blank_roi_names(table: pd.DataFrame, where: str) -> pd.DataFrame:

@@ -236,6 +236,24 @@ def test_case_pseudonyms_are_not_screened_as_record_numbers(tmp_path, phantom):
         gpucnr.write_stack(tmp_path / "b.zarr", phantom.images, meta=pd.DataFrame({"case": theirs}))
 
 
+def test_a_refused_meta_value_says_the_way_out(tmp_path, phantom):
+    # NB: a new user's walk: site codes of 6 digits were refused as record numbers, with no word of what to do
+    from gpucnr.identifiers import IdentifyingError
+
+    n = phantom.images.shape[0]
+    codes = [str(100042 + i % 3) for i in range(n)]
+    with pytest.raises(IdentifyingError, match="identifying-column") as err:
+        gpucnr.write_stack(tmp_path / "a.zarr", phantom.images, meta=pd.DataFrame({"site": codes}))
+    text = str(err.value)
+    assert "column 'site' is refused: row 0 holds a run of 6 or more digits" in text
+    assert "recode them without 6 digits in a row" in text and "a prefix is not enough" in text
+    assert "patient_id" in text and "100042" not in text  # NB: the value is never quoted
+    gpucnr.write_stack(tmp_path / "b.zarr", phantom.images,
+                       meta=pd.DataFrame({"site": [f"site-{i % 3}" for i in range(n)]}))
+    with pytest.raises(IdentifyingError, match=r"holds a date; if the time matters, keep a coarser value"):
+        gpucnr.write_stack(tmp_path / "c.zarr", phantom.images, meta=pd.DataFrame({"when": ["2021-03-04"] * n}))
+
+
 def test_meta_defaults(tmp_path, phantom):
     st = write(tmp_path / "s.zarr", phantom, labels=None, rois=None)
     t = st.images

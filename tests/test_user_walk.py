@@ -236,3 +236,17 @@ def test_filter_says_each_decision_warning_once_and_exits_0(run_dir, tmp_path, c
     assert out.err.count("gpucnr: warning: rule mad:1000 drops nothing in the one group: every cut") == 1, out.err
     assert "which an unsigned CNR never is, so this rule cannot drop anything here" in out.err
     assert set(pd.read_csv(tmp_path / "m.csv")["reason"]) == {"cnr at or above its group's cut (mad:1000)"}
+
+
+def test_ingest_meta_codes_of_6_digits_are_refused_at_run_with_the_way_out(tmp_path, capsys):
+    # NB: ingest stores --meta values as they are; the run that groups by the column screens them (DESIGN §10)
+    (tmp_path / "raw").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((16, 16), 40 * i + 10, np.uint8)).save(tmp_path / "raw" / f"{i}.png")
+    (tmp_path / "meta.csv").write_text("source,site\n0.png,100042\n1.png,100043\n")
+    _coded(capsys, ["ingest", str(tmp_path / "raw"), str(tmp_path / "s.zarr"), "--meta", str(tmp_path / "meta.csv"),
+                    "--workers", "1"], 0)
+    err = _coded(capsys, ["run", str(tmp_path / "s.zarr"), str(tmp_path / "r.zarr"), "--group-columns", "site",
+                          "--backend", "numpy"], 2).err
+    assert err.startswith("gpucnr: error [identifying-column]") and "recode them without 6 digits in a row" in err
+    assert "100042" not in err
