@@ -512,6 +512,13 @@ def _dispatch(args) -> int:
         from gpucnr.info import describe
 
         report = describe(args.path, verify=args.verify)
+        if report["kind"] == "unknown":
+            # NB: nothing to describe is a refusal, said as every command's are (stderr, coded, exit 2); --json still
+            # gives a script its object on stdout
+            if args.json:
+                print(json.dumps(report, indent=2, default=str))
+            print(f"gpucnr: error [{report['code']}] {console_text(report['text'])}", file=sys.stderr)
+            return 2
         print(json.dumps(report, indent=2, default=str) if args.json else report["text"])
         return int(report.get("exit_code", 0))
     return 0

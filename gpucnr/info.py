@@ -35,7 +35,8 @@ def describe(path, *, verify: bool = False) -> dict:
     shard indexes and chunk checksums; with `verify`, every chunk is decoded too.
     ``exit_code`` is the status `gpucnr info` ends with (DESIGN §10): 0 a complete stack or complete, undamaged
     results, 3 damaged or incomplete ones, 2 a stack an interrupted ingest left (not a stack yet) or a path that
-    is neither a stack nor results.
+    is neither a stack nor results (``kind`` "unknown", with the error's ``code``: ``not-found`` when nothing is
+    there, ``not-gpucnr`` otherwise).
     """
     path = Path(path)
     try:
@@ -50,11 +51,14 @@ def describe(path, *, verify: bool = False) -> dict:
         return _stack(path, verify)
     if "gpucnr_results" in attrs:
         return _results(path, verify)
-    report = {"kind": "unknown", "path": str(path), "exit_code": 2}
-    # NB: a typo in the path is the likeliest cause: said as such, not as a folder of the wrong kind
-    report["text"] = (f"{path}: does not exist" if not os.path.lexists(path)
-                      else f"{path}: neither a gpucnr stack nor gpucnr results")
-    return report
+    # NB: a typo in the path is the likeliest cause: said as such, not as a folder of the wrong kind. A refusal:
+    # the CLI says it as every command's coded error (`gpucnr: error [code] ...` on stderr), with ``code``
+    if not os.path.lexists(path):
+        code, text = "not-found", (f"{path} does not exist (info reads a stack, made by `gpucnr ingest`, or results, "
+                                   "made by `gpucnr run`)")
+    else:
+        code, text = "not-gpucnr", f"{path} is neither a gpucnr stack nor gpucnr results"
+    return {"kind": "unknown", "path": str(path), "exit_code": 2, "code": code, "text": text}
 
 
 def _stack(path: Path, verify: bool = False) -> dict:

@@ -73,8 +73,11 @@ def cases(w: Path):
         (["enhance", r, "--sigma", "2", "--out", str(w / "e2")], 2, "bad-option"),
         (["demo", "--out", str(w / "file"), "-n", "4", "--size", "64"], 2, "output-folder"),
         (["demo", "-n", "4", "--size", "40"], 2, "bad-option"),
-        # NB: info's exit codes for what is not a stack or results are settled by issue 12: no traceback here
-        (["info", str(w / "missing")], None, None),
+        # NB: info of a path that is not there, or not gpucnr's, is a refusal like any other (a new user's walk)
+        (["info", str(w / "missing")], 2, "not-found"),
+        (["info", str(w / "file")], 2, "not-gpucnr"),
+        (["info", str(w / "forged\ngpucnr: error [fake] line")], 2, "not-found"),
+        # NB: info's exit codes for a damaged stack are settled by issue 12: no traceback here
         (["info", str(w / "short.zarr")], None, None),
     ]
 

@@ -103,9 +103,12 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
 
     proc = cli("info", tmp_path / "meta.csv")
-    assert proc.returncode == 2 and "neither a gpucnr stack nor gpucnr results" in proc.stdout
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("gpucnr: error [not-gpucnr] ") and "neither a gpucnr stack nor gpucnr results" in \
+        proc.stderr, proc.stderr
     proc = cli("info", tmp_path / "no-such.zarr")
-    assert proc.returncode == 2 and proc.stdout == f"{tmp_path / 'no-such.zarr'}: does not exist\n", proc.stdout
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith(f"gpucnr: error [not-found] {tmp_path / 'no-such.zarr'} does not exist"), proc.stderr
 
 
 def _children_of_mark(mark: str) -> list[int]:
