@@ -263,16 +263,14 @@ class _Decider:
     one pass over the usable units (`gpucnr.grouping`), and the table of cuts for the manifest's metadata."""
 
     def __init__(self, rule: Rule, ds: xr.Dataset, columns: list[str]):
-        from gpucnr.statistics import KEEP_COLUMN, column_codes
+        from gpucnr.statistics import column_codes, not_a_column
 
         self.rule, self.columns, self.table = rule, columns, []
         n = ds.sizes["image"]
         per_column = []
         for name in columns:
             if name not in ds.variables or ds[name].dims != ("image",):
-                found = sorted(str(c) for c in ds.variables if ds[c].dims == ("image",) and c != "image")
-                raise InputError(f"by={name!r} is not a per-image column of the results; they have {found}"
-                                 + KEEP_COLUMN)
+                raise InputError(not_a_column(ds, name))
             per_column.append(column_codes(ds[name].values))
         if per_column:
             # NB: the groups are the value combinations present, ordered as the columns' values are

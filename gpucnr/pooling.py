@@ -125,8 +125,9 @@ def aggregate(results, *, by: str = "case") -> xr.Dataset:
 
     ds = results if isinstance(results, xr.Dataset) else open_results(results)
     if by not in ds.coords and by not in ds.data_vars:
-        columns = sorted(c for c in ds.coords if ds[c].dims == ("image",) and c != "image")
-        raise InputError(f"results have no per-image column {by!r}; they have {columns}")
+        from gpucnr.statistics import not_a_column  # NB: the same list as report's and filter's `by`
+
+        raise InputError(not_a_column(ds, by))
     ddof = int(ds.attrs.get("ddof", 1))
     if ddof not in (0, 1):
         raise InputError(f"aggregate pools moments measured with ddof 0 or 1, not {ddof}")

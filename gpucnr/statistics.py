@@ -44,6 +44,26 @@ KEEP_COLUMN = ("; a column of the stack reaches the results when the run keeps i
                "--group-columns NAME` (group_columns= in Python)")
 
 
+def groupable_columns(ds: xr.Dataset) -> list[str]:
+    """The per-image columns a `by` can name, sorted: the coordinates along ``image`` (structure, acquisition,
+    pseudonymous ids and the run's ``group_columns``), never the image index itself nor an output of the run
+    (``cnr_median``, ``n_valid``, ``n_excluded``: data variables)."""
+    return sorted(str(c) for c in ds.coords if ds[c].dims == ("image",) and c != "image")
+
+
+def not_a_column(ds: xr.Dataset, name: str) -> str:
+    """The error text for a `by` column that the results lack, the same for report, filter, enhance and aggregate:
+    the closest column name, the columns one can group by, and how a stack's column reaches the results."""
+    import difflib
+
+    choices = groupable_columns(ds)
+    close = difflib.get_close_matches(str(name), choices, n=1)
+    return (f"by={name!r} is not a per-image column of the results"
+            + (f"; did you mean {close[0]!r}?" if close else "")
+            + (f" Columns to group by: {', '.join(choices)}" if choices else " They have no column to group by")
+            + KEEP_COLUMN)
+
+
 #: The rules `summarize` shows by default, beside the absolute thresholds (issue 16).
 DEFAULT_RULES = ("quantile:0.05", "mad:3")
 
@@ -137,8 +157,7 @@ def summarize(results, thresholds=(1.0, 1.5, 2.0, 3.0), by=None, *, bins: int = 
     columns = _by(by)
     for name in columns:
         if name not in ds.variables or ds[name].dims != ("image",):
-            raise InputError(f"by={name!r} is not a per-image column of the results (coordinates along image: "
-                             f"{sorted(str(c) for c in ds.coords if ds[c].dims == ('image',))})" + KEEP_COLUMN)
+            raise InputError(not_a_column(ds, name))
     warn_empty_columns(ds, columns)
 
     n_valid = np.asarray(ds["n_valid"].values).astype(np.int64)

@@ -121,7 +121,7 @@ def test_statuses_of_groups_and_refusals():
     with pytest.raises(gpucnr.InputError, match="ddof"):
         gpucnr.aggregate(gpucnr.measure(images, labels, ddof=2, backend="numpy").assign_coords(
             case=("image", case)), by="case")
-    with pytest.raises(gpucnr.InputError, match="no per-image column"):
+    with pytest.raises(gpucnr.InputError, match="not a per-image column"):
         gpucnr.aggregate(ds, by="site")
     # NB: a column no image has a value of (PNG results by patient_id) was an empty result, without a word
     with pytest.raises(gpucnr.InputError, match="no image of these results has a value of 'patient_id'"):

@@ -250,3 +250,17 @@ def test_ingest_meta_codes_of_6_digits_are_refused_at_run_with_the_way_out(tmp_p
                           "--backend", "numpy"], 2).err
     assert err.startswith("gpucnr: error [identifying-column]") and "recode them without 6 digits in a row" in err
     assert "100042" not in err
+
+
+def test_a_by_typo_lists_the_same_groupable_columns_in_filter_and_report(run_dir, tmp_path, capsys):
+    # NB: filter listed the run's outputs (cnr_median, n_valid, n_excluded) as columns, report the image index
+    results = str(run_dir / "results.zarr")
+    said = []
+    for argv in (["filter", results, "--by", "buckett", "--out", str(tmp_path / "k.csv")],
+                 ["report", results, str(tmp_path / "rep"), "--by", "buckett"]):
+        err = _coded(capsys, argv, 2).err
+        assert err.startswith("gpucnr: error [bad-input] by='buckett' is not a per-image column of the results; "
+                              "did you mean 'bucket'? Columns to group by: "), err
+        said.append(err.split("Columns to group by: ")[1].split(";")[0].split(", "))
+    assert said[0] == said[1] and "bucket" in said[0], said
+    assert not {"image", "cnr_median", "n_valid", "n_excluded"} & set(said[0]), said
