@@ -535,7 +535,8 @@ def _no_drop_warning(df: pd.DataFrame, level: str) -> str | None:
         why = (f"every cut ({span}) is below 0, which an unsigned CNR never is, so this rule cannot drop anything "
                "here")
         if rule.startswith("mad:"):
-            why += " (the spread within the groups is so wide that median - K x 1.4826 x MAD < 0)"
+            why += (f" (the spread within the groups is so wide that median - {rule.partition(':')[2]} x 1.4826 x "
+                    "MAD < 0)")
     else:
         why = f"every cut ({span}) is at or below its group's smallest CNR"
         if unsigned and negative:
