@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -936,6 +937,9 @@ def _run_options(attrs) -> str:
         out += f" --edge {int(edge)}" if isinstance(edge, int | np.integer) and edge != 2 else ""
     elif source in ("labels", "table", "both"):
         out += f" --roi-source {source}"  # NB: the sources are compared on --resume, as the parameters
+    groups = attrs.get("group_columns")
+    if isinstance(groups, list | tuple) and groups:
+        out += " --group-columns " + shlex.quote(",".join(str(g) for g in groups))  # NB: a plain --resume keeps them
     batch = attrs.get("batch")
     # NB: the batch plan is compared on --resume; the stored size (images, as a number before December 2026, or
     # `format_size`'s spelling) reproduces it, and a resume without --batch takes it from the results anyway
