@@ -221,3 +221,13 @@ def test_report_says_on_stderr_when_it_draws_no_figure(run_dir, tmp_path, capsys
     shutil.rmtree(tmp_path / "stack.zarr")
     err = _coded(capsys, ["report", str(tmp_path / "results.zarr"), str(tmp_path / "rep2")], 0).err
     assert err.startswith("gpucnr: warning: The stack was not found") and "--stack" in err, err
+
+
+def test_run_says_where_the_results_are_and_how_a_batch_in_images_was_rounded(run_dir, tmp_path, capsys):
+    """A walk on 100,000 images: `--batch 64i` became 1,024 images per batch without a word, and the run's summary
+    said neither where the results went nor how long it took."""
+    out = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r.zarr"), "--batch", "3i"], 0).out
+    assert "(--batch 3i rounded to whole shards: 8 images per batch)" in out
+    assert f"results in {tmp_path / 'r.zarr'} (" in out and f"gpucnr filter {tmp_path / 'r.zarr'} --out" in out
+    out = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r2.zarr"), "--batch", "16i"], 0).out
+    assert "rounded to whole shards" not in out  # NB: 16 images are two whole shards of 8
