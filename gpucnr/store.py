@@ -342,13 +342,9 @@ def _read_manifest(root: Path, name: str, arr) -> np.ndarray:
     of every run's start for a stack of 239 shards (issue 17); a missing chunk reads as the fill value, as in zarr."""
     import numcodecs
 
-    try:
-        codecs = [type(c).__name__ for c in arr.metadata.codecs]
-    except (AttributeError, TypeError):
-        codecs = None
     folder = Path(root, name)
-    if (arr.ndim != 1 or codecs != ["BytesCodec", "ZstdCodec"] or np.dtype(arr.dtype).itemsize != 1
-            or getattr(arr, "shards", None) or not folder.is_dir()):
+    layout = _plain_zstd(arr)
+    if arr.ndim != 1 or layout is None or layout[1] or np.dtype(arr.dtype).itemsize != 1 or not folder.is_dir():
         return np.asarray(arr[:])
     n, per = int(arr.shape[0]), int(arr.chunks[0])
     out = np.full(n, arr.fill_value, np.dtype(arr.dtype))
