@@ -16,7 +16,7 @@ import numpy as np
 
 from gpucnr.shardfiles import with_crc
 
-__all__ = ["CANVAS", "canvas", "decode_chunk", "encode_image", "encode_plane", "encoder"]
+__all__ = ["CANVAS", "array_chunk", "canvas", "decode_chunk", "encode_image", "encode_plane", "encoder"]
 
 #: canvas granularity: an image's bucket has its shape rounded up to a multiple of this
 CANVAS = 64
@@ -110,3 +110,17 @@ def decode_chunk(chunk: bytes, shape: tuple[int, int], dtype, codec) -> np.ndarr
     """The plane of an inner chunk (`encode_plane`'s bytes, crc32c last; checked by the caller)."""
     raw = codec.decode(chunk[:-4])
     return np.frombuffer(raw, np.dtype(dtype).newbyteorder("<")).reshape(shape).astype(np.dtype(dtype))
+
+
+def array_chunk(values: np.ndarray, dtype, *, level: int = 3, crc: bool = True) -> bytes:
+    """One whole chunk of a plain (unsharded) zarr array as zarr's codecs encode it: bytes little-endian in C order
+    (vlen-utf8 for ``dtype`` str), then zstd at `level` without its own checksum, then, with `crc`, the crc32c
+    codec. numcodecs, which zarr's codecs call: the bytes are zarr's (tests read them back through zarr)."""
+    import numcodecs
+
+    if dtype is str:
+        raw = numcodecs.VLenUTF8().encode(np.asarray(values, dtype=object))
+    else:
+        raw = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    out = numcodecs.Zstd(level=level).encode(raw)
+    return with_crc(out) if crc else bytes(out)

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -418,6 +419,7 @@ def _dispatch(args) -> int:
             print(f"gpucnr: error [bad-option] --rois auto measures the automatic regions only; --roi-source "
                   f"{args.roi_source} cannot be combined with it", file=sys.stderr)
             return 2
+        started = time.perf_counter()
         ds = run(args.stack, args.results, rois="auto" if auto else None if args.rois is None else Path(args.rois),
                  backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
                  resume=args.resume, progress=args.progress, group_columns=args.group_columns,
@@ -426,6 +428,9 @@ def _dispatch(args) -> int:
                           "resume)")
         # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
         print(summary_table(ds, title="gpucnr run"), flush=True)
+        where = console_text(str(args.results))
+        print(f"results in {where} ({time.perf_counter() - started:.1f} s); next: `gpucnr filter {where} --out "
+              f"keep.csv`, `gpucnr report {where} REPORT_DIR`", flush=True)
         unmatched = len(ds.attrs.get("rois_unmatched", []))
         if unmatched:
             # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them

@@ -122,6 +122,12 @@ def summary_table(ds: xr.Dataset, *, truth=None, threshold: float = 1.5, elapsed
         # NB: a run's own count, from its committed flags (one per batch), not from reading every row
         done = f"{int((ds['committed'].to_numpy() != 0).sum())} of {ds.sizes['batch']}"
         lines.append(f"{'batches committed':<28}{done:>12}")
+        asked, plan = str(ds.attrs.get("batch", "")), ds.attrs.get("plan")
+        per = sorted({int(v["images_per_batch"]) for v in plan.values()}) if isinstance(plan, dict) else []
+        if asked.endswith("i") and asked[:-1].isdigit() and per and per != [int(asked[:-1])]:
+            # NB: batches are whole shards: a smaller --batch in images is rounded up, which a user sizing memory
+            # or a resume would not guess
+            lines.append(f"  (--batch {asked} rounded to whole shards: {'/'.join(map(str, per))} images per batch)")
     if elapsed is not None:
         lines.append(f"{'time':<28}{elapsed:>10.2f} s ({ds.sizes['image'] / elapsed:,.0f} images/s)")
         # NB: Numba compiles the kernels on first use and caches them on disk: a first run is several times slower

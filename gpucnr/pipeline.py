@@ -271,7 +271,8 @@ gcnr_bins, signed
     client = client if remote is None else remote
     try:
         group, committed, backends = _open_or_create(Path(results), stack, roi_ids, plan, attrs, resume, sources,
-                                                     extra=AUTO_IMAGE if auto else ())
+                                                     extra=AUTO_IMAGE if auto else (),
+                                                     same_groups=group_columns is not None)
     except BaseException:
         if remote is not None:
             remote.close()
@@ -595,14 +596,16 @@ class _Names:
         return self.values[out] if len(self.values) else np.zeros(out.shape, str)
 
 
-def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None, extra=()):
+def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sources=None, extra=(), *,
+                    same_groups: bool = False):
     """The results group, its committed flags and batch backends: new, or (resume) checked against this run and
-    verified, its damaged batches uncommitted so that they are recomputed."""
+    verified, its damaged batches uncommitted so that they are recomputed. With `same_groups` (the grouping columns
+    were named), a resume refuses results that copied other ones."""
     if path.exists():
         if not resume:
             raise ResultsError("results-exist", f"{path} exists; continue it with `gpucnr run STACK {path} --resume` "
                                "(in Python: resume=True), or remove it")
-        return _resume(path, attrs, roi_ids)
+        return _resume(path, attrs, roi_ids, same_groups=same_groups)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
     group = create_results(path, n_images=stack.n_images, roi_ids=roi_ids, image_table=table,
@@ -618,7 +621,7 @@ def _plan_text(entry) -> str:
     return f"{entry.get('batches')} batch(es) of {entry.get('images_per_batch')} images"
 
 
-def _resume(path: Path, attrs: dict, roi_ids):
+def _resume(path: Path, attrs: dict, roi_ids, *, same_groups: bool = False):
     fmt = results_format(path)
     if fmt is None:
         raise ResultsError("results-schema", f"{path} exists and is not gpucnr results; nothing to resume")
@@ -639,6 +642,9 @@ def _resume(path: Path, attrs: dict, roi_ids):
                            f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]})")
     changed = [k for k in (*Params().as_attrs(), "roi_source", "rois_fingerprint", "edge")
                if old.get(k) != attrs.get(k)]
+    if same_groups and list(old.get("group_columns") or []) != list(attrs["group_columns"]):
+        # NB: only when named: a plain --resume keeps the columns the run started with (its results hold them)
+        changed.append("group_columns")
     if old.get("plan") != attrs["plan"]:
         # NB: compared per bucket, so the message names the buckets whose batches would differ (the spelling of
         # --batch may differ: 64 and 64i, or a pixel size giving the same shards, plan alike)

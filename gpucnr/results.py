@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from gpucnr import shardfiles
+from gpucnr import chunks, shardfiles
 from gpucnr._version import __version__
 from gpucnr.errors import GpucnrError, InputError
 from gpucnr.kernels.batch import OUTPUT_CELL, OUTPUT_IMAGE
@@ -328,7 +329,7 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
 
 def _coord(group, name, values, dim, root: Path | None = None):
     """A coordinate: one chunk, zstd then crc32c (a damaged coordinate must not read as data). With `root` (the
-    group's folder), its chunk is encoded here, to the bytes zarr's codecs write (`_chunk_bytes`)."""
+    group's folder), its chunk is encoded here, to the bytes zarr's codecs write (`chunks.array_chunk`)."""
     values = np.asarray(values)
     if values.dtype.kind in "OUST":
         text = values.dtype.kind == "U" or (values.dtype.kind == "O" and pd.api.types.infer_dtype(
@@ -346,21 +347,9 @@ def _coord(group, name, values, dim, root: Path | None = None):
         # NB: zarr's own encoding cost ~50 ms per coordinate of 244,000 strings, 10 ms of numbers: a run's start
         file = Path(root, name, arr.metadata.encode_chunk_key((0,)))
         file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_bytes(_chunk_bytes(values, dtype))  # NB: as zarr wrote it, not fsynced (as before)
+        file.write_bytes(chunks.array_chunk(values, dtype))  # NB: as zarr wrote it, not fsynced (as before)
     else:
         arr[:] = values
-
-
-def _chunk_bytes(values: np.ndarray, dtype) -> bytes:
-    """One 1-D chunk as zarr's codecs encode it (bytes little-endian or vlen-utf8, then zstd level 3 without its
-    checksum, then crc32c): numcodecs, which zarr's codecs call."""
-    import numcodecs
-
-    if dtype is str:
-        raw = numcodecs.VLenUTF8().encode(np.asarray(values, dtype=object))
-    else:
-        raw = np.ascontiguousarray(values, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
-    return shardfiles.with_crc(numcodecs.Zstd(level=3).encode(raw))
 
 
 def _coordinate_check(root: Path, name: str) -> bool:
@@ -936,6 +925,9 @@ def _run_options(attrs) -> str:
         out += f" --edge {int(edge)}" if isinstance(edge, int | np.integer) and edge != 2 else ""
     elif source in ("labels", "table", "both"):
         out += f" --roi-source {source}"  # NB: the sources are compared on --resume, as the parameters
+    groups = attrs.get("group_columns")
+    if isinstance(groups, list | tuple) and groups:
+        out += " --group-columns " + shlex.quote(",".join(str(g) for g in groups))  # NB: a plain --resume keeps them
     batch = attrs.get("batch")
     # NB: the batch plan is compared on --resume; the stored size (images, as a number before December 2026, or
     # `format_size`'s spelling) reproduces it, and a resume without --batch takes it from the results anyway

@@ -164,6 +164,28 @@ def test_values(value, refused):
     assert (refused_value(value) is not None) == refused
 
 
+def test_resume_keeps_its_grouping_columns_and_refuses_others(tmp_path):
+    """A walk finding: `--resume --group-columns OTHER` was silently ignored, and the line that tells how to continue
+    left the columns out. A plain resume keeps the columns; naming the same ones resumes; other ones are refused."""
+    from gpucnr.results import resume_command
+
+    images = [np.full((16, 16), 10 + k, np.uint16) for k in range(3)]
+    rois = {"image": [0, 1, 2], "roi": [1, 1, 1], "kind": ["square"] * 3, "cx": [8] * 3, "cy": [8] * 3,
+            "r": [3] * 3}
+    meta = pd.DataFrame({"site": ["a", "b", "a"], "split": ["train", "test", "train"]})
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, rois=rois, meta=meta)
+    out = tmp_path / "r.zarr"
+    first = gpucnr.run(stack, out, scheduler="synchronous", group_columns=["site", "split"])
+    assert resume_command(first.attrs, out).endswith("--resume --group-columns site,split --batch 16M")
+    for same in (None, ["site", "split"]):
+        again = gpucnr.run(stack, out, scheduler="synchronous", resume=True, group_columns=same)
+        assert list(again["site"].values) == ["a", "b", "a"]
+    for other in (["site"], ["split", "site"], []):
+        with pytest.raises(gpucnr.ResultsError) as err:
+            gpucnr.run(stack, out, scheduler="synchronous", resume=True, group_columns=other)
+        assert err.value.code == "resume-mismatch" and "group_columns" in str(err.value), other
+
+
 def test_grouping_columns_only_when_named_and_screened(tmp_path):
     images = [np.full((16, 16), 10 + k, np.uint16) for k in range(3)]
     rois = {"image": [0, 1, 2], "roi": [1, 1, 1], "kind": ["square"] * 3, "cx": [8] * 3, "cy": [8] * 3,

@@ -15,7 +15,7 @@ import zarr
 import gpucnr
 from gpucnr.errors import InputError
 from gpucnr.phantom import make_phantom
-from gpucnr.store import COMPRESSORS, fingerprint
+from gpucnr.store import COMPRESSORS, chunk_checksums, fingerprint
 
 N, SIZE, SHARD = 40, 96, 16
 BUCKET = "128x128-uint16"
@@ -894,3 +894,30 @@ def test_shards_sized_by_pixels_per_bucket(tmp_path):
     assert {b.name: b.shard for b in small.buckets} == {"64x64-uint16": 4, "1024x1024-uint8": 1}
     same = gpucnr.write_stack(tmp_path / "u.zarr", images, shard="2i")
     assert {b.shard for b in same.buckets} == {2} and same.shard == 2
+
+
+def test_manifest_and_checksum_chunks_are_zarrs_bytes(tmp_path):
+    """`StackWriter` writes the written manifest and the chunk checksums as chunk files itself (issue 18: through
+    zarr each shard cost a read-modify-write of a 512 KiB checksum chunk): every file is the one zarr writes for
+    the same values, and reads back through zarr as what was recorded."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 999, (70, 90)).astype(np.uint16) for _ in range(50)]
+    images += [rng.integers(0, 999, (30, 30)).astype(np.uint16) for _ in range(7)]
+    stack = gpucnr.write_stack(tmp_path / "s.zarr", images, shard=8)
+    for b in stack.buckets:
+        for name in ("written", "checksums"):
+            ours = zarr.open_array(str(tmp_path / f"s.zarr/buckets/{b.name}/{name}"), mode="r")
+            again = zarr.open_group(str(tmp_path / "z.zarr"), mode="a").create_array(
+                f"{b.name}-{name}", shape=ours.shape, dtype=ours.dtype, chunks=ours.chunks,
+                compressors=ours.compressors, fill_value=ours.fill_value, config={"write_empty_chunks": True})
+            again[:] = ours[:]
+            files = sorted(f.relative_to(tmp_path / f"s.zarr/buckets/{b.name}/{name}")
+                           for f in (tmp_path / f"s.zarr/buckets/{b.name}/{name}/c").rglob("*") if f.is_file())
+            assert len(files) == -(-b.size // ours.chunks[0])
+            for rel in files:
+                assert (tmp_path / f"s.zarr/buckets/{b.name}/{name}" / rel).read_bytes() == \
+                    (tmp_path / f"z.zarr/{b.name}-{name}" / rel).read_bytes(), (b.name, name, rel)
+        assert np.asarray(stack.written(b)).all()
+        crcs = stack.checksums(b)
+        np.testing.assert_array_equal(crcs[:, 0], chunk_checksums(tmp_path / f"s.zarr/buckets/{b.name}/images",
+                                                                  b.images, 0, b.size))

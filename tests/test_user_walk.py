@@ -264,3 +264,13 @@ def test_a_by_typo_lists_the_same_groupable_columns_in_filter_and_report(run_dir
         said.append(err.split("Columns to group by: ")[1].split(";")[0].split(", "))
     assert said[0] == said[1] and "bucket" in said[0], said
     assert not {"image", "cnr_median", "n_valid", "n_excluded"} & set(said[0]), said
+
+
+def test_run_says_where_the_results_are_and_how_a_batch_in_images_was_rounded(run_dir, tmp_path, capsys):
+    """A walk on 100,000 images: `--batch 64i` became 1,024 images per batch without a word, and the run's summary
+    said neither where the results went nor how long it took."""
+    out = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r.zarr"), "--batch", "3i"], 0).out
+    assert "(--batch 3i rounded to whole shards: 8 images per batch)" in out
+    assert f"results in {tmp_path / 'r.zarr'} (" in out and f"gpucnr filter {tmp_path / 'r.zarr'} --out" in out
+    out = _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r2.zarr"), "--batch", "16i"], 0).out
+    assert "rounded to whole shards" not in out  # NB: 16 images are two whole shards of 8
