@@ -15,6 +15,7 @@ from gpucnr.arrays import measure
 from gpucnr.errors import OptionError
 from gpucnr.outputs import OutputError, make_folder, refuse_overlap
 from gpucnr.phantom import make_phantom
+from gpucnr.store import parse_size
 
 __all__ = ["run_demo", "summary_table"]
 
@@ -122,9 +123,13 @@ def summary_table(ds: xr.Dataset, *, truth=None, threshold: float = 1.5, elapsed
         # NB: a run's own count, from its committed flags (one per batch), not from reading every row
         done = f"{int((ds['committed'].to_numpy() != 0).sum())} of {ds.sizes['batch']}"
         lines.append(f"{'batches committed':<28}{done:>12}")
-        asked, plan = str(ds.attrs.get("batch", "")), ds.attrs.get("plan")
+        asked, plan = ds.attrs.get("batch"), ds.attrs.get("plan")
+        try:
+            kind, n = parse_size(asked)
+        except OptionError:
+            kind, n = None, 0  # NB: results without a readable batch size: nothing to say about it
         per = sorted({int(v["images_per_batch"]) for v in plan.values()}) if isinstance(plan, dict) else []
-        if asked.endswith("i") and asked[:-1].isdigit() and per and per != [int(asked[:-1])]:
+        if kind == "images" and per and per != [n]:
             # NB: batches are whole shards: a smaller --batch in images is rounded up, which a user sizing memory
             # or a resume would not guess
             lines.append(f"  (--batch {asked} rounded to whole shards: {'/'.join(map(str, per))} images per batch)")
