@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["EMPTY", "TEMP_SUFFIX", "assemble", "checked_chunk", "crc_ok", "parse_index", "prepare", "publish",
-           "read_whole", "remove_leftovers", "scratch", "sync_folder", "with_crc", "write_durably"]
+__all__ = ["EMPTY", "TEMP_SUFFIX", "Spooled", "assemble", "checked_chunk", "crc_ok", "parse_index", "prepare",
+           "publish", "read_spooled", "read_whole", "remove_leftovers", "scratch", "spool", "spooled_run",
+           "sync_folder", "with_crc", "write_durably"]
 
 EMPTY = np.iinfo(np.uint64).max
 #: Suffix of a shard file being written; readers never look at such a file and ``--resume`` removes leftovers.
@@ -107,6 +108,75 @@ def assemble(chunks: list) -> list[bytes]:
         parts.append(chunk)
     parts.append(with_crc(index.tobytes()))
     return parts
+
+
+class Spooled:
+    """Where an encoded inner chunk lies in a spool file (`spool`): its file, offset, size, crc32c (its last 4
+    bytes) and the slot of the shard it was written for. Plain data: it travels from ingest's workers to the
+    driver in place of the chunk's bytes."""
+
+    __slots__ = ("crc", "nbytes", "offset", "path", "slot")
+
+    def __init__(self, path: str, offset: int, nbytes: int, crc: int, slot: int):
+        self.path, self.offset, self.nbytes, self.crc, self.slot = path, offset, nbytes, crc, slot
+
+    def __reduce__(self):
+        return Spooled, (self.path, self.offset, self.nbytes, self.crc, self.slot)
+
+    def __repr__(self):
+        return f"Spooled({self.path!r}, {self.offset}, {self.nbytes}, slot {self.slot})"
+
+
+def spool(path: str, chunk: bytes, slot: int) -> Spooled | bytes:
+    """Append an encoded inner chunk (crc32c last) to the spool file `path`, created if missing, and say where it
+    went. Several processes append to one spool file (an ingest's workers fill one shard): O_APPEND places each
+    write at the end whatever the others do, and the file offset after it tells where this one went. A write that
+    fails or is cut short returns the bytes themselves: the caller sends them as it did before spooling."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return chunk
+    try:
+        if os.write(fd, chunk) != len(chunk):
+            return chunk  # NB: another process may have appended after the first part: the rest cannot follow it
+        end = os.lseek(fd, 0, os.SEEK_CUR)
+    except OSError:
+        return chunk
+    finally:
+        os.close(fd)
+    return Spooled(path, end - len(chunk), len(chunk), int.from_bytes(chunk[-4:], "little"), slot)
+
+
+def spooled_run(refs: list, n_inner: int) -> str | None:
+    """The spool file that holds exactly `refs` (a whole shard's inner chunks, in slot order 0..n_inner-1) and
+    nothing else, which then becomes that shard by appending its index and a rename; None when it does not (a chunk
+    of another file or slot, a gap, more bytes: a worker that died mid-write, a plan an earlier file did not
+    follow). The chunks may lie in the file in any order (two workers append to it as their files finish): the
+    index says where each is, and readers go by it."""
+    if len(refs) != n_inner or not all(isinstance(r, Spooled) for r in refs):
+        return None
+    path = refs[0].path
+    if any(r.path != path or r.slot != k for k, r in enumerate(refs)):
+        return None
+    offset = 0
+    for r in sorted(refs, key=lambda r: r.offset):
+        if r.offset != offset:
+            return None
+        offset += r.nbytes
+    try:
+        return path if os.stat(path).st_size == offset else None
+    except OSError:
+        return None
+
+
+def read_spooled(ref: Spooled) -> bytes:
+    """The chunk `ref` names, read back from its spool file and checked (its size and its crc32c, against the
+    chunk's own and the one the worker reported); OSError when it is not what was written."""
+    with open(ref.path, "rb", buffering=0) as fh:
+        data = os.pread(fh.fileno(), ref.nbytes, ref.offset)
+    if len(data) != ref.nbytes or not crc_ok(data) or int.from_bytes(data[-4:], "little") != ref.crc:
+        raise OSError(f"a spooled chunk of {os.path.basename(ref.path)} is not what was written")
+    return data
 
 
 def prepare(path: Path, parts: list, *, fsync: bool = True) -> Path:

@@ -753,6 +753,7 @@ class StackWriter:
         self._buckets: dict[tuple, dict] = {}
         self._rows = _Rows()
         self._label_ids: set[int] = set()
+        self._expected: dict[tuple, int] = {}
         #: called as ``on_written(bucket name, images of the bucket now on disk)`` after each shard's pixels and
         #: manifest are written (from the writer's thread): ingest journals it, to resume from there
         self.on_written = None
@@ -775,6 +776,7 @@ class StackWriter:
         self.group = zarr.open_group(str(path), mode="r+")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="gpucnr-stack-writer")
         self._buckets, self._rows, self._label_ids = {}, _Rows(rows), set(label_ids)
+        self._expected = {}
         self.on_written = None
         counts: dict[str, int] = {}
         for row in self._rows:
@@ -875,10 +877,15 @@ class StackWriter:
         _check_row(np.broadcast_to(np.uint8(0), shape), meta or {}, i)  # NB: the shape alone, no pixels
         box = _canvas(shape)
         blosc = self.compressor.startswith("blosc")
+        image = encoded["image"]
+        # NB: a chunk spooled by the worker (`shardfiles.spool`) is checked when it is read back, or, put in place
+        # whole, by every reader against the crc32c recorded here
+        spooled = isinstance(image, shardfiles.Spooled)
         if (dtype.kind not in "iuf" or tuple(encoded["canvas"]) != box or encoded["compressor"] != self.compressor
-                or (encoded["labels"] is not None) != self.labels or not isinstance(encoded["image"], bytes)
+                or (encoded["labels"] is not None) != self.labels or not (spooled or isinstance(image, bytes))
                 # NB: a blosc header holds the uncompressed size (bytes 4..8): the chunk must fill the canvas
-                or (blosc and int.from_bytes(encoded["image"][4:8], "little") != box[0] * box[1] * dtype.itemsize)):
+                or (blosc and not spooled
+                    and int.from_bytes(image[4:8], "little") != box[0] * box[1] * dtype.itemsize)):
             raise InputError(f"image {i}: encoded chunks that do not fit this stack (canvas, compressor or labels)")
         if encoded.get("has_labels") and not self.labels:
             raise InputError("this stack was opened without labels")
@@ -890,7 +897,7 @@ class StackWriter:
         self._rows.append({"bucket": b["name"], "position": b["count"] + len(b["pending"]), "valid_h": shape[0],
                            "valid_w": shape[1], "source_index": i, **(meta or {})})
         b["pending"].append(encoded)
-        b["pending_bytes"] += len(encoded["image"]) + len(encoded["labels"] or b"")
+        b["pending_bytes"] += _pending_bytes(encoded)
         if len(b["pending"]) == b["shard"] or b["pending_bytes"] >= _PENDING_BYTES:
             self._flush(b)
         return i
@@ -898,6 +905,21 @@ class StackWriter:
     @property
     def n_images(self) -> int:
         return len(self._rows)
+
+    def expect(self, canvas, dtype, n: int) -> None:
+        """Say that the bucket of `canvas` and `dtype` will hold about `n` images: its arrays are sized for them
+        when it first grows (each resize is four metadata writes through zarr), and cut to what was written at
+        `close`."""
+        self._expected[(tuple(int(v) for v in canvas), np.dtype(dtype).newbyteorder("=").str)] = int(n)
+
+    def next_position(self, canvas, dtype) -> tuple[int, int]:
+        """(the position in its bucket the next image of `canvas` and `dtype` would get, that bucket's images per
+        shard): what ingest plans its spooled shards from."""
+        key = (tuple(int(v) for v in canvas), np.dtype(dtype).newbyteorder("=").str)
+        b = self._buckets.get(key)
+        if b is None:
+            return 0, shard_images(self.size, key[0])
+        return b["count"] + len(b["pending"]), b["shard"]
 
     def mark(self) -> tuple:
         """The point `rollback` returns to: the images added so far."""
@@ -1031,7 +1053,8 @@ class StackWriter:
         (`open_stack` refuses it), and a resume cuts the arrays to what it keeps."""
         if z <= b.setdefault("capacity", int(b["written"].shape[0])):
             return
-        b["capacity"] = max(z, b["capacity"] + max(b["capacity"] // 4, 4 * b["shard"]))
+        b["capacity"] = max(z, b["capacity"] + max(b["capacity"] // 4, 4 * b["shard"]),
+                            self._expected.get((b["canvas"], b["dtype"].str), 0))
         self._resize(b, b["capacity"])
 
     @staticmethod
@@ -1043,9 +1066,20 @@ class StackWriter:
     def _write(self, b: dict, a: int, z: int, block, lab_block) -> None:
         self._grow(b, z)
         crcs = np.zeros((z - a, 2), np.uint32)
-        for col, (kind, data) in enumerate((("images", block), ("labels", lab_block))):
+        kinds = (("images", block), ("labels", lab_block))
+        runs = [shardfiles.spooled_run(data, b["shard"]) if a % b["shard"] == 0 and isinstance(data, list) else None
+                for kind, data in kinds if b[kind] is not None]
+        for col, (kind, data) in enumerate(kinds):
             if b[kind] is None:
                 continue
+            if all(runs):
+                # NB: the workers wrote this whole shard's chunks, in order, into one spool file (ingest, issue
+                # 18): its index makes it the shard file, renamed into place, and no byte passes through here
+                crcs[:, col] = self._place(b, kind, a // b["shard"], runs[col], data)
+                continue
+            if isinstance(data, list):
+                # NB: spooled chunks that do not make a whole shard file are read back, checked, and stored as sent
+                data = [shardfiles.read_spooled(d) if isinstance(d, shardfiles.Spooled) else d for d in data]
             if a % b["shard"] == 0:
                 # NB: a shard written from its start is written whole, as a file; a shard continued after an early
                 # flush (very large images) is merged by zarr. The chunks' crc32c are those just written (issue
@@ -1065,6 +1099,20 @@ class StackWriter:
         self._record(b, "written", a, z, np.ones(z - a, np.uint8))
         if self.on_written is not None:
             self.on_written(b["name"], z)
+
+    def _place(self, b: dict, kind: str, s: int, path: str, refs: list) -> np.ndarray:
+        """Shard `s` of the bucket's array `kind` from the spool file at `path` that holds its chunks in order
+        (`shardfiles.spooled_run`): the index appended, the file renamed into place. Returns the chunks'
+        crc32c."""
+        index = np.full((len(refs), 2), shardfiles.EMPTY, "<u8")
+        for k, r in enumerate(refs):
+            index[k] = (r.offset, r.nbytes)
+        with open(path, "ab") as fh:
+            fh.write(shardfiles.with_crc(index.tobytes()))
+        dest = Path(self.path, b[kind].path, b[kind].metadata.encode_chunk_key((s, 0, 0)))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, dest)
+        return np.array([r.crc for r in refs], np.uint32)
 
     def _record(self, b: dict, kind: str, a: int, z: int, rows: np.ndarray) -> None:
         """Rows [a, z) of the bucket's per-image array `kind` (the written manifest, the chunk checksums), written as
@@ -1177,18 +1225,22 @@ class _Rows(Sequence):
             self._names.append(name)
         n = len(self._bucket)
         self._bucket.append(self._names.index(name))
+        fixed, meta = self._fixed, self._meta
         for k in self._FIXED:
-            self._fixed[k].append(int(row[k]))
+            fixed[k].append(int(row[k]))
+        added = 0
         for k, v in row.items():
-            if k == "bucket" or k in self._fixed:
-                continue
-            column = self._meta.get(k)
+            column = meta.get(k)
             if column is None:
-                column = self._meta[k] = [np.nan] * n
+                if k == "bucket" or k in fixed:
+                    continue
+                column = meta[k] = [np.nan] * n
             column.append(v)
-        for column in self._meta.values():
-            if len(column) == n:
-                column.append(np.nan)
+            added += 1
+        if added < len(meta):  # NB: a key this row lacks
+            for column in meta.values():
+                if len(column) == n:
+                    column.append(np.nan)
 
     def truncate(self, n: int) -> None:
         """Keep the first `n` rows."""
@@ -1223,7 +1275,8 @@ class _Rows(Sequence):
 def _pending_bytes(p) -> int:
     """What an image waiting in a bucket's shard buffer counts towards `_PENDING_BYTES`."""
     if isinstance(p, dict):
-        return len(p["image"]) + len(p["labels"] or b"")
+        # NB: a spooled chunk is on disk, not in memory
+        return sum(len(c) for c in (p["image"], p["labels"]) if isinstance(c, bytes))
     return p[0].nbytes
 
 
@@ -1487,6 +1540,13 @@ def journal_path(stack) -> Path:
     """The journal of an ingest in progress, beside its stack (it names source files: an operator's file)."""
     stack = Path(stack)
     return stack.with_name(f"{stack.name}.journal")
+
+
+def spool_path(stack) -> Path:
+    """The folder beside a stack into which an ingest's workers write its shards' chunks (`shardfiles.spool`) before
+    `StackWriter` renames them into place; it exists only while an ingest runs."""
+    stack = Path(stack)
+    return stack.with_name(f"{stack.name}.spool")
 
 
 def unfinished_stack(path) -> str | None:

@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 
 from gpucnr import chunks
+from gpucnr.shardfiles import spool as spool_chunk
 from gpucnr.sources import dicom, nifti, raster
 from gpucnr.sources.outcomes import Skip
 from gpucnr.sources.pseudonyms import pseudonym
@@ -142,10 +143,14 @@ def decode_file(path, record: dict, options: dict, masks: list, segs: list, enco
         return Streamed({"frames": frames, "labels": None, "mask_problem": problem}, "frames", _frame_bytes,
                         prepare)
     if encode is not None:
+        spool, slot = encode.get("spool"), 0
         for pos, f in enumerate(frames):
             if "pixels" in f:
                 f["label"] = None if labels is None else labels[pos]
                 _encode_frame(encode, f)
+                if spool is not None:
+                    _spool_frame(spool, slot, f["encoded"])
+                    slot += 1
         return {"frames": frames, "labels": None, "mask_problem": problem}
     for f in frames:
         f["pixels"] = np.ascontiguousarray(f["pixels"])
@@ -172,6 +177,16 @@ def _encode_frame(encode: dict, frame: dict) -> dict:
     except ValueError as e:
         raise Skip("decode-error", f"the decoded image cannot be stored ({e})") from None
     return frame
+
+
+def _spool_frame(spool: dict, slot: int, encoded: dict) -> None:
+    """A frame's chunks appended to the spool files of the shard the driver planned for it (``spool``: {"images":
+    path, "labels": path or None, "slot": the file's first slot in the shard}), in place of their bytes: the
+    driver's writer then renames a spool file that holds a whole shard into place, and the pixels never pass
+    through the driver (issue 18). What cannot be spooled is sent as bytes, as without a plan."""
+    for kind, key in (("images", "image"), ("labels", "labels")):
+        if spool.get(kind) is not None and isinstance(encoded[key], bytes):
+            encoded[key] = spool_chunk(spool[kind], encoded[key], spool["slot"] + slot)
 
 
 def _frame_bytes(frame: dict) -> int:

@@ -342,8 +342,9 @@ class IsolatedPool:
         """Results in task order: each the function's value or a `TaskFailure`.
 
         Each child holds up to two messages (the next one is queued while it works, so it never waits for the
-        driver); the one it is working on has the deadline. A message is one task, or up to `batch` tasks sent
-        together (those `batchable` marks True, all by default when `batch` > 1), whose replies come back
+        driver); the one it is working on has the deadline. A message is one task, or up to `batch` consecutive tasks
+        sent together (those `batchable` marks with a true value, all by default when `batch` > 1; tasks marked
+        with different values, e.g. the shards their files fill, never share a message), whose replies come back
         together: one round trip, not one per task (issue 18). When a child dies or overruns its deadline while
         working on a message of several tasks, no task of it is blamed: those not answered yet are sent again, each
         alone, so that the one that kills a child alone is its ``decoder-crash`` (or ``decode-timeout``), and the
@@ -368,6 +369,7 @@ class IsolatedPool:
         flags = None if batchable is None else iter(batchable)
         cost: dict[int, int] = {}
         grouped: dict[int, bool] = {}  # NB: whether a dispatched task may share a message
+        group_of: dict[int, object] = {}  # NB: ...and with which tasks: those of an equal `batchable` value
         it = enumerate(tasks)
         pending: dict[int, object] = {}
         streams: dict[int, deque] = {}  # NB: parts received and not yet yielded, by task (parts=True)
@@ -398,7 +400,9 @@ class IsolatedPool:
             submitted += 1
             if cost_of is not None:
                 cost[i] = next(cost_of)
-            grouped[i] = batch > 1 and (flags is None or bool(next(flags)))
+            flag = True if flags is None else next(flags)
+            grouped[i] = batch > 1 and bool(flag)
+            group_of[i] = flag
             return i, args
 
         if len(self._slots) < self.workers:
@@ -415,7 +419,7 @@ class IsolatedPool:
                         more = take()
                         if more is None:
                             break
-                        if not grouped.get(more[0]) or more[0] in solo:
+                        if not grouped.get(more[0]) or more[0] in solo or group_of[more[0]] != group_of[first[0]]:
                             retry.appendleft(more)  # NB: it goes alone, next
                             break
                         message.append(more)
