@@ -9,6 +9,7 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -754,6 +755,8 @@ class StackWriter:
         self._rows = _Rows()
         self._label_ids: set[int] = set()
         self._expected: dict[tuple, int] = {}
+        self._spool_refs: Counter = Counter()  # NB: spooled chunks added, not yet handed to the writer's thread
+        self._spool_done: set[str] = set()  # NB: spool files no more chunks will come from
         #: called as ``on_written(bucket name, images of the bucket now on disk)`` after each shard's pixels and
         #: manifest are written (from the writer's thread): ingest journals it, to resume from there
         self.on_written = None
@@ -776,7 +779,7 @@ class StackWriter:
         self.group = zarr.open_group(str(path), mode="r+")
         self._io = ThreadPoolExecutor(1, thread_name_prefix="gpucnr-stack-writer")
         self._buckets, self._rows, self._label_ids = {}, _Rows(rows), set(label_ids)
-        self._expected = {}
+        self._expected, self._spool_refs, self._spool_done = {}, Counter(), set()
         self.on_written = None
         counts: dict[str, int] = {}
         for row in self._rows:
@@ -894,6 +897,9 @@ class StackWriter:
         if b is None:
             b = self._buckets[key] = self._new_bucket(*key)
         self._label_ids.update(int(v) for v in encoded["label_ids"])
+        for ref in (image, encoded["labels"]):
+            if isinstance(ref, shardfiles.Spooled):
+                self._spool_refs[ref.path] += 1
         self._rows.append({"bucket": b["name"], "position": b["count"] + len(b["pending"]), "valid_h": shape[0],
                            "valid_w": shape[1], "source_index": i, **(meta or {})})
         b["pending"].append(encoded)
@@ -905,6 +911,27 @@ class StackWriter:
     @property
     def n_images(self) -> int:
         return len(self._rows)
+
+    def spool_done(self, path: str) -> None:
+        """No more chunks will be added from the spool file at `path`: it is removed once the chunks added from it
+        are in the stack (renamed into place with it, or read back from it), so that spool files that are not
+        whole shards do not pile up on disk."""
+        self._spool_done.add(path)
+        self._release_spool([])
+
+    def _release_spool(self, entries: list) -> None:
+        """The spooled chunks among `entries` (pending images leaving the buffer) are no longer the caller's: spool
+        files no chunk is pending from any more, and that are done, are removed by the writer's thread, after the
+        writes already queued that read them."""
+        for entry in entries:
+            if isinstance(entry, dict):
+                for ref in (entry["image"], entry["labels"]):
+                    if isinstance(ref, shardfiles.Spooled):
+                        self._spool_refs[ref.path] -= 1
+        for path in [p for p in self._spool_done if self._spool_refs[p] <= 0]:
+            self._spool_done.discard(path)
+            self._spool_refs.pop(path, None)
+            self._io.submit(_remove_spool, path)
 
     def expect(self, canvas, dtype, n: int) -> None:
         """Say that the bucket of `canvas` and `dtype` will hold about `n` images: its arrays are sized for them
@@ -950,12 +977,14 @@ class StackWriter:
             if keep is None:
                 continue
             if keep >= b["count"]:
+                self._release_spool(b["pending"][keep - b["count"]:])
                 b["pending"] = b["pending"][: keep - b["count"]]
                 b["pending_bytes"] = sum(_pending_bytes(p) for p in b["pending"])
                 continue
             if b["inflight"] is not None:
                 self._wait(b)
                 b["inflight"] = None
+            self._release_spool(b["pending"])
             per = b["shard"]
             first = keep // per * per
             block = np.asarray(b["images"][first:keep]) if keep > first else None
@@ -1034,6 +1063,7 @@ class StackWriter:
                     lab_block[k, :h, :w] = labels
         b["inflight"] = self._io.submit(self._write, b, a, z, block, lab_block)
         b["count"] = z
+        self._release_spool(b["pending"])
         b["pending"], b["pending_bytes"] = [], 0
 
     def _wait(self, b: dict) -> None:
@@ -1270,6 +1300,14 @@ class _Rows(Sequence):
         for k, column in self._meta.items():
             frame[k] = pd.Series(column, dtype=None)
         return frame
+
+
+def _remove_spool(path: str) -> None:
+    """Remove a spool file that was read back (one renamed into place is gone already)."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _pending_bytes(p) -> int:

@@ -24,7 +24,6 @@ import numpy as np
 import pandas as pd
 import zarr
 
-from gpucnr.chunks import canvas as chunks_canvas
 from gpucnr.errors import InputError, Interrupted, OptionError
 from gpucnr.identifiers import refused_value
 from gpucnr.outputs import OutputError, csv_text, refuse_overlap, write_file
@@ -36,6 +35,7 @@ from gpucnr.sources.layouts import DATASET_JSON, Layout, detect, misplaced_sourc
 from gpucnr.sources.problems import is_litter, problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
+from gpucnr.sources.spoolplan import SpoolPlan
 from gpucnr.sources.workers import IsolatedPool, Part, TaskFailure
 from gpucnr.store import DEFAULT_COMPRESSOR, StackWriter, journal_path, spool_path, whole_shards
 
@@ -603,27 +603,34 @@ class _Ingest:
             # NB: the workers compress each image into the stack's chunks (in parallel) and, where the plan says
             # which shard a file's images will fill, append them to that shard's spool file themselves; the
             # driver's writer renames a spool file that holds a whole shard into place (else the bytes come here)
-            plan = _spool_plan(todo, writer, set(self.stored_as), self.options, spool, has_labels) if SPOOL else []
-            if plan:
+            plan = SpoolPlan([t[2] for t in todo], writer, set(self.stored_as), self.options,
+                             [_batchable(t[2]) for t in todo], spool, has_labels) if SPOOL else None
+            if plan is not None and plan.buckets:
                 shutil.rmtree(spool, ignore_errors=True)  # NB: what an interrupted ingest left
                 spool.mkdir(mode=0o700)
-            plan += [None] * (len(todo) - len(plan))
-            encodes = [{"compressor": compressor, "labelled": has_labels, "spool": sp} for sp in plan]
+            else:
+                plan = None
+            sent: dict[int, dict | None] = {}
+
+            def messages():
+                # NB: a file's spool file is decided as it is sent, after the files before it that the driver has
+                # already stored (the plan follows what they did)
+                for i, t in enumerate(todo):
+                    sent[i] = None if plan is None else plan.args(i)
+                    yield (*t[4], {"compressor": compressor, "labelled": has_labels, "spool": sent[i]})
+
             # NB: decoded results wait in the driver until the files before them are done: their bytes in flight
             # are bounded (x3: colour and LUT images become float64), as well as their number; a spooled file's
             # result holds no pixels.
             # A volume's slices come as parts (`workers.Part`), stored as they arrive: the driver never holds a
             # volume (the pool holds parts of later ones up to its part budget, whatever their size).
-            outs = pool.imap(((*t[4], e) for t, e in zip(todo, encodes, strict=True)),
-                             costs=(0 if e["spool"] else _in_flight_cost(t[2]) for t, e in zip(todo, encodes,
-                                                                                            strict=True)),
+            outs = pool.imap(messages(), costs=(0 if sent[i] else _in_flight_cost(t[2]) for i, t in enumerate(todo)),
                              budget=max(2 * self.max_bytes, _IN_FLIGHT), on_done=self.meter.tick, parts=True,
                              # NB: a planned shard's files go to one worker together: two appending to one spool
                              # file at once contend for its lock
-                             batch=max(_BATCH, min(_SHARD_BATCH, max(Counter(e["spool"]["images"] for e in encodes
-                                                                             if e["spool"]).values(), default=0))),
-                             batchable=(e["spool"]["images"] if e["spool"] else _batchable(t[2])
-                                        for t, e in zip(todo, encodes, strict=True)))
+                             batch=max(_BATCH, min(_SHARD_BATCH, 0 if plan is None else plan.batch)),
+                             batchable=(sent.pop(i)["images"] if sent[i] else _batchable(t[2])
+                                        for i, t in enumerate(todo)))
             j, state = start, None
             for out in outs:
                 if isinstance(out, Part):
@@ -633,6 +640,8 @@ class _Ingest:
                 record = self._decoded(j, out, meta_rows, writer, state)
                 journal.record(record)
                 self._apply(record)
+                for path in () if plan is None else plan.consumed(j - start):
+                    writer.spool_done(path)
                 j, state = j + 1, None
                 self.decoded = j
             table = _roi_rows(self.roi_table, self.frame_of, sources, self.problem)
@@ -933,95 +942,9 @@ def _in_flight_cost(rec: dict) -> int:
     return 0 if rec["format"] == "nifti" else 3 * rec["declared_bytes"]
 
 
-#: whether ingest's workers write the shards the driver can plan (`_spool_plan`); off, every byte passes through the
-#: driver (the tests compare the two)
+#: whether ingest's workers write the shards the driver can plan (`spoolplan.SpoolPlan`); off, every byte passes
+#: through the driver (the tests compare the two)
 SPOOL = True
-#: stored dtype of a raster page by its Pillow mode (`raster.decode`); colour modes become float64 gray
-_RASTER_DTYPES = {"1": "u1", "L": "u1", "LA": "u1", "I;16": "u2", "I;16B": "u2", "I;16L": "u2", "I;16N": "u2",
-                  "I": "i4", "F": "f4", "RGB": "f8", "RGBA": "f8", "RGBX": "f8", "P": "f8", "PA": "f8"}
-_FIXED_DTYPES = {"uint32": "u4", "int8": "i1", "int16": "i2"}
-
-
-def _predicted_frames(rec: dict, options: dict) -> tuple | None:
-    """(canvas, dtype, frames) the decode of a scanned 2-D file will store, from its header record; None when the
-    record does not say (a compressed DICOM, a volume, pages that differ). A wrong guess costs speed, never
-    correctness: the writer checks every spooled shard it puts in place."""
-    if rec["format"] == "dicom":
-        native = rec.get("native")
-        if not native:
-            return None
-        dtype = native["dtype"]
-    elif rec["format"] in ("png", "tiff", "jpeg"):
-        modes, fixes = rec.get("modes") or [], rec.get("fixes") or []
-        if not modes or len(set(modes)) != 1 or len(set(fixes)) > 1:
-            return None
-        dtype = _FIXED_DTYPES.get(fixes[0]) if fixes and fixes[0] else _RASTER_DTYPES.get(modes[0])
-        if dtype is None:
-            return None
-        if dtype == "f8" and options["color"] == "skip":
-            return None
-    else:
-        return None
-    return chunks_canvas((rec["rows"], rec["columns"])), np.dtype(dtype).newbyteorder("=").str, int(rec["frames"])
-
-
-def _spool_plan(todo: list, writer: StackWriter, stored: set, options: dict, spool: Path,
-                labelled: bool) -> list[dict | None]:
-    """Which files' images the workers write into which shard's spool files: for each task in order, {"images":
-    path, "labels": path or None, "slot": the first of its images' places in the shard} or None.
-
-    Positions are predicted as the driver will give them (in input order, by bucket, duplicates by the scan's key
-    taking none), up to the first file whose images cannot be predicted. A shard is planned only when every one
-    of its places is predicted to hold an image of a small 2-D file whose images all fall in it; the writer takes
-    a spool file as the shard only when it holds exactly that (`shardfiles.spooled_run`), else reads its chunks
-    back."""
-    positions: dict[tuple, list[int]] = {}
-    seen = set(stored)
-    guesses = []  # NB: per task: (bucket key, shard, slot) of a file that may be spooled, or None
-    shards: dict[tuple, int] = {}  # NB: (bucket, shard) -> images of spoolable files predicted there; -1 = spoiled
-    for t in todo:
-        rec = t[2]
-        dedup = rec.get("dedup")
-        if dedup is not None and dedup in seen:
-            guesses.append(None)  # NB: a duplicate stores nothing
-            continue
-        if dedup is not None:
-            seen.add(dedup)
-        predicted = _predicted_frames(rec, options)
-        if predicted is None:
-            break  # NB: where its images go is not known, nor the places of any image after them
-        box, dtype, n = predicted
-        key = (box, dtype)
-        if key not in positions:
-            positions[key] = list(writer.next_position(box, dtype))
-        at, per = positions[key]
-        positions[key][0] = at + n
-        first, last = at // per, (at + n - 1) // per
-        if first == last and _batchable(rec):
-            guesses.append((key, first, at - first * per))
-            shards[(key, first)] = shards.get((key, first), 0) + n if shards.get((key, first), 0) >= 0 else -1
-        else:
-            guesses.append(None)
-            for sh in range(first, last + 1):
-                shards[(key, sh)] = -1
-    for (box, dtype), (n, _) in positions.items():
-        writer.expect(box, dtype, n)  # NB: the bucket's arrays are sized once, not grown shard by shard
-    plan: list[dict | None] = []
-    files: dict[tuple, tuple] = {}
-    for guess in guesses:
-        if guess is None:
-            plan.append(None)
-            continue
-        key, sh, slot = guess
-        if shards.get((key, sh)) != positions[key][1]:
-            plan.append(None)  # NB: a shard the end of the plan leaves part-filled, or shared with other files
-            continue
-        if (key, sh) not in files:
-            name = os.path.join(spool, f"{key[0][0]}x{key[0][1]}-{np.dtype(key[1]).name}-{sh}")
-            files[(key, sh)] = (f"{name}.images", f"{name}.labels" if labelled else None)
-        images, labels = files[(key, sh)]
-        plan.append({"images": images, "labels": labels, "slot": slot})
-    return plan
 
 
 def _image_row(rec: dict, entry: dict, frame: int, file_index: int, shape) -> dict:
