@@ -241,39 +241,40 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     max_bytes = int(max_image_mb * 2**20)
     options = {"color": color, "nonfinite": nonfinite, "mask_threshold": mask_threshold}
 
-    # NB: mask and SEG folders may sit inside SRC_DIR: their files are not images of the dataset
-    exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values(), side["journal"],
-                           Path(f"{side['journal']}.partial"), spool_path(stack)) if p is not None]
-    job = _Ingest(stack=stack, side=side, key=None, key_path=key_path, options=options, max_bytes=max_bytes,
-                  progress=progress, roi_table=roi_table, meta_table=meta_table,
-                  max_volume_bytes=int(max_volume_mb * 2**20))
-    job.find(src, masks, mask_pattern, follow_symlinks, exclude)
-    if not job.found and not (resume and stack.exists()):
-        # NB: before the key is created: a refusal leaves nothing behind
-        raise NoImageError(f"the source folder {display_path(src)} holds no file (AppleDouble and other "
-                           "operating-system litter are not counted); nothing was written")
-    settings = {"src": src, "masks": masks, "mask_pattern": mask_pattern, "seg": seg, "rois": rois, "meta": meta,
-                "color": color, "nonfinite": nonfinite, "key_file": key_file, "max_image_mb": max_image_mb,
-                "max_volume_mb": max_volume_mb, "mask_threshold": mask_threshold,
-                "file_timeout": file_timeout, "follow_symlinks": follow_symlinks, "shard": shard,
-                "compressor": compressor}
-    walked = {**job.walked, "seg": [] if seg is None else walk(seg, follow_symlinks=follow_symlinks)}
-    job.header = {"sources": sources_digest(walked, {"rois": rois, "meta": meta}),
-                  "options": _journal_options(settings), "command": _resume_command(stack, settings)}
-    resuming = resume and stack.exists()
-    if resuming and not key_path.is_file():
-        raise ResumeError(f"{display_path(stack)} cannot be resumed without its pseudonym key {key_path.name} "
-                          "(another key would give its images other pseudonyms); delete the stack and ingest again")
-    # NB: after every refusal of a new ingest (a refused ingest writes nothing); a resume reads the existing key
-    new_key = not key_path.exists()
-    job.key = load_or_create_key(key_path)
-    # NB: a resume under another key would mix pseudonyms; the journal holds a digest of it, never the key
-    job.header["options"]["key"] = hashlib.sha256(b"gpucnr journal key\0" + job.key).hexdigest()
-    job.resumed = _resume_point(stack, side["journal"], job.header) if resuming else None
-    # NB: a file may use 8 x --max-image-mb + 1 GiB; a volume asks for more by its declared size (tasks.py)
-    with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout,
-                      memory_mb=_memory_mb(max_image_mb, max_volume_mb),
-                      task_memory_mb=_memory_mb(max_image_mb)) as pool:
+    # NB: a file may use 8 x --max-image-mb + 1 GiB; a volume asks for more by its declared size (tasks.py). The
+    # workers' interpreters start now, while the folders are walked (~0.25 s of CPU each, issue 18); a refusal
+    # stops them.
+    with IsolatedPool(_TASKS, workers=workers, timeout=file_timeout, memory_mb=_memory_mb(max_image_mb, max_volume_mb),
+                      task_memory_mb=_memory_mb(max_image_mb)).start() as pool:
+        # NB: mask and SEG folders may sit inside SRC_DIR: their files are not images of the dataset
+        exclude = [p for p in (rois, meta, key_path, stack, masks, seg, *side.values(), side["journal"],
+                               Path(f"{side['journal']}.partial"), spool_path(stack)) if p is not None]
+        job = _Ingest(stack=stack, side=side, key=None, key_path=key_path, options=options, max_bytes=max_bytes,
+                      progress=progress, roi_table=roi_table, meta_table=meta_table,
+                      max_volume_bytes=int(max_volume_mb * 2**20))
+        job.find(src, masks, mask_pattern, follow_symlinks, exclude)
+        if not job.found and not (resume and stack.exists()):
+            # NB: before the key is created: a refusal leaves nothing behind
+            raise NoImageError(f"the source folder {display_path(src)} holds no file (AppleDouble and other "
+                               "operating-system litter are not counted); nothing was written")
+        settings = {"src": src, "masks": masks, "mask_pattern": mask_pattern, "seg": seg, "rois": rois, "meta": meta,
+                    "color": color, "nonfinite": nonfinite, "key_file": key_file, "max_image_mb": max_image_mb,
+                    "max_volume_mb": max_volume_mb, "mask_threshold": mask_threshold,
+                    "file_timeout": file_timeout, "follow_symlinks": follow_symlinks, "shard": shard,
+                    "compressor": compressor}
+        walked = {**job.walked, "seg": [] if seg is None else walk(seg, follow_symlinks=follow_symlinks)}
+        job.header = {"sources": sources_digest(walked, {"rois": rois, "meta": meta}),
+                      "options": _journal_options(settings), "command": _resume_command(stack, settings)}
+        resuming = resume and stack.exists()
+        if resuming and not key_path.is_file():
+            raise ResumeError(f"{display_path(stack)} cannot be resumed without its pseudonym key {key_path.name} "
+                              "(another key would give its images other pseudonyms); delete the stack and ingest again")
+        # NB: after every refusal of a new ingest (a refused ingest writes nothing); a resume reads the existing key
+        new_key = not key_path.exists()
+        job.key = load_or_create_key(key_path)
+        # NB: a resume under another key would mix pseudonyms; the journal holds a digest of it, never the key
+        job.header["options"]["key"] = hashlib.sha256(b"gpucnr journal key\0" + job.key).hexdigest()
+        job.resumed = _resume_point(stack, side["journal"], job.header) if resuming else None
         try:
             job.scan(pool, seg, follow_symlinks)
             summary = job.decode(pool, shard=shard, compressor=compressor, has_labels=job.matcher is not None or

@@ -42,6 +42,9 @@ _COALESCE = 2**16
 #: 18: glibc's own threshold starts at 128 KiB and rises only after a larger block is freed, so whether a worker
 #: paid it depended on what it happened to read first); up to 64 MiB of free heap is kept rather than trimmed.
 _MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(16 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
+#: ...and one BLAS / OpenMP thread: no task multiplies matrices, and NumPy's import started a pool of OpenBLAS
+#: threads per child, ~0.08 s of CPU each time a child starts (issue 18)
+_CHILD_ENV = {**_MALLOC_ENV, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 class _Pickler(pickle.Pickler):
@@ -289,6 +292,14 @@ class IsolatedPool:
         self.target, self.workers, self.timeout, self.memory_mb = target, max(1, workers), timeout, memory_mb
         self.task_memory_mb = task_memory_mb
         self._slots: list[dict] = []
+        self._starting: list[dict] = []
+
+    def start(self) -> IsolatedPool:
+        """Start the worker processes now, without waiting for them: their interpreters start up while the caller
+        does other work (ingest walks its folders); the first `imap` waits for them."""
+        missing = self.workers - len(self._slots) - len(self._starting)
+        self._starting += [self._start() for _ in range(max(0, missing))]
+        return self
 
     def __enter__(self):
         return self
@@ -303,7 +314,7 @@ class IsolatedPool:
         ours, theirs = socket.socketpair()
         proc = subprocess.Popen([sys.executable, "-m", "gpucnr.sources.workers", str(theirs.fileno()), self.target,
                                  str(self.memory_mb or 0), str(self.task_memory_mb or 0)],
-                                env={**_MALLOC_ENV, **os.environ},
+                                env={**_CHILD_ENV, **os.environ},
                                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 # NB: a process group of its own: Ctrl-C in the terminal reaches the driver alone,
@@ -332,9 +343,9 @@ class IsolatedPool:
         slot["conn"].close()
 
     def close(self) -> None:
-        for slot in self._slots:
+        for slot in self._slots + self._starting:
             self._stop(slot)
-        self._slots = []
+        self._slots, self._starting = [], []
 
     def imap(self, tasks: Iterable[tuple], *, window: int | None = None, costs: Iterable[int] | None = None,
              budget: int | None = None, on_done: Callable[[], None] | None = None, parts: bool = False,
@@ -405,9 +416,10 @@ class IsolatedPool:
             group_of[i] = flag
             return i, args
 
-        if len(self._slots) < self.workers:
-            started = [self._start() for _ in range(self.workers - len(self._slots))]
-            self._slots += [self._ready(slot) for slot in started]
+        self.start()
+        while self._starting:
+            self._slots.append(self._ready(self._starting[0]))  # NB: one that cannot start is stopped by `_ready`,
+            self._starting.pop(0)  # the others by `close`
         while True:
             for slot in self._slots:
                 while _messages(slot["queue"]) < 2:
