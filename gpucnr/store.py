@@ -1089,6 +1089,7 @@ class StackWriter:
 
     @staticmethod
     def _resize(b: dict, n: int) -> None:
+        b.pop("folders", None)  # NB: a shrink may remove chunk folders (`_folder`)
         for kind in ("images", "labels", "written", "checksums"):
             if b.get(kind) is not None:
                 b[kind].resize((n, *b[kind].shape[1:]))
@@ -1140,7 +1141,7 @@ class StackWriter:
         with open(path, "ab") as fh:
             fh.write(shardfiles.with_crc(index.tobytes()))
         dest = Path(self.path, b[kind].path, b[kind].metadata.encode_chunk_key((s, 0, 0)))
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        _folder(b, dest.parent)
         os.replace(path, dest)
         return np.array([r.crc for r in refs], np.uint32)
 
@@ -1169,7 +1170,7 @@ class StackWriter:
             block[lo - start : hi - start] = rows[lo - a : hi - a]
             key = arr.metadata.encode_chunk_key((c, *(0,) * (arr.ndim - 1)))
             file = Path(self.path, arr.path, key)
-            file.parent.mkdir(parents=True, exist_ok=True)
+            _folder(b, file.parent)
             data = chunks.array_chunk(block, np.dtype(arr.dtype), level=level[0], crc=level[1])
             shardfiles.publish(shardfiles.prepare(file, [data], fsync=False), file)
 
@@ -1300,6 +1301,15 @@ class _Rows(Sequence):
         for k, column in self._meta.items():
             frame[k] = pd.Series(column, dtype=None)
         return frame
+
+
+def _folder(b: dict, folder: Path) -> None:
+    """Create a chunk folder of bucket `b` once (a `mkdir` that finds the folder there costs a failed system call and
+    an exception, per shard)."""
+    made = b.setdefault("folders", set())
+    if folder not in made:
+        folder.mkdir(parents=True, exist_ok=True)
+        made.add(folder)
 
 
 def _remove_spool(path: str) -> None:

@@ -103,6 +103,7 @@ def _assert_same_as_reference(stack: Path, ref: Path) -> None:
         assert stack.with_name(stack.name + ext).read_text() == ref.with_name(ref.name + ext).read_text(), ext
     assert not _journal(stack).exists() and not list(stack.parent.glob(f"{stack.name}*.partial"))
     assert not list(stack.rglob("*.partial"))
+    assert not stack.with_name(stack.name + ".spool").exists(), "the workers' spool folder outlived the ingest"
 
 
 def test_interrupted_ingest_says_so_and_resumes(dataset, tmp_path):
@@ -148,6 +149,10 @@ def test_kill9_during_an_early_flush_then_resume(dataset, tmp_path):
     (shards[0].parent / "0.partial").write_bytes(b"half a shard")
     with open(_journal(stack), "a") as fh:
         fh.write('{"j": 999, "problems": [')  # NB: a line torn by the crash
+    # NB: the spool files the workers were writing when the driver died (and a stray one): never part of the stack
+    spool = stack.with_name(stack.name + ".spool")
+    spool.mkdir(exist_ok=True)
+    (spool / "40x48-uint8-3-0.images").write_bytes(b"chunks of a shard never placed")
     done = cli(*cmd, "--resume")
     assert done.returncode == 3, done.stderr
     _assert_same_as_reference(stack, dataset["ref"])

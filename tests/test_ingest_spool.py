@@ -20,6 +20,7 @@ from pydicom.uid import RLELossless
 
 import gpucnr
 from gpucnr import shardfiles, store
+from gpucnr.outputs import OutputError
 from gpucnr.sources import driver, spoolplan, tasks
 
 KEY = b"k" * 32
@@ -253,3 +254,38 @@ def test_the_plan_predicts_what_the_decode_stores(tmp_path, name, write):
     frames = [f["pixels"] for f in out["frames"]]
     actual = (gpucnr.chunks.canvas(frames[0].shape), frames[0].dtype.newbyteorder("=").str, len(frames))
     assert spoolplan.predicted_frames(record, options) == actual
+
+
+def test_a_spool_folder_left_inside_src_dir_is_not_an_input(tmp_path):
+    """An ingest killed with its stack inside SRC_DIR leaves `<stack>.spool` there: a later ingest of SRC_DIR does
+    not take its files for images (as it skips the stack itself and the files beside it)."""
+    src = tmp_path / "src"
+    for k in range(3):
+        write_raster(src / f"{k}.png", RNG.integers(0, 256, (16, 16)).astype(np.uint8))
+    first = gpucnr.ingest(src, src / "old.zarr", workers=1)
+    assert first.files_in == 3
+    spool = store.spool_path(src / "old.zarr")
+    spool.mkdir()
+    (spool / "16x16-uint8-0-0.images").write_bytes(b"x" * 100)
+    again = gpucnr.ingest(src, tmp_path / "new.zarr", workers=1)
+    assert again.files_in == 3 and not again.skipped, again.skipped
+
+
+def test_something_else_at_the_spool_folder_is_refused_never_deleted(tmp_path):
+    src = tmp_path / "src"
+    write_raster(src / "a.png", RNG.integers(0, 256, (16, 16)).astype(np.uint8))
+    stack = tmp_path / "stack.zarr"
+    spool = store.spool_path(stack)
+    spool.mkdir()
+    (spool / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="spool folder") as e:
+        gpucnr.ingest(src, stack, workers=1)
+    assert e.value.code == "output-path" and (spool / "notes.txt").read_text() == "mine" and not stack.exists()
+    (spool / "notes.txt").unlink()
+    spool.rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "16x16-uint8-0-0.images").write_bytes(b"kept")
+    spool.symlink_to(elsewhere)  # NB: a link planted at its name is removed, not followed
+    gpucnr.ingest(src, stack, workers=1)
+    assert (elsewhere / "16x16-uint8-0-0.images").read_bytes() == b"kept" and not os.path.lexists(spool)

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import logging
 import os
+import re
 import shlex
 import shutil
 from collections import Counter
@@ -224,6 +225,7 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         if folder is not None and not Path(folder).is_dir():
             raise InputError(f"--{name} {display_path(folder)} is not a folder")
     side = sidecar_paths(stack)
+    _clear_spool(spool_path(stack))  # NB: a killed ingest's spool files; something else there is refused now
     if compressor is None:
         compressor = _started_compressor(side["journal"]) if resume and stack.exists() else DEFAULT_COMPRESSOR
     # NB: a stack (and its side files) may lie inside SRC_DIR, MASK_DIR or SEG_DIR, which never walk it; no input
@@ -293,6 +295,29 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
         if new_key:
             key_path.unlink(missing_ok=True)
     return summary
+
+
+#: the names of the files in a spool folder (`spoolplan.SpoolPlan.args`)
+_SPOOL_FILE = re.compile(r"\d+x\d+-[a-z0-9]+-\d+-\d+\.(images|labels)")
+
+
+def _clear_spool(folder: Path) -> None:
+    """Remove the spool folder beside a stack (what an interrupted ingest left, or this one's): its spool files and
+    the folder. A symbolic link at its name is removed, never followed; anything else there (a file, a folder holding
+    other files) is refused, never deleted (``output-path``)."""
+    if os.path.islink(folder):
+        folder.unlink()
+        return
+    if not os.path.lexists(folder):
+        return
+    entries = list(os.scandir(folder)) if folder.is_dir() else None
+    if entries is None or any(not (e.is_file(follow_symlinks=False) and _SPOOL_FILE.fullmatch(e.name))
+                              for e in entries):
+        raise OutputError("output-path", f"{display_path(folder)} is in the way of the spool folder ingest writes "
+                          "beside the stack, and holds something else than spool files; move it away")
+    for e in entries:
+        os.unlink(e.path)
+    folder.rmdir()
 
 
 def _journal_options(settings: dict) -> dict:
@@ -606,8 +631,8 @@ class _Ingest:
             # driver's writer renames a spool file that holds a whole shard into place (else the bytes come here)
             plan = SpoolPlan([t[2] for t in todo], writer, set(self.stored_as), self.options,
                              [_batchable(t[2]) for t in todo], spool, has_labels) if SPOOL else None
+            _clear_spool(spool)  # NB: what an interrupted ingest left
             if plan is not None and plan.buckets:
-                shutil.rmtree(spool, ignore_errors=True)  # NB: what an interrupted ingest left
                 spool.mkdir(mode=0o700)
             else:
                 plan = None
@@ -660,11 +685,12 @@ class _Ingest:
             if self.label_names:
                 writer.attrs["label_names"] = {str(k): v for k, v in sorted(self.label_names.items())}
             opened = writer.close(rois=table)
-            shutil.rmtree(spool, ignore_errors=True)  # NB: spool files of shards that were not placed whole
+            _clear_spool(spool)  # NB: spool files of shards that were not placed whole
         except BaseException:
             writer.abandon()  # NB: the shard being written completes and is journaled: a resume keeps it
             journal.close()
-            shutil.rmtree(spool, ignore_errors=True)
+            with contextlib.suppress(Exception):
+                _clear_spool(spool)
             # NB: the list is kept even if the run fails, but a second failure writing it (a full disk) must not
             # mask the first, coded one
             with contextlib.suppress(Exception):

@@ -112,7 +112,7 @@ def walk(root, *, follow_symlinks: bool = False, exclude=()) -> list[Found]:
             out.append(found(path, "unreadable", f"cannot be examined ({type(e).__name__})"))
             continue
         if stat.S_ISDIR(st.st_mode):
-            if _gpucnr_store(path):
+            if _gpucnr_store(path) or _side_folder(path):
                 continue  # NB: a stack or results an earlier ingest or run left inside SRC_DIR: never an input
             ident = (st.st_dev, st.st_ino)
             if ident in seen_dirs:
@@ -142,6 +142,12 @@ def _side_file(path: Path) -> bool:
             if (path.with_name(path.name[: -len(suffix)]) / "zarr.json").is_file():
                 return True
     return False
+
+
+def _side_folder(folder: Path) -> bool:
+    """True for the spool folder an ingest writes beside its stack (`store.spool_path`), left by one interrupted."""
+    name = folder.name
+    return name.endswith(".spool") and len(name) > 6 and (folder.with_name(name[:-6]) / "zarr.json").is_file()
 
 
 def _gpucnr_store(folder: Path) -> bool:
