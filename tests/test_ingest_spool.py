@@ -289,3 +289,13 @@ def test_something_else_at_the_spool_folder_is_refused_never_deleted(tmp_path):
     spool.symlink_to(elsewhere)  # NB: a link planted at its name is removed, not followed
     gpucnr.ingest(src, stack, workers=1)
     assert (elsewhere / "16x16-uint8-0-0.images").read_bytes() == b"kept" and not os.path.lexists(spool)
+
+
+def test_one_image_per_shard(tmp_path, monkeypatch, counted):
+    """Large images fill a shard alone (2^22 px per shard by default): each file's worker writes its own shard."""
+    src = tmp_path / "src"
+    for k in range(6):
+        write_dicom(src / f"{k}.dcm", RNG.integers(-1000, 1000, (48, 40)).astype(np.int16), sop_uid=f"1.2.9.{k}")
+    spooled, plain = _both(tmp_path, src, monkeypatch, shard=1)
+    _assert_same(spooled, plain)
+    assert counted["placed"] == 6 and counted["read back"] == 0, counted

@@ -630,7 +630,8 @@ class _Ingest:
             # which shard a file's images will fill, append them to that shard's spool file themselves; the
             # driver's writer renames a spool file that holds a whole shard into place (else the bytes come here)
             plan = SpoolPlan([t[2] for t in todo], writer, set(self.stored_as), self.options,
-                             [_batchable(t[2]) for t in todo], spool, has_labels) if SPOOL else None
+                             # NB: any 2-D file (a large one fills a shard alone); a volume's slices stream
+                             [t[2]["format"] != "nifti" for t in todo], spool, has_labels) if SPOOL else None
             _clear_spool(spool)  # NB: what an interrupted ingest left
             if plan is not None and plan.buckets:
                 spool.mkdir(mode=0o700)
@@ -655,8 +656,7 @@ class _Ingest:
                              # NB: a planned shard's files go to one worker together: two appending to one spool
                              # file at once contend for its lock
                              batch=max(_BATCH, min(_SHARD_BATCH, 0 if plan is None else plan.batch)),
-                             batchable=(sent.pop(i)["images"] if sent[i] else _batchable(t[2])
-                                        for i, t in enumerate(todo)))
+                             batchable=_groups(todo, sent))
             j, state = start, None
             for out in outs:
                 if isinstance(out, Part):
@@ -961,6 +961,21 @@ def _batchable(rec: dict) -> bool:
     """Whether a file's decode may share a message with others (`IsolatedPool.imap`'s `batch`): a small 2-D file,
     never a volume (its slices are streamed)."""
     return rec["format"] != "nifti" and rec["declared_bytes"] <= _BATCH_BYTES
+
+
+def _groups(todo: list, sent: dict):
+    """`IsolatedPool.imap`'s `batchable` of the decode pass, read as each task is sent: a spooled file's spool file
+    (a planned shard's files share a message), else up to `_BATCH` consecutive small 2-D files, else False."""
+    k = 0
+    for i, t in enumerate(todo):
+        spool = sent.pop(i)
+        if spool is not None:
+            yield spool["images"]
+        elif _batchable(t[2]):
+            yield ("bytes", k // _BATCH)
+            k += 1
+        else:
+            yield False
 
 
 def _in_flight_cost(rec: dict) -> int:

@@ -4,7 +4,7 @@ write those shards themselves (issue 18).
 The driver gives images their places in input order, by bucket, as their files' results come back; the header scan
 already says, for the common formats, how many images a file holds and in which bucket (canvas and stored dtype).
 From it `SpoolPlan` predicts every image's place. The files of a shard whose every place is predicted to hold an
-image of a small 2-D file are sent to one worker together, which appends their encoded chunks to that shard's spool
+image of a 2-D file are sent to one worker together, which appends their encoded chunks to that shard's spool
 file (`shardfiles.spool`); the stack's writer renames a spool file into place when it holds exactly its shard
 (`shardfiles.spooled_run`), and reads its chunks back, checked, otherwise. A prediction that turns out wrong (a file
 that fails to decode after a good scan, a duplicate whose first copy failed) therefore costs speed, never
@@ -65,7 +65,7 @@ class SpoolPlan:
     options : dict
         The ingest's colour and non-finite options.
     spoolable : list of bool
-        Per file, whether its images may be spooled at all (small 2-D files: a volume's slices stream).
+        Per file, whether its images may be spooled at all (2-D files: a volume's slices stream).
     folder : path
         The spool folder (`store.spool_path`).
     labelled : bool
