@@ -133,7 +133,8 @@ def spool(path: str, chunk: bytes, slot: int) -> Spooled | bytes:
     write at the end whatever the others do, and the file offset after it tells where this one went. A write that
     fails or is cut short returns the bytes themselves: the caller sends them as it did before spooling."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # NB: the mode every file of the stack gets (the umask decides); the spool folder is its owner's only
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
     except OSError:
         return chunk
     try:

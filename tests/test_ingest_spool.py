@@ -299,3 +299,20 @@ def test_one_image_per_shard(tmp_path, monkeypatch, counted):
     spooled, plain = _both(tmp_path, src, monkeypatch, shard=1)
     _assert_same(spooled, plain)
     assert counted["placed"] == 6 and counted["read back"] == 0, counted
+
+
+def test_placed_shards_get_the_mode_of_the_stack_s_other_files(tmp_path, monkeypatch, counted):
+    """A shard renamed from a spool file is readable as any file zarr wrote (a stack shared with a group)."""
+    src = tmp_path / "src"
+    for k in range(8):
+        write_raster(src / f"{k}.png", RNG.integers(0, 256, (16, 16)).astype(np.uint8))
+    old = os.umask(0o022)
+    try:
+        gpucnr.ingest(src, tmp_path / "stack.zarr", workers=1, shard=4)
+    finally:
+        os.umask(old)
+    assert counted["placed"] == 2
+    shards = [p for p in (tmp_path / "stack.zarr" / "buckets").rglob("*") if p.is_file() and p.parent.name == "0"
+              and "images" in p.parts]
+    modes = {oct(p.stat().st_mode & 0o777) for p in shards}
+    assert modes == {oct((tmp_path / "stack.zarr" / "zarr.json").stat().st_mode & 0o777)} == {"0o644"}, modes
