@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="shard size per bucket: pixels (4M = 2^22 px, the default) or images (64i, or a "
                           "bare 64); a run batches whole shards")
     ing.add_argument("--compressor", choices=_COMPRESSORS, default=None,
-                     help="codec of a new stack (default blosc-lz4); a resumed ingest keeps its stack's")
+                     help="codec of a new stack (default blosc-lz4); a resumed ingest keeps its stack's (another is "
+                          "refused)")
     ing.add_argument("--follow-symlinks", action="store_true")
     ing.add_argument("--progress", action="store_true", help="progress line on stderr")
     ing.add_argument("--resume", action="store_true",
@@ -294,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                 "run": f"`gpucnr info {getattr(args, 'results', 'RESULTS')}` says what is committed; the same "
                        "command with --resume continues (without it, if nothing was written)",
                 "ingest": f"`gpucnr info {getattr(args, 'stack', 'STACK')}` says what was stored; the same command "
-                          "with --resume continues an interrupted ingest"}.get(
+                          "with --resume continues an interrupted ingest" if os.path.lexists(getattr(args, "stack", ""))
+                          # NB: stopped while walking the folders: there is no stack to ask about
+                          else "stopped before anything was stored; run the same command again"}.get(
                     args.command, f"`gpucnr {args.command}` stopped before it had written anything to continue "
                                   "from; run the same command again")
         print(f"gpucnr: interrupted ({name}): {console_text(done)}", file=sys.stderr)

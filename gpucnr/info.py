@@ -85,7 +85,7 @@ def _stack(path: Path, verify: bool = False) -> dict:
     shard = stack.group.attrs.get("shard_size", stack.shard)
     lines = [f"stack {path}: {stack.n_images} images in {len(buckets)} bucket(s), shard {shard}, "
              f"compressor {stack.compressor}"]
-    lines += [f"  {b['name']}: {b['images']} images (global index {b['first_index']}..."
+    lines += [f"  {b['name']}: {b['images']} image(s) (global index {b['first_index']}..."
               f"{b['first_index'] + b['images'] - 1}){', labels' if b['labels'] else ''}" for b in buckets]
     lines.append(f"  ROI ids {report['roi_ids']}; ROI table rows {report['roi_table_rows']}")
     lines.append(f"  per-image columns: {', '.join(report['image_columns'])}")

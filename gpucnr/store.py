@@ -1617,8 +1617,9 @@ def unfinished_stack(path) -> str | None:
                 command = json.loads(fh.readline())["command"]
         except (OSError, ValueError, KeyError, TypeError):
             command = f"gpucnr ingest SRC_DIR {path} ... --resume (with the options it started with)"
+        spool = spool_path(path)
         return (f"an interrupted ingest, not a stack yet: continue it with `{command}`, or delete {path.name} "
-                f"and {journal.name}")
+                f"and {journal.name}" + (f" (and {spool.name}, its workers' spool folder)" if spool.exists() else ""))
     if "gpucnr_stack" in attrs:
         return None
     if "buckets" in group or (not attrs and not list(group.keys())):

@@ -69,6 +69,11 @@ def test_ingest_exit_codes_and_problems_block(tmp_path):
     proc = cli("ingest", src, typo, "--masks", masks, "--workers", 2)
     assert proc.returncode == 2 and "matches no file under --masks" in proc.stderr, proc.stderr
     _nothing_beside(typo)
+    # NB: a pattern that matches every mask but pairs none with an image (it reads their stems as 'se0', ...)
+    proc = cli("ingest", src, typo, "--mask-pattern", "ca{stem}_mask.png", "--workers", 2)
+    assert proc.returncode == 2 and "matches 4 mask file(s)" in proc.stderr and "none of them" in proc.stderr, (
+        proc.stderr)
+    _nothing_beside(typo)
 
     stack = tmp_path / "stack.zarr"
     proc = cli("ingest", src, stack, "--mask-pattern", "{stem}_mask.png", "--meta", tmp_path / "meta.csv",

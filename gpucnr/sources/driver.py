@@ -269,8 +269,11 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
                       "options": _journal_options(settings), "command": _resume_command(stack, settings)}
         resuming = resume and stack.exists()
         if resuming and not key_path.is_file():
+            started = _started_command(side["journal"])
             raise ResumeError(f"{display_path(stack)} cannot be resumed without its pseudonym key {key_path.name} "
-                              "(another key would give its images other pseudonyms); delete the stack and ingest again")
+                              "(another key would give its images other pseudonyms); " + (
+                                  f"it was started as `{started}`: continue it with that command" if started and
+                                  started != job.header["command"] else "delete the stack and ingest again"))
         # NB: after every refusal of a new ingest (a refused ingest writes nothing); a resume reads the existing key
         new_key = not key_path.exists()
         job.key = load_or_create_key(key_path)
@@ -350,6 +353,16 @@ class NoImageError(InputError):
     """`gpucnr ingest` of a source folder that holds no file at all: refused before anything is written."""
 
     code = "no-image"
+
+
+def _started_command(journal: Path) -> str | None:
+    """The resume command an interrupted ingest's journal records (with its --key-file), or None."""
+    try:
+        old, _, _ = Journal.read(journal)
+        command = old.get("command")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return command if isinstance(command, str) else None
 
 
 def _started_compressor(journal: Path) -> str:
@@ -450,6 +463,11 @@ class _Ingest:
             if masks is None or self.mask_is_src:
                 is_mask = [f.code is None and self.matcher.key(f.rel.rpartition("/")[2]) is not None for f in found]
                 mask_files = [f for f, m in zip(found, is_mask, strict=True) if m]
+                if mask_pattern is None and mask_files:
+                    # NB: --masks SRC_DIR without a pattern: the default '{stem}.*' takes every image for its own mask
+                    raise InputError(f"--masks {display_path(masks)} is the image folder itself: give --mask-pattern "
+                                     "to tell the masks from the images (e.g. '{stem}_mask.png' for 'case.png' and "
+                                     "'case_mask.png'); nothing was written")
                 _refuse_own_masks(self.matcher, mask_files)
                 self.mask_index = self.matcher.index(mask_files)
                 # NB: files matched as masks are masks, not inputs (beside their images, or in MASK_DIR = SRC_DIR)
@@ -470,6 +488,16 @@ class _Ingest:
                 raise InputError(f"--mask-pattern {self.matcher.pattern!r} matches no file {where}; nothing was "
                                  "written. Check it against one mask file's name (e.g. '{stem}_mask.png' for "
                                  "'case.png' and 'case_mask.png')")
+            if found and not _paired(found, self.mask_index, self.matcher, getattr(self, "mask_base", None)):
+                # NB: every mask would be listed as mask-no-image and every image stored unlabelled: refused before
+                # anything is written, as a pattern that matches no file is
+                n = sum(len(v) for v in self.mask_index.values())
+                where = (f"under --masks {display_path(masks)}" if masks is not None
+                         else f"beside the images under {display_path(src)}")
+                raise InputError(f"--mask-pattern {self.matcher.pattern!r} matches {n} mask file(s) {where}, but "
+                                 "none of them is the mask of an image by the names (the text the pattern puts "
+                                 "around {stem} must surround an image's name without its extension: "
+                                 "'{stem}_mask.png' pairs 'case_mask.png' with 'case.png'); nothing was written")
         else:
             # NB: without --masks / --mask-pattern, label maps of known layouts (nnU-Net, MSD, BraTS) label their
             # images and are not images themselves
@@ -930,15 +958,7 @@ def _sibling_base(found, mask_index: dict, matcher: MaskMatcher, masks_rel: str)
     the one whose images it matches most; None when it mirrors SRC_DIR itself (the documented rule) or nothing."""
 
     def hits(base: str | None) -> int:
-        n = 0
-        for f in found:
-            folder, _, name = f.rel.rpartition("/")
-            if base is not None:
-                if folder != base and not folder.startswith(f"{base}/"):
-                    continue
-                folder = folder[len(base) + 1:]
-            n += (folder, matcher.image_key(name)) in mask_index
-        return n
+        return _paired(found, mask_index, matcher, base)
 
     if hits(None):
         return None
@@ -948,6 +968,20 @@ def _sibling_base(found, mask_index: dict, matcher: MaskMatcher, masks_rel: str)
                 f.rel[len(prefix):]}
     best = max(((hits(prefix + s), prefix + s) for s in sorted(siblings)), default=(0, None))
     return best[1] if best[0] else None
+
+
+def _paired(found, mask_index: dict, matcher: MaskMatcher, base: str | None) -> int:
+    """How many of the files `found` have a mask in `mask_index` by their names (`base`: the folder under SRC_DIR
+    that MASK_DIR mirrors, as `_sibling_base` finds it; None: SRC_DIR itself)."""
+    n = 0
+    for f in found:
+        folder, _, name = f.rel.rpartition("/")
+        if base is not None:
+            if folder != base and not folder.startswith(f"{base}/"):
+                continue
+            folder = folder[len(base) + 1:]
+        n += (folder, matcher.image_key(name)) in mask_index
+    return n
 
 
 def _memory_mb(max_image_mb: float, max_volume_mb: float = 0) -> int:
