@@ -260,6 +260,11 @@ def _logging(level: str) -> None:
     logger.propagate = False
 
 
+def _exists(path) -> bool:
+    """Whether something is at `path` (None: nothing)."""
+    return path is not None and os.path.lexists(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its exit status (DESIGN §10): 0 done, 2 refused or a coded error, 3 completed with
     problems (listed on stderr), 4 stopped by the environment, 130 / 143 interrupted by SIGINT / SIGTERM (one
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
                 "run": f"`gpucnr info {getattr(args, 'results', 'RESULTS')}` says what is committed; the same "
                        "command with --resume continues (without it, if nothing was written)",
                 "ingest": f"`gpucnr info {getattr(args, 'stack', 'STACK')}` says what was stored; the same command "
-                          "with --resume continues an interrupted ingest" if os.path.lexists(getattr(args, "stack", ""))
+                          "with --resume continues an interrupted ingest" if _exists(getattr(args, "stack", None))
                           # NB: stopped while walking the folders: there is no stack to ask about
                           else "stopped before anything was stored; run the same command again"}.get(
                     args.command, f"`gpucnr {args.command}` stopped before it had written anything to continue "

@@ -127,6 +127,11 @@ def test_interrupted_ingest_says_so_and_resumes(dataset, tmp_path):
     assert run.returncode == 2 and "an interrupted ingest" in run.stderr and command in run.stderr, run.stderr
     other = cli(*cmd, "--resume", "--color", "bt601")
     assert other.returncode == 2 and "[resume-mismatch]" in other.stderr and "color" in other.stderr, other.stderr
+    # NB: without the --key-file it was started with: the message gives the command that has it
+    at = cmd.index("--key-file")
+    nokey = cli(*cmd[:at], *cmd[at + 2:], "--resume")
+    assert nokey.returncode == 2 and "continue it with that command" in nokey.stderr, nokey.stderr
+    assert "--key-file" in nokey.stderr.split("it was started as")[1], nokey.stderr
 
     # NB: the command as printed, split by a shell (it quotes the mask pattern)
     done = subprocess.run(command.replace("gpucnr", f"{shlex.quote(sys.executable)} -m gpucnr", 1), shell=True,
