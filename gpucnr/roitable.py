@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 
 from gpucnr.backend import to_host
 from gpucnr.errors import RoiTableError
@@ -222,6 +221,8 @@ def _admissible_centres(masks: np.ndarray, r: int, kind: str) -> np.ndarray:
             fp = np.zeros((1, 2 * r + 1, 2 * r + 1), bool)
             for dy, dx in offs:
                 fp[0, dy + r, dx + r] = True
+            from scipy import ndimage  # NB: here, not at import: `gpucnr ingest` imports this module (issue 18)
+
             out |= ndimage.binary_erosion(inside, structure=fp, border_value=0)
             continue
         # Square [c - r, c + r): a 2r x 2r box; integral images give every box sum at once.
