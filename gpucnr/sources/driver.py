@@ -57,8 +57,10 @@ _IN_FLIGHT = 2**31
 #: trip for several small files (~0.3 ms of CPU each, driver and worker, issue 18); a worker that dies on such a
 #: message has its files tried again one by one, so that a crash is still the crash of one file
 _BATCH = 8
-#: the most files of one planned shard sent to a worker in one message (`_spool_plan`)
-_SHARD_BATCH = 256
+#: the most files of one planned shard sent to a worker in one message (`spoolplan.SpoolPlan`): a whole default
+#: shard of the smallest canvas (2^22 px / 64x64); a larger shard's files go in several messages, maybe to two
+#: workers, whose chunks then lie in the spool file in the order they came (the shard index says where each is)
+_SHARD_BATCH = 1024
 _BATCH_BYTES = 4 * 2**20
 
 
