@@ -29,6 +29,7 @@ from dicomfactory import (
     write_dicom,
     write_raster,
 )
+from injection import sitecustomize
 from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 import gpucnr
@@ -637,12 +638,9 @@ SITECUSTOMIZE = textwrap.dedent('''
 @pytest.fixture
 def injected(tmp_path, monkeypatch) -> Path:
     """A sitecustomize first on PYTHONPATH; returns the folder where each process that loads it leaves a mark."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    sitecustomize(tmp_path, monkeypatch, SITECUSTOMIZE)
     marker = tmp_path / "site_loaded"
     marker.mkdir()
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
     monkeypatch.setenv("GPUCNR_TEST_SITE_MARKER", str(marker))
     monkeypatch.setenv("GPUCNR_TEST_HANG_S", "120")  # NB: ends a hang even if the timeout never fires
     return marker

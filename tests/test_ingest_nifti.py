@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from injection import sitecustomize
 from test_ingest import CELL, IMAGE, WORKERS, ingest
 
 import gpucnr
@@ -435,7 +436,6 @@ def test_volume_whose_worker_dies_midway_is_taken_back(tmp_path, monkeypatch):
     """A worker killed after three slices of a volume went to the stack (shards of 2 slices, so some are on disk):
     the volume is listed as decoder-crash, its stored slices are cut from the stack, the accounting holds, and the
     stack equals one where that file was never an image; interrupted after it, --resume ends alike."""
-    import os
 
     import gpucnr.sources.journal as journal
     from gpucnr.errors import Interrupted
@@ -447,10 +447,7 @@ def test_volume_whose_worker_dies_midway_is_taken_back(tmp_path, monkeypatch):
         ref_src.mkdir(exist_ok=True)
         (ref_src / name).write_bytes((src / name).read_bytes())
     (ref_src / "b_crash.nii.gz").write_bytes(gzip.compress(b"not a NIfTI file" * 40))  # NB: same names, same order
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(_KILL_MIDWAY)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    sitecustomize(tmp_path, monkeypatch, _KILL_MIDWAY)
     monkeypatch.setenv("GPUCNR_TEST_KILL_MIDWAY", "1")
     key = tmp_path / "k.key"
     (tmp_path / "ref").mkdir()

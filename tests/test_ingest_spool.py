@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from dicomfactory import write_dicom, write_raster
+from injection import sitecustomize
 from pydicom.uid import RLELossless
 
 import gpucnr
@@ -178,10 +179,7 @@ def test_a_worker_that_dies_mid_shard(tmp_path, monkeypatch, counted):
     """The worker dies after appending one file's chunk to a planned shard's spool file, before answering: that
     file is ``decoder-crash``, the shard's other files are decoded again, and the spool file, which now holds a
     chunk of no image, is read back, never renamed into place."""
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    sitecustomize(tmp_path, monkeypatch, SITECUSTOMIZE)
     monkeypatch.setenv("GPUCNR_TEST_SPOOL_CRASH", "13.png")
     src = tmp_path / "src"
     for k in range(24):
