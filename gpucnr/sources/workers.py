@@ -418,8 +418,8 @@ class IsolatedPool:
 
         self.start()
         while self._starting:
-            self._slots.append(self._ready(self._starting[0]))  # NB: one that cannot start is stopped by `_ready`,
-            self._starting.pop(0)  # the others by `close`
+            # NB: one that cannot start is stopped by `_ready`, the others still starting by `close`
+            self._slots.append(self._ready(self._starting.pop(0)))
         while True:
             for slot in self._slots:
                 while _messages(slot["queue"]) < 2:
