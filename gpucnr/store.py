@@ -937,12 +937,12 @@ class StackWriter:
         """Say that the bucket of `canvas` and `dtype` will hold about `n` images: its arrays are sized for them
         when it first grows (each resize is four metadata writes through zarr), and cut to what was written at
         `close`."""
-        self._expected[(tuple(int(v) for v in canvas), np.dtype(dtype).newbyteorder("=").str)] = int(n)
+        self._expected[_bucket_key(canvas, dtype)] = int(n)
 
     def next_position(self, canvas, dtype) -> tuple[int, int]:
         """(the position in its bucket the next image of `canvas` and `dtype` would get, that bucket's images per
         shard): what ingest plans its spooled shards from."""
-        key = (tuple(int(v) for v in canvas), np.dtype(dtype).newbyteorder("=").str)
+        key = _bucket_key(canvas, dtype)
         b = self._buckets.get(key)
         if b is None:
             return 0, shard_images(self.size, key[0])
@@ -1098,15 +1098,15 @@ class StackWriter:
         self._grow(b, z)
         crcs = np.zeros((z - a, 2), np.uint32)
         kinds = (("images", block), ("labels", lab_block))
-        runs = [shardfiles.spooled_run(data, b["shard"]) if a % b["shard"] == 0 and isinstance(data, list) else None
-                for kind, data in kinds if b[kind] is not None]
+        runs = {kind: shardfiles.spooled_run(data, b["shard"]) if a % b["shard"] == 0 and isinstance(data, list)
+                else None for kind, data in kinds if b[kind] is not None}
         for col, (kind, data) in enumerate(kinds):
             if b[kind] is None:
                 continue
-            if all(runs):
+            if all(runs.values()):
                 # NB: the workers wrote this whole shard's chunks, in order, into one spool file (ingest, issue
                 # 18): its index makes it the shard file, renamed into place, and no byte passes through here
-                crcs[:, col] = self._place(b, kind, a // b["shard"], runs[col], data)
+                crcs[:, col] = self._place(b, kind, a // b["shard"], runs[kind], data)
                 continue
             if isinstance(data, list):
                 # NB: spooled chunks that do not make a whole shard file are read back, checked, and stored as sent
@@ -1314,10 +1314,12 @@ def _folder(b: dict, folder: Path) -> None:
 
 def _remove_spool(path: str) -> None:
     """Remove a spool file that was read back (one renamed into place is gone already)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    Path(path).unlink(missing_ok=True)
+
+
+def _bucket_key(canvas, dtype) -> tuple:
+    """The key of a writer's bucket: (canvas, native dtype string)."""
+    return tuple(int(v) for v in canvas), np.dtype(dtype).newbyteorder("=").str
 
 
 def _pending_bytes(p) -> int:

@@ -626,25 +626,6 @@ def _ingest_floor(files, folder: Path, fmt: str = "DICOM", per: int = 16) -> Non
         sum(pool.map(_floor_shard, jobs, chunksize=1))
 
 
-def _page_cache_calibration(folder: Path, mb: int = 512) -> tuple[float, float]:
-    """Seconds to write `mb` MiB of new files into memory this machine has not touched for a while, then into memory
-    just freed: on a VM that hands free memory back to its host (here: within ~3 s), the first costs ~10x the
-    second, and every ingest pays it for its stack's new pages."""
-    block = os.urandom(4 * 2**20)
-
-    def write() -> float:
-        folder.mkdir()
-        t0 = time.perf_counter()
-        for k in range(mb // 4):
-            (folder / str(k)).write_bytes(block)
-        dt = time.perf_counter() - t0
-        shutil.rmtree(folder)
-        return dt
-
-    time.sleep(5)
-    return write(), write()
-
-
 def _recycle(folder: Path, mb: int) -> None:
     """Write and remove `mb` MiB of files, so that the case timed next writes into memory just freed (see
     `_page_cache_calibration`), as on a machine that keeps its free memory."""
@@ -653,6 +634,19 @@ def _recycle(folder: Path, mb: int) -> None:
     for k in range(mb // 4):
         (folder / str(k)).write_bytes(block)
     shutil.rmtree(folder)
+
+
+def _page_cache_calibration(folder: Path, mb: int = 512) -> tuple[float, float]:
+    """Seconds to write (and remove) `mb` MiB of new files into memory this machine has not touched for a while,
+    then into memory just freed: on a VM that hands free memory back to its host (here: within ~3 s), the first
+    costs ~10x the second, and every ingest pays it for its stack's new pages."""
+    times = []
+    time.sleep(5)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        _recycle(folder, mb)
+        times.append(time.perf_counter() - t0)
+    return times[0], times[1]
 
 
 #: `bench ingest`'s plain loops, each run as a process of its own: `python -c LOOP FOLDER`

@@ -14,7 +14,6 @@ import csv
 import hashlib
 import logging
 import os
-import re
 import shlex
 import shutil
 from collections import Counter
@@ -36,7 +35,7 @@ from gpucnr.sources.layouts import DATASET_JSON, Layout, detect, misplaced_sourc
 from gpucnr.sources.problems import is_litter, problem_groups, problems_text
 from gpucnr.sources.pseudonyms import ID_COLUMNS, load_or_create_key, pseudonym
 from gpucnr.sources.rois import MaskMatcher, match_source, read_meta_csv, read_roi_csv
-from gpucnr.sources.spoolplan import SpoolPlan
+from gpucnr.sources.spoolplan import SPOOL_FILE, SpoolPlan
 from gpucnr.sources.workers import IsolatedPool, Part, TaskFailure
 from gpucnr.store import DEFAULT_COMPRESSOR, StackWriter, journal_path, spool_path, whole_shards
 
@@ -302,10 +301,6 @@ def ingest(src, stack, *, masks=None, mask_pattern: str | None = None, seg=None,
     return summary
 
 
-#: the names of the files in a spool folder (`spoolplan.SpoolPlan.args`)
-_SPOOL_FILE = re.compile(r"\d+x\d+-[a-z0-9]+-\d+-\d+\.(images|labels)")
-
-
 def _clear_spool(folder: Path) -> None:
     """Remove the spool folder beside a stack (what an interrupted ingest left, or this one's): its spool files and
     the folder. A symbolic link at its name is removed, never followed; anything else there (a file, a folder holding
@@ -316,7 +311,7 @@ def _clear_spool(folder: Path) -> None:
     if not os.path.lexists(folder):
         return
     entries = list(os.scandir(folder)) if folder.is_dir() else None
-    if entries is None or any(not (e.is_file(follow_symlinks=False) and _SPOOL_FILE.fullmatch(e.name))
+    if entries is None or any(not (e.is_file(follow_symlinks=False) and SPOOL_FILE.fullmatch(e.name))
                               for e in entries):
         raise OutputError("output-path", f"{display_path(folder)} is in the way of the spool folder ingest writes "
                           "beside the stack, and holds something else than spool files; move it away")
@@ -667,6 +662,8 @@ class _Ingest:
                 spool.mkdir(mode=0o700)
             else:
                 plan = None
+            # NB: each task's spool file, decided as `imap` takes the task; its cost and its message group, which
+            # `imap` reads right after (same order), follow from it (`_groups` pops it)
             sent: dict[int, dict | None] = {}
 
             def messages():

@@ -16,13 +16,17 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 from collections import Counter
 
 import numpy as np
 
 from gpucnr.chunks import canvas
 
-__all__ = ["SpoolPlan", "predicted_frames"]
+__all__ = ["SPOOL_FILE", "SpoolPlan", "predicted_frames"]
+
+#: the names of a spool folder's files (`SpoolPlan.args`): bucket, shard, plan generation, array
+SPOOL_FILE = re.compile(r"\d+x\d+-[a-z0-9]+-\d+-\d+\.(images|labels)")
 
 #: stored dtype of a raster page by its Pillow mode (`raster.decode`); colour modes become float64 gray
 _RASTER_DTYPES = {"1": "u1", "L": "u1", "LA": "u1", "I;16": "u2", "I;16B": "u2", "I;16L": "u2", "I;16N": "u2",
@@ -132,9 +136,9 @@ class SpoolPlan:
         place = self.at[i] + delta
         s = place // per
         lo = s * per - delta  # NB: the shard's first place, in predicted places
-        ok = b["ok"].get((lo, b["generation"]))
+        ok = b["ok"].get(lo)
         if ok is None:
-            ok = b["ok"][(lo, b["generation"])] = self._whole(b, lo, lo + per)
+            ok = b["ok"][lo] = self._whole(b, lo, lo + per)
         if not ok:
             return None
         name = os.path.join(self.folder, f"{key[0][0]}x{key[0][1]}-{np.dtype(key[1]).name}-{s}-{b['generation']}")

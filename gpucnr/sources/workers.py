@@ -379,8 +379,8 @@ class IsolatedPool:
         cost_of = None if costs is None else iter(costs)
         flags = None if batchable is None else iter(batchable)
         cost: dict[int, int] = {}
-        grouped: dict[int, bool] = {}  # NB: whether a dispatched task may share a message
-        group_of: dict[int, object] = {}  # NB: ...and with which tasks: those of an equal `batchable` value
+        # NB: with which dispatched tasks one may share a message: those of an equal `batchable` value (None: none)
+        group_of: dict[int, object] = {}
         it = enumerate(tasks)
         pending: dict[int, object] = {}
         streams: dict[int, deque] = {}  # NB: parts received and not yet yielded, by task (parts=True)
@@ -412,8 +412,7 @@ class IsolatedPool:
             if cost_of is not None:
                 cost[i] = next(cost_of)
             flag = True if flags is None else next(flags)
-            grouped[i] = batch > 1 and bool(flag)
-            group_of[i] = flag
+            group_of[i] = flag if batch > 1 and flag else None
             return i, args
 
         self.start()
@@ -427,11 +426,11 @@ class IsolatedPool:
                     if first is None:
                         break
                     message = [first]
-                    while len(message) < batch and grouped.get(first[0]) and first[0] not in solo:
+                    while len(message) < batch and group_of.get(first[0]) is not None and first[0] not in solo:
                         more = take()
                         if more is None:
                             break
-                        if not grouped.get(more[0]) or more[0] in solo or group_of[more[0]] != group_of[first[0]]:
+                        if more[0] in solo or group_of.get(more[0]) != group_of[first[0]]:
                             retry.appendleft(more)  # NB: it goes alone, next
                             break
                         message.append(more)
@@ -468,7 +467,7 @@ class IsolatedPool:
                 streams.pop(next_out, None)
                 streamed.discard(next_out)
                 cost.pop(next_out, None)
-                grouped.pop(next_out, None)
+                group_of.pop(next_out, None)
                 solo.discard(next_out)
                 yield pending.pop(next_out)
                 next_out += 1
