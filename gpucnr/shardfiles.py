@@ -113,39 +113,82 @@ def assemble(chunks: list) -> list[bytes]:
 class Spooled:
     """Where an encoded inner chunk lies in a spool file (`spool`): its file, offset, size, crc32c (its last 4
     bytes) and the slot of the shard it was written for. Plain data: it travels from ingest's workers to the
-    driver in place of the chunk's bytes."""
+    driver in place of the chunk's bytes; one whose write failed travels as those bytes (``failed``)."""
 
-    __slots__ = ("crc", "nbytes", "offset", "path", "slot")
+    __slots__ = ("crc", "failed", "nbytes", "offset", "path", "slot")
 
     def __init__(self, path: str, offset: int, nbytes: int, crc: int, slot: int):
         self.path, self.offset, self.nbytes, self.crc, self.slot = path, offset, nbytes, crc, slot
+        self.failed: bytes | None = None
 
     def __reduce__(self):
+        if self.failed is not None:
+            return bytes, (self.failed,)  # NB: sent as the chunk itself, as without a spool (`flush_spool`)
+        if self.offset < 0:
+            raise RuntimeError("a spooled chunk was sent before it was written (flush_spool)")
         return Spooled, (self.path, self.offset, self.nbytes, self.crc, self.slot)
 
     def __repr__(self):
         return f"Spooled({self.path!r}, {self.offset}, {self.nbytes}, slot {self.slot})"
 
 
-def spool(path: str, chunk: bytes, slot: int) -> Spooled | bytes:
-    """Append an encoded inner chunk (crc32c last) to the spool file `path`, created if missing, and say where it
-    went. Several processes append to one spool file (an ingest's workers fill one shard): O_APPEND places each
-    write at the end whatever the others do, and the file offset after it tells where this one went. A write that
-    fails or is cut short returns the bytes themselves: the caller sends them as it did before spooling."""
-    try:
-        # NB: the mode every file of the stack gets (the umask decides); the spool folder is its owner's only
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    except OSError:
-        return chunk
-    try:
-        if os.write(fd, chunk) != len(chunk):
-            return chunk  # NB: another process may have appended after the first part: the rest cannot follow it
-        end = os.lseek(fd, 0, os.SEEK_CUR)
-    except OSError:
-        return chunk
-    finally:
-        os.close(fd)
-    return Spooled(path, end - len(chunk), len(chunk), int.from_bytes(chunk[-4:], "little"), slot)
+#: chunks `spool` holds in this process until `flush_spool` writes them: (where each will lie, its bytes)
+_held: list[tuple[Spooled, bytes]] = []
+#: the most buffers of one writev (Linux's IOV_MAX)
+_IOV_MAX = 1024
+
+
+def spool(path: str, chunk: bytes, slot: int) -> Spooled:
+    """Hold an encoded inner chunk (crc32c last) that `flush_spool` appends to the spool file `path`, created if
+    missing; the `Spooled` returned says where it lies once written. The chunks of several images go out in one
+    write: into memory the kernel has to find afresh (on this VM 10-30x dearer than memory just freed), one write
+    of a shard's ~5 MiB cost ~25 % less per byte than a write (and an open and a close) per ~300 KB chunk
+    (issue 18)."""
+    ref = Spooled(path, -1, len(chunk), int.from_bytes(chunk[-4:], "little"), slot)
+    _held.append((ref, chunk))
+    return ref
+
+
+def held_bytes() -> int:
+    """Bytes `spool` holds, not written yet."""
+    return sum(ref.nbytes for ref, _ in _held)
+
+
+def flush_spool() -> None:
+    """Append the held chunks to their spool files, in the order held, and set each `Spooled`'s offset. Several
+    processes append to one spool file (an ingest's workers fill one shard): O_APPEND places each write, whole, at
+    the end whatever the others do, and the file offset after it tells where it went. A chunk that cannot be
+    written (the file cannot be opened, a write fails or is cut short; every later chunk of that file too) is sent
+    as its bytes, as before spooling (`Spooled.failed`)."""
+    by_path: dict[str, list] = {}
+    for ref, chunk in _held:
+        by_path.setdefault(ref.path, []).append((ref, chunk))
+    _held.clear()
+    for path, items in by_path.items():
+        try:
+            # NB: the mode every file of the stack gets (the umask decides); the spool folder is its owner's only
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        except OSError:
+            fd = None
+        try:
+            for k in range(0, len(items), _IOV_MAX):
+                group = items[k : k + _IOV_MAX]
+                total = sum(len(chunk) for _, chunk in group)
+                try:
+                    if fd is None or os.writev(fd, [chunk for _, chunk in group]) != total:
+                        # NB: another process may have appended after the part written: the rest cannot follow it
+                        raise OSError("not written whole")
+                    offset = os.lseek(fd, 0, os.SEEK_CUR) - total
+                except OSError:
+                    for ref, chunk in items[k:]:
+                        ref.failed = chunk
+                    break
+                for ref, chunk in group:
+                    ref.offset = offset
+                    offset += len(chunk)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
 
 def spooled_run(refs: list, n_inner: int) -> str | None:

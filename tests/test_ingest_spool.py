@@ -7,6 +7,7 @@ written with every byte passing through the driver."""
 from __future__ import annotations
 
 import os
+import pickle
 import textwrap
 import zlib
 from collections import Counter
@@ -199,6 +200,9 @@ def test_a_spool_file_is_a_shard_only_when_it_holds_exactly_its_chunks(tmp_path)
     path = str(tmp_path / "s.images")
     refs = [shardfiles.spool(path, c, k) for k, c in enumerate(chunks)]
     assert all(isinstance(r, shardfiles.Spooled) for r in refs)
+    assert shardfiles.held_bytes() == sum(map(len, chunks)) and not os.path.exists(path)  # NB: held, not written
+    shardfiles.flush_spool()
+    assert shardfiles.held_bytes() == 0
     assert shardfiles.spooled_run(refs, 3) == path
     assert shardfiles.spooled_run(refs[:2], 2) is None  # NB: the file holds more than these
     assert shardfiles.spooled_run(refs, 4) is None  # NB: not the whole shard
@@ -206,6 +210,7 @@ def test_a_spool_file_is_a_shard_only_when_it_holds_exactly_its_chunks(tmp_path)
     # NB: chunks in the file in another order than their slots: the index says where each is
     other = str(tmp_path / "t.images")
     swapped = [shardfiles.spool(other, chunks[k], k) for k in (1, 0, 2)]
+    shardfiles.flush_spool()
     assert shardfiles.spooled_run([swapped[1], swapped[0], swapped[2]], 3) == other
     with open(path, "ab") as fh:
         fh.write(b"x")  # NB: a worker that died mid-write
@@ -224,7 +229,25 @@ def test_a_spool_file_is_a_shard_only_when_it_holds_exactly_its_chunks(tmp_path)
 
 def test_a_spool_write_that_fails_sends_the_bytes(tmp_path):
     chunk = shardfiles.with_crc(b"abc")
-    assert shardfiles.spool(str(tmp_path / "missing" / "s.images"), chunk, 0) == chunk
+    ref = shardfiles.spool(str(tmp_path / "missing" / "s.images"), chunk, 0)
+    with pytest.raises(RuntimeError):
+        pickle.dumps(ref)  # NB: a chunk's place is sent only once it is written
+    shardfiles.flush_spool()
+    assert ref.failed == chunk and pickle.loads(pickle.dumps(ref)) == chunk
+
+
+def test_held_chunks_go_out_in_one_write_per_spool_file_in_the_order_held(tmp_path):
+    chunks = [shardfiles.with_crc(bytes([k]) * (100 + k)) for k in range(5)]
+    a, b = str(tmp_path / "a.images"), str(tmp_path / "b.images")
+    Path(a).write_bytes(b"earlier")  # NB: what another worker appended before
+    refs = [shardfiles.spool(a if k % 2 else b, c, k) for k, c in enumerate(chunks)]
+    shardfiles.flush_spool()
+    sent = [pickle.loads(pickle.dumps(r)) for r in refs]
+    assert all(isinstance(r, shardfiles.Spooled) and r.failed is None for r in sent)
+    n = [len(c) for c in chunks]
+    assert [r.offset for r in sent] == [0, 7, n[0], 7 + n[1], n[0] + n[2]]
+    assert [shardfiles.read_spooled(r) for r in sent] == chunks
+    assert os.path.getsize(a) == 7 + n[1] + n[3] and os.path.getsize(b) == n[0] + n[2] + n[4]
 
 
 @pytest.mark.parametrize("name,write", [

@@ -15,6 +15,7 @@ import zlib
 import numpy as np
 
 from gpucnr import chunks
+from gpucnr.shardfiles import flush_spool, held_bytes
 from gpucnr.shardfiles import spool as spool_chunk
 from gpucnr.sources import dicom, nifti, raster
 from gpucnr.sources.outcomes import Skip
@@ -22,7 +23,10 @@ from gpucnr.sources.pseudonyms import pseudonym
 from gpucnr.sources.rois import read_masks, read_seg
 from gpucnr.sources.workers import Streamed, allow_memory
 
-__all__ = ["decode_file", "hash_file", "run", "scan_file", "scan_seg", "sniff"]
+__all__ = ["decode_file", "flush", "hash_file", "held_bytes", "run", "scan_file", "scan_seg", "sniff"]
+
+#: what the worker's loop calls (`workers._child`): decodes hold their spool writes, which go out together
+flush = flush_spool
 
 _quiet = _quiet_dicom = False
 
@@ -183,7 +187,8 @@ def _spool_frame(spool: dict, slot: int, encoded: dict) -> None:
     """A frame's chunks appended to the spool files of the shard the driver planned for it (``spool``: {"images":
     path, "labels": path or None, "slot": the file's first slot in the shard}), in place of their bytes: the
     driver's writer then renames a spool file that holds a whole shard into place, and the pixels never pass
-    through the driver (issue 18). What cannot be spooled is sent as bytes, as without a plan."""
+    through the driver (issue 18). The writes wait for the worker's loop to `flush` them, several images at once;
+    what cannot be written is sent as bytes, as without a plan."""
     for kind, key in (("images", "image"), ("labels", "labels")):
         if spool.get(kind) is not None and isinstance(encoded[key], bytes):
             encoded[key] = spool_chunk(spool[kind], encoded[key], spool["slot"] + slot)

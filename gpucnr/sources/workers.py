@@ -36,6 +36,10 @@ _PART_BUDGET = 64 * 2**20
 _OUT_OF_BAND = 2**15
 #: replies of a batch are held in the child, to be written together, while they are shorter than this
 _COALESCE = 2**16
+#: a batch's output that its task module holds back (`_child`) is written once it reaches this many bytes or
+#: tasks, and at the batch's end: a shard of 512x512 images (~5 MiB) goes in one write
+_HOLD_BYTES = 8 * 2**20
+_HOLD_TASKS = 256
 #: glibc malloc settings of a child (unless the caller's environment sets them): blocks below 16 MiB (an image, its
 #: compressed chunk) come from the heap and are reused, file after file, not mmapped fresh and given back each time:
 #: a fresh 512 KB buffer cost ~230 page faults per file, ~0.4 ms of CPU here (issue 17's finding, met again in issue
@@ -195,7 +199,12 @@ def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None 
         me._LIMITS = (base, hard, soft)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     module_name, _, func_name = target.partition(":")
-    func = getattr(importlib.import_module(module_name), func_name)
+    module = importlib.import_module(module_name)
+    func = getattr(module, func_name)
+    # NB: a task module may hold back part of its results' output (ingest's spool writes: `shardfiles.spool`) to
+    # write it in one go: `held_bytes()` says how much it holds, `flush()` writes it; replies whose data is held
+    # are packed only after the flush, in task order
+    held_bytes, flush = getattr(module, "held_bytes", None), getattr(module, "flush", None)
     me.send(conn, "ready")
     while True:
         try:
@@ -210,20 +219,39 @@ def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None 
         # until the driver had read and stored the whole batch. A task whose result is streamed writes the replies
         # before it first: the order on the socket is the tasks' order.
         replies: list = []
+        waiting: list = []  # NB: results of tasks whose data the module holds: packed after its flush
         for args in (message if isinstance(message, list) else [message]):
-            reply = _run_task(me, func, args, conn, replies)
-            if reply is not None:
-                replies += reply
-                if sum(memoryview(r).nbytes for r in replies) >= _COALESCE:
-                    me._write(conn, replies)
-                    replies.clear()
+            reply = _run_task(me, func, args, conn, replies, waiting, flush)
+            if reply is None:
+                continue
+            held = held_bytes() if held_bytes is not None else 0
+            if held or waiting:
+                waiting.append(reply)
+                if held < _HOLD_BYTES and len(waiting) < _HOLD_TASKS:
+                    continue
+                _release(me, flush, waiting, replies)
+            else:
+                replies += me._pack(reply)
+            if sum(memoryview(r).nbytes for r in replies) >= _COALESCE:
+                me._write(conn, replies)
+                replies.clear()
+        if waiting:
+            _release(me, flush, waiting, replies)
         if replies:
             me._write(conn, replies)
 
 
-def _run_task(me, func, args, conn, replies: list) -> list | None:
-    """One task in the child: the packed reply ("ok", value) or ("skip", code, reason); None when its result was
-    streamed (sent already, after the `replies` packed before it)."""
+def _release(me, flush, waiting: list, replies: list) -> None:
+    """Have the task module write what it holds, then pack the `waiting` replies after `replies`."""
+    flush()
+    for reply in waiting:
+        replies += me._pack(reply)
+    waiting.clear()
+
+
+def _run_task(me, func, args, conn, replies: list, waiting: list, flush) -> tuple | None:
+    """One task in the child: its reply ("ok", value) or ("skip", code, reason), to be packed; None when its result
+    was streamed (sent already, after the `replies` packed and the `waiting` ones flushed and packed before it)."""
     try:
         try:
             result = func(*args)
@@ -234,14 +262,16 @@ def _run_task(me, func, args, conn, replies: list) -> list | None:
                 # NB: a task's allowance ends with it
                 resource.setrlimit(resource.RLIMIT_AS, (me._LIMITS[2], me._LIMITS[1]))
         if isinstance(result, me.Streamed):  # NB: the class tasks import, not this __main__'s
+            if waiting:
+                _release(me, flush, waiting, replies)
             if replies:
                 me._write(conn, replies)
                 replies.clear()
             result.send(conn)
             return None
-        return me._pack(("ok", result))
+        return ("ok", result)
     except MemoryError:
-        return me._pack(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
+        return ("skip", "out-of-memory", "decoding exceeded the per-file memory limit")
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001 - every failure of one file is reported, never raised in the parent
@@ -254,7 +284,7 @@ def _run_task(me, func, args, conn, replies: list) -> list | None:
             frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
             where = f" in {os.path.basename(frame.filename)}:{frame.lineno}" if frame else ""
             code, reason = "decode-error", f"the reader failed ({type(e).__name__}{where})"
-        return me._pack(("skip", code, reason))
+        return ("skip", code, reason)
 
 
 def _vm_bytes() -> int | None:
