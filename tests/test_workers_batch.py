@@ -115,3 +115,21 @@ def test_raster_duplicates_by_probe_then_by_all_bytes(tmp_path, monkeypatch):
     dup = summary.problems[summary.problems["code"] == "duplicate"]
     assert list(dup["source"]) == ["b.tif"] and "a.tif" in dup["reason"].iloc[0]
     assert sorted(hashed) == ["a.tif", "b.tif", "c.tif"]
+
+
+def test_a_reply_that_cannot_be_packed_is_its_tasks_failure_not_the_childs():
+    from multiprocessing.connection import Pipe
+
+    from gpucnr.sources import workers
+
+    ours, theirs = Pipe()
+    try:
+        # NB: packed after the task (replies wait for their spool writes): a reply that cannot be pickled becomes
+        # the failure of that task, as a failure inside it would, and the next reply goes as usual
+        workers._write(theirs, workers._packed(workers, ("ok", lambda: 0)))
+        workers._write(theirs, workers._packed(workers, ("ok", {"n": 1})))
+        assert workers.receive(ours) == ("skip", "decode-error", "the reader failed (AttributeError while sending)")
+        assert workers.receive(ours) == ("ok", {"n": 1})
+    finally:
+        ours.close()
+        theirs.close()

@@ -231,7 +231,7 @@ def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None 
                     continue
                 _release(me, flush, waiting, replies)
             else:
-                replies += me._pack(reply)
+                replies += _packed(me, reply)
             if sum(memoryview(r).nbytes for r in replies) >= _COALESCE:
                 me._write(conn, replies)
                 replies.clear()
@@ -245,8 +245,19 @@ def _release(me, flush, waiting: list, replies: list) -> None:
     """Have the task module write what it holds, then pack the `waiting` replies after `replies`."""
     flush()
     for reply in waiting:
-        replies += me._pack(reply)
+        replies += _packed(me, reply)
     waiting.clear()
+
+
+def _packed(me, reply: tuple) -> list:
+    """`reply` packed for the socket; one that cannot be (pickling it ran out of the task's memory) becomes the
+    failure of its task, never of the child."""
+    try:
+        return me._pack(reply)
+    except MemoryError:
+        return me._pack(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
+    except Exception as e:  # noqa: BLE001 - as a failure inside the task: its type only, never its text
+        return me._pack(("skip", "decode-error", f"the reader failed ({type(e).__name__} while sending)"))
 
 
 def _run_task(me, func, args, conn, replies: list, waiting: list, flush) -> tuple | None:
