@@ -16,11 +16,12 @@ def main() -> int:
     down — the command's work and its exit status are already decided, and a KeyboardInterrupt raised in an exit
     handler would only print "Exception ignored" under the command's last line."""
     try:
-        from gpucnr.cli import main as command
+        from gpucnr import cli
     except KeyboardInterrupt:
         print(STARTING, file=sys.stderr)
         return 130
-    code = command()
+    cli.FREEZE_AFTER_IMPORTS = True  # NB: this process is the command's own (`cli._imported`)
+    code = cli.main()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # NB: Python's shutdown ends with a cycle collection that walks every object the imports made (pandas, xarray,
     # Numba's registries: ~0.3 s of every `gpucnr run` here) only to free memory the process hands back anyway;

@@ -98,3 +98,38 @@ def test_bench_script_parses_its_options():
     bad = subprocess.run([sys.executable, str(bench), "pipeline", "--compressor", "lz5"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.strip().endswith("got 'lz5'"), bad.stderr
+
+
+_FROZEN = """
+import gc, json, sys
+import gpucnr.pipeline
+seen = []
+
+def run(*args, **kwargs):
+    seen.append(gc.get_freeze_count())
+    raise SystemExit(0)
+
+gpucnr.pipeline.run = run
+import gpucnr.__main__
+sys.argv = ["gpucnr", "run", "a.zarr", "b.zarr"]
+try:
+    gpucnr.__main__.main()
+except SystemExit:
+    pass
+print(json.dumps(seen))
+"""
+
+
+def test_the_gpucnr_process_freezes_what_its_imports_made_and_main_in_a_caller_does_not(tmp_path):
+    import gc
+
+    from gpucnr import cli
+
+    # NB: the `gpucnr` process moves its imports' objects out of the collector's sight before the command runs
+    proc = subprocess.run([sys.executable, "-c", _FROZEN], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])[0] > 1000
+    # NB: ...but a notebook or a test calling `main` keeps its collector as it was
+    before = gc.get_freeze_count()
+    assert cli.main(["run", str(tmp_path / "missing.zarr"), str(tmp_path / "r.zarr")]) == 2
+    assert gc.get_freeze_count() == before
