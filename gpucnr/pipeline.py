@@ -688,7 +688,10 @@ def _connect(address: str):
         raise InputError(f"--scheduler {address!r} is neither {', '.join(SCHEDULERS)} nor usable as the address of "
                          "a Dask scheduler without the distributed extra (pip install 'gpucnr[distributed]')") from None
     try:
-        return Client(address, timeout="20s")
+        # NB: not the process's default client: one that fails to connect stays registered as the default until the
+        # garbage collector finds it, and a later Dask compute in the same process (a notebook's, a test's) waited
+        # on it forever; the run uses its client by name
+        return Client(address, timeout="20s", set_as_default=False)
     except (OSError, TimeoutError, ValueError, TypeError) as e:
         raise InputError(f"cannot reach a Dask scheduler at {address!r} ({type(e).__name__}: {e or 'no detail'}); "
                          f"--scheduler takes {', '.join(SCHEDULERS)} or the address of a running scheduler "

@@ -63,6 +63,21 @@ def test_a_scheduler_typo_is_refused_before_anything_is_written(run_dir, tmp_pat
     assert not (tmp_path / "r.zarr").exists()
 
 
+def test_a_scheduler_that_cannot_be_reached_is_not_left_as_the_default_client(run_dir, tmp_path, capsys):
+    """A client that failed to connect stayed registered as the process's default until the garbage collector found
+    it; any later Dask compute in the process (a notebook's, the next test's) waited on it forever."""
+    import gc
+
+    distributed = pytest.importorskip("distributed")
+    gc.disable()  # NB: what left it there was the collector not having run yet
+    try:
+        _coded(capsys, ["run", str(run_dir / "stack.zarr"), str(tmp_path / "r.zarr"), "--scheduler", "bogus"], 2)
+        with pytest.raises(ValueError):
+            distributed.default_client()
+    finally:
+        gc.enable()
+
+
 def test_damage_messages_give_the_exact_resume_command(run_dir, tmp_path, capsys):
     stack, results = _copy(run_dir, tmp_path)
     shard = next(p for p in (results / "cnr_median" / "c").rglob("*") if p.is_file())
