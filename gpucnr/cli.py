@@ -350,6 +350,44 @@ def _on_sigterm():
         return None
 
 
+def _said_run(args, ds, started: float) -> int:
+    """`gpucnr run`'s summary and its exit status, from the results `ds` it returned."""
+    import numpy as np
+
+    from gpucnr.demo import summary_table
+
+    args.completed = (f"the run was complete: `gpucnr info {args.results}` shows its summary (nothing to "
+                      "resume)")
+    # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
+    print(summary_table(ds, title="gpucnr run"), flush=True)
+    where = console_text(str(args.results))
+    print(f"results in {where} ({time.perf_counter() - started:.1f} s); next: `gpucnr filter {where} --out "
+          f"keep.csv`, `gpucnr report {where} REPORT_DIR`", flush=True)
+    unmatched = len(ds.attrs.get("rois_unmatched", []))
+    if unmatched:
+        # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them
+        print(f"gpucnr: run completed with problems: {unmatched} --rois row(s) named no image of the stack "
+              "[roi-no-image] (listed above); they were not measured", file=sys.stderr)
+    failed = _failed_images(ds)
+    if failed:
+        print(f"gpucnr: run completed with problems: {failed} of {ds.sizes['image']} image(s) failed "
+              f"({100.0 * failed / max(ds.sizes['image'], 1):.1f} %, status 6 'failed'); `gpucnr info "
+              f"{args.results} --json` lists them with their reasons (failures); likely cause: damaged chunks "
+              "of the stack, or images that kill the process measuring them", file=sys.stderr)
+        return 3
+    if unmatched:
+        return 3
+    valid = int(np.isfinite(ds["cnr_median"].to_numpy()).sum())
+    if ds.sizes["image"] and not valid:
+        # NB: a run with nothing measured is a near-total failure, not a success with one count line
+        print(f"gpucnr: run completed with problems: none of the {ds.sizes['image']} image(s) has a valid ROI "
+              f"(every image flagged); likely cause: no ROI reached the stack (masks empty at --mask-threshold, "
+              f"no --rois rows for these images) or every ROI too small or outside its image: `gpucnr info "
+              f"{args.stack}` shows the ROI ids, `gpucnr report` the statuses", file=sys.stderr)
+        return 3
+    return 0
+
+
 def _failed_images(ds) -> int:
     """Images of a run with status 6 ("failed") in any ROI column, or listed among its failures."""
     from gpucnr.kernels.cnr import STATUS
@@ -415,9 +453,6 @@ def _dispatch(args) -> int:
                            threshold=args.threshold)
         print(text)
     elif args.command == "run":
-        import numpy as np
-
-        from gpucnr.demo import summary_table
         from gpucnr.errors import OptionError
         from gpucnr.kernels.cnr import FORCED
         from gpucnr.pipeline import run
@@ -447,35 +482,13 @@ def _dispatch(args) -> int:
                  backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
                  resume=args.resume, progress=args.progress, group_columns=args.group_columns,
                  roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
-        args.completed = (f"the run was complete: `gpucnr info {args.results}` shows its summary (nothing to "
-                          "resume)")
-        # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
-        print(summary_table(ds, title="gpucnr run"), flush=True)
-        where = console_text(str(args.results))
-        print(f"results in {where} ({time.perf_counter() - started:.1f} s); next: `gpucnr filter {where} --out "
-              f"keep.csv`, `gpucnr report {where} REPORT_DIR`", flush=True)
-        unmatched = len(ds.attrs.get("rois_unmatched", []))
-        if unmatched:
-            # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them
-            print(f"gpucnr: run completed with problems: {unmatched} --rois row(s) named no image of the stack "
-                  "[roi-no-image] (listed above); they were not measured", file=sys.stderr)
-        failed = _failed_images(ds)
-        if failed:
-            print(f"gpucnr: run completed with problems: {failed} of {ds.sizes['image']} image(s) failed "
-                  f"({100.0 * failed / max(ds.sizes['image'], 1):.1f} %, status 6 'failed'); `gpucnr info "
-                  f"{args.results} --json` lists them with their reasons (failures); likely cause: damaged chunks "
-                  "of the stack, or images that kill the process measuring them", file=sys.stderr)
-            return 3
-        if unmatched:
-            return 3
-        valid = int(np.isfinite(ds["cnr_median"].to_numpy()).sum())
-        if ds.sizes["image"] and not valid:
-            # NB: a run with nothing measured is a near-total failure, not a success with one count line
-            print(f"gpucnr: run completed with problems: none of the {ds.sizes['image']} image(s) has a valid ROI "
-                  f"(every image flagged); likely cause: no ROI reached the stack (masks empty at --mask-threshold, "
-                  f"no --rois rows for these images) or every ROI too small or outside its image: `gpucnr info "
-                  f"{args.stack}` shows the ROI ids, `gpucnr report` the statuses", file=sys.stderr)
-            return 3
+        # NB: the summary reads three small arrays of the results in this thread (Dask's synchronous scheduler, given
+        # as a function: Dask imports dask.distributed, ~0.17 s, to look for a client when it is given a name)
+        from dask import config
+        from dask.local import get_sync
+
+        with config.set(scheduler=get_sync):
+            return _said_run(args, ds, started)
     elif args.command == "report":
         from gpucnr.report import write_report
 
