@@ -657,7 +657,6 @@ class _Ingest:
             plan = SpoolPlan([t[2] for t in todo], writer, set(self.stored_as), self.options,
                              # NB: any 2-D file (a large one fills a shard alone); a volume's slices stream
                              [t[2]["format"] != "nifti" for t in todo], spool, has_labels) if SPOOL else None
-            _clear_spool(spool)  # NB: what an interrupted ingest left
             if plan is not None and plan.buckets:
                 spool.mkdir(mode=0o700)
             else:

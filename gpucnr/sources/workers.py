@@ -40,6 +40,8 @@ _COALESCE = 2**16
 #: tasks, and at the batch's end: a shard of 512x512 images (~5 MiB) goes in one write
 _HOLD_BYTES = 8 * 2**20
 _HOLD_TASKS = 256
+#: the reply of a task that ran out of its memory (`_run_task`, `_packed`)
+_OUT_OF_MEMORY = ("skip", "out-of-memory", "decoding exceeded the per-file memory limit")
 #: glibc malloc settings of a child (unless the caller's environment sets them): blocks below 16 MiB (an image, its
 #: compressed chunk) come from the heap and are reused, file after file, not mmapped fresh and given back each time:
 #: a fresh 512 KB buffer cost ~230 page faults per file, ~0.4 ms of CPU here (issue 17's finding, met again in issue
@@ -205,6 +207,8 @@ def _child(conn, target: str, memory_mb: int | None, task_memory_mb: int | None 
     # write it in one go: `held_bytes()` says how much it holds, `flush()` writes it; replies whose data is held
     # are packed only after the flush, in task order
     held_bytes, flush = getattr(module, "held_bytes", None), getattr(module, "flush", None)
+    if held_bytes is None or flush is None:
+        held_bytes = flush = None  # NB: both or neither: what is held must be written
     me.send(conn, "ready")
     while True:
         try:
@@ -255,7 +259,7 @@ def _packed(me, reply: tuple) -> list:
     try:
         return me._pack(reply)
     except MemoryError:
-        return me._pack(("skip", "out-of-memory", "decoding exceeded the per-file memory limit"))
+        return me._pack(_OUT_OF_MEMORY)
     except Exception as e:  # noqa: BLE001 - as a failure inside the task: its type only, never its text
         return me._pack(("skip", "decode-error", f"the reader failed ({type(e).__name__} while sending)"))
 
@@ -282,7 +286,7 @@ def _run_task(me, func, args, conn, replies: list, waiting: list, flush) -> tupl
             return None
         return ("ok", result)
     except MemoryError:
-        return ("skip", "out-of-memory", "decoding exceeded the per-file memory limit")
+        return _OUT_OF_MEMORY
     except (KeyboardInterrupt, SystemExit, GeneratorExit):
         raise
     except BaseException as e:  # noqa: BLE001 - every failure of one file is reported, never raised in the parent
