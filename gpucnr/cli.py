@@ -455,7 +455,8 @@ def _dispatch(args) -> int:
     elif args.command == "run":
         from gpucnr.errors import OptionError
         from gpucnr.kernels.cnr import FORCED
-        from gpucnr.pipeline import run
+        from gpucnr.pipeline import measure_into
+        from gpucnr.results import open_results
 
         _imported()
         options = {k: getattr(args, k) for k in ("background", "footprint", "dilation", "border", "ring_gap",
@@ -478,17 +479,14 @@ def _dispatch(args) -> int:
                   f"{args.roi_source} cannot be combined with it", file=sys.stderr)
             return 2
         started = time.perf_counter()
-        ds = run(args.stack, args.results, rois="auto" if auto else None if args.rois is None else Path(args.rois),
-                 backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
-                 resume=args.resume, progress=args.progress, group_columns=args.group_columns,
-                 roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
-        # NB: the summary reads three small arrays of the results in this thread (Dask's synchronous scheduler, given
-        # as a function: Dask imports dask.distributed, ~0.17 s, to look for a client when it is given a name)
-        from dask import config
-        from dask.local import get_sync
-
-        with config.set(scheduler=get_sync):
-            return _said_run(args, ds, started)
+        path = measure_into(args.stack, args.results,
+                            rois="auto" if auto else None if args.rois is None else Path(args.rois),
+                            backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
+                            resume=args.resume, progress=args.progress, group_columns=args.group_columns,
+                            roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
+        # NB: the summary reads a few small arrays of the results: read without Dask (its import and a graph per
+        # variable cost ~0.3 s, more than the reads)
+        return _said_run(args, open_results(path, dask=False), started)
     elif args.command == "report":
         from gpucnr.report import write_report
 

@@ -67,7 +67,8 @@ from gpucnr.store import (
     unfinished_stack,
 )
 
-__all__ = ["BATCH_PIXELS", "SCHEDULERS", "RunEnvironmentError", "plan_batches", "run", "table_fingerprint"]
+__all__ = ["BATCH_PIXELS", "SCHEDULERS", "RunEnvironmentError", "measure_into", "plan_batches", "run",
+           "table_fingerprint"]
 
 #: Local schedulers; anything else given as ``scheduler`` is the address of a Dask distributed scheduler.
 SCHEDULERS = ("threads", "processes", "synchronous")
@@ -222,6 +223,22 @@ gcnr_bins, signed
         Ctrl-C or SIGTERM (a KeyboardInterrupt): the pool is stopped; the message names the batches committed and
         the ``gpucnr run ... --resume`` that continues.
     """
+    # NB: every parameter passed on as it came (locals() here holds exactly them)
+    return open_results(measure_into(**locals()))
+
+
+def measure_into(stack, results, *, background: str = "complement", footprint: str = "cross",
+                 dilation: int = 5, border: int = 5, ring_gap: int = 5, ring_width: int = 10,
+                 background_label: int | None = None, min_bg: int = 30, ddof: int = 1, definition: str = "pooled",
+                 gcnr_bins: str | int = "auto", signed: bool = False, client=None, scheduler: str = "threads",
+                 workers: int | None = None, batch: int | None = None, resume: bool = False, progress: bool = False,
+                 rois=None, backend: str = "auto", group_columns=None, roi_source: str = "auto", linkage=None,
+                 edge: int = DEFAULT_EDGE) -> Path:
+    """`run` without opening the results: measure `stack` into `results` and return the results' path.
+
+    For a caller that reads a few small arrays of the results (``gpucnr run``'s summary) and would rather not pay
+    for a Dask-backed dataset (`gpucnr.open_results` with ``dask=False``). Parameters and errors: `run`.
+    """
     if not isinstance(stack, Stack):
         unfinished = unfinished_stack(stack)
         if unfinished:
@@ -352,7 +369,7 @@ gcnr_bins, signed
         # NB: Ctrl-C / SIGTERM: the pool is stopped (_drain); committed batches stay, --resume does the rest
         raise Interrupted(f"{int(writer.committed.sum())} of {len(plan)} batches are committed in {results}; "
                           f"continue with `{resume_command(dict(group.attrs), results)}`", interrupted) from None
-    return open_results(results)
+    return Path(results)
 
 
 def _plan_attrs(stack: Stack, sizes: dict, plan) -> dict:

@@ -80,11 +80,12 @@ def _resume(data, results, **kw):
 def _refused_everywhere(results: Path, capsys, *words):
     """open_results and every command that reads results refuse them with the coded results-damaged; info
     lists the damage and exits 3."""
-    with pytest.raises(ResultsError) as err:
-        gpucnr.open_results(results)
-    assert err.value.code == "results-damaged", str(err.value)
-    for word in words:
-        assert word in str(err.value), (word, str(err.value))
+    for dask in (True, False):
+        with pytest.raises(ResultsError) as err:
+            gpucnr.open_results(results, dask=dask)
+        assert err.value.code == "results-damaged", str(err.value)
+        for word in words:
+            assert word in str(err.value), (word, str(err.value))
     out = results.parent / "out"
     for argv in (["filter", str(results), "--out", str(out / "m.csv")], ["report", str(results), str(out / "r")],
                  ["enhance", str(results), "--out", str(out / "e")]):
@@ -97,6 +98,16 @@ def _refused_everywhere(results: Path, capsys, *words):
     capsys.readouterr()
     assert main(["info", str(results)]) == 3
     assert "DAMAGED" in capsys.readouterr().out
+
+
+def test_results_opened_without_dask_hold_the_same_values(data):
+    """``dask=False`` (what `gpucnr run`'s summary reads): no variable is a Dask array, every value is the same."""
+    ds = gpucnr.open_results(data["clean"], dask=False)
+    assert all(v.chunks is None for v in ds.variables.values())
+    assert not any(type(v.data).__module__.startswith("dask") for v in ds.variables.values())
+    _same(ds, data["ref"], what="results opened without Dask")
+    assert ds.attrs == data["ref"].attrs
+    assert all(gpucnr.open_results(data["clean"])[name].chunks is not None for name in ("cnr", "status"))
 
 
 # --- damaged results: refused, listed, recomputed -------------------------------------------------------------
