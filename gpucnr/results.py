@@ -787,7 +787,7 @@ def results_format(path) -> int | None:
 
 
 def open_results(path, *, dask: bool = True) -> xr.Dataset:
-    """Open results as an xarray.Dataset (lazy, Dask-backed), after checking them.
+    """Open results as an xarray.Dataset (lazy; Dask-backed unless ``dask=False``), after checking them.
 
     Every shard index and every chunk's crc32c is checked here, eagerly, before anything is read (format 2),
     and committed batches must hold computed rows: a damaged store raises ``results-damaged`` naming the array

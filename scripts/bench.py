@@ -121,8 +121,9 @@ def _byte_compile_gpucnr() -> None:
     import compileall
 
     if not compileall.compile_dir(Path(gpucnr.__file__).parent, quiet=1):
-        raise SystemExit("gpucnr's modules could not be byte-compiled")
-    if sys.dont_write_bytecode:
+        # NB: e.g. an install folder this user cannot write to: measured as it is, and said so
+        print("(gpucnr's modules could not all be byte-compiled: the timings below include compiling them)")
+    elif sys.dont_write_bytecode:
         print("(gpucnr's modules byte-compiled first, as `pip install` leaves them: PYTHONDONTWRITEBYTECODE is set "
               "here, and an editable install would otherwise compile them in every process)")
 

@@ -221,6 +221,19 @@ def test_batch_sizes_that_are_neither_images_nor_pixels_are_coded_errors(stacks,
         parse_size(garbage)
 
 
+def test_run_and_measure_into_take_the_same_options():
+    """`gpucnr.run` passes its parameters on to `measure_into` (what `gpucnr run` calls) as they came: an option
+    added to one and not the other would be refused, or silently missing, on one path."""
+    import inspect
+
+    from gpucnr.pipeline import measure_into, run
+
+    def shape(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert shape(run) == shape(measure_into)
+
+
 def test_batch_size_spellings():
     from gpucnr.store import format_size, parse_size
 
