@@ -356,8 +356,6 @@ def _said_run(args, ds, started: float) -> int:
 
     from gpucnr.demo import summary_table
 
-    args.completed = (f"the run was complete: `gpucnr info {args.results}` shows its summary (nothing to "
-                      "resume)")
     # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
     print(summary_table(ds, title="gpucnr run"), flush=True)
     where = console_text(str(args.results))
@@ -484,6 +482,10 @@ def _dispatch(args) -> int:
                             backend=args.backend, scheduler=args.scheduler, workers=args.workers, batch=args.batch,
                             resume=args.resume, progress=args.progress, group_columns=args.group_columns,
                             roi_source=args.roi_source or "auto", linkage=args.linkage, edge=args.edge, **options)
+        # NB: from here on the run is complete: a signal while its results are opened and summarised must not say
+        # that there is something to continue
+        args.completed = (f"the run was complete: `gpucnr info {args.results}` shows its summary (nothing to "
+                          "resume)")
         # NB: the summary reads a few small arrays of the results: read without Dask (its import and a graph per
         # variable cost ~0.3 s, more than the reads)
         return _said_run(args, open_results(path, dask=False), started)

@@ -620,8 +620,7 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sour
     were named), a resume refuses results that copied other ones."""
     if path.exists():
         if not resume:
-            raise ResultsError("results-exist", f"{path} exists; continue it with `gpucnr run STACK {path} --resume` "
-                               "(in Python: resume=True), or remove it")
+            raise ResultsError("results-exist", _exists_text(path, stack))
         return _resume(path, attrs, roi_ids, same_groups=same_groups)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
@@ -630,6 +629,18 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sour
                            roi_coords=None if sources is None else {"roi_source": sources}, extra_variables=extra)
     n = len(plan)
     return group, np.zeros(n, np.int8), np.full(n, -1, np.int8)
+
+
+def _exists_text(path: Path, stack: Stack) -> str:
+    """What to do about a results path that exists: continue those results (the command that does, with the options
+    they were computed with, when they are gpucnr results), or choose another path."""
+    if results_format(path) is None:
+        return f"{path} exists and is not gpucnr results: choose another results path"
+    # NB: only the text of a suggestion is read here; the resume itself checks the results before it trusts them
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    command = (resume_command(attrs, path) if "stack_path" in attrs
+               else f"gpucnr run {stack.path} {path} --resume")
+    return f"{path} exists; continue it with `{command}` (in Python: resume=True), or remove it"
 
 
 def _plan_text(entry) -> str:
@@ -656,7 +667,8 @@ def _resume(path: Path, attrs: dict, roi_ids, *, same_groups: bool = False):
         what = (f"bucket(s) {', '.join(differ)} hold other pixels, labels or images" if differ
                 else "its tables or metadata differ")
         raise ResultsError("resume-mismatch", f"{path} was computed from a different stack: {what} (fingerprint "
-                           f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]})")
+                           f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]}); run "
+                           "this stack into a new results folder, or resume with the stack they were computed from")
     changed = [k for k in (*Params().as_attrs(), "roi_source", "rois_fingerprint", "edge")
                if old.get(k) != attrs.get(k)]
     if same_groups and list(old.get("group_columns") or []) != list(attrs["group_columns"]):
@@ -674,7 +686,8 @@ def _resume(path: Path, attrs: dict, roi_ids, *, same_groups: bool = False):
                            + "; resume without --batch, or with the one it started with")
     if changed:
         raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
-                           + ", ".join(f"{k}={old.get(k)!r} (now {attrs.get(k)!r})" for k in changed))
+                           + ", ".join(f"{k}={old.get(k)!r} (now {attrs.get(k)!r})" for k in changed)
+                           + f"; continue them with `{resume_command(old, path)}`, or run into a new results folder")
     removed = shardfiles.remove_leftovers(path)
     if removed:
         logger.info("%s: removed %d temporary file(s) a killed run left", path, removed)

@@ -26,7 +26,9 @@ def world(tmp_path_factory):
     (["run", "{w}/raw", "{w}/x.zarr"], "`gpucnr ingest {w}/raw STACK.zarr`"),
     (["run", "{w}/r.zarr", "{w}/x.zarr"], "are gpucnr results, not a stack"),
     (["run", "{w}/nothing.zarr", "{w}/x.zarr"], "does not exist"),
-    (["run", "{w}/s.zarr", "{w}/r.zarr"], "`gpucnr run STACK {w}/r.zarr --resume`"),
+    # NB: the stack the results were computed from, from their own attributes: a command that can be pasted
+    (["run", "{w}/s.zarr", "{w}/r.zarr"], "continue it with `gpucnr run {w}/s.zarr {w}/r.zarr --resume"),
+    (["run", "{w}/s.zarr", "{w}/raw"], "{w}/raw exists and is not gpucnr results: choose another results path"),
 ])
 def test_run_says_what_to_do_next(world, capsys, argv, expected):
     assert main([a.format(w=world) for a in argv]) == 2
@@ -60,3 +62,50 @@ def test_ingest_and_run_draw_one_kind_of_progress_bar(tmp_path, capsys):
     # NB: tqdm's bar: count of the total, [elapsed<left, rate]
     assert "scan: 100%" in err and "decode: 100%" in err and "3/3 [" in err, err
     assert "file/s]" in err or "s/file]" in err, err  # NB: the rate, whichever way round tqdm shows it
+
+
+def _suggested(err: str) -> list[str]:
+    """The command a message suggests between backticks, as `main`'s argv."""
+    return err.split("`")[1].split()[1:]
+
+
+def test_resume_mismatch_says_what_continues_them(world, tmp_path, capsys):
+    """--resume with other parameters names the command that continues the results as they were computed (which
+    then works); with another stack, it says to run into a new folder or resume with the stack they came from."""
+    import shutil
+
+    results = tmp_path / "r.zarr"
+    shutil.copytree(world / "r.zarr", results)
+    shutil.copytree(world / "s.zarr", tmp_path / "s.zarr")  # NB: results name their stack relative to themselves
+    assert main(["run", str(tmp_path / "s.zarr"), str(results), "--resume", "--ddof", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpucnr: error [resume-mismatch]") and "ddof=1 (now 0)" in err, err
+    argv = _suggested(err)
+    assert argv[:4] == ["run", str(tmp_path / "s.zarr"), str(results), "--resume"] and "--ddof" not in argv, err
+    assert main(argv) == 0
+    capsys.readouterr()
+
+    other = make_phantom(4, (64, 64), lesions=1, seed=3)
+    gpucnr.write_stack(tmp_path / "other.zarr", other.images, rois=other.rois, shard=2)
+    assert main(["run", str(tmp_path / "other.zarr"), str(results), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "was computed from a different stack" in err and "run this stack into a new results folder" in err, err
+
+
+def test_a_signal_after_the_run_is_complete_says_so(world, tmp_path, monkeypatch, capsys):
+    """SIGTERM once the last batch is committed (while the results are opened for the summary): exit 143, and the
+    line says the run is complete, not that something is left to continue."""
+    from gpucnr import results
+    from gpucnr.errors import Terminated
+
+    def stop(*args, **kwargs):
+        raise Terminated()
+
+    monkeypatch.setattr(results, "open_results", stop)
+    out = tmp_path / "r.zarr"
+    assert main(["run", str(world / "s.zarr"), str(out), "--backend", "numpy", "--scheduler", "synchronous"]) == 143
+    err = capsys.readouterr().err
+    assert err == (f"gpucnr: interrupted (SIGTERM): the run was complete: `gpucnr info {out}` shows its summary "
+                   "(nothing to resume)\n"), err
+    monkeypatch.undo()
+    assert gpucnr.open_results(out).committed.all()
