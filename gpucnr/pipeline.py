@@ -620,7 +620,7 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sour
     were named), a resume refuses results that copied other ones."""
     if path.exists():
         if not resume:
-            raise ResultsError("results-exist", _exists_text(path, stack))
+            raise ResultsError("results-exist", _exists_text(path))
         return _resume(path, attrs, roi_ids, same_groups=same_groups)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
@@ -631,16 +631,14 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sour
     return group, np.zeros(n, np.int8), np.full(n, -1, np.int8)
 
 
-def _exists_text(path: Path, stack: Stack) -> str:
-    """What to do about a results path that exists: continue those results (the command that does, with the options
-    they were computed with, when they are gpucnr results), or choose another path."""
+def _exists_text(path: Path) -> str:
+    """What to do about a results path that exists: continue those results, or choose another path."""
     if results_format(path) is None:
         return f"{path} exists and is not gpucnr results: choose another results path"
-    # NB: only the text of a suggestion is read here; the resume itself checks the results before it trusts them
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-    command = (resume_command(attrs, path) if "stack_path" in attrs
-               else f"gpucnr run {stack.path} {path} --resume")
-    return f"{path} exists; continue it with `{command}` (in Python: resume=True), or remove it"
+    # NB: "the same command", not a command rebuilt from the results' attributes: those do not record the path of
+    # a --rois table, and the command typed has it
+    return (f"{path} exists; the same command with --resume continues it (in Python: resume=True); or remove it, "
+            "or choose another results path")
 
 
 def _plan_text(entry) -> str:
@@ -687,7 +685,7 @@ def _resume(path: Path, attrs: dict, roi_ids, *, same_groups: bool = False):
     if changed:
         raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
                            + ", ".join(f"{k}={old.get(k)!r} (now {attrs.get(k)!r})" for k in changed)
-                           + f"; continue them with `{resume_command(old, path)}`, or run into a new results folder")
+                           + "; resume with the parameters they were computed with, or run into a new results folder")
     removed = shardfiles.remove_leftovers(path)
     if removed:
         logger.info("%s: removed %d temporary file(s) a killed run left", path, removed)

@@ -26,8 +26,7 @@ def world(tmp_path_factory):
     (["run", "{w}/raw", "{w}/x.zarr"], "`gpucnr ingest {w}/raw STACK.zarr`"),
     (["run", "{w}/r.zarr", "{w}/x.zarr"], "are gpucnr results, not a stack"),
     (["run", "{w}/nothing.zarr", "{w}/x.zarr"], "does not exist"),
-    # NB: the stack the results were computed from, from their own attributes: a command that can be pasted
-    (["run", "{w}/s.zarr", "{w}/r.zarr"], "continue it with `gpucnr run {w}/s.zarr {w}/r.zarr --resume"),
+    (["run", "{w}/s.zarr", "{w}/r.zarr"], "{w}/r.zarr exists; the same command with --resume continues it"),
     (["run", "{w}/s.zarr", "{w}/raw"], "{w}/raw exists and is not gpucnr results: choose another results path"),
 ])
 def test_run_says_what_to_do_next(world, capsys, argv, expected):
@@ -64,14 +63,9 @@ def test_ingest_and_run_draw_one_kind_of_progress_bar(tmp_path, capsys):
     assert "file/s]" in err or "s/file]" in err, err  # NB: the rate, whichever way round tqdm shows it
 
 
-def _suggested(err: str) -> list[str]:
-    """The command a message suggests between backticks, as `main`'s argv."""
-    return err.split("`")[1].split()[1:]
-
-
 def test_resume_mismatch_says_what_continues_them(world, tmp_path, capsys):
-    """--resume with other parameters names the command that continues the results as they were computed (which
-    then works); with another stack, it says to run into a new folder or resume with the stack they came from."""
+    """--resume with other parameters names them and says what continues the results (which then works); with
+    another stack, it says to run into a new folder or resume with the stack they came from."""
     import shutil
 
     results = tmp_path / "r.zarr"
@@ -80,9 +74,9 @@ def test_resume_mismatch_says_what_continues_them(world, tmp_path, capsys):
     assert main(["run", str(tmp_path / "s.zarr"), str(results), "--resume", "--ddof", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gpucnr: error [resume-mismatch]") and "ddof=1 (now 0)" in err, err
-    argv = _suggested(err)
-    assert argv[:4] == ["run", str(tmp_path / "s.zarr"), str(results), "--resume"] and "--ddof" not in argv, err
-    assert main(argv) == 0
+    assert err.rstrip().endswith("; resume with the parameters they were computed with, or run into a new results "
+                                 "folder"), err
+    assert main(["run", str(tmp_path / "s.zarr"), str(results), "--resume", "--ddof", "1"]) == 0
     capsys.readouterr()
 
     other = make_phantom(4, (64, 64), lesions=1, seed=3)
