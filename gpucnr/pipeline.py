@@ -282,7 +282,11 @@ def measure_into(stack, results, *, background: str = "complement", footprint: s
                             else "table" if table is not None else "labels"),
              "roi_source_option": roi_source, "rois_fingerprint": "auto" if auto else table_fingerprint(table),
              "status_codes": STATUS_LEGEND, "failures": [], "rois_unmatched": unmatched,
-             "group_columns": groups, **({"edge": edge} if auto else {})}
+             "group_columns": groups, **({"edge": edge} if auto else {}),
+             # NB: where the --rois table was (relative to the results' folder, as the stack), so that the resume
+             # command a message prints names it; "" for a table given in memory, None for none given
+             "rois_table": (None if auto or rois is None else stack_relative(rois, results)
+                            if isinstance(rois, str | Path) else "")}
     # NB: a scheduler address is reached before anything is written: a typo is refused, not a template left behind
     remote = _connect(scheduler) if client is None and scheduler not in SCHEDULERS else None
     client = client if remote is None else remote

@@ -908,12 +908,19 @@ def require_complete(ds: xr.Dataset, *, allow_incomplete: bool, command: str, re
 def resume_command(attrs, results_path=None) -> str:
     """The `gpucnr run ... --resume` that continues the results whose attributes are `attrs`: the stack (from
     ``stack_path``, relative to the results' folder), the results, and the options a resume must repeat (the
-    measurement options that differ from the defaults, and the batch size)."""
-    where = "RESULTS" if results_path is None else str(results_path)
+    measurement options that differ from the defaults, the --rois table given, and the batch size)."""
+    where = "RESULTS" if results_path is None else shlex.quote(str(results_path))
     stack = "STACK"
     if results_path is not None and "stack_path" in attrs:
-        stack = os.path.normpath(Path(results_path).parent / str(attrs["stack_path"]))
-    return f"gpucnr run {stack} {where} --resume{_run_options(attrs)}"
+        stack = shlex.quote(os.path.normpath(Path(results_path).parent / str(attrs["stack_path"])))
+    table = attrs.get("rois_table")
+    rois = ""
+    if isinstance(table, str):
+        # NB: the --rois table is fingerprinted, not stored: a resume must be given it again. A table given in
+        # memory (Python) has no path to name.
+        rois = (" --rois ROIS.csv" if not table or results_path is None
+                else " --rois " + shlex.quote(os.path.normpath(Path(results_path).parent / table)))
+    return f"gpucnr run {stack} {where} --resume{rois}{_run_options(attrs)}"
 
 
 def _run_options(attrs) -> str:

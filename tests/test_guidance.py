@@ -103,3 +103,39 @@ def test_a_signal_after_the_run_is_complete_says_so(world, tmp_path, monkeypatch
                    "(nothing to resume)\n"), err
     monkeypatch.undo()
     assert gpucnr.open_results(out).committed.all()
+
+
+def test_resume_command_names_the_rois_table(tmp_path, capsys):
+    """Results measured with --rois TABLE.csv: the resume command a message prints gives the table again (the
+    results keep its fingerprint, not its rows), and that command completes them; a table given in memory gets a
+    placeholder, as it has no path."""
+    import shlex
+
+    import numpy as np
+
+    from gpucnr.results import resume_command, uncommit
+
+    ph = make_phantom(8, (64, 64), lesions=1, seed=2)
+    gpucnr.write_stack(tmp_path / "s.zarr", ph.images, shard=2)  # NB: no table of its own, no labels
+    (tmp_path / "my tables").mkdir()
+    table = tmp_path / "my tables" / "rois.csv"
+    ph.rois.to_csv(table, index=False)
+    results = tmp_path / "r.zarr"
+    assert main(["run", str(tmp_path / "s.zarr"), str(results), "--rois", str(table), "--batch", "2",
+                 "--backend", "numpy", "--scheduler", "synchronous"]) == 0
+    committed = gpucnr.open_results(results).committed.to_numpy().astype(np.int8)
+    committed[1] = 0
+    uncommit(results, committed, [1])  # NB: as a run interrupted before batch 1 was committed leaves them
+    capsys.readouterr()
+    assert main(["filter", str(results), "--out", str(tmp_path / "m.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "[results-incomplete]" in err and f"--rois {shlex.quote(str(table))}" in err, err
+    argv = shlex.split(err.split("`")[1])[1:]
+    assert main(argv) == 0
+    assert gpucnr.open_results(results).committed.to_numpy().all()
+
+    gpucnr.run(tmp_path / "s.zarr", tmp_path / "m.zarr", rois=ph.rois, backend="numpy", scheduler="synchronous")
+    attrs = dict(gpucnr.open_results(tmp_path / "m.zarr").attrs)
+    assert " --rois ROIS.csv" in resume_command(attrs, tmp_path / "m.zarr")
+    attrs = dict(gpucnr.open_results(results).attrs)
+    assert " --rois" not in resume_command({k: v for k, v in attrs.items() if k != "rois_table"}, results)
