@@ -639,8 +639,8 @@ def _exists_text(path: Path) -> str:
     """What to do about a results path that exists: continue those results, or choose another path."""
     if results_format(path) is None:
         return f"{path} exists and is not gpucnr results: choose another results path"
-    # NB: "the same command", not a command rebuilt from the results' attributes: those do not record the path of
-    # a --rois table, and the command typed has it
+    # NB: the command as typed, not one rebuilt from the results' attributes (`resume_command`): it names what the
+    # user meant to measure, and a resume then names each parameter that differs from what the results hold
     return (f"{path} exists; the same command with --resume continues it (in Python: resume=True); or remove it, "
             "or choose another results path")
 
