@@ -863,7 +863,7 @@ def results_stack(ds: xr.Dataset, results_path, stack=None):
 
 
 def stack_relative(stack_path, results_path) -> str:
-    """The stack's path relative to the results' folder (so the pair can move together)."""
+    """The stack's path (or a --rois table's) relative to the results' folder, so that they can move together."""
     return os.path.relpath(Path(stack_path).resolve(), Path(results_path).resolve().parent)
 
 
@@ -909,17 +909,17 @@ def resume_command(attrs, results_path=None) -> str:
     """The `gpucnr run ... --resume` that continues the results whose attributes are `attrs`: the stack (from
     ``stack_path``, relative to the results' folder), the results, and the options a resume must repeat (the
     measurement options that differ from the defaults, the --rois table given, and the batch size)."""
+    def beside(relative) -> str:  # NB: a path the results record relative to their folder (`stack_relative`)
+        return shlex.quote(os.path.normpath(Path(results_path).parent / str(relative)))
+
     where = "RESULTS" if results_path is None else shlex.quote(str(results_path))
-    stack = "STACK"
-    if results_path is not None and "stack_path" in attrs:
-        stack = shlex.quote(os.path.normpath(Path(results_path).parent / str(attrs["stack_path"])))
+    stack = "STACK" if results_path is None or "stack_path" not in attrs else beside(attrs["stack_path"])
     table = attrs.get("rois_table")
     rois = ""
     if isinstance(table, str):
         # NB: the --rois table is fingerprinted, not stored: a resume must be given it again. A table given in
         # memory (Python) has no path to name.
-        rois = (" --rois ROIS.csv" if not table or results_path is None
-                else " --rois " + shlex.quote(os.path.normpath(Path(results_path).parent / table)))
+        rois = " --rois " + ("ROIS.csv" if not table or results_path is None else beside(table))
     return f"gpucnr run {stack} {where} --resume{rois}{_run_options(attrs)}"
 
 
