@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import time
@@ -311,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                 "filter": "no manifest was written (it is written whole, at the end); run the same command again",
                 # NB: a run interrupted after its last commit (or before its first) ends here: say where to look
                 "run": f"`gpucnr info {getattr(args, 'results', 'RESULTS')}` says what is committed; the same "
-                       "command with --resume continues (without it, if nothing was written)",
+                       "command with --resume continues" if _exists(getattr(args, "results", None))
+                       # NB: the results are created whole (`create_results`): none yet, nothing to resume
+                       else "stopped before any result was written; run the same command again",
                 "ingest": f"`gpucnr info {getattr(args, 'stack', 'STACK')}` says what was stored; the same command "
                           "with --resume continues an interrupted ingest" if _exists(getattr(args, "stack", None))
                           # NB: stopped while walking the folders: there is no stack to ask about
@@ -359,8 +362,9 @@ def _said_run(args, ds, started: float) -> int:
     # NB: the summary reads cnr_median and the committed flags, never the whole results (10^6 images x ids)
     print(summary_table(ds, title="gpucnr run"), flush=True)
     where = console_text(str(args.results))
-    print(f"results in {where} ({time.perf_counter() - started:.1f} s); next: `gpucnr filter {where} --out "
-          f"keep.csv`, `gpucnr report {where} REPORT_DIR`", flush=True)
+    pasted = console_text(shlex.quote(str(args.results)))  # NB: in a command to paste, a path with spaces is quoted
+    print(f"results in {where} ({time.perf_counter() - started:.1f} s); next: `gpucnr filter {pasted} --out "
+          f"keep.csv`, `gpucnr report {pasted} REPORT_DIR`", flush=True)
     unmatched = len(ds.attrs.get("rois_unmatched", []))
     if unmatched:
         # NB: a --rois row naming no image is a problem (DESIGN §10), as at ingest; the warning listed them

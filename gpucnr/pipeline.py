@@ -624,7 +624,7 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sour
     were named), a resume refuses results that copied other ones."""
     if path.exists():
         if not resume:
-            raise ResultsError("results-exist", _exists_text(path))
+            raise ResultsError("results-exist", _exists_text(path, attrs))
         return _resume(path, attrs, roi_ids, same_groups=same_groups)
     # NB: an allow-list, not "everything but": `meta` may carry names or record numbers (DESIGN §6, §8).
     table = stack.images[[c for c in stack.images.columns if c in RESULT_COLUMNS or c in attrs["group_columns"]]]
@@ -635,14 +635,34 @@ def _open_or_create(path: Path, stack: Stack, roi_ids, plan, attrs, resume, sour
     return group, np.zeros(n, np.int8), np.full(n, -1, np.int8)
 
 
-def _exists_text(path: Path) -> str:
-    """What to do about a results path that exists: continue those results, or choose another path."""
+def _exists_text(path: Path, attrs: dict) -> str:
+    """What to do about a results path that exists, for a run whose attributes are `attrs`: continue those results
+    (when this run measures as they were measured), or choose another path."""
     if results_format(path) is None:
         return f"{path} exists and is not gpucnr results: choose another results path"
+    # NB: only read to advise; a resume checks the results before it trusts them
+    old = dict(zarr.open_group(str(path), mode="r").attrs)
+    other = "choose another results path, or remove it"
+    if (old.get("stack_fingerprint_version") == FINGERPRINT_VERSION
+            and old.get("stack_fingerprint") != attrs["stack_fingerprint"]):
+        return f"{path} exists, computed from another stack: {other}"
+    changed = _changed_parameters(old, attrs)
+    if changed:
+        return (f"{path} exists, computed with other parameters: {_parameters_text(old, attrs, changed)}; {other} "
+                "(or resume with the parameters they were computed with)")
     # NB: the command as typed, not one rebuilt from the results' attributes (`resume_command`): it names what the
-    # user meant to measure, and a resume then names each parameter that differs from what the results hold
-    return (f"{path} exists; the same command with --resume continues it (in Python: resume=True); or remove it, "
-            "or choose another results path")
+    # user meant to measure
+    return f"{path} exists; the same command with --resume continues it (in Python: resume=True); or {other}"
+
+
+def _changed_parameters(old: dict, attrs: dict) -> list[str]:
+    """The measurement parameters (and ROI sources) of results `old` that differ from a run's `attrs`."""
+    return [k for k in (*Params().as_attrs(), "roi_source", "rois_fingerprint", "edge") if old.get(k) != attrs.get(k)]
+
+
+def _parameters_text(old: dict, attrs: dict, changed: list[str]) -> str:
+    """`changed` parameters as "name=value in the results (now value in this run)"."""
+    return ", ".join(f"{k}={old.get(k)!r} (now {attrs.get(k)!r})" for k in changed)
 
 
 def _plan_text(entry) -> str:
@@ -671,8 +691,7 @@ def _resume(path: Path, attrs: dict, roi_ids, *, same_groups: bool = False):
         raise ResultsError("resume-mismatch", f"{path} was computed from a different stack: {what} (fingerprint "
                            f"{str(old.get('stack_fingerprint'))[:12]} != {attrs['stack_fingerprint'][:12]}); run "
                            "this stack into a new results folder, or resume with the stack they were computed from")
-    changed = [k for k in (*Params().as_attrs(), "roi_source", "rois_fingerprint", "edge")
-               if old.get(k) != attrs.get(k)]
+    changed = _changed_parameters(old, attrs)
     if same_groups and list(old.get("group_columns") or []) != list(attrs["group_columns"]):
         # NB: only when named: a plain --resume keeps the columns the run started with (its results hold them)
         changed.append("group_columns")
@@ -688,7 +707,7 @@ def _resume(path: Path, attrs: dict, roi_ids, *, same_groups: bool = False):
                            + "; resume without --batch, or with the one it started with")
     if changed:
         raise ResultsError("resume-mismatch", f"{path} was computed with other parameters: "
-                           + ", ".join(f"{k}={old.get(k)!r} (now {attrs.get(k)!r})" for k in changed)
+                           + _parameters_text(old, attrs, changed)
                            + "; resume with the parameters they were computed with, or run into a new results folder")
     removed = shardfiles.remove_leftovers(path)
     if removed:

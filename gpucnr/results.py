@@ -7,8 +7,10 @@ import json
 import math
 import os
 import shlex
+import shutil
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,8 +262,27 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
     Returns
     -------
     zarr.Group
+        The results at `path`. They are written in a folder beside it, then renamed into place whole: a run stopped
+        while the template is written (a signal, ``kill -9``, a full disk) leaves no folder at `path` that is
+        neither new nor gpucnr results, which no command would accept.
     """
-    path = Path(path)
+    final = Path(path)
+    for old in final.parent.glob(f".{final.name}.*{shardfiles.TEMP_SUFFIX}"):
+        shutil.rmtree(old, ignore_errors=True)  # NB: what a killed run left while it wrote its template here
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}{shardfiles.TEMP_SUFFIX}")
+    try:
+        _write_template(tmp, n_images=n_images, roi_ids=roi_ids, image_table=image_table, batches=batches,
+                        attrs=attrs, roi_coords=roi_coords, extra_variables=extra_variables)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shardfiles.sync_folder(final.parent)
+    return zarr.open_group(str(final), mode="r+")
+
+
+def _write_template(path: Path, *, n_images, roi_ids, image_table, batches, attrs, roi_coords, extra_variables):
+    """`create_results`' template, written at `path`."""
     group = zarr.open_group(str(path), mode="w")
     n_ids = len(roi_ids)
     cols = max(n_ids, 1)
@@ -324,7 +345,6 @@ def create_results(path, *, n_images: int, roi_ids, image_table: pd.DataFrame, b
         for tmp, file in prepared:
             shardfiles.publish(tmp, file)
         list(pool.map(shardfiles.sync_folder, sorted({file.parent for _, file in prepared})))
-    return group
 
 
 def _coord(group, name, values, dim, root: Path | None = None):

@@ -17,6 +17,8 @@ def world(tmp_path_factory):
     ph = make_phantom(4, (64, 64), lesions=1, seed=2)
     gpucnr.write_stack(root / "s.zarr", ph.images, rois=ph.rois, shard=2)
     gpucnr.run(root / "s.zarr", root / "r.zarr", backend="numpy", scheduler="synchronous")
+    other = make_phantom(4, (64, 64), lesions=1, seed=3)
+    gpucnr.write_stack(root / "other.zarr", other.images, rois=other.rois, shard=2)
     (root / "raw").mkdir()
     (root / "raw" / "a.dcm").write_bytes(b"\0" * 200)
     return root
@@ -27,6 +29,11 @@ def world(tmp_path_factory):
     (["run", "{w}/r.zarr", "{w}/x.zarr"], "are gpucnr results, not a stack"),
     (["run", "{w}/nothing.zarr", "{w}/x.zarr"], "does not exist"),
     (["run", "{w}/s.zarr", "{w}/r.zarr"], "{w}/r.zarr exists; the same command with --resume continues it"),
+    # NB: a --resume that would be refused is not advised
+    (["run", "{w}/s.zarr", "{w}/r.zarr", "--ddof", "0"], "{w}/r.zarr exists, computed with other parameters: ddof=1 "
+     "(now 0); choose another results path, or remove it (or resume with the parameters they were computed with)"),
+    (["run", "{w}/other.zarr", "{w}/r.zarr"], "{w}/r.zarr exists, computed from another stack: choose another "
+     "results path, or remove it"),
     (["run", "{w}/s.zarr", "{w}/raw"], "{w}/raw exists and is not gpucnr results: choose another results path"),
 ])
 def test_run_says_what_to_do_next(world, capsys, argv, expected):
@@ -79,9 +86,7 @@ def test_resume_mismatch_says_what_continues_them(world, tmp_path, capsys):
     assert main(["run", str(tmp_path / "s.zarr"), str(results), "--resume", "--ddof", "1"]) == 0
     capsys.readouterr()
 
-    other = make_phantom(4, (64, 64), lesions=1, seed=3)
-    gpucnr.write_stack(tmp_path / "other.zarr", other.images, rois=other.rois, shard=2)
-    assert main(["run", str(tmp_path / "other.zarr"), str(results), "--resume"]) == 2
+    assert main(["run", str(world / "other.zarr"), str(results), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "was computed from a different stack" in err and "run this stack into a new results folder" in err, err
 
@@ -139,3 +144,37 @@ def test_resume_command_names_the_rois_table(tmp_path, capsys):
     assert " --rois ROIS.csv" in resume_command(attrs, tmp_path / "m.zarr")
     attrs = dict(gpucnr.open_results(results).attrs)
     assert " --rois" not in resume_command({k: v for k, v in attrs.items() if k != "rois_table"}, results)
+
+
+def test_a_run_stopped_while_creating_its_results_leaves_none(world, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the results' template is written: exit 143, a line that says nothing was written, and no
+    results folder (half a template would be neither new nor gpucnr results, and every command would refuse it);
+    the same command then runs. What a killed run left beside it is removed."""
+    from gpucnr import results
+    from gpucnr.errors import Terminated
+
+    out = tmp_path / "my results.zarr"
+    killed = tmp_path / f".{out.name}.0123abcd{gpucnr.shardfiles.TEMP_SUFFIX}"
+    (killed / "image").mkdir(parents=True)  # NB: as `kill -9` during the template leaves it
+    argv = ["run", str(world / "s.zarr"), str(out), "--backend", "numpy", "--scheduler", "synchronous"]
+    coord = results._coord
+    calls = []
+
+    def stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Terminated()
+        return coord(*args, **kwargs)
+
+    monkeypatch.setattr(results, "_coord", stop)
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert err == ("gpucnr: interrupted (SIGTERM): stopped before any result was written; run the same command "
+                   "again\n"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    monkeypatch.undo()
+    assert main(argv) == 0
+    # NB: the next step, pasted as printed, works for a path with a space
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert f"`gpucnr filter '{out}' --out keep.csv`" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
